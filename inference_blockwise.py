@@ -1,0 +1,93 @@
+"""Blockwise generation: latents are produced left to right in blocks, each conditioned on the
+blocks before it through the latent-prefix encoder. This is what makes streaming possible: a block
+can be decoded and played while the next one is sampled.
+
+Every sampler takes `block_sizes` (frames per block, summing to at most 640) and `num_steps`
+(one count for all blocks, or a list with one count per block). `continuation_latent`
+(B, frames, 80) continues existing audio: generation starts after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from inference import Conditioning, SamplerSettings, denoise, initial_noise, make_generator, LATENT_SIZE
+from model import EchoDiT
+
+
+def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) -> list[int]:
+    """One step count per block; a list must have exactly one entry per block."""
+    if isinstance(num_steps, int):
+        return [num_steps] * len(block_sizes)
+    steps = list(num_steps)
+    if len(steps) != len(block_sizes):
+        raise ValueError(f"num_steps has {len(steps)} entries but there are {len(block_sizes)} blocks")
+    return steps
+
+
+@torch.inference_mode()
+def iter_blockwise(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor, text_input_ids: Tensor,
+                   text_mask: Tensor, rng_seed: int, block_sizes: Sequence[int], num_steps: int | Sequence[int],
+                   settings: SamplerSettings, continuation_latent: Tensor | None = None,
+                   rng: torch.Generator | None = None, on_step: Callable[[], None] | None = None) -> Iterator[Tensor]:
+    """Yield each finished block of latents (B, block_size, 80) float32, in order.
+
+    The noise of block k is the k-th draw of (B, block_size, 80) from the generator seeded with
+    `rng_seed` (or from `rng`, when given), so the blocks are identical to the non-yielding sampler's.
+    `on_step` is called before every diffusion step (see `denoise`).
+    """
+    device = model.device
+    batch = text_input_ids.shape[0]
+    steps = steps_per_block(block_sizes, num_steps)
+    conditioning = Conditioning(model, speaker_latent, speaker_mask, text_input_ids, text_mask, settings)
+    rng = rng if rng is not None else make_generator(rng_seed, device)
+
+    start = 0 if continuation_latent is None else continuation_latent.shape[1]
+    prefix = torch.zeros((batch, start + sum(block_sizes), LATENT_SIZE), device=device, dtype=torch.float32)
+    if continuation_latent is not None:
+        prefix[:, :start] = continuation_latent
+    for block_size, block_steps in zip(block_sizes, steps):
+        # Frames at or after `start` are still zeros; the attention mask hides their patches.
+        kv_latent = model.get_kv_cache_latent(prefix.to(model.dtype))
+        x_t = initial_noise(rng, batch, block_size, settings.truncation_factor, device)
+        block = denoise(conditioning, x_t, settings, num_steps=block_steps, start_pos=start, kv_latent=kv_latent,
+                        on_step=on_step)
+        prefix[:, start:start + block_size] = block
+        start += block_size
+        yield block
+
+
+def _blockwise_sampler(guidance: str, doc: str) -> Callable[..., Tensor]:
+    @torch.inference_mode()
+    def sampler(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor, text_input_ids: Tensor,
+                text_mask: Tensor, rng_seed: int, block_sizes: Sequence[int], num_steps: int | Sequence[int],
+                cfg_scale_text: float, cfg_scale_speaker: float, cfg_min_t: float, cfg_max_t: float,
+                truncation_factor: float | None = None, rescale_k: float | None = None,
+                rescale_sigma: float | None = None, speaker_kv_scale: float | None = None,
+                speaker_kv_max_layers: int | None = None, speaker_kv_min_t: float | None = None,
+                continuation_latent: Tensor | None = None) -> Tensor:
+        settings = SamplerSettings(0, cfg_scale_text, cfg_scale_speaker, cfg_min_t, cfg_max_t, truncation_factor,
+                                   rescale_k, rescale_sigma, speaker_kv_scale, speaker_kv_max_layers,
+                                   speaker_kv_min_t, guidance)
+        blocks = list(iter_blockwise(model, speaker_latent, speaker_mask, text_input_ids, text_mask, rng_seed,
+                                     block_sizes, num_steps, settings, continuation_latent))
+        if continuation_latent is not None:
+            blocks.insert(0, continuation_latent.float())
+        return torch.cat(blocks, dim=1)
+
+    sampler.__doc__ = doc + ("\n\nReturns latents (B, continuation + sum(block_sizes), 80) float32, the "
+                             "continuation included.")
+    return sampler
+
+
+sample_blockwise_euler_cfg_independent_guidances = _blockwise_sampler(
+    "independent", "Blockwise Euler sampling with separate text and speaker guidance.")
+sample_blockwise_euler_cfg_joint_unconditional = _blockwise_sampler(
+    "joint", "Blockwise Euler sampling with one joint unconditional branch.")
+sample_blockwise_euler_cfg_apg_independent = _blockwise_sampler(
+    "apg", "Blockwise Euler sampling with adaptive projected guidance.")
+sample_blockwise_euler_cfg_alternating = _blockwise_sampler(
+    "alternating", "Blockwise Euler sampling alternating the text- and speaker-dropped branch per guided step.")

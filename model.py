@@ -1,0 +1,386 @@
+"""EchoDiT: the Echo-TTS diffusion transformer.
+
+Parameter names equal the published checkpoint's (`jordand/echo-tts-base`). Shapes in comments use
+B batch, S latent frames of the block being generated, T text tokens, P speaker patches, Q prefix
+patches, H heads, D head size. Latent frames are grouped in patches of `speaker_patch_size` (4)
+for the speaker and latent-prefix encoders.
+
+The conditioning (text, speaker, latent prefix) is turned into per-layer key/value caches once per
+generation; each diffusion step then runs only the decoder blocks over the noisy latents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KVCache = list[tuple[Tensor, Tensor]]  # one (keys, values) pair per decoder block, each (B, N, H, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding on interleaved pairs, computed in float32.
+
+
+def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each (..., head_dim // 2), for integer positions (...)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device)[: head_dim // 2] / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, N, H, D) by angles cos/sin of shape (N, D/2) or (B, N, D/2)."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B|1, N, 1, D/2)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def apply_rope_half_heads(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the first half of the heads only (EchoDiT's joint attention), x (B, N, H, D)."""
+    rotated, plain = x.chunk(2, dim=-2)
+    return torch.cat([apply_rope(rotated, cos, sin), plain], dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in float32; weight may be (dim,) or (heads, dim)."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * self.weight).to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, size: int) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, size): [cos(t f), sin(t f)], f_i = 1000 * 10000^(-i/half)."""
+    half = size // 2
+    freqs = 1000 * torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[..., None] * freqs
+    return torch.cat([args.cos(), args.sin()], dim=-1).to(t.dtype)
+
+
+class LowRankAdaLN(nn.Module):
+    """Timestep-conditioned RMSNorm: each of shift/scale/gate gets a low-rank residual correction."""
+
+    def __init__(self, model_size: int, rank: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.shift_down = nn.Linear(model_size, rank, bias=False)
+        self.scale_down = nn.Linear(model_size, rank, bias=False)
+        self.gate_down = nn.Linear(model_size, rank, bias=False)
+        self.shift_up = nn.Linear(rank, model_size)
+        self.scale_up = nn.Linear(rank, model_size)
+        self.gate_up = nn.Linear(rank, model_size)
+
+    def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, S, C), cond (B, 1, 3C) -> (normalised and modulated x, tanh gate (B, 1, C))."""
+        shift, scale, gate = cond.chunk(3, dim=-1)
+        shift = self.shift_up(self.shift_down(F.silu(shift))) + shift
+        scale = self.scale_up(self.scale_down(F.silu(scale))) + scale
+        gate = self.gate_up(self.gate_down(F.silu(gate))) + gate
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * (scale + 1) + shift).to(x.dtype), torch.tanh(gate)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, model_size: int, intermediate_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(model_size, intermediate_size, bias=False)
+        self.w3 = nn.Linear(model_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, model_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """SDPA on (B, N, H, D) tensors; key_mask (B, K) marks keys that may be seen. Returns (B, N, H*D)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """Gated multi-head self-attention with per-head q/k RMSNorm and full RoPE (encoders)."""
+
+    def __init__(self, model_size: int, num_heads: int, is_causal: bool, norm_eps: float):
+        super().__init__()
+        assert model_size % num_heads == 0
+        self.num_heads = num_heads
+        self.is_causal = is_causal
+        self.wq = nn.Linear(model_size, model_size, bias=False)
+        self.wk = nn.Linear(model_size, model_size, bias=False)
+        self.wv = nn.Linear(model_size, model_size, bias=False)
+        self.wo = nn.Linear(model_size, model_size, bias=False)
+        self.gate = nn.Linear(model_size, model_size, bias=False)
+        self.q_norm = RMSNorm((num_heads, model_size // num_heads), norm_eps)
+        self.k_norm = RMSNorm((num_heads, model_size // num_heads), norm_eps)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+        q = apply_rope(self.q_norm(self.wq(x).unflatten(-1, (self.num_heads, -1))), cos, sin)
+        k = apply_rope(self.k_norm(self.wk(x).unflatten(-1, (self.num_heads, -1))), cos, sin)
+        v = self.wv(x).unflatten(-1, (self.num_heads, -1))
+        if key_mask is not None:
+            # A row with no visible key would give NaN; its output is never used, so let it see all.
+            key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        out = attend(q, k, v, key_mask, causal=self.is_causal)
+        return self.wo(out * torch.sigmoid(self.gate(x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, model_size: int, num_heads: int, intermediate_size: int, is_causal: bool, norm_eps: float):
+        super().__init__()
+        self.attention = SelfAttention(model_size, num_heads, is_causal, norm_eps)
+        self.mlp = MLP(model_size, intermediate_size)
+        self.attention_norm = RMSNorm(model_size, norm_eps)
+        self.mlp_norm = RMSNorm(model_size, norm_eps)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), key_mask, cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TextEncoder(nn.Module):
+    """Byte embedding and bidirectional transformer; (B, T) ids -> (B, T, text_model_size)."""
+
+    def __init__(self, vocab_size: int, model_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, norm_eps: float):
+        super().__init__()
+        self.head_dim = model_size // num_heads
+        self.text_embedding = nn.Embedding(vocab_size, model_size)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(model_size, num_heads, intermediate_size, False, norm_eps) for _ in range(num_layers))
+
+    def forward(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = self.text_embedding(input_ids)
+        cos, sin = rope_angles(torch.arange(input_ids.shape[1], device=x.device), self.head_dim)
+        for block in self.blocks:
+            x = block(x, mask, cos, sin)
+        return x
+
+
+class PatchEncoder(nn.Module):
+    """Causal transformer over patches of latent frames: (B, 4P, 80) -> (B, P, model_size).
+
+    Used twice: for the speaker reference and for the already generated latent prefix.
+    """
+
+    def __init__(self, latent_size: int, patch_size: int, model_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, norm_eps: float):
+        super().__init__()
+        self.patch_size = patch_size
+        self.head_dim = model_size // num_heads
+        self.in_proj = nn.Linear(latent_size * patch_size, model_size)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(model_size, num_heads, intermediate_size, True, norm_eps) for _ in range(num_layers))
+
+    def forward(self, latent: Tensor) -> Tensor:
+        x = latent.unflatten(-2, (-1, self.patch_size)).flatten(-2)  # (B, P, 4*80), frames row-major
+        x = self.in_proj(x) / 6.0
+        cos, sin = rope_angles(torch.arange(x.shape[1], device=x.device), self.head_dim)
+        for block in self.blocks:
+            x = block(x, None, cos, sin)
+        return x
+
+
+class JointAttention(nn.Module):
+    """Decoder attention: queries from the noisy latents, keys/values from [self, prefix, text, speaker]."""
+
+    def __init__(self, model_size: int, num_heads: int, text_model_size: int, speaker_model_size: int,
+                 speaker_patch_size: int, norm_eps: float, latent_prefix: bool = True):
+        super().__init__()
+        assert model_size % num_heads == 0
+        self.num_heads = num_heads
+        self.head_dim = model_size // num_heads
+        self.speaker_patch_size = speaker_patch_size
+        self.wq = nn.Linear(model_size, model_size, bias=False)
+        self.wk = nn.Linear(model_size, model_size, bias=False)
+        self.wv = nn.Linear(model_size, model_size, bias=False)
+        self.wk_text = nn.Linear(text_model_size, model_size, bias=False)
+        self.wv_text = nn.Linear(text_model_size, model_size, bias=False)
+        self.wk_speaker = nn.Linear(speaker_model_size, model_size, bias=False)
+        self.wv_speaker = nn.Linear(speaker_model_size, model_size, bias=False)
+        if latent_prefix:
+            self.wk_latent = nn.Linear(speaker_model_size, model_size, bias=False)
+            self.wv_latent = nn.Linear(speaker_model_size, model_size, bias=False)
+        self.q_norm = RMSNorm((num_heads, self.head_dim), norm_eps)
+        self.k_norm = RMSNorm((num_heads, self.head_dim), norm_eps)
+        self.gate = nn.Linear(model_size, model_size, bias=False)
+        self.wo = nn.Linear(model_size, model_size, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
+                kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
+                kv_latent: tuple[Tensor, Tensor] | None) -> Tensor:
+        """x (B, S, C); key_mask (B, S + Q + T + P) in the key order [self, prefix, text, speaker]."""
+        q = apply_rope_half_heads(self.q_norm(self._heads(self.wq(x))), cos, sin)
+        k_self = apply_rope_half_heads(self.k_norm(self._heads(self.wk(x))), cos, sin)
+        v_self = self._heads(self.wv(x))
+        ks, vs = [k_self], [v_self]
+        if kv_latent is not None:
+            ks.append(kv_latent[0])
+            vs.append(kv_latent[1])
+        ks += [kv_text[0], kv_speaker[0]]
+        vs += [kv_text[1], kv_speaker[1]]
+        out = attend(q, torch.cat(ks, dim=1), torch.cat(vs, dim=1), key_mask)
+        return self.wo(out * torch.sigmoid(self.gate(x)))
+
+    def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, text_model_size) -> keys, values (B, T, H, D)."""
+        return self.k_norm(self._heads(self.wk_text(text_state))), self._heads(self.wv_text(text_state))
+
+    def speaker_kv(self, speaker_state: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, P, speaker_model_size) -> keys, values (B, P, H, D)."""
+        return self.k_norm(self._heads(self.wk_speaker(speaker_state))), self._heads(self.wv_speaker(speaker_state))
+
+    def latent_kv(self, latent_state: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, Q, speaker_model_size) -> keys (half-head RoPE at frame 4*i), values (B, Q, H, D)."""
+        k = apply_rope_half_heads(self.k_norm(self._heads(self.wk_latent(latent_state))), cos, sin)
+        return k, self._heads(self.wv_latent(latent_state))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, model_size: int, num_heads: int, intermediate_size: int, norm_eps: float,
+                 text_model_size: int, speaker_model_size: int, speaker_patch_size: int, adaln_rank: int,
+                 latent_prefix: bool = True):
+        super().__init__()
+        self.attention = JointAttention(model_size, num_heads, text_model_size, speaker_model_size,
+                                        speaker_patch_size, norm_eps, latent_prefix)
+        self.mlp = MLP(model_size, intermediate_size)
+        self.attention_adaln = LowRankAdaLN(model_size, adaln_rank, norm_eps)
+        self.mlp_adaln = LowRankAdaLN(model_size, adaln_rank, norm_eps)
+
+    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
+                kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
+                kv_latent: tuple[Tensor, Tensor] | None) -> Tensor:
+        h, gate = self.attention_adaln(x, cond)
+        x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent)
+        h, gate = self.mlp_adaln(x, cond)
+        return x + gate * self.mlp(h)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+BLOCKWISE_PREFIXES = ("latent_encoder.", "latent_norm.")
+BLOCKWISE_INFIXES = (".wk_latent.", ".wv_latent.")
+
+
+def is_blockwise_parameter(name: str) -> bool:
+    """True for the latent-prefix (blockwise generation) parameters, which inference can do without."""
+    return name.startswith(BLOCKWISE_PREFIXES) or any(part in name for part in BLOCKWISE_INFIXES)
+
+
+class EchoDiT(nn.Module):
+    """The Echo-TTS velocity model. Constructor keys equal the published config's."""
+
+    def __init__(self, latent_size: int, model_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                 norm_eps: float, text_vocab_size: int, text_model_size: int, text_num_layers: int,
+                 text_num_heads: int, text_intermediate_size: int, speaker_patch_size: int, speaker_model_size: int,
+                 speaker_num_layers: int, speaker_num_heads: int, speaker_intermediate_size: int,
+                 timestep_embed_size: int, adaln_rank: int, latent_prefix: bool = True):
+        super().__init__()
+        self.latent_size = latent_size
+        self.speaker_patch_size = speaker_patch_size
+        self.timestep_embed_size = timestep_embed_size
+        self.head_dim = model_size // num_heads
+        self.has_latent_prefix = latent_prefix
+
+        self.text_encoder = TextEncoder(text_vocab_size, text_model_size, text_num_layers, text_num_heads,
+                                        text_intermediate_size, norm_eps)
+        patch_args = (latent_size, speaker_patch_size, speaker_model_size, speaker_num_layers, speaker_num_heads,
+                      speaker_intermediate_size, norm_eps)
+        self.speaker_encoder = PatchEncoder(*patch_args)
+        self.text_norm = RMSNorm(text_model_size, norm_eps)
+        self.speaker_norm = RMSNorm(speaker_model_size, norm_eps)
+        if latent_prefix:
+            self.latent_encoder = PatchEncoder(*patch_args)
+            self.latent_norm = RMSNorm(speaker_model_size, norm_eps)
+
+        self.cond_module = nn.Sequential(
+            nn.Linear(timestep_embed_size, model_size, bias=False), nn.SiLU(),
+            nn.Linear(model_size, model_size, bias=False), nn.SiLU(),
+            nn.Linear(model_size, 3 * model_size, bias=False),
+        )
+        self.in_proj = nn.Linear(latent_size, model_size)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(model_size, num_heads, intermediate_size, norm_eps, text_model_size, speaker_model_size,
+                         speaker_patch_size, adaln_rank, latent_prefix)
+            for _ in range(num_layers))
+        self.out_norm = RMSNorm(model_size, norm_eps)
+        self.out_proj = nn.Linear(model_size, latent_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, x: Tensor, t: Tensor, text_mask: Tensor, speaker_mask: Tensor, kv_cache_text: KVCache,
+                kv_cache_speaker: KVCache, start_pos: int | None = None,
+                kv_cache_latent: KVCache | None = None) -> Tensor:
+        """Velocity for noisy latents x (B, S, 80) at times t (B,); returns float32 (B, S, 80).
+
+        text_mask (B, T); speaker_mask (B, 4P) per latent frame (subsampled here to patches);
+        start_pos is the frame index of x[:, 0] (blockwise generation); a prefix patch i is visible
+        only when 4*i < start_pos.
+        """
+        start_pos = start_pos or 0
+        batch, length = x.shape[:2]
+        cos, sin = rope_angles(torch.arange(start_pos, start_pos + length, device=x.device), self.head_dim)
+
+        masks = [torch.ones(batch, length, dtype=torch.bool, device=x.device)]
+        if kv_cache_latent is not None:
+            num_patches = kv_cache_latent[0][0].shape[1]
+            patch_starts = torch.arange(num_patches, device=x.device) * self.speaker_patch_size
+            masks.append((patch_starts < start_pos).expand(batch, num_patches))
+        masks += [text_mask, speaker_mask[..., ::self.speaker_patch_size]]
+        key_mask = torch.cat(masks, dim=1)
+
+        cond = self.cond_module(timestep_embedding(t, self.timestep_embed_size))[:, None]  # (B, 1, 3C)
+        h = self.in_proj(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, cos, sin, key_mask, kv_cache_text[i], kv_cache_speaker[i],
+                      None if kv_cache_latent is None else kv_cache_latent[i])
+        return self.out_proj(self.out_norm(h)).float()
+
+    def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:
+        state = self.text_norm(self.text_encoder(text_input_ids, text_mask))
+        return [block.attention.text_kv(state) for block in self.blocks]
+
+    def get_kv_cache_speaker(self, speaker_latent: Tensor) -> KVCache:
+        """speaker_latent (B, 4P, 80) -> per-layer (B, P, H, D) keys and values."""
+        state = self.speaker_norm(self.speaker_encoder(speaker_latent))
+        return [block.attention.speaker_kv(state) for block in self.blocks]
+
+    def get_kv_cache_latent(self, prefix_latent: Tensor) -> KVCache:
+        """prefix_latent (B, 4Q, 80) -> per-layer (B, Q, H, D) keys and values of the latent prefix."""
+        if not self.has_latent_prefix:
+            raise RuntimeError("this EchoDiT was loaded without its blockwise (latent-prefix) modules")
+        state = self.latent_norm(self.latent_encoder(prefix_latent))
+        patch_starts = torch.arange(state.shape[1], device=state.device) * self.speaker_patch_size
+        cos, sin = rope_angles(patch_starts, self.head_dim)
+        return [block.attention.latent_kv(state, cos, sin) for block in self.blocks]

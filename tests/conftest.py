@@ -1,0 +1,84 @@
+"""Shared fixtures: the reference data in ../shared/reference and the tiny models as local repos."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT.parent / "shared" / "reference"
+sys.path.insert(0, str(ROOT))
+
+
+def ref_path(name: str) -> Path:
+    return REF / name
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    """The parity criterion: max |actual - expected| <= rel * max |expected|."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.fixture(scope="session")
+def tiny_echo_dir(tmp_path_factory) -> Path:
+    """A local 'Hub repo' with the tiny EchoDiT, its config.json and the tiny PCA state."""
+    repo = tmp_path_factory.mktemp("tiny-echo")
+    shutil.copy(REF / "tiny_echo_dit.safetensors", repo / "pytorch_model.safetensors")
+    shutil.copy(REF / "tiny_echo_dit_config.json", repo / "config.json")
+    cases = load_file(REF / "tiny_fish_dac_cases.safetensors")
+    save_file({k: cases[k].contiguous() for k in ("pca_components", "pca_mean", "latent_scale")},
+              repo / "pca_state.safetensors")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_fish_dir(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("tiny-fish")
+    shutil.copy(REF / "tiny_fish_dac.safetensors", repo / "pytorch_model.safetensors")
+    shutil.copy(REF / "tiny_fish_dac_config.json", repo / "config.json")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_echo_dir):
+    from inference import load_model_from_hf
+    return load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_fish(tiny_fish_dir):
+    from inference import load_fish_ae_from_hf
+    return load_fish_ae_from_hf(str(tiny_fish_dir), device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_pca(tiny_echo_dir):
+    from inference import load_pca_state_from_hf
+    return load_pca_state_from_hf(str(tiny_echo_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sampler_cases() -> tuple[dict, dict]:
+    return load_file(REF / "tiny_sampler_cases.safetensors"), json.loads((REF / "tiny_sampler_cases.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def synthetic_repos(tmp_path_factory) -> dict[str, Path]:
+    """Full-size synthetic checkpoints in the published layout (about 7.5 GB on disk).
+
+    Set ECHO_SYNTHETIC_DIR to keep them between runs; by default they live in pytest's temp dir.
+    """
+    import os
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from synthetic import write_synthetic_repos
+
+    out = Path(os.environ.get("ECHO_SYNTHETIC_DIR") or tmp_path_factory.mktemp("synthetic"))
+    return write_synthetic_repos(out, REF)

@@ -1,0 +1,126 @@
+"""EchoDiT against the reference's tiny-model outputs, and the strictness of its loader."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint import CheckpointError
+from conftest import REF, assert_close_to_reference
+from inference import load_model_from_hf
+from model import EchoDiT, is_blockwise_parameter
+
+CASES = load_file(REF / "tiny_echo_dit_cases.safetensors")
+
+
+def test_tiny_caches_match_reference(tiny_model):
+    c = CASES
+    kv_text = tiny_model.get_kv_cache_text(c["text_input_ids"], c["text_mask"])
+    kv_speaker = tiny_model.get_kv_cache_speaker(c["speaker_latent"])
+    kv_latent = tiny_model.get_kv_cache_latent(c["prefix_latent"])
+    assert_close_to_reference(kv_text[-1][0], c["kv_text_k_last"])
+    assert_close_to_reference(kv_text[-1][1], c["kv_text_v_last"])
+    assert_close_to_reference(kv_speaker[-1][0], c["kv_speaker_k_last"])
+    assert_close_to_reference(kv_speaker[-1][1], c["kv_speaker_v_last"])
+    assert_close_to_reference(kv_latent[-1][0], c["kv_latent_k_last"])
+
+
+def test_tiny_forward_matches_reference(tiny_model):
+    c = CASES
+    kv_text = tiny_model.get_kv_cache_text(c["text_input_ids"], c["text_mask"])
+    kv_speaker = tiny_model.get_kv_cache_speaker(c["speaker_latent"])
+    out = tiny_model(c["fwd_x"], c["fwd_t"], c["text_mask"], c["speaker_mask"], kv_text, kv_speaker)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, c["fwd_out"])
+
+    kv_latent = tiny_model.get_kv_cache_latent(c["prefix_latent"])
+    out = tiny_model(c["blk_x"], c["fwd_t"], c["text_mask"], c["speaker_mask"], kv_text, kv_speaker,
+                     start_pos=12, kv_cache_latent=kv_latent)
+    assert_close_to_reference(out, c["blk_out"])
+
+
+def test_fully_masked_conditioning_gives_finite_output(tiny_model):
+    c = CASES
+    text_mask = torch.zeros_like(c["text_mask"])
+    kv_text = tiny_model.get_kv_cache_text(c["text_input_ids"], text_mask)
+    kv_speaker = tiny_model.get_kv_cache_speaker(c["speaker_latent"])
+    out = tiny_model(c["fwd_x"], c["fwd_t"], text_mask, torch.zeros_like(c["speaker_mask"]), kv_text, kv_speaker)
+    assert all(torch.isfinite(k).all() for k, _ in kv_text)
+    assert torch.isfinite(out).all()
+
+
+def _copy_repo(src, dst, state=None, config=None):
+    dst.mkdir()
+    if state is None:
+        shutil.copy(src / "pytorch_model.safetensors", dst / "pytorch_model.safetensors")
+    else:
+        save_file(state, dst / "pytorch_model.safetensors")
+    (dst / "config.json").write_text(json.dumps(config if config is not None else json.loads(
+        (src / "config.json").read_text())))
+    return dst
+
+
+@pytest.mark.parametrize("defect", ["missing", "unexpected", "misshaped"])
+def test_loader_names_the_offending_tensor(tiny_echo_dir, tmp_path, defect):
+    state = load_file(tiny_echo_dir / "pytorch_model.safetensors")
+    name = "blocks.1.attention.wk_text.weight"
+    if defect == "missing":
+        del state[name]
+    elif defect == "unexpected":
+        name = "blocks.1.attention.surprise.weight"
+        state[name] = torch.zeros(3)
+    else:
+        state[name] = torch.zeros(5, 5)
+    repo = _copy_repo(tiny_echo_dir, tmp_path / "bad", state)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_model_from_hf(str(repo), device="cpu", dtype=torch.float32)
+
+
+def test_config_json_overrides_published_defaults_and_unknown_keys_warn(tiny_echo_dir, tmp_path):
+    config = json.loads((tiny_echo_dir / "config.json").read_text()) | {"not_a_key": 1}
+    repo = _copy_repo(tiny_echo_dir, tmp_path / "cfg", config=config)
+    with pytest.warns(UserWarning, match="not_a_key"):
+        model = load_model_from_hf(str(repo), device="cpu", dtype=torch.float32)
+    assert len(model.blocks) == config["num_layers"]
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytorch_model.safetensors"):
+        load_model_from_hf(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loads_in_both_dtypes(tiny_echo_dir, dtype):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype)
+    assert model.dtype == dtype and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    c = CASES
+    kv_text = model.get_kv_cache_text(c["text_input_ids"], c["text_mask"])
+    kv_speaker = model.get_kv_cache_speaker(c["speaker_latent"].to(dtype))
+    out = model(c["fwd_x"].to(dtype), c["fwd_t"].to(dtype), c["text_mask"], c["speaker_mask"], kv_text, kv_speaker)
+    assert out.dtype == torch.float32
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    assert_close_to_reference(out, CASES["fwd_out"], rel=tolerance)
+
+
+def test_delete_blockwise_modules(tiny_echo_dir):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32, delete_blockwise_modules=True)
+    names = set(model.state_dict())
+    assert not any(is_blockwise_parameter(n) for n in names)
+    full = set(load_file(tiny_echo_dir / "pytorch_model.safetensors"))
+    assert names == {n for n in full if not is_blockwise_parameter(n)}
+    with pytest.raises(RuntimeError, match="blockwise"):
+        model.get_kv_cache_latent(CASES["prefix_latent"])
+
+
+def test_manifest_layout_of_the_published_model():
+    """The full-size architecture has exactly the published tensor names and shapes."""
+    manifest = json.loads((REF / "echo_dit_manifest.json").read_text())
+    with torch.device("meta"):
+        model = EchoDiT(**manifest["config"])
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {k: v["shape"] for k, v in manifest["tensors"].items()}
+    assert sum(v.numel() for v in model.state_dict().values()) == 2_800_742_736
+    assert sum(is_blockwise_parameter(k) for k in shapes) == 219
