@@ -1,0 +1,388 @@
+import base64
+import hashlib
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import voices
+from inference import SAMPLE_RATE, load_audio
+from voices import (
+    INLINE_MIN_CHARS,
+    NO_VOICE,
+    InvalidVoiceError,
+    SpeakerCache,
+    UnknownVoiceError,
+    VoiceError,
+    VoiceRegistry,
+    decode_inline_voice,
+    inline_cache_key,
+    is_no_voice,
+    load_inline_voice,
+    load_voice_audio,
+    looks_like_inline_audio,
+)
+
+
+def wav_bytes(seconds: float, freq: float = 220.0, amplitude: float = 0.5) -> bytes:
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    buf = io.BytesIO()
+    sf.write(buf, (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32), SAMPLE_RATE,
+             format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def write_wav(path, seconds: float = 0.1, freq: float = 220.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(wav_bytes(seconds, freq))
+    return path
+
+
+@pytest.fixture
+def voice_dir(tmp_path):
+    d = tmp_path / "voices"
+    write_wav(d / "alice.wav")
+    write_wav(d / "Bob.MP3")  # listing only looks at names; upper-case extension counts
+    write_wav(d / "carol.flac")
+    (d / "notes.txt").write_text("not a voice")
+    (d / "cover.png").write_bytes(b"\x89PNG")
+    write_wav(d / ".hidden.wav")
+    write_wav(d / "band" / "b_second.wav", 0.25, 440)
+    write_wav(d / "band" / "a_first.wav", 0.5, 220)
+    (d / "band" / "readme.txt").write_text("ignored")
+    (d / "empty").mkdir()
+    (d / "docs").mkdir()
+    (d / "docs" / "x.txt").write_text("no audio here")
+    for ext in (".ogg", ".opus", ".m4a"):
+        (d / f"fmt{ext}").write_bytes(b"")
+    return d
+
+
+# -- listing and lookup -----------------------------------------------------------------------------
+
+
+def test_list_files_and_folders_sorted(voice_dir):
+    assert VoiceRegistry([voice_dir]).list() == ["Bob", "alice", "band", "carol", "fmt"]
+    assert VoiceRegistry([str(voice_dir)], folder_support=False).list() == ["Bob", "alice", "carol", "fmt"]
+    assert VoiceRegistry([voice_dir / "missing"]).list() == []
+
+
+def test_lookup_by_stem_file_name_and_folder(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    a = reg.resolve("alice")
+    assert (a.name, a.kind, a.files) == ("alice", "file", (voice_dir / "alice.wav",))
+    assert reg.resolve("alice.wav") == a
+    assert reg.resolve("Bob.MP3").name == "Bob"
+    band = reg.resolve("band")
+    assert band.kind == "folder" and band.path == voice_dir / "band"
+    assert [p.name for p in band.files] == ["a_first.wav", "b_second.wav"]
+    for wrong in ("Alice", "alice.WAV", "bob", "alice.txt", "notes", "notes.txt", "empty", "docs", "hidden"):
+        with pytest.raises(UnknownVoiceError):
+            reg.resolve(wrong)
+    with pytest.raises(UnknownVoiceError):
+        VoiceRegistry([voice_dir], folder_support=False).resolve("band")
+    assert "alice" in reg and "nobody" not in reg
+
+
+def test_earlier_directories_win(tmp_path):
+    first, second = tmp_path / "one", tmp_path / "two"
+    write_wav(first / "same.wav")
+    write_wav(second / "same.flac")
+    write_wav(second / "other.wav")
+    reg = VoiceRegistry([first, second])
+    assert reg.list() == ["other", "same"]
+    assert reg.resolve("same").path == first / "same.wav"
+    assert reg.resolve("same.flac").path == second / "same.flac"  # an explicit file name still works
+
+
+def test_unknown_voice_message(voice_dir):
+    with pytest.raises(UnknownVoiceError) as e:
+        VoiceRegistry([voice_dir]).resolve("nobody")
+    assert isinstance(e.value, VoiceError) and isinstance(e.value, ValueError)
+    assert "'nobody'" in str(e.value) and "/v1/voices" in str(e.value)
+    assert e.value.voice == "nobody"
+
+
+def test_names_never_escape_the_voice_directories(tmp_path, voice_dir):
+    outside = write_wav(tmp_path / "secret.wav")
+    write_wav(tmp_path / "outside_folder" / "x.wav")
+    os.symlink(outside, voice_dir / "link.wav")
+    os.symlink(tmp_path / "outside_folder", voice_dir / "linkdir")
+    os.symlink(outside, voice_dir / "band" / "c_escape.wav")
+    os.symlink(voice_dir / "alice.wav", voice_dir / "alias.wav")  # a link inside is fine
+    reg = VoiceRegistry([voice_dir])
+    assert reg.list() == ["Bob", "alias", "alice", "band", "carol", "fmt"]
+    assert [p.name for p in reg.resolve("band").files] == ["a_first.wav", "b_second.wav"]
+    assert reg.resolve("alias").files == (voice_dir / "alias.wav",)
+    for name in ("../secret", "../secret.wav", str(outside), "/etc/passwd", "band/a_first", "band/a_first.wav",
+                 "..", ".", "", "alice\x00", "alice\x00.wav", "link", "link.wav", "linkdir", "..\\secret",
+                 ".hidden", ".hidden.wav", "x" * 300):
+        with pytest.raises(UnknownVoiceError):
+            reg.resolve(name)
+    with pytest.raises(UnknownVoiceError):
+        reg.resolve(None)  # type: ignore[arg-type]
+
+
+def test_cache_key_follows_file_changes(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    path = voice_dir / "alice.wav"
+    key = reg.resolve("alice").cache_key
+    assert reg.resolve("alice").cache_key == key  # stable while unchanged
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    key2 = reg.resolve("alice").cache_key
+    assert key2 != key
+    path.write_bytes(wav_bytes(0.2))  # new size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # even with the same mtime
+    assert reg.resolve("alice").cache_key not in (key, key2)
+
+    folder_key = reg.resolve("band").cache_key
+    write_wav(voice_dir / "band" / "c_third.wav")
+    added = reg.resolve("band").cache_key
+    assert added != folder_key
+    (voice_dir / "band" / "c_third.wav").unlink()
+    assert reg.resolve("band").cache_key == folder_key
+    f = voice_dir / "band" / "a_first.wav"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5))
+    assert reg.resolve("band").cache_key != folder_key
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def test_file_voice_loads_like_load_audio(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    audio = load_voice_audio(reg.resolve("alice"), max_duration=30)
+    assert torch.equal(audio, load_audio(voice_dir / "alice.wav"))
+    source, audio2 = reg.load("alice", 0.05)
+    assert source.name == "alice" and audio2.shape == (1, int(0.05 * SAMPLE_RATE))
+
+
+def test_folder_voice_joins_files_with_one_second_of_silence(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    audio = load_voice_audio(reg.resolve("band"), max_duration=60)
+    first, second = int(0.5 * SAMPLE_RATE), int(0.25 * SAMPLE_RATE)
+    assert audio.shape == (1, first + SAMPLE_RATE + second) and audio.dtype == torch.float32
+    assert torch.equal(audio[:, :first], load_audio(voice_dir / "band" / "a_first.wav"))
+    assert torch.count_nonzero(audio[:, first:first + SAMPLE_RATE]) == 0
+    assert torch.equal(audio[:, first + SAMPLE_RATE:], load_audio(voice_dir / "band" / "b_second.wav"))
+
+
+def test_folder_voice_is_capped_at_max_duration(voice_dir):
+    source = VoiceRegistry([voice_dir]).resolve("band")
+    assert load_voice_audio(source, max_duration=1.7).shape == (1, int(1.7 * SAMPLE_RATE))
+    assert load_voice_audio(source, max_duration=1.2).shape == (1, int(0.5 * SAMPLE_RATE))  # no room after the gap
+    assert load_voice_audio(source, max_duration=0.3).shape == (1, int(0.3 * SAMPLE_RATE))
+
+
+def test_vanished_or_broken_file_is_a_voice_error(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    source = reg.resolve("alice")
+    (voice_dir / "alice.wav").unlink()
+    with pytest.raises(VoiceError, match="alice.wav"):
+        load_voice_audio(source, 30)
+    band = reg.resolve("band")
+    (voice_dir / "band" / "b_second.wav").unlink()
+    with pytest.raises(VoiceError, match="b_second.wav"):
+        load_voice_audio(band, 30)
+    (voice_dir / "broken.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+    with pytest.raises(InvalidVoiceError, match="broken"):
+        reg.load("broken", 30)
+
+
+# -- "none" and inline voices --------------------------------------------------------------------------
+
+
+def test_no_voice():
+    assert NO_VOICE == "none"
+    for value in ("none", "None", "NONE", " none "):
+        assert is_no_voice(value)
+    for value in ("nonе", "no", "", None, "none.wav"):  # the first has a Cyrillic e
+        assert not is_no_voice(value)
+
+
+def test_inline_detection_rule():
+    clip = base64.b64encode(wav_bytes(0.05)).decode()
+    assert looks_like_inline_audio(clip) and len(clip) >= INLINE_MIN_CHARS
+    assert looks_like_inline_audio("data:audio/wav;base64,AAAA")
+    assert looks_like_inline_audio("  DATA:audio/wav;base64,AAAA")
+    assert looks_like_inline_audio("A" * 256)
+    assert not looks_like_inline_audio("A" * 255)
+    for name in ("alice", "alice.wav", "none", "", "dataset", "data", None, 42):
+        assert not looks_like_inline_audio(name)
+
+
+def test_decode_base64_and_data_urls():
+    data = wav_bytes(0.05)
+    b64 = base64.b64encode(data).decode()
+    assert decode_inline_voice(b64, 10**6) == data
+    assert decode_inline_voice(f"data:audio/wav;base64,{b64}", 10**6) == data
+    assert decode_inline_voice(f"data:audio/x-wav;codecs=1;base64,{b64}", 10**6) == data
+    assert decode_inline_voice(f"Data:Audio/WAV;BASE64,{b64}", 10**6) == data
+    assert decode_inline_voice(base64.urlsafe_b64encode(data).decode().rstrip("="), 10**6) == data
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    assert decode_inline_voice(f" {wrapped}\n", 10**6) == data
+    assert decode_inline_voice(b64, len(data)) == data  # exactly at the limit
+
+
+def test_oversize_inline_voice_is_refused_before_decoding(monkeypatch):
+    data = wav_bytes(0.05)
+    with pytest.raises(InvalidVoiceError, match="limit is 1000 bytes"):
+        decode_inline_voice(base64.b64encode(data).decode(), 1000)
+    with pytest.raises(InvalidVoiceError, match=str(len(data) - 1)):
+        decode_inline_voice(base64.b64encode(data).decode(), len(data) - 1)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an oversized string")
+
+    monkeypatch.setattr(voices.base64, "b64decode", no_decoding)
+    huge = "A" * 50_000_000
+    start = time.perf_counter()
+    with pytest.raises(InvalidVoiceError, match="too large"):
+        decode_inline_voice(huge, 10_000_000)
+    with pytest.raises(InvalidVoiceError, match="too large"):
+        decode_inline_voice("data:audio/wav;base64," + huge, 1000)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_garbage_inline_voices_are_invalid():
+    for value in ("!" * 300, "A" * 257, "QUJD" * 70 + "=A", "data:audio/wav;base64,", "data:audio/wav,RIFF",
+                  "data:text/plain;base64,QUJD", "data:audio/wav;base64", "é" * 300, "QUJD=QUJD" * 40):
+        with pytest.raises(InvalidVoiceError):
+            decode_inline_voice(value, 10**6)
+        with pytest.raises(InvalidVoiceError):
+            load_inline_voice(value, 10**6, 30)
+
+
+def test_load_inline_voice():
+    data = wav_bytes(0.1)
+    key, audio = load_inline_voice("data:audio/wav;base64," + base64.b64encode(data).decode(), 10**6, 30)
+    assert key == inline_cache_key(data) == "inline:" + hashlib.sha256(data).hexdigest()
+    assert audio.shape == (1, int(0.1 * SAMPLE_RATE))
+    assert load_inline_voice(base64.b64encode(data).decode(), 10**6, 0.05)[1].shape == (1, int(0.05 * SAMPLE_RATE))
+    not_audio = base64.b64encode(b"hello world, this is not audio " * 20).decode()
+    with pytest.raises(InvalidVoiceError, match="not decodable audio"):
+        load_inline_voice(not_audio, 10**6, 30)
+
+
+# -- speaker cache ----------------------------------------------------------------------------------------
+
+
+def test_speaker_cache_lru_eviction():
+    cache = SpeakerCache(max_entries=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache and cache.get("b") is None and cache.get("b", "dflt") == "dflt"
+    assert cache.keys() == ["a", "c"] and len(cache) == 2
+    assert cache.get_or_create("a", lambda: pytest.fail("a is cached")) == 1
+    cache.put("a", 10)
+    assert cache.get("a") == 10 and cache.discard("a") and not cache.discard("a")
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_speaker_cache_drops_stale_versions_of_a_voice(voice_dir):
+    reg = VoiceRegistry([voice_dir])
+    cache = SpeakerCache(max_entries=8)
+    old = reg.resolve("alice")
+    cache.get_or_create(old.cache_key, lambda: "old latents", name=old.cache_name)
+    cache.put((old.cache_key, "cuda"), "old on gpu", name=old.cache_name, version=old.cache_key)
+    cache.put("other", "x", name="someone else")
+    assert len(cache) == 3
+    path = voice_dir / "alice.wav"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10))
+    new = reg.resolve("alice")
+    assert new.cache_key != old.cache_key and new.cache_name == old.cache_name
+    assert cache.get_or_create(new.cache_key, lambda: "new latents", name=new.cache_name) == "new latents"
+    assert cache.keys() == ["other", new.cache_key]  # both entries of the old version are gone
+    assert cache.discard_name(new.cache_name) == 1 and cache.keys() == ["other"]
+
+
+def test_speaker_cache_disabled_stores_nothing():
+    cache = SpeakerCache(max_entries=0)
+    assert cache.get_or_create("k", lambda: 5) == 5
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        SpeakerCache(max_entries=-1)
+
+
+def test_get_or_create_calls_the_factory_once_under_threads():
+    cache = SpeakerCache(max_entries=4)
+    calls = []
+    release = threading.Event()
+
+    def factory():
+        calls.append(threading.get_ident())
+        release.wait(5)
+        return object()
+
+    barrier = threading.Barrier(16)
+    results = [None] * 16
+
+    def worker(i):
+        barrier.wait()
+        results[i] = cache.get_or_create("voice", factory, name="voice")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1
+    assert all(r is results[0] for r in results) and results[0] is not None
+
+
+def test_get_or_create_error_reaches_waiters_and_is_not_cached():
+    cache = SpeakerCache()
+    release = threading.Event()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        release.wait(5)
+        raise RuntimeError("decode failed")
+
+    errors = []
+
+    def worker():
+        try:
+            cache.get_or_create("k", failing)
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 4 and len(calls) >= 1 and "k" not in cache
+    assert cache.get_or_create("k", lambda: "ok") == "ok"
+
+
+def test_factories_of_different_keys_run_in_parallel():
+    cache = SpeakerCache()
+    both_running = threading.Barrier(2, timeout=5)
+
+    def factory():
+        both_running.wait()  # deadlocks (BrokenBarrierError) if factories were serialised
+        return 1
+
+    threads = [threading.Thread(target=cache.get_or_create, args=(k, factory)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert cache.get("a") == 1 and cache.get("b") == 1
