@@ -82,3 +82,93 @@ def synthetic_repos(tmp_path_factory) -> dict[str, Path]:
 
     out = Path(os.environ.get("ECHO_SYNTHETIC_DIR") or tmp_path_factory.mktemp("synthetic"))
     return write_synthetic_repos(out, REF)
+
+
+# ---- a live server on a loopback port ------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python api_server.py` in a subprocess, configured through the environment like a user would."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True):
+        import os
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "ECHO_HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "api_server.py"], cwd=ROOT, env=full_env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait(ready_timeout, "ready" if wait_ready else "up")
+
+    def wait(self, timeout: float, until: str = "ready") -> None:
+        """Poll /health until the process answers ("up") or reports ready ("ready")."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                health = httpx.get(self.url + "/health", timeout=2).json()
+            except httpx.TransportError:
+                health = None
+            if health is not None and (until == "up" or health["ready"]):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not {until} after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:
+            self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def voice_dir(tmp_path_factory) -> Path:
+    """Voices: alice.wav (a file), duo/ (a folder of two clips), bob.flac."""
+    import soundfile as sf
+
+    cases = load_file(REF / "tiny_fish_dac_cases.safetensors")
+    clip = cases["speaker_audio"][0].numpy()
+    root = tmp_path_factory.mktemp("voices")
+    sf.write(root / "alice.wav", clip, 44100)
+    sf.write(root / "bob.flac", clip[::-1].copy(), 44100)
+    (root / "duo").mkdir()
+    sf.write(root / "duo" / "1.wav", clip[:44100], 44100)
+    sf.write(root / "duo" / "2.wav", clip[44100:], 44100)
+    (root / "notes.txt").write_text("not a voice")
+    return root
+
+
+def server_env(echo_dir: Path, fish_dir: Path, voice_dir: Path, **extra: str) -> dict[str, str]:
+    return {"ECHO_MODEL_REPO": str(echo_dir), "ECHO_FISH_REPO": str(fish_dir), "ECHO_DEVICE": "cpu",
+            "ECHO_MODEL_DTYPE": "float32", "ECHO_VOICE_DIRS": str(voice_dir), "ECHO_WARMUP": "0",
+            "HF_HUB_OFFLINE": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir),
+                      tmp_path_factory.mktemp("server") / "server.log")
+    yield live
+    live.stop()

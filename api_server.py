@@ -1,0 +1,396 @@
+"""OpenAI-compatible HTTP API for Echo-TTS. `python api_server.py` starts it (configuration: ECHO_* env).
+
+This module only translates HTTP: request models, routes, errors and response encoding. What a
+request means is decided in service.py, generation happens in engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
+from engine import JobStream, QueueFull
+from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
+from service import GenerationOptions, RequestError, SpeechService
+from settings import Settings, load_settings
+
+log = logging.getLogger("echo_tts.api")
+MODEL_ID = "echo-tts"
+
+# ---------------------------------------------------------------------------------------------
+# Request model
+
+
+class VoiceObject(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    """POST /v1/audio/speech. Echo settings may sit at the top level or under `extra_body`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str
+    voice: str | VoiceObject
+    model: str = MODEL_ID
+    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    stream: bool = True
+    stream_format: Literal["audio", "sse"] = "audio"
+    sample_rate: int | None = Field(None, ge=8000, le=48000)
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
+    seed: int = 0
+
+    block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
+    num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
+    cfg_scale_text: float = Field(3.0, ge=0, le=50)
+    cfg_scale_speaker: float = Field(8.0, ge=0, le=50)
+    cfg_min_t: float = Field(0.5, ge=0, le=1)
+    cfg_max_t: float = Field(1.0, ge=0, le=1)
+    truncation_factor: float | None = Field(None, gt=0, le=2)
+    rescale_k: float | None = Field(None, gt=0, le=100)
+    rescale_sigma: float | None = Field(None, gt=0, le=100)
+    speaker_kv_scale: float | None = Field(None, gt=0, le=10)
+    speaker_kv_min_t: float | None = Field(None, ge=0, le=1)
+    speaker_kv_max_layers: int | None = Field(None, ge=0, le=1000)
+    guidance_mode: Literal[GUIDANCE_MODES] = "independent"  # type: ignore[valid-type]
+
+    early_stop_on_zero: bool = True
+    zero_eps: float = Field(2e-2, ge=0, le=10)
+    zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
+    zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
+    chunking_enabled: bool | None = None
+    chunk_target_seconds: float = Field(30.0, gt=0, le=40)
+    chunk_min_seconds: float = Field(20.0, gt=0, le=40)
+    chunk_max_seconds: float = Field(40.0, gt=0, le=40)
+    chunk_chars_per_second: float | None = Field(None, gt=0, le=1000)
+    chunk_words_per_second: float | None = Field(None, gt=0, le=100)
+    normalize: bool = True
+
+    extra_body: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_extra_body(cls, data: Any) -> Any:
+        """curl users of the fork nest settings under extra_body; top-level values win."""
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
+        return data
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _fits_one_generation(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and sum(value) > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeechRequest:
+        if self.cfg_min_t > self.cfg_max_t:
+            raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
+        if self.chunk_min_seconds > self.chunk_max_seconds:
+            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
+        return self
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
+
+    @property
+    def format(self) -> str:
+        return self.response_format or ("pcm" if self.stream else "mp3")
+
+    def generation_options(self) -> GenerationOptions:
+        names = {f.name for f in fields(GenerationOptions)} - {"voice"}
+        return GenerationOptions(voice=self.voice_name, **{n: getattr(self, n) for n in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.error_type, self.headers = error_type, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "extra_body") and not isinstance(p, int)]
+    return parts[0] if parts else None
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return error_response(400, "the request body is not valid JSON", code="invalid_json")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, RequestError):
+        return error_response(400, str(cause), cause.param, code="invalid_value")
+    param = _validation_param(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{param}: {message}" if param else message, param, code="invalid_value")
+
+
+async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.error_type, exc.headers)
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(exc.status_code, str(exc.detail), error_type=kind, headers=getattr(exc, "headers", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    service = SpeechService(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start_loading()
+        yield
+        service.close()
+
+    app = FastAPI(title="Echo-TTS Streaming API", version="1.0", lifespan=lifespan)
+    app.state.service = service
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.include_router(_routes())
+    return app
+
+
+def get_service(request: Request) -> SpeechService:
+    return request.app.state.service
+
+
+def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
+    if not service.ready.is_set():
+        message = "the models failed to load" if service.load_error else "the models are still loading"
+        raise ApiError(503, message, code="not_ready", error_type="server_error", headers={"Retry-After": "5"})
+    return service
+
+
+def check_api_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
+    """With ECHO_API_KEY set, require `Authorization: Bearer <one of the keys>` (compared in constant time)."""
+    keys = service.settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys]  # no short cut
+    if scheme.lower() != "bearer" or not any(matches):
+        raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", error_type="authentication_error",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def _routes():
+    router = APIRouter()
+    public = APIRouter()
+    protected = APIRouter(dependencies=[Depends(check_api_key)])
+
+    @public.get("/health")
+    def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        return {"status": "ok", "ready": service.ready.is_set()}
+
+    @protected.get("/ready")
+    def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
+        return {"status": "ready"}
+
+    @protected.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "echo-tts"}]}
+
+    @protected.get("/v1/audio/models")
+    def audio_models() -> dict:
+        return {"models": [{"id": MODEL_ID, "name": "Echo-TTS"}]}
+
+    @protected.get("/v1/voices")
+    def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        names = service.voices.list()
+        return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
+
+    @protected.get("/v1/audio/voices")
+    def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        return {"voices": [{"id": n, "name": n} for n in service.voices.list()]}
+
+    @protected.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, request: Request,
+                     service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
+        job = await _build_job(service, body)
+        encoder = _open_encoder(body, service.settings, streaming=body.stream)
+        try:
+            stream = service.worker.submit(job)
+        except QueueFull:
+            encoder.close()
+            raise ApiError(429, "too many requests are waiting; retry shortly", code="queue_full",
+                           error_type="rate_limit_error", headers={"Retry-After": "2"}) from None
+        headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
+        try:
+            first = await _first_block(stream, request)
+        except BaseException:
+            encoder.close()
+            stream.cancel()
+            raise
+        if not body.stream:
+            return await _whole_file(stream, first, encoder, request, headers)
+        if body.stream_format == "sse":
+            return StreamingResponse(_sse_events(stream, first, encoder), media_type="text/event-stream",
+                                     headers=headers | {"Cache-Control": "no-cache"})
+        return StreamingResponse(_audio_bytes(stream, first, encoder), media_type=encoder.content_type,
+                                 headers=headers)
+
+    router.include_router(public)
+    router.include_router(protected)
+    return router
+
+
+async def _build_job(service: SpeechService, body: SpeechRequest):
+    try:  # may read and decode an inline voice: off the event loop
+        return await run_in_threadpool(service.build_job, body.generation_options())
+    except RequestError as e:
+        raise ApiError(400, str(e), e.param, code="invalid_value") from None
+
+
+def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
+    try:
+        return open_encoder(body.format, input_rate=SAMPLE_RATE,
+                            output_rate=body.sample_rate or settings.output_sample_rate,
+                            speed=body.speed, streaming=streaming)
+    except InvalidAudioParameter as e:
+        raise ApiError(400, str(e), e.param, code="invalid_value") from None
+
+
+async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None:
+    """Wait for the first audio, so a failure before any byte is sent is a proper error response."""
+    try:
+        return await _next_or_disconnect(stream, request)
+    except StopAsyncIteration:
+        return None
+    except RequestError as e:
+        raise ApiError(400, str(e), e.param, code="invalid_value") from None
+    except ValueError as e:  # e.g. a voice file that cannot be decoded
+        raise ApiError(400, str(e), "voice", code="invalid_value") from None
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.exception("generation failed before streaming began")
+        raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
+
+
+async def _next_or_disconnect(blocks: AsyncIterator[np.ndarray], request: Request) -> np.ndarray:
+    """The next block; the job is cancelled (and this raises CancelledError) if the client leaves."""
+    next_block = asyncio.ensure_future(anext(blocks))
+    while True:
+        done, _ = await asyncio.wait({next_block}, timeout=0.5)
+        if done:
+            return next_block.result()
+        if await request.is_disconnected():
+            next_block.cancel()
+            raise asyncio.CancelledError("client disconnected")
+
+
+async def _encoded(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+    """Encoded bytes of every block as soon as it is generated, then the encoder's tail."""
+    try:
+        if first is not None:
+            if data := await run_in_threadpool(encoder.encode, first):
+                yield data
+            async for block in stream:
+                if data := await run_in_threadpool(encoder.encode, block):
+                    yield data
+        if data := await run_in_threadpool(encoder.finish):
+            yield data
+    finally:
+        stream.cancel()
+        encoder.close()
+
+
+async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+    try:
+        async for data in _encoded(stream, first, encoder):
+            yield data
+    except Exception:
+        log.exception("generation failed while streaming; ending the stream")
+
+
+async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+    total = 0
+    try:
+        async for data in _encoded(stream, first, encoder):
+            total += len(data)
+            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
+    except Exception as e:
+        log.exception("generation failed while streaming; ending the stream")
+        yield _sse({"type": "error", "error": {"message": f"generation failed: {e}", "type": "server_error",
+                                               "param": None, "code": "generation_failed"}})
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder, request: Request,
+                      headers: dict[str, str]) -> Response:
+    """stream=false: the complete file with Content-Length; the job stops if the client leaves."""
+    pieces = []
+    try:
+        if first is not None:
+            pieces.append(await run_in_threadpool(encoder.encode, first))
+            while True:
+                try:
+                    block = await _next_or_disconnect(stream, request)
+                except StopAsyncIteration:
+                    break
+                pieces.append(await run_in_threadpool(encoder.encode, block))
+        pieces.append(await run_in_threadpool(encoder.finish))
+    except (asyncio.CancelledError, ApiError):
+        raise
+    except Exception as e:
+        log.exception("generation failed")
+        raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
+    finally:
+        stream.cancel()
+        encoder.close()
+    return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)
+
+
+def main() -> None:
+    settings = load_settings()
+    logging.basicConfig(level=logging.DEBUG if settings.debug_logs else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The speech service: model loading and warm-up, readiness, voices, and turning requests into jobs.
+
+The HTTP layer (api_server.py) validates and translates; this module decides what a request means
+(text chunks, block shapes, sampler settings, the voice) and owns the long-lived objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import inference as inf
+from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
+                    random_seed)
+from settings import NONSTREAM_BLOCK_SIZE, Settings
+from text_chunking import ChunkSettings, fits_in_one_generation, prepare_text, split_into_chunks
+from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
+                    looks_like_inline_audio)
+
+log = logging.getLogger(__name__)
+
+MAX_INLINE_VOICE_BYTES = 10 * 1024 * 1024
+DEBUG_WAV = Path("api_generation.wav")
+
+
+class RequestError(ValueError):
+    """A request field is invalid: HTTP 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The request's say in generation; None means 'the server default'."""
+
+    input: str
+    voice: str
+    stream: bool
+    seed: int = 0
+    block_sizes: list[int] | None = None
+    num_steps: int | list[int] | None = None
+    cfg_scale_text: float = 3.0
+    cfg_scale_speaker: float = 8.0
+    cfg_min_t: float = 0.5
+    cfg_max_t: float = 1.0
+    truncation_factor: float | None = None
+    rescale_k: float | None = None
+    rescale_sigma: float | None = None
+    speaker_kv_scale: float | None = None
+    speaker_kv_min_t: float | None = None
+    speaker_kv_max_layers: int | None = None
+    guidance_mode: str = "independent"
+    early_stop_on_zero: bool = True
+    zero_eps: float = 2e-2
+    zero_tail_frames: int = 16
+    zero_tail_min_frac: float = 0.95
+    chunking_enabled: bool | None = None
+    chunk_target_seconds: float = 30.0
+    chunk_min_seconds: float = 20.0
+    chunk_max_seconds: float = 40.0
+    chunk_chars_per_second: float | None = None
+    chunk_words_per_second: float | None = None
+    normalize: bool = True
+
+
+class SpeechService:
+    """Everything the routes need: settings, voices, readiness and the generation worker."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.voices = VoiceRegistry(settings.voice_dirs, folder_support=settings.folder_support)
+        self.speaker_cache = SpeakerCache(settings.speaker_cache_size)
+        self.engine: SpeechEngine | None = None
+        self.worker: GenerationWorker | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def start_loading(self) -> threading.Thread:
+        """Load models and warm up on a background thread, so /health answers meanwhile."""
+        thread = threading.Thread(target=self._load_and_warm_up, name="echo-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_and_warm_up(self) -> None:
+        try:
+            self.engine = self._load_engine()
+            self._warm_up()
+            self.worker = GenerationWorker(self.engine, max_waiting=self.settings.max_queue,
+                                           debug_sink=self._save_debug_audio if self.settings.debug_logs else None)
+            self.ready.set()
+            log.info("ready")
+        except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
+            self.load_error = e
+            log.exception("loading the models failed")
+
+    def _load_engine(self) -> SpeechEngine:
+        s = self.settings
+        started = time.perf_counter()
+        compile_dit = s.compile and s.device.startswith("cuda")
+        if s.compile and not compile_dit:
+            log.info("ECHO_COMPILE ignored: torch.compile is only used on CUDA")
+        compile_ae = s.compile_ae and s.fish_device_name.startswith("cuda")
+        if s.compile_ae and not compile_ae:
+            log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
+        if compile_dit or compile_ae:
+            load_compile_artifacts(self.compile_cache_path)
+        model = inf.load_model_from_hf(s.model_repo, device=s.device, dtype=s.torch_model_dtype,
+                                       compile=compile_dit)
+        fish = inf.load_fish_ae_from_hf(s.fish_repo, device=s.fish_device_name, dtype=s.torch_fish_dtype,
+                                        compile=compile_ae)
+        pca = inf.load_pca_state_from_hf(s.model_repo, device=s.fish_device_name)
+        log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
+                 s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
+        return SpeechEngine(model, fish, pca, self.speaker_cache, s.max_speaker_latent_length,
+                            speaker_on_device=s.cache_speaker_on_gpu)
+
+    def _warm_up(self) -> None:
+        """One generation of each block shape the server uses, so the first request is not the slow one."""
+        if not self.settings.warmup:
+            return
+        started = time.perf_counter()
+        voice = self.settings.warmup_voice or "none"
+        try:
+            speaker = self.speaker_reference(voice)
+        except RequestError as e:
+            log.warning("ECHO_WARMUP_VOICE: %s; warming up without a voice", e)
+            speaker = None
+        for stream in (True, False):
+            options = GenerationOptions(input=self.settings.warmup_text, voice=voice, stream=stream)
+            job = self._job(options, (self.settings.warmup_text,), speaker)
+            for _ in self.engine.generate(job):
+                pass
+        log.info("warm-up done in %.1f s", time.perf_counter() - started)
+        if self.settings.compile and self.settings.device.startswith("cuda"):
+            save_compile_artifacts(self.compile_cache_path)
+
+    @property
+    def compile_cache_path(self) -> Path:
+        return self.settings.cache_dir / f"echo_tts_compile_cache_{self.settings.cache_version}.bin"
+
+    def _save_debug_audio(self, audio: np.ndarray) -> None:
+        sf.write(DEBUG_WAV, audio, inf.SAMPLE_RATE, subtype="PCM_16")
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def build_job(self, options: GenerationOptions) -> SpeechJob:
+        """Validate and translate one request; raises RequestError (HTTP 400) naming the field."""
+        chunks = self.text_chunks(options)
+        return self._job(options, chunks, self.speaker_reference(options.voice))
+
+    def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
+        if len(options.input) > self.settings.max_input_chars:
+            raise RequestError(f"input is {len(options.input)} characters; the limit is "
+                               f"{self.settings.max_input_chars}", "input")
+        text = prepare_text(options.input)
+        if not text:
+            raise RequestError("input is empty", "input")
+        chunking = self.settings.chunking if options.chunking_enabled is None else options.chunking_enabled
+        if not chunking:
+            if not fits_in_one_generation(text, normalize=options.normalize):
+                raise RequestError("input is longer than one generation (768 bytes); enable chunking "
+                                   "(chunking_enabled=true) or send shorter text", "input")
+            return (text,)
+        try:
+            chunk_settings = ChunkSettings(
+                target_seconds=options.chunk_target_seconds, min_seconds=options.chunk_min_seconds,
+                max_seconds=options.chunk_max_seconds,
+                chars_per_second=options.chunk_chars_per_second or self.settings.chunk_chars_per_second,
+                words_per_second=options.chunk_words_per_second or self.settings.chunk_words_per_second)
+        except ValueError as e:
+            raise RequestError(str(e), getattr(e, "param", None)) from e
+        return tuple(split_into_chunks(text, chunk_settings, normalize=options.normalize))
+
+    def speaker_reference(self, voice: str) -> SpeakerReference | None:
+        """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
+        max_seconds = self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
+        try:
+            if is_no_voice(voice):
+                return None
+            if looks_like_inline_audio(voice):
+                key, audio = load_inline_voice(voice, MAX_INLINE_VOICE_BYTES, max_seconds)
+                return SpeakerReference(key, lambda: audio)
+            source = self.voices.resolve(voice)
+        except ValueError as e:
+            raise RequestError(str(e), "voice") from e
+        return SpeakerReference(source.cache_key, lambda: load_voice_audio(source, max_seconds),
+                                name=source.cache_name)
+
+    def _job(self, options: GenerationOptions, chunks: tuple[str, ...],
+             speaker: SpeakerReference | None) -> SpeechJob:
+        first, later = self.block_shapes(options)
+        sampler = inf.SamplerSettings(
+            num_steps=0, cfg_scale_text=options.cfg_scale_text, cfg_scale_speaker=options.cfg_scale_speaker,
+            cfg_min_t=options.cfg_min_t, cfg_max_t=options.cfg_max_t, truncation_factor=options.truncation_factor,
+            rescale_k=options.rescale_k, rescale_sigma=options.rescale_sigma,
+            speaker_kv_scale=options.speaker_kv_scale, speaker_kv_max_layers=options.speaker_kv_max_layers,
+            speaker_kv_min_t=options.speaker_kv_min_t, guidance=options.guidance_mode)
+        early_stop = EarlyStop(options.early_stop_on_zero, options.zero_eps, options.zero_tail_frames,
+                               options.zero_tail_min_frac)
+        seed = options.seed if options.seed >= 0 else random_seed()
+        return SpeechJob(chunks, speaker, seed, first, later, sampler, early_stop, options.normalize)
+
+    def block_shapes(self, options: GenerationOptions) -> tuple[BlockShape, BlockShape]:
+        """(first chunk, later chunks). Streaming starts with the preset's small blocks; a request's
+        block_sizes / num_steps override both."""
+        nonstream = ([NONSTREAM_BLOCK_SIZE], [self.settings.num_steps_nonstream])
+        stream = self.settings.stream_preset
+        if options.block_sizes is None and options.num_steps is None:
+            return _shape(*(stream if options.stream else nonstream)), _shape(*nonstream)
+        default_blocks = stream[0] if options.stream else nonstream[0]
+        blocks = options.block_sizes or default_blocks
+        steps = options.num_steps
+        if steps is None:
+            steps = stream[1] if blocks == stream[0] else self.settings.num_steps_nonstream
+        if isinstance(steps, int):
+            steps = [steps] * len(blocks)
+        if len(steps) != len(blocks):
+            raise RequestError(f"num_steps has {len(steps)} entries but there are {len(blocks)} blocks "
+                               f"({blocks})", "num_steps")
+        shape = _shape(blocks, steps)
+        return shape, shape
+
+
+def _shape(blocks: list[int], steps: list[int]) -> BlockShape:
+    return BlockShape(tuple(blocks), tuple(steps))
+
+
+def load_compile_artifacts(path: Path) -> None:
+    """Reuse the torch.compile artifacts a previous start saved (ECHO_CACHE_DIR / ECHO_CACHE_VERSION)."""
+    if not path.is_file():
+        return
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+        log.info("loaded torch.compile artifacts from %s", path)
+    except Exception as e:  # noqa: BLE001 - a stale cache only costs compile time
+        log.warning("could not load torch.compile artifacts from %s: %s", path, e)
+
+
+def save_compile_artifacts(path: Path) -> None:
+    try:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(artifacts[0])
+            log.info("saved torch.compile artifacts to %s", path)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not save torch.compile artifacts to %s: %s", path, e)

@@ -1,0 +1,136 @@
+"""Server configuration: every ECHO_* environment variable, read once at startup into one object."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+# Streaming block shapes of the original fork: frames per block and diffusion steps per block.
+PERFORMANCE_PRESETS: dict[str, tuple[list[int], list[int]]] = {
+    "default": ([32, 128, 480], [8, 15, 20]),
+    "low_mid": ([32, 128, 480], [8, 10, 15]),
+    "low": ([32, 64, 272, 272], [8, 10, 15, 15]),
+}
+NONSTREAM_BLOCK_SIZE = 640
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class Settings(BaseSettings):
+    """All server settings. Field names map to ECHO_<NAME> (PORT has no prefix)."""
+
+    model_config = SettingsConfigDict(env_prefix="ECHO_", case_sensitive=False, extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "ECHO_PORT"))
+
+    model_repo: str = "jordand/echo-tts-base"
+    fish_repo: str = "jordand/fish-s1-dac-min"
+    device: str = "cuda"
+    fish_device: str | None = None  # defaults to `device`
+    model_dtype: str = "bfloat16"
+    fish_dtype: str = "float32"
+    compile: bool = False
+    compile_ae: bool = True
+    compile_lora_only: bool = False  # accepted for compatibility; there is no LoRA support
+    cache_dir: Path = Path("/tmp")
+    cache_version: str = "v1_0"
+    cache_speaker_on_gpu: bool = False
+    speaker_cache_size: int = Field(32, ge=1)
+    debug_logs: bool = False
+
+    chunking: bool = True
+    chunk_chars_per_second: float = Field(14.0, gt=0)
+    chunk_words_per_second: float = Field(2.7, gt=0)
+    max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
+    folder_support: bool = True
+    voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]
+    warmup_voice: str | None = None
+    warmup_text: str = "[S1] Warmup compile run."
+    warmup: bool = True  # run the warm-up generations before reporting ready
+    performance_preset: str = "default"
+    num_steps_nonstream: int = Field(20, ge=1, le=100)
+
+    output_sample_rate: int = Field(44100, ge=8000, le=48000)
+    max_input_chars: int = Field(4096, ge=1)
+    max_queue: int = Field(16, ge=0)  # requests that may wait while one generates; more get 429
+    api_key: str | None = None
+
+    @field_validator("voice_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value):
+        if isinstance(value, str):
+            return [Path(p) for p in value.split(":") if p]
+        return value
+
+    @field_validator("model_dtype", "fish_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value.lower() not in DTYPES:
+            raise ValueError(f"expected one of {sorted(DTYPES)}")
+        return value.lower()
+
+    @field_validator("device", "fish_device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'") from None
+        return value
+
+    @field_validator("warmup_voice", "api_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def torch_model_dtype(self) -> torch.dtype:
+        return DTYPES[self.model_dtype]
+
+    @property
+    def torch_fish_dtype(self) -> torch.dtype:
+        return DTYPES[self.fish_dtype]
+
+    @property
+    def fish_device_name(self) -> str:
+        return self.fish_device or self.device
+
+    @property
+    def stream_preset(self) -> tuple[list[int], list[int]]:
+        """(block sizes, steps) for streaming requests; an unknown preset falls back to default."""
+        name = self.performance_preset.strip().lower().replace("-", "_")
+        if name not in PERFORMANCE_PRESETS:
+            log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", self.performance_preset)
+            name = "default"
+        blocks, steps = PERFORMANCE_PRESETS[name]
+        return list(blocks), list(steps)
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
+
+
+class ConfigError(SystemExit):
+    """Startup stops with a message naming the malformed variable."""
+
+
+def load_settings(**overrides) -> Settings:
+    """Read the environment once; a malformed value raises ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            name = "PORT" if field == "port" else f"ECHO_{field.upper()}"
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,281 @@
+"""The real server over HTTP: uvicorn on a loopback port, the tiny checkpoints, httpx as the client."""
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FAST = {"block_sizes": [8, 8], "num_steps": [2, 2]}  # 16 latent frames = 32768 samples at 44.1 kHz
+FAST_SAMPLES = 16 * 2048
+
+
+def speech(server, timeout=120, **body):
+    payload = {"input": "Hello there. This is a test.", "voice": "alice", **FAST, **body}
+    return httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=timeout)
+
+
+def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarray]:
+    """(sample rate, channels, mono float samples) of an encoded response."""
+    if fmt == "pcm":
+        return rate, 1, np.frombuffer(data, "<i2").astype(np.float32) / 32767
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        frames = [f.to_ndarray() for f in container.decode(stream)]
+        samples = np.concatenate([f.reshape(f.shape[0], -1) for f in frames], axis=1)
+        return stream.rate, stream.channels, samples[0]
+
+
+# ---- routes ---------------------------------------------------------------------------------------
+
+
+def test_health_ready_and_models(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "ready": True}
+    assert httpx.get(server.url + "/ready").status_code == 200
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "echo-tts"
+    assert httpx.get(server.url + "/v1/audio/models").json()["models"][0]["id"] == "echo-tts"
+
+
+def test_voice_lists_include_files_and_folders_sorted(server):
+    data = httpx.get(server.url + "/v1/voices").json()
+    assert data["object"] == "list"
+    assert data["data"] == [{"object": "voice", "id": n, "name": n} for n in ("alice", "bob", "duo")]
+    assert httpx.get(server.url + "/v1/audio/voices").json() == {
+        "voices": [{"id": n, "name": n} for n in ("alice", "bob", "duo")]}
+
+
+def test_unknown_route_is_404_in_openai_shape(server):
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+# ---- audio ----------------------------------------------------------------------------------------
+
+
+def test_streaming_pcm_arrives_block_by_block(server):
+    body = {"input": "Hello.", "voice": "alice", "block_sizes": [4, 8, 8], "num_steps": [1, 3, 3]}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "audio/pcm"
+        assert r.headers["x-audio-sample-rate"] == "44100"
+        chunks = [c for c in r.iter_raw() if c]
+    data = b"".join(chunks)
+    assert len(data) == 20 * 2048 * 2
+    # the first bytes left with the first block, before the later blocks were generated
+    assert len(chunks) >= 3 and len(chunks[0]) <= 4 * 2048 * 2
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus", "aac", "flac"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_every_format_decodes_with_the_right_rate_and_length(server, fmt, stream):
+    r = speech(server, response_format=fmt, stream=stream)
+    assert r.status_code == 200, r.text
+    expected_type = {"pcm": "audio/pcm", "wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg",
+                     "aac": "audio/aac", "flac": "audio/flac"}[fmt]
+    assert r.headers["content-type"] == expected_type
+    if not stream:
+        assert int(r.headers["content-length"]) == len(r.content)
+    rate, channels, samples = decode(r.content, fmt)
+    assert channels == 1
+    assert rate == (48000 if fmt == "opus" else 44100)
+    seconds = len(samples) / rate
+    assert abs(seconds - FAST_SAMPLES / 44100) < 0.1, seconds
+
+
+def test_non_streaming_default_is_mp3(server):
+    r = speech(server, stream=False)
+    assert r.headers["content-type"] == "audio/mpeg"
+
+
+def test_streamed_wav_uses_unknown_size_header(server):
+    data = speech(server, response_format="wav").content
+    assert data[:4] == b"RIFF" and data[4:8] == b"\xff\xff\xff\xff"
+
+
+def test_sample_rate_resamples(server):
+    r = speech(server, sample_rate=24000)
+    assert r.headers["x-audio-sample-rate"] == "24000"
+    assert abs(len(r.content) // 2 - FAST_SAMPLES * 24000 / 44100) < 64
+
+
+def test_speed_changes_duration(server):
+    normal = len(speech(server).content)
+    fast = len(speech(server, speed=2.0).content)
+    assert abs(fast / normal - 0.5) < 0.05
+
+
+def test_sse_events_carry_the_same_audio(server):
+    audio = speech(server).content
+    r = speech(server, stream_format="sse")
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    deltas = [e for e in events[:-1] if e["type"] == "speech.audio.delta"]
+    assert len(deltas) == len(events) - 1
+    assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == audio
+
+
+def test_sse_is_chosen_by_stream_format_not_accept(server):
+    payload = {"input": "Hi.", "voice": "none", **FAST, "stream_format": "sse"}
+    r = httpx.post(server.url + "/v1/audio/speech", json=payload, headers={"Accept": "application/octet-stream"},
+                   timeout=60)
+    assert r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_same_seed_same_bytes_different_seed_different(server):
+    a, b, c = speech(server, seed=3).content, speech(server, seed=3).content, speech(server, seed=4).content
+    assert a == b and a != c
+
+
+def test_determinism_under_concurrent_requests(server):
+    seeds = [11, 12, 13, 14]
+    solo = {s: speech(server, seed=s).content for s in seeds}
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(seed):
+                payload = {"input": "Hello there. This is a test.", "voice": "alice", **FAST, "seed": seed}
+                return (await client.post(server.url + "/v1/audio/speech", json=payload)).content
+            return await asyncio.gather(*(one(s) for s in seeds))
+
+    assert asyncio.run(together()) == [solo[s] for s in seeds]
+
+
+def test_extra_body_nested_and_top_level_precedence(server):
+    top = speech(server, seed=7).content
+    payload = {"input": "Hello there. This is a test.", "voice": "alice", "extra_body": {**FAST, "seed": 7}}
+    nested = httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=60).content
+    assert nested == top
+    payload["seed"] = 8  # top level wins over extra_body
+    assert httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=60).content == speech(server, seed=8).content
+
+
+def test_voices_by_file_name_folder_object_and_none(server):
+    assert speech(server, voice="alice.wav").content == speech(server, voice="alice").content
+    assert speech(server, voice={"id": "alice"}).content == speech(server, voice="alice").content
+    assert speech(server, voice="duo").status_code == 200
+    assert speech(server, voice="none").content != speech(server, voice="alice").content
+
+
+def test_base64_voice_and_data_url(server, voice_dir):
+    clip = (voice_dir / "alice.wav").read_bytes()
+    encoded = base64.b64encode(clip).decode()
+    reference = speech(server, voice="alice").content
+    assert speech(server, voice=encoded).content == reference
+    assert speech(server, voice="data:audio/wav;base64," + encoded).content == reference
+
+
+def test_long_text_is_chunked_and_nothing_is_lost(server):
+    sentences = " ".join(f"Sentence number {i} is here." for i in range(12))
+    body = {"input": sentences, "chunk_target_seconds": 3, "chunk_min_seconds": 2, "chunk_max_seconds": 4,
+            "block_sizes": [4], "num_steps": [1]}
+    r = speech(server, **body)
+    assert r.status_code == 200
+    samples = len(r.content) // 2
+    # every chunk gives one 4-frame block; several chunks
+    assert samples % (4 * 2048) == 0 and samples // (4 * 2048) >= 4
+
+
+def test_instructions_and_model_are_accepted(server):
+    assert speech(server, instructions="cheerful", model="tts-1").status_code == 200
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"speed": 5}, "speed"),
+    ({"sample_rate": 1000}, "sample_rate"),
+    ({"response_format": "ogg"}, "response_format"),
+    ({"stream_format": "websocket"}, "stream_format"),
+    ({"num_steps": [2, 2, 2]}, "num_steps"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"block_sizes": [600, 100]}, "block_sizes"),
+    ({"block_sizes": [0]}, "block_sizes"),
+    ({"guidance_mode": "magic"}, "guidance_mode"),
+    ({"cfg_scale_text": "lots"}, "cfg_scale_text"),
+    ({"cfg_min_t": 0.9, "cfg_max_t": 0.5}, "cfg_min_t"),
+    ({"truncation_factor": -1}, "truncation_factor"),
+    ({"zero_tail_min_frac": 2}, "zero_tail_min_frac"),
+    ({"voice": "nobody"}, "voice"),
+    ({"voice": "../alice"}, "voice"),
+    ({"voice": "/etc/passwd"}, "voice"),
+    ({"voice": "A" * 400}, "voice"),
+    ({"voice": base64.b64encode(b"definitely not audio" * 40).decode()}, "voice"),
+    ({"input": ""}, "input"),
+    ({"input": "   "}, "input"),
+    ({"input": "x" * 5000}, "input"),
+    ({"input": "word " * 400, "chunking_enabled": False}, "input"),
+    ({"chunk_min_seconds": 30, "chunk_max_seconds": 10}, "chunk_min_seconds"),
+    ({"seed": "abc"}, "seed"),
+])
+def test_invalid_fields_are_400_naming_the_param(server, change, param):
+    r = speech(server, **change)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_missing_fields_and_malformed_json_are_400(server):
+    r = httpx.post(server.url + "/v1/audio/speech", json={"voice": "alice"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = httpx.post(server.url + "/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_oversized_base64_voice_is_400(server):
+    huge = "A" * (14 * 1024 * 1024)
+    r = speech(server, voice=huge)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+    assert "MiB" in r.json()["error"]["message"] or "bytes" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_stops_generation_and_server_stays_healthy(server):
+    body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 30, "num_steps": [1] + [4] * 30,
+            "seed": 99}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+        next(r.iter_raw())
+    deadline = time.monotonic() + 30
+    while "generation cancelled" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "generation cancelled" in server.log()
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert speech(server).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    from conftest import LiveServer, server_env
+
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="first-key, second-key"),
+                      tmp_path_factory.mktemp("keyed") / "server.log", ready_timeout=180)
+    yield live
+    live.stop()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
+                                     {"Authorization": "Basic first-key"}])
+def test_api_key_required_when_configured(keyed_server, headers):
+    for path in ("/v1/voices", "/v1/models", "/ready"):
+        r = httpx.get(keyed_server.url + path, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(keyed_server.url + "/v1/audio/speech", json={"input": "Hi", "voice": "none"}, headers=headers)
+    assert r.status_code == 401
+
+
+def test_any_configured_key_is_accepted_and_health_is_open(keyed_server):
+    assert httpx.get(keyed_server.url + "/health").status_code == 200
+    for key in ("first-key", "second-key"):
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(keyed_server.url + "/v1/voices", headers=headers).status_code == 200
+        payload = {"input": "Hi.", "voice": "none", **FAST}
+        r = httpx.post(keyed_server.url + "/v1/audio/speech", json=payload, headers=headers, timeout=60)
+        assert r.status_code == 200 and len(r.content) == FAST_SAMPLES * 2

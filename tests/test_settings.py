@@ -1,0 +1,74 @@
+"""Configuration from the environment, and start-up behaviour of the real process."""
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from conftest import ROOT, LiveServer, server_env
+from settings import PERFORMANCE_PRESETS, ConfigError, load_settings
+
+
+def test_defaults_match_the_fork(monkeypatch):
+    for name in ("PORT", "ECHO_DEVICE", "ECHO_PERFORMANCE_PRESET", "ECHO_VOICE_DIRS"):
+        monkeypatch.delenv(name, raising=False)
+    s = load_settings()
+    assert (s.port, s.host, s.device, s.model_dtype, s.fish_dtype) == (8000, "0.0.0.0", "cuda", "bfloat16", "float32")
+    assert (s.compile, s.compile_ae, s.chunking, s.folder_support) == (False, True, True, True)
+    assert (s.chunk_chars_per_second, s.chunk_words_per_second, s.max_speaker_latent_length) == (14, 2.7, 6400)
+    assert (s.num_steps_nonstream, s.output_sample_rate, s.max_input_chars) == (20, 44100, 4096)
+    assert s.stream_preset == ([32, 128, 480], [8, 15, 20])
+    assert [str(p) for p in s.voice_dirs] == ["audio_prompts"] and s.api_keys == []
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("true", True), ("yes", True), ("on", True),
+                                         ("0", False), ("false", False), ("no", False), ("off", False)])
+def test_booleans(monkeypatch, text, value):
+    monkeypatch.setenv("ECHO_CHUNKING", text)
+    assert load_settings().chunking is value
+
+
+def test_lists_presets_and_keys(monkeypatch, caplog):
+    monkeypatch.setenv("ECHO_VOICE_DIRS", "a:b/c")
+    monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "low-mid")
+    monkeypatch.setenv("ECHO_API_KEY", "k1, k2")
+    s = load_settings()
+    assert [str(p) for p in s.voice_dirs] == ["a", "b/c"]
+    assert s.stream_preset == PERFORMANCE_PRESETS["low_mid"]
+    assert s.api_keys == ["k1", "k2"]
+    monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "turbo")
+    assert load_settings().stream_preset == PERFORMANCE_PRESETS["default"]
+    assert "turbo" in caplog.text
+
+
+@pytest.mark.parametrize("name, value", [("ECHO_COMPILE", "maybe"), ("PORT", "eighty"), ("ECHO_DEVICE", "gpu"),
+                                         ("ECHO_MODEL_DTYPE", "float8"), ("ECHO_NUM_STEPS_NONSTREAM", "0")])
+def test_malformed_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+@pytest.mark.slow
+def test_process_refuses_to_start_with_a_malformed_variable():
+    result = subprocess.run([sys.executable, "api_server.py"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "ECHO_FOLDER_SUPPORT": "perhaps"}, timeout=120)
+    assert result.returncode != 0 and "ECHO_FOLDER_SUPPORT" in result.stderr
+
+
+@pytest.mark.slow
+def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_WARMUP="1", ECHO_WARMUP_VOICE="alice",
+                     ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1")
+    live = LiveServer(env, tmp_path / "server.log", wait_ready=False)
+    try:
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False}
+        r = httpx.post(live.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "none"})
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"
+        live.wait(300)
+        log = live.log()
+        assert "warm-up done" in log and log.index("warm-up done") < log.rindex("ready")
+        assert httpx.get(live.url + "/ready").status_code == 200
+    finally:
+        live.stop()
