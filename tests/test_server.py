@@ -29,8 +29,10 @@ def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarr
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.audio[0]
         frames = [f.to_ndarray() for f in container.decode(stream)]
-        samples = np.concatenate([f.reshape(f.shape[0], -1) for f in frames], axis=1)
-        return stream.rate, stream.channels, samples[0]
+        samples = np.concatenate([f.reshape(f.shape[0], -1) for f in frames], axis=1)[0]
+        if samples.dtype.kind == "i":  # 16-bit codecs (wav, flac) decode to integers
+            samples = samples.astype(np.float32) / 32767
+        return stream.rate, stream.channels, samples
 
 
 # ---- routes ---------------------------------------------------------------------------------------
@@ -279,3 +281,30 @@ def test_any_configured_key_is_accepted_and_health_is_open(keyed_server):
         payload = {"input": "Hi.", "voice": "none", **FAST}
         r = httpx.post(keyed_server.url + "/v1/audio/speech", json=payload, headers=headers, timeout=60)
         assert r.status_code == 200 and len(r.content) == FAST_SAMPLES * 2
+
+
+def test_streamed_and_non_streamed_audio_are_identical(server):
+    streamed = decode(speech(server, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
+    whole = decode(speech(server, seed=5, response_format="wav", stream=False).content, "wav")[2]
+    assert np.array_equal(np.round(streamed * 32767), np.round(whole * 32767))
+
+
+def test_changed_voice_file_is_re_encoded(server, voice_dir):
+    import os
+
+    import soundfile as sf
+
+    clip, rate = sf.read(voice_dir / "alice.wav", dtype="float32")
+    path = voice_dir / "carol.wav"
+    try:
+        sf.write(path, clip, rate)
+        before = speech(server, voice="carol").content
+        assert before == speech(server, voice="alice").content
+        sf.write(path, clip[::-1].copy(), rate)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert speech(server, voice="carol").content != before
+        path.unlink()
+        r = speech(server, voice="carol")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+    finally:
+        path.unlink(missing_ok=True)
