@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -482,14 +482,45 @@ class Conditioning:
         return self._batched[key]
 
 
-def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, num_steps: int | None = None,
-            start_pos: int | None = None, kv_latent: KVCache | None = None,
-            on_step: Callable[[], None] | None = None) -> Tensor:
+@dataclass
+class ModelCall:
+    """The model input of one diffusion step of one generation; its rows are the CFG branches.
+
+    Samplers are generators that yield these and receive the velocity back, so a scheduler can
+    evaluate the steps of many generations in one batched forward (see engine.py).
+    """
+
+    x: Tensor  # (n, S, 80) in the model dtype
+    t: Tensor  # (n,)
+    start_pos: int
+    text_mask: Tensor  # (n, T)
+    speaker_mask: Tensor  # (n, 4P), per latent frame
+    kv_text: KVCache
+    kv_speaker: KVCache
+    kv_latent: KVCache | None = None  # every prefix patch is visible
+
+    def run(self, model: EchoDiT) -> Tensor:
+        """Velocity (n, S, 80) float32."""
+        masks = [torch.ones(self.x.shape[:2], dtype=torch.bool, device=self.x.device)]
+        if self.kv_latent is not None:
+            masks.append(torch.ones(self.x.shape[0], self.kv_latent[0][0].shape[1], dtype=torch.bool,
+                                    device=self.x.device))
+        masks += [self.text_mask, self.speaker_mask[:, ::model.speaker_patch_size]]
+        positions = torch.arange(self.start_pos, self.start_pos + self.x.shape[1], device=self.x.device)
+        return model.velocity(self.x, self.t, positions, torch.cat(masks, dim=1), self.kv_text, self.kv_speaker,
+                              self.kv_latent)
+
+
+Steps = Generator[ModelCall, Tensor, Tensor]
+
+
+def denoise_steps(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, num_steps: int | None = None,
+                  start_pos: int = 0, kv_latent: KVCache | None = None) -> Steps:
     """Integrate noise x_t (B, S, 80) float32 from t = 0.999 to 0 with guided Euler steps.
 
-    `on_step` is called before every step; raising from it abandons the generation (cancellation).
+    A generator: yields each step's ModelCall, expects the velocity sent back, returns the latents.
     """
-    model, dtype = conditioning.model, conditioning.model.dtype
+    dtype = conditioning.model.dtype
     num_steps = settings.num_steps if num_steps is None else num_steps
     batch = x_t.shape[0]
     schedule = time_schedule(num_steps)
@@ -497,8 +528,6 @@ def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, 
     guided_steps = 0
     kv_latent_batches: dict[int, KVCache] = {}
     for t, t_next in zip(schedule[:-1], schedule[1:]):
-        if on_step is not None:
-            on_step()
         guided = settings.cfg_min_t <= t <= settings.cfg_max_t
         branches = guidance_branches(settings.guidance, guided_steps) if guided else (COND,)
         guided_steps += guided
@@ -506,13 +535,11 @@ def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, 
         n = len(branches)
         if kv_latent is not None and n not in kv_latent_batches:
             kv_latent_batches[n] = repeat_kv(kv_latent, n)
-        v = model(
+        v = yield ModelCall(
             x=x_t.repeat(n, 1, 1).to(dtype),
             t=torch.full((batch * n,), t, dtype=torch.float32, device=x_t.device).to(dtype),
-            text_mask=text_mask, speaker_mask=speaker_mask, kv_cache_text=kv_text, kv_cache_speaker=kv_speaker,
-            start_pos=start_pos,
-            kv_cache_latent=None if kv_latent is None else kv_latent_batches[n],
-        ).float()
+            start_pos=start_pos, text_mask=text_mask, speaker_mask=speaker_mask, kv_text=kv_text,
+            kv_speaker=kv_speaker, kv_latent=None if kv_latent is None else kv_latent_batches[n])
         v = combine_guidance(settings.guidance, v.chunk(n), branches, settings.cfg_scale_text,
                              settings.cfg_scale_speaker) if guided else v
         if settings.rescale_k is not None and settings.rescale_sigma is not None:
@@ -521,6 +548,27 @@ def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, 
             speaker_scaled = False
         x_t = x_t + v * (t_next - t)
     return x_t
+
+
+def drive(model: EchoDiT, steps: Steps, on_step: Callable[[], None] | None = None) -> Tensor:
+    """Run a sampler generator to the end with direct model calls; returns its result.
+
+    `on_step` is called before every step; raising from it abandons the generation (cancellation).
+    """
+    try:
+        call = next(steps)
+        while True:
+            if on_step is not None:
+                on_step()
+            call = steps.send(call.run(model))
+    except StopIteration as finished:
+        return finished.value
+
+
+def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, num_steps: int | None = None,
+            on_step: Callable[[], None] | None = None) -> Tensor:
+    """denoise_steps run with direct model calls."""
+    return drive(conditioning.model, denoise_steps(conditioning, x_t, settings, num_steps), on_step)
 
 
 def initial_noise(rng: torch.Generator, batch: int, length: int, truncation_factor: float | None,

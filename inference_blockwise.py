@@ -9,13 +9,13 @@ Every sampler takes `block_sizes` (frames per block, summing to at most 640) and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from inference import Conditioning, SamplerSettings, denoise, initial_noise, make_generator, LATENT_SIZE
-from model import EchoDiT
+from inference import Conditioning, ModelCall, SamplerSettings, denoise_steps, initial_noise, make_generator
+from model import EchoDiT, LatentPrefix
 
 
 def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) -> list[int]:
@@ -28,6 +28,29 @@ def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) 
     return steps
 
 
+def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Generator, block_sizes: Sequence[int],
+                    num_steps: int | Sequence[int], settings: SamplerSettings,
+                    continuation_latent: Tensor | None = None) -> Generator[ModelCall | Tensor, Tensor | None, None]:
+    """The blockwise sampler as a generator: yields each step's ModelCall (send the velocity back)
+    and, after its last step, each finished block (B, block_size, 80) float32 (send None).
+
+    The noise of block k is the k-th draw of (B, block_size, 80) from `rng`. The latent prefix is
+    encoded incrementally: each block adds only its own frames to the prefix encoder.
+    """
+    device = model.device
+    batch = conditioning.text_mask.shape[0]
+    steps = steps_per_block(block_sizes, num_steps)
+    prefix = LatentPrefix(model, batch, device)
+    if continuation_latent is not None:
+        prefix.extend(continuation_latent)
+    for block_size, block_steps in zip(block_sizes, steps):
+        x_t = initial_noise(rng, batch, block_size, settings.truncation_factor, device)
+        block = yield from denoise_steps(conditioning, x_t, settings, num_steps=block_steps,
+                                         start_pos=prefix.frames, kv_latent=prefix.kv)
+        prefix.extend(block)
+        yield block
+
+
 @torch.inference_mode()
 def iter_blockwise(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor, text_input_ids: Tensor,
                    text_mask: Tensor, rng_seed: int, block_sizes: Sequence[int], num_steps: int | Sequence[int],
@@ -35,29 +58,30 @@ def iter_blockwise(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor,
                    rng: torch.Generator | None = None, on_step: Callable[[], None] | None = None) -> Iterator[Tensor]:
     """Yield each finished block of latents (B, block_size, 80) float32, in order.
 
-    The noise of block k is the k-th draw of (B, block_size, 80) from the generator seeded with
-    `rng_seed` (or from `rng`, when given), so the blocks are identical to the non-yielding sampler's.
-    `on_step` is called before every diffusion step (see `denoise`).
+    The noise comes from the generator seeded with `rng_seed` (or from `rng`, when given), so the
+    blocks are identical to the non-yielding sampler's. `on_step` is called before every diffusion
+    step; raising from it abandons the generation.
     """
-    device = model.device
-    batch = text_input_ids.shape[0]
-    steps = steps_per_block(block_sizes, num_steps)
     conditioning = Conditioning(model, speaker_latent, speaker_mask, text_input_ids, text_mask, settings)
-    rng = rng if rng is not None else make_generator(rng_seed, device)
+    rng = rng if rng is not None else make_generator(rng_seed, model.device)
+    steps = blockwise_steps(model, conditioning, rng, block_sizes, num_steps, settings, continuation_latent)
+    item = next(steps, None)
+    while item is not None:
+        if isinstance(item, ModelCall):
+            if on_step is not None:
+                on_step()
+            item = resume(steps, item.run(model))
+        else:
+            yield item
+            item = resume(steps, None)
 
-    start = 0 if continuation_latent is None else continuation_latent.shape[1]
-    prefix = torch.zeros((batch, start + sum(block_sizes), LATENT_SIZE), device=device, dtype=torch.float32)
-    if continuation_latent is not None:
-        prefix[:, :start] = continuation_latent
-    for block_size, block_steps in zip(block_sizes, steps):
-        # Frames at or after `start` are still zeros; the attention mask hides their patches.
-        kv_latent = model.get_kv_cache_latent(prefix.to(model.dtype))
-        x_t = initial_noise(rng, batch, block_size, settings.truncation_factor, device)
-        block = denoise(conditioning, x_t, settings, num_steps=block_steps, start_pos=start, kv_latent=kv_latent,
-                        on_step=on_step)
-        prefix[:, start:start + block_size] = block
-        start += block_size
-        yield block
+
+def resume(steps: Generator, value):
+    """Send `value` into a sampler generator; None once it has finished."""
+    try:
+        return steps.send(value)
+    except StopIteration:
+        return None
 
 
 def _blockwise_sampler(guidance: str, doc: str) -> Callable[..., Tensor]:

@@ -111,12 +111,16 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = False) -> Tensor:
-    """SDPA on (B, N, H, D) tensors; key_mask (B, K) marks keys that may be seen. Returns (B, N, H*D)."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """SDPA on (B, N, H, D) tensors; `mask` (True = may attend) broadcasts to (B, H, N, K). Returns (B, N, H*D)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2).flatten(2)
+
+
+def row_mask(key_mask: Tensor) -> Tensor:
+    """Per-row key mask (B, K) -> attention mask (B, 1, 1, K)."""
+    return key_mask[:, None, None, :]
 
 
 class SelfAttention(nn.Module):
@@ -135,15 +139,27 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm((num_heads, model_size // num_heads), norm_eps)
         self.k_norm = RMSNorm((num_heads, model_size // num_heads), norm_eps)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N, C) -> (output (B, N, C), this layer's keys/values (B, N, H, D)).
+
+        With `past` (keys/values of earlier positions, causal encoders only), x continues them:
+        query j sees every past key and the new keys up to j.
+        """
         q = apply_rope(self.q_norm(self.wq(x).unflatten(-1, (self.num_heads, -1))), cos, sin)
         k = apply_rope(self.k_norm(self.wk(x).unflatten(-1, (self.num_heads, -1))), cos, sin)
         v = self.wv(x).unflatten(-1, (self.num_heads, -1))
         if key_mask is not None:
             # A row with no visible key would give NaN; its output is never used, so let it see all.
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-        out = attend(q, k, v, key_mask, causal=self.is_causal)
-        return self.wo(out * torch.sigmoid(self.gate(x)))
+        if past is None or past[0].shape[1] == 0:
+            out = attend(q, k, v, None if key_mask is None else row_mask(key_mask), causal=self.is_causal)
+        else:
+            assert self.is_causal and key_mask is None, "continuation is only defined for causal encoders"
+            n, m = x.shape[1], past[0].shape[1]
+            visible = torch.ones(n, m + n, dtype=torch.bool, device=x.device).tril(diagonal=m)
+            out = attend(q, torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1), visible)
+        return self.wo(out * torch.sigmoid(self.gate(x))), (k, v)
 
 
 class EncoderBlock(nn.Module):
@@ -154,9 +170,11 @@ class EncoderBlock(nn.Module):
         self.attention_norm = RMSNorm(model_size, norm_eps)
         self.mlp_norm = RMSNorm(model_size, norm_eps)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), key_mask, cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, key_mask: Tensor | None, cos: Tensor, sin: Tensor,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        attn, kv = self.attention(self.attention_norm(x), key_mask, cos, sin, past)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class TextEncoder(nn.Module):
@@ -174,7 +192,7 @@ class TextEncoder(nn.Module):
         x = self.text_embedding(input_ids)
         cos, sin = rope_angles(torch.arange(input_ids.shape[1], device=x.device), self.head_dim)
         for block in self.blocks:
-            x = block(x, mask, cos, sin)
+            x, _ = block(x, mask, cos, sin)
         return x
 
 
@@ -194,12 +212,23 @@ class PatchEncoder(nn.Module):
             EncoderBlock(model_size, num_heads, intermediate_size, True, norm_eps) for _ in range(num_layers))
 
     def forward(self, latent: Tensor) -> Tensor:
-        x = latent.unflatten(-2, (-1, self.patch_size)).flatten(-2)  # (B, P, 4*80), frames row-major
+        return self.extend(latent, [])[0]
+
+    def extend(self, latent: Tensor, past: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Encode patches that continue `past` (per-layer keys/values of the patches before them).
+
+        latent (B, 4N, 80) -> states of the N new patches (B, N, model_size) and the keys/values of
+        the new patches per layer. Being causal, the result equals encoding everything at once.
+        """
+        x = latent.unflatten(-2, (-1, self.patch_size)).flatten(-2)  # (B, N, 4*80), frames row-major
         x = self.in_proj(x) / 6.0
-        cos, sin = rope_angles(torch.arange(x.shape[1], device=x.device), self.head_dim)
-        for block in self.blocks:
-            x = block(x, None, cos, sin)
-        return x
+        offset = past[0][0].shape[1] if past else 0
+        cos, sin = rope_angles(torch.arange(offset, offset + x.shape[1], device=x.device), self.head_dim)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None, cos, sin, past[i] if past else None)
+            new_kv.append(kv)
+        return x, new_kv
 
 
 class JointAttention(nn.Module):
@@ -243,7 +272,7 @@ class JointAttention(nn.Module):
             vs.append(kv_latent[1])
         ks += [kv_text[0], kv_speaker[0]]
         vs += [kv_text[1], kv_speaker[1]]
-        out = attend(q, torch.cat(ks, dim=1), torch.cat(vs, dim=1), key_mask)
+        out = attend(q, torch.cat(ks, dim=1), torch.cat(vs, dim=1), row_mask(key_mask))
         return self.wo(out * torch.sigmoid(self.gate(x)))
 
     def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -350,21 +379,27 @@ class EchoDiT(nn.Module):
         """
         start_pos = start_pos or 0
         batch, length = x.shape[:2]
-        cos, sin = rope_angles(torch.arange(start_pos, start_pos + length, device=x.device), self.head_dim)
-
         masks = [torch.ones(batch, length, dtype=torch.bool, device=x.device)]
         if kv_cache_latent is not None:
             num_patches = kv_cache_latent[0][0].shape[1]
             patch_starts = torch.arange(num_patches, device=x.device) * self.speaker_patch_size
             masks.append((patch_starts < start_pos).expand(batch, num_patches))
         masks += [text_mask, speaker_mask[..., ::self.speaker_patch_size]]
-        key_mask = torch.cat(masks, dim=1)
+        positions = torch.arange(start_pos, start_pos + length, device=x.device)
+        return self.velocity(x, t, positions, torch.cat(masks, dim=1), kv_cache_text, kv_cache_speaker,
+                             kv_cache_latent)
 
+    def velocity(self, x: Tensor, t: Tensor, positions: Tensor, key_mask: Tensor, kv_text: KVCache,
+                 kv_speaker: KVCache, kv_latent: KVCache | None = None) -> Tensor:
+        """The decoder proper. positions (S,) or (B, S) are the frame indices of x's rows; key_mask
+        (B, S + Q + T + P) marks visible keys in the order [self, prefix, text, speaker patches].
+        Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless."""
+        cos, sin = rope_angles(positions, self.head_dim)
         cond = self.cond_module(timestep_embedding(t, self.timestep_embed_size))[:, None]  # (B, 1, 3C)
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
-            h = block(h, cond, cos, sin, key_mask, kv_cache_text[i], kv_cache_speaker[i],
-                      None if kv_cache_latent is None else kv_cache_latent[i])
+            h = block(h, cond, cos, sin, key_mask, kv_text[i], kv_speaker[i],
+                      None if kv_latent is None else kv_latent[i])
         return self.out_proj(self.out_norm(h)).float()
 
     def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:
@@ -378,9 +413,65 @@ class EchoDiT(nn.Module):
 
     def get_kv_cache_latent(self, prefix_latent: Tensor) -> KVCache:
         """prefix_latent (B, 4Q, 80) -> per-layer (B, Q, H, D) keys and values of the latent prefix."""
+        self._require_latent_prefix()
+        return self.latent_prefix_kv(self.latent_encoder(prefix_latent), first_patch=0)
+
+    def latent_prefix_kv(self, encoded: Tensor, first_patch: int) -> KVCache:
+        """Per-layer keys/values of latent-encoder output (B, N, C) for patches first_patch..+N."""
+        state = self.latent_norm(encoded)
+        patch = torch.arange(first_patch, first_patch + state.shape[1], device=state.device)
+        cos, sin = rope_angles(patch * self.speaker_patch_size, self.head_dim)
+        return [block.attention.latent_kv(state, cos, sin) for block in self.blocks]
+
+    def _require_latent_prefix(self) -> None:
         if not self.has_latent_prefix:
             raise RuntimeError("this EchoDiT was loaded without its blockwise (latent-prefix) modules")
-        state = self.latent_norm(self.latent_encoder(prefix_latent))
-        patch_starts = torch.arange(state.shape[1], device=state.device) * self.speaker_patch_size
-        cos, sin = rope_angles(patch_starts, self.head_dim)
-        return [block.attention.latent_kv(state, cos, sin) for block in self.blocks]
+
+
+class LatentPrefix:
+    """The latent-prefix keys/values of a growing prefix, encoded incrementally.
+
+    The latent encoder is causal, so each `extend` encodes only the new frames (continuing the
+    encoder's per-layer key/value cache) and gives exactly what encoding the whole prefix again
+    would. A trailing partial patch (frames not filling a patch of 4) is zero-padded, as the
+    reference's zero-filled buffer does, and re-encoded once the frames that complete it arrive.
+    """
+
+    def __init__(self, model: EchoDiT, batch: int, device: torch.device | str | None = None):
+        model._require_latent_prefix()
+        self.model = model
+        self.patch = model.speaker_patch_size
+        device = device or model.device
+        self._encoder_kv: list[tuple[Tensor, Tensor]] = []  # complete patches, per encoder layer
+        heads, head_dim = model.blocks[0].attention.num_heads, model.head_dim
+        empty = torch.zeros(batch, 0, heads, head_dim, device=device, dtype=model.dtype)
+        self._complete: KVCache = [(empty, empty) for _ in model.blocks]  # complete patches, per DiT layer
+        self._tail = torch.zeros(batch, 0, model.latent_size, device=device, dtype=model.dtype)
+        self.kv: KVCache = self._complete  # what the decoder attends to: complete patches + the partial one
+        self.frames = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.kv[0][0].shape[1]
+
+    def extend(self, latents: Tensor) -> None:
+        """Append frames (B, n, 80) to the prefix."""
+        frames = torch.cat([self._tail, latents.to(self._tail.dtype)], dim=1)
+        self.frames += latents.shape[1]
+        whole = frames.shape[1] // self.patch * self.patch
+        if whole:
+            first = self._complete[0][0].shape[1]
+            encoded, kv = self.model.latent_encoder.extend(frames[:, :whole], self._encoder_kv)
+            self._encoder_kv = kv if not self._encoder_kv else [
+                (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self._encoder_kv, kv)]
+            new = self.model.latent_prefix_kv(encoded, first)
+            self._complete = [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1))
+                              for (pk, pv), (k, v) in zip(self._complete, new)]
+        self._tail = frames[:, whole:]
+        self.kv = self._complete
+        if self._tail.shape[1]:
+            padded = torch.nn.functional.pad(self._tail, (0, 0, 0, self.patch - self._tail.shape[1]))
+            encoded, _ = self.model.latent_encoder.extend(padded, self._encoder_kv)
+            partial = self.model.latent_prefix_kv(encoded, self._complete[0][0].shape[1])
+            self.kv = [(torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1))
+                       for (ck, cv), (k, v) in zip(self._complete, partial)]

@@ -65,37 +65,36 @@ def test_per_block_step_lists(tiny_model, sampler_cases):
         blk.sample_blockwise_euler_cfg_independent_guidances(*args, block_sizes=[8, 16], num_steps=[4], **common)
 
 
-class ModelSpy:
-    """Wraps a model and records what every forward call saw."""
+@pytest.fixture()
+def model_calls(monkeypatch):
+    """Records what every model evaluation of a sampler saw."""
+    calls = []
+    run = inf.ModelCall.run
 
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, **kw):
-        self.calls.append({
-            "batch": kw["x"].shape[0],
-            "text": kw["text_mask"].any(dim=1).tolist(),
-            "speaker": kw["speaker_mask"].any(dim=1).tolist(),
-            "speaker_k0": kw["kv_cache_speaker"][0][0][:1].clone(),
-            "speaker_k1": kw["kv_cache_speaker"][1][0][:1].clone(),
+    def recording_run(call, model):
+        calls.append({
+            "batch": call.x.shape[0],
+            "text": call.text_mask.any(dim=1).tolist(),
+            "speaker": call.speaker_mask.any(dim=1).tolist(),
+            "speaker_k0": call.kv_speaker[0][0][:1].clone(),
+            "speaker_k1": call.kv_speaker[1][0][:1].clone(),
         })
-        return self.model(**kw)
+        return run(call, model)
+
+    monkeypatch.setattr(inf.ModelCall, "run", recording_run)
+    return calls
 
 
-def test_alternating_guidance_uses_one_unconditional_branch_per_step(tiny_model, sampler_cases):
+def test_alternating_guidance_uses_one_unconditional_branch_per_step(tiny_model, sampler_cases, model_calls):
     tensors, spec = sampler_cases
-    spy = ModelSpy(tiny_model)
     settings = {k: spec["common"][k] for k in PLAIN_KEYS} | {"num_steps": 8, "cfg_min_t": 0.0}
-    out = inf.sample_euler_cfg_alternating(spy, *_inputs(tiny_model, sampler_cases, spec)[1:], **settings,
+    out = inf.sample_euler_cfg_alternating(*_inputs(tiny_model, sampler_cases, spec), **settings,
                                            sequence_length=16)
     assert torch.isfinite(out).all()
-    assert [c["batch"] for c in spy.calls] == [2] * 8
+    assert [c["batch"] for c in model_calls] == [2] * 8
     # conditional row first; then text dropped on even guided steps, speaker dropped on odd ones
     expected = [([True, False], [True, True]), ([True, True], [True, False])] * 4
-    assert [(c["text"], c["speaker"]) for c in spy.calls] == expected
+    assert [(c["text"], c["speaker"]) for c in model_calls] == expected
 
 
 def test_alternating_combines_with_the_dropped_branch_scale():
@@ -112,17 +111,16 @@ def test_unknown_guidance_mode_is_rejected():
 
 
 @pytest.mark.parametrize("min_t", [None, 0.6])
-def test_speaker_kv_scaling_never_compounds_across_blocks(tiny_model, sampler_cases, min_t):
+def test_speaker_kv_scaling_never_compounds_across_blocks(tiny_model, sampler_cases, model_calls, min_t):
     tensors, spec = sampler_cases
-    spy = ModelSpy(tiny_model)
     settings = _settings(spec, speaker_kv_scale=2.0, speaker_kv_max_layers=1, speaker_kv_min_t=min_t,
                          cfg_min_t=2.0)  # no guidance: batch 1, one call per step
     args = _inputs(tiny_model, sampler_cases, spec)
-    list(blk.iter_blockwise(spy, *args[1:], block_sizes=[4, 4, 4], num_steps=4, settings=settings))
+    list(blk.iter_blockwise(*args, block_sizes=[4, 4, 4], num_steps=4, settings=settings))
     plain = tiny_model.get_kv_cache_speaker(tensors["speaker_latent"])
     schedule = inf.time_schedule(4)
-    assert len(spy.calls) == 12
-    for i, call in enumerate(spy.calls):
+    assert len(model_calls) == 12
+    for i, call in enumerate(model_calls):
         t = schedule[i % 4]
         scaled = min_t is None or t >= min_t
         factor = 2.0 if scaled else 1.0
