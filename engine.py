@@ -14,19 +14,20 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from autoencoder import DAC
-from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, PCAState, SamplerSettings, find_flattening_point,
-                       get_speaker_latent_and_mask, get_text_input_ids_and_mask, latents_to_dac, make_generator,
-                       no_speaker)
-from inference_blockwise import iter_blockwise
-from model import EchoDiT
+from autoencoder import DAC, StreamingDecoder
+from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, ModelCall, PCAState, SamplerSettings,
+                       find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
+                       latents_to_dac, make_generator, no_speaker)
+from inference_blockwise import blockwise_steps, resume
+from model import EchoDiT, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -130,63 +131,159 @@ class SpeechEngine:
 
     @torch.inference_mode()
     def generate(self, job: SpeechJob, on_step: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
-        """Yield the job's audio as float32 blocks at 44.1 kHz, each as soon as it is decoded."""
+        """Yield the job's audio as float32 blocks at 44.1 kHz, each as soon as it is decoded.
+
+        The job alone, with direct model calls; GenerationWorker runs the same steps batched.
+        `on_step` is called before every diffusion step; raising from it abandons the job.
+        """
+        steps = self.job_steps(job)
+        item = next(steps, None)
+        while item is not None:
+            if isinstance(item, ModelCall):
+                if on_step is not None:
+                    on_step()
+                reply = item.run(self.model)
+            elif isinstance(item, DecodeCall):
+                reply = item.run()
+            else:
+                yield item
+                reply = None
+            item = resume(steps, reply)
+
+    def job_steps(self, job: SpeechJob) -> JobSteps:
+        """The job as a step generator: yields ModelCall (send back the velocity), DecodeCall (send
+        back its audio) and finished audio (np.ndarray, send None), in order."""
         speaker_latent, speaker_mask = self.speaker_latents(job.speaker)
         rng = make_generator(job.seed, self.model.device)
         for index, text in enumerate(job.chunks):
-            chunk = self._generate_chunk(text, job.shape_of_chunk(index), job, rng, speaker_latent, speaker_mask,
-                                         on_step)
-            yield from _with_fades(chunk, fade_in=index > 0)
+            yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker_latent, speaker_mask,
+                                         ChunkFades(fade_in=index > 0))
 
-    def _generate_chunk(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
-                        speaker_latent: Tensor, speaker_mask: Tensor,
-                        on_step: Callable[[], None] | None) -> Iterator[np.ndarray]:
+    def _chunk_steps(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
+                     speaker_latent: Tensor, speaker_mask: Tensor, fades: ChunkFades) -> JobSteps:
         """One text chunk, block by block; the audio ends at the first flat (silent) run of latents."""
         device = self.model.device
         text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH, device=device,
                                                           normalize=job.normalize, pad_to_max=False)
+        conditioning = Conditioning(self.model, speaker_latent, speaker_mask, text_ids, text_mask, job.sampler)
         decoder = self.fish_ae.streaming_decoder()
         latents = torch.zeros((0, 80), device=device)
         sent = 0  # samples of this chunk already yielded
-        blocks = iter_blockwise(self.model, speaker_latent, speaker_mask, text_ids, text_mask, job.seed,
-                                shape.block_sizes, list(shape.num_steps), job.sampler, rng=rng, on_step=on_step)
-        for index, block in enumerate(blocks):
+        steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler)
+        item = next(steps)
+        for index in range(len(shape.block_sizes)):
+            while isinstance(item, ModelCall):
+                item = steps.send((yield item))
+            block = item
             latents = torch.cat([latents, block[0]])
-            audio = self._decode(decoder, block)
+            audio = (yield DecodeCall(decoder, latents_to_dac(self.pca_state, block.to(self.fish_ae.device))
+                                      .to(self.fish_ae.dtype)))[0, 0].float().cpu().numpy()
             last = index == len(shape.block_sizes) - 1 or job.early_stop.is_silent_tail(latents)
             end_frame = find_flattening_point(latents)
             if not last and end_frame > latents.shape[0] - FLAT_WINDOW:
                 sent += audio.size  # no flat window yet within the generated frames: all of it is speech
-                yield audio
+                if (out := fades.process(audio)).size:
+                    yield out
+                item = resume(steps, None)
                 continue
             end = end_frame * AE_DOWNSAMPLE_FACTOR - sent
-            if end > 0:
-                yield audio[:end]
-            return
+            if end > 0 and (out := fades.process(audio[:end])).size:
+                yield out
+            break
+        steps.close()
+        if (tail := fades.finish()).size:
+            yield tail
 
-    def _decode(self, decoder, block: Tensor) -> np.ndarray:
-        z = latents_to_dac(self.pca_state, block.to(self.fish_ae.device)).to(self.fish_ae.dtype)
-        return decoder.decode(z)[0, 0].float().cpu().numpy()
+
+@dataclass
+class DecodeCall:
+    """Decode one block of DAC latents (B, dac_dim, n) with a stream's decoder (its state advances)."""
+
+    decoder: StreamingDecoder
+    z: Tensor
+
+    def run(self) -> Tensor:
+        return self.decoder.decode(self.z)
 
 
-def _with_fades(blocks: Iterator[np.ndarray], fade_in: bool) -> Iterator[np.ndarray]:
-    """Short linear fades at a chunk's start (when `fade_in`) and end, so chunks join without clicks.
+JobSteps = Generator[ModelCall | DecodeCall | np.ndarray, Tensor | None, None]
 
-    The last FADE_SAMPLES of each block are held back until it is known whether they end the chunk.
+
+class ChunkFades:
+    """Short linear fades at a chunk's start (with `fade_in`) and end, so chunks join without clicks.
+
+    The last FADE_SAMPLES of each piece are held back until it is known whether they end the chunk.
     """
-    held = np.zeros(0, np.float32)
-    first = True
-    for block in blocks:
-        audio = np.concatenate([held, block])
-        if first and fade_in:
+
+    def __init__(self, fade_in: bool):
+        self.fade_in = fade_in
+        self.held = np.zeros(0, np.float32)
+
+    def process(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.concatenate([self.held, audio])
+        if self.fade_in:
             n = min(FADE_SAMPLES, audio.size)
             audio[:n] *= np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
-        first = False
-        audio, held = audio[:-FADE_SAMPLES] if audio.size > FADE_SAMPLES else audio[:0], audio[-FADE_SAMPLES:]
-        if audio.size:
-            yield audio
-    if held.size:
-        yield held * np.linspace(1.0, 0.0, held.size, dtype=np.float32)
+            self.fade_in = n == 0
+        keep = max(audio.size - FADE_SAMPLES, 0)
+        self.held = audio[keep:]
+        return audio[:keep]
+
+    def finish(self) -> np.ndarray:
+        held, self.held = self.held, np.zeros(0, np.float32)
+        return held * np.linspace(1.0, 0.0, held.size, dtype=np.float32)
+
+
+def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
+    """Evaluate the steps of several generations in one forward pass.
+
+    Rows are stacked; frames, prefix patches, text tokens and speaker patches are padded to the
+    longest and masked out, and each row gets its own RoPE positions, so every generation sees
+    exactly the keys it would see alone.
+    """
+    if len(calls) == 1:
+        return [calls[0].run(model)]
+    device, patch = calls[0].x.device, model.speaker_patch_size
+    heads, head_dim = model.blocks[0].attention.num_heads, model.head_dim
+    frames = max(c.x.shape[1] for c in calls)
+
+    def latent_kv(call: ModelCall) -> KVCache:
+        if call.kv_latent is not None:
+            return call.kv_latent
+        empty = call.x.new_zeros(call.x.shape[0], 0, heads, head_dim)
+        return [(empty, empty)] * len(model.blocks)
+
+    kv_latent = [latent_kv(c) for c in calls]
+    lengths = {"latent": max(kv[0][0].shape[1] for kv in kv_latent),
+               "text": max(c.text_mask.shape[1] for c in calls),
+               "speaker": max(c.speaker_mask[:, ::patch].shape[1] for c in calls)}
+
+    def pad(t: Tensor, length: int, value=0) -> Tensor:  # pad dim 1 on the right
+        return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]), value=value)
+
+    def stack_kv(caches: list[KVCache], length: int) -> KVCache:
+        return [(torch.cat([pad(kv[i][0], length) for kv in caches]), torch.cat([pad(kv[i][1], length) for kv in caches]))
+                for i in range(len(model.blocks))]
+
+    rows = [c.x.shape[0] for c in calls]
+    arange = torch.arange(frames, device=device)
+    key_mask = torch.cat([
+        torch.cat([(arange < c.x.shape[1]).expand(n, frames) for c, n in zip(calls, rows)]),
+        torch.cat([(torch.arange(lengths["latent"], device=device) < kv[0][0].shape[1]).expand(n, -1)
+                   for kv, n in zip(kv_latent, rows)]),
+        torch.cat([pad(c.text_mask, lengths["text"], False) for c in calls]),
+        torch.cat([pad(c.speaker_mask[:, ::patch], lengths["speaker"], False) for c in calls]),
+    ], dim=1)
+    v = model.velocity(
+        x=torch.cat([pad(c.x, frames) for c in calls]),
+        t=torch.cat([c.t for c in calls]),
+        positions=torch.cat([(c.start_pos + arange).expand(n, frames) for c, n in zip(calls, rows)]),
+        key_mask=key_mask,
+        kv_text=stack_kv([c.kv_text for c in calls], lengths["text"]),
+        kv_speaker=stack_kv([c.kv_speaker for c in calls], lengths["speaker"]),
+        kv_latent=stack_kv(kv_latent, lengths["latent"]),
+    )
+    return [part[:, :c.x.shape[1]] for part, c in zip(v.split(rows), calls)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +334,19 @@ class JobStream:
 
 
 class GenerationWorker:
-    """Runs jobs one at a time on a dedicated thread; at most `max_waiting` jobs wait for it."""
+    """Runs jobs on one worker thread, advancing all active jobs together.
 
-    def __init__(self, engine: SpeechEngine, max_waiting: int = 16, debug_sink: Callable[[np.ndarray], None] | None = None):
+    Every iteration takes the next diffusion step of each active job and evaluates them in one
+    batched forward pass (batched_velocity), then decodes the blocks that finished. At most
+    `max_active` jobs run at once; up to `max_waiting` more wait for a slot; beyond that,
+    submit() raises QueueFull. A cancelled job is dropped before its next step.
+    """
+
+    def __init__(self, engine: SpeechEngine, max_waiting: int = 16, max_active: int = 8,
+                 debug_sink: Callable[[np.ndarray], None] | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.max_active = max_active
         self._jobs: queue.Queue[_Ticket | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -257,7 +362,7 @@ class GenerationWorker:
     def submit(self, job: SpeechJob) -> JobStream:
         """Queue a job (call from the event loop); raises QueueFull when too many are waiting."""
         with self._lock:
-            if self._pending >= self.max_waiting + 1:
+            if self._pending >= self.max_waiting + self.max_active:
                 raise QueueFull()
             self._pending += 1
         ticket = _Ticket(job, asyncio.get_running_loop(), asyncio.Queue())
@@ -268,42 +373,125 @@ class GenerationWorker:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
+    # ---- the worker thread ------------------------------------------------------------------
+
     def _run(self) -> None:
-        while (ticket := self._jobs.get()) is not None:
+        active: list[_Running] = []
+        while True:
+            if not self._admit(active):
+                break
+            self._drop_cancelled(active)
+            with torch.inference_mode():
+                self._step(active)
+
+    def _admit(self, active: list[_Running]) -> bool:
+        """Take waiting jobs into free slots (blocking while idle). False once closed."""
+        while len(active) < self.max_active:
             try:
-                self._run_one(ticket)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                ticket = self._jobs.get(block=not active)
+            except queue.Empty:
+                break
+            if ticket is None:
+                for running in active:
+                    running.ticket.cancelled.set()
+                self._drop_cancelled(active)
+                return False
+            running = _Running(ticket, self.engine.job_steps(ticket.job), self._debug_sink is not None)
+            if self._advance(running, None):
+                active.append(running)
+            else:
+                self._release(running)
+        return True
 
-    def _run_one(self, ticket: _Ticket) -> None:
-        def send(item) -> None:
+    def _drop_cancelled(self, active: list[_Running]) -> None:
+        for running in [r for r in active if r.ticket.cancelled.is_set()]:
+            log.info("generation cancelled after %.2f s of audio", running.samples / 44100)
+            running.steps.close()
+            running.send(_DONE)
+            active.remove(running)
+            self._release(running)
+
+    def _step(self, active: list[_Running]) -> None:
+        """One batched diffusion step for every job waiting on the model, then all pending decodes."""
+        calls = [r for r in active if isinstance(r.pending, ModelCall)]
+        if calls:
             try:
-                ticket.loop.call_soon_threadsafe(ticket.output.put_nowait, item)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
-                ticket.cancelled.set()
+                velocities = batched_velocity(self.engine.model, [r.pending for r in calls])
+            except Exception as e:  # noqa: BLE001 - fails the jobs of this step only
+                log.exception("batched model step failed")
+                for running in calls:
+                    self._fail(active, running, e)
+                return
+            for running, v in zip(calls, velocities):
+                self._continue(active, running, v)
+        for running in [r for r in active if isinstance(r.pending, DecodeCall)]:
+            try:
+                audio = running.pending.run()
+            except Exception as e:  # noqa: BLE001
+                self._fail(active, running, e)
+                continue
+            self._continue(active, running, audio)
 
-        def check_cancelled() -> None:
-            if ticket.cancelled.is_set():
-                raise GenerationCancelled()
+    def _continue(self, active: list[_Running], running: _Running, reply) -> None:
+        if not self._advance(running, reply):
+            active.remove(running)
+            self._release(running)
 
-        started, samples, pieces = time.perf_counter(), 0, []
+    def _advance(self, running: _Running, reply) -> bool:
+        """Feed the reply in and run the job until it needs the model or a decode. False when it ended."""
         try:
-            check_cancelled()
-            for block in self.engine.generate(ticket.job, on_step=check_cancelled):
-                samples += block.size
-                if self._debug_sink is not None:
-                    pieces.append(block)
-                send(block)
-            send(_DONE)
-        except GenerationCancelled:
-            log.info("generation cancelled after %.2f s of audio", samples / 44100)
-            send(_DONE)
-        except Exception as e:  # the request fails; the worker carries on with the next job
+            item = running.steps.send(reply) if running.started else next(running.steps)
+            running.started = True
+            while isinstance(item, np.ndarray):  # finished audio goes straight to the client
+                running.deliver(item)
+                item = running.steps.send(None)
+        except StopIteration:
+            running.finish(self._debug_sink)
+            return False
+        except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
             log.exception("generation failed")
-            send(e)
-        else:
-            elapsed = time.perf_counter() - started
-            log.debug("generated %.2f s of audio in %.2f s", samples / 44100, elapsed)
-            if self._debug_sink is not None and pieces:
-                self._debug_sink(np.concatenate(pieces))
+            running.send(e)
+            return False
+        running.pending = item
+        return True
+
+    def _fail(self, active: list[_Running], running: _Running, error: Exception) -> None:
+        running.steps.close()
+        running.send(error)
+        active.remove(running)
+        self._release(running)
+
+    def _release(self, running: _Running) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+class _Running:
+    """A job on the worker thread: its step generator and what it is waiting for."""
+
+    def __init__(self, ticket: _Ticket, steps: JobSteps, keep_audio: bool):
+        self.ticket = ticket
+        self.steps = steps
+        self.started = False
+        self.pending: ModelCall | DecodeCall | None = None
+        self.samples = 0
+        self.started_at = time.perf_counter()
+        self.kept: list[np.ndarray] | None = [] if keep_audio else None
+
+    def send(self, item) -> None:
+        try:
+            self.ticket.loop.call_soon_threadsafe(self.ticket.output.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            self.ticket.cancelled.set()
+
+    def deliver(self, audio: np.ndarray) -> None:
+        self.samples += audio.size
+        if self.kept is not None:
+            self.kept.append(audio)
+        self.send(audio)
+
+    def finish(self, debug_sink: Callable[[np.ndarray], None] | None) -> None:
+        self.send(_DONE)
+        log.debug("generated %.2f s of audio in %.2f s", self.samples / 44100, time.perf_counter() - self.started_at)
+        if debug_sink is not None and self.kept:
+            debug_sink(np.concatenate(self.kept))

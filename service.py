@@ -97,6 +97,7 @@ class SpeechService:
             self.engine = self._load_engine()
             self._warm_up()
             self.worker = GenerationWorker(self.engine, max_waiting=self.settings.max_queue,
+                                           max_active=self.settings.max_active,
                                            debug_sink=self._save_debug_audio if self.settings.debug_logs else None)
             self.ready.set()
             log.info("ready")

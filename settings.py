@@ -60,7 +60,8 @@ class Settings(BaseSettings):
 
     output_sample_rate: int = Field(44100, ge=8000, le=48000)
     max_input_chars: int = Field(4096, ge=1)
-    max_queue: int = Field(16, ge=0)  # requests that may wait while one generates; more get 429
+    max_active: int = Field(8, ge=1)  # requests generated together, batched into shared forward passes
+    max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     api_key: str | None = None
 
     @field_validator("voice_dirs", mode="before")

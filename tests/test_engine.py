@@ -1,5 +1,7 @@
 """The engine's block handling: early stop, cropping at the end of speech, and joins between chunks."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -25,12 +27,12 @@ def scripted_blocks(monkeypatch, blocks):
     """Make the sampler yield these latent blocks; records how many were asked for."""
     consumed = []
 
-    def fake_iter_blockwise(*args, **kwargs):
+    def fake_blockwise_steps(*args, **kwargs):
         for block in blocks:
             consumed.append(block)
             yield block[None]
 
-    monkeypatch.setattr(eng, "iter_blockwise", fake_iter_blockwise)
+    monkeypatch.setattr(eng, "blockwise_steps", fake_blockwise_steps)
     return consumed
 
 
@@ -105,3 +107,103 @@ def test_cancellation_stops_within_a_step(engine):
     with pytest.raises(eng.GenerationCancelled):
         list(engine.generate(job(blocks=(8, 8, 8)), on_step=on_step))
     assert len(steps) == 3
+
+
+# ---- the batching worker --------------------------------------------------------------------------
+
+
+def speaker_of(clip: torch.Tensor, key: str) -> eng.SpeakerReference:
+    return eng.SpeakerReference(key, lambda: clip)
+
+
+def mixed_jobs(clip):
+    joint = inf.SamplerSettings(**{**SETTINGS.__dict__, "guidance": "joint", "cfg_min_t": 0.3})
+    alternating = inf.SamplerSettings(**{**SETTINGS.__dict__, "guidance": "alternating", "truncation_factor": 0.8})
+    shape = lambda blocks, steps: eng.BlockShape(blocks, steps)  # noqa: E731
+    return [
+        eng.SpeechJob(("[S1] Hello there.",), None, 1, shape((4, 8), (2, 3)), shape((8,), (2,)), SETTINGS),
+        eng.SpeechJob(("[S1] A much longer sentence to read.", "[S1] Then more."), speaker_of(clip, "a"), 2,
+                      shape((8, 4, 4), (3, 2, 2)), shape((12,), (2,)), joint),
+        eng.SpeechJob(("[S2] Different speaker tag.",), speaker_of(clip[:, :44100], "b"), 3, shape((16,), (4,)),
+                      shape((16,), (4,)), alternating),
+        eng.SpeechJob(("[S1] Hello there.",), None, 4, shape((6, 6), (2, 2)), shape((8,), (2,)), SETTINGS),
+    ]
+
+
+async def _collect(worker, jobs):
+    async def one(job):
+        return np.concatenate([block async for block in worker.submit(job)])
+    return await asyncio.gather(*(one(j) for j in jobs))
+
+
+def test_batched_jobs_equal_solo_jobs(engine):
+    clip = load_clip()
+    jobs = mixed_jobs(clip)
+    solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
+    worker = eng.GenerationWorker(engine, max_waiting=8, max_active=8)
+    try:
+        together = asyncio.run(_collect(worker, jobs))
+    finally:
+        worker.close()
+    for alone, batched in zip(solo, together):
+        assert alone.shape == batched.shape
+        assert np.abs(alone - batched).max() <= 1e-4
+
+
+def test_batched_forward_equals_separate_forwards(engine, tiny_model):
+    clip = load_clip()
+    calls = []
+    for job in mixed_jobs(clip):
+        steps = engine.job_steps(job)
+        calls.append(next(steps))
+    together = eng.batched_velocity(tiny_model, calls)
+    for call, v in zip(calls, together):
+        assert torch.allclose(call.run(tiny_model), v, atol=1e-5)
+
+
+def test_admission_is_bounded_and_excess_jobs_wait(engine):
+    job = eng.SpeechJob(("[S1] Hi.",), None, 0, eng.BlockShape((8, 8), (2, 2)), eng.BlockShape((8,), (2,)), SETTINGS)
+
+    async def scenario():
+        worker = eng.GenerationWorker(engine, max_waiting=1, max_active=1)
+        try:
+            first, second = worker.submit(job), worker.submit(job)
+            with pytest.raises(eng.QueueFull):
+                worker.submit(job)
+            assert worker.pending == 2
+            a = np.concatenate([b async for b in first])
+            b = np.concatenate([b async for b in second])  # waited for the slot, then ran
+            assert np.array_equal(a, b)
+            third = worker.submit(job)  # room again
+            third.cancel()
+            cut_short = [b async for b in third]  # ends (cancelled before or during its first step)
+            assert sum(b.size for b in cut_short) < a.size
+        finally:
+            worker.close()
+        return worker.pending
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_failing_job_fails_alone(engine):
+    broken = eng.SpeakerReference("broken", lambda: (_ for _ in ()).throw(RuntimeError("voice exploded")))
+    good = eng.SpeechJob(("[S1] Hi.",), None, 0, eng.BlockShape((8,), (2,)), eng.BlockShape((8,), (2,)), SETTINGS)
+    bad = eng.SpeechJob(("[S1] Hi.",), broken, 0, eng.BlockShape((8,), (2,)), eng.BlockShape((8,), (2,)), SETTINGS)
+
+    async def scenario():
+        worker = eng.GenerationWorker(engine)
+        try:
+            with pytest.raises(RuntimeError, match="voice exploded"):
+                [b async for b in worker.submit(bad)]
+            return np.concatenate([b async for b in worker.submit(good)])
+        finally:
+            worker.close()
+
+    assert asyncio.run(scenario()).size == 8 * 2048
+
+
+def load_clip() -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    from conftest import REF
+    return load_file(REF / "tiny_fish_dac_cases.safetensors")["speaker_audio"]

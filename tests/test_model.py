@@ -124,3 +124,38 @@ def test_manifest_layout_of_the_published_model():
     assert shapes == {k: v["shape"] for k, v in manifest["tensors"].items()}
     assert sum(v.numel() for v in model.state_dict().values()) == 2_800_742_736
     assert sum(is_blockwise_parameter(k) for k in shapes) == 219
+
+
+@pytest.mark.parametrize("pieces", [[16], [4, 8, 4], [3, 5, 1, 7], [1] * 9, [6, 10]])
+def test_incremental_latent_prefix_equals_encoding_from_scratch(tiny_model, pieces):
+    from model import LatentPrefix
+
+    latents = torch.randn(2, sum(pieces), 80, generator=torch.Generator().manual_seed(len(pieces)))
+    prefix = LatentPrefix(tiny_model, batch=2)
+    done = 0
+    for n in pieces:
+        prefix.extend(latents[:, done:done + n])
+        done += n
+        # from scratch: the whole prefix so far, zero-padded to whole patches (as the reference's buffer)
+        padded = torch.nn.functional.pad(latents[:, :done], (0, 0, 0, -done % 4))
+        scratch = tiny_model.get_kv_cache_latent(padded)
+        assert prefix.frames == done and prefix.num_patches == scratch[0][0].shape[1]
+        for (k, v), (k_ref, v_ref) in zip(prefix.kv, scratch):
+            assert torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)
+
+
+def test_incremental_prefix_encodes_only_new_frames(tiny_model, monkeypatch):
+    from model import LatentPrefix
+
+    seen = []
+    extend = type(tiny_model.latent_encoder).extend
+
+    def counting_extend(self, latent, past):
+        seen.append(latent.shape[1])
+        return extend(self, latent, past)
+
+    monkeypatch.setattr(type(tiny_model.latent_encoder), "extend", counting_extend)
+    prefix = LatentPrefix(tiny_model, batch=1)
+    for n in (32, 128, 480):
+        prefix.extend(torch.randn(1, n, 80))
+    assert seen == [32, 128, 480]
