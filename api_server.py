@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import JobStream, QueueFull
+from engine import JobStream, QueueFull, VoiceUnusable
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
 from service import GenerationOptions, RequestError, SpeechService
 from settings import Settings, load_settings
@@ -296,9 +296,7 @@ async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None
         return await _next_or_disconnect(stream, request)
     except StopAsyncIteration:
         return None
-    except RequestError as e:
-        raise ApiError(400, str(e), e.param, code="invalid_value") from None
-    except ValueError as e:  # e.g. a voice file that cannot be decoded
+    except VoiceUnusable as e:
         raise ApiError(400, str(e), "voice", code="invalid_value") from None
     except asyncio.CancelledError:
         raise

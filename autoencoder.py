@@ -25,7 +25,7 @@ stored weight-normalised (g, v) in the file are held folded into a plain ``weigh
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -704,9 +704,9 @@ class DAC(nn.Module):
         """z_q (B, latent_dim, T) -> audio (B, 1, T * 2048) in [-1, 1]."""
         return self._decode(z_q)
 
-    def streaming_decoder(self, batch_size: int = 1) -> StreamingDecoder:
+    def streaming_decoder(self, batch_size: int = 1, max_frames: int | None = None) -> StreamingDecoder:
         """A decoder for one batch of streams fed consecutive latent blocks; see StreamingDecoder."""
-        return StreamingDecoder(self, batch_size)
+        return StreamingDecoder(self, batch_size, max_frames)
 
     # ---- checkpoint ------------------------------------------------------------------------
 
@@ -774,11 +774,17 @@ class StreamingDecoder:
     causal convolution, each post-module layer's last ``window - 1`` keys/values and the RoPE
     position. Positions continue past the published 4096-frame RoPE table (computed rows).
     ``frames`` counts the latent frames decoded so far; ``reset()`` starts a new stream.
+
+    ``max_frames`` splits longer blocks into pieces of at most that many frames (the result is the
+    same, the state carries across them). On CPUs this is several times faster for long blocks:
+    the convolutions at audio rate then work on tensors that fit in cache (measured: 640 frames of
+    the small reference DAC in 64-frame pieces took a quarter of the time of one call).
     """
 
-    def __init__(self, dac: DAC, batch_size: int = 1):
+    def __init__(self, dac: DAC, batch_size: int = 1, max_frames: int | None = None):
         self.dac = dac
         self.batch_size = batch_size
+        self.max_frames = max_frames
         self.reset()
 
     def reset(self) -> None:
@@ -794,13 +800,53 @@ class StreamingDecoder:
                              f"got {tuple(z_q_block.shape)}")
         if z_q_block.shape[-1] == 0:
             return z_q_block.new_zeros(self.batch_size, 1, 0)
-        audio = self.dac._decode(z_q_block, self.state)
+        pieces = z_q_block.split(self.max_frames or z_q_block.shape[-1], dim=-1)
+        audio = torch.cat([self.dac._decode(piece, self.state) for piece in pieces], dim=-1)
         self.frames += z_q_block.shape[-1]
         return audio
 
     def kv_window_lengths(self) -> list[int]:
         """Frames of keys/values held per attention layer (at most window - 1)."""
         return [k.shape[2] for k, _ in self.state.kv.values()]
+
+
+def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor], batch: bool = True) -> list[Tensor]:
+    """The next block of each of several independent streams, decoded together where possible.
+
+    Streams that have decoded the same number of frames and get blocks of the same length hold
+    state of identical shapes (and RoPE positions), so their states are stacked along the batch,
+    decoded in one call and split back. Each result equals that stream's own ``decode``. With
+    ``batch=False`` every stream is decoded on its own (faster on CPUs, where the decoder is
+    compute bound and larger tensors only cost cache misses).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (decoder, block) in enumerate(zip(decoders, blocks)):
+        groups.setdefault((decoder.frames, block.shape[-1]) if batch else (i,), []).append(i)
+    out: list[Tensor | None] = [None] * len(decoders)
+    for members in groups.values():
+        if len(members) == 1:
+            out[members[0]] = decoders[members[0]].decode(blocks[members[0]])
+            continue
+        parts = [decoders[i] for i in members]
+        sizes = [d.batch_size for d in parts]
+        merged = StreamingDecoder(parts[0].dac, sum(sizes), parts[0].max_frames)
+        merged.frames = parts[0].frames
+        merged.state = StreamState(
+            context={m: torch.cat([d.state.context[m] for d in parts]) for m in parts[0].state.context},
+            kv={m: tuple(torch.cat([d.state.kv[m][j] for d in parts]) for j in (0, 1)) for m in parts[0].state.kv},
+            position=dict(parts[0].state.position),
+        )
+        audio = merged.decode(torch.cat([blocks[i] for i in members]))
+        for index, (i, decoder) in enumerate(zip(members, parts)):
+            decoder.state = StreamState(
+                context={m: t.split(sizes)[index].clone() for m, t in merged.state.context.items()},
+                kv={m: tuple(t.split(sizes)[index].clone() for t in kv) for m, kv in merged.state.kv.items()},
+                position=dict(merged.state.position),
+            )
+            decoder.frames = merged.frames
+        for i, part in zip(members, audio.split(sizes)):
+            out[i] = part
+    return out
 
 
 def build_ae(**overrides) -> DAC:

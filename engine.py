@@ -1,9 +1,12 @@
-"""The generation engine: turns a speech job into 44.1 kHz audio blocks, and runs jobs off the event loop.
+"""The generation engine: turns speech jobs into 44.1 kHz audio blocks, many jobs at once.
 
-`SpeechEngine` owns the loaded models and the speaker cache; `generate` is a plain synchronous
-generator (text chunk -> blockwise sampling -> streaming decode -> float32 samples).
-`GenerationWorker` runs jobs on one worker thread, so GPU work never blocks the event loop, and
-hands their blocks back to asyncio through a queue.
+`SpeechEngine` owns the loaded models and the speaker cache. A job is a step generator
+(`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples) that
+yields what it needs computed: a ModelCall (one diffusion step) or a DecodeCall (one block
+through its stream's decoder). `generate` runs one job with direct calls; `GenerationWorker`
+runs many on one worker thread, batching their model calls into shared forward passes and their
+decodes into shared decoder calls, and hands audio back to asyncio through a queue, so GPU
+work never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from autoencoder import DAC, StreamingDecoder
+from autoencoder import DAC, StreamingDecoder, decode_streams
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, ModelCall, PCAState, SamplerSettings,
                        find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
                        latents_to_dac, make_generator, no_speaker)
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FLAT_WINDOW = 20  # frames; find_flattening_point's window
 FADE_SAMPLES = 220  # 5 ms: the fade applied where one text chunk's audio meets the next
+CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size (see StreamingDecoder)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class SpeechJob:
         return self.first_shape if index == 0 else self.later_shape
 
 
+class VoiceUnusable(ValueError):
+    """The voice's audio cannot be used as a reference (unreadable, undecodable or too short)."""
+
+
 class GenerationCancelled(Exception):
     """Raised inside a generation whose client has gone away."""
 
@@ -121,11 +129,15 @@ class SpeechEngine:
 
     @torch.inference_mode()
     def _encode_speaker(self, speaker: SpeakerReference) -> tuple[Tensor, Tensor]:
-        audio = speaker.load_audio().to(device=self.fish_ae.device, dtype=self.fish_ae.dtype)
+        try:
+            audio = speaker.load_audio()
+        except ValueError as e:  # unreadable, vanished or undecodable voice audio
+            raise VoiceUnusable(str(e)) from e
+        audio = audio.to(device=self.fish_ae.device, dtype=self.fish_ae.dtype)
         latent, mask = get_speaker_latent_and_mask(self.fish_ae, self.pca_state, audio,
                                                    max_speaker_latent_length=self.max_speaker_latent_length)
         if latent.shape[1] == 0:
-            raise ValueError("the voice reference is shorter than one latent patch (~0.2 s)")
+            raise VoiceUnusable("the voice reference is too short: it needs at least 0.2 s of audio")
         keep_on = self.model.device if self.speaker_on_device else torch.device("cpu")
         return latent.to(keep_on), mask.to(keep_on)
 
@@ -166,7 +178,8 @@ class SpeechEngine:
         text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH, device=device,
                                                           normalize=job.normalize, pad_to_max=False)
         conditioning = Conditioning(self.model, speaker_latent, speaker_mask, text_ids, text_mask, job.sampler)
-        decoder = self.fish_ae.streaming_decoder()
+        decoder = self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if self.fish_ae.device.type == "cpu"
+                                                 else None)
         latents = torch.zeros((0, 80), device=device)
         sent = 0  # samples of this chunk already yielded
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler)
@@ -377,11 +390,9 @@ class GenerationWorker:
 
     def _run(self) -> None:
         active: list[_Running] = []
-        while True:
-            if not self._admit(active):
-                break
-            self._drop_cancelled(active)
-            with torch.inference_mode():
+        with torch.inference_mode():
+            while self._admit(active):
+                self._drop_cancelled(active)
                 self._step(active)
 
     def _admit(self, active: list[_Running]) -> bool:
@@ -412,7 +423,8 @@ class GenerationWorker:
             self._release(running)
 
     def _step(self, active: list[_Running]) -> None:
-        """One batched diffusion step for every job waiting on the model, then all pending decodes."""
+        """One batched diffusion step for every job waiting on the model, then all pending decodes
+        (streams at the same point decoded together)."""
         calls = [r for r in active if isinstance(r.pending, ModelCall)]
         if calls:
             try:
@@ -424,13 +436,18 @@ class GenerationWorker:
                 return
             for running, v in zip(calls, velocities):
                 self._continue(active, running, v)
-        for running in [r for r in active if isinstance(r.pending, DecodeCall)]:
+        decodes = [r for r in active if isinstance(r.pending, DecodeCall)]
+        if decodes:
             try:
-                audio = running.pending.run()
-            except Exception as e:  # noqa: BLE001
-                self._fail(active, running, e)
-                continue
-            self._continue(active, running, audio)
+                audio = decode_streams([r.pending.decoder for r in decodes], [r.pending.z for r in decodes],
+                                       batch=self.engine.fish_ae.device.type != "cpu")
+            except Exception as e:  # noqa: BLE001 - fails the jobs of this decode only
+                log.exception("batched decode failed")
+                for running in decodes:
+                    self._fail(active, running, e)
+                return
+            for running, samples in zip(decodes, audio):
+                self._continue(active, running, samples)
 
     def _continue(self, active: list[_Running], running: _Running, reply) -> None:
         if not self._advance(running, reply):

@@ -119,8 +119,9 @@ def load_model_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cu
 
 
 def compile_model(model: EchoDiT) -> EchoDiT:
-    """torch.compile the forward and the cache builders in place; the module keeps its type."""
-    model.forward = torch.compile(model.forward)
+    """torch.compile the decoder (`velocity`, which `forward` and the samplers call) and the cache
+    builders in place; the module keeps its type."""
+    model.velocity = torch.compile(model.velocity)
     model.get_kv_cache_text = torch.compile(model.get_kv_cache_text)
     model.get_kv_cache_speaker = torch.compile(model.get_kv_cache_speaker)
     if model.has_latent_prefix:

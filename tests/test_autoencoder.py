@@ -300,3 +300,31 @@ def test_fullsize_decode_and_encode(fullsize_ae):
     decoder = fullsize_ae.streaming_decoder()
     streamed = torch.cat([decoder.decode(z[..., a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]], dim=-1)
     assert_matches(streamed, golden["fish_decode_out"])
+
+
+def test_decode_streams_batches_streams_at_the_same_point(tiny_ae):
+    from autoencoder import decode_streams
+
+    gen = torch.Generator().manual_seed(5)
+    z = [torch.randn(1, tiny_ae.latent_dim, 12, generator=gen) for _ in range(4)]
+    solo = [tiny_ae.streaming_decoder() for _ in z]
+    together = [tiny_ae.streaming_decoder() for _ in z]
+    # streams 0-2 advance in step; stream 3 is one block behind and decodes a different length
+    for start, stop in ((0, 4), (4, 8), (8, 12)):
+        expected = [d.decode(x[..., start:stop]) for d, x in zip(solo[:3], z)]
+        got = decode_streams(together[:3], [x[..., start:stop] for x in z[:3]])
+        for a, b in zip(expected, got):
+            assert torch.allclose(a, b, atol=1e-6)
+    lagging = [solo[3].decode(z[3][..., :6]), solo[3].decode(z[3][..., 6:])]
+    got = decode_streams([together[3], together[0]], [z[3][..., :6], torch.zeros(1, tiny_ae.latent_dim, 0)])
+    assert torch.allclose(got[0], lagging[0], atol=1e-6) and got[1].shape[-1] == 0
+    assert torch.allclose(decode_streams([together[3]], [z[3][..., 6:]])[0], lagging[1], atol=1e-6)
+    assert all(d.frames == 12 for d in together[:3]) and together[3].frames == 12
+
+
+def test_streaming_decoder_splits_long_blocks_exactly(tiny_ae):
+    z = torch.randn(2, tiny_ae.latent_dim, 23, generator=torch.Generator().manual_seed(9))
+    whole = tiny_ae.streaming_decoder(batch_size=2).decode(z)
+    pieces = tiny_ae.streaming_decoder(batch_size=2, max_frames=4)
+    split = torch.cat([pieces.decode(z[..., :10]), pieces.decode(z[..., 10:])], dim=-1)
+    assert torch.allclose(whole, split, atol=1e-6) and pieces.frames == 23

@@ -343,3 +343,20 @@ def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
     assert health.status_code == 200
     assert [r.status_code for r in finished] == [200, 200]
     assert finished[0].content and finished[0].content == finished[1].content  # the waiting one ran after
+
+
+@pytest.mark.parametrize("content", ["garbage", "too short"])
+def test_unusable_voice_files_are_400(server, voice_dir, content):
+    import soundfile as sf
+
+    path = voice_dir / "zed.wav"
+    try:
+        if content == "garbage":
+            path.write_bytes(b"RIFF....WAVEfmt " + b"\x00" * 100)
+        else:
+            sf.write(path, np.zeros(2000, np.float32) + 0.1, 44100)
+        r = speech(server, voice="zed")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "voice", r.text
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""Server-level speed: time to first audio, real-time factor and throughput under concurrency.
+
+Starts `api_server.py` (or uses --url) and, for 1, 2, 4, 8 and 16 concurrent streaming clients,
+reports time to first audio byte (p50, p95), the real-time factor of each stream (wall time of
+the request / seconds of audio it returned: below 1 is faster than real time) and the aggregate
+audio-seconds produced per wall-second; then one non-streaming 30 s generation.
+
+    python benchmarks/bench_server.py --tiny                      # CPU, the small reference models
+    python benchmarks/bench_server.py --model-repo /tmp/echo-synthetic/echo-tts-base \\
+        --fish-repo /tmp/echo-synthetic/fish-s1-dac-min --device cuda   # GPU, full-size synthetic weights
+
+Also measures, in-process, the streaming decoder's cost for the third block of the default preset
+(480 new frames) against re-decoding the whole 640-frame prefix, as servers without decoder state do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+TEXT = ("Echo is a diffusion text to speech model. This sentence is here so that the benchmark asks for a "
+        "realistic amount of speech, about as much as a short paragraph read aloud.")
+
+
+def tiny_repos(out: Path) -> tuple[Path, Path]:
+    """The reference's tiny EchoDiT and Fish S1-DAC laid out as local model directories."""
+    from safetensors.torch import load_file, save_file
+
+    echo, fish = out / "echo", out / "fish"
+    echo.mkdir(parents=True, exist_ok=True)
+    fish.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REFERENCE / "tiny_echo_dit.safetensors", echo / "pytorch_model.safetensors")
+    shutil.copy(REFERENCE / "tiny_echo_dit_config.json", echo / "config.json")
+    cases = load_file(REFERENCE / "tiny_fish_dac_cases.safetensors")
+    save_file({k: cases[k].contiguous() for k in ("pca_components", "pca_mean", "latent_scale")},
+              echo / "pca_state.safetensors")
+    shutil.copy(REFERENCE / "tiny_fish_dac.safetensors", fish / "pytorch_model.safetensors")
+    shutil.copy(REFERENCE / "tiny_fish_dac_config.json", fish / "config.json")
+    return echo, fish
+
+
+def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "api_server.py"], cwd=ROOT, stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT, env={**os.environ, "PORT": str(port), **env})
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["ready"]:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    sys.exit("server did not become ready")
+
+
+async def one_stream(client: httpx.AsyncClient, seed: int) -> tuple[float, float, float]:
+    """(time to first byte, total time, seconds of audio) of one streaming PCM request."""
+    start = time.perf_counter()
+    first, size = None, 0
+    body = {"input": TEXT, "voice": "none", "seed": seed, "response_format": "pcm"}
+    async with client.stream("POST", "/v1/audio/speech", json=body) as response:
+        response.raise_for_status()
+        rate = int(response.headers["x-audio-sample-rate"])
+        async for chunk in response.aiter_raw():
+            if chunk and first is None:
+                first = time.perf_counter() - start
+            size += len(chunk)
+    return first, time.perf_counter() - start, size / 2 / rate
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def concurrency_table(url: str, levels: list[int]) -> None:
+    print(f"{'clients':>7} {'TTFB p50':>9} {'TTFB p95':>9} {'RTF p50':>8} {'RTF max':>8} {'audio s/wall s':>15}")
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        await one_stream(client, 0)  # warm caches
+        for n in levels:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one_stream(client, seed) for seed in range(n)))
+            wall = time.perf_counter() - start
+            ttfb = [r[0] for r in results]
+            rtf = [r[1] / r[2] for r in results]
+            audio = sum(r[2] for r in results)
+            print(f"{n:>7} {percentile(ttfb, .5) * 1000:>8.0f}ms {percentile(ttfb, .95) * 1000:>7.0f}ms "
+                  f"{statistics.median(rtf):>8.2f} {max(rtf):>8.2f} {audio / wall:>15.2f}")
+
+
+def non_streaming(url: str) -> None:
+    body = {"input": TEXT, "voice": "none", "stream": False, "response_format": "wav"}
+    start = time.perf_counter()
+    response = httpx.post(url + "/v1/audio/speech", json=body, timeout=None)
+    response.raise_for_status()
+    seconds = (len(response.content) - 44) / 2 / 44100
+    print(f"non-streaming: {seconds:.1f} s of audio in {time.perf_counter() - start:.2f} s")
+
+
+def decode_costs(fish_repo: str, device: str) -> None:
+    """Third block of [32, 128, 480]: streaming decode of 480 frames vs re-decoding all 640."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from inference import load_fish_ae_from_hf
+
+    fish = load_fish_ae_from_hf(fish_repo, device=device, dtype=torch.float32)
+    z = torch.randn(1, fish.latent_dim, 640, device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def third_block_time() -> float:
+        decoder = fish.streaming_decoder()
+        decoder.decode(z[..., :160])  # blocks 1 and 2 (32 + 128 frames)
+        sync()
+        start = time.perf_counter()
+        decoder.decode(z[..., 160:])
+        sync()
+        return time.perf_counter() - start
+
+    third_block_time()
+    inc = min(third_block_time() for _ in range(2))
+    full = timed(lambda: fish.decode_zq(z))
+    print(f"third block decode: incremental {inc * 1000:.0f} ms, re-decode of 640 frames {full * 1000:.0f} ms, "
+          f"ratio {inc / full:.2f}")
+
+
+def batching_gain(model_repo: str, fish_repo: str, device: str, clients: int = 8) -> None:
+    """One diffusion step of `clients` requests: one batched forward vs one forward per request."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import inference as inf
+    from engine import BlockShape, SpeechEngine, SpeechJob, batched_velocity
+    from voices import SpeakerCache
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = inf.load_model_from_hf(model_repo, device=device, dtype=dtype)
+    fish = inf.load_fish_ae_from_hf(fish_repo, device=device, dtype=torch.float32)
+    engine = SpeechEngine(model, fish, inf.load_pca_state_from_hf(model_repo, device=device), SpeakerCache(4))
+    settings = inf.SamplerSettings(0, 3.0, 8.0, 0.5, 1.0)
+    shape = BlockShape((32, 128, 480), (8, 15, 20))
+    calls = [next(engine.job_steps(SpeechJob((TEXT,), None, seed, shape, shape, settings))) for seed in range(clients)]
+
+    def timed(fn) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    with torch.inference_mode():
+        one_by_one = timed(lambda: [c.run(model) for c in calls])
+        together = timed(lambda: batched_velocity(model, calls))
+    print(f"first-block step of {clients} requests: one at a time {one_by_one * 1000:.1f} ms, "
+          f"batched {together * 1000:.1f} ms, speed-up {one_by_one / together:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an already running server")
+    parser.add_argument("--tiny", action="store_true", help="serve the reference's tiny models on the CPU")
+    parser.add_argument("--model-repo")
+    parser.add_argument("--fish-repo")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="echo-bench-"))
+    if args.tiny:
+        echo, fish = tiny_repos(work)
+        args.model_repo, args.fish_repo = str(echo), str(fish)
+    process = None
+    url = args.url
+    if url is None:
+        env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
+               "ECHO_MAX_ACTIVE": "16", "ECHO_MAX_QUEUE": "16", "ECHO_HOST": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
+        if args.device == "cpu":
+            env["ECHO_MODEL_DTYPE"] = "float32"
+        port = 8765
+        process = start_server(env, port, work / "server.log")
+        url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(concurrency_table(url, [int(n) for n in args.levels.split(",")]))
+        non_streaming(url)
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait()
+    if args.fish_repo:
+        decode_costs(args.fish_repo, args.device)
+        batching_gain(args.model_repo, args.fish_repo, args.device)
+
+
+if __name__ == "__main__":
+    main()
