@@ -30,7 +30,7 @@ from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, Mode
                        find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
                        latents_to_dac, make_generator, no_speaker)
 from inference_blockwise import blockwise_steps, resume
-from model import EchoDiT, KVCache
+from model import EchoDiT, KVCache, RowGroup
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,16 @@ class ChunkFades:
 def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
     """Evaluate the steps of several generations in one forward pass.
 
-    Rows are stacked; frames, prefix patches, text tokens and speaker patches are padded to the
-    longest and masked out, and each row gets its own RoPE positions, so every generation sees
-    exactly the keys it would see alone.
+    Rows are stacked and frames, prefix patches, text tokens and speaker patches padded to the
+    longest, with each row at its own RoPE positions; attention runs per generation over its own
+    keys (RowGroup), so each result is bit-for-bit what the generation computes alone on CPU
+    (except where a step alone has fewer than 12 token rows, for which MKL picks a small-matrix
+    kernel that rounds differently) and equal up to float rounding on GPUs.
     """
     if len(calls) == 1:
         return [calls[0].run(model)]
-    device, patch = calls[0].x.device, model.speaker_patch_size
+    device = calls[0].x.device
     heads, head_dim = model.blocks[0].attention.num_heads, model.head_dim
-    frames = max(c.x.shape[1] for c in calls)
 
     def latent_kv(call: ModelCall) -> KVCache:
         if call.kv_latent is not None:
@@ -267,36 +268,34 @@ def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]
         return [(empty, empty)] * len(model.blocks)
 
     kv_latent = [latent_kv(c) for c in calls]
-    lengths = {"latent": max(kv[0][0].shape[1] for kv in kv_latent),
-               "text": max(c.text_mask.shape[1] for c in calls),
-               "speaker": max(c.speaker_mask[:, ::patch].shape[1] for c in calls)}
+    groups, start = [], 0
+    for call, kv in zip(calls, kv_latent):
+        n = call.x.shape[0]
+        groups.append(RowGroup(slice(start, start + n), call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
+                               call.kv_speaker[0][0].shape[1], call.key_mask(model)))
+        start += n
+    frames = max(g.frames for g in groups)
 
-    def pad(t: Tensor, length: int, value=0) -> Tensor:  # pad dim 1 on the right
-        return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]), value=value)
+    def pad(t: Tensor, length: int) -> Tensor:  # zero-pad dim 1 on the right
+        return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
 
-    def stack_kv(caches: list[KVCache], length: int) -> KVCache:
-        return [(torch.cat([pad(kv[i][0], length) for kv in caches]), torch.cat([pad(kv[i][1], length) for kv in caches]))
+    def stack_kv(caches: list[KVCache]) -> KVCache:
+        length = max(kv[0][0].shape[1] for kv in caches)
+        return [tuple(torch.cat([pad(kv[i][j], length) for kv in caches]) for j in (0, 1))
                 for i in range(len(model.blocks))]
 
-    rows = [c.x.shape[0] for c in calls]
     arange = torch.arange(frames, device=device)
-    key_mask = torch.cat([
-        torch.cat([(arange < c.x.shape[1]).expand(n, frames) for c, n in zip(calls, rows)]),
-        torch.cat([(torch.arange(lengths["latent"], device=device) < kv[0][0].shape[1]).expand(n, -1)
-                   for kv, n in zip(kv_latent, rows)]),
-        torch.cat([pad(c.text_mask, lengths["text"], False) for c in calls]),
-        torch.cat([pad(c.speaker_mask[:, ::patch], lengths["speaker"], False) for c in calls]),
-    ], dim=1)
     v = model.velocity(
         x=torch.cat([pad(c.x, frames) for c in calls]),
         t=torch.cat([c.t for c in calls]),
-        positions=torch.cat([(c.start_pos + arange).expand(n, frames) for c, n in zip(calls, rows)]),
-        key_mask=key_mask,
-        kv_text=stack_kv([c.kv_text for c in calls], lengths["text"]),
-        kv_speaker=stack_kv([c.kv_speaker for c in calls], lengths["speaker"]),
-        kv_latent=stack_kv(kv_latent, lengths["latent"]),
+        positions=torch.cat([(c.start_pos + arange).expand(c.x.shape[0], frames) for c in calls]),
+        key_mask=None,
+        kv_text=stack_kv([c.kv_text for c in calls]),
+        kv_speaker=stack_kv([c.kv_speaker for c in calls]),
+        kv_latent=stack_kv(kv_latent),
+        groups=groups,
     )
-    return [part[:, :c.x.shape[1]] for part, c in zip(v.split(rows), calls)]
+    return [v[g.rows, :g.frames] for g in groups]
 
 
 # ---------------------------------------------------------------------------------------------

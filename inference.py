@@ -502,14 +502,18 @@ class ModelCall:
 
     def run(self, model: EchoDiT) -> Tensor:
         """Velocity (n, S, 80) float32."""
+        positions = torch.arange(self.start_pos, self.start_pos + self.x.shape[1], device=self.x.device)
+        return model.velocity(self.x, self.t, positions, self.key_mask(model), self.kv_text, self.kv_speaker,
+                              self.kv_latent)
+
+    def key_mask(self, model: EchoDiT) -> Tensor:
+        """(n, S + Q + T + P): every frame and prefix patch, the text and speaker patches as masked."""
         masks = [torch.ones(self.x.shape[:2], dtype=torch.bool, device=self.x.device)]
         if self.kv_latent is not None:
             masks.append(torch.ones(self.x.shape[0], self.kv_latent[0][0].shape[1], dtype=torch.bool,
                                     device=self.x.device))
         masks += [self.text_mask, self.speaker_mask[:, ::model.speaker_patch_size]]
-        positions = torch.arange(self.start_pos, self.start_pos + self.x.shape[1], device=self.x.device)
-        return model.velocity(self.x, self.t, positions, torch.cat(masks, dim=1), self.kv_text, self.kv_speaker,
-                              self.kv_latent)
+        return torch.cat(masks, dim=1)
 
 
 Steps = Generator[ModelCall, Tensor, Tensor]

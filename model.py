@@ -12,12 +12,32 @@ generation; each diffusion step then runs only the decoder blocks over the noisy
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 KVCache = list[tuple[Tensor, Tensor]]  # one (keys, values) pair per decoder block, each (B, N, H, D)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """The rows of one generation inside a batched forward pass, and its own (unpadded) lengths.
+
+    A batch of several generations pads frames, prefix patches, text tokens and speaker patches
+    to the longest. Linear layers do not mind, but attention over padded keys sums in another
+    order and rounds differently; attending per group over exactly the group's keys gives
+    bit-for-bit what the generation computes alone.
+    """
+
+    rows: slice
+    frames: int
+    prefix: int
+    text: int
+    speaker: int
+    key_mask: Tensor  # (rows, frames + prefix + text + speaker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +94,22 @@ def timestep_embedding(t: Tensor, size: int) -> Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1).to(t.dtype)
 
 
+COND_ROWS = 64
+
+
+def in_fixed_row_blocks(fn, rows: Tensor) -> Tensor:
+    """fn over `rows` (B, ...) evaluated in zero-padded blocks of exactly COND_ROWS rows.
+
+    Matrix multiplications with only a handful of rows (the timestep-conditioning path has one
+    row per batch row, not per token) pick their kernel by row count, and different kernels
+    round differently. Fixing the row count makes each row's result independent of how many
+    other requests share the batch, so a request gives the same bits alone or batched.
+    """
+    batch = rows.shape[0]
+    padded = F.pad(rows, (0, 0) * (rows.ndim - 1) + (0, -batch % COND_ROWS))
+    return torch.cat([fn(block) for block in padded.split(COND_ROWS)])[:batch]
+
+
 class LowRankAdaLN(nn.Module):
     """Timestep-conditioned RMSNorm: each of shift/scale/gate gets a low-rank residual correction."""
 
@@ -89,13 +125,17 @@ class LowRankAdaLN(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, C), cond (B, 1, 3C) -> (normalised and modulated x, tanh gate (B, 1, C))."""
-        shift, scale, gate = cond.chunk(3, dim=-1)
-        shift = self.shift_up(self.shift_down(F.silu(shift))) + shift
-        scale = self.scale_up(self.scale_down(F.silu(scale))) + scale
-        gate = self.gate_up(self.gate_down(F.silu(gate))) + gate
+        shift, scale, gate = in_fixed_row_blocks(self.modulation, cond).chunk(3, dim=-1)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (x32 * (scale + 1) + shift).to(x.dtype), torch.tanh(gate)
+
+    def modulation(self, cond: Tensor) -> Tensor:
+        """cond (B, 1, 3C) -> corrected [shift, scale, gate] (B, 1, 3C)."""
+        shift, scale, gate = cond.chunk(3, dim=-1)
+        return torch.cat([self.shift_up(self.shift_down(F.silu(shift))) + shift,
+                          self.scale_up(self.scale_down(F.silu(scale))) + scale,
+                          self.gate_up(self.gate_down(F.silu(gate))) + gate], dim=-1)
 
 
 class MLP(nn.Module):
@@ -261,18 +301,26 @@ class JointAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
                 kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
-                kv_latent: tuple[Tensor, Tensor] | None) -> Tensor:
-        """x (B, S, C); key_mask (B, S + Q + T + P) in the key order [self, prefix, text, speaker]."""
+                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
+        """x (B, S, C); key_mask (B, S + Q + T + P) in the key order [self, prefix, text, speaker].
+
+        With `groups` (rows of different generations, padded to common lengths), each group
+        attends over exactly its own unpadded keys, as it would alone (see RowGroup).
+        """
         q = apply_rope_half_heads(self.q_norm(self._heads(self.wq(x))), cos, sin)
         k_self = apply_rope_half_heads(self.k_norm(self._heads(self.wk(x))), cos, sin)
         v_self = self._heads(self.wv(x))
-        ks, vs = [k_self], [v_self]
-        if kv_latent is not None:
-            ks.append(kv_latent[0])
-            vs.append(kv_latent[1])
-        ks += [kv_text[0], kv_speaker[0]]
-        vs += [kv_text[1], kv_speaker[1]]
-        out = attend(q, torch.cat(ks, dim=1), torch.cat(vs, dim=1), row_mask(key_mask))
+        segments = [(k_self, v_self)] + ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
+        if groups is None:
+            keys, values = (torch.cat([segment[j] for segment in segments], dim=1) for j in (0, 1))
+            out = attend(q, keys, values, row_mask(key_mask))
+        else:
+            out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
+            for g in groups:
+                lengths = [g.frames] + ([g.prefix] if kv_latent is not None else []) + [g.text, g.speaker]
+                keys, values = (torch.cat([seg[j][g.rows, :n] for seg, n in zip(segments, lengths)], dim=1)
+                                for j in (0, 1))
+                out[g.rows, :g.frames] = attend(q[g.rows, :g.frames], keys, values, row_mask(g.key_mask))
         return self.wo(out * torch.sigmoid(self.gate(x)))
 
     def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,9 +350,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
                 kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
-                kv_latent: tuple[Tensor, Tensor] | None) -> Tensor:
+                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
         h, gate = self.attention_adaln(x, cond)
-        x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent)
+        x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)
         h, gate = self.mlp_adaln(x, cond)
         return x + gate * self.mlp(h)
 
@@ -390,16 +438,19 @@ class EchoDiT(nn.Module):
                              kv_cache_latent)
 
     def velocity(self, x: Tensor, t: Tensor, positions: Tensor, key_mask: Tensor, kv_text: KVCache,
-                 kv_speaker: KVCache, kv_latent: KVCache | None = None) -> Tensor:
+                 kv_speaker: KVCache, kv_latent: KVCache | None = None,
+                 groups: Sequence[RowGroup] | None = None) -> Tensor:
         """The decoder proper. positions (S,) or (B, S) are the frame indices of x's rows; key_mask
         (B, S + Q + T + P) marks visible keys in the order [self, prefix, text, speaker patches].
-        Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless."""
+        Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless.
+        `groups` makes attention per generation (for batches of several; see RowGroup)."""
         cos, sin = rope_angles(positions, self.head_dim)
-        cond = self.cond_module(timestep_embedding(t, self.timestep_embed_size))[:, None]  # (B, 1, 3C)
+        embedding = timestep_embedding(t, self.timestep_embed_size)
+        cond = in_fixed_row_blocks(self.cond_module, embedding)[:, None]  # (B, 1, 3C)
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
             h = block(h, cond, cos, sin, key_mask, kv_text[i], kv_speaker[i],
-                      None if kv_latent is None else kv_latent[i])
+                      None if kv_latent is None else kv_latent[i], groups)
         return self.out_proj(self.out_norm(h)).float()
 
     def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:

@@ -145,9 +145,13 @@ def test_batched_jobs_equal_solo_jobs(engine):
         together = asyncio.run(_collect(worker, jobs))
     finally:
         worker.close()
-    for alone, batched in zip(solo, together):
-        assert alone.shape == batched.shape
-        assert np.abs(alone - batched).max() <= 1e-4
+    for job, alone, batched in zip(jobs, solo, together):
+        if all(size % 4 == 0 for size in job.first_shape.block_sizes):
+            assert np.array_equal(alone, batched)  # bit for bit, though batched with other shapes
+        else:
+            # 6-frame blocks: an unguided step is a 6-row matrix product alone, which MKL computes
+            # with its small-matrix kernel (rows 1-3, 5-7, 9-11), rounding differently
+            assert np.abs(alone - batched).max() <= 1e-6
 
 
 def test_batched_forward_equals_separate_forwards(engine, tiny_model):
@@ -157,8 +161,9 @@ def test_batched_forward_equals_separate_forwards(engine, tiny_model):
         steps = engine.job_steps(job)
         calls.append(next(steps))
     together = eng.batched_velocity(tiny_model, calls)
+    assert len({c.text_mask.shape[1] for c in calls}) > 1 and len({c.x.shape[1] for c in calls}) > 1
     for call, v in zip(calls, together):
-        assert torch.allclose(call.run(tiny_model), v, atol=1e-5)
+        assert torch.equal(call.run(tiny_model), v)
 
 
 def test_admission_is_bounded_and_excess_jobs_wait(engine):
