@@ -507,7 +507,7 @@ class _Running:
         self.send(audio)
 
     def finish(self, debug_sink: Callable[[np.ndarray], None] | None) -> None:
-        self.send(_DONE)
         log.debug("generated %.2f s of audio in %.2f s", self.samples / 44100, time.perf_counter() - self.started_at)
         if debug_sink is not None and self.kept:
-            debug_sink(np.concatenate(self.kept))
+            debug_sink(np.concatenate(self.kept))  # before the response ends, so it is there when it has
+        self.send(_DONE)

@@ -151,7 +151,8 @@ class SpeechService:
         return self.settings.cache_dir / f"echo_tts_compile_cache_{self.settings.cache_version}.bin"
 
     def _save_debug_audio(self, audio: np.ndarray) -> None:
-        sf.write(DEBUG_WAV, audio, inf.SAMPLE_RATE, subtype="PCM_16")
+        """ECHO_DEBUG_LOGS: keep the last generation exactly as generated (float samples at 44.1 kHz)."""
+        sf.write(DEBUG_WAV, audio, inf.SAMPLE_RATE, subtype="FLOAT")
 
     def close(self) -> None:
         if self.worker is not None:

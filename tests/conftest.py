@@ -98,7 +98,8 @@ def free_port() -> int:
 class LiveServer:
     """`python api_server.py` in a subprocess, configured through the environment like a user would."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True):
+    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True,
+                 cwd: Path = ROOT):
         import os
         import subprocess
 
@@ -107,7 +108,7 @@ class LiveServer:
         self.log_path = log_path
         full_env = {**os.environ, "ECHO_HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "api_server.py"], cwd=ROOT, env=full_env,
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py")], cwd=cwd, env=full_env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         self.wait(ready_timeout, "ready" if wait_ready else "up")
 

@@ -72,3 +72,23 @@ def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_p
         assert httpx.get(live.url + "/ready").status_code == 200
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_debug_logs_keep_the_last_generation_and_streamed_bytes_match_it(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                        tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_DEBUG_LOGS="1"),
+                      tmp_path / "server.log", cwd=tmp_path)
+    try:
+        body = {"input": "Hello there.", "voice": "alice", "block_sizes": [4, 8], "num_steps": [2, 2]}
+        streamed = httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60).content
+        generated, rate = sf.read(tmp_path / "api_generation.wav", dtype="float32")
+        assert rate == 44100
+        meant = np.round(np.clip(generated, -1, 1) * 32767).astype("<i2").tobytes()
+        assert streamed == meant  # every sample the engine produced, converted by the contract's rule
+        assert "DEBUG" in live.log()
+    finally:
+        live.stop()
