@@ -11,6 +11,8 @@ import base64
 import hmac
 import json
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import fields
@@ -18,16 +20,20 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import JobStream, QueueFull, VoiceUnusable
+from engine import GenerationTimeout, JobStream, QueueFull, VoiceUnusable
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
+from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
+                           request_id)
 from service import GenerationOptions, RequestError, SpeechService
 from settings import Settings, load_settings
 
@@ -182,11 +188,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Echo-TTS Streaming API", version="1.0", lifespan=lifespan)
     app.state.service = service
+    app.state.metrics = Metrics(queue_length=lambda: service.worker.waiting if service.worker else 0,
+                                active_streams=lambda: service.worker.active if service.worker else 0)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Request-ID"])
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
+    app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: every response gets an id
     return app
+
+
+def _body_too_large(limit: int) -> JSONResponse:
+    return error_response(413, f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
+                          code="request_too_large")
 
 
 def get_service(request: Request) -> SpeechService:
@@ -226,6 +244,10 @@ def _routes():
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
         return {"status": "ready"}
 
+    @protected.get("/metrics")
+    def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @protected.get("/v1/models")
     def models() -> dict:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "echo-tts"}]}
@@ -248,8 +270,9 @@ def _routes():
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         job = await _build_job(service, body)
         encoder = _open_encoder(body, service.settings, streaming=body.stream)
+        timing = StreamTiming(request.app.state.metrics, request.state.started)
         try:
-            stream = service.worker.submit(job)
+            stream = service.worker.submit(job, request_id.get(), service.settings.request_timeout or None)
         except QueueFull:
             encoder.close()
             raise ApiError(429, "too many requests are waiting; retry shortly", code="queue_full",
@@ -262,11 +285,11 @@ def _routes():
             stream.cancel()
             raise
         if not body.stream:
-            return await _whole_file(stream, first, encoder, request, headers)
+            return await _whole_file(stream, first, encoder, request, headers, timing)
         if body.stream_format == "sse":
-            return StreamingResponse(_sse_events(stream, first, encoder), media_type="text/event-stream",
+            return StreamingResponse(_sse_events(stream, first, encoder, timing), media_type="text/event-stream",
                                      headers=headers | {"Cache-Control": "no-cache"})
-        return StreamingResponse(_audio_bytes(stream, first, encoder), media_type=encoder.content_type,
+        return StreamingResponse(_audio_bytes(stream, first, encoder, timing), media_type=encoder.content_type,
                                  headers=headers)
 
     router.include_router(public)
@@ -298,6 +321,8 @@ async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None
         return None
     except VoiceUnusable as e:
         raise ApiError(400, str(e), "voice", code="invalid_value") from None
+    except GenerationTimeout as e:
+        raise ApiError(504, str(e), error_type="server_error", code="timeout") from None
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -317,35 +342,45 @@ async def _next_or_disconnect(blocks: AsyncIterator[np.ndarray], request: Reques
             raise asyncio.CancelledError("client disconnected")
 
 
-async def _encoded(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+async def _blocks(first: np.ndarray | None, stream: JobStream) -> AsyncIterator[np.ndarray]:
+    if first is not None:
+        yield first
+        async for block in stream:
+            yield block
+
+
+async def _encoded(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
+                   timing: StreamTiming) -> AsyncIterator[bytes]:
     """Encoded bytes of every block as soon as it is generated, then the encoder's tail."""
+    samples = 0
     try:
-        if first is not None:
-            if data := await run_in_threadpool(encoder.encode, first):
+        async for block in _blocks(first, stream):
+            samples += block.size
+            if data := await run_in_threadpool(encoder.encode, block):
+                timing.sent()
                 yield data
-            async for block in stream:
-                if data := await run_in_threadpool(encoder.encode, block):
-                    yield data
         if data := await run_in_threadpool(encoder.finish):
+            timing.sent()
             yield data
+        timing.finished(samples / SAMPLE_RATE)
     finally:
         stream.cancel()
         encoder.close()
 
 
-async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
+                       timing: StreamTiming) -> AsyncIterator[bytes]:
     try:
-        async for data in _encoded(stream, first, encoder):
+        async for data in _encoded(stream, first, encoder, timing):
             yield data
     except Exception:
         log.exception("generation failed while streaming; ending the stream")
 
 
-async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder) -> AsyncIterator[bytes]:
-    total = 0
+async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
+                      timing: StreamTiming) -> AsyncIterator[bytes]:
     try:
-        async for data in _encoded(stream, first, encoder):
-            total += len(data)
+        async for data in _encoded(stream, first, encoder, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
     except Exception as e:
@@ -359,35 +394,42 @@ def _sse(event: dict) -> bytes:
 
 
 async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder, request: Request,
-                      headers: dict[str, str]) -> Response:
+                      headers: dict[str, str], timing: StreamTiming) -> Response:
     """stream=false: the complete file with Content-Length; the job stops if the client leaves."""
-    pieces = []
+    pieces, samples = [], 0
     try:
-        if first is not None:
-            pieces.append(await run_in_threadpool(encoder.encode, first))
-            while True:
-                try:
-                    block = await _next_or_disconnect(stream, request)
-                except StopAsyncIteration:
-                    break
-                pieces.append(await run_in_threadpool(encoder.encode, block))
+        block = first
+        while block is not None:
+            samples += block.size
+            pieces.append(await run_in_threadpool(encoder.encode, block))
+            try:
+                block = await _next_or_disconnect(stream, request)
+            except StopAsyncIteration:
+                block = None
         pieces.append(await run_in_threadpool(encoder.finish))
     except (asyncio.CancelledError, ApiError):
         raise
+    except GenerationTimeout as e:
+        raise ApiError(504, str(e), error_type="server_error", code="timeout") from None
     except Exception as e:
         log.exception("generation failed")
         raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
     finally:
         stream.cancel()
         encoder.close()
+    timing.sent()
+    timing.finished(samples / SAMPLE_RATE)
     return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)
 
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(level=logging.DEBUG if settings.debug_logs else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    configure_logging(settings.debug_logs, settings.log_json)
+    # uvicorn handles SIGTERM (stop accepting, let streams in flight finish, run the lifespan's
+    # shutdown) and then raises the signal again; answer that with a clean exit, status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=settings.shutdown_grace)
 
 
 if __name__ == "__main__":

@@ -311,7 +311,13 @@ class _Ticket:
     job: SpeechJob
     loop: asyncio.AbstractEventLoop
     output: asyncio.Queue
+    request_id: str = "-"
+    deadline: float | None = None  # time.monotonic() after which the job is abandoned
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class GenerationTimeout(Exception):
+    """The job ran past its deadline and was stopped."""
 
 
 _DONE = object()
@@ -361,6 +367,7 @@ class GenerationWorker:
         self.max_active = max_active
         self._jobs: queue.Queue[_Ticket | None] = queue.Queue()
         self._pending = 0
+        self._active = 0
         self._lock = threading.Lock()
         self._debug_sink = debug_sink
         self._thread = threading.Thread(target=self._run, name="echo-generation", daemon=True)
@@ -371,13 +378,27 @@ class GenerationWorker:
         """Jobs waiting or running."""
         return self._pending
 
-    def submit(self, job: SpeechJob) -> JobStream:
-        """Queue a job (call from the event loop); raises QueueFull when too many are waiting."""
+    @property
+    def active(self) -> int:
+        """Jobs being generated."""
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a slot."""
+        return max(self._pending - self._active, 0)
+
+    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
+        """Queue a job (call from the event loop); raises QueueFull when too many are waiting.
+
+        A job still running `timeout` seconds after submission is stopped (GenerationTimeout).
+        """
         with self._lock:
             if self._pending >= self.max_waiting + self.max_active:
                 raise QueueFull()
             self._pending += 1
-        ticket = _Ticket(job, asyncio.get_running_loop(), asyncio.Queue())
+        deadline = time.monotonic() + timeout if timeout else None
+        ticket = _Ticket(job, asyncio.get_running_loop(), asyncio.Queue(), request_id, deadline)
         self._jobs.put(ticket)
         return JobStream(ticket)
 
@@ -392,7 +413,9 @@ class GenerationWorker:
         with torch.inference_mode():
             while self._admit(active):
                 self._drop_cancelled(active)
+                self._active = len(active)
                 self._step(active)
+        self._active = 0
 
     def _admit(self, active: list[_Running]) -> bool:
         """Take waiting jobs into free slots (blocking while idle). False once closed."""
@@ -414,10 +437,21 @@ class GenerationWorker:
         return True
 
     def _drop_cancelled(self, active: list[_Running]) -> None:
-        for running in [r for r in active if r.ticket.cancelled.is_set()]:
-            log.info("generation cancelled after %.2f s of audio", running.samples / 44100)
+        """Stop jobs whose client left or whose time is up, before their next step."""
+        now = time.monotonic()
+        for running in list(active):
+            ticket = running.ticket
+            if ticket.cancelled.is_set():
+                log.info("generation cancelled after %.2f s of audio", running.samples / 44100,
+                         extra={"request_id": ticket.request_id})
+                running.send(_DONE)
+            elif ticket.deadline is not None and now > ticket.deadline:
+                log.warning("generation stopped: over its time limit after %.2f s of audio",
+                            running.samples / 44100, extra={"request_id": ticket.request_id})
+                running.send(GenerationTimeout("generation took longer than the server's time limit"))
+            else:
+                continue
             running.steps.close()
-            running.send(_DONE)
             active.remove(running)
             self._release(running)
 
@@ -465,7 +499,7 @@ class GenerationWorker:
             running.finish(self._debug_sink)
             return False
         except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
-            log.exception("generation failed")
+            log.exception("generation failed", extra={"request_id": running.ticket.request_id})
             running.send(e)
             return False
         running.pending = item
@@ -507,7 +541,8 @@ class _Running:
         self.send(audio)
 
     def finish(self, debug_sink: Callable[[np.ndarray], None] | None) -> None:
-        log.debug("generated %.2f s of audio in %.2f s", self.samples / 44100, time.perf_counter() - self.started_at)
+        log.debug("generated %.2f s of audio in %.2f s", self.samples / 44100, time.perf_counter() - self.started_at,
+                  extra={"request_id": self.ticket.request_id})
         if debug_sink is not None and self.kept:
             debug_sink(np.concatenate(self.kept))  # before the response ends, so it is there when it has
         self.send(_DONE)

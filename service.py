@@ -26,7 +26,6 @@ from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice,
 
 log = logging.getLogger(__name__)
 
-MAX_INLINE_VOICE_BYTES = 10 * 1024 * 1024
 DEBUG_WAV = Path("api_generation.wav")
 
 
@@ -155,8 +154,14 @@ class SpeechService:
         sf.write(DEBUG_WAV, audio, inf.SAMPLE_RATE, subtype="FLOAT")
 
     def close(self) -> None:
+        """Stop the worker (ending any job still running) and let go of the models and their memory."""
         if self.worker is not None:
             self.worker.close()
+        self.worker, self.engine = None, None
+        self.speaker_cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("shut down")
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -186,7 +191,11 @@ class SpeechService:
                 words_per_second=options.chunk_words_per_second or self.settings.chunk_words_per_second)
         except ValueError as e:
             raise RequestError(str(e), getattr(e, "param", None)) from e
-        return tuple(split_into_chunks(text, chunk_settings, normalize=options.normalize))
+        chunks = tuple(split_into_chunks(text, chunk_settings, normalize=options.normalize))
+        if len(chunks) > self.settings.max_chunks:
+            raise RequestError(f"input needs {len(chunks)} chunks of speech; the limit is "
+                               f"{self.settings.max_chunks} (ECHO_MAX_CHUNKS)", "input")
+        return chunks
 
     def speaker_reference(self, voice: str) -> SpeakerReference | None:
         """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
@@ -195,7 +204,7 @@ class SpeechService:
             if is_no_voice(voice):
                 return None
             if looks_like_inline_audio(voice):
-                key, audio = load_inline_voice(voice, MAX_INLINE_VOICE_BYTES, max_seconds)
+                key, audio = load_inline_voice(voice, self.settings.max_voice_bytes, max_seconds)
                 return SpeakerReference(key, lambda: audio)
             source = self.voices.resolve(voice)
         except ValueError as e:

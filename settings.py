@@ -60,6 +60,13 @@ class Settings(BaseSettings):
 
     output_sample_rate: int = Field(44100, ge=8000, le=48000)
     max_input_chars: int = Field(4096, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    max_voice_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # an inline (base64) voice, decoded
+    max_chunks: int = Field(32, ge=1)  # text chunks (~30 s each) one request may ask for
+    request_timeout: float = Field(600.0, ge=0)  # seconds of generation per request; 0 = unlimited
+    cors_origins: Annotated[list[str], NoDecode] = []  # empty: CORS off
+    log_json: bool = False
+    shutdown_grace: float = Field(30.0, ge=0)  # seconds SIGTERM waits for streams in flight
     max_active: int = Field(8, ge=1)  # requests generated together, batched into shared forward passes
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     api_key: str | None = None
@@ -69,6 +76,13 @@ class Settings(BaseSettings):
     def _split_dirs(cls, value):
         if isinstance(value, str):
             return [Path(p) for p in value.split(":") if p]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
         return value
 
     @field_validator("model_dtype", "fish_dtype")

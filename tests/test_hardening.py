@@ -1,0 +1,236 @@
+"""Limits, request ids, metrics, CORS, time limits, cancellation, injected failures and shutdown."""
+
+import asyncio
+import base64
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import LiveServer, free_port, server_env
+
+pytestmark = pytest.mark.slow
+SMALL = {"block_sizes": [8, 8], "num_steps": [2, 2]}
+LONG = {"block_sizes": [4] + [20] * 30, "num_steps": [1] + [50] * 30}
+
+
+@pytest.fixture(scope="module")
+def hardened(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_BODY_BYTES="65536",
+                     ECHO_MAX_VOICE_BYTES="16384", ECHO_MAX_CHUNKS="2", ECHO_CORS_ORIGINS="https://app.example",
+                     ECHO_REQUEST_TIMEOUT="3", ECHO_LOG_JSON="1")
+    live = LiveServer(env, tmp_path_factory.mktemp("hardened") / "server.log")
+    yield live
+    live.stop()
+
+
+def post(server, timeout=60, **body):
+    return httpx.post(server.url + "/v1/audio/speech", json={"input": "Hello.", "voice": "alice", **SMALL, **body},
+                      timeout=timeout)
+
+
+# ---- limits -------------------------------------------------------------------------------------
+
+
+def test_oversized_body_is_413_by_length_and_while_streaming_in(hardened):
+    big = b'{"input": "' + b"a" * 70000 + b'", "voice": "none"}'
+    r = httpx.post(hardened.url + "/v1/audio/speech", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(20):
+            yield b" " * 8192
+
+    r = httpx.post(hardened.url + "/v1/audio/speech", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_inline_voice_over_the_configured_size_is_400(hardened, voice_dir):
+    clip = base64.b64encode((voice_dir / "alice.wav").read_bytes()).decode()[:40000]  # 30 kB > 16 kB limit
+    r = httpx.post(hardened.url + "/v1/audio/speech", json={"input": "Hi.", "voice": clip, **SMALL}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+
+
+def test_too_many_chunks_is_400(hardened):
+    text = " ".join(f"This is sentence number {i} of a long story." for i in range(30))
+    r = post(hardened, input=text, chunk_target_seconds=3, chunk_min_seconds=2, chunk_max_seconds=4)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "ECHO_MAX_CHUNKS" in r.text
+
+
+# ---- operability --------------------------------------------------------------------------------
+
+
+def test_request_ids_in_headers_and_logs(hardened):
+    r = httpx.get(hardened.url + "/v1/voices", headers={"X-Request-ID": "client-id-123"})
+    assert r.headers["x-request-id"] == "client-id-123"
+    r = httpx.get(hardened.url + "/v1/voices", headers={"X-Request-ID": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
+    r = post(hardened, voice="nobody")
+    assert r.status_code == 400 and r.headers["x-request-id"]
+    cancelled = httpx.post(hardened.url + "/v1/audio/speech", headers={"X-Request-ID": "slow-one"},
+                           json={"input": "Hi.", "voice": "alice", **LONG}, timeout=30)
+    assert cancelled.status_code == 504  # over ECHO_REQUEST_TIMEOUT, see below
+    line = next(line for line in hardened.log().splitlines() if "time limit" in line and "slow-one" in line)
+    assert '"request_id": "slow-one"' in line  # JSON logs (ECHO_LOG_JSON=1)
+
+
+def test_metrics(hardened):
+    assert post(hardened).status_code == 200
+    text = httpx.get(hardened.url + "/metrics").text
+    assert 'echo_requests_total{route="/v1/audio/speech",status="200"}' in text
+    assert "echo_time_to_first_byte_seconds_count" in text and "echo_real_time_factor_bucket" in text
+    assert "echo_queue_length" in text and "echo_active_streams" in text
+
+
+def test_cors_only_for_configured_origins(hardened, server):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(hardened.url + "/v1/audio/speech", headers=preflight)
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.options(hardened.url + "/v1/audio/speech", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/voices", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in r.headers  # off by default
+
+
+# ---- time limits and cancellation ---------------------------------------------------------------
+
+
+def test_generation_time_limit(hardened):
+    r = httpx.post(hardened.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **LONG,
+                                                            "stream": False}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    r = httpx.post(hardened.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **LONG}, timeout=60)
+    assert r.status_code == 200 and 0 < len(r.content) < (4 + 600) * 2048 * 2  # stream ended at the limit
+    assert post(hardened).status_code == 200
+
+
+def test_non_streaming_client_disconnect_stops_generation(server):
+    before = server.log().count("generation cancelled")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **LONG, "stream": False},
+                   timeout=1.5)
+    deadline = time.monotonic() + 30
+    while server.log().count("generation cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count("generation cancelled") > before
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---- injected failures (an in-process server, so the engine can be sabotaged) ---------------------
+
+
+class InProcessServer:
+    def __init__(self, settings):
+        import uvicorn
+
+        from api_server import create_app
+
+        self.app = create_app(settings)
+        self.port = settings.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).json()["ready"]:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("in-process server not ready")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sabotaged(tiny_echo_dir, tiny_fish_dir, voice_dir):
+    from settings import load_settings
+
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)
+    settings = load_settings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("ECHO_")},
+                             port=free_port())
+    live = InProcessServer(settings)
+    yield live
+    live.stop()
+
+
+def sabotage(monkeypatch, live, error, after_calls):
+    """Make the model raise `error` on its (after_calls + 1)-th call, once."""
+    model = live.app.state.service.engine.model
+    real = model.velocity
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == after_calls + 1:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "velocity", failing)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("injected failure"), torch.OutOfMemoryError("CUDA out of memory")],
+                         ids=["exception", "oom"])
+def test_failure_before_streaming_is_a_500_and_the_next_request_succeeds(sabotaged, monkeypatch, error):
+    sabotage(monkeypatch, sabotaged, error, after_calls=0)
+    r = post(sabotaged)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.json()["error"]["code"] == "generation_failed"
+    r = post(sabotaged)
+    assert r.status_code == 200 and len(r.content) == 16 * 2048 * 2
+
+
+def test_failure_mid_stream_ends_that_stream_cleanly(sabotaged, monkeypatch):
+    sabotage(monkeypatch, sabotaged, RuntimeError("injected failure"), after_calls=3)  # during block 2
+    with httpx.stream("POST", sabotaged.url + "/v1/audio/speech",
+                      json={"input": "Hello.", "voice": "alice", **SMALL}, timeout=60) as r:
+        assert r.status_code == 200
+        data = b"".join(r.iter_raw())
+    assert 0 < len(data) < 16 * 2048 * 2  # the first block, then a clean end
+    r = post(sabotaged)
+    assert r.status_code == 200 and len(r.content) == 16 * 2048 * 2
+
+
+def test_failure_in_a_batch_fails_only_its_requests(sabotaged, monkeypatch):
+    sabotage(monkeypatch, sabotaged, RuntimeError("injected failure"), after_calls=0)
+
+    async def two():
+        async with httpx.AsyncClient(base_url=sabotaged.url, timeout=60) as client:
+            body = {"input": "Hello.", "voice": "alice", **SMALL, "stream": False, "response_format": "wav"}
+            return await asyncio.gather(client.post("/v1/audio/speech", json=body),
+                                        client.post("/v1/audio/speech", json=body))
+
+    statuses = sorted(r.status_code for r in asyncio.run(two()))
+    assert statuses[-1] in (200, 500) and all(s in (200, 500) for s in statuses)
+    assert post(sabotaged).status_code == 200
+
+
+# ---- graceful shutdown --------------------------------------------------------------------------
+
+
+def test_sigterm_mid_stream_finishes_the_stream_and_exits_zero(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_SHUTDOWN_GRACE="120"),
+                      tmp_path / "server.log")
+    body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 10, "num_steps": [1] + [6] * 10}
+    try:
+        assert httpx.post(live.url + "/v1/audio/speech", json=body, timeout=120).status_code == 200  # warm shapes
+        with httpx.stream("POST", live.url + "/v1/audio/speech", json=body, timeout=120) as r:
+            chunks = r.iter_raw()
+            first = next(chunks)
+            live.process.send_signal(signal.SIGTERM)
+            rest = b"".join(chunks)
+        assert len(first) + len(rest) == (4 + 160) * 2048 * 2  # the stream in flight was completed
+        assert live.process.wait(timeout=120) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(live.url + "/health", timeout=2)
+    finally:
+        if live.process.poll() is None:
+            live.stop()
