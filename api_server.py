@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
+from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
 from engine import GenerationTimeout, JobStream, QueueFull, VoiceUnusable
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
@@ -130,6 +130,26 @@ class SpeechRequest(BaseModel):
 
 # ---------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int, dict]:
+    """OpenAPI documentation of the error responses a route may give."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+AUDIO_RESPONSE = {200: {"description": "Audio, streamed or whole; SSE events with stream_format=sse",
+                        "content": {t: {} for t in (*CONTENT_TYPES.values(), "text/event-stream")}}}
 
 
 class ApiError(Exception):
@@ -240,32 +260,34 @@ def _routes():
     def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"status": "ok", "ready": service.ready.is_set()}
 
-    @protected.get("/ready")
+    @protected.get("/ready", responses=_errors(401, 503))
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
         return {"status": "ready"}
 
-    @protected.get("/metrics")
+    @protected.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}} | _errors(401),
+                    response_class=Response)
     def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @protected.get("/v1/models")
+    @protected.get("/v1/models", responses=_errors(401))
     def models() -> dict:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "echo-tts"}]}
 
-    @protected.get("/v1/audio/models")
+    @protected.get("/v1/audio/models", responses=_errors(401))
     def audio_models() -> dict:
         return {"models": [{"id": MODEL_ID, "name": "Echo-TTS"}]}
 
-    @protected.get("/v1/voices")
+    @protected.get("/v1/voices", responses=_errors(401))
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         names = service.voices.list()
         return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
 
-    @protected.get("/v1/audio/voices")
+    @protected.get("/v1/audio/voices", responses=_errors(401))
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voices.list()]}
 
-    @protected.post("/v1/audio/speech")
+    @protected.post("/v1/audio/speech", response_class=Response,
+                    responses=AUDIO_RESPONSE | _errors(400, 401, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         job = await _build_job(service, body)
