@@ -39,6 +39,7 @@ from settings import Settings, load_settings
 
 log = logging.getLogger("echo_tts.api")
 MODEL_ID = "echo-tts"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
 
 # ---------------------------------------------------------------------------------------------
 # Request model
@@ -302,12 +303,15 @@ def _routes():
         headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
         try:
             first = await _first_block(stream, request)
+            if not body.stream:
+                return await _whole_file(stream, first, encoder, request, headers, timing)
+        except ClientGone:
+            log.info("client disconnected before its audio was ready")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except BaseException:
             encoder.close()
             stream.cancel()
             raise
-        if not body.stream:
-            return await _whole_file(stream, first, encoder, request, headers, timing)
         if body.stream_format == "sse":
             return StreamingResponse(_sse_events(stream, first, encoder, timing), media_type="text/event-stream",
                                      headers=headers | {"Cache-Control": "no-cache"})
@@ -345,23 +349,30 @@ async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None
         raise ApiError(400, str(e), "voice", code="invalid_value") from None
     except GenerationTimeout as e:
         raise ApiError(504, str(e), error_type="server_error", code="timeout") from None
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ClientGone):
         raise
     except Exception as e:
         log.exception("generation failed before streaming began")
         raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
 
 
+class ClientGone(Exception):
+    """The client closed the connection while waiting for audio."""
+
+
+DISCONNECT_POLL_SECONDS = 0.05
+
+
 async def _next_or_disconnect(blocks: AsyncIterator[np.ndarray], request: Request) -> np.ndarray:
-    """The next block; the job is cancelled (and this raises CancelledError) if the client leaves."""
+    """The next block, watching the connection meanwhile: raises ClientGone if the client leaves."""
     next_block = asyncio.ensure_future(anext(blocks))
     while True:
-        done, _ = await asyncio.wait({next_block}, timeout=0.5)
+        done, _ = await asyncio.wait({next_block}, timeout=DISCONNECT_POLL_SECONDS)
         if done:
             return next_block.result()
         if await request.is_disconnected():
             next_block.cancel()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientGone()
 
 
 async def _blocks(first: np.ndarray | None, stream: JobStream) -> AsyncIterator[np.ndarray]:
@@ -429,7 +440,7 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
             except StopAsyncIteration:
                 block = None
         pieces.append(await run_in_threadpool(encoder.finish))
-    except (asyncio.CancelledError, ApiError):
+    except (asyncio.CancelledError, ApiError, ClientGone):
         raise
     except GenerationTimeout as e:
         raise ApiError(504, str(e), error_type="server_error", code="timeout") from None

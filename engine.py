@@ -415,6 +415,7 @@ class GenerationWorker:
                 self._drop_cancelled(active)
                 self._active = len(active)
                 self._step(active)
+                self._active = len(active)
         self._active = 0
 
     def _admit(self, active: list[_Running]) -> bool:
@@ -457,30 +458,27 @@ class GenerationWorker:
 
     def _step(self, active: list[_Running]) -> None:
         """One batched diffusion step for every job waiting on the model, then all pending decodes
-        (streams at the same point decoded together)."""
-        calls = [r for r in active if isinstance(r.pending, ModelCall)]
-        if calls:
-            try:
-                velocities = batched_velocity(self.engine.model, [r.pending for r in calls])
-            except Exception as e:  # noqa: BLE001 - fails the jobs of this step only
-                log.exception("batched model step failed")
-                for running in calls:
-                    self._fail(active, running, e)
-                return
-            for running, v in zip(calls, velocities):
-                self._continue(active, running, v)
-        decodes = [r for r in active if isinstance(r.pending, DecodeCall)]
-        if decodes:
-            try:
-                audio = decode_streams([r.pending.decoder for r in decodes], [r.pending.z for r in decodes],
-                                       batch=self.engine.fish_ae.device.type != "cpu")
-            except Exception as e:  # noqa: BLE001 - fails the jobs of this decode only
-                log.exception("batched decode failed")
-                for running in decodes:
-                    self._fail(active, running, e)
-                return
-            for running, samples in zip(decodes, audio):
-                self._continue(active, running, samples)
+        (streams at the same point decoded together where that pays)."""
+        model, fish = self.engine.model, self.engine.fish_ae
+        self._run_together(active, ModelCall, lambda calls: batched_velocity(model, calls))
+        self._run_together(active, DecodeCall, lambda calls: decode_streams(
+            [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu"))
+
+    def _run_together(self, active: list[_Running], kind: type, compute: Callable[[list], list]) -> None:
+        """Compute the pending calls of one kind in one go and hand each job its reply; if the
+        shared computation fails, only the jobs that were part of it fail."""
+        members = [r for r in active if isinstance(r.pending, kind)]
+        if not members:
+            return
+        try:
+            replies = compute([r.pending for r in members])
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s for %d jobs failed", kind.__name__, len(members))
+            for running in members:
+                self._fail(active, running, e)
+            return
+        for running, reply in zip(members, replies):
+            self._continue(active, running, reply)
 
     def _continue(self, active: list[_Running], running: _Running, reply) -> None:
         if not self._advance(running, reply):

@@ -204,13 +204,20 @@ class SpeechService:
             if is_no_voice(voice):
                 return None
             if looks_like_inline_audio(voice):
-                key, audio = load_inline_voice(voice, self.settings.max_voice_bytes, max_seconds)
-                return SpeakerReference(key, lambda: audio)
+                return self._inline_voice(voice)
             source = self.voices.resolve(voice)
         except ValueError as e:
             raise RequestError(str(e), "voice") from e
         return SpeakerReference(source.cache_key, lambda: load_voice_audio(source, max_seconds),
                                 name=source.cache_name)
+
+    def _inline_voice(self, voice: str) -> SpeakerReference:
+        """A base64 / data: URL voice within ECHO_MAX_VOICE_BYTES and ECHO_MAX_VOICE_SECONDS."""
+        limit = self.settings.max_voice_seconds
+        key, audio = load_inline_voice(voice, self.settings.max_voice_bytes, max_duration=limit + 1)
+        if audio.shape[1] > limit * inf.SAMPLE_RATE:
+            raise RequestError(f"the voice clip is longer than {limit:g} s (ECHO_MAX_VOICE_SECONDS)", "voice")
+        return SpeakerReference(key, lambda: audio)
 
     def _job(self, options: GenerationOptions, chunks: tuple[str, ...],
              speaker: SpeakerReference | None) -> SpeechJob:

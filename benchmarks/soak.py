@@ -63,6 +63,7 @@ import time
 import wave
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -105,6 +106,7 @@ class Result:
     ttfb: float | None = None  # time to the first audio byte (streaming requests that were ok)
     detail: str = ""
     rid: str = ""
+    left: float | None = None  # abandoned: when the client closed the connection (time.time())
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Phase:
     probe_ok: bool = True
     mem: ProcStats | None = None
     gauges: dict[str, float] | None = None
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def count(self, outcome: str) -> int:
         return sum(r.outcome == outcome for r in self.results)
@@ -141,6 +144,7 @@ class Context:
     voices: list[str]  # registered voices and inline data: URLs; "none" is always among them
     request_timeout: float
     mix: dict[str, float]
+    pid: int | None = None
 
 
 def proc_stats(pid: int | None) -> ProcStats | None:
@@ -158,6 +162,48 @@ def proc_stats(pid: int | None) -> ProcStats | None:
         return ProcStats(kb("VmRSS"), kb("VmHWM"), int(fields_["Threads"]), fds)
     except (OSError, KeyError, ValueError):
         return None
+
+
+def cpu_seconds(pid: int | str | None) -> float | None:
+    """CPU time (user + system) used so far by a process, from /proc/<pid>/stat."""
+    if pid is None:
+        return None
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def busy_seconds() -> float | None:
+    """CPU time all processes of the machine used so far (non-idle time in /proc/stat)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """Cores used during a phase by the server, by this script, and by everything else on the
+    machine: CPU-bound latencies mean little when other processes took the cores."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.start = self._sample()
+
+    def _sample(self) -> tuple:
+        return time.perf_counter(), cpu_seconds(self.pid), cpu_seconds("self"), busy_seconds()
+
+    def stop(self) -> dict[str, float]:
+        end = self._sample()
+        wall = end[0] - self.start[0]
+        used = [None if a is None or b is None else (b - a) / wall for a, b in zip(self.start[1:], end[1:])]
+        server, client, busy = used
+        result = {"server": server, "client": client}
+        if busy is not None and client is not None:
+            result["others"] = max(0.0, busy - client - (server or 0.0))
+        return {k: v for k, v in result.items() if v is not None}
 
 
 def snippet(data: bytes, limit: int = 160) -> str:
@@ -382,7 +428,7 @@ async def do_abandon_stream(client: httpx.AsyncClient, rng: random.Random, ctx: 
         return transport("abandon_stream", e, describe(body), rid)
     if not got:
         return Result("abandon_stream", "unexpected", detail=f"{describe(body)}: 200 with no audio at all")
-    return Result("abandon_stream", "abandoned")
+    return Result("abandon_stream", "abandoned", left=time.time())
 
 
 async def do_abandon_timeout(client: httpx.AsyncClient, rng: random.Random, ctx: Context, rid: str) -> Result:
@@ -394,7 +440,7 @@ async def do_abandon_timeout(client: httpx.AsyncClient, rng: random.Random, ctx:
     try:
         response = await client.post(SPEECH, json=body, timeout=timeout, headers={ID: rid})
     except httpx.ReadTimeout:
-        return Result("abandon_timeout", "abandoned")
+        return Result("abandon_timeout", "abandoned", left=time.time())
     except httpx.HTTPError as e:
         return transport("abandon_timeout", e, describe(body), rid)
     if response.status_code != 200:
@@ -439,6 +485,7 @@ async def run_phase(phase: Phase, url: str, ctx: Context, rng: random.Random, du
                     await asyncio.sleep(request_rng.uniform(0.25, 0.75))
 
         start = time.perf_counter()
+        meter = CpuMeter(ctx.pid)
         tasks = [asyncio.create_task(worker()) for _ in range(phase.clients)]
         # every request has its own timeout, so this only trips if something ignores it
         _, pending = await asyncio.wait(tasks, timeout=duration + ctx.request_timeout + 30)
@@ -447,6 +494,7 @@ async def run_phase(phase: Phase, url: str, ctx: Context, rng: random.Random, du
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         phase.wall = time.perf_counter() - start
+        phase.cpu = meter.stop()
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
@@ -618,12 +666,23 @@ def cancellations(log: Path | None, phases: list[Phase]) -> str | None:
     """How many of the abandoned requests the server log shows as cancelled (by request id)."""
     if log is None or not log.exists():
         return None
-    text = log.read_text(errors="replace")
-    cancelled = set(re.findall(r"\[(soak-[^\]]+)\] generation cancelled", text))
-    rids = [r.rid for p in phases for r in p.results if r.outcome == "abandoned"]
-    seen = sum(rid in cancelled for rid in rids)
-    return (f"server log: {seen} of {len(rids)} abandoned requests logged 'generation cancelled' "
-            f"(the others had finished generating, or their job had not started, when the client left)")
+    cancelled: dict[str, float | None] = {}
+    for stamp, rid in re.findall(r"^(\S+ \S+) \S+ \S+ \[(soak-[^\]]+)\] generation cancelled",
+                                 log.read_text(errors="replace"), re.MULTILINE):
+        try:
+            cancelled[rid] = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            cancelled[rid] = None
+    abandoned = [r for p in phases for r in p.results if r.outcome == "abandoned"]
+    lines = [f"server log: {sum(r.rid in cancelled for r in abandoned)} of {len(abandoned)} abandoned requests "
+             f"logged 'generation cancelled' (the others had finished, or had not started, when the client left)"]
+    for kind in ("abandon_stream", "abandon_timeout"):
+        delays = [cancelled[r.rid] - r.left for r in abandoned
+                  if r.kind == kind and r.left is not None and cancelled.get(r.rid) is not None]
+        if delays:
+            lines.append(f"   {kind}: client gone -> server cancelled the job: p50 {ms(delays, .5)} ms, "
+                         f"p95 {ms(delays, .95)} ms, max {max(delays) * 1000:.0f} ms ({len(delays)} jobs)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +714,9 @@ def print_phase(phase: Phase) -> None:
     if phase.mem:
         m = phase.mem
         print(f"   server: RSS {m.rss_mb:.1f} MB (peak {m.hwm_kb / 1024:.1f} MB), {m.threads} threads, {m.fds} fds")
+    if phase.cpu:
+        print("   cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in phase.cpu.items())
+              + f" (of {os.cpu_count()})")
     print(f"   {phase.probe}")
     if phase.gauges is not None:
         print(f"   server /metrics: {gauge_text(phase.gauges)}")
@@ -667,16 +729,22 @@ def print_phase(phase: Phase) -> None:
 
 
 def gauge_text(gauges: dict[str, float]) -> str:
-    counts = ", ".join(f"{k[len('requests_'):]} {v:.0f}" for k, v in sorted(gauges.items()) if k.startswith("requests_"))
+    counts = ", ".join(f"{k.removeprefix('requests_')} {v:.0f}" for k, v in sorted(gauges.items())
+                       if k.startswith("requests_"))
     return (f"queue {gauges.get('echo_queue_length', 0):.0f}, active {gauges.get('echo_active_streams', 0):.0f}; "
             f"responses so far by status: {counts or '-'}")
 
 
+def cores_cell(cpu: dict[str, float]) -> str:
+    server, others = cpu.get("server"), cpu.get("others")
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in (server, others))
+
+
 def table(start: ProcStats | None, phases: list[Phase], idle: ProcStats | None, idle_s: float) -> str:
     head = ("| clients | requests | req/s | ok | 4xx exp. | 4xx unexp. | 429 | 5xx | transport | abandoned "
-            "| unexp. | latency p50 / p95 ms | TTFB p50 / p95 ms | server RSS MB |")
+            "| unexp. | latency p50 / p95 ms | TTFB p50 / p95 ms | cores: server / others | server RSS MB |")
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    blanks = "| " * 13
+    blanks = "| " * 14
     rows.append(f"| start {blanks}{mem_cell(start)} |")
     for p in phases:
         latency = [r.latency for r in p.results if r.kind in VALID_KINDS and r.outcome == "ok"]
@@ -686,7 +754,7 @@ def table(start: ProcStats | None, phases: list[Phase], idle: ProcStats | None, 
         rows.append(f"| {label} | {len(p.results)} | {rate:.1f} | {p.count('ok')} | {p.count('expected_4xx')} | "
                     f"{p.count('unexpected_4xx')} | {p.count('429')} | {p.count('5xx')} | {p.count('transport')} | "
                     f"{p.count('abandoned')} | {p.count('unexpected')} | {pair(latency)} | {pair(ttfb)} | "
-                    f"{mem_cell(p.mem)} |")
+                    f"{cores_cell(p.cpu)} | {mem_cell(p.mem)} |")
     rows.append(f"| idle {idle_s:.0f} s {blanks}{mem_cell(idle)} |")
     return "\n".join(rows)
 
@@ -724,7 +792,7 @@ async def soak(url: str, pid: int | None, log: Path | None,
     problems: list[str] = []
     notes: list[str] = []
     ctx = Context(await discover_voices(url, np.random.default_rng(args.seed), args.inline_voices),
-                  args.request_timeout, args.mix)
+                  args.request_timeout, args.mix, pid)
     start_mem = proc_stats(pid)
     phases: list[Phase] = []
 
