@@ -234,7 +234,8 @@ def get_service(request: Request) -> SpeechService:
 
 def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
     if not service.ready.is_set():
-        message = "the models failed to load" if service.load_error else "the models are still loading"
+        message = (f"the models failed to load ({service.load_error}); see the server log" if service.load_error
+                   else "the models are still loading")
         raise ApiError(503, message, code="not_ready", error_type="server_error", headers={"Retry-After": "5"})
     return service
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -90,5 +91,22 @@ def test_debug_logs_keep_the_last_generation_and_streamed_bytes_match_it(tiny_ec
         meant = np.round(np.clip(generated, -1, 1) * 32767).astype("<i2").tobytes()
         assert streamed == meant  # every sample the engine produced, converted by the contract's rule
         assert "DEBUG" in live.log()
+    finally:
+        live.stop()
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_load_is_reported_by_ready(tiny_fish_dir, voice_dir, tmp_path):
+    live = LiveServer(server_env(tmp_path / "no-such-model", tiny_fish_dir, voice_dir), tmp_path / "server.log",
+                      wait_ready=False)
+    try:
+        for _ in range(100):
+            r = httpx.get(live.url + "/ready")
+            if "failed" in r.text:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert "no-such-model" in r.json()["error"]["message"]
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False}
     finally:
         live.stop()
