@@ -20,7 +20,6 @@ import os
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import av

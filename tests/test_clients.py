@@ -3,7 +3,6 @@
 import re
 import subprocess
 
-import numpy as np
 import pytest
 import soundfile as sf
 from openai import OpenAI
