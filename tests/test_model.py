@@ -159,3 +159,18 @@ def test_incremental_prefix_encodes_only_new_frames(tiny_model, monkeypatch):
     for n in (32, 128, 480):
         prefix.extend(torch.randn(1, n, 80))
     assert seen == [32, 128, 480]
+
+
+@pytest.mark.slow
+def test_compiled_model_computes_the_same(tiny_echo_dir):
+    """The ECHO_COMPILE path (torch.compile of the decoder and cache builders) on the CPU backend."""
+    from inference import compile_model
+
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
+    c = CASES
+    kv_text = model.get_kv_cache_text(c["text_input_ids"], c["text_mask"])
+    kv_speaker = model.get_kv_cache_speaker(c["speaker_latent"])
+    compile_model(model)
+    with torch.inference_mode():
+        out = model(c["fwd_x"], c["fwd_t"], c["text_mask"], c["speaker_mask"], kv_text, kv_speaker)
+    assert_close_to_reference(out, c["fwd_out"])
