@@ -28,8 +28,8 @@ from torch import Tensor
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, ModelCall, PCAState, SamplerSettings,
                        find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
-                       latents_to_dac, make_generator, no_speaker)
-from inference_blockwise import blockwise_steps, resume
+                       latents_to_dac, make_generator, no_speaker, resume, run_steps)
+from inference_blockwise import blockwise_steps
 from model import EchoDiT, KVCache, RowGroup
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class VoiceUnusable(ValueError):
 
 
 class GenerationCancelled(Exception):
-    """Raised inside a generation whose client has gone away."""
+    """For `generate(on_step=...)` callers: raise it from `on_step` to abandon a generation."""
 
 
 def random_seed() -> int:
@@ -148,19 +148,7 @@ class SpeechEngine:
         The job alone, with direct model calls; GenerationWorker runs the same steps batched.
         `on_step` is called before every diffusion step; raising from it abandons the job.
         """
-        steps = self.job_steps(job)
-        item = next(steps, None)
-        while item is not None:
-            if isinstance(item, ModelCall):
-                if on_step is not None:
-                    on_step()
-                reply = item.run(self.model)
-            elif isinstance(item, DecodeCall):
-                reply = item.run()
-            else:
-                yield item
-                reply = None
-            item = resume(steps, reply)
+        yield from run_steps(self.model, self.job_steps(job), on_step)
 
     def job_steps(self, job: SpeechJob) -> JobSteps:
         """The job as a step generator: yields ModelCall (send back the velocity), DecodeCall (send

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -567,6 +567,35 @@ def drive(model: EchoDiT, steps: Steps, on_step: Callable[[], None] | None = Non
             call = steps.send(call.run(model))
     except StopIteration as finished:
         return finished.value
+
+
+def run_steps(model: EchoDiT, steps: Generator, on_step: Callable[[], None] | None = None) -> Iterator:
+    """Drive a step generator with direct calls, yielding its outputs.
+
+    A ModelCall is answered with the model's velocity (after `on_step`, which may raise to
+    abandon the generation); any other call (an object with `run()`) with its result; anything
+    else the generator yields is an output, passed on (and answered with None).
+    """
+    item = next(steps, None)
+    while item is not None:
+        if isinstance(item, ModelCall):
+            if on_step is not None:
+                on_step()
+            reply = item.run(model)
+        elif hasattr(item, "run"):
+            reply = item.run()
+        else:
+            yield item
+            reply = None
+        item = resume(steps, reply)
+
+
+def resume(steps: Generator, value):
+    """Send `value` into a step generator; None once it has finished."""
+    try:
+        return steps.send(value)
+    except StopIteration:
+        return None
 
 
 def denoise(conditioning: Conditioning, x_t: Tensor, settings: SamplerSettings, num_steps: int | None = None,

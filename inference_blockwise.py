@@ -14,7 +14,8 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from inference import Conditioning, ModelCall, SamplerSettings, denoise_steps, initial_noise, make_generator
+from inference import (Conditioning, ModelCall, SamplerSettings, denoise_steps, initial_noise, make_generator,
+                       run_steps)
 from model import EchoDiT, LatentPrefix
 
 
@@ -65,23 +66,7 @@ def iter_blockwise(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor,
     conditioning = Conditioning(model, speaker_latent, speaker_mask, text_input_ids, text_mask, settings)
     rng = rng if rng is not None else make_generator(rng_seed, model.device)
     steps = blockwise_steps(model, conditioning, rng, block_sizes, num_steps, settings, continuation_latent)
-    item = next(steps, None)
-    while item is not None:
-        if isinstance(item, ModelCall):
-            if on_step is not None:
-                on_step()
-            item = resume(steps, item.run(model))
-        else:
-            yield item
-            item = resume(steps, None)
-
-
-def resume(steps: Generator, value):
-    """Send `value` into a sampler generator; None once it has finished."""
-    try:
-        return steps.send(value)
-    except StopIteration:
-        return None
+    yield from run_steps(model, steps, on_step)
 
 
 def _blockwise_sampler(guidance: str, doc: str) -> Callable[..., Tensor]:

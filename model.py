@@ -22,6 +22,11 @@ from torch import Tensor, nn
 KVCache = list[tuple[Tensor, Tensor]]  # one (keys, values) pair per decoder block, each (B, N, H, D)
 
 
+def cat_kv(first: KVCache, second: KVCache) -> KVCache:
+    """Per layer, the keys/values of `first` followed by those of `second` (along the sequence)."""
+    return [(torch.cat([k1, k2], dim=1), torch.cat([v1, v2], dim=1)) for (k1, v1), (k2, v2) in zip(first, second)]
+
+
 @dataclass(frozen=True)
 class RowGroup:
     """The rows of one generation inside a batched forward pass, and its own (unpadded) lengths.
@@ -513,16 +518,11 @@ class LatentPrefix:
         if whole:
             first = self._complete[0][0].shape[1]
             encoded, kv = self.model.latent_encoder.extend(frames[:, :whole], self._encoder_kv)
-            self._encoder_kv = kv if not self._encoder_kv else [
-                (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(self._encoder_kv, kv)]
-            new = self.model.latent_prefix_kv(encoded, first)
-            self._complete = [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1))
-                              for (pk, pv), (k, v) in zip(self._complete, new)]
+            self._encoder_kv = cat_kv(self._encoder_kv, kv) if self._encoder_kv else kv
+            self._complete = cat_kv(self._complete, self.model.latent_prefix_kv(encoded, first))
         self._tail = frames[:, whole:]
         self.kv = self._complete
         if self._tail.shape[1]:
             padded = torch.nn.functional.pad(self._tail, (0, 0, 0, self.patch - self._tail.shape[1]))
             encoded, _ = self.model.latent_encoder.extend(padded, self._encoder_kv)
-            partial = self.model.latent_prefix_kv(encoded, self._complete[0][0].shape[1])
-            self.kv = [(torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1))
-                       for (ck, cv), (k, v) in zip(self._complete, partial)]
+            self.kv = cat_kv(self._complete, self.model.latent_prefix_kv(encoded, self._complete[0][0].shape[1]))
