@@ -303,7 +303,7 @@ def _routes():
                            error_type="rate_limit_error", headers={"Retry-After": "2"}) from None
         headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
         try:
-            first = await _first_block(stream, request)
+            first = await _next_block(stream, request)
             if not body.stream:
                 return await _whole_file(stream, first, encoder, request, headers, timing)
         except ClientGone:
@@ -340,8 +340,12 @@ def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> A
         raise ApiError(400, str(e), e.param, code="invalid_value") from None
 
 
-async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None:
-    """Wait for the first audio, so a failure before any byte is sent is a proper error response."""
+async def _next_block(stream: JobStream, request: Request) -> np.ndarray | None:
+    """The next block of audio (None at the end), watching the connection meanwhile.
+
+    A generation failure becomes an ApiError, which is the response when no byte has left yet
+    (that is why the first block is awaited before the response starts).
+    """
     try:
         return await _next_or_disconnect(stream, request)
     except StopAsyncIteration:
@@ -353,8 +357,12 @@ async def _first_block(stream: JobStream, request: Request) -> np.ndarray | None
     except (asyncio.CancelledError, ClientGone):
         raise
     except Exception as e:
-        log.exception("generation failed before streaming began")
-        raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
+        raise _generation_failed(e) from None
+
+
+def _generation_failed(error: Exception) -> ApiError:
+    log.error("generation failed", exc_info=error)
+    return ApiError(500, f"generation failed: {error}", error_type="server_error", code="generation_failed")
 
 
 class ClientGone(Exception):
@@ -436,18 +444,12 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
         while block is not None:
             samples += block.size
             pieces.append(await run_in_threadpool(encoder.encode, block))
-            try:
-                block = await _next_or_disconnect(stream, request)
-            except StopAsyncIteration:
-                block = None
+            block = await _next_block(stream, request)
         pieces.append(await run_in_threadpool(encoder.finish))
     except (asyncio.CancelledError, ApiError, ClientGone):
         raise
-    except GenerationTimeout as e:
-        raise ApiError(504, str(e), error_type="server_error", code="timeout") from None
-    except Exception as e:
-        log.exception("generation failed")
-        raise ApiError(500, f"generation failed: {e}", error_type="server_error", code="generation_failed") from None
+    except Exception as e:  # the encoder failed
+        raise _generation_failed(e) from None
     finally:
         stream.cancel()
         encoder.close()
