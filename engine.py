@@ -17,20 +17,20 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, decode_streams
+from batched_steps import ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, ModelCall, PCAState, SamplerSettings,
                        find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
                        latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import blockwise_steps
-from model import EchoDiT, KVCache, RowGroup
+from model import EchoDiT, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,20 @@ def random_seed() -> int:
 
 
 class SpeechEngine:
-    """Owns EchoDiT, the Fish S1-DAC, the PCA state and the per-voice speaker latents."""
+    """Owns EchoDiT, the Fish S1-DAC, the PCA state, the per-voice speaker latents and speaker
+    key/value caches, and the step runner that evaluates diffusion steps (batched_steps.py)."""
 
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
-                 max_speaker_latent_length: int = 6400, speaker_on_device: bool = False):
+                 max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
+                 speaker_kv_cache=None, steps: StepRunner | None = None):
         self.model = model
         self.fish_ae = fish_ae
         self.pca_state = pca_state
         self.speaker_cache = speaker_cache
+        self.speaker_kv_cache = speaker_kv_cache  # None: computed per request
         self.max_speaker_latent_length = max_speaker_latent_length
         self.speaker_on_device = speaker_on_device
+        self.steps = steps or ExactSteps(model)
 
     def speaker_latents(self, speaker: SpeakerReference | None) -> tuple[Tensor, Tensor]:
         """(1, frames, 80) latents and (1, frames) mask on the model device; cached per voice."""
@@ -126,6 +130,16 @@ class SpeechEngine:
         latent, mask = self.speaker_cache.get_or_create(speaker.cache_key, lambda: self._encode_speaker(speaker),
                                                         name=speaker.name)
         return latent.to(device=device, dtype=dtype), mask.to(device)
+
+    def speaker_kv(self, speaker: SpeakerReference | None, latent: Tensor) -> KVCache:
+        """The speaker encoder's per-layer keys/values of a voice's latents (1, frames, 80), reused
+        across requests of the same voice (the latents are a function of the voice)."""
+        if self.speaker_kv_cache is None:
+            return self.model.get_kv_cache_speaker(latent)
+        key, name, version = ("speaker-kv", None, None) if speaker is None else \
+            (("speaker-kv", speaker.cache_key), speaker.name, speaker.cache_key)
+        return self.speaker_kv_cache.get_or_create(key, lambda: self.model.get_kv_cache_speaker(latent), name=name,
+                                                   version=version)
 
     @torch.inference_mode()
     def _encode_speaker(self, speaker: SpeakerReference) -> tuple[Tensor, Tensor]:
@@ -148,24 +162,27 @@ class SpeechEngine:
         The job alone, with direct model calls; GenerationWorker runs the same steps batched.
         `on_step` is called before every diffusion step; raising from it abandons the job.
         """
-        yield from run_steps(self.model, self.job_steps(job), on_step)
+        yield from run_steps(self.model, self.job_steps(job), on_step, evaluate=lambda call: self.steps([call])[0])
 
     def job_steps(self, job: SpeechJob) -> JobSteps:
         """The job as a step generator: yields ModelCall (send back the velocity), DecodeCall (send
         back its audio) and finished audio (np.ndarray, send None), in order."""
         speaker_latent, speaker_mask = self.speaker_latents(job.speaker)
+        speaker = (speaker_mask, self.speaker_kv(job.speaker, speaker_latent))
         rng = make_generator(job.seed, self.model.device)
         for index, text in enumerate(job.chunks):
-            yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker_latent, speaker_mask,
+            yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker,
                                          ChunkFades(fade_in=index > 0))
 
     def _chunk_steps(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
-                     speaker_latent: Tensor, speaker_mask: Tensor, fades: ChunkFades) -> JobSteps:
+                     speaker: tuple[Tensor, KVCache], fades: ChunkFades) -> JobSteps:
         """One text chunk, block by block; the audio ends at the first flat (silent) run of latents."""
         device = self.model.device
         text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH, device=device,
                                                           normalize=job.normalize, pad_to_max=False)
-        conditioning = Conditioning(self.model, speaker_latent, speaker_mask, text_ids, text_mask, job.sampler)
+        speaker_mask, kv_speaker = speaker
+        conditioning = Conditioning(self.model, None, speaker_mask, text_ids, text_mask, job.sampler,
+                                    kv_speaker=kv_speaker)
         decoder = self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if self.fish_ae.device.type == "cpu"
                                                  else None)
         latents = torch.zeros((0, 80), device=device)
@@ -235,57 +252,6 @@ class ChunkFades:
         return held * np.linspace(1.0, 0.0, held.size, dtype=np.float32)
 
 
-def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
-    """Evaluate the steps of several generations in one forward pass.
-
-    Rows are stacked and frames, prefix patches, text tokens and speaker patches padded to the
-    longest, with each row at its own RoPE positions; attention runs per generation over its own
-    keys (RowGroup), so each result is bit-for-bit what the generation computes alone on CPU
-    (except where a step alone has fewer than 12 token rows, for which MKL picks a small-matrix
-    kernel that rounds differently) and equal up to float rounding on GPUs.
-    """
-    if len(calls) == 1:
-        return [calls[0].run(model)]
-    device = calls[0].x.device
-    heads, head_dim = model.blocks[0].attention.num_heads, model.head_dim
-
-    def latent_kv(call: ModelCall) -> KVCache:
-        if call.kv_latent is not None:
-            return call.kv_latent
-        empty = call.x.new_zeros(call.x.shape[0], 0, heads, head_dim)
-        return [(empty, empty)] * len(model.blocks)
-
-    kv_latent = [latent_kv(c) for c in calls]
-    groups, start = [], 0
-    for call, kv in zip(calls, kv_latent):
-        n = call.x.shape[0]
-        groups.append(RowGroup(slice(start, start + n), call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
-                               call.kv_speaker[0][0].shape[1], call.key_mask(model)))
-        start += n
-    frames = max(g.frames for g in groups)
-
-    def pad(t: Tensor, length: int) -> Tensor:  # zero-pad dim 1 on the right
-        return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
-
-    def stack_kv(caches: list[KVCache]) -> KVCache:
-        length = max(kv[0][0].shape[1] for kv in caches)
-        return [tuple(torch.cat([pad(kv[i][j], length) for kv in caches]) for j in (0, 1))
-                for i in range(len(model.blocks))]
-
-    arange = torch.arange(frames, device=device)
-    v = model.velocity(
-        x=torch.cat([pad(c.x, frames) for c in calls]),
-        t=torch.cat([c.t for c in calls]),
-        positions=torch.cat([(c.start_pos + arange).expand(c.x.shape[0], frames) for c in calls]),
-        key_mask=None,
-        kv_text=stack_kv([c.kv_text for c in calls]),
-        kv_speaker=stack_kv([c.kv_speaker for c in calls]),
-        kv_latent=stack_kv(kv_latent),
-        groups=groups,
-    )
-    return [v[g.rows, :g.frames] for g in groups]
-
-
 # ---------------------------------------------------------------------------------------------
 # Running jobs off the event loop
 
@@ -343,7 +309,7 @@ class GenerationWorker:
     """Runs jobs on one worker thread, advancing all active jobs together.
 
     Every iteration takes the next diffusion step of each active job and evaluates them in one
-    batched forward pass (batched_velocity), then decodes the blocks that finished. At most
+    batched forward pass (the engine's step runner, batched_steps.py), then decodes the blocks that finished. At most
     `max_active` jobs run at once; up to `max_waiting` more wait for a slot; beyond that,
     submit() raises QueueFull. A cancelled job is dropped before its next step.
     """
@@ -447,8 +413,8 @@ class GenerationWorker:
     def _step(self, active: list[_Running]) -> None:
         """One batched diffusion step for every job waiting on the model, then all pending decodes
         (streams at the same point decoded together where that pays)."""
-        model, fish = self.engine.model, self.engine.fish_ae
-        self._run_together(active, ModelCall, lambda calls: batched_velocity(model, calls))
+        fish = self.engine.fish_ae
+        self._run_together(active, ModelCall, self.engine.steps)
         self._run_together(active, DecodeCall, lambda calls: decode_streams(
             [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu"))
 

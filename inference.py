@@ -455,14 +455,15 @@ class Conditioning:
     scaling state are made once and reused by every step.
     """
 
-    def __init__(self, model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor, text_input_ids: Tensor,
-                 text_mask: Tensor, settings: SamplerSettings):
-        dtype = model.dtype
+    def __init__(self, model: EchoDiT, speaker_latent: Tensor | None, speaker_mask: Tensor, text_input_ids: Tensor,
+                 text_mask: Tensor, settings: SamplerSettings, kv_speaker: KVCache | None = None):
+        """`kv_speaker`, when given, is get_kv_cache_speaker(speaker_latent) computed earlier (then
+        speaker_latent may be None)."""
         self.model = model
         self.text_mask = text_mask
         self.speaker_mask = speaker_mask
         self.kv_text = model.get_kv_cache_text(text_input_ids, text_mask)
-        plain = model.get_kv_cache_speaker(speaker_latent.to(dtype))
+        plain = kv_speaker if kv_speaker is not None else model.get_kv_cache_speaker(speaker_latent.to(model.dtype))
         self.kv_speaker = {False: plain,
                            True: scale_speaker_kv(plain, settings.speaker_kv_scale, settings.speaker_kv_max_layers)}
         self._batched: dict = {}
@@ -569,19 +570,21 @@ def drive(model: EchoDiT, steps: Steps, on_step: Callable[[], None] | None = Non
         return finished.value
 
 
-def run_steps(model: EchoDiT, steps: Generator, on_step: Callable[[], None] | None = None) -> Iterator:
+def run_steps(model: EchoDiT, steps: Generator, on_step: Callable[[], None] | None = None,
+              evaluate: Callable[[ModelCall], Tensor] | None = None) -> Iterator:
     """Drive a step generator with direct calls, yielding its outputs.
 
-    A ModelCall is answered with the model's velocity (after `on_step`, which may raise to
-    abandon the generation); any other call (an object with `run()`) with its result; anything
-    else the generator yields is an output, passed on (and answered with None).
+    A ModelCall is answered with the model's velocity (`evaluate(call)`, by default
+    `call.run(model)`; after `on_step`, which may raise to abandon the generation); any other
+    call (an object with `run()`) with its result; anything else the generator yields is an
+    output, passed on (and answered with None).
     """
     item = next(steps, None)
     while item is not None:
         if isinstance(item, ModelCall):
             if on_step is not None:
                 on_step()
-            reply = item.run(model)
+            reply = item.run(model) if evaluate is None else evaluate(item)
         elif hasattr(item, "run"):
             reply = item.run()
         else:

@@ -17,9 +17,11 @@ import soundfile as sf
 import torch
 
 import inference as inf
+from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
                     random_seed)
 from settings import NONSTREAM_BLOCK_SIZE, Settings
+from model import EchoDiT
 from text_chunking import ChunkSettings, fits_in_one_generation, prepare_text, split_into_chunks
 from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
                     looks_like_inline_audio)
@@ -78,6 +80,7 @@ class SpeechService:
         self.settings = settings
         self.voices = VoiceRegistry(settings.voice_dirs, folder_support=settings.folder_support)
         self.speaker_cache = SpeakerCache(settings.speaker_cache_size)
+        self.speaker_kv_cache = SpeakerCache(settings.speaker_kv_cache_size)
         self.engine: SpeechEngine | None = None
         self.worker: GenerationWorker | None = None
         self.ready = threading.Event()
@@ -107,29 +110,48 @@ class SpeechService:
     def _load_engine(self) -> SpeechEngine:
         s = self.settings
         started = time.perf_counter()
-        compile_dit = s.compile and s.device.startswith("cuda")
-        if s.compile and not compile_dit:
-            log.info("ECHO_COMPILE ignored: torch.compile is only used on CUDA")
         compile_ae = s.compile_ae and s.fish_device_name.startswith("cuda")
         if s.compile_ae and not compile_ae:
             log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
-        if compile_dit or compile_ae:
+        if self.uses_compile:
             load_compile_artifacts(self.compile_cache_path)
-        model = inf.load_model_from_hf(s.model_repo, device=s.device, dtype=s.torch_model_dtype,
-                                       compile=compile_dit)
+        model = inf.load_model_from_hf(s.model_repo, device=s.device, dtype=s.torch_model_dtype)
         fish = inf.load_fish_ae_from_hf(s.fish_repo, device=s.fish_device_name, dtype=s.torch_fish_dtype,
                                         compile=compile_ae)
         pca = inf.load_pca_state_from_hf(s.model_repo, device=s.fish_device_name)
         log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
                  s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
         return SpeechEngine(model, fish, pca, self.speaker_cache, s.max_speaker_latent_length,
-                            speaker_on_device=s.cache_speaker_on_gpu)
+                            speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=self.speaker_kv_cache,
+                            steps=self._step_runner(model))
+
+    def _step_runner(self, model: EchoDiT) -> StepRunner:
+        """How diffusion steps are evaluated: exact and eager, or padded to static shapes and
+        (with ECHO_COMPILE) compiled, with CUDA graphs when asked for on CUDA."""
+        s = self.settings
+        if not s.use_static_shapes:
+            return ExactSteps(model)
+        blocks = s.stream_preset[0] + [NONSTREAM_BLOCK_SIZE]
+        shapes = StaticShapes.covering(blocks, max_rows=3 * s.max_active, patch_size=model.speaker_patch_size,
+                                       max_speaker_latent_length=s.max_speaker_latent_length,
+                                       latent_prefix=model.has_latent_prefix)
+        cuda_graphs = s.cuda_graphs and s.compile and model.device.type == "cuda"
+        if s.cuda_graphs and not cuda_graphs:
+            log.info("ECHO_CUDA_GRAPHS ignored: it needs ECHO_COMPILE and a CUDA device")
+        log.info("static step shapes: frames %s, rows %s%s", shapes.frame_buckets, shapes.row_buckets,
+                 " (compiled" + (", CUDA graphs)" if cuda_graphs else ")") if s.compile else "")
+        return StaticSteps(model, shapes, compile=s.compile, cuda_graphs=cuda_graphs)
 
     def _warm_up(self) -> None:
-        """One generation of each block shape the server uses, so the first request is not the slow one."""
+        """Every static step shape (compiling it, with ECHO_COMPILE), then one generation of each
+        block shape the server uses, so no request pays for a first use."""
         if not self.settings.warmup:
             return
         started = time.perf_counter()
+        if isinstance(self.engine.steps, StaticSteps):
+            self.engine.steps.warm_up()
+            log.info("%d step shapes warmed up in %.1f s", len(self.engine.steps.shapes.all_shapes()),
+                     time.perf_counter() - started)
         voice = self.settings.warmup_voice or "none"
         try:
             speaker = self.speaker_reference(voice)
@@ -142,8 +164,14 @@ class SpeechService:
             for _ in self.engine.generate(job):
                 pass
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
-        if self.settings.compile and self.settings.device.startswith("cuda"):
+        if self.uses_compile:
             save_compile_artifacts(self.compile_cache_path)
+
+    @property
+    def uses_compile(self) -> bool:
+        """torch.compile is used: the decoder with ECHO_COMPILE, the autoencoder with ECHO_COMPILE_AE on CUDA."""
+        s = self.settings
+        return s.compile or (s.compile_ae and s.fish_device_name.startswith("cuda"))
 
     @property
     def compile_cache_path(self) -> Path:
@@ -159,6 +187,7 @@ class SpeechService:
             self.worker.close()
         self.worker, self.engine = None, None
         self.speaker_cache.clear()
+        self.speaker_kv_cache.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("shut down")

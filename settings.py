@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,15 @@ class Settings(BaseSettings):
     model_dtype: str = "bfloat16"
     fish_dtype: str = "float32"
     compile: bool = False
+    static_shapes: bool | None = None  # pad steps to fixed shapes; unset: on with CUDA or ECHO_COMPILE
+    cuda_graphs: bool = False  # replay compiled steps as CUDA graphs (needs ECHO_COMPILE on CUDA)
     compile_ae: bool = True
     compile_lora_only: bool = False  # accepted for compatibility; there is no LoRA support
     cache_dir: Path = Path("/tmp")
     cache_version: str = "v1_0"
     cache_speaker_on_gpu: bool = False
     speaker_cache_size: int = Field(32, ge=1)
+    speaker_kv_cache_size: int = Field(8, ge=0)  # voices whose speaker keys/values stay on the model device
     debug_logs: bool = False
 
     chunking: bool = True
@@ -108,6 +111,19 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @model_validator(mode="after")
+    def _compile_needs_static_shapes(self) -> Settings:
+        if self.compile and self.static_shapes is False:
+            raise ValueError("ECHO_COMPILE needs static shapes: unset ECHO_STATIC_SHAPES or set it to 1")
+        return self
+
+    @property
+    def use_static_shapes(self) -> bool:
+        """Whether diffusion steps run at fixed, padded shapes (batched_steps.StaticSteps)."""
+        if self.static_shapes is None:
+            return self.compile or self.device.startswith("cuda")
+        return self.static_shapes
+
     @property
     def torch_model_dtype(self) -> torch.dtype:
         return DTYPES[self.model_dtype]
@@ -146,7 +162,10 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across variables; its message names them
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            field = str(err["loc"][0])
             name = "PORT" if field == "port" else f"ECHO_{field.upper()}"
             lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -156,7 +156,8 @@ def batching_gain(model_repo: str, fish_repo: str, device: str, clients: int = 8
 
     sys.path.insert(0, str(ROOT))
     import inference as inf
-    from engine import BlockShape, SpeechEngine, SpeechJob, batched_velocity
+    from batched_steps import batched_velocity
+    from engine import BlockShape, SpeechEngine, SpeechJob
     from voices import SpeakerCache
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

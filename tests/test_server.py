@@ -355,3 +355,33 @@ def test_unusable_voice_files_are_400(server, voice_dir, content):
         assert httpx.get(server.url + "/health").json()["status"] == "ok"
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def static_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    """The CUDA fast path's shape discipline on CPU: static shapes, warmed up before ready."""
+    from conftest import LiveServer, server_env
+
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_STATIC_SHAPES="1", ECHO_WARMUP="1",
+                                 ECHO_MAX_ACTIVE="2"),
+                      tmp_path_factory.mktemp("static") / "server.log")
+    yield live
+    live.stop()
+
+
+def test_static_shapes_server_warms_every_shape_and_matches_the_exact_server(static_server, server):
+    assert "20 step shapes warmed up" in static_server.log()  # frames 32, 128, 480, 640 x rows 1, 2, 3, 4, 6
+    bodies = [{"seed": 1}, {"seed": 2, "voice": "none", "block_sizes": [4, 12], "num_steps": [2, 3]}]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=static_server.url, timeout=120) as client:
+            payload = {"input": "Hello there. This is a test.", "voice": "alice", "response_format": "pcm", **FAST}
+            return await asyncio.gather(*(client.post("/v1/audio/speech", json={**payload, **b}) for b in bodies))
+
+    for body, response in zip(bodies, asyncio.run(together()), strict=True):
+        static = decode(response.content, "pcm")[2]
+        exact = decode(speech(server, response_format="pcm", **body).content, "pcm")[2]
+        assert static.shape == exact.shape and np.abs(static - exact).max() <= 3 / 32767
+    streamed = decode(speech(static_server, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
+    whole = decode(speech(static_server, seed=5, response_format="wav", stream=False).content, "wav")[2]
+    assert np.array_equal(np.round(streamed * 32767), np.round(whole * 32767))

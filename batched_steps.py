@@ -1,0 +1,343 @@
+"""Evaluating the diffusion steps of several generations in one forward pass.
+
+A step runner takes the ModelCalls that the active generations wait on and returns their
+velocities, in order. Two runners share that interface:
+
+- `ExactSteps` (the CPU default): rows stacked, lengths padded, and attention run per generation
+  over exactly its own keys (model.RowGroup), so each result is bit for bit what the generation
+  computes alone. Shapes change with every batch, which suits eager execution only.
+- `StaticSteps` (the CUDA default, and whenever the decoder is compiled): every input is padded to
+  a small fixed set of shapes, so torch.compile builds one graph per block size (plus a single-row
+  one) that CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket,
+  and prefix, text and speaker keys to their maxima. Padded keys are masked, so results equal the
+  exact path up to float rounding. The stacked key/value caches and masks are rebuilt only when
+  the batch changes (a generation joins or leaves, starts a block or leaves its CFG interval), not
+  on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from inference import LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall
+from model import EchoDiT, KVCache, RowGroup
+
+log = logging.getLogger(__name__)
+
+StepRunner = Callable[[Sequence[ModelCall]], list[Tensor]]
+
+
+def pad_dim1(t: Tensor, length: int) -> Tensor:
+    """Zero-pad dimension 1 on the right to `length`."""
+    return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
+
+
+def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
+    """Evaluate the steps of several generations in one forward pass.
+
+    Rows are stacked and frames, prefix patches, text tokens and speaker patches padded to the
+    longest, with each row at its own RoPE positions; attention runs per generation over its own
+    keys (RowGroup), so each result is bit-for-bit what the generation computes alone on CPU
+    (except where a step alone has fewer than 12 token rows, for which MKL picks a small-matrix
+    kernel that rounds differently) and equal up to float rounding on GPUs.
+    """
+    if len(calls) == 1:
+        return [calls[0].run(model)]
+    device = calls[0].x.device
+    kv_latent = [c.kv_latent if c.kv_latent is not None else empty_kv(model, c.x) for c in calls]
+    groups, start = [], 0
+    for call, kv in zip(calls, kv_latent):
+        n = call.x.shape[0]
+        groups.append(RowGroup(slice(start, start + n), call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
+                               call.kv_speaker[0][0].shape[1], call.key_mask(model)))
+        start += n
+    frames = max(g.frames for g in groups)
+
+    def stack_kv(caches: list[KVCache]) -> KVCache:
+        length = max(kv[0][0].shape[1] for kv in caches)
+        return [tuple(torch.cat([pad_dim1(kv[i][j], length) for kv in caches]) for j in (0, 1))
+                for i in range(len(model.blocks))]
+
+    arange = torch.arange(frames, device=device)
+    v = model.velocity(
+        x=torch.cat([pad_dim1(c.x, frames) for c in calls]),
+        t=torch.cat([c.t for c in calls]),
+        positions=torch.cat([(c.start_pos + arange).expand(c.x.shape[0], frames) for c in calls]),
+        key_mask=None,
+        kv_text=stack_kv([c.kv_text for c in calls]),
+        kv_speaker=stack_kv([c.kv_speaker for c in calls]),
+        kv_latent=stack_kv(kv_latent),
+        groups=groups,
+    )
+    return [v[g.rows, :g.frames] for g in groups]
+
+
+def empty_kv(model: EchoDiT, x: Tensor) -> KVCache:
+    """A key/value cache with no entries, for a step without a latent prefix."""
+    empty = x.new_zeros(x.shape[0], 0, model.blocks[0].attention.num_heads, model.head_dim)
+    return [(empty, empty)] * len(model.blocks)
+
+
+class ExactSteps:
+    """The exact runner (see the module docstring)."""
+
+    def __init__(self, model: EchoDiT):
+        self.model = model
+
+    def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
+        return batched_velocity(self.model, calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static shapes
+
+
+def row_buckets(max_rows: int) -> tuple[int, ...]:
+    """Row counts a batch is padded to: 1, 2, 3, 4, 6, 8, 12, 16, ... below max_rows, then max_rows.
+
+    Consecutive buckets differ by at most 1.5x, so padding wastes at most a third of a batch.
+    """
+    sizes = {b for k in range(max_rows.bit_length()) for b in (2 ** k, 3 * 2 ** k) if b < max_rows}
+    return tuple(sorted(sizes)) + (max_rows,)
+
+
+def _bucket(buckets: Sequence[int], n: int) -> int | None:
+    return next((b for b in buckets if b >= n), None)
+
+
+@dataclass(frozen=True)
+class StaticShapes:
+    """The fixed shapes of StaticSteps' forward passes."""
+
+    frame_buckets: tuple[int, ...]  # ascending; a step's frames round up to one of these
+    row_buckets: tuple[int, ...]  # ascending; a batch's rows round up to one of these
+    prefix_patches: int  # Q: latent-prefix keys
+    text_tokens: int  # T: text keys
+    speaker_patches: int  # P: speaker keys
+
+    @classmethod
+    def covering(cls, block_sizes: Iterable[int], max_rows: int, patch_size: int = 4,
+                 max_speaker_latent_length: int = MAX_SPEAKER_LATENT_LENGTH,
+                 latent_prefix: bool = True) -> StaticShapes:
+        """Shapes for the given block sizes (the 640-frame whole generation is always one) and up
+        to `max_rows` rows per forward pass (3 CFG rows per generation at most)."""
+        frames = tuple(sorted(set(block_sizes) | {MAX_SEQUENCE_LENGTH}))
+        return cls(frames, row_buckets(max_rows), MAX_SEQUENCE_LENGTH // patch_size if latent_prefix else 0,
+                   MAX_TEXT_LENGTH, math.ceil(max_speaker_latent_length / patch_size))
+
+    @property
+    def key_length(self) -> int:
+        """Keys after the block's own frames: prefix, text and speaker."""
+        return self.prefix_patches + self.text_tokens + self.speaker_patches
+
+    def fits(self, call: ModelCall) -> bool:
+        """Whether the call's step can run at these shapes (else it takes the exact path)."""
+        prefix = 0 if call.kv_latent is None else call.kv_latent[0][0].shape[1]
+        return (call.x.shape[1] <= self.frame_buckets[-1] and call.x.shape[0] <= self.row_buckets[-1]
+                and prefix <= self.prefix_patches and call.text_mask.shape[1] <= self.text_tokens
+                and call.kv_speaker[0][0].shape[1] <= self.speaker_patches)
+
+    def frames_for(self, frames: int) -> int:
+        return _bucket(self.frame_buckets, frames)
+
+    def rows_for(self, rows: int) -> int:
+        return _bucket(self.row_buckets, rows)
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        """Every (frames, rows) a forward pass can have."""
+        return [(f, r) for f in self.frame_buckets for r in self.row_buckets]
+
+
+@dataclass
+class _Batch:
+    """The parts of a padded batch that stay the same from step to step while its members do."""
+
+    members: tuple  # per call: its conditioning objects (compared by identity) and its sizes
+    positions: Tensor  # (R, S)
+    key_mask: Tensor  # (R, S + Q + T + P)
+    kv_text: KVCache  # (R, T, H, D) per layer
+    kv_speaker: KVCache  # (R, P, H, D)
+    kv_latent: KVCache | None  # (R, Q, H, D)
+
+
+def _members(calls: Sequence[ModelCall]) -> tuple:
+    return tuple((c.kv_text, c.kv_speaker, c.kv_latent, c.text_mask, c.speaker_mask, c.x.shape[:2], c.start_pos)
+                 for c in calls)
+
+
+def _same_members(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        all(p is q if isinstance(p, (Tensor, list)) or p is None else p == q for p, q in zip(m, n))
+        for m, n in zip(a, b))
+
+
+class StaticSteps:
+    """The static-shape runner (see the module docstring).
+
+    `compile` wraps the decoder in torch.compile (`backend`, inductor by default), specialised
+    on every shape except the row count, which is dynamic from two rows on: one graph per frame
+    bucket for a single row and one for more. `cuda_graphs` uses inductor's CUDA-graph mode
+    ("reduce-overhead"). `warm_up` runs every shape once, so no request waits for a compile.
+    """
+
+    def __init__(self, model: EchoDiT, shapes: StaticShapes, compile: bool = False, cuda_graphs: bool = False,
+                 backend: str | Callable = "inductor"):
+        self.model = model
+        self.shapes = shapes
+        self.cuda_graphs = cuda_graphs
+        self._velocity = model.velocity
+        if compile:
+            # Each (frame bucket, one row or several) is a graph of the same code object.
+            limit = 2 * len(shapes.frame_buckets) + 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            mode = "reduce-overhead" if cuda_graphs else None
+            self._velocity = torch.compile(model.velocity, backend=backend, mode=mode, dynamic=False)
+        self._compiled = compile
+        self._batches: dict[tuple[int, int], _Batch] = {}  # (frame bucket, pack) -> the last batch there
+
+    def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * len(calls)
+        odd = [i for i, c in enumerate(calls) if not self.shapes.fits(c)]
+        if odd:
+            log.debug("%d steps outside the static shapes run on the exact path", len(odd))
+            for i, v in zip(odd, batched_velocity(self.model, [calls[i] for i in odd])):
+                out[i] = v
+        by_frames: dict[int, list[int]] = {}
+        for i, call in enumerate(calls):
+            if out[i] is None:
+                by_frames.setdefault(self.shapes.frames_for(call.x.shape[1]), []).append(i)
+        used = set()
+        for frames, members in sorted(by_frames.items()):
+            for pack, indices in enumerate(self._packs(members, calls)):
+                used.add((frames, pack))
+                for i, v in zip(indices, self._forward([calls[i] for i in indices], frames, pack)):
+                    out[i] = v
+        for stale in self._batches.keys() - used:  # batches that ended: free their stacked caches
+            del self._batches[stale]
+        return out
+
+    def _packs(self, members: list[int], calls: Sequence[ModelCall]) -> list[list[int]]:
+        """Split into runs of at most the largest row bucket."""
+        packs, rows = [[]], 0
+        for i in members:
+            n = calls[i].x.shape[0]
+            if rows + n > self.shapes.row_buckets[-1]:
+                packs.append([])
+                rows = 0
+            packs[-1].append(i)
+            rows += n
+        return packs
+
+    def _forward(self, calls: Sequence[ModelCall], frames: int, pack: int) -> list[Tensor]:
+        rows = sum(c.x.shape[0] for c in calls)
+        padded_rows = self.shapes.rows_for(rows)
+        batch = self._batch(calls, frames, padded_rows, pack)
+        x = calls[0].x.new_zeros(padded_rows, frames, LATENT_SIZE)
+        t = calls[0].t.new_zeros(padded_rows)
+        row = 0
+        for c in calls:
+            n, f = c.x.shape[:2]
+            x[row:row + n, :f] = c.x
+            t[row:row + n] = c.t
+            row += n
+        v = self._run(x, t, batch)
+        velocities, row = [], 0
+        for c in calls:
+            n, f = c.x.shape[:2]
+            velocities.append(v[row:row + n, :f])
+            row += n
+        return velocities
+
+    def _run(self, x: Tensor, t: Tensor, batch: _Batch) -> Tensor:
+        tensors = [x, t, batch.positions, batch.key_mask]
+        if self._compiled and x.shape[0] > 1:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker, batch.kv_latent)
+        return v.clone() if self.cuda_graphs else v  # a CUDA graph's output is overwritten by its next replay
+
+    def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, pack: int) -> _Batch:
+        """The batch's positions, masks and stacked caches: reused while its members are the same."""
+        members = _members(calls)
+        previous = self._batches.get((frames, pack))
+        if previous is not None and previous.positions.shape[0] == padded_rows and \
+                _same_members(previous.members, members):
+            return previous
+        self._batches[(frames, pack)] = None  # let the old stacks go before the new ones are made
+        batch = self._new_batch(calls, frames, padded_rows, members)
+        self._batches[(frames, pack)] = batch
+        return batch
+
+    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, members: tuple) -> _Batch:
+        s, device = self.shapes, calls[0].x.device
+        q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
+        positions = torch.arange(frames, device=device).repeat(padded_rows, 1)
+        key_mask = torch.zeros(padded_rows, frames + s.key_length, dtype=torch.bool, device=device)
+        key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
+        row = 0
+        for c in calls:
+            n, f = c.x.shape[:2]
+            rows = slice(row, row + n)
+            positions[rows] += c.start_pos
+            key_mask[rows, :f] = True
+            if c.kv_latent is not None:  # every patch of the prefix precedes the block
+                key_mask[rows, frames:frames + c.kv_latent[0][0].shape[1]] = True
+            key_mask[rows, q0:q0 + c.text_mask.shape[1]] = c.text_mask
+            speaker = c.speaker_mask[:, ::self.model.speaker_patch_size]
+            key_mask[rows, t0:t0 + speaker.shape[1]] = speaker
+            row += n
+        kv_latent = None
+        if s.prefix_patches:
+            kv_latent = self._stack([c.kv_latent if c.kv_latent is not None else empty_kv(self.model, c.x)
+                                     for c in calls], s.prefix_patches, padded_rows)
+        return _Batch(members, positions, key_mask,
+                      self._stack([c.kv_text for c in calls], s.text_tokens, padded_rows),
+                      self._stack([c.kv_speaker for c in calls], s.speaker_patches, padded_rows), kv_latent)
+
+    def _stack(self, caches: list[KVCache], length: int, padded_rows: int) -> KVCache:
+        """Per layer, the calls' keys and values stacked along rows and zero-padded to (R, length, H, D)."""
+        stacked = []
+        for layer in range(len(self.model.blocks)):
+            pair = []
+            for j in (0, 1):
+                parts = [cache[layer][j] for cache in caches]
+                out = parts[0].new_zeros(padded_rows, length, *parts[0].shape[2:])
+                row = 0
+                for part in parts:
+                    out[row:row + part.shape[0], :part.shape[1]] = part
+                    row += part.shape[0]
+                if self._compiled:
+                    torch._dynamo.maybe_mark_dynamic(out, 0)
+                pair.append(out)
+            stacked.append(tuple(pair))
+        return stacked
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward pass of every shape, so compilation and CUDA-graph capture happen now."""
+        m, s = self.model, self.shapes
+        heads, head_dim = m.blocks[0].attention.num_heads, m.head_dim
+
+        def kv(rows: int, length: int) -> KVCache:
+            zeros = torch.zeros(rows, length, heads, head_dim, device=m.device, dtype=m.dtype)
+            return [(zeros, zeros)] * len(m.blocks)
+
+        for frames, rows in s.all_shapes():
+            x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
+            call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0,
+                             text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
+                             speaker_mask=torch.ones(rows, s.speaker_patches * m.speaker_patch_size, dtype=torch.bool,
+                                                     device=m.device),
+                             kv_text=kv(rows, s.text_tokens), kv_speaker=kv(rows, s.speaker_patches),
+                             kv_latent=kv(rows, s.prefix_patches) if s.prefix_patches else None)
+            self([call])
+        self._batches.clear()

@@ -1,0 +1,193 @@
+"""The static-shape step runner (the CUDA fast path), checked on CPU: same velocities and audio as
+the exact path, a bounded set of shapes that warm-up covers (so compiled graphs never recompile
+while serving), and compile artifacts that a later process reloads."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import engine as eng
+from batched_steps import ExactSteps, StaticShapes, StaticSteps, batched_velocity, row_buckets
+from conftest import ROOT
+from test_engine import _collect, load_clip, mixed_jobs
+from voices import SpeakerCache
+
+BLOCKS = (4, 6, 8, 12, 16)  # every block size mixed_jobs uses
+
+
+def static_steps(model, max_rows=12, **kwargs) -> StaticSteps:
+    return StaticSteps(model, StaticShapes.covering(BLOCKS, max_rows=max_rows), **kwargs)
+
+
+def first_calls(engine, jobs, skip_blocks=0):
+    """Each job's first diffusion step, after `skip_blocks` blocks (so the prefix is not empty)."""
+    calls = []
+    for job in jobs:
+        steps = engine.job_steps(job)
+        item = next(steps)
+        try:
+            for _ in range(skip_blocks):
+                while isinstance(item, eng.ModelCall):
+                    item = steps.send(item.run(engine.model))
+                item = steps.send(torch.zeros(1, 1, item.z.shape[-1] * 2048))  # a DecodeCall's audio
+                while isinstance(item, np.ndarray):
+                    item = steps.send(None)
+        except StopIteration:  # a one-block job
+            continue
+        calls.append(item)
+    return calls
+
+
+def test_row_buckets_grow_by_at_most_half():
+    assert row_buckets(24) == (1, 2, 3, 4, 6, 8, 12, 16, 24)
+    assert row_buckets(9) == (1, 2, 3, 4, 6, 8, 9)
+    assert row_buckets(1) == (1,)
+
+
+def test_shapes_round_up_to_buckets():
+    shapes = StaticShapes.covering((32, 128, 480), max_rows=24, max_speaker_latent_length=6400)
+    assert shapes.frame_buckets == (32, 128, 480, 640)
+    assert (shapes.frames_for(100), shapes.frames_for(32), shapes.rows_for(5), shapes.rows_for(24)) == (128, 32, 6, 24)
+    assert (shapes.prefix_patches, shapes.text_tokens, shapes.speaker_patches) == (160, 768, 1600)
+    assert len(shapes.all_shapes()) == 4 * 9
+
+
+@pytest.fixture()
+def engine(tiny_model, tiny_fish, tiny_pca):
+    return eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4))
+
+
+@pytest.mark.parametrize("skip_blocks", [0, 1])
+def test_static_forward_equals_exact_forward(engine, tiny_model, skip_blocks):
+    calls = first_calls(engine, mixed_jobs(load_clip()), skip_blocks)
+    assert len({c.x.shape[1] for c in calls}) > 1 and len({c.x.shape[0] for c in calls}) > 1
+    exact = batched_velocity(tiny_model, calls)
+    padded = static_steps(tiny_model)(calls)
+    for e, p in zip(exact, padded, strict=True):
+        assert p.shape == e.shape
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+
+
+def test_calls_outside_the_static_shapes_take_the_exact_path(engine, tiny_model):
+    calls = first_calls(engine, mixed_jobs(load_clip()))
+    narrow = StaticSteps(tiny_model, StaticShapes.covering((4,), max_rows=3, max_speaker_latent_length=8))
+    exact = batched_velocity(tiny_model, calls)
+    for e, p in zip(exact, narrow(calls), strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_static_jobs_give_the_audio_of_solo_exact_jobs(engine, tiny_model, tiny_fish, tiny_pca):
+    jobs = mixed_jobs(load_clip())
+    solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
+    static = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=static_steps(tiny_model))
+    worker = eng.GenerationWorker(static, max_waiting=8, max_active=4)
+    try:
+        together = asyncio.run(_collect(worker, jobs))
+    finally:
+        worker.close()
+    for alone, batched in zip(solo, together, strict=True):
+        assert alone.shape == batched.shape
+        assert np.abs(alone - batched).max() <= 1e-4
+
+
+class CountingBackend:
+    """A torch.compile backend that runs graphs eagerly and counts how many were compiled."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)][:1])
+        return graph_module.forward
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, tiny_fish, tiny_pca):
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    steps = static_steps(tiny_model, compile=True, backend=backend)
+    steps.warm_up()
+    # one graph per frame bucket for a single row, one per frame bucket for several (rows dynamic)
+    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets)
+    engine = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=steps)
+    worker = eng.GenerationWorker(engine, max_waiting=8, max_active=4)
+    try:
+        asyncio.run(_collect(worker, mixed_jobs(load_clip())))
+    finally:
+        worker.close()
+    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets)
+    torch._dynamo.reset()
+
+
+def test_speaker_keys_and_values_are_computed_once_per_voice(tiny_model, tiny_fish, tiny_pca, monkeypatch):
+    clip = load_clip()
+    voice = eng.SpeakerReference("voice-a", lambda: clip, name="a")
+    settings = mixed_jobs(clip)[0].sampler
+    job = eng.SpeechJob(("[S1] Hi.", "[S1] Again."), voice, 7, eng.BlockShape((8,), (2,)),
+                        eng.BlockShape((8,), (2,)), settings)
+    uncached = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4))
+    expected = np.concatenate(list(uncached.generate(job)))
+
+    encoded = []
+    original = type(tiny_model).get_kv_cache_speaker
+
+    def counting(self, latent):
+        encoded.append(latent.shape)
+        return original(self, latent)
+
+    monkeypatch.setattr(type(tiny_model), "get_kv_cache_speaker", counting)
+    cached = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), speaker_kv_cache=SpeakerCache(2))
+    first = np.concatenate(list(cached.generate(job)))
+    second = np.concatenate(list(cached.generate(job)))
+    assert len(encoded) == 1  # two requests of two chunks each: one speaker encoding
+    assert np.array_equal(first, expected) and np.array_equal(second, expected)
+    other = eng.SpeakerReference("voice-a-v2", lambda: clip[:, :44100], name="a")
+    list(cached.generate(eng.SpeechJob(("[S1] Hi.",), other, 7, job.first_shape, job.later_shape, settings)))
+    assert len(encoded) == 2 and ("speaker-kv", "voice-a") not in cached.speaker_kv_cache  # a new version replaces
+
+
+ARTIFACTS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from torch._dynamo.utils import counters
+    sys.path.insert(0, {root!r})
+    from batched_steps import StaticShapes, StaticSteps
+    from inference import load_model_from_hf
+    from service import load_compile_artifacts, save_compile_artifacts
+    from pathlib import Path
+
+    artifacts = Path(sys.argv[1])
+    load_compile_artifacts(artifacts)
+    model = load_model_from_hf({model!r}, device="cpu", dtype=torch.float32)
+    steps = StaticSteps(model, StaticShapes.covering((8,), max_rows=1, max_speaker_latent_length=16), compile=True)
+    steps.warm_up()
+    save_compile_artifacts(artifacts)
+    print(json.dumps(dict(counters["inductor"])))
+""")
+
+
+@pytest.mark.slow
+def test_compile_artifacts_are_reloaded_by_the_next_process(tiny_echo_dir, tmp_path):
+    """ECHO_CACHE_DIR: what one start compiled, the next loads instead of compiling again."""
+    script = tmp_path / "compile_once.py"
+    script.write_text(ARTIFACTS_SCRIPT.format(root=str(ROOT), model=str(tiny_echo_dir)))
+    artifacts = tmp_path / "cache" / "artifacts.bin"
+
+    def start(run: int) -> dict:
+        # a fresh inductor cache directory per process: only the saved artifacts can carry over
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{run}")}
+        out = subprocess.run([sys.executable, str(script), str(artifacts)], env=env, capture_output=True,
+                             text=True, timeout=600, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = start(1)
+    assert artifacts.is_file() and first.get("fxgraph_cache_miss", 0) >= 1
+    second = start(2)
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0
