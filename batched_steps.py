@@ -272,7 +272,7 @@ class StaticSteps:
         if previous is not None and previous.positions.shape[0] == padded_rows and \
                 _same_members(previous.members, members):
             return previous
-        self._batches[(frames, pack)] = None  # let the old stacks go before the new ones are made
+        self._batches.pop((frames, pack), None)  # let the old stacks go before the new ones are made
         batch = self._new_batch(calls, frames, padded_rows, members)
         self._batches[(frames, pack)] = batch
         return batch

@@ -1,9 +1,9 @@
 """The generation engine: turns speech jobs into 44.1 kHz audio blocks, many jobs at once.
 
-`SpeechEngine` owns the loaded models and the speaker cache. A job is a step generator
-(`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples) that
-yields what it needs computed: a ModelCall (one diffusion step) or a DecodeCall (one block
-through its stream's decoder). `generate` runs one job with direct calls; `GenerationWorker`
+`SpeechEngine` owns the loaded models, the speaker caches and the step runner. A job is a step
+generator (`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples)
+that yields what it needs computed: a ModelCall (one diffusion step) or a DecodeCall (one block
+through its stream's decoder). `generate` runs one job alone; `GenerationWorker`
 runs many on one worker thread, batching their model calls into shared forward passes and their
 decodes into shared decoder calls, and hands audio back to asyncio through a queue, so GPU
 work never blocks the event loop.
@@ -159,7 +159,7 @@ class SpeechEngine:
     def generate(self, job: SpeechJob, on_step: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
         """Yield the job's audio as float32 blocks at 44.1 kHz, each as soon as it is decoded.
 
-        The job alone, with direct model calls; GenerationWorker runs the same steps batched.
+        The job alone (through the same step runner); GenerationWorker runs the same steps batched.
         `on_step` is called before every diffusion step; raising from it abandons the job.
         """
         yield from run_steps(self.model, self.job_steps(job), on_step, evaluate=lambda call: self.steps([call])[0])
@@ -308,8 +308,8 @@ class JobStream:
 class GenerationWorker:
     """Runs jobs on one worker thread, advancing all active jobs together.
 
-    Every iteration takes the next diffusion step of each active job and evaluates them in one
-    batched forward pass (the engine's step runner, batched_steps.py), then decodes the blocks that finished. At most
+    Every iteration takes the next diffusion step of each active job and evaluates them together
+    (the engine's step runner: batched_steps.py), then decodes the blocks that finished. At most
     `max_active` jobs run at once; up to `max_waiting` more wait for a slot; beyond that,
     submit() raises QueueFull. A cancelled job is dropped before its next step.
     """

@@ -20,8 +20,8 @@ import inference as inf
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
                     random_seed)
-from settings import NONSTREAM_BLOCK_SIZE, Settings
 from model import EchoDiT
+from settings import NONSTREAM_BLOCK_SIZE, Settings
 from text_chunking import ChunkSettings, fits_in_one_generation, prepare_text, split_into_chunks
 from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
                     looks_like_inline_audio)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import engine as eng
-from batched_steps import ExactSteps, StaticShapes, StaticSteps, batched_velocity, row_buckets
+from batched_steps import StaticShapes, StaticSteps, batched_velocity, row_buckets
 from conftest import ROOT
 from test_engine import _collect, load_clip, mixed_jobs
 from voices import SpeakerCache
