@@ -51,13 +51,10 @@ def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]
     if len(calls) == 1:
         return [calls[0].run(model)]
     device = calls[0].x.device
-    kv_latent = [c.kv_latent if c.kv_latent is not None else empty_kv(model, c.x) for c in calls]
-    groups, start = [], 0
-    for call, kv in zip(calls, kv_latent):
-        n = call.x.shape[0]
-        groups.append(RowGroup(slice(start, start + n), call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
-                               call.kv_speaker[0][0].shape[1], call.key_mask(model)))
-        start += n
+    kv_latent = [latent_kv_or_empty(model, c) for c in calls]
+    groups = [RowGroup(rows, call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
+                       call.kv_speaker[0][0].shape[1], call.key_mask(model))
+              for call, kv, rows in zip(calls, kv_latent, row_slices(calls))]
     frames = max(g.frames for g in groups)
 
     def stack_kv(caches: list[KVCache]) -> KVCache:
@@ -79,10 +76,24 @@ def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]
     return [v[g.rows, :g.frames] for g in groups]
 
 
-def empty_kv(model: EchoDiT, x: Tensor) -> KVCache:
-    """A key/value cache with no entries, for a step without a latent prefix."""
-    empty = x.new_zeros(x.shape[0], 0, model.blocks[0].attention.num_heads, model.head_dim)
-    return [(empty, empty)] * len(model.blocks)
+def zero_kv(model: EchoDiT, rows: int, length: int, like: Tensor) -> KVCache:
+    """A key/value cache of zeros, (rows, length, H, D) per layer, on `like`'s device and dtype."""
+    zeros = like.new_zeros(rows, length, model.blocks[0].attention.num_heads, model.head_dim)
+    return [(zeros, zeros)] * len(model.blocks)
+
+
+def latent_kv_or_empty(model: EchoDiT, call: ModelCall) -> KVCache:
+    """The call's latent-prefix cache; an empty one for a step without a latent prefix."""
+    return call.kv_latent if call.kv_latent is not None else zero_kv(model, call.x.shape[0], 0, call.x)
+
+
+def row_slices(calls: Sequence[ModelCall]) -> list[slice]:
+    """Where each call's rows sit when the calls are stacked along the batch."""
+    slices, start = [], 0
+    for call in calls:
+        slices.append(slice(start, start + call.x.shape[0]))
+        start += call.x.shape[0]
+    return slices
 
 
 class ExactSteps:
@@ -159,7 +170,7 @@ class StaticShapes:
 class _Batch:
     """The parts of a padded batch that stay the same from step to step while its members do."""
 
-    members: tuple  # per call: its conditioning objects (compared by identity) and its sizes
+    members: _Members
     positions: Tensor  # (R, S)
     key_mask: Tensor  # (R, S + Q + T + P)
     kv_text: KVCache  # (R, T, H, D) per layer
@@ -167,15 +178,21 @@ class _Batch:
     kv_latent: KVCache | None  # (R, Q, H, D)
 
 
-def _members(calls: Sequence[ModelCall]) -> tuple:
-    return tuple((c.kv_text, c.kv_speaker, c.kv_latent, c.text_mask, c.speaker_mask, c.x.shape[:2], c.start_pos)
-                 for c in calls)
+@dataclass(frozen=True)
+class _Members:
+    """What a padded batch is made of: the calls' conditioning objects (the same objects from step
+    to step while a generation stays in one block and CFG phase) and their sizes."""
 
+    conditioning: tuple
+    sizes: tuple[tuple[int, int, int], ...]  # per call: rows, frames, start position
 
-def _same_members(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(
-        all(p is q if isinstance(p, (Tensor, list)) or p is None else p == q for p, q in zip(m, n))
-        for m, n in zip(a, b))
+    @classmethod
+    def of(cls, calls: Sequence[ModelCall]) -> _Members:
+        return cls(tuple(o for c in calls for o in (c.kv_text, c.kv_speaker, c.kv_latent, c.text_mask, c.speaker_mask)),
+                   tuple((*c.x.shape[:2], c.start_pos) for c in calls))
+
+    def same_as(self, other: _Members) -> bool:
+        return self.sizes == other.sizes and all(a is b for a, b in zip(self.conditioning, other.conditioning))
 
 
 class StaticSteps:
@@ -241,19 +258,12 @@ class StaticSteps:
         batch = self._batch(calls, frames, padded_rows, pack)
         x = calls[0].x.new_zeros(padded_rows, frames, LATENT_SIZE)
         t = calls[0].t.new_zeros(padded_rows)
-        row = 0
-        for c in calls:
-            n, f = c.x.shape[:2]
-            x[row:row + n, :f] = c.x
-            t[row:row + n] = c.t
-            row += n
+        slices = row_slices(calls)
+        for c, rows in zip(calls, slices):
+            x[rows, :c.x.shape[1]] = c.x
+            t[rows] = c.t
         v = self._run(x, t, batch)
-        velocities, row = [], 0
-        for c in calls:
-            n, f = c.x.shape[:2]
-            velocities.append(v[row:row + n, :f])
-            row += n
-        return velocities
+        return [v[rows, :c.x.shape[1]] for c, rows in zip(calls, slices)]
 
     def _run(self, x: Tensor, t: Tensor, batch: _Batch) -> Tensor:
         tensors = [x, t, batch.positions, batch.key_mask]
@@ -267,54 +277,48 @@ class StaticSteps:
 
     def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, pack: int) -> _Batch:
         """The batch's positions, masks and stacked caches: reused while its members are the same."""
-        members = _members(calls)
+        members = _Members.of(calls)
         previous = self._batches.get((frames, pack))
-        if previous is not None and previous.positions.shape[0] == padded_rows and \
-                _same_members(previous.members, members):
+        if previous is not None and previous.members.same_as(members):
             return previous
         self._batches.pop((frames, pack), None)  # let the old stacks go before the new ones are made
         batch = self._new_batch(calls, frames, padded_rows, members)
         self._batches[(frames, pack)] = batch
         return batch
 
-    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, members: tuple) -> _Batch:
+    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, members: _Members) -> _Batch:
         s, device = self.shapes, calls[0].x.device
         q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
         positions = torch.arange(frames, device=device).repeat(padded_rows, 1)
         key_mask = torch.zeros(padded_rows, frames + s.key_length, dtype=torch.bool, device=device)
         key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
-        row = 0
-        for c in calls:
-            n, f = c.x.shape[:2]
-            rows = slice(row, row + n)
+        slices = row_slices(calls)
+        for c, rows in zip(calls, slices):
             positions[rows] += c.start_pos
-            key_mask[rows, :f] = True
+            key_mask[rows, :c.x.shape[1]] = True
             if c.kv_latent is not None:  # every patch of the prefix precedes the block
                 key_mask[rows, frames:frames + c.kv_latent[0][0].shape[1]] = True
             key_mask[rows, q0:q0 + c.text_mask.shape[1]] = c.text_mask
             speaker = c.speaker_mask[:, ::self.model.speaker_patch_size]
             key_mask[rows, t0:t0 + speaker.shape[1]] = speaker
-            row += n
         kv_latent = None
         if s.prefix_patches:
-            kv_latent = self._stack([c.kv_latent if c.kv_latent is not None else empty_kv(self.model, c.x)
-                                     for c in calls], s.prefix_patches, padded_rows)
+            kv_latent = self._stack([latent_kv_or_empty(self.model, c) for c in calls], slices, s.prefix_patches,
+                                    padded_rows)
         return _Batch(members, positions, key_mask,
-                      self._stack([c.kv_text for c in calls], s.text_tokens, padded_rows),
-                      self._stack([c.kv_speaker for c in calls], s.speaker_patches, padded_rows), kv_latent)
+                      self._stack([c.kv_text for c in calls], slices, s.text_tokens, padded_rows),
+                      self._stack([c.kv_speaker for c in calls], slices, s.speaker_patches, padded_rows), kv_latent)
 
-    def _stack(self, caches: list[KVCache], length: int, padded_rows: int) -> KVCache:
-        """Per layer, the calls' keys and values stacked along rows and zero-padded to (R, length, H, D)."""
+    def _stack(self, caches: list[KVCache], slices: list[slice], length: int, padded_rows: int) -> KVCache:
+        """Per layer, the calls' keys and values at their rows, zero-padded to (R, length, H, D)."""
         stacked = []
         for layer in range(len(self.model.blocks)):
             pair = []
             for j in (0, 1):
                 parts = [cache[layer][j] for cache in caches]
                 out = parts[0].new_zeros(padded_rows, length, *parts[0].shape[2:])
-                row = 0
-                for part in parts:
-                    out[row:row + part.shape[0], :part.shape[1]] = part
-                    row += part.shape[0]
+                for part, rows in zip(parts, slices):
+                    out[rows, :part.shape[1]] = part
                 if self._compiled:
                     torch._dynamo.maybe_mark_dynamic(out, 0)
                 pair.append(out)
@@ -325,19 +329,14 @@ class StaticSteps:
     def warm_up(self) -> None:
         """One forward pass of every shape, so compilation and CUDA-graph capture happen now."""
         m, s = self.model, self.shapes
-        heads, head_dim = m.blocks[0].attention.num_heads, m.head_dim
-
-        def kv(rows: int, length: int) -> KVCache:
-            zeros = torch.zeros(rows, length, heads, head_dim, device=m.device, dtype=m.dtype)
-            return [(zeros, zeros)] * len(m.blocks)
-
         for frames, rows in s.all_shapes():
             x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
             call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0,
                              text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
                              speaker_mask=torch.ones(rows, s.speaker_patches * m.speaker_patch_size, dtype=torch.bool,
                                                      device=m.device),
-                             kv_text=kv(rows, s.text_tokens), kv_speaker=kv(rows, s.speaker_patches),
-                             kv_latent=kv(rows, s.prefix_patches) if s.prefix_patches else None)
+                             kv_text=zero_kv(m, rows, s.text_tokens, x),
+                             kv_speaker=zero_kv(m, rows, s.speaker_patches, x),
+                             kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
             self([call])
         self._batches.clear()

@@ -315,6 +315,16 @@ def test_speaker_cache_disabled_stores_nothing():
         SpeakerCache(max_entries=-1)
 
 
+def run_blocked_threads(threads: list[threading.Thread], release: threading.Event) -> None:
+    """Start the threads, give them time to pile up on the factory, then release it and join."""
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(5)
+
+
 def test_get_or_create_calls_the_factory_once_under_threads():
     cache = SpeakerCache(max_entries=4)
     calls = []
@@ -333,12 +343,7 @@ def test_get_or_create_calls_the_factory_once_under_threads():
         results[i] = cache.get_or_create("voice", factory, name="voice")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join(5)
+    run_blocked_threads(threads, release)
     assert len(calls) == 1
     assert all(r is results[0] for r in results) and results[0] is not None
 
@@ -362,12 +367,7 @@ def test_get_or_create_error_reaches_waiters_and_is_not_cached():
             errors.append(e)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join(5)
+    run_blocked_threads(threads, release)
     assert len(errors) == 4 and len(calls) >= 1 and "k" not in cache
     assert cache.get_or_create("k", lambda: "ok") == "ok"
 
