@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,10 @@ from pathlib import Path
 
 import httpx
 
+from live_server import LiveServer
+
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = ROOT / "tests" / "reference"
 TEXT = ("Echo is a diffusion text to speech model. This sentence is here so that the benchmark asks for a "
         "realistic amount of speech, about as much as a short paragraph read aloud.")
 
@@ -54,28 +54,11 @@ def tiny_repos(out: Path) -> tuple[Path, Path]:
     return echo, fish
 
 
-def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "api_server.py"], cwd=ROOT, stdout=log.open("wb"),
-                               stderr=subprocess.STDOUT, env={**os.environ, "PORT": str(port), **env})
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["ready"]:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    sys.exit("server did not become ready")
-
-
-async def one_stream(client: httpx.AsyncClient, seed: int) -> tuple[float, float, float]:
+async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") -> tuple[float, float, float]:
     """(time to first byte, total time, seconds of audio) of one streaming PCM request."""
     start = time.perf_counter()
     first, size = None, 0
-    body = {"input": TEXT, "voice": "none", "seed": seed, "response_format": "pcm"}
+    body = {"input": TEXT, "voice": voice, "seed": seed, "response_format": "pcm"}
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
         response.raise_for_status()
         rate = int(response.headers["x-audio-sample-rate"])
@@ -206,23 +189,21 @@ def main() -> None:
     if args.tiny:
         echo, fish = tiny_repos(work)
         args.model_repo, args.fish_repo = str(echo), str(fish)
-    process = None
+    server = None
     url = args.url
     if url is None:
         env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
-               "ECHO_MAX_ACTIVE": "16", "ECHO_MAX_QUEUE": "16", "ECHO_HOST": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
+               "ECHO_MAX_ACTIVE": "16", "ECHO_MAX_QUEUE": "16", "HF_HUB_OFFLINE": "1"}
         if args.device == "cpu":
             env["ECHO_MODEL_DTYPE"] = "float32"
-        port = 8765
-        process = start_server(env, port, work / "server.log")
-        url = f"http://127.0.0.1:{port}"
+        server = LiveServer(env, work / "server.log", ready_timeout=1800)
+        url = server.url
     try:
         asyncio.run(concurrency_table(url, [int(n) for n in args.levels.split(",")]))
         non_streaming(url)
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait()
+        if server is not None:
+            server.stop()
     if args.fish_repo:
         decode_costs(args.fish_repo, args.device)
         batching_gain(args.model_repo, args.fish_repo, args.device)

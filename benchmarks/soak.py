@@ -55,8 +55,6 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -71,7 +69,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_server import percentile, start_server, tiny_repos  # noqa: E402
+from bench_server import percentile, tiny_repos  # noqa: E402
+from live_server import LiveServer, ServerFailed  # noqa: E402
 
 SPEECH = "/v1/audio/speech"
 ID = "x-request-id"  # each request carries its own (soak-<phase>-<n>-<kind>), so server log lines can be found
@@ -572,29 +571,6 @@ def write_voice(path: Path, seed: int) -> None:
 # Server
 
 
-class StartTimeout(BaseException):
-    """Raised by SIGALRM while waiting for the server (a BaseException, so nothing on the way catches it)."""
-
-
-def own_children() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-                    pids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def start_tiny_server(work: Path, args: argparse.Namespace):
     echo, fish = tiny_repos(work)
     voices = work / "voices"
@@ -606,29 +582,16 @@ def start_tiny_server(work: Path, args: argparse.Namespace):
            "ECHO_VOICE_DIRS": str(voices),
            # fewer than the distinct voices of the mix (1 file + inline clips), so entries get evicted
            "ECHO_SPEAKER_CACHE_SIZE": "3"}
-    port = args.port or free_port()
+    port = args.port
     log = work / "server.log"
     print(f"server log: {log}", flush=True)
 
-    def on_alarm(signum, frame):
-        raise StartTimeout()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(args.start_timeout)
     try:
-        process = start_server(env, port, log)
-    except StartTimeout:
-        for pid in own_children():  # the server we just started: start_server did not hand it back
-            os.kill(pid, signal.SIGKILL)
-        print(f"the server was not ready within {args.start_timeout} s; log: {log}", file=sys.stderr)
+        server = LiveServer(env, log, ready_timeout=args.start_timeout, port=port)
+    except ServerFailed as e:  # exited during start-up, or not ready in time (then killed)
+        print(e, file=sys.stderr)
         sys.exit(2)
-    except SystemExit as e:  # start_server: the server exited during start-up
-        print(e.code, file=sys.stderr)
-        sys.exit(2)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    return process, f"http://{LOOPBACK}:{port}", log
+    return server.process, server.url, log
 
 
 def stop_server(process) -> tuple[int | None, str]:
@@ -907,7 +870,7 @@ def main() -> None:
         parser.error("give exactly one of --tiny and --url")
     if any(n < 1 for n in args.levels) or args.duration <= 0 or args.requests < 1:
         parser.error("levels, --duration and --requests must be positive")
-    # start_server() polls /health with httpx's defaults: never through a proxy
+    # LiveServer polls /health with httpx's defaults: never through a proxy
     os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), LOOPBACK]))
     os.environ["no_proxy"] = os.environ["NO_PROXY"]
 

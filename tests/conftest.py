@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference data in ../shared/reference and the tiny models as local repos."""
+"""Shared fixtures: the reference data in tests/reference and the tiny models as local repos."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT.parent / "shared" / "reference"
+REF = ROOT / "tests" / "reference"
 sys.path.insert(0, str(ROOT))
 
 
@@ -86,62 +86,8 @@ def synthetic_repos(tmp_path_factory) -> dict[str, Path]:
 
 # ---- a live server on a loopback port ------------------------------------------------------------
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`python api_server.py` in a subprocess, configured through the environment like a user would."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True,
-                 cwd: Path = ROOT):
-        import os
-        import subprocess
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {**os.environ, "ECHO_HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
-        self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py")], cwd=cwd, env=full_env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait(ready_timeout, "ready" if wait_ready else "up")
-
-    def wait(self, timeout: float, until: str = "ready") -> None:
-        """Poll /health until the process answers ("up") or reports ready ("ready")."""
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                health = httpx.get(self.url + "/health", timeout=2).json()
-            except httpx.TransportError:
-                health = None
-            if health is not None and (until == "up" or health["ready"]):
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not {until} after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except Exception:
-            self.process.kill()
-        self._log.close()
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from live_server import LiveServer, ServerFailed, free_port  # noqa: E402,F401 - one way to start a server
 
 
 @pytest.fixture(scope="session")

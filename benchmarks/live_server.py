@@ -1,0 +1,74 @@
+"""The one way tests and benchmarks start a server: `python api_server.py` in a subprocess on a
+loopback port, configured through the environment as a user would, polled until ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class ServerFailed(RuntimeError):
+    """The server exited, or did not come up in time, during start-up; the message holds its log."""
+
+
+class LiveServer:
+    """A server process. `wait_ready=False` returns once /health answers (models may still load)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True,
+                 cwd: Path = ROOT, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "ECHO_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
+        self._log = open(log_path, "wb")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py")], cwd=cwd, env=full_env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait(ready_timeout, "ready" if wait_ready else "up")
+
+    def wait(self, timeout: float, until: str = "ready") -> None:
+        """Poll /health until the process answers ("up") or reports ready ("ready")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._log.close()
+                raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                health = httpx.get(self.url + "/health", timeout=2).json()
+            except httpx.TransportError:
+                health = None
+            if health is not None and (until == "up" or health["ready"]):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise ServerFailed(f"server not {until} after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` s; returns the exit status (None if it had to be killed)."""
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            code = None
+        self._log.close()
+        return code
