@@ -810,20 +810,23 @@ class StreamingDecoder:
         return [k.shape[2] for k, _ in self.state.kv.values()]
 
 
-def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor], batch: bool = True) -> list[Tensor]:
+def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor], batch: bool = True,
+                   max_batch_frames: int | None = None) -> list[Tensor]:
     """The next block of each of several independent streams, decoded together where possible.
 
     Streams that have decoded the same number of frames and get blocks of the same length hold
     state of identical shapes (and RoPE positions), so their states are stacked along the batch,
     decoded in one call and split back. Each result equals that stream's own ``decode``. With
     ``batch=False`` every stream is decoded on its own (faster on CPUs, where the decoder is
-    compute bound and larger tensors only cost cache misses).
+    compute bound and larger tensors only cost cache misses). ``max_batch_frames`` caps the latent
+    frames of one call (streams x block length): the decoder's activations at the audio rate grow
+    with it (64 streams' 480-frame blocks in one call wanted a 22.5 GiB tensor on an H100).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (decoder, block) in enumerate(zip(decoders, blocks)):
         groups.setdefault((decoder.frames, block.shape[-1]) if batch else (i,), []).append(i)
     out: list[Tensor | None] = [None] * len(decoders)
-    for members in groups.values():
+    for members in _capped(groups, blocks, max_batch_frames):
         if len(members) == 1:
             out[members[0]] = decoders[members[0]].decode(blocks[members[0]])
             continue
@@ -847,6 +850,18 @@ def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor
         for i, part in zip(members, audio.split(sizes)):
             out[i] = part
     return out
+
+
+def _capped(groups: dict[tuple[int, ...], list[int]], blocks: Sequence[Tensor],
+            max_batch_frames: int | None) -> list[list[int]]:
+    """Each group split into runs whose blocks add up to at most `max_batch_frames` frames."""
+    if max_batch_frames is None:
+        return list(groups.values())
+    runs = []
+    for members in groups.values():
+        size = max(1, max_batch_frames // max(1, blocks[members[0]].shape[-1]))
+        runs += [members[i:i + size] for i in range(0, len(members), size)]
+    return runs
 
 
 def build_ae(**overrides) -> DAC:

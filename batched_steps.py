@@ -21,13 +21,14 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from inference import LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall
-from model import EchoDiT, KVCache, RowGroup
+from model import EchoDiT, KVCache, RowGroup, call_block
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +212,12 @@ class StaticSteps:
         self.cuda_graphs = cuda_graphs
         self._velocity = model.velocity
         if compile:
-            # Each (frame bucket, one row or several) is a graph of the same code object.
-            limit = 2 * len(shapes.frame_buckets) + 2
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-            mode = "reduce-overhead" if cuda_graphs else None
-            self._velocity = torch.compile(model.velocity, backend=backend, mode=mode, dynamic=False)
+            self._velocity = partial(model.velocity, run_block=CompiledBlocks(len(shapes.frame_buckets), backend,
+                                                                              "reduce-overhead" if cuda_graphs else None))
         self._compiled = compile
         self._batches: dict[tuple[int, int], _Batch] = {}  # (frame bucket, pack) -> the last batch there
+        self._warmed_up = False
+        self.compiles_after_warm_up = 0  # graphs built while serving: shapes warm-up missed
 
     def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(calls)
@@ -266,13 +266,14 @@ class StaticSteps:
         return [v[rows, :c.x.shape[1]] for c, rows in zip(calls, slices)]
 
     def _run(self, x: Tensor, t: Tensor, batch: _Batch) -> Tensor:
-        tensors = [x, t, batch.positions, batch.key_mask]
-        if self._compiled and x.shape[0] > 1:
-            for tensor in tensors:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        graphs = compiled_graphs() if self._compiled else 0
         v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker, batch.kv_latent)
+        if self._compiled and self._warmed_up and (new := compiled_graphs() - graphs):
+            self.compiles_after_warm_up += new
+            log.warning("compiled %d new graph(s) while serving, for x of shape %s: warm-up missed this shape",
+                        new, tuple(x.shape))
         return v.clone() if self.cuda_graphs else v  # a CUDA graph's output is overwritten by its next replay
 
     def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, pack: int) -> _Batch:
@@ -327,9 +328,11 @@ class StaticSteps:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One forward pass of every shape, so compilation and CUDA-graph capture happen now."""
+        """Every shape, so compilation and CUDA-graph capture happen now: once, or with CUDA graphs
+        three times (inductor runs a new shape eagerly, records it on the second call and replays
+        from the third). Call it on the thread that will serve: CUDA graphs are kept per thread."""
         m, s = self.model, self.shapes
-        for frames, rows in s.all_shapes():
+        for frames, rows in [shape for shape in s.all_shapes() for _ in range(3 if self.cuda_graphs else 1)]:
             x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
             call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0,
                              text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
@@ -340,3 +343,37 @@ class StaticSteps:
                              kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
             self([call])
         self._batches.clear()
+        self._warmed_up = True
+
+
+class CompiledBlocks:
+    """Runs EchoDiT's decoder blocks through one torch.compile'd function (regional compilation).
+
+    The 24 blocks share their code, so one graph per shape serves them all: compiling takes a
+    block's time, not the whole decoder's. Graphs are specialised on every dimension except the
+    row count, which is dynamic from two rows on: one graph per frame bucket for a single row and
+    one for more. The prologue and epilogue around the blocks (timestep and input projections,
+    RoPE angles, output norm) are a few small kernels and stay eager.
+    """
+
+    def __init__(self, frame_buckets: int, backend: str | Callable = "inductor", mode: str | None = None):
+        limit = 2 * frame_buckets + 2
+        config = torch._dynamo.config
+        if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
+            config.recompile_limit = max(config.recompile_limit, limit)
+        else:
+            config.cache_size_limit = max(config.cache_size_limit, limit)
+        self._block = torch.compile(call_block, backend=backend, mode=mode, dynamic=False)
+
+    def __call__(self, block, h: Tensor, *args) -> Tensor:
+        if h.shape[0] > 1:
+            for tensor in (h, *args[:4]):  # cond, cos, sin, key_mask; the caches are marked when stacked
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self._block(block, h, *args)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

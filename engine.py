@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 FLAT_WINDOW = 20  # frames; find_flattening_point's window
 FADE_SAMPLES = 220  # 5 ms: the fade applied where one text chunk's audio meets the next
 CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size (see StreamingDecoder)
+MAX_DECODE_BATCH_FRAMES = 2048  # latent frames of one batched decoder call: ~1 GiB of the largest activation
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,24 @@ class _Ticket:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+class _ThreadCall:
+    """A function for the generation thread to run (GenerationWorker.call)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+        self.finished = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = e
+        finally:
+            self.finished.set()
+
+
 class GenerationTimeout(Exception):
     """The job ran past its deadline and was stopped."""
 
@@ -319,7 +338,7 @@ class GenerationWorker:
         self.engine = engine
         self.max_waiting = max_waiting
         self.max_active = max_active
-        self._jobs: queue.Queue[_Ticket | None] = queue.Queue()
+        self._jobs: queue.Queue[_Ticket | _ThreadCall | None] = queue.Queue()
         self._pending = 0
         self._active = 0
         self._lock = threading.Lock()
@@ -356,6 +375,19 @@ class GenerationWorker:
         self._jobs.put(ticket)
         return JobStream(ticket)
 
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the generation thread while no job runs, wait for it and return its result.
+
+        Warm-up goes through here: compiled CUDA graphs are recorded per thread, so they must be
+        recorded on the thread that replays them.
+        """
+        done = _ThreadCall(fn)
+        self._jobs.put(done)
+        done.finished.wait()
+        if done.error is not None:
+            raise done.error
+        return done.result
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
@@ -379,6 +411,9 @@ class GenerationWorker:
                 ticket = self._jobs.get(block=not active)
             except queue.Empty:
                 break
+            if isinstance(ticket, _ThreadCall):
+                ticket.run()
+                continue
             if ticket is None:
                 for running in active:
                     running.ticket.cancelled.set()
@@ -416,7 +451,8 @@ class GenerationWorker:
         fish = self.engine.fish_ae
         self._run_together(active, ModelCall, self.engine.steps)
         self._run_together(active, DecodeCall, lambda calls: decode_streams(
-            [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu"))
+            [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu",
+            max_batch_frames=MAX_DECODE_BATCH_FRAMES))
 
     def _run_together(self, active: list[_Running], kind: type, compute: Callable[[list], list]) -> None:
         """Compute the pending calls of one kind in one go and hand each job its reply; if the

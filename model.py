@@ -12,7 +12,7 @@ generation; each diffusion step then runs only the decoder blocks over the noisy
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -365,6 +365,11 @@ class DecoderBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def call_block(block: DecoderBlock, *args) -> Tensor:
+    """block(*args): what EchoDiT.velocity runs per decoder block unless told otherwise."""
+    return block(*args)
+
+
 BLOCKWISE_PREFIXES = ("latent_encoder.", "latent_norm.")
 BLOCKWISE_INFIXES = (".wk_latent.", ".wv_latent.")
 
@@ -444,18 +449,21 @@ class EchoDiT(nn.Module):
 
     def velocity(self, x: Tensor, t: Tensor, positions: Tensor, key_mask: Tensor, kv_text: KVCache,
                  kv_speaker: KVCache, kv_latent: KVCache | None = None,
-                 groups: Sequence[RowGroup] | None = None) -> Tensor:
+                 groups: Sequence[RowGroup] | None = None, run_block: Callable[..., Tensor] | None = None) -> Tensor:
         """The decoder proper. positions (S,) or (B, S) are the frame indices of x's rows; key_mask
         (B, S + Q + T + P) marks visible keys in the order [self, prefix, text, speaker patches].
         Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless.
-        `groups` makes attention per generation (for batches of several; see RowGroup)."""
+        `groups` makes attention per generation (for batches of several; see RowGroup).
+        `run_block(block, h, cond, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)` runs
+        each decoder block (a compiled one: the blocks are alike, so one graph serves all 24)."""
+        run_block = run_block or call_block
         cos, sin = rope_angles(positions, self.head_dim)
         embedding = timestep_embedding(t, self.timestep_embed_size)
         cond = in_fixed_row_blocks(self.cond_module, embedding)[:, None]  # (B, 1, 3C)
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
-            h = block(h, cond, cos, sin, key_mask, kv_text[i], kv_speaker[i],
-                      None if kv_latent is None else kv_latent[i], groups)
+            h = run_block(block, h, cond, cos, sin, key_mask, kv_text[i], kv_speaker[i],
+                          None if kv_latent is None else kv_latent[i], groups)
         return self.out_proj(self.out_norm(h)).float()
 
     def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:

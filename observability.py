@@ -59,7 +59,8 @@ def configure_logging(debug: bool, as_json: bool) -> None:
 class Metrics:
     """The server's Prometheus metrics, in a registry of their own."""
 
-    def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int]):
+    def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int],
+                 gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -71,11 +72,17 @@ class Metrics:
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)
-        if torch.cuda.is_available():
-            Gauge("echo_gpu_memory_allocated_bytes", "CUDA memory held by tensors",
-                  registry=self.registry).set_function(torch.cuda.memory_allocated)
-            Gauge("echo_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
-                  registry=self.registry).set_function(torch.cuda.memory_reserved)
+        Gauge("echo_compiles_after_warm_up", "torch.compile graphs built after warm-up (each one froze every "
+              "stream while it compiled; warm-up should have covered its shape)",
+              registry=self.registry).set_function(compiles_after_warm_up)
+        if gpu is not None and gpu.type == "cuda":
+            for name, doc, read in (
+                    ("echo_gpu_memory_allocated_bytes", "CUDA memory held by tensors", torch.cuda.memory_allocated),
+                    ("echo_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator",
+                     torch.cuda.memory_reserved),
+                    ("echo_gpu_memory_peak_bytes", "Most CUDA memory held by tensors at once since start",
+                     torch.cuda.max_memory_allocated)):
+                Gauge(name, doc, registry=self.registry).set_function(lambda read=read: read(gpu))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -97,19 +97,24 @@ class SpeechService:
     def _load_and_warm_up(self) -> None:
         try:
             self.engine = self._load_engine()
-            self._warm_up()
             self.worker = GenerationWorker(self.engine, max_waiting=self.settings.max_queue,
                                            max_active=self.settings.max_active,
                                            debug_sink=self._save_debug_audio if self.settings.debug_logs else None)
+            self.worker.call(self._warm_up)  # on the thread that serves: CUDA graphs are per thread
             self.ready.set()
             log.info("ready")
         except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
             self.load_error = e
             log.exception("loading the models failed")
+            if self.worker is not None:
+                self.worker.close()
 
     def _load_engine(self) -> SpeechEngine:
         s = self.settings
         started = time.perf_counter()
+        if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         compile_ae = s.compile_ae and s.fish_device_name.startswith("cuda")
         if s.compile_ae and not compile_ae:
             log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
@@ -166,6 +171,11 @@ class SpeechService:
         log.info("warm-up done in %.1f s", time.perf_counter() - started)
         if self.uses_compile:
             save_compile_artifacts(self.compile_cache_path)
+
+    def compiles_after_warm_up(self) -> int:
+        """Graphs torch.compile built while serving: each one a shape the warm-up missed."""
+        steps = self.engine.steps if self.engine is not None else None
+        return steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0
 
     @property
     def uses_compile(self) -> bool:

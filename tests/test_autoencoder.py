@@ -322,6 +322,21 @@ def test_decode_streams_batches_streams_at_the_same_point(tiny_ae):
     assert all(d.frames == 12 for d in together[:3]) and together[3].frames == 12
 
 
+def test_decode_streams_caps_the_frames_of_one_call(tiny_ae, monkeypatch):
+    from autoencoder import StreamingDecoder, decode_streams
+
+    gen = torch.Generator().manual_seed(6)
+    z = [torch.randn(1, tiny_ae.latent_dim, 4, generator=gen) for _ in range(5)]
+    expected = [tiny_ae.streaming_decoder().decode(x) for x in z]
+    batch_sizes, decode = [], StreamingDecoder.decode
+    monkeypatch.setattr(StreamingDecoder, "decode", lambda self, block: (batch_sizes.append(block.shape[0]),
+                                                                          decode(self, block))[1])
+    got = decode_streams([tiny_ae.streaming_decoder() for _ in z], z, max_batch_frames=8)
+    assert batch_sizes == [2, 2, 1]  # 4-frame blocks, at most 8 frames a call
+    for a, b in zip(expected, got, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_streaming_decoder_splits_long_blocks_exactly(tiny_ae):
     z = torch.randn(2, tiny_ae.latent_dim, 23, generator=torch.Generator().manual_seed(9))
     whole = tiny_ae.streaming_decoder(batch_size=2).decode(z)

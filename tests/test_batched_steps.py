@@ -165,7 +165,7 @@ ARTIFACTS_SCRIPT = textwrap.dedent("""
 
     artifacts = Path(sys.argv[1])
     load_compile_artifacts(artifacts)
-    model = load_model_from_hf({model!r}, device="cpu", dtype=torch.float32)
+    model = load_model_from_hf({model!r}, device={device!r}, dtype=torch.float32)
     steps = StaticSteps(model, StaticShapes.covering((8,), max_rows=1, max_speaker_latent_length=16), compile=True)
     steps.warm_up()
     save_compile_artifacts(artifacts)
@@ -175,9 +175,13 @@ ARTIFACTS_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_compile_artifacts_are_reloaded_by_the_next_process(tiny_echo_dir, tmp_path):
+    assert_compile_artifacts_reload(tiny_echo_dir, tmp_path, "cpu")
+
+
+def assert_compile_artifacts_reload(tiny_echo_dir, tmp_path, device: str) -> None:
     """ECHO_CACHE_DIR: what one start compiled, the next loads instead of compiling again."""
     script = tmp_path / "compile_once.py"
-    script.write_text(ARTIFACTS_SCRIPT.format(root=str(ROOT), model=str(tiny_echo_dir)))
+    script.write_text(ARTIFACTS_SCRIPT.format(root=str(ROOT), model=str(tiny_echo_dir), device=device))
     artifacts = tmp_path / "cache" / "artifacts.bin"
 
     def start(run: int) -> dict:

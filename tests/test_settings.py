@@ -43,11 +43,12 @@ def test_lists_presets_and_keys(monkeypatch, caplog):
     assert "turbo" in caplog.text
 
 
-def test_static_shapes_follow_the_device_and_compile(monkeypatch):
+def test_static_shapes_follow_compile(monkeypatch):
     for name in ("ECHO_DEVICE", "ECHO_COMPILE", "ECHO_STATIC_SHAPES", "ECHO_CUDA_GRAPHS"):
         monkeypatch.delenv(name, raising=False)
-    assert load_settings().use_static_shapes and not load_settings().cuda_graphs  # CUDA: padded, compiled or not
+    assert not load_settings().use_static_shapes and not load_settings().cuda_graphs  # eager: exact batching
     assert not load_settings(device="cpu").use_static_shapes  # CPU: exact, bit-identical batching
+    assert load_settings(compile=True).use_static_shapes  # compiled graphs need fixed shapes
     assert load_settings(device="cpu", compile=True).use_static_shapes  # compiled graphs need fixed shapes
     assert load_settings(device="cpu", static_shapes=True).use_static_shapes
     assert not load_settings(static_shapes=False).use_static_shapes
