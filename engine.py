@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FLAT_WINDOW = 20  # frames; find_flattening_point's window
 FADE_SAMPLES = 220  # 5 ms: the fade applied where one text chunk's audio meets the next
 CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size (see StreamingDecoder)
-MAX_DECODE_BATCH_FRAMES = 2048  # latent frames of one batched decoder call: ~1 GiB of the largest activation
+MAX_DECODE_BATCH_FRAMES = 8192  # latent frames of one batched decoder call (~6 GiB of its largest activation)
 
 
 @dataclass(frozen=True)
