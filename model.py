@@ -109,7 +109,11 @@ def in_fixed_row_blocks(fn, rows: Tensor) -> Tensor:
     row per batch row, not per token) pick their kernel by row count, and different kernels
     round differently. Fixing the row count makes each row's result independent of how many
     other requests share the batch, so a request gives the same bits alone or batched.
+    Compiled graphs skip this: they promise closeness, not bits, and the number of blocks would
+    make every multiple of COND_ROWS rows a graph of its own.
     """
+    if torch.compiler.is_compiling():
+        return fn(rows)
     batch = rows.shape[0]
     padded = F.pad(rows, (0, 0) * (rows.ndim - 1) + (0, -batch % COND_ROWS))
     return torch.cat([fn(block) for block in padded.split(COND_ROWS)])[:batch]

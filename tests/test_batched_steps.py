@@ -109,10 +109,11 @@ class CountingBackend:
 
 
 @pytest.mark.slow
-def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, tiny_fish, tiny_pca):
+@pytest.mark.parametrize("max_rows", [12, 66], ids=["4-active", "22-active"])
+def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, tiny_fish, tiny_pca, max_rows):
     torch._dynamo.reset()
     backend = CountingBackend()
-    steps = static_steps(tiny_model, compile=True, backend=backend)
+    steps = static_steps(tiny_model, max_rows=max_rows, compile=True, backend=backend)
     steps.warm_up()
     # one graph per frame bucket for a single row, one per frame bucket for several (rows dynamic)
     assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets)
@@ -122,7 +123,7 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, t
         asyncio.run(_collect(worker, mixed_jobs(load_clip())))
     finally:
         worker.close()
-    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets)
+    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets) and steps.compiles_after_warm_up == 0
     torch._dynamo.reset()
 
 
