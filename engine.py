@@ -26,7 +26,7 @@ from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from batched_steps import ExactSteps, StepRunner
-from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, Conditioning, ModelCall, PCAState, SamplerSettings,
+from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning, ModelCall, PCAState, SamplerSettings,
                        find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
                        latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import blockwise_steps
@@ -143,11 +143,23 @@ class SpeechEngine:
                                                    version=version)
 
     @torch.inference_mode()
+    def warm_up_encoder(self) -> None:
+        """Encode a second of synthetic audio, so that the first request with a voice does not pay
+        for the encoder's first use (with ECHO_COMPILE_AE, its compilation). Voices are encoded in
+        fixed ~30 s chunks, so this one shape is the only one."""
+        clip = 0.1 * torch.randn(1, SAMPLE_RATE, generator=torch.Generator().manual_seed(0))
+        self._encode_audio(clip)
+
+    @torch.inference_mode()
     def _encode_speaker(self, speaker: SpeakerReference) -> tuple[Tensor, Tensor]:
         try:
             audio = speaker.load_audio()
         except ValueError as e:  # unreadable, vanished or undecodable voice audio
             raise VoiceUnusable(str(e)) from e
+        return self._encode_audio(audio)
+
+    def _encode_audio(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """(1, samples) at 44.1 kHz -> speaker latents (1, frames, 80) and mask, kept where configured."""
         audio = audio.to(device=self.fish_ae.device, dtype=self.fish_ae.dtype)
         latent, mask = get_speaker_latent_and_mask(self.fish_ae, self.pca_state, audio,
                                                    max_speaker_latent_length=self.max_speaker_latent_length)

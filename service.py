@@ -121,8 +121,9 @@ class SpeechService:
         if self.uses_compile:
             load_compile_artifacts(self.compile_cache_path)
         model = inf.load_model_from_hf(s.model_repo, device=s.device, dtype=s.torch_model_dtype)
-        fish = inf.load_fish_ae_from_hf(s.fish_repo, device=s.fish_device_name, dtype=s.torch_fish_dtype,
-                                        compile=compile_ae)
+        fish = inf.load_fish_ae_from_hf(s.fish_repo, device=s.fish_device_name, dtype=s.torch_fish_dtype)
+        if compile_ae:  # what the server runs of the autoencoder: voices go through encode_zq; audio comes
+            fish.encode_zq = torch.compile(fish.encode_zq)  # from the streaming decoder, which stays eager
         pca = inf.load_pca_state_from_hf(s.model_repo, device=s.fish_device_name)
         log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
                  s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
@@ -153,6 +154,8 @@ class SpeechService:
         if not self.settings.warmup:
             return
         started = time.perf_counter()
+        self.engine.warm_up_encoder()
+        log.info("voice encoder warmed up in %.1f s", time.perf_counter() - started)
         if isinstance(self.engine.steps, StaticSteps):
             self.engine.steps.warm_up()
             log.info("%d step shapes warmed up in %.1f s", len(self.engine.steps.shapes.all_shapes()),

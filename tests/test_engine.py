@@ -213,3 +213,12 @@ def load_clip() -> torch.Tensor:
 
     from conftest import REF
     return load_file(REF / "tiny_fish_dac_cases.safetensors")["speaker_audio"]
+
+
+def test_encoder_warm_up_encodes_once_and_caches_nothing(engine, monkeypatch):
+    calls = []
+    encode = engine.fish_ae.encode_zq
+    monkeypatch.setattr(engine.fish_ae, "encode_zq", lambda audio: (calls.append(tuple(audio.shape)), encode(audio))[1])
+    engine.warm_up_encoder()
+    assert calls == [(1, 1, 640 * 2048)]  # the one chunk shape every voice is encoded in
+    assert len(engine.speaker_cache) == 0

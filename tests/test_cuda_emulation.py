@@ -1,0 +1,286 @@
+"""The service's CUDA configuration run on the CPU with CUDA emulated, so device-placement mistakes of
+the CUDA path fail in CI, where there is no GPU.
+
+`EmulatedCuda` is a TorchFunctionMode: tensors asked for on a CUDA device are made on the CPU and
+remembered as "on CUDA" (by their storage, so views, in-place ops and nn.Parameters keep the mark),
+and every op whose tensor inputs are on CUDA gives CUDA results. It then enforces what a real GPU
+enforces: no op may mix CUDA tensors with (multi-element) CPU tensors, `.numpy()` needs `.cpu()`
+first, and a CPU generator cannot drive a CUDA random op. It also counts host synchronisations
+(`.item()`, `bool(t)`, `.cpu()`, `nonzero`, boolean masks, ...) and where they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import sys
+import threading
+import weakref
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+import service as svc
+from conftest import ROOT
+from settings import load_settings
+from test_engine import load_clip
+
+CUDA = torch.device("cuda", 0)
+HOST_GENERATOR = torch.Generator  # the real class, before the test replaces it
+# Reading a CUDA tensor's value on the host waits for the GPU: one synchronisation each.
+SYNC_OPS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__complex__", "__format__",
+            "__repr__", "nonzero", "argwhere", "masked_select", "equal", "unique", "unique_consecutive"}
+FORBIDDEN_ON_CUDA = {"numpy", "__array__"}  # a CUDA tensor must be copied to the host first
+MOVES = {"to", "cpu", "cuda"}
+# Ops a GPU lets take CPU operands: copies across devices, and CPU index tensors.
+MIXING_ALLOWED = MOVES | {"copy_", "__getitem__", "__setitem__", "__set__", "__get__"}
+
+
+def _device(value) -> torch.device | None:
+    if isinstance(value, (str, torch.device)):
+        return torch.device(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.device("cuda", value)
+    return None
+
+
+def _tensors(value):
+    """Every tensor in (nested lists / tuples / dicts of) `value`."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _storage(t: Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return None
+
+
+def _is_scalar(t: Tensor) -> bool:
+    """What a GPU op accepts from the CPU beside CUDA tensors (the brief allows 1-element tensors too)."""
+    return t.dim() == 0 or t.numel() == 1
+
+
+class EmulatedGenerator(HOST_GENERATOR):
+    """torch.Generator while CUDA is emulated: always a CPU generator, remembering the device asked for."""
+
+    def __new__(cls, device=None):
+        gen = super().__new__(cls, device="cpu")
+        gen.emulated_device = torch.device(device or "cpu")
+        return gen
+
+
+class EmulatedCuda(TorchFunctionMode):
+    """CUDA on the CPU (see the module docstring). Enter it in every thread that does tensor work
+    (`install` makes new threads do so); rule violations raise AssertionError and are kept in
+    `violations`; host synchronisations on CUDA tensors are kept in `syncs` as (phase, site, op)."""
+
+    def __init__(self):
+        super().__init__()
+        self._cuda_storages: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.syncs: list[tuple[str, str, str]] = []
+        self.violations: list[str] = []
+        self.phase = "other"  # set by the test: which part of the work syncs are attributed to
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def install(self, monkeypatch) -> None:
+        """torch.cuda says a GPU is there, CUDA generators are emulated, and new threads enter the mode."""
+        for name, stub in {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+                           "synchronize": lambda device=None: self._sync("torch.cuda.synchronize"),
+                           "empty_cache": lambda: None, "memory_allocated": lambda device=None: 0,
+                           "max_memory_allocated": lambda device=None: 0,
+                           "memory_reserved": lambda device=None: 0}.items():
+            monkeypatch.setattr(torch.cuda, name, stub)
+        # the service turns on TF32 for CUDA; put the process-wide flags back afterwards
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+        monkeypatch.setattr(torch, "Generator", EmulatedGenerator)
+        run = threading.Thread.run
+        mode = self
+
+        def run_emulated(thread):  # TorchFunctionMode is per thread: the loader and worker need it too
+            with mode:
+                run(thread)
+
+        monkeypatch.setattr(threading.Thread, "run", run_emulated)
+
+    # ---- queries ------------------------------------------------------------------------------
+
+    def on_cuda(self, t: Tensor) -> bool:
+        with torch._C.DisableTorchFunction():
+            return self._on_cuda(t)
+
+    def _on_cuda(self, t: Tensor) -> bool:
+        storage = _storage(t)
+        return storage is not None and storage in self._cuda_storages
+
+    def _mark(self, result, keep_off: set[int]) -> None:
+        for t in _tensors(result):
+            storage = _storage(t)
+            if storage is not None and id(storage) not in keep_off:
+                with self._lock:
+                    self._cuda_storages.add(storage)
+
+    def _fail(self, message: str):
+        self.violations.append(message)
+        raise AssertionError(message)
+
+    def _sync(self, op: str) -> None:
+        with self._lock:
+            self.syncs.append((self.phase, _call_site(), op))
+
+    # ---- the mode -----------------------------------------------------------------------------
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", str(func))
+        if name == "__get__":  # attribute reads: a CUDA tensor says it is on CUDA
+            attribute = func.__self__.__name__
+            if attribute in ("device", "is_cuda", "is_cpu") and self._on_cuda(args[0]):
+                return {"device": CUDA, "is_cuda": True, "is_cpu": False}[attribute]
+        inputs = list(_tensors((args, kwargs)))
+        cuda_inputs = [t for t in inputs if self._on_cuda(t)]
+        host_inputs = [t for t in inputs if not self._on_cuda(t)]
+
+        if cuda_inputs and name in FORBIDDEN_ON_CUDA and not kwargs.get("force"):
+            self._fail(f"{name}() of a CUDA tensor (on a GPU: TypeError, call .cpu() first)")
+        if cuda_inputs and (name in SYNC_OPS or (name == "__getitem__" and _bool_index(args[1:]))):
+            self._sync(name)
+
+        # where the result lives: an explicit device, else wherever the inputs are
+        target = self._target(name, args, kwargs)
+        if name == "cuda":
+            func, args, kwargs = Tensor.to, (args[0], "cpu"), {}
+        elif name == "to" and len(args) > 1 and isinstance(args[1], Tensor):  # .to(other): its device and dtype
+            args = (args[0], "cpu", args[1].dtype, *args[2:])
+        elif name == "to" and len(args) > 1 and _device(args[1]) is not None:
+            args = (args[0], "cpu", *args[2:])
+        if "device" in kwargs and kwargs["device"] is not None:
+            kwargs["device"] = "cpu" if target.type == "cuda" else kwargs["device"]
+        to_cuda = target.type == "cuda" if target is not None else bool(cuda_inputs)
+
+        if name == "copy_" and cuda_inputs and not self._on_cuda(args[0]):
+            self._sync(name)  # device to host copy
+        if name in MOVES and not to_cuda and self._on_cuda(args[0]):
+            self._sync(name)
+        if to_cuda and name not in MIXING_ALLOWED and "device" not in kwargs:
+            mixed = [tuple(t.shape) for t in host_inputs if not _is_scalar(t)]
+            if mixed:
+                self._fail(f"{name}() mixes CUDA tensors with CPU tensors of shapes {mixed} "
+                           "(on a GPU: 'Expected all tensors to be on the same device')")
+        if name == "__getitem__" and not self._on_cuda(args[0]) and \
+                any(not _is_scalar(t) for t in cuda_inputs):
+            self._fail("__getitem__() indexes a CPU tensor with CUDA indices")
+        for gen in (v for v in (*args, *kwargs.values()) if isinstance(v, HOST_GENERATOR)):
+            gen_on_cuda = getattr(gen, "emulated_device", torch.device("cpu")).type == "cuda"
+            if gen_on_cuda != to_cuda:
+                self._fail(f"{name}() draws a {'CUDA' if to_cuda else 'CPU'} tensor from a "
+                           f"{'CUDA' if gen_on_cuda else 'CPU'} generator")
+
+        result = func(*args, **kwargs)
+        # a copy between devices is a new tensor, never a view of the source
+        sources = {id(_storage(t)) for t in (cuda_inputs if not to_cuda else host_inputs)}
+        if (name in MOVES or "device" in kwargs) and isinstance(result, Tensor) and id(_storage(result)) in sources:
+            result = result.clone()
+        if to_cuda:
+            self._mark(result, keep_off={id(_storage(t)) for t in host_inputs})  # views of CPU tensors stay
+        return result
+
+    def _target(self, name: str, args, kwargs) -> torch.device | None:
+        """The device an op is told to put its result on, if any."""
+        if name == "cuda":
+            return CUDA
+        if name == "cpu":
+            return torch.device("cpu")
+        if name == "to":
+            for a in (*args[1:2], kwargs.get("device")):
+                if isinstance(a, Tensor):
+                    return CUDA if self._on_cuda(a) else torch.device("cpu")
+                if _device(a) is not None:
+                    return _device(a)
+            return None
+        return _device(kwargs.get("device"))
+
+
+def _bool_index(index) -> bool:
+    return any(t.dtype == torch.bool and t.dim() > 0 for t in _tensors(index))
+
+
+def _call_site() -> str:
+    """file:line of the project code that asked (not torch's, not this file's)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if ROOT in path.parents and path.parent != Path(__file__).parent:
+            return f"{path.name}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "<outside the project>"
+
+
+@pytest.fixture()
+def emulated_cuda(monkeypatch) -> EmulatedCuda:
+    mode = EmulatedCuda()
+    mode.install(monkeypatch)
+    return mode
+
+
+# ---- the emulation itself ----------------------------------------------------------------------
+
+
+def test_emulated_cuda_catches_what_a_gpu_rejects(emulated_cuda):
+    mode = emulated_cuda
+    with mode:
+        x = torch.ones(4, device="cuda")
+        assert mode.on_cuda(x) and x.device == CUDA and x.is_cuda
+        host = torch.ones(4)
+        with pytest.raises(AssertionError, match="add"):
+            x + host  # (4,) CUDA + (4,) CPU
+        x * torch.tensor(2.0)  # a CPU scalar is fine
+        with pytest.raises(AssertionError, match="numpy"):
+            x.numpy()
+        with pytest.raises(AssertionError, match="CPU generator"):
+            torch.randn(3, device="cuda", generator=torch.Generator().manual_seed(0))
+        with pytest.raises(AssertionError, match="CUDA generator"):
+            torch.randn(3, generator=torch.Generator(device="cuda"))
+        noise = torch.randn(3, device=x.device, generator=torch.Generator(device=x.device).manual_seed(0))
+        assert mode.on_cuda(noise)
+
+        syncs = len(mode.syncs)
+        x.sum().item()
+        assert len(mode.syncs) == syncs + 1 and mode.syncs[-1][2] == "item"
+        if (x > 0).any():  # __bool__: one more
+            x[x > 0]  # a boolean mask: one more
+        assert len(mode.syncs) == syncs + 3
+
+        back = x.cpu()
+        assert not mode.on_cuda(back) and back.device.type == "cpu" and back.numpy().shape == (4,)
+        assert mode.on_cuda(x)  # the source stays on the GPU
+        moved = host.to("cuda")
+        assert mode.on_cuda(moved) and not mode.on_cuda(host)  # moving copies; the CPU tensor stays
+        assert mode.on_cuda(host.cuda()) and mode.on_cuda(host.to(device=x.device))
+
+        x.mul_(2)  # in place
+        view = x[1:]
+        view.add_(1)
+        assert mode.on_cuda(x) and mode.on_cuda(view) and mode.on_cuda(x.new_zeros(2))
+        assert mode.on_cuda(torch.zeros_like(x)) and mode.on_cuda(torch.arange(3, device=x.device))
+        assert not mode.on_cuda(torch.zeros_like(x, device="cpu"))
+        weight = torch.nn.Linear(4, 2).to("cuda").weight  # a module's parameters move too
+        assert mode.on_cuda(weight) and weight.device == CUDA
+    assert len(mode.violations) == 4  # each one raised above
