@@ -33,7 +33,7 @@ class Settings(BaseSettings):
 
     model_repo: str = "jordand/echo-tts-base"
     fish_repo: str = "jordand/fish-s1-dac-min"
-    device: str = "cuda"
+    device: str = "auto"  # auto: CUDA when available, else the CPU (with a warning)
     fish_device: str | None = None  # defaults to `device`
     model_dtype: str = "bfloat16"
     fish_dtype: str = "float32"
@@ -99,17 +99,35 @@ class Settings(BaseSettings):
     @field_validator("device", "fish_device")
     @classmethod
     def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() == "auto":
+            return "auto"
         if value is not None:
             try:
                 torch.device(value)
             except RuntimeError:
-                raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'") from None
+                raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
         return value
 
     @field_validator("warmup_voice", "api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _resolve_devices(self) -> Settings:
+        """`auto` becomes cuda or cpu; an explicit CUDA device on a machine without one is an error."""
+        cuda = torch.cuda.is_available()
+        if self.device == "auto":
+            self.device = "cuda" if cuda else "cpu"
+            if not cuda:
+                log.warning("no CUDA device: generating on the CPU, which is very slow (ECHO_DEVICE=auto)")
+        if self.fish_device == "auto":
+            self.fish_device = None
+        for name, value in (("ECHO_DEVICE", self.device), ("ECHO_FISH_DEVICE", self.fish_device)):
+            if value is not None and value.startswith("cuda") and not cuda:
+                raise ValueError(f"{name}={value}, but torch {torch.__version__} sees no CUDA device: "
+                                 f"set {name}=cpu or auto, or install a CUDA build of torch")
+        return self
 
     @model_validator(mode="after")
     def _compile_needs_static_shapes(self) -> Settings:

@@ -15,7 +15,7 @@ def test_defaults_match_the_fork(monkeypatch):
     for name in ("PORT", "ECHO_DEVICE", "ECHO_PERFORMANCE_PRESET", "ECHO_VOICE_DIRS"):
         monkeypatch.delenv(name, raising=False)
     s = load_settings()
-    assert (s.port, s.host, s.device, s.model_dtype, s.fish_dtype) == (8000, "0.0.0.0", "cuda", "bfloat16", "float32")
+    assert (s.port, s.host, s.device, s.model_dtype, s.fish_dtype) == (8000, "0.0.0.0", "cpu", "bfloat16", "float32")
     assert (s.compile, s.compile_ae, s.chunking, s.folder_support) == (False, True, True, True)
     assert (s.chunk_chars_per_second, s.chunk_words_per_second, s.max_speaker_latent_length) == (14, 2.7, 6400)
     assert (s.num_steps_nonstream, s.output_sample_rate, s.max_input_chars) == (20, 44100, 4096)
@@ -41,6 +41,27 @@ def test_lists_presets_and_keys(monkeypatch, caplog):
     monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "turbo")
     assert load_settings().stream_preset == PERFORMANCE_PRESETS["default"]
     assert "turbo" in caplog.text
+
+
+def test_device_auto_is_cuda_when_available_else_cpu_with_a_warning(monkeypatch, caplog):
+    for name in ("ECHO_DEVICE", "ECHO_FISH_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    s = load_settings()
+    assert (s.device, s.fish_device_name) == ("cpu", "cpu") and "very slow" in caplog.text
+    assert load_settings(device="cpu", fish_device="auto").fish_device_name == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    s = load_settings(device="AUTO")
+    assert (s.device, s.fish_device_name) == ("cuda", "cuda")
+    assert load_settings(fish_device="cpu").fish_device_name == "cpu"
+
+
+@pytest.mark.parametrize("name", ["ECHO_DEVICE", "ECHO_FISH_DEVICE"])
+def test_explicit_cuda_without_cuda_is_a_start_up_error_naming_the_variable(monkeypatch, name):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.delenv("ECHO_DEVICE", raising=False)
+    monkeypatch.setenv(name, "cuda:1")
+    with pytest.raises(ConfigError, match=f"{name}=cuda:1, but torch .* sees no CUDA device"):
+        load_settings()
 
 
 def test_static_shapes_follow_compile(monkeypatch):
