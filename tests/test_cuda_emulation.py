@@ -25,9 +25,13 @@ import pytest
 import soundfile as sf
 import torch
 from torch import Tensor
+from starlette.concurrency import run_in_threadpool
 from torch.overrides import TorchFunctionMode
 
+import engine as eng
 import service as svc
+from api_server import SpeechRequest
+from batched_steps import ExactSteps, StaticSteps
 from conftest import ROOT
 from settings import load_settings
 from test_engine import load_clip
@@ -40,7 +44,8 @@ SYNC_OPS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "
 FORBIDDEN_ON_CUDA = {"numpy", "__array__"}  # a CUDA tensor must be copied to the host first
 MOVES = {"to", "cpu", "cuda"}
 # Ops a GPU lets take CPU operands: copies across devices, and CPU index tensors.
-MIXING_ALLOWED = MOVES | {"copy_", "__getitem__", "__setitem__", "__set__", "__get__"}
+MIXING_ALLOWED = MOVES | {"copy_", "__getitem__", "__setitem__", "__set__", "__get__",
+                          "_has_compatible_shallow_copy_type"}  # (and a query of the tensor types, from Module.to)
 
 
 def _device(value) -> torch.device | None:
@@ -150,6 +155,8 @@ class EmulatedCuda(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", str(func))
+        if name == "_parse_to":  # Module.to reading its arguments: the device stays what was asked for
+            return func(*args, **kwargs)
         if name == "__get__":  # attribute reads: a CUDA tensor says it is on CUDA
             attribute = func.__self__.__name__
             if attribute in ("device", "is_cuda", "is_cpu") and self._on_cuda(args[0]):
@@ -281,6 +288,111 @@ def test_emulated_cuda_catches_what_a_gpu_rejects(emulated_cuda):
         assert mode.on_cuda(x) and mode.on_cuda(view) and mode.on_cuda(x.new_zeros(2))
         assert mode.on_cuda(torch.zeros_like(x)) and mode.on_cuda(torch.arange(3, device=x.device))
         assert not mode.on_cuda(torch.zeros_like(x, device="cpu"))
-        weight = torch.nn.Linear(4, 2).to("cuda").weight  # a module's parameters move too
+        weight = torch.nn.Linear(4, 2).to(device="cuda", dtype=torch.float32).weight  # a module's parameters move
         assert mode.on_cuda(weight) and weight.device == CUDA
     assert len(mode.violations) == 4  # each one raised above
+
+
+# ---- the service's CUDA configuration ------------------------------------------------------------
+
+TEXT = "Hello there. This is a test."
+# Host syncs of the CUDA path, measured 2026-11-22 with the requests below: none while a diffusion
+# step is computed and none in the sampler between steps. What there is comes per decoded block or
+# per newly encoded voice, whatever the number of steps:
+PER_BLOCK_SYNCS = {
+    ("_chunk_steps", "cpu"),  # engine.py: the block's audio to the host (it has to reach the client)
+    ("find_flattening_point", "nonzero"),  # inference.py: where the latents go flat (end of speech)
+    ("find_flattening_point", "__int__"),  # inference.py: the first flat frame, when there is one
+    ("is_silent_tail", "item"),  # engine.py: EarlyStop, on blocks before the last once 16 frames exist
+}
+PER_VOICE_SYNCS = {("_encode_audio", "to")}  # engine.py: latents and mask to the host speaker cache (2)
+
+
+def _inline_voice() -> str:
+    """A base64 WAV clip, as a request may send as its voice."""
+    buffer = io.BytesIO()
+    sf.write(buffer, load_clip()[0].numpy(), 44100, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _requests() -> list[dict]:
+    """Four at once (three run, one waits for a slot): a file voice twice, no voice, an inline voice;
+    streaming and not; small blocks and the whole 640-frame generation; several guidance modes."""
+    return [
+        {"voice": "alice", "stream": True, "seed": 1, "block_sizes": [16, 8], "num_steps": [2, 2]},
+        {"voice": "none", "stream": False, "seed": 2, "num_steps": 2},  # one 640-frame block
+        {"voice": _inline_voice(), "stream": True, "seed": 3, "guidance_mode": "joint", "block_sizes": [4, 8],
+         "num_steps": [2, 2]},
+        {"voice": "alice", "stream": False, "seed": 4, "guidance_mode": "apg", "truncation_factor": 0.8,
+         "block_sizes": [8], "num_steps": 3},
+    ]
+
+
+class CountingSteps:
+    """The engine's step runner, counting diffusion steps and forward passes; syncs made while it
+    runs are attributed to the phase "step"."""
+
+    def __init__(self, runner, mode: EmulatedCuda):
+        self.runner, self.mode = runner, mode
+        self.passes = self.steps = 0
+
+    def __call__(self, calls):
+        self.passes += 1
+        self.steps += len(calls)
+        self.mode.phase = "step"
+        try:
+            return self.runner(calls)
+        finally:
+            self.mode.phase = "serving"
+
+
+async def _serve(service: svc.SpeechService, bodies: list[dict]) -> list[np.ndarray]:
+    """The requests at once, turned into jobs and read the way api_server.py does."""
+
+    async def one(body: dict) -> np.ndarray:
+        job = await run_in_threadpool(service.build_job, SpeechRequest(input=TEXT, **body).generation_options())
+        stream = service.worker.submit(job, "emulated-cuda", service.settings.request_timeout or None)
+        return np.concatenate([block async for block in stream])
+
+    return await asyncio.gather(*(one(body) for body in bodies))
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["exact-steps", "static-shapes"])
+def test_cuda_service_loads_warms_up_and_serves_mixed_requests_on_the_device(
+        emulated_cuda, monkeypatch, static_shapes, tiny_echo_dir, tiny_fish_dir, voice_dir):
+    mode = emulated_cuda
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=True, max_active=3,
+                             compile=False, compile_ae=False, cuda_graphs=False, static_shapes=static_shapes)
+    blocks = []  # every block the worker decodes
+    decode_streams = eng.decode_streams
+    monkeypatch.setattr(eng, "decode_streams", lambda decoders, z, **kw: blocks.extend(z) or decode_streams(
+        decoders, z, **kw))
+    service = svc.SpeechService(settings)
+    with mode:
+        try:
+            service.start_loading().join()
+            assert service.load_error is None and service.ready.is_set()
+            assert service.engine.model.device == CUDA and service.engine.fish_ae.device == CUDA
+            assert isinstance(service.engine.steps, StaticSteps if static_shapes else ExactSteps)
+            steps = service.engine.steps = CountingSteps(service.engine.steps, mode)
+            mode.syncs.clear()
+            mode.phase = "serving"
+            audio = asyncio.run(_serve(service, _requests()))
+        finally:
+            service.close()
+
+    assert all(a.size > 0 and np.isfinite(a).all() for a in audio)
+    assert mode.violations == []
+    sites = Counter(mode.syncs)
+    print(f"\n{steps.steps} diffusion steps in {steps.passes} forward passes, {len(blocks)} blocks decoded, "
+          f"{len(mode.syncs)} host syncs ({len(mode.syncs) / steps.steps:.2f} per step):")
+    for (phase, site, op), n in sorted(sites.items()):
+        print(f"  {n} x {op} at {site} ({phase})")
+    assert steps.steps == 4 + 2 + 4 + 3 and len(blocks) == 2 + 1 + 2 + 1
+    assert [s for s in mode.syncs if s[0] == "step"] == []  # none while a step is computed
+    where = Counter((site.split()[-1], op) for _, site, op in mode.syncs)
+    assert set(where) <= PER_BLOCK_SYNCS | PER_VOICE_SYNCS, where  # none in the sampler between steps
+    assert where[("_chunk_steps", "cpu")] == len(blocks)  # (also shows the worker thread ran emulated)
+    assert sum(where[s] for s in PER_BLOCK_SYNCS) <= 3 * len(blocks)
+    assert sum(where[s] for s in PER_VOICE_SYNCS) == 2 * 2  # alice once (then cached), the inline voice
