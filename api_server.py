@@ -36,6 +36,7 @@ from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming,
                            request_id)
 from service import GenerationOptions, RequestError, SpeechService
 from settings import Settings, load_settings
+import weights
 
 log = logging.getLogger("echo_tts.api")
 MODEL_ID = "echo-tts"
@@ -459,7 +460,24 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
     return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)
 
 
-def main() -> None:
+def download() -> int:
+    """`python api_server.py download`: fetch the weight sets into the Hugging Face cache."""
+    settings = load_settings(device="cpu", fish_device="cpu")  # only the repos matter here
+    try:
+        model_dir, fish_dir = weights.fetch(settings.model_repo, settings.fish_repo)
+    except weights.WeightsUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"ECHO_MODEL_REPO {settings.model_repo}: {model_dir}\nECHO_FISH_REPO {settings.fish_repo}: {fish_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["download"]:
+        sys.exit(download())
+    if argv:
+        sys.exit("usage: python api_server.py [download]   (settings come from ECHO_* variables; see README)")
     settings = load_settings()
     configure_logging(settings.debug_logs, settings.log_json)
     # uvicorn handles SIGTERM (stop accepting, let streams in flight finish, run the lifespan's

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import inference as inf
+import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
                     random_seed)
@@ -105,7 +106,10 @@ class SpeechService:
             log.info("ready")
         except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
             self.load_error = e
-            log.exception("loading the models failed")
+            if isinstance(e, weights.WeightsUnavailable):  # a message that says it all, no traceback
+                log.error("loading the models failed: %s", e)
+            else:
+                log.exception("loading the models failed")
             if self.worker is not None:
                 self.worker.close()
 
@@ -120,11 +124,12 @@ class SpeechService:
             log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
         if self.uses_compile:
             load_compile_artifacts(self.compile_cache_path)
-        model = inf.load_model_from_hf(s.model_repo, device=s.device, dtype=s.torch_model_dtype)
-        fish = inf.load_fish_ae_from_hf(s.fish_repo, device=s.fish_device_name, dtype=s.torch_fish_dtype)
+        model_dir, fish_dir = weights.fetch(s.model_repo, s.fish_repo)
+        model = inf.load_model_from_hf(str(model_dir), device=s.device, dtype=s.torch_model_dtype)
+        fish = inf.load_fish_ae_from_hf(str(fish_dir), device=s.fish_device_name, dtype=s.torch_fish_dtype)
         if compile_ae:  # what the server runs of the autoencoder: voices go through encode_zq; audio comes
             fish.encode_zq = torch.compile(fish.encode_zq)  # from the streaming decoder, which stays eager
-        pca = inf.load_pca_state_from_hf(s.model_repo, device=s.fish_device_name)
+        pca = inf.load_pca_state_from_hf(str(model_dir), device=s.fish_device_name)
         log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
                  s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
         return SpeechEngine(model, fish, pca, self.speaker_cache, s.max_speaker_latent_length,

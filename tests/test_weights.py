@@ -1,0 +1,85 @@
+"""Getting the weights: `python api_server.py download`, the Hub cache, and clear failures offline."""
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT, LiveServer, free_port, server_env
+
+HUB_REPO = "jordand/echo-tts-base"
+
+
+def download(tmp_path, **env) -> subprocess.CompletedProcess:
+    import os
+
+    full = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), **env}
+    full.pop("HF_HUB_OFFLINE", None) if "HF_HUB_OFFLINE" not in env else None
+    return subprocess.run([sys.executable, str(ROOT / "api_server.py"), "download"], env=full, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_download_with_local_directories_checks_them_and_exits_0(tiny_echo_dir, tiny_fish_dir, tmp_path):
+    done = download(tmp_path, ECHO_MODEL_REPO=str(tiny_echo_dir), ECHO_FISH_REPO=str(tiny_fish_dir))
+    assert done.returncode == 0, done.stderr
+    assert f"ECHO_MODEL_REPO {tiny_echo_dir}: {tiny_echo_dir}" in done.stdout
+
+
+def test_download_names_the_file_a_local_directory_lacks(tiny_fish_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = download(tmp_path, ECHO_MODEL_REPO=str(tmp_path / "empty"), ECHO_FISH_REPO=str(tiny_fish_dir))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: ECHO_MODEL_REPO={tmp_path / 'empty'}: pytorch_model.safetensors is not in that directory"]
+
+
+@pytest.mark.parametrize("how", ["offline", "unreachable"])
+def test_download_without_the_hub_fails_at_once_with_one_line(tmp_path, how):
+    env = {"HF_HUB_OFFLINE": "1"} if how == "offline" else {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    done = download(tmp_path, ECHO_MODEL_REPO=HUB_REPO, **env)
+    assert done.returncode == 1 and time.monotonic() - started < 30  # no retries
+    (line,) = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and HUB_REPO in line and "ECHO_MODEL_REPO / ECHO_FISH_REPO" in line
+    assert ("HF_HUB_OFFLINE is set" if how == "offline" else "unreachable") in line
+
+
+def test_a_cached_hub_repo_is_used_as_it_is_when_the_hub_is_unreachable(tiny_echo_dir, tiny_fish_dir, tmp_path):
+    import shutil
+
+    for repo, source in (("echo/tiny-echo", tiny_echo_dir), ("echo/tiny-fish", tiny_fish_dir)):
+        cache = tmp_path / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
+        snapshot = cache / "snapshots" / ("0" * 40)
+        shutil.copytree(source, snapshot)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text("0" * 40)
+    started = time.monotonic()
+    done = download(tmp_path, ECHO_MODEL_REPO="echo/tiny-echo", ECHO_FISH_REPO="echo/tiny-fish",
+                    HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30 and str(tmp_path / "hf-home" / "hub") in done.stdout
+
+
+def test_usage_is_printed_for_unknown_arguments():
+    done = subprocess.run([sys.executable, str(ROOT / "api_server.py"), "serve-please"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "usage: python api_server.py [download]" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_server_without_its_weights_says_why_in_one_line_and_ready(tiny_fish_dir, voice_dir, tmp_path):
+    env = server_env(HUB_REPO, tiny_fish_dir, voice_dir, HF_HOME=str(tmp_path / "hf-home"))  # HF_HUB_OFFLINE=1
+    live = LiveServer(env, tmp_path / "server.log", wait_ready=False)
+    try:
+        for _ in range(100):
+            r = httpx.get(live.url + "/ready")
+            if "failed" in r.text:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503 and "not in the local Hugging Face cache" in r.json()["error"]["message"]
+        log = live.log()
+        assert "Traceback" not in log and len([line for line in log.splitlines() if " ERROR " in line]) == 1
+    finally:
+        live.stop()
