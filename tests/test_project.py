@@ -44,3 +44,53 @@ def test_nothing_reads_outside_the_repository():
     offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
                  if ".venv" not in p.parts and re.search(r"""["']shared["']""", p.read_text(errors="replace"))]
     assert offenders == []
+
+
+def _dockerfile() -> dict[str, list[str]]:
+    """Dockerfile instructions (continuation lines joined): {INSTRUCTION: [arguments, ...]}."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    instructions: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, args = line.strip().partition(" ")
+            instructions.setdefault(name.upper(), []).append(args.strip())
+    return instructions
+
+
+def test_the_image_installs_from_the_lock_and_runs_the_server_as_a_user():
+    from settings import Settings
+
+    docker = _dockerfile()
+    assert any("-r requirements.txt -c requirements.lock" in run for run in docker["RUN"])
+    assert docker["CMD"] == ['["python", "api_server.py"]'] and docker["STOPSIGNAL"] == ["SIGTERM"]
+    assert docker["EXPOSE"] == [str(Settings.model_fields["port"].default)]
+    assert docker["USER"] and docker["USER"][-1] not in ("root", "0")
+    env = " ".join(docker["ENV"])
+    volumes = docker["VOLUME"][0]
+    for variable, value in (("HF_HOME", "/data/huggingface"), ("ECHO_CACHE_DIR", "/data/compile-cache"),
+                            ("ECHO_VOICE_DIRS", "/voices")):
+        assert f"{variable}={value}" in env and f'"/{value.split("/")[1]}"' in volumes
+
+
+def test_the_image_health_check_asks_a_route_the_app_has():
+    from api_server import create_app
+    from settings import load_settings
+
+    (check,) = _dockerfile()["HEALTHCHECK"]
+    path = re.search(r"http://127\.0\.0\.1:%s(/\w+)", check).group(1)
+    app = create_app(load_settings(device="cpu"))
+    assert path == "/ready" and path in app.openapi()["paths"]
+
+
+def test_compose_reserves_a_gpu_and_outwaits_the_shutdown_grace():
+    import yaml
+
+    from settings import Settings
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    server = compose["services"]["echo-tts"]
+    grace = float(server["environment"].get("ECHO_SHUTDOWN_GRACE", Settings.model_fields["shutdown_grace"].default))
+    assert float(server["stop_grace_period"].rstrip("s")) > grace
+    assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert server["ports"] == ["8000:8000"] and "echo-data:/data" in server["volumes"]
+    assert compose["services"]["download"]["command"] == ["python", "api_server.py", "download"]
