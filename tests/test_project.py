@@ -94,3 +94,13 @@ def test_compose_reserves_a_gpu_and_outwaits_the_shutdown_grace():
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert server["ports"] == ["8000:8000"] and "echo-data:/data" in server["volumes"]
     assert compose["services"]["download"]["command"] == ["python", "api_server.py", "download"]
+
+
+def test_the_accepted_torch_range_holds_the_tested_versions():
+    from packaging.requirements import Requirement
+
+    (line,) = [x for x in (ROOT / "requirements.txt").read_text().splitlines() if x.startswith("torch")]
+    accepted = Requirement(line.split("#")[0]).specifier
+    ci = re.search(r"torch==(\S+)", (ROOT / ".ci" / "run").read_text()).group(1)
+    gpu = re.search(r"torch ([\d.]+)", (ROOT / "benchmarks" / "RESULTS.md").read_text()).group(1)
+    assert ci in accepted and gpu in accepted, (str(accepted), ci, gpu)
