@@ -6,11 +6,11 @@ velocities, in order. Two runners share that interface:
 - `ExactSteps` (the CPU default): rows stacked, lengths padded, and attention run per generation
   over exactly its own keys (model.RowGroup), so each result is bit for bit what the generation
   computes alone. Shapes change with every batch, which suits eager execution only.
-- `StaticSteps` (the CUDA default, and whenever the decoder is compiled): every input is padded to
-  a small fixed set of shapes, so torch.compile builds one graph per block size (plus a single-row
-  one) that CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket,
-  and prefix, text and speaker keys to their maxima. Padded keys are masked, so results equal the
-  exact path up to float rounding. The stacked key/value caches and masks are rebuilt only when
+- `StaticSteps` (with ECHO_COMPILE): every input is padded to a small fixed set of shapes, so
+  torch.compile builds one graph per block size and speaker bucket (plus a single-row one) that
+  CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket, speaker
+  keys to ~30 s of voice or to the longest voice, prefix and text keys to their maxima. Padded
+  keys are masked, so results equal the exact path up to float rounding. The stacked key/value caches and masks are rebuilt only when
   the batch changes (a generation joins or leaves, starts a block or leaves its CFG interval), not
   on every step.
 """
@@ -124,6 +124,9 @@ def _bucket(buckets: Sequence[int], n: int) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
+SHORT_VOICE_PATCHES = MAX_SEQUENCE_LENGTH // 4  # speaker patches of a voice up to ~30 s (640 latent frames)
+
+
 @dataclass(frozen=True)
 class StaticShapes:
     """The fixed shapes of StaticSteps' forward passes."""
@@ -132,22 +135,29 @@ class StaticShapes:
     row_buckets: tuple[int, ...]  # ascending; a batch's rows round up to one of these
     prefix_patches: int  # Q: latent-prefix keys
     text_tokens: int  # T: text keys
-    speaker_patches: int  # P: speaker keys
+    speaker_buckets: tuple[int, ...]  # ascending; P: a batch's speaker keys round up to one of these
 
     @classmethod
     def covering(cls, block_sizes: Iterable[int], max_rows: int, patch_size: int = 4,
                  max_speaker_latent_length: int = MAX_SPEAKER_LATENT_LENGTH,
                  latent_prefix: bool = True) -> StaticShapes:
-        """Shapes for the given block sizes (the 640-frame whole generation is always one) and up
-        to `max_rows` rows per forward pass (3 CFG rows per generation at most)."""
+        """Shapes for the given block sizes (the 640-frame whole generation is always one), up to
+        `max_rows` rows per forward pass (3 CFG rows per generation at most), and speaker keys of
+        voices up to ~30 s or up to the longest voice: typical voices then pad to 160 speaker keys,
+        not 1600, which takes the padded key/value caches from 2528 to 1088 keys a row."""
         frames = tuple(sorted(set(block_sizes) | {MAX_SEQUENCE_LENGTH}))
+        speakers = math.ceil(max_speaker_latent_length / patch_size)
         return cls(frames, row_buckets(max_rows), MAX_SEQUENCE_LENGTH // patch_size if latent_prefix else 0,
-                   MAX_TEXT_LENGTH, math.ceil(max_speaker_latent_length / patch_size))
+                   MAX_TEXT_LENGTH, tuple(sorted({min(SHORT_VOICE_PATCHES, speakers), speakers})))
 
     @property
-    def key_length(self) -> int:
+    def speaker_patches(self) -> int:
+        """The most speaker keys a step may have."""
+        return self.speaker_buckets[-1]
+
+    def key_length(self, speaker_patches: int) -> int:
         """Keys after the block's own frames: prefix, text and speaker."""
-        return self.prefix_patches + self.text_tokens + self.speaker_patches
+        return self.prefix_patches + self.text_tokens + speaker_patches
 
     def fits(self, call: ModelCall) -> bool:
         """Whether the call's step can run at these shapes (else it takes the exact path)."""
@@ -162,9 +172,12 @@ class StaticShapes:
     def rows_for(self, rows: int) -> int:
         return _bucket(self.row_buckets, rows)
 
-    def all_shapes(self) -> list[tuple[int, int]]:
-        """Every (frames, rows) a forward pass can have."""
-        return [(f, r) for f in self.frame_buckets for r in self.row_buckets]
+    def speakers_for(self, patches: int) -> int:
+        return _bucket(self.speaker_buckets, patches)
+
+    def all_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (frames, rows, speaker keys) a forward pass can have."""
+        return [(f, r, p) for f in self.frame_buckets for r in self.row_buckets for p in self.speaker_buckets]
 
 
 @dataclass
@@ -199,10 +212,9 @@ class _Members:
 class StaticSteps:
     """The static-shape runner (see the module docstring).
 
-    `compile` wraps the decoder in torch.compile (`backend`, inductor by default), specialised
-    on every shape except the row count, which is dynamic from two rows on: one graph per frame
-    bucket for a single row and one for more. `cuda_graphs` uses inductor's CUDA-graph mode
-    ("reduce-overhead"). `warm_up` runs every shape once, so no request waits for a compile.
+    `compile` compiles the decoder blocks (CompiledBlocks; `backend`, inductor by default).
+    `cuda_graphs` uses inductor's CUDA-graph mode ("reduce-overhead"). `warm_up` runs every shape,
+    so no request waits for a compile.
     """
 
     def __init__(self, model: EchoDiT, shapes: StaticShapes, compile: bool = False, cuda_graphs: bool = False,
@@ -212,7 +224,8 @@ class StaticSteps:
         self.cuda_graphs = cuda_graphs
         self._velocity = model.velocity
         if compile:
-            self._velocity = partial(model.velocity, run_block=CompiledBlocks(len(shapes.frame_buckets), backend,
+            graphs = len(shapes.frame_buckets) * len(shapes.speaker_buckets)  # each for one row and for several
+            self._velocity = partial(model.velocity, run_block=CompiledBlocks(graphs, backend,
                                                                               "reduce-overhead" if cuda_graphs else None))
         self._compiled = compile
         self._batches: dict[tuple[int, int], _Batch] = {}  # (frame bucket, pack) -> the last batch there
@@ -255,7 +268,8 @@ class StaticSteps:
     def _forward(self, calls: Sequence[ModelCall], frames: int, pack: int) -> list[Tensor]:
         rows = sum(c.x.shape[0] for c in calls)
         padded_rows = self.shapes.rows_for(rows)
-        batch = self._batch(calls, frames, padded_rows, pack)
+        speakers = self.shapes.speakers_for(max(c.kv_speaker[0][0].shape[1] for c in calls))
+        batch = self._batch(calls, frames, padded_rows, speakers, pack)
         x = calls[0].x.new_zeros(padded_rows, frames, LATENT_SIZE)
         t = calls[0].t.new_zeros(padded_rows)
         slices = row_slices(calls)
@@ -276,22 +290,23 @@ class StaticSteps:
                         new, tuple(x.shape))
         return v.clone() if self.cuda_graphs else v  # a CUDA graph's output is overwritten by its next replay
 
-    def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, pack: int) -> _Batch:
+    def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, speakers: int, pack: int) -> _Batch:
         """The batch's positions, masks and stacked caches: reused while its members are the same."""
         members = _Members.of(calls)
         previous = self._batches.get((frames, pack))
         if previous is not None and previous.members.same_as(members):
             return previous
         self._batches.pop((frames, pack), None)  # let the old stacks go before the new ones are made
-        batch = self._new_batch(calls, frames, padded_rows, members)
+        batch = self._new_batch(calls, frames, padded_rows, speakers, members)
         self._batches[(frames, pack)] = batch
         return batch
 
-    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, members: _Members) -> _Batch:
+    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, speakers: int,
+                   members: _Members) -> _Batch:
         s, device = self.shapes, calls[0].x.device
         q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
         positions = torch.arange(frames, device=device).repeat(padded_rows, 1)
-        key_mask = torch.zeros(padded_rows, frames + s.key_length, dtype=torch.bool, device=device)
+        key_mask = torch.zeros(padded_rows, frames + s.key_length(speakers), dtype=torch.bool, device=device)
         key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
         slices = row_slices(calls)
         for c, rows in zip(calls, slices):
@@ -308,7 +323,7 @@ class StaticSteps:
                                     padded_rows)
         return _Batch(members, positions, key_mask,
                       self._stack([c.kv_text for c in calls], slices, s.text_tokens, padded_rows),
-                      self._stack([c.kv_speaker for c in calls], slices, s.speaker_patches, padded_rows), kv_latent)
+                      self._stack([c.kv_speaker for c in calls], slices, speakers, padded_rows), kv_latent)
 
     def _stack(self, caches: list[KVCache], slices: list[slice], length: int, padded_rows: int) -> KVCache:
         """Per layer, the calls' keys and values at their rows, zero-padded to (R, length, H, D)."""
@@ -332,14 +347,14 @@ class StaticSteps:
         three times (inductor runs a new shape eagerly, records it on the second call and replays
         from the third). Call it on the thread that will serve: CUDA graphs are kept per thread."""
         m, s = self.model, self.shapes
-        for frames, rows in [shape for shape in s.all_shapes() for _ in range(3 if self.cuda_graphs else 1)]:
+        for frames, rows, speakers in [shape for shape in s.all_shapes() for _ in range(3 if self.cuda_graphs else 1)]:
             x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
             call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0,
                              text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
-                             speaker_mask=torch.ones(rows, s.speaker_patches * m.speaker_patch_size, dtype=torch.bool,
+                             speaker_mask=torch.ones(rows, speakers * m.speaker_patch_size, dtype=torch.bool,
                                                      device=m.device),
                              kv_text=zero_kv(m, rows, s.text_tokens, x),
-                             kv_speaker=zero_kv(m, rows, s.speaker_patches, x),
+                             kv_speaker=zero_kv(m, rows, speakers, x),
                              kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
             self([call])
         self._batches.clear()
@@ -351,13 +366,13 @@ class CompiledBlocks:
 
     The 24 blocks share their code, so one graph per shape serves them all: compiling takes a
     block's time, not the whole decoder's. Graphs are specialised on every dimension except the
-    row count, which is dynamic from two rows on: one graph per frame bucket for a single row and
-    one for more. The prologue and epilogue around the blocks (timestep and input projections,
+    row count, which is dynamic from two rows on: one graph per (frame bucket, speaker bucket) for
+    a single row and one for more. The prologue and epilogue around the blocks (timestep and input projections,
     RoPE angles, output norm) are a few small kernels and stay eager.
     """
 
-    def __init__(self, frame_buckets: int, backend: str | Callable = "inductor", mode: str | None = None):
-        limit = 2 * frame_buckets + 2
+    def __init__(self, shapes: int, backend: str | Callable = "inductor", mode: str | None = None):
+        limit = 2 * shapes + 2
         config = torch._dynamo.config
         if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
             config.recompile_limit = max(config.recompile_limit, limit)

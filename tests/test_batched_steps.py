@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import engine as eng
-from batched_steps import StaticShapes, StaticSteps, batched_velocity, row_buckets
+from batched_steps import SHORT_VOICE_PATCHES, StaticShapes, StaticSteps, batched_velocity, row_buckets
 from conftest import ROOT
-from test_engine import _collect, load_clip, mixed_jobs
+from test_engine import SETTINGS, _collect, load_clip, mixed_jobs, speaker_of
 from voices import SpeakerCache
 
 BLOCKS = (4, 6, 8, 12, 16)  # every block size mixed_jobs uses
@@ -55,8 +55,11 @@ def test_shapes_round_up_to_buckets():
     shapes = StaticShapes.covering((32, 128, 480), max_rows=24, max_speaker_latent_length=6400)
     assert shapes.frame_buckets == (32, 128, 480, 640)
     assert (shapes.frames_for(100), shapes.frames_for(32), shapes.rows_for(5), shapes.rows_for(24)) == (128, 32, 6, 24)
-    assert (shapes.prefix_patches, shapes.text_tokens, shapes.speaker_patches) == (160, 768, 1600)
-    assert len(shapes.all_shapes()) == 4 * 9
+    assert (shapes.prefix_patches, shapes.text_tokens, shapes.speaker_buckets) == (160, 768, (160, 1600))
+    assert (shapes.speakers_for(54), shapes.speakers_for(161), shapes.speaker_patches) == (160, 1600, 1600)
+    assert len(shapes.all_shapes()) == 4 * 9 * 2
+    short = StaticShapes.covering((32,), max_rows=3, max_speaker_latent_length=400)  # voices up to ~18 s
+    assert short.speaker_buckets == (100,) and short.key_length(100) == 160 + 768 + 100
 
 
 @pytest.fixture()
@@ -73,6 +76,20 @@ def test_static_forward_equals_exact_forward(engine, tiny_model, skip_blocks):
     for e, p in zip(exact, padded, strict=True):
         assert p.shape == e.shape
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_voice_longer_than_30_s_pads_its_batch_to_the_long_speaker_bucket(engine, tiny_model):
+    clip = load_clip()
+    long_clip = clip.repeat(1, -(-35 * 44100 // clip.shape[1]))[:, :35 * 44100]  # 35 s: 753 frames, 189 patches
+    jobs = mixed_jobs(clip)[:2] + [eng.SpeechJob(("[S1] A long voice.",), speaker_of(long_clip, "long"), 5,
+                                                 eng.BlockShape((8,), (2,)), eng.BlockShape((8,), (2,)), SETTINGS)]
+    calls = first_calls(engine, jobs)
+    steps = static_steps(tiny_model)
+    assert max(c.kv_speaker[0][0].shape[1] for c in calls) > SHORT_VOICE_PATCHES
+    for e, p in zip(batched_velocity(tiny_model, calls), steps(calls), strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+    widths = {frames: batch.key_mask.shape[1] - frames for (frames, _), batch in steps._batches.items()}
+    assert widths == {4: 160 + 768 + SHORT_VOICE_PATCHES, 8: 160 + 768 + 1600}  # only the long voice's batch
 
 
 def test_calls_outside_the_static_shapes_take_the_exact_path(engine, tiny_model):
@@ -115,15 +132,16 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, t
     backend = CountingBackend()
     steps = static_steps(tiny_model, max_rows=max_rows, compile=True, backend=backend)
     steps.warm_up()
-    # one graph per frame bucket for a single row, one per frame bucket for several (rows dynamic)
-    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets)
+    # per (frame bucket, speaker bucket): one graph for a single row, one for several (rows dynamic)
+    graphs = 2 * len(steps.shapes.frame_buckets) * len(steps.shapes.speaker_buckets)
+    assert len(backend.graphs) == graphs
     engine = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=steps)
     worker = eng.GenerationWorker(engine, max_waiting=8, max_active=4)
     try:
         asyncio.run(_collect(worker, mixed_jobs(load_clip())))
     finally:
         worker.close()
-    assert len(backend.graphs) == 2 * len(steps.shapes.frame_buckets) and steps.compiles_after_warm_up == 0
+    assert len(backend.graphs) == graphs and steps.compiles_after_warm_up == 0
     torch._dynamo.reset()
 
 

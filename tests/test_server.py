@@ -370,7 +370,8 @@ def static_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
 
 
 def test_static_shapes_server_warms_every_shape_and_matches_the_exact_server(static_server, server):
-    assert "20 step shapes warmed up" in static_server.log()  # frames 32, 128, 480, 640 x rows 1, 2, 3, 4, 6
+    # frames 32, 128, 480, 640 x rows 1, 2, 3, 4, 6 x speaker keys of voices to ~30 s or to ~5 min
+    assert "40 step shapes warmed up" in static_server.log()
     assert "voice encoder warmed up" in static_server.log()  # the first voice request compiles nothing
     bodies = [{"seed": 1}, {"seed": 2, "voice": "none", "block_sizes": [4, 12], "num_steps": [2, 3]}]
 
