@@ -297,33 +297,40 @@ def _routes():
         job = await _build_job(service, body)
         encoder = _open_encoder(body, service.settings, streaming=body.stream)
         timing = StreamTiming(request.app.state.metrics, request.state.started)
-        try:
-            stream = service.worker.submit(job, request_id.get(), service.settings.request_timeout or None)
-        except QueueFull:
-            encoder.close()
-            raise ApiError(429, "too many requests are waiting; retry shortly", code="queue_full",
-                           error_type="rate_limit_error", headers={"Retry-After": "2"}) from None
-        headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
-        try:
+        stream, response = None, None
+        try:  # until a streaming response takes them over, the job and the encoder are this block's
+            stream = _submit(service, job)
+            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
             first = await _next_block(stream, request)
             if not body.stream:
                 return await _whole_file(stream, first, encoder, request, headers, timing)
+            if body.stream_format == "sse":
+                response = StreamingResponse(_sse_events(stream, first, encoder, timing),
+                                             media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
+            else:
+                response = StreamingResponse(_audio_bytes(stream, first, encoder, timing),
+                                             media_type=encoder.content_type, headers=headers)
+            return response
         except ClientGone:
             log.info("client disconnected before its audio was ready")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except BaseException:
-            encoder.close()
-            stream.cancel()
-            raise
-        if body.stream_format == "sse":
-            return StreamingResponse(_sse_events(stream, first, encoder, timing), media_type="text/event-stream",
-                                     headers=headers | {"Cache-Control": "no-cache"})
-        return StreamingResponse(_audio_bytes(stream, first, encoder, timing), media_type=encoder.content_type,
-                                 headers=headers)
+        finally:
+            if response is None:  # not handed over: stop the job within one step, free the codec
+                if stream is not None:
+                    stream.cancel()
+                encoder.close()
 
     router.include_router(public)
     router.include_router(protected)
     return router
+
+
+def _submit(service: SpeechService, job) -> JobStream:
+    try:
+        return service.worker.submit(job, request_id.get(), service.settings.request_timeout or None)
+    except QueueFull:
+        raise ApiError(429, "too many requests are waiting; retry shortly", code="queue_full",
+                       error_type="rate_limit_error", headers={"Retry-After": "2"}) from None
 
 
 async def _build_job(service: SpeechService, body: SpeechRequest):
@@ -439,7 +446,8 @@ def _sse(event: dict) -> bytes:
 
 async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder, request: Request,
                       headers: dict[str, str], timing: StreamTiming) -> Response:
-    """stream=false: the complete file with Content-Length; the job stops if the client leaves."""
+    """stream=false: the complete file with Content-Length (the caller stops the job and frees the
+    encoder however this ends)."""
     pieces, samples = [], 0
     try:
         block = first
@@ -452,9 +460,6 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
         raise
     except Exception as e:  # the encoder failed
         raise _generation_failed(e) from None
-    finally:
-        stream.cancel()
-        encoder.close()
     timing.sent()
     timing.finished(samples / SAMPLE_RATE)
     return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)

@@ -426,6 +426,10 @@ class GenerationWorker:
             if isinstance(ticket, _ThreadCall):
                 ticket.run()
                 continue
+            if ticket is not None and ticket.cancelled.is_set():  # its client left while it waited
+                _notify(ticket, _DONE)
+                self._release()
+                continue
             if ticket is None:
                 for running in active:
                     running.ticket.cancelled.set()
@@ -435,7 +439,7 @@ class GenerationWorker:
             if self._advance(running, None):
                 active.append(running)
             else:
-                self._release(running)
+                self._release()
         return True
 
     def _drop_cancelled(self, active: list[_Running]) -> None:
@@ -455,7 +459,7 @@ class GenerationWorker:
                 continue
             running.steps.close()
             active.remove(running)
-            self._release(running)
+            self._release()
 
     def _step(self, active: list[_Running]) -> None:
         """One batched diffusion step for every job waiting on the model, then all pending decodes
@@ -485,7 +489,7 @@ class GenerationWorker:
     def _continue(self, active: list[_Running], running: _Running, reply) -> None:
         if not self._advance(running, reply):
             active.remove(running)
-            self._release(running)
+            self._release()
 
     def _advance(self, running: _Running, reply) -> bool:
         """Feed the reply in and run the job until it needs the model or a decode. False when it ended."""
@@ -509,11 +513,19 @@ class GenerationWorker:
         running.steps.close()
         running.send(error)
         active.remove(running)
-        self._release(running)
+        self._release()
 
-    def _release(self, running: _Running) -> None:
+    def _release(self) -> None:
         with self._lock:
             self._pending -= 1
+
+
+def _notify(ticket: _Ticket, item) -> None:
+    """Hand a block, the end (_DONE) or an error to the ticket's JobStream on its event loop."""
+    try:
+        ticket.loop.call_soon_threadsafe(ticket.output.put_nowait, item)
+    except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+        ticket.cancelled.set()
 
 
 class _Running:
@@ -529,10 +541,7 @@ class _Running:
         self.kept: list[np.ndarray] | None = [] if keep_audio else None
 
     def send(self, item) -> None:
-        try:
-            self.ticket.loop.call_soon_threadsafe(self.ticket.output.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
-            self.ticket.cancelled.set()
+        _notify(self.ticket, item)
 
     def deliver(self, audio: np.ndarray) -> None:
         self.samples += audio.size

@@ -222,3 +222,25 @@ def test_encoder_warm_up_encodes_once_and_caches_nothing(engine, monkeypatch):
     engine.warm_up_encoder()
     assert calls == [(1, 1, 640 * 2048)]  # the one chunk shape every voice is encoded in
     assert len(engine.speaker_cache) == 0
+
+
+def test_a_job_cancelled_while_it_waits_is_never_started(engine, monkeypatch):
+    started = []
+    job_steps = engine.job_steps
+    monkeypatch.setattr(engine, "job_steps", lambda j: (started.append(j.seed), job_steps(j))[1])
+    worker = eng.GenerationWorker(engine, max_waiting=4, max_active=1)
+    long_job = eng.SpeechJob(("[S1] Hello.",), None, 1, eng.BlockShape((8,) * 20, (2,) * 20),
+                             eng.BlockShape((8,), (2,)), SETTINGS, eng.EarlyStop(enabled=False))
+
+    async def scenario():
+        first = worker.submit(long_job)
+        waiting = worker.submit(job())  # seed 0; waits for the only slot
+        waiting.cancel()
+        assert [b async for b in waiting] == []  # its stream ends without audio
+        return [b async for b in first]
+
+    try:
+        assert len(asyncio.run(scenario())) > 0
+    finally:
+        worker.close()
+    assert started == [1] and worker.pending == 0

@@ -253,6 +253,26 @@ def test_client_disconnect_stops_generation_and_server_stays_healthy(server):
     assert speech(server).status_code == 200
 
 
+def _metric(server, name: str) -> float:
+    import re
+
+    return float(re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(server.url + "/metrics").text, re.M).group(1))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "whole-file"])
+def test_a_client_leaving_before_its_first_audio_frees_the_generator_at_once(server, stream):
+    # one 640-frame block at 100 steps: seconds of work before the first audio (the tiny model, CPU)
+    body = {"input": "Hello.", "voice": "none", "block_sizes": [640], "num_steps": 100, "stream": stream,
+            "response_format": "pcm", "seed": 123}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/audio/speech", json=body, timeout=httpx.Timeout(10, read=0.5))
+    left = time.monotonic()
+    while _metric(server, "echo_active_streams") > 0 and time.monotonic() - left < 2:
+        time.sleep(0.05)
+    assert _metric(server, "echo_active_streams") == 0, "the abandoned job still holds a generation slot"
+    assert speech(server).status_code == 200
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     from conftest import LiveServer, server_env
