@@ -79,6 +79,15 @@ class SpeakerReference:
 
 
 @dataclass(frozen=True)
+class PreparedVoice:
+    """A voice ready for generation: its speaker mask (1, frames) and the speaker encoder's
+    keys/values per layer, on the model device."""
+
+    mask: Tensor
+    kv: KVCache
+
+
+@dataclass(frozen=True)
 class SpeechJob:
     """Everything that decides the audio of one request (same job, same audio)."""
 
@@ -90,6 +99,7 @@ class SpeechJob:
     sampler: SamplerSettings
     early_stop: EarlyStop = EarlyStop()
     normalize: bool = True
+    voice: PreparedVoice | None = None  # the speaker, prepared off the generation thread (else prepared there)
 
     def shape_of_chunk(self, index: int) -> BlockShape:
         return self.first_shape if index == 0 else self.later_shape
@@ -177,11 +187,19 @@ class SpeechEngine:
         """
         yield from run_steps(self.model, self.job_steps(job), on_step, evaluate=lambda call: self.steps([call])[0])
 
+    @torch.inference_mode()
+    def prepare_voice(self, speaker: SpeakerReference | None) -> PreparedVoice:
+        """Decode, encode and key a voice (cached per voice version; concurrent callers of one voice
+        share one preparation). Slow for a new voice: call it before handing the job to the worker,
+        so the streams being generated do not wait for it. Raises VoiceUnusable."""
+        latent, mask = self.speaker_latents(speaker)
+        return PreparedVoice(mask, self.speaker_kv(speaker, latent))
+
     def job_steps(self, job: SpeechJob) -> JobSteps:
         """The job as a step generator: yields ModelCall (send back the velocity), DecodeCall (send
         back its audio) and finished audio (np.ndarray, send None), in order."""
-        speaker_latent, speaker_mask = self.speaker_latents(job.speaker)
-        speaker = (speaker_mask, self.speaker_kv(job.speaker, speaker_latent))
+        voice = job.voice or self.prepare_voice(job.speaker)
+        speaker = (voice.mask, voice.kv)
         rng = make_generator(job.seed, self.model.device)
         for index, text in enumerate(job.chunks):
             yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker,

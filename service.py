@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
-                    random_seed)
+                    VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from text_chunking import ChunkSettings, fits_in_one_generation, prepare_text, split_into_chunks
@@ -213,9 +213,16 @@ class SpeechService:
     # ---- requests -----------------------------------------------------------------------------
 
     def build_job(self, options: GenerationOptions) -> SpeechJob:
-        """Validate and translate one request; raises RequestError (HTTP 400) naming the field."""
+        """Validate and translate one request, and prepare its voice (slow for a new one: call it
+        off the event loop; it keeps the generation thread free). Raises RequestError (HTTP 400)
+        naming the field."""
         chunks = self.text_chunks(options)
-        return self._job(options, chunks, self.speaker_reference(options.voice))
+        speaker = self.speaker_reference(options.voice)
+        try:
+            voice = self.engine.prepare_voice(speaker)
+        except VoiceUnusable as e:
+            raise RequestError(str(e), "voice") from e
+        return replace(self._job(options, chunks, speaker), voice=voice)
 
     def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
         if len(options.input) > self.settings.max_input_chars:

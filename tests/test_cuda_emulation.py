@@ -116,14 +116,14 @@ class EmulatedCuda(TorchFunctionMode):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
         monkeypatch.setattr(torch, "Generator", EmulatedGenerator)
-        run = threading.Thread.run
+        bootstrap = threading.Thread._bootstrap_inner
         mode = self
 
-        def run_emulated(thread):  # TorchFunctionMode is per thread: the loader and worker need it too
-            with mode:
-                run(thread)
+        def run_emulated(thread):  # TorchFunctionMode is per thread: the loader, the worker and the
+            with mode:  # thread pool (whose threads override run()) need it too
+                bootstrap(thread)
 
-        monkeypatch.setattr(threading.Thread, "run", run_emulated)
+        monkeypatch.setattr(threading.Thread, "_bootstrap_inner", run_emulated)
 
     # ---- queries ------------------------------------------------------------------------------
 

@@ -273,6 +273,50 @@ def test_a_client_leaving_before_its_first_audio_frees_the_generator_at_once(ser
     assert speech(server).status_code == 200
 
 
+def _longest_gap(server, body: dict, during=None) -> float:
+    """The longest wait between two chunks of a streamed response; `during` runs once it streams."""
+    import threading
+
+    gaps, helper = [], None
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as r:
+        last = None
+        for chunk in r.iter_raw():
+            now = time.monotonic()
+            if last is None and during is not None:
+                helper = threading.Thread(target=during)
+                helper.start()
+            elif last is not None and chunk:
+                gaps.append(now - last)
+            last = now
+    if helper is not None:
+        helper.join()
+    return max(gaps)
+
+
+def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(server):
+    import base64
+    import io
+
+    import soundfile as sf
+
+    seconds, rate = 150, 16000  # a long new inline voice: seconds of decoding and encoding
+    clip = 0.1 * np.sin(2 * np.pi * 150 * np.arange(seconds * rate) / rate) * (1 + np.sin(np.arange(seconds * rate)))
+    data = io.BytesIO()
+    sf.write(data, clip.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    voice = "data:audio/wav;base64," + base64.b64encode(data.getvalue()).decode()
+    body = {"input": "Hello there.", "voice": "none", "block_sizes": [4] * 100, "num_steps": [1] * 100,
+            "response_format": "pcm", "early_stop_on_zero": False}
+    alone = _longest_gap(server, body)
+    prepared = []
+
+    def new_voice():
+        prepared.append(speech(server, voice=voice, timeout=300).status_code)
+
+    during = _longest_gap(server, body, during=new_voice)
+    assert prepared == [200]
+    assert during <= max(10 * alone, 1.0), f"longest gap {during:.2f} s while a voice was prepared ({alone:.2f} s alone)"
+
+
 @pytest.fixture(scope="module")
 def keyed_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     from conftest import LiveServer, server_env
