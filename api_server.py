@@ -64,7 +64,7 @@ class SpeechRequest(BaseModel):
     sample_rate: int | None = Field(None, ge=8000, le=48000)
     speed: float = Field(1.0, ge=0.25, le=4.0)
     instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
-    seed: int = 0
+    seed: int | None = None  # omitted or negative: a random seed (reported in X-Echo-Seed)
 
     block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
     num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
@@ -72,7 +72,8 @@ class SpeechRequest(BaseModel):
     cfg_scale_speaker: float = Field(8.0, ge=0, le=50)
     cfg_min_t: float = Field(0.5, ge=0, le=1)
     cfg_max_t: float = Field(1.0, ge=0, le=1)
-    truncation_factor: float | None = Field(None, gt=0, le=2)
+    truncation_factor: (Annotated[float, Field(gt=0, le=2)]
+                        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)] | None) = None
     rescale_k: float | None = Field(None, gt=0, le=100)
     rescale_sigma: float | None = Field(None, gt=0, le=100)
     speaker_kv_scale: float | None = Field(None, gt=0, le=10)
@@ -219,7 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(_routes())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Request-ID"])
+                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
     app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: every response gets an id
     return app
@@ -300,12 +301,12 @@ def _routes():
         stream, response = None, None
         try:  # until a streaming response takes them over, the job and the encoder are this block's
             stream = _submit(service, job)
-            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate)}
+            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate), "X-Echo-Seed": str(job.seed)}
             first = await _next_block(stream, request)
             if not body.stream:
                 return await _whole_file(stream, first, encoder, request, headers, timing)
             if body.stream_format == "sse":
-                response = StreamingResponse(_sse_events(stream, first, encoder, timing),
+                response = StreamingResponse(_sse_events(stream, first, encoder, timing, job.seed),
                                              media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
             else:
                 response = StreamingResponse(_audio_bytes(stream, first, encoder, timing),
@@ -429,11 +430,12 @@ async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: Aud
 
 
 async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
-                      timing: StreamTiming) -> AsyncIterator[bytes]:
+                      timing: StreamTiming, seed: int) -> AsyncIterator[bytes]:
     try:
         async for data in _encoded(stream, first, encoder, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
+        yield _sse({"type": "speech.audio.done", "seed": seed,
+                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
     except Exception as e:
         log.exception("generation failed while streaming; ending the stream")
         yield _sse({"type": "error", "error": {"message": f"generation failed: {e}", "type": "server_error",

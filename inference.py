@@ -439,13 +439,20 @@ class SamplerSettings:
     cfg_scale_speaker: float
     cfg_min_t: float
     cfg_max_t: float
-    truncation_factor: float | None = None
+    truncation_factor: float | tuple[float, ...] | None = None  # one for all blocks, or one per block
     rescale_k: float | None = None
     rescale_sigma: float | None = None
     speaker_kv_scale: float | None = None
     speaker_kv_max_layers: int | None = None
     speaker_kv_min_t: float | None = None
     guidance: str = "independent"
+
+    def truncation(self, block: int = 0) -> float | None:
+        """The initial-noise scale of block `block` (blocks past a per-block list take its last)."""
+        factor = self.truncation_factor
+        if factor is None or isinstance(factor, (int, float)):
+            return factor
+        return factor[min(block, len(factor) - 1)]
 
 
 class Conditioning:
@@ -623,7 +630,7 @@ def _sample(model: EchoDiT, speaker_latent: Tensor, speaker_mask: Tensor, text_i
     conditioning = Conditioning(model, speaker_latent, speaker_mask, text_input_ids, text_mask, settings)
     rng = make_generator(rng_seed, model.device)
     x_t = initial_noise(rng, text_input_ids.shape[0], sequence_length or MAX_SEQUENCE_LENGTH,
-                        settings.truncation_factor, model.device)
+                        settings.truncation(), model.device)
     return denoise(conditioning, x_t, settings)
 
 

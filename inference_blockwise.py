@@ -44,8 +44,8 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
     prefix = LatentPrefix(model, batch, device)
     if continuation_latent is not None:
         prefix.extend(continuation_latent)
-    for block_size, block_steps in zip(block_sizes, steps):
-        x_t = initial_noise(rng, batch, block_size, settings.truncation_factor, device)
+    for index, (block_size, block_steps) in enumerate(zip(block_sizes, steps)):
+        x_t = initial_noise(rng, batch, block_size, settings.truncation(index), device)
         block = yield from denoise_steps(conditioning, x_t, settings, num_steps=block_steps,
                                          start_pos=prefix.frames, kv_latent=prefix.kv)
         prefix.extend(block)

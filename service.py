@@ -23,7 +23,8 @@ from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, S
                     VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
-from text_chunking import ChunkSettings, fits_in_one_generation, prepare_text, split_into_chunks
+from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
+                           split_into_chunks)
 from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
                     looks_like_inline_audio)
 
@@ -47,14 +48,14 @@ class GenerationOptions:
     input: str
     voice: str
     stream: bool
-    seed: int = 0
+    seed: int | None = 0  # None or negative: random
     block_sizes: list[int] | None = None
     num_steps: int | list[int] | None = None
     cfg_scale_text: float = 3.0
     cfg_scale_speaker: float = 8.0
     cfg_min_t: float = 0.5
     cfg_max_t: float = 1.0
-    truncation_factor: float | None = None
+    truncation_factor: float | list[float] | None = None  # one for all blocks, or one per block
     rescale_k: float | None = None
     rescale_sigma: float | None = None
     speaker_kv_scale: float | None = None
@@ -229,6 +230,8 @@ class SpeechService:
             raise RequestError(f"input is {len(options.input)} characters; the limit is "
                                f"{self.settings.max_input_chars}", "input")
         text = prepare_text(options.input)
+        if self.settings.normalize_exclamation:
+            text = normalize_exclamations(text)
         if not text:
             raise RequestError("input is empty", "input")
         chunking = self.settings.chunking if options.chunking_enabled is None else options.chunking_enabled
@@ -278,13 +281,14 @@ class SpeechService:
         first, later = self.block_shapes(options)
         sampler = inf.SamplerSettings(
             num_steps=0, cfg_scale_text=options.cfg_scale_text, cfg_scale_speaker=options.cfg_scale_speaker,
-            cfg_min_t=options.cfg_min_t, cfg_max_t=options.cfg_max_t, truncation_factor=options.truncation_factor,
+            cfg_min_t=options.cfg_min_t, cfg_max_t=options.cfg_max_t,
+            truncation_factor=_truncation(options.truncation_factor, len(first.block_sizes)),
             rescale_k=options.rescale_k, rescale_sigma=options.rescale_sigma,
             speaker_kv_scale=options.speaker_kv_scale, speaker_kv_max_layers=options.speaker_kv_max_layers,
             speaker_kv_min_t=options.speaker_kv_min_t, guidance=options.guidance_mode)
         early_stop = EarlyStop(options.early_stop_on_zero, options.zero_eps, options.zero_tail_frames,
                                options.zero_tail_min_frac)
-        seed = options.seed if options.seed >= 0 else random_seed()
+        seed = options.seed if options.seed is not None and options.seed >= 0 else random_seed()
         return SpeechJob(chunks, speaker, seed, first, later, sampler, early_stop, options.normalize)
 
     def block_shapes(self, options: GenerationOptions) -> tuple[BlockShape, BlockShape]:
@@ -306,6 +310,16 @@ class SpeechService:
                                f"({blocks})", "num_steps")
         shape = _shape(blocks, steps)
         return shape, shape
+
+
+def _truncation(factor: float | list[float] | None, blocks: int) -> float | tuple[float, ...] | None:
+    """One factor, or one per block of the first chunk (later chunks' blocks take the last)."""
+    if not isinstance(factor, list):
+        return factor
+    if len(factor) != blocks:
+        raise RequestError(f"truncation_factor has {len(factor)} entries but there are {blocks} blocks",
+                           "truncation_factor")
+    return tuple(factor)
 
 
 def _shape(blocks: list[int], steps: list[int]) -> BlockShape:

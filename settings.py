@@ -17,6 +17,7 @@ PERFORMANCE_PRESETS: dict[str, tuple[list[int], list[int]]] = {
     "default": ([32, 128, 480], [8, 15, 20]),
     "low_mid": ([32, 128, 480], [8, 10, 15]),
     "low": ([32, 64, 272, 272], [8, 10, 15, 15]),
+    "equal": ([213, 213, 214], [15, 15, 15]),
 }
 NONSTREAM_BLOCK_SIZE = 640
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
     debug_logs: bool = False
 
     chunking: bool = True
+    normalize_exclamation: bool = True  # a single "!" becomes ".", a run of them one "!" (as the fork)
     chunk_chars_per_second: float = Field(14.0, gt=0)
     chunk_words_per_second: float = Field(2.7, gt=0)
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)

@@ -170,6 +170,15 @@ def prepare_text(text: str) -> str:
     return " ".join(text.split())
 
 
+_EXCLAMATIONS_RE = re.compile(r"!+")
+
+
+def normalize_exclamations(text: str) -> str:
+    """A single "!" becomes "." and a run of them one "!" (the fork's ECHO_NORMALIZE_EXCLAMATION:
+    the model over-acts single exclamation marks)."""
+    return _EXCLAMATIONS_RE.sub(lambda m: "!" if len(m.group()) > 1 else ".", text)
+
+
 def estimate_seconds(text: str, chars_per_second: float = 14.0, words_per_second: float = 2.7) -> float:
     """Estimated speaking time: max(characters / chars_per_second, words / words_per_second),
     speaker tags excluded, whitespace runs counted as one character; 0 for empty text."""

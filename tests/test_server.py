@@ -18,7 +18,8 @@ FAST_SAMPLES = 16 * 2048
 
 
 def speech(server, timeout=120, **body):
-    payload = {"input": "Hello there. This is a test.", "voice": "alice", **FAST, **body}
+    """A short request; seeded, so that responses can be compared (seed=None asks for a random one)."""
+    payload = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 0, **FAST, **body}
     return httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=timeout)
 
 
@@ -135,6 +136,28 @@ def test_sse_is_chosen_by_stream_format_not_accept(server):
 def test_same_seed_same_bytes_different_seed_different(server):
     a, b, c = speech(server, seed=3).content, speech(server, seed=3).content, speech(server, seed=4).content
     assert a == b and a != c
+
+
+def test_every_response_reports_its_seed_and_the_seed_reproduces_it(server):
+    random = speech(server, response_format="pcm", seed=None)  # no seed: a random one
+    seed = int(random.headers["x-echo-seed"])
+    again = speech(server, response_format="pcm", seed=seed)
+    assert again.headers["x-echo-seed"] == str(seed) and again.content == random.content
+    negative = speech(server, response_format="pcm", seed=-1)
+    assert int(negative.headers["x-echo-seed"]) >= 0 and negative.headers["x-echo-seed"] != str(seed)
+    sse = speech(server, stream_format="sse", seed=seed)
+    done = [json.loads(line[6:]) for line in sse.text.split("\n\n") if line.startswith("data: ")][-1]
+    assert done["type"] == "speech.audio.done" and done["seed"] == seed
+
+
+def test_truncation_factor_may_be_one_per_block(server):
+    one = speech(server, seed=2, truncation_factor=0.8).content
+    same = speech(server, seed=2, truncation_factor=[0.8, 0.8]).content
+    mixed = speech(server, seed=2, truncation_factor=[0.8, 0.5]).content
+    assert one == same and mixed != one and mixed[:len(mixed) // 4] == one[:len(mixed) // 4]  # block 1 alike
+    r = speech(server, truncation_factor=[0.8, 0.8, 0.8])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncation_factor"
+    assert "3 entries but there are 2 blocks" in r.json()["error"]["message"]
 
 
 def test_determinism_under_concurrent_requests(server):
@@ -385,7 +408,8 @@ def narrow_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
 
 
 def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
-    long_body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 20, "num_steps": [1] + [4] * 20}
+    long_body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 20, "num_steps": [1] + [4] * 20,
+                 "seed": 0}
 
     async def scenario():
         async with httpx.AsyncClient(base_url=narrow_server.url, timeout=120) as client:

@@ -38,6 +38,8 @@ def test_lists_presets_and_keys(monkeypatch, caplog):
     assert [str(p) for p in s.voice_dirs] == ["a", "b/c"]
     assert s.stream_preset == PERFORMANCE_PRESETS["low_mid"]
     assert s.api_keys == ["k1", "k2"]
+    monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "equal")
+    assert load_settings().stream_preset == ([213, 213, 214], [15, 15, 15])
     monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "turbo")
     assert load_settings().stream_preset == PERFORMANCE_PRESETS["default"]
     assert "turbo" in caplog.text

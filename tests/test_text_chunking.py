@@ -348,3 +348,10 @@ def test_property_no_text_lost_and_limits_held(seed):
                 assert c.speaker_tag == tags_before[-1]
             else:
                 assert c.speaker_tag is None
+
+
+def test_exclamations_single_become_full_stops_and_runs_one_mark():
+    from text_chunking import normalize_exclamations
+
+    assert normalize_exclamations("Hi! Wow!!! Stop!! Ok.") == "Hi. Wow! Stop! Ok."
+    assert normalize_exclamations("no marks") == "no marks"
