@@ -15,8 +15,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import fields
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 import numpy as np
 import uvicorn
@@ -25,111 +24,22 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
 from engine import GenerationTimeout, JobStream, QueueFull, VoiceUnusable
-from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
+from inference import SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
                            request_id)
-from service import GenerationOptions, RequestError, SpeechService
+from service import RequestError, SpeechService
+from speech_request import MODEL_ID, SpeechRequest, request_error
 from settings import Settings, load_settings
 import weights
 
 log = logging.getLogger("echo_tts.api")
-MODEL_ID = "echo-tts"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
-
-# ---------------------------------------------------------------------------------------------
-# Request model
-
-
-class VoiceObject(BaseModel):
-    id: str
-
-
-class SpeechRequest(BaseModel):
-    """POST /v1/audio/speech. Echo settings may sit at the top level or under `extra_body`."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    input: str
-    voice: str | VoiceObject
-    model: str = MODEL_ID
-    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
-    stream: bool = True
-    stream_format: Literal["audio", "sse"] = "audio"
-    sample_rate: int | None = Field(None, ge=8000, le=48000)
-    speed: float = Field(1.0, ge=0.25, le=4.0)
-    instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
-    seed: int | None = None  # omitted or negative: a random seed (reported in X-Echo-Seed)
-
-    block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
-    num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
-    cfg_scale_text: float = Field(3.0, ge=0, le=50)
-    cfg_scale_speaker: float = Field(8.0, ge=0, le=50)
-    cfg_min_t: float = Field(0.5, ge=0, le=1)
-    cfg_max_t: float = Field(1.0, ge=0, le=1)
-    truncation_factor: (Annotated[float, Field(gt=0, le=2)]
-                        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)] | None) = None
-    rescale_k: float | None = Field(None, gt=0, le=100)
-    rescale_sigma: float | None = Field(None, gt=0, le=100)
-    speaker_kv_scale: float | None = Field(None, gt=0, le=10)
-    speaker_kv_min_t: float | None = Field(None, ge=0, le=1)
-    speaker_kv_max_layers: int | None = Field(None, ge=0, le=1000)
-    guidance_mode: Literal[GUIDANCE_MODES] = "independent"  # type: ignore[valid-type]
-
-    early_stop_on_zero: bool = True
-    zero_eps: float = Field(2e-2, ge=0, le=10)
-    zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
-    zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
-    chunking_enabled: bool | None = None
-    chunk_target_seconds: float = Field(30.0, gt=0, le=40)
-    chunk_min_seconds: float = Field(20.0, gt=0, le=40)
-    chunk_max_seconds: float = Field(40.0, gt=0, le=40)
-    chunk_chars_per_second: float | None = Field(None, gt=0, le=1000)
-    chunk_words_per_second: float | None = Field(None, gt=0, le=100)
-    normalize: bool = True
-
-    extra_body: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _merge_extra_body(cls, data: Any) -> Any:
-        """curl users of the fork nest settings under extra_body; top-level values win."""
-        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
-            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
-        return data
-
-    @field_validator("block_sizes")
-    @classmethod
-    def _fits_one_generation(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and sum(value) > MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SpeechRequest:
-        if self.cfg_min_t > self.cfg_max_t:
-            raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
-        if self.chunk_min_seconds > self.chunk_max_seconds:
-            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
-        return self
-
-    @property
-    def voice_name(self) -> str:
-        return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
-
-    @property
-    def format(self) -> str:
-        return self.response_format or ("pcm" if self.stream else "mp3")
-
-    def generation_options(self) -> GenerationOptions:
-        names = {f.name for f in fields(GenerationOptions)} - {"voice"}
-        return GenerationOptions(voice=self.voice_name, **{n: getattr(self, n) for n in names})
-
 
 # ---------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
@@ -169,21 +79,12 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "extra_body") and not isinstance(p, int)]
-    return parts[0] if parts else None
-
-
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return error_response(400, "the request body is not valid JSON", code="invalid_json")
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, RequestError):
-        return error_response(400, str(cause), cause.param, code="invalid_value")
-    param = _validation_param(tuple(first.get("loc", ())))
-    message = first.get("msg", "invalid request")
-    return error_response(400, f"{param}: {message}" if param else message, param, code="invalid_value")
+    error = request_error(exc.errors())
+    return error_response(400, str(error), error.param, code="invalid_value")
 
 
 async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:

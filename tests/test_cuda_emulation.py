@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 import engine as eng
 import service as svc
-from api_server import SpeechRequest
+from speech_request import SpeechRequest
 from batched_steps import ExactSteps, StaticSteps
 from conftest import ROOT
 from settings import load_settings

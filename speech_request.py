@@ -1,0 +1,111 @@
+"""The one request model of speech, shared by HTTP (`POST /v1/audio/speech`) and the WebSocket:
+every field with its default and limits, and its translation into the service's options."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
+from service import GenerationOptions, RequestError
+
+MODEL_ID = "echo-tts"
+
+
+class VoiceObject(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    """POST /v1/audio/speech. Echo settings may sit at the top level or under `extra_body`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str
+    voice: str | VoiceObject
+    model: str = MODEL_ID
+    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    stream: bool = True
+    stream_format: Literal["audio", "sse"] = "audio"
+    sample_rate: int | None = Field(None, ge=8000, le=48000)
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
+    seed: int | None = None  # omitted or negative: a random seed (reported in X-Echo-Seed)
+
+    block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
+    num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
+    cfg_scale_text: float = Field(3.0, ge=0, le=50)
+    cfg_scale_speaker: float = Field(8.0, ge=0, le=50)
+    cfg_min_t: float = Field(0.5, ge=0, le=1)
+    cfg_max_t: float = Field(1.0, ge=0, le=1)
+    truncation_factor: (Annotated[float, Field(gt=0, le=2)]
+                        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)] | None) = None
+    rescale_k: float | None = Field(None, gt=0, le=100)
+    rescale_sigma: float | None = Field(None, gt=0, le=100)
+    speaker_kv_scale: float | None = Field(None, gt=0, le=10)
+    speaker_kv_min_t: float | None = Field(None, ge=0, le=1)
+    speaker_kv_max_layers: int | None = Field(None, ge=0, le=1000)
+    guidance_mode: Literal[GUIDANCE_MODES] = "independent"  # type: ignore[valid-type]
+
+    early_stop_on_zero: bool = True
+    zero_eps: float = Field(2e-2, ge=0, le=10)
+    zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
+    zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
+    chunking_enabled: bool | None = None
+    chunk_target_seconds: float = Field(30.0, gt=0, le=40)
+    chunk_min_seconds: float = Field(20.0, gt=0, le=40)
+    chunk_max_seconds: float = Field(40.0, gt=0, le=40)
+    chunk_chars_per_second: float | None = Field(None, gt=0, le=1000)
+    chunk_words_per_second: float | None = Field(None, gt=0, le=100)
+    normalize: bool = True
+
+    extra_body: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_extra_body(cls, data: Any) -> Any:
+        """curl users of the fork nest settings under extra_body; top-level values win."""
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
+        return data
+
+    @field_validator("block_sizes")
+    @classmethod
+    def _fits_one_generation(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and sum(value) > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeechRequest:
+        if self.cfg_min_t > self.cfg_max_t:
+            raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
+        if self.chunk_min_seconds > self.chunk_max_seconds:
+            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
+        return self
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
+
+    @property
+    def format(self) -> str:
+        return self.response_format or ("pcm" if self.stream else "mp3")
+
+    def generation_options(self) -> GenerationOptions:
+        names = {f.name for f in fields(GenerationOptions)} - {"voice"}
+        return GenerationOptions(voice=self.voice_name, **{n: getattr(self, n) for n in names})
+
+
+def request_error(errors: list[dict]) -> RequestError:
+    """The first of pydantic's validation errors of a SpeechRequest, as a RequestError naming its field."""
+    first = errors[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, RequestError):
+        return cause
+    parts = [str(p) for p in first.get("loc", ()) if p not in ("body", "extra_body") and not isinstance(p, int)]
+    param = parts[0] if parts else None
+    message = first.get("msg", "invalid request")
+    return RequestError(f"{param}: {message}" if param else message, param)
