@@ -20,7 +20,7 @@ from typing import Annotated
 import numpy as np
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,6 +36,7 @@ from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming,
 from service import RequestError, SpeechService
 from speech_request import MODEL_ID, SpeechRequest, request_error
 from settings import Settings, load_settings
+import speech_socket
 import weights
 
 log = logging.getLogger("echo_tts.api")
@@ -222,6 +223,10 @@ def _routes():
                     stream.cancel()
                 encoder.close()
 
+    @router.websocket("/v1/audio/speech/stream/ws")
+    async def speech_stream_socket(websocket: WebSocket) -> None:
+        await speech_socket.serve(websocket, websocket.app.state.service)
+
     router.include_router(public)
     router.include_router(protected)
     return router
@@ -392,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     # shutdown) and then raises the signal again; answer that with a clean exit, status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace)
+                timeout_graceful_shutdown=settings.shutdown_grace,
+                ws_max_size=2 * settings.max_body_bytes)  # speech_socket answers messages over the limit
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0)  # seconds SIGTERM waits for streams in flight
     max_active: int = Field(8, ge=1)  # requests generated together, batched into shared forward passes
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
+    ws_max_queue: int = Field(32, ge=1)  # segments one WebSocket may have queued; more get an error message
     api_key: str | None = None
 
     @field_validator("voice_dirs", mode="before")
