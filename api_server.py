@@ -115,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = Metrics(queue_length=lambda: service.worker.waiting if service.worker else 0,
                                 active_streams=lambda: service.worker.active if service.worker else 0,
-                                gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up)
+                                gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
+                                vad_rerolls=service.vad_rerolls)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

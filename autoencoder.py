@@ -805,6 +805,15 @@ class StreamingDecoder:
         self.frames += z_q_block.shape[-1]
         return audio
 
+    def snapshot(self) -> tuple[StreamState, int]:
+        """The stream's state as it is now (decoding replaces its tensors, never changes them)."""
+        return StreamState(dict(self.state.context), dict(self.state.kv), dict(self.state.position)), self.frames
+
+    def restore(self, snapshot: tuple[StreamState, int]) -> None:
+        """Put the stream back to a snapshot: the next block continues from there."""
+        state, self.frames = snapshot
+        self.state = StreamState(dict(state.context), dict(state.kv), dict(state.position))
+
     def kv_window_lengths(self) -> list[int]:
         """Frames of keys/values held per attention layer (at most window - 1)."""
         return [k.shape[2] for k, _ in self.state.kv.values()]

@@ -17,6 +17,7 @@ import queue
 import secrets
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ class SpeechEngine:
 
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
                  max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
-                 speaker_kv_cache=None, steps: StepRunner | None = None):
+                 speaker_kv_cache=None, steps: StepRunner | None = None, reroll: VadReroll | None = None):
         self.model = model
         self.fish_ae = fish_ae
         self.pca_state = pca_state
@@ -132,6 +133,7 @@ class SpeechEngine:
         self.max_speaker_latent_length = max_speaker_latent_length
         self.speaker_on_device = speaker_on_device
         self.steps = steps or ExactSteps(model)
+        self.reroll = RerollCounter(reroll) if reroll is not None else None
 
     def speaker_latents(self, speaker: SpeakerReference | None) -> tuple[Tensor, Tensor]:
         """(1, frames, 80) latents and (1, frames) mask on the model device; cached per voice."""
@@ -221,19 +223,15 @@ class SpeechEngine:
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler)
         item = next(steps)
         for index in range(len(shape.block_sizes)):
-            while isinstance(item, ModelCall):
-                item = steps.send((yield item))
-            block = item
+            block, audio, reply = yield from self._block(steps, item, decoder, job)
             latents = torch.cat([latents, block[0]])
-            audio = (yield DecodeCall(decoder, latents_to_dac(self.pca_state, block.to(self.fish_ae.device))
-                                      .to(self.fish_ae.dtype)))[0, 0].float().cpu().numpy()
             last = index == len(shape.block_sizes) - 1 or job.early_stop.is_silent_tail(latents)
             end_frame = find_flattening_point(latents)
             if not last and end_frame > latents.shape[0] - FLAT_WINDOW:
                 sent += audio.size  # no flat window yet within the generated frames: all of it is speech
                 if (out := fades.process(audio)).size:
                     yield out
-                item = resume(steps, None)
+                item = resume(steps, reply)
                 continue
             end = end_frame * AE_DOWNSAMPLE_FACTOR - sent
             if end > 0 and (out := fades.process(audio[:end])).size:
@@ -242,6 +240,62 @@ class SpeechEngine:
         steps.close()
         if (tail := fades.finish()).size:
             yield tail
+
+    def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob):
+        """Sample the next block (answering its ModelCalls) and decode it: (block (1, n, 80), its audio,
+        the reply that accepts it in `steps`). With VAD reroll, a block whose audio holds too long a
+        silence is sampled again from the next seeds (the decoder put back as it was), up to the limit;
+        if every attempt fails, the one with the least silence is kept."""
+        attempts = []  # (longest silence, block, audio, decoder state after it)
+        before = decoder.snapshot()
+        while True:
+            while isinstance(item, ModelCall):
+                item = steps.send((yield item))
+            block = item
+            audio = (yield DecodeCall(decoder, latents_to_dac(self.pca_state, block.to(self.fish_ae.device))
+                                      .to(self.fish_ae.dtype)))[0, 0].float().cpu().numpy()
+            if self.reroll is None:
+                return block, audio, None
+            silence = yield SilenceCheck(self.reroll.detector, audio)
+            attempts.append((silence, block, audio, decoder.snapshot()))
+            if silence <= self.reroll.max_silence or len(attempts) > self.reroll.max_rerolls:
+                break
+            self.reroll.count += 1
+            log.info("block of %.1f s has a %.2f s silence: sampling it again with seed %d (reroll %d)",
+                     audio.size / 44100, silence, job.seed + len(attempts), len(attempts))
+            decoder.restore(before)
+            item = steps.send(make_generator(job.seed + len(attempts), self.model.device))
+        silence, block, audio, after = min(attempts, key=lambda attempt: attempt[0])
+        decoder.restore(after)
+        return block, audio, block
+
+
+@dataclass(frozen=True)
+class VadReroll:
+    """ECHO_VAD_REROLL_*: sample a block again while its audio holds a silence over `max_silence` s."""
+
+    detector: Callable[[np.ndarray], float]  # 44.1 kHz float32 audio -> its longest silence in seconds
+    max_silence: float = 1.0
+    max_rerolls: int = 3
+
+
+class RerollCounter:
+    """The VAD reroll settings of an engine and how many blocks it has sampled again."""
+
+    def __init__(self, settings: VadReroll):
+        self.detector, self.max_silence, self.max_rerolls = settings.detector, settings.max_silence, settings.max_rerolls
+        self.count = 0
+
+
+@dataclass
+class SilenceCheck:
+    """The longest silence of a block's audio, in seconds (slow: the worker runs it off its thread)."""
+
+    detector: Callable[[np.ndarray], float]
+    audio: np.ndarray
+
+    def run(self) -> float:
+        return self.detector(self.audio)
 
 
 @dataclass
@@ -255,7 +309,7 @@ class DecodeCall:
         return self.decoder.decode(self.z)
 
 
-JobSteps = Generator[ModelCall | DecodeCall | np.ndarray, Tensor | None, None]
+JobSteps = Generator[ModelCall | DecodeCall | SilenceCheck | np.ndarray, Tensor | float | None, None]
 
 
 class ChunkFades:
@@ -373,6 +427,7 @@ class GenerationWorker:
         self._active = 0
         self._lock = threading.Lock()
         self._debug_sink = debug_sink
+        self._checks: ThreadPoolExecutor | None = None  # silence checks (VAD reroll), off this thread
         self._thread = threading.Thread(target=self._run, name="echo-generation", daemon=True)
         self._thread.start()
 
@@ -421,6 +476,8 @@ class GenerationWorker:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        if self._checks is not None:
+            self._checks.shutdown(wait=False, cancel_futures=True)
 
     # ---- the worker thread ------------------------------------------------------------------
 
@@ -487,6 +544,31 @@ class GenerationWorker:
         self._run_together(active, DecodeCall, lambda calls: decode_streams(
             [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu",
             max_batch_frames=MAX_DECODE_BATCH_FRAMES))
+        self._check_silences(active)
+
+    def _check_silences(self, active: list[_Running]) -> None:
+        """Silence checks (VAD reroll) run on a thread of their own: a job waits for its result while
+        the others go on; with nothing else to do, the worker waits a moment for one."""
+        waiting = [r for r in active if isinstance(r.pending, SilenceCheck)]
+        if not waiting:
+            return
+        if self._checks is None:
+            self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-vad")
+        for running in waiting:
+            if running.check is None:
+                running.check = self._checks.submit(running.pending.run)
+        if not any(isinstance(r.pending, (ModelCall, DecodeCall)) for r in active):
+            wait([r.check for r in waiting], timeout=0.05, return_when=FIRST_COMPLETED)
+        for running in waiting:
+            if running.check.done():
+                check, running.check = running.check, None
+                try:
+                    silence = check.result()
+                except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
+                    log.exception("silence check failed", extra={"request_id": running.ticket.request_id})
+                    self._fail(active, running, e)
+                    continue
+                self._continue(active, running, silence)
 
     def _run_together(self, active: list[_Running], kind: type, compute: Callable[[list], list]) -> None:
         """Compute the pending calls of one kind in one go and hand each job its reply; if the
@@ -553,7 +635,8 @@ class _Running:
         self.ticket = ticket
         self.steps = steps
         self.started = False
-        self.pending: ModelCall | DecodeCall | None = None
+        self.pending: ModelCall | DecodeCall | SilenceCheck | None = None
+        self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
         self.samples = 0
         self.started_at = time.perf_counter()
         self.kept: list[np.ndarray] | None = [] if keep_audio else None

@@ -33,7 +33,8 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
                     num_steps: int | Sequence[int], settings: SamplerSettings,
                     continuation_latent: Tensor | None = None) -> Generator[ModelCall | Tensor, Tensor | None, None]:
     """The blockwise sampler as a generator: yields each step's ModelCall (send the velocity back)
-    and, after its last step, each finished block (B, block_size, 80) float32 (send None).
+    and, after its last step, each finished block (B, block_size, 80) float32 (send None to accept
+    it, a torch.Generator to sample the block again from its noise, or an earlier block to keep).
 
     The noise of block k is the k-th draw of (B, block_size, 80) from `rng`. The latent prefix is
     encoded incrementally: each block adds only its own frames to the prefix encoder.
@@ -45,11 +46,16 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
     if continuation_latent is not None:
         prefix.extend(continuation_latent)
     for index, (block_size, block_steps) in enumerate(zip(block_sizes, steps)):
-        x_t = initial_noise(rng, batch, block_size, settings.truncation(index), device)
-        block = yield from denoise_steps(conditioning, x_t, settings, num_steps=block_steps,
-                                         start_pos=prefix.frames, kv_latent=prefix.kv)
-        prefix.extend(block)
-        yield block
+        noise = rng
+        while True:
+            x_t = initial_noise(noise, batch, block_size, settings.truncation(index), device)
+            block = yield from denoise_steps(conditioning, x_t, settings, num_steps=block_steps,
+                                             start_pos=prefix.frames, kv_latent=prefix.kv)
+            reply = yield block
+            if not isinstance(reply, torch.Generator):
+                break
+            noise = reply  # a reroll: the same block again, from this generator's noise
+        prefix.extend(block if reply is None else reply)  # None accepts the last block; a tensor is the one kept
 
 
 @torch.inference_mode()

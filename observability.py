@@ -60,7 +60,8 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of their own."""
 
     def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int],
-                 gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0):
+                 gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0,
+                 vad_rerolls: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -75,6 +76,8 @@ class Metrics:
         Gauge("echo_compiles_after_warm_up", "torch.compile graphs built after warm-up (each one froze every "
               "stream while it compiled; warm-up should have covered its shape)",
               registry=self.registry).set_function(compiles_after_warm_up)
+        Gauge("echo_vad_rerolls", "Blocks sampled again because their audio held a silence over "
+              "ECHO_VAD_SILENCE_THRESHOLD_MS (counts up since start)", registry=self.registry).set_function(vad_rerolls)
         if gpu is not None and gpu.type == "cuda":
             for name, doc, read in (
                     ("echo_gpu_memory_allocated_bytes", "CUDA memory held by tensors", torch.cuda.memory_allocated),

@@ -20,7 +20,7 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
-                    VoiceUnusable, random_seed)
+                    VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
@@ -135,7 +135,19 @@ class SpeechService:
                  s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
         return SpeechEngine(model, fish, pca, self.speaker_cache, s.max_speaker_latent_length,
                             speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=self.speaker_kv_cache,
-                            steps=self._step_runner(model))
+                            steps=self._step_runner(model), reroll=self._vad_reroll())
+
+    def _vad_reroll(self) -> VadReroll | None:
+        s = self.settings
+        if not s.vad_reroll_enabled:
+            return None
+        from vad import SilenceDetector  # loads the Silero model (a file of the silero-vad package)
+
+        return VadReroll(SilenceDetector(), s.vad_silence_threshold_ms / 1000, s.vad_max_rerolls)
+
+    def vad_rerolls(self) -> int:
+        """Blocks sampled again because of a long silence, since start."""
+        return self.engine.reroll.count if self.engine is not None and self.engine.reroll is not None else 0
 
     def _step_runner(self, model: EchoDiT) -> StepRunner:
         """How diffusion steps are evaluated: exact and eager, or padded to static shapes and

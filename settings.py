@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     chunking: bool = True
     normalize_exclamation: bool = True  # a single "!" becomes ".", a run of them one "!" (as the fork)
+    vad_reroll_enabled: bool = False  # sample a block again while its audio holds a long silence
+    vad_silence_threshold_ms: float = Field(1000.0, gt=0)
+    vad_max_rerolls: int = Field(3, ge=0, le=20)
     chunk_chars_per_second: float = Field(14.0, gt=0)
     chunk_words_per_second: float = Field(2.7, gt=0)
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
