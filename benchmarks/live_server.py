@@ -58,6 +58,15 @@ class LiveServer:
         self.stop()
         raise ServerFailed(f"server not {until} after {timeout} s:\n{self.log()}")
 
+    def load_failure(self, timeout: float = 10) -> httpx.Response:
+        """/ready's answer once it says that loading the models failed (the last answer after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            response = httpx.get(self.url + "/ready")
+            if "failed" in response.text or time.monotonic() > deadline:
+                return response
+            time.sleep(0.1)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -138,11 +137,7 @@ def test_a_model_that_cannot_load_is_reported_by_ready(tiny_fish_dir, voice_dir,
     live = LiveServer(server_env(tmp_path / "no-such-model", tiny_fish_dir, voice_dir), tmp_path / "server.log",
                       wait_ready=False)
     try:
-        for _ in range(100):
-            r = httpx.get(live.url + "/ready")
-            if "failed" in r.text:
-                break
-            time.sleep(0.1)
+        r = live.load_failure()
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert "no-such-model" in r.json()["error"]["message"]
         assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False}

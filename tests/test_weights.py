@@ -4,7 +4,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from conftest import ROOT, LiveServer, free_port, server_env
@@ -73,11 +72,7 @@ def test_a_server_without_its_weights_says_why_in_one_line_and_ready(tiny_fish_d
     env = server_env(HUB_REPO, tiny_fish_dir, voice_dir, HF_HOME=str(tmp_path / "hf-home"))  # HF_HUB_OFFLINE=1
     live = LiveServer(env, tmp_path / "server.log", wait_ready=False)
     try:
-        for _ in range(100):
-            r = httpx.get(live.url + "/ready")
-            if "failed" in r.text:
-                break
-            time.sleep(0.1)
+        r = live.load_failure()
         assert r.status_code == 503 and "not in the local Hugging Face cache" in r.json()["error"]["message"]
         log = live.log()
         assert "Traceback" not in log and len([line for line in log.splitlines() if " ERROR " in line]) == 1
