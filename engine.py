@@ -27,8 +27,8 @@ from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from batched_steps import ExactSteps, StepRunner
-from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning, ModelCall, PCAState, SamplerSettings,
-                       find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
+from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning, ModelCall, PCAState,
+                       SamplerSettings, find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
                        latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import blockwise_steps
 from model import EchoDiT, KVCache
@@ -133,7 +133,8 @@ class SpeechEngine:
         self.max_speaker_latent_length = max_speaker_latent_length
         self.speaker_on_device = speaker_on_device
         self.steps = steps or ExactSteps(model)
-        self.reroll = RerollCounter(reroll) if reroll is not None else None
+        self.reroll = reroll
+        self.rerolls = 0  # blocks sampled again (VAD reroll) since start
 
     def speaker_latents(self, speaker: SpeakerReference | None) -> tuple[Tensor, Tensor]:
         """(1, frames, 80) latents and (1, frames) mask on the model device; cached per voice."""
@@ -260,7 +261,7 @@ class SpeechEngine:
             attempts.append((silence, block, audio, decoder.snapshot()))
             if silence <= self.reroll.max_silence or len(attempts) > self.reroll.max_rerolls:
                 break
-            self.reroll.count += 1
+            self.rerolls += 1
             log.info("block of %.1f s has a %.2f s silence: sampling it again with seed %d (reroll %d)",
                      audio.size / 44100, silence, job.seed + len(attempts), len(attempts))
             decoder.restore(before)
@@ -277,14 +278,6 @@ class VadReroll:
     detector: Callable[[np.ndarray], float]  # 44.1 kHz float32 audio -> its longest silence in seconds
     max_silence: float = 1.0
     max_rerolls: int = 3
-
-
-class RerollCounter:
-    """The VAD reroll settings of an engine and how many blocks it has sampled again."""
-
-    def __init__(self, settings: VadReroll):
-        self.detector, self.max_silence, self.max_rerolls = settings.detector, settings.max_silence, settings.max_rerolls
-        self.count = 0
 
 
 @dataclass

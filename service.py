@@ -147,7 +147,7 @@ class SpeechService:
 
     def vad_rerolls(self) -> int:
         """Blocks sampled again because of a long silence, since start."""
-        return self.engine.reroll.count if self.engine is not None and self.engine.reroll is not None else 0
+        return self.engine.rerolls if self.engine is not None else 0
 
     def _step_runner(self, model: EchoDiT) -> StepRunner:
         """How diffusion steps are evaluated: exact and eager, or padded to static shapes and

@@ -75,7 +75,7 @@ def test_a_block_with_a_long_silence_is_sampled_again_from_the_next_seed(tiny_mo
     detector = ScriptedDetector(8 * 2048, [2.0])  # the first attempt at block 1 is "silent"
     rerolling = engine_with(tiny_model, tiny_fish, tiny_pca, detector)
     rerolled, original, next_seed = audio_of(rerolling, job(5)), audio_of(plain, job(5)), audio_of(plain, job(6))
-    assert rerolling.reroll.count == 1 and detector.calls == 1
+    assert rerolling.rerolls == 1 and detector.calls == 1
     # block 1 came from seed 6's noise, decoded from the decoder's state before the failed attempt
     np.testing.assert_array_equal(rerolled[:FIRST], next_seed[:FIRST])
     assert not np.array_equal(rerolled[:FIRST], original[:FIRST]) and rerolled.shape == original.shape
@@ -86,7 +86,7 @@ def test_when_every_attempt_fails_the_one_with_the_least_silence_is_kept(tiny_mo
     detector = ScriptedDetector(8 * 2048, [3.0, 1.5, 2.5, 2.0])  # seeds 5, 6, 7, 8: seed 6 is the least bad
     rerolling = engine_with(tiny_model, tiny_fish, tiny_pca, detector, max_rerolls=3)
     rerolled = audio_of(rerolling, job(5))
-    assert rerolling.reroll.count == 3 and detector.calls == 4
+    assert rerolling.rerolls == 3 and detector.calls == 4
     np.testing.assert_array_equal(rerolled[:FIRST], audio_of(plain, job(6))[:FIRST])
     # the next block continues from the kept block: the stream is as long and as smooth as ever
     assert rerolled.shape == audio_of(plain, job(5)).shape
@@ -102,7 +102,7 @@ def test_one_request_rerolls_while_the_others_in_its_batch_are_unaffected(tiny_m
         together = asyncio.run(_collect(worker, jobs))
     finally:
         worker.close()
-    assert rerolling.reroll.count == 1
+    assert rerolling.rerolls == 1
     for j, audio in zip(jobs[1:], together[1:]):
         np.testing.assert_array_equal(audio, audio_of(plain, j))
     np.testing.assert_array_equal(together[0][:4 * 2048 - 220], audio_of(plain, job(6, blocks=(4, 4)))[:4 * 2048 - 220])
