@@ -33,8 +33,8 @@ from engine import GenerationTimeout, JobStream, QueueFull, VoiceUnusable
 from inference import SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
                            request_id)
-from service import RequestError, SpeechService
-from speech_request import MODEL_ID, SpeechRequest, request_error
+from service import SpeechService
+from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
 from settings import Settings, load_settings
 import speech_socket
 import weights

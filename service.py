@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, S
                     VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
+from speech_request import GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
 from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
@@ -31,48 +32,6 @@ from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice,
 log = logging.getLogger(__name__)
 
 DEBUG_WAV = Path("api_generation.wav")
-
-
-class RequestError(ValueError):
-    """A request field is invalid: HTTP 400 naming `param`."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """The request's say in generation; None means 'the server default'."""
-
-    input: str
-    voice: str
-    stream: bool
-    seed: int | None = 0  # None or negative: random
-    block_sizes: list[int] | None = None
-    num_steps: int | list[int] | None = None
-    cfg_scale_text: float = 3.0
-    cfg_scale_speaker: float = 8.0
-    cfg_min_t: float = 0.5
-    cfg_max_t: float = 1.0
-    truncation_factor: float | list[float] | None = None  # one for all blocks, or one per block
-    rescale_k: float | None = None
-    rescale_sigma: float | None = None
-    speaker_kv_scale: float | None = None
-    speaker_kv_min_t: float | None = None
-    speaker_kv_max_layers: int | None = None
-    guidance_mode: str = "independent"
-    early_stop_on_zero: bool = True
-    zero_eps: float = 2e-2
-    zero_tail_frames: int = 16
-    zero_tail_min_frac: float = 0.95
-    chunking_enabled: bool | None = None
-    chunk_target_seconds: float = 30.0
-    chunk_min_seconds: float = 20.0
-    chunk_max_seconds: float = 40.0
-    chunk_chars_per_second: float | None = None
-    chunk_words_per_second: float | None = None
-    normalize: bool = True
 
 
 class SpeechService:

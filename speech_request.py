@@ -1,37 +1,38 @@
 """The one request model of speech, shared by HTTP (`POST /v1/audio/speech`) and the WebSocket:
-every field with its default and limits, and its translation into the service's options."""
+every setting declared once, with its default and limits (`GenerationOptions`, what the service
+translates into the engine's job), plus what only the HTTP response needs (`SpeechRequest`)."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
-from service import GenerationOptions, RequestError
 
 MODEL_ID = "echo-tts"
+
+
+class RequestError(ValueError):
+    """A request field is invalid: HTTP 400 (or a WebSocket error message) naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class VoiceObject(BaseModel):
     id: str
 
 
-class SpeechRequest(BaseModel):
-    """POST /v1/audio/speech. Echo settings may sit at the top level or under `extra_body`."""
+class GenerationOptions(BaseModel):
+    """A request's say in generation; None means 'the server default'."""
 
     model_config = ConfigDict(extra="ignore")
 
     input: str
-    voice: str | VoiceObject
-    model: str = MODEL_ID
-    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    voice: str
     stream: bool = True
-    stream_format: Literal["audio", "sse"] = "audio"
-    sample_rate: int | None = Field(None, ge=8000, le=48000)
-    speed: float = Field(1.0, ge=0.25, le=4.0)
-    instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
     seed: int | None = None  # omitted or negative: a random seed (reported in X-Echo-Seed)
 
     block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
@@ -61,6 +62,33 @@ class SpeechRequest(BaseModel):
     chunk_words_per_second: float | None = Field(None, gt=0, le=100)
     normalize: bool = True
 
+    @field_validator("block_sizes")
+    @classmethod
+    def _fits_one_generation(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and sum(value) > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationOptions:
+        if self.cfg_min_t > self.cfg_max_t:
+            raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
+        if self.chunk_min_seconds > self.chunk_max_seconds:
+            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
+        return self
+
+
+class SpeechRequest(GenerationOptions):
+    """POST /v1/audio/speech (and a WebSocket segment). Echo settings may sit at the top level or
+    under `extra_body`."""
+
+    voice: str | VoiceObject
+    model: str = MODEL_ID
+    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    stream_format: Literal["audio", "sse"] = "audio"
+    sample_rate: int | None = Field(None, ge=8000, le=48000)
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
     extra_body: dict[str, Any] | None = None
 
     @model_validator(mode="before")
@@ -71,21 +99,6 @@ class SpeechRequest(BaseModel):
             return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
         return data
 
-    @field_validator("block_sizes")
-    @classmethod
-    def _fits_one_generation(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and sum(value) > MAX_SEQUENCE_LENGTH:
-            raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SpeechRequest:
-        if self.cfg_min_t > self.cfg_max_t:
-            raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
-        if self.chunk_min_seconds > self.chunk_max_seconds:
-            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
-        return self
-
     @property
     def voice_name(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
@@ -95,8 +108,9 @@ class SpeechRequest(BaseModel):
         return self.response_format or ("pcm" if self.stream else "mp3")
 
     def generation_options(self) -> GenerationOptions:
-        names = {f.name for f in fields(GenerationOptions)} - {"voice"}
-        return GenerationOptions(voice=self.voice_name, **{n: getattr(self, n) for n in names})
+        """The generation settings alone (validated already: copied, not checked again)."""
+        values = {name: getattr(self, name) for name in GenerationOptions.model_fields}
+        return GenerationOptions.model_construct(**{**values, "voice": self.voice_name})
 
 
 def request_error(errors: list[dict]) -> RequestError:

@@ -34,8 +34,8 @@ from audio_encoding import InvalidAudioParameter, open_encoder
 from engine import GenerationTimeout, JobStream, QueueFull
 from inference import SAMPLE_RATE
 from observability import request_id
-from service import RequestError, SpeechService
-from speech_request import SpeechRequest, request_error
+from service import SpeechService
+from speech_request import RequestError, SpeechRequest, request_error
 
 log = logging.getLogger("echo_tts.ws")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
