@@ -10,6 +10,8 @@ import torch
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from audio_encoding import MAX_OUTPUT_RATE, MIN_OUTPUT_RATE
+
 log = logging.getLogger(__name__)
 
 # Streaming block shapes of the original fork: frames per block and diffusion steps per block.
@@ -66,7 +68,7 @@ class Settings(BaseSettings):
     performance_preset: str = "default"
     num_steps_nonstream: int = Field(20, ge=1, le=100)
 
-    output_sample_rate: int = Field(44100, ge=8000, le=48000)
+    output_sample_rate: int = Field(44100, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)
     max_input_chars: int = Field(4096, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     max_voice_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # an inline (base64) voice, decoded

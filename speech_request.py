@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
 
 MODEL_ID = "echo-tts"
@@ -86,8 +87,8 @@ class SpeechRequest(GenerationOptions):
     model: str = MODEL_ID
     response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
     stream_format: Literal["audio", "sse"] = "audio"
-    sample_rate: int | None = Field(None, ge=8000, le=48000)
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    sample_rate: int | None = Field(None, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)
+    speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED)
     instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
     extra_body: dict[str, Any] | None = None
 
