@@ -20,7 +20,7 @@ from typing import Annotated
 import numpy as np
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
     app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: every response gets an id
@@ -194,6 +194,33 @@ def _routes():
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voices.list()]}
 
+    @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 409, 413, 503))
+    async def upload_voice(service: Annotated[SpeechService, Depends(ready_service)],
+                           name: Annotated[str, Form()], audio_sample: Annotated[UploadFile, File()],
+                           consent: Annotated[str | None, Form()] = None,
+                           overwrite: Annotated[bool, Form()] = False) -> dict:
+        """Add a voice (OpenAI's field names): checked, stored under ECHO_VOICE_UPLOAD_DIR and encoded
+        once; answers its metadata with a quality report."""
+        data = await audio_sample.read(service.settings.max_voice_bytes + 1)
+        try:
+            return await run_in_threadpool(service.add_voice, name, data, consent, overwrite)
+        except RequestError as e:
+            raise _api_error(e) from None
+
+    @protected.get("/v1/voices/{voice_id}", responses=_errors(401, 404))
+    def voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        try:
+            return service.library.metadata(voice_id)
+        except RequestError as e:
+            raise _api_error(e) from None
+
+    @protected.delete("/v1/audio/voices/{voice_id}", responses=_errors(401, 403, 404))
+    def delete_voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        try:
+            return service.delete_voice(voice_id)
+        except RequestError as e:
+            raise _api_error(e) from None
+
     @protected.post("/v1/audio/speech", response_class=Response,
                     responses=AUDIO_RESPONSE | _errors(400, 401, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
@@ -245,7 +272,17 @@ async def _build_job(service: SpeechService, body: SpeechRequest):
     try:  # may read and decode an inline voice: off the event loop
         return await run_in_threadpool(service.build_job, body.generation_options())
     except RequestError as e:
-        raise ApiError(400, str(e), e.param, code="invalid_value") from None
+        raise _api_error(e) from None
+
+
+ERROR_CODES = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
+               404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
+               413: ("request_too_large", "invalid_request_error")}
+
+
+def _api_error(error: RequestError) -> ApiError:
+    code, kind = ERROR_CODES.get(error.status, ("invalid_value", "invalid_request_error"))
+    return ApiError(error.status, str(error), error.param, code=code, error_type=kind)
 
 
 def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:

@@ -77,6 +77,7 @@ class SpeakerReference:
     cache_key: str
     load_audio: Callable[[], Tensor]
     name: str | None = None  # a newer version of the same named voice evicts the older cache entry
+    load_latents: Callable[[], tuple[Tensor, Tensor] | None] | None = None  # latents saved earlier, if any
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,10 @@ class SpeechEngine:
 
     @torch.inference_mode()
     def _encode_speaker(self, speaker: SpeakerReference) -> tuple[Tensor, Tensor]:
+        if speaker.load_latents is not None and (stored := speaker.load_latents()) is not None:
+            log.info("speaker latents of voice %s loaded, not encoded", speaker.name)
+            keep_on = self.model.device if self.speaker_on_device else torch.device("cpu")
+            return stored[0].to(keep_on), stored[1].to(keep_on)
         try:
             audio = speaker.load_audio()
         except ValueError as e:  # unreadable, vanished or undecodable voice audio

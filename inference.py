@@ -181,8 +181,9 @@ class AudioDecodeError(ValueError):
     """An audio file or buffer could not be decoded."""
 
 
-def load_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 300) -> Tensor:
-    """Decode any FFmpeg-readable audio to a (1, samples) float32 tensor: mono, 44.1 kHz, peak 1.0.
+def load_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 300, normalize: bool = True) -> Tensor:
+    """Decode any FFmpeg-readable audio to a (1, samples) float32 tensor: mono, 44.1 kHz, peak 1.0
+    (as recorded with `normalize=False`).
 
     Multi-channel audio is down-mixed; audio beyond `max_duration` seconds is dropped.
     `path` may also be a binary file object (e.g. io.BytesIO of an uploaded clip).
@@ -214,7 +215,7 @@ def load_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 
         raise AudioDecodeError(f"cannot decode audio from {name}: it contains no samples")
     tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
     peak = tensor.abs().max()
-    return tensor / peak if peak > 0 else tensor
+    return tensor / peak if normalize and peak > 0 else tensor
 
 
 def _with_flush(frames):
@@ -223,9 +224,9 @@ def _with_flush(frames):
     yield None
 
 
-def load_audio_bytes(data: bytes, max_duration: float | None = 300) -> Tensor:
+def load_audio_bytes(data: bytes, max_duration: float | None = 300, normalize: bool = True) -> Tensor:
     """load_audio for an in-memory encoded clip."""
-    return load_audio(io.BytesIO(data), max_duration=max_duration)
+    return load_audio(io.BytesIO(data), max_duration=max_duration, normalize=normalize)
 
 
 # ---------------------------------------------------------------------------------------------

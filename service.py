@@ -28,6 +28,7 @@ from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_excl
                            split_into_chunks)
 from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
                     looks_like_inline_audio)
+from voice_library import VoiceLibrary
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class SpeechService:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.voices = VoiceRegistry(settings.voice_dirs, folder_support=settings.folder_support)
+        dirs = settings.voice_dirs + ([settings.upload_dir] if settings.upload_dir not in settings.voice_dirs else [])
+        self.voices = VoiceRegistry(dirs, folder_support=settings.folder_support)
+        self.library = VoiceLibrary(settings.upload_dir, self.voices, settings.max_voice_bytes,
+                                    settings.max_voice_seconds)
         self.speaker_cache = SpeakerCache(settings.speaker_cache_size)
         self.speaker_kv_cache = SpeakerCache(settings.speaker_kv_cache_size)
         self.engine: SpeechEngine | None = None
@@ -237,7 +241,37 @@ class SpeechService:
         except ValueError as e:
             raise RequestError(str(e), "voice") from e
         return SpeakerReference(source.cache_key, lambda: load_voice_audio(source, max_seconds),
-                                name=source.cache_name)
+                                name=source.cache_name, load_latents=lambda: self.library.stored_latents(source))
+
+    # ---- the voice library --------------------------------------------------------------------
+
+    def add_voice(self, name: str, data: bytes, consent: str | None, overwrite: bool) -> dict:
+        """Store an uploaded voice and encode it now (slow: call it off the event loop), so neither a
+        request nor a restart has to. Raises RequestError (with its HTTP status)."""
+        if not self.settings.uploads_enabled:
+            raise RequestError("voice uploads are off on this server: set ECHO_VOICE_UPLOADS=1 (they are on by "
+                               "default when ECHO_API_KEY is set)", status=403)
+        metadata = self.library.add(name, data, consent, overwrite)
+        source = self.voices.resolve(metadata["id"])
+        self._forget(source.cache_name)
+        reference = self.speaker_reference(source.name)
+        try:
+            latent, mask = self.engine.speaker_latents(reference)
+        except VoiceUnusable as e:
+            self.library.delete(source.name)
+            raise RequestError(str(e), "audio_sample") from e
+        self.library.store_latents(source, latent, mask)
+        return metadata
+
+    def delete_voice(self, name: str) -> dict:
+        source = self.library.delete(name)
+        self._forget(source.cache_name)
+        return {"object": "audio.voice.deleted", "id": source.name, "deleted": True}
+
+    def _forget(self, cache_name: str) -> None:
+        """Drop a voice from every cache (its latents and its speaker keys)."""
+        self.speaker_cache.discard_name(cache_name)
+        self.speaker_kv_cache.discard_name(cache_name)
 
     def _inline_voice(self, voice: str) -> SpeakerReference:
         """A base64 / data: URL voice within ECHO_MAX_VOICE_BYTES and ECHO_MAX_VOICE_SECONDS."""

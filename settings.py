@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
     folder_support: bool = True
     voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]
+    voice_uploads: bool | None = None  # POST /v1/audio/voices; unset: on when ECHO_API_KEY is set
+    voice_upload_dir: Path | None = None  # where uploaded voices are stored; unset: the first voice directory
     warmup_voice: str | None = None
     warmup_text: str = "[S1] Warmup compile run."
     warmup: bool = True  # run the warm-up generations before reporting ready
@@ -178,6 +180,15 @@ class Settings(BaseSettings):
             name = "default"
         blocks, steps = PERFORMANCE_PRESETS[name]
         return list(blocks), list(steps)
+
+    @property
+    def uploads_enabled(self) -> bool:
+        """Voice uploads: as ECHO_VOICE_UPLOADS says, else only on a server that needs an API key."""
+        return self.voice_uploads if self.voice_uploads is not None else bool(self.api_keys)
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.voice_upload_dir or self.voice_dirs[0]
 
     @property
     def api_keys(self) -> list[str]:

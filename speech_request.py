@@ -15,11 +15,12 @@ MODEL_ID = "echo-tts"
 
 
 class RequestError(ValueError):
-    """A request field is invalid: HTTP 400 (or a WebSocket error message) naming `param`."""
+    """A request field is invalid: an HTTP error (400 unless `status` says otherwise; or a WebSocket
+    error message) naming `param`."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
 
 
 class VoiceObject(BaseModel):

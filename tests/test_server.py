@@ -414,7 +414,10 @@ def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
     async def scenario():
         async with httpx.AsyncClient(base_url=narrow_server.url, timeout=120) as client:
             running = [asyncio.create_task(client.post("/v1/audio/speech", json=long_body)) for _ in range(2)]
-            await asyncio.sleep(1.0)  # both admitted: one active, one waiting
+            for _ in range(300):  # until both are admitted: one active, one waiting
+                await asyncio.sleep(0.1)
+                if _metric(narrow_server, "echo_active_streams") == 1 and _metric(narrow_server, "echo_queue_length") == 1:
+                    break
             rejected = await client.post("/v1/audio/speech", json=long_body)
             health = await client.get("/health", timeout=5)
             finished = await asyncio.gather(*running)

@@ -1,0 +1,121 @@
+"""The voice library: uploading, reading and deleting voices through the real server."""
+
+import io
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import LiveServer, server_env
+
+pytestmark = pytest.mark.slow
+KEY = {"Authorization": "Bearer lib-key"}
+
+
+def clip(seconds=6.0, rate=22050, channels=1, amplitude=0.3, fmt="WAV") -> bytes:
+    """Speech-like test audio: a gliding, syllable-modulated tone."""
+    t = np.arange(int(seconds * rate)) / rate
+    tone = amplitude * np.sin(2 * np.pi * (140 + 30 * np.sin(2 * np.pi * 0.3 * t)) * t) * np.sin(2 * np.pi * 4 * t) ** 2
+    data = io.BytesIO()
+    sf.write(data, np.repeat(tone[:, None], channels, axis=1).astype(np.float32), rate, format=fmt)
+    return data.getvalue()
+
+
+@pytest.fixture(scope="module")
+def library(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    operator = tmp_path_factory.mktemp("operator-voices")
+    shutil.copy(voice_dir / "alice.wav", operator / "alice.wav")
+    uploads = tmp_path_factory.mktemp("uploads")
+    env = server_env(tiny_echo_dir, tiny_fish_dir, operator, ECHO_API_KEY="lib-key", ECHO_VOICE_UPLOAD_DIR=str(uploads),
+                     ECHO_MAX_VOICE_BYTES="2000000", ECHO_MAX_VOICE_SECONDS="20")
+    live = LiveServer(env, tmp_path_factory.mktemp("library") / "server.log")
+    live.uploads, live.env = uploads, env
+    yield live
+    live.stop()
+
+
+def upload(server, name, data, headers=KEY, **fields):
+    return httpx.post(server.url + "/v1/audio/voices", headers=headers, data={"name": name, **fields},
+                      files={"audio_sample": ("clip.bin", data, "application/octet-stream")}, timeout=120)
+
+
+def test_an_uploaded_voice_is_stored_reported_listed_and_spoken(library):
+    r = upload(library, "Bob 2", clip(channels=2, fmt="FLAC"), consent="recorded with permission")
+    assert r.status_code == 200, r.text
+    voice = r.json()
+    assert (voice["object"], voice["id"], voice["consent"], voice["uploaded"]) == ("audio.voice", "Bob 2",
+                                                                                    "recorded with permission", True)
+    quality = voice["quality"]
+    assert (quality["sample_rate"], quality["channels"], quality["duration_seconds"]) == (22050, 2, 6.0)
+    # FFmpeg's down-mix adds two equal channels at -3 dB each: the mono peak is sqrt(2) x 0.3
+    assert quality["peak"] == pytest.approx(0.3 * 2 ** 0.5, abs=0.02)
+    assert quality["clipped_fraction"] == 0 and quality["warnings"] == []
+    assert {p.name for p in library.uploads.iterdir()} == {"Bob 2.flac", "Bob 2.voice.json",
+                                                           "Bob 2.latents.safetensors"}
+    assert "Bob 2" in [v["id"] for v in httpx.get(library.url + "/v1/voices", headers=KEY).json()["data"]]
+    assert httpx.get(library.url + "/v1/voices/Bob 2", headers=KEY).json() == voice
+    body = {"input": "Hello.", "voice": "Bob 2", "block_sizes": [4, 4], "num_steps": [1, 1], "seed": 1}
+    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+
+
+def test_a_restarted_server_uses_the_stored_latents(library, tmp_path):
+    assert upload(library, "kept", clip()).status_code == 200
+    again = LiveServer(library.env, tmp_path / "server.log")
+    try:
+        body = {"input": "Hello.", "voice": "kept", "block_sizes": [4], "num_steps": [1], "seed": 1}
+        assert httpx.post(again.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+        assert "loaded, not encoded" in again.log()
+    finally:
+        again.stop()
+
+
+def test_quality_warnings_name_what_is_wrong(library):
+    short = upload(library, "short", clip(seconds=2.0, amplitude=1.5)).json()["quality"]  # clipped and short
+    assert any(w.startswith("short") for w in short["warnings"]) and any(w.startswith("clipped")
+                                                                         for w in short["warnings"])
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../up", ".hidden", "x" * 65, "näme", "none", " lead"])
+def test_bad_names_are_400_and_store_nothing(library, name):
+    before = set(library.uploads.iterdir())
+    r = upload(library, name, clip())
+    assert r.status_code in (400, 422) and r.json()["error"]["param"] == "name"
+    assert set(library.uploads.iterdir()) == before
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 400, "empty"), (b"not audio at all" * 100, 400, "not decodable"),
+    (clip(seconds=21.0, rate=8000), 400, "ECHO_MAX_VOICE_SECONDS"), (clip(amplitude=0.0), 400, "silent"),
+    (b"\0" * 2000001, 413, "ECHO_MAX_VOICE_BYTES")], ids=["empty", "not-audio", "too-long", "silent", "too-large"])
+def test_bad_audio_gets_a_4xx_and_stores_nothing(library, data, status, words):
+    before = set(library.uploads.iterdir())
+    r = upload(library, "bad", data)
+    assert r.status_code == status and words in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "audio_sample" and set(library.uploads.iterdir()) == before
+
+
+def test_an_existing_name_is_409_unless_overwrite_and_operator_voices_are_read_only(library):
+    assert upload(library, "twice", clip()).status_code == 200
+    assert upload(library, "twice", clip()).status_code == 409
+    assert upload(library, "twice", clip(seconds=7.0), overwrite="true").json()["quality"]["duration_seconds"] == 7.0
+    assert upload(library, "alice", clip(), overwrite="true").status_code == 403
+    assert httpx.delete(library.url + "/v1/audio/voices/alice", headers=KEY).status_code == 403
+
+
+def test_a_deleted_voice_is_gone_everywhere(library):
+    assert upload(library, "gone", clip()).status_code == 200
+    body = {"input": "Hello.", "voice": "gone", "block_sizes": [4], "num_steps": [1], "seed": 1}
+    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+    r = httpx.delete(library.url + "/v1/audio/voices/gone", headers=KEY)
+    assert r.status_code == 200 and r.json() == {"object": "audio.voice.deleted", "id": "gone", "deleted": True}
+    assert not any(p.name.startswith("gone.") for p in library.uploads.iterdir())
+    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 400
+    assert httpx.delete(library.url + "/v1/audio/voices/gone", headers=KEY).status_code == 404
+    assert httpx.get(library.url + "/v1/voices/gone", headers=KEY).status_code == 404
+
+
+def test_uploads_are_off_on_a_server_without_a_key(server):
+    r = upload(server, "nope", clip(), headers={})
+    assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
