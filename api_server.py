@@ -187,12 +187,12 @@ def _routes():
 
     @protected.get("/v1/voices", responses=_errors(401))
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        names = service.voices.list()
+        names = service.voice_names()
         return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
 
     @protected.get("/v1/audio/voices", responses=_errors(401))
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return {"voices": [{"id": n, "name": n} for n in service.voices.list()]}
+        return {"voices": [{"id": n, "name": n} for n in service.voice_names()]}
 
     @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 409, 413, 503))
     async def upload_voice(service: Annotated[SpeechService, Depends(ready_service)],
@@ -287,7 +287,8 @@ def _api_error(error: RequestError) -> ApiError:
 
 def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
     try:
-        return open_encoder(body.format, input_rate=SAMPLE_RATE,
+        return open_encoder(body.response_format or settings.default_response_format or body.format,
+                            input_rate=SAMPLE_RATE,
                             output_rate=body.sample_rate or settings.output_sample_rate,
                             speed=body.speed, streaming=streaming)
     except InvalidAudioParameter as e:

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 DEBUG_WAV = Path("api_generation.wav")
 
 
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx",
+                           "sage", "shimmer", "verse"})
+
+
 class SpeechService:
     """Everything the routes need: settings, voices, readiness and the generation worker."""
 
@@ -229,9 +233,22 @@ class SpeechService:
                                f"{self.settings.max_chunks} (ECHO_MAX_CHUNKS)", "input")
         return chunks
 
+    def voice_names(self) -> list[str]:
+        """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES)."""
+        return sorted(set(self.voices.list()) | set(self.settings.voice_aliases))
+
+    def _voice_name(self, voice: str) -> str:
+        """An alias's voice; ECHO_DEFAULT_VOICE for an OpenAI built-in voice name that is no voice here."""
+        if voice in self.settings.voice_aliases:
+            return self.settings.voice_aliases[voice]
+        if self.settings.default_voice and voice.lower() in OPENAI_VOICES and voice not in self.voices:
+            return self.settings.default_voice
+        return voice
+
     def speaker_reference(self, voice: str) -> SpeakerReference | None:
         """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
         max_seconds = self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
+        voice = self._voice_name(voice)
         try:
             if is_no_voice(voice):
                 return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
     folder_support: bool = True
     voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]
+    voice_aliases: Annotated[dict[str, str], NoDecode] = {}  # "alloy=alice,nova=bob": names for voices
+    default_voice: str | None = None  # for OpenAI's built-in voice names that have no alias
+    default_response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
     voice_uploads: bool | None = None  # POST /v1/audio/voices; unset: on when ECHO_API_KEY is set
     voice_upload_dir: Path | None = None  # where uploaded voices are stored; unset: the first voice directory
     warmup_voice: str | None = None
@@ -92,6 +95,16 @@ class Settings(BaseSettings):
             return [Path(p) for p in value.split(":") if p]
         return value
 
+    @field_validator("voice_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value):
+        if not isinstance(value, str):
+            return value
+        pairs = [item.split("=") for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+            raise ValueError("expected alias=voice pairs separated by commas, e.g. alloy=alice,nova=bob")
+        return {alias.strip(): voice.strip() for alias, voice in pairs}
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value):
@@ -118,7 +131,7 @@ class Settings(BaseSettings):
                 raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
         return value
 
-    @field_validator("warmup_voice", "api_key", mode="before")
+    @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
