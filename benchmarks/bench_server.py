@@ -10,7 +10,8 @@ audio-seconds produced per wall-second; then one non-streaming 30 s generation.
         --fish-repo /tmp/echo-synthetic/fish-s1-dac-min --device cuda   # GPU, full-size synthetic weights
 
 The server inherits the environment: prefix `ECHO_COMPILE=1` (and `ECHO_CUDA_GRAPHS=1`) to measure
-the compiled static-shape path; `ECHO_STATIC_SHAPES=0` for exact eager batching on a GPU.
+the compiled static-shape path (`ECHO_STATIC_SHAPES=1` alone: static shapes, eager). benchmarks/gpu_check.py
+runs the whole matrix.
 
 Also measures, in-process, the streaming decoder's cost for the third block of the default preset
 (480 new frames) against re-decoding the whole 640-frame prefix, as servers without decoder state do.
