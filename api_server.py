@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -23,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +42,7 @@ import speech_socket
 import weights
 
 log = logging.getLogger("echo_tts.api")
+STATIC = Path(__file__).resolve().parent / "static"  # the web playground
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID"])
@@ -164,9 +168,14 @@ def _routes():
     public = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_api_key)])
 
+    @public.get("/", include_in_schema=False)
+    def playground() -> FileResponse:
+        """The web playground (static files of this repository; the key is entered on the page)."""
+        return FileResponse(STATIC / "index.html")
+
     @public.get("/health")
     def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return {"status": "ok", "ready": service.ready.is_set()}
+        return {"status": "ok", "ready": service.ready.is_set(), "auth": bool(service.settings.api_keys)}
 
     @protected.get("/ready", responses=_errors(401, 503))
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:

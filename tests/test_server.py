@@ -40,7 +40,7 @@ def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarr
 
 
 def test_health_ready_and_models(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "ready": True}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "ready": True, "auth": False}
     assert httpx.get(server.url + "/ready").status_code == 200
     models = httpx.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "echo-tts"
@@ -276,10 +276,11 @@ def test_client_disconnect_stops_generation_and_server_stays_healthy(server):
     assert speech(server).status_code == 200
 
 
-def _metric(server, name: str) -> float:
+def _metric(server, name: str, headers: dict | None = None) -> float:
     import re
 
-    return float(re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(server.url + "/metrics").text, re.M).group(1))
+    text = httpx.get(server.url + "/metrics", headers=headers).text
+    return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "whole-file"])

@@ -101,7 +101,7 @@ def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_p
                      ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1")
     live = LiveServer(env, tmp_path / "server.log", wait_ready=False)
     try:
-        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False}
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False, "auth": False}
         r = httpx.post(live.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "none"})
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"
         live.wait(300)
@@ -140,6 +140,6 @@ def test_a_model_that_cannot_load_is_reported_by_ready(tiny_fish_dir, voice_dir,
         r = live.load_failure()
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert "no-such-model" in r.json()["error"]["message"]
-        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False}
+        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False, "auth": False}
     finally:
         live.stop()

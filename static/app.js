@@ -1,0 +1,252 @@
+// The Echo-TTS playground: plain JavaScript against the server's own API, nothing from elsewhere.
+"use strict";
+
+const RATE = 44100; // the PCM the playground asks for: 16-bit little-endian mono at 44.1 kHz
+const PRESETS = {
+  default: [[32, 128, 480], [8, 15, 20]], low_mid: [[32, 128, 480], [8, 10, 15]],
+  low: [[32, 64, 272, 272], [8, 10, 15, 15]], equal: [[213, 213, 214], [15, 15, 15]],
+};
+const $ = (id) => document.getElementById(id);
+// State the browser tests read: samples handed to the audio graph, whether a request streams.
+const state = (window.echoPlayground = { samplesScheduled: 0, streaming: false, takes: [] });
+let controller = null;
+let audio = null;
+
+function headers(extra = {}) {
+  const key = $("key").value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function apiError(response) {
+  try { return (await response.json()).error.message; } catch { return `HTTP ${response.status}`; }
+}
+
+function say(text) { $("status").textContent = text; }
+
+// ---- text ------------------------------------------------------------------------------------
+
+function describeText() {
+  const text = $("text").value.trim();
+  const words = text ? text.split(/\s+/).length : 0;
+  const seconds = Math.max(text.length / 14, words / 2.7); // the server's speaking-rate estimate
+  $("text-info").textContent = `${text.length} characters, about ${seconds.toFixed(1)} s of audio`;
+}
+
+// ---- voices ----------------------------------------------------------------------------------
+
+async function loadVoices(select) {
+  const response = await fetch("/v1/voices", { headers: headers() });
+  if (!response.ok) { say(`Voices: ${await apiError(response)}`); return; }
+  const names = (await response.json()).data.map((v) => v.id);
+  if ($("status").textContent.startsWith("This server needs")) say("");
+  const voice = $("voice");
+  voice.replaceChildren(...["none", ...names].map((name) => new Option(name, name)));
+  if (select && names.includes(select)) voice.value = select;
+}
+
+async function uploadVoice(blob, fileName) {
+  const name = $("voice-name").value.trim() || fileName.replace(/\.[^.]*$/, "");
+  const form = new FormData();
+  form.append("name", name);
+  form.append("audio_sample", blob, fileName);
+  if ($("consent").checked) form.append("consent", "confirmed in the playground");
+  $("quality").textContent = "Uploading…";
+  const response = await fetch("/v1/audio/voices", { method: "POST", headers: headers(), body: form });
+  if (!response.ok) { $("quality").textContent = `Upload failed: ${await apiError(response)}`; return; }
+  const voice = await response.json();
+  const q = voice.quality;
+  $("quality").textContent = `Voice "${voice.id}" added: ${q.duration_seconds} s, ${q.sample_rate} Hz, ` +
+    `${q.channels} channel(s), peak ${q.peak}, loudness ${q.loudness_dbfs} dBFS, ` +
+    `${Math.round(q.silence_fraction * 100)} % silence` +
+    (q.warnings.length ? `\nWarnings: ${q.warnings.join("; ")}` : "");
+  await loadVoices(voice.id);
+}
+
+let recorder = null;
+async function toggleRecording() {
+  if (recorder) { recorder.stop(); return; }
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  const chunks = [];
+  recorder = new MediaRecorder(stream);
+  recorder.ondataavailable = (e) => chunks.push(e.data);
+  recorder.onstop = async () => {
+    stream.getTracks().forEach((t) => t.stop());
+    recorder = null;
+    $("record").textContent = "Record";
+    await uploadVoice(new Blob(chunks, { type: chunks[0]?.type || "audio/webm" }), "recording.webm");
+  };
+  recorder.start();
+  $("record").textContent = "Stop recording";
+}
+
+// ---- speech ----------------------------------------------------------------------------------
+
+function requestBody() {
+  const [blocks, presetSteps] = PRESETS[$("preset").value];
+  const steps = $("steps").value ? blocks.map(() => Number($("steps").value)) : presetSteps;
+  const body = {
+    input: $("text").value, voice: $("voice").value, response_format: "pcm", sample_rate: RATE,
+    block_sizes: blocks, num_steps: steps, seed: Number($("seed").value || 0),
+    cfg_scale_text: Number($("cfg-text").value), cfg_scale_speaker: Number($("cfg-speaker").value),
+  };
+  if ($("kv-scale").value) body.speaker_kv_scale = Number($("kv-scale").value);
+  return body;
+}
+
+async function generate() {
+  audio = audio || new AudioContext({ sampleRate: RATE });
+  await audio.resume();
+  const body = requestBody();
+  controller = new AbortController();
+  setBusy(true);
+  const started = performance.now();
+  let firstAudio = null;
+  let playAt = audio.currentTime + 0.05;
+  let carry = new Uint8Array(0);
+  const pieces = [];
+  try {
+    const response = await fetch("/v1/audio/speech", {
+      method: "POST", headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!response.ok) { say(`Failed: ${await apiError(response)}`); return; }
+    const seed = response.headers.get("X-Echo-Seed");
+    state.streaming = true;
+    const reader = response.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const bytes = new Uint8Array(carry.length + value.length);
+      bytes.set(carry);
+      bytes.set(value, carry.length);
+      const whole = bytes.length - (bytes.length % 2); // 16-bit samples may straddle two reads
+      carry = bytes.slice(whole);
+      if (!whole) continue;
+      const samples = new Int16Array(bytes.buffer.slice(0, whole));
+      if (firstAudio === null) firstAudio = performance.now() - started;
+      pieces.push(samples);
+      playAt = schedule(samples, playAt);
+      say(`Playing… first audio after ${Math.round(firstAudio)} ms`);
+    }
+    const take = joined(pieces);
+    const seconds = take.length / RATE;
+    const wall = (performance.now() - started) / 1000;
+    say(`Done: ${seconds.toFixed(1)} s of audio, first audio after ${Math.round(firstAudio)} ms, ` +
+        `real-time factor ${(wall / seconds).toFixed(2)}, seed ${seed}`);
+    addTake(take, { ...body, seed: Number(seed), ttfb_ms: Math.round(firstAudio) });
+  } catch (error) {
+    say(error.name === "AbortError" ? "Stopped." : `Failed: ${error.message}`);
+  } finally {
+    state.streaming = false;
+    controller = null;
+    setBusy(false);
+  }
+}
+
+function schedule(samples, playAt) {
+  const buffer = audio.createBuffer(1, samples.length, RATE);
+  const channel = buffer.getChannelData(0);
+  for (let i = 0; i < samples.length; i++) channel[i] = samples[i] / 32768;
+  const source = audio.createBufferSource();
+  source.buffer = buffer;
+  source.connect(audio.destination);
+  const at = Math.max(playAt, audio.currentTime);
+  source.start(at);
+  state.samplesScheduled += samples.length;
+  return at + buffer.duration;
+}
+
+function joined(pieces) {
+  const out = new Int16Array(pieces.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const p of pieces) { out.set(p, offset); offset += p.length; }
+  return out;
+}
+
+function setBusy(busy) {
+  $("generate").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+// ---- takes -----------------------------------------------------------------------------------
+
+function drawWave(canvas, samples) {
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
+  ctx.clearRect(0, 0, width, height);
+  ctx.fillStyle = "#5b5bd6";
+  const step = Math.max(1, Math.floor(samples.length / width));
+  for (let x = 0; x < width; x++) {
+    let peak = 0;
+    for (let i = x * step; i < Math.min((x + 1) * step, samples.length); i++) peak = Math.max(peak, Math.abs(samples[i]));
+    const h = (peak / 32768) * height;
+    ctx.fillRect(x, (height - h) / 2, 1, Math.max(h, 1));
+  }
+}
+
+function wavBlob(samples) {
+  const view = new DataView(new ArrayBuffer(44 + samples.length * 2));
+  const text = (offset, s) => [...s].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
+  text(0, "RIFF"); view.setUint32(4, 36 + samples.length * 2, true); text(8, "WAVEfmt ");
+  view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, RATE, true); view.setUint32(28, RATE * 2, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, samples.length * 2, true);
+  samples.forEach((s, i) => view.setInt16(44 + i * 2, s, true));
+  return new Blob([view], { type: "audio/wav" });
+}
+
+function addTake(samples, settings) {
+  state.takes.push(settings);
+  drawWave($("wave"), samples);
+  const item = document.createElement("li");
+  const label = `${settings.voice}, seed ${settings.seed}, ${(samples.length / RATE).toFixed(1)} s, ` +
+    `steps ${settings.num_steps.join("/")}, guidance ${settings.cfg_scale_text}/${settings.cfg_scale_speaker}`;
+  const play = document.createElement("button");
+  play.type = "button";
+  play.textContent = "Play";
+  play.setAttribute("aria-label", `Play take: ${label}`);
+  play.onclick = async () => { audio = audio || new AudioContext({ sampleRate: RATE }); await audio.resume(); schedule(samples, audio.currentTime); };
+  const download = document.createElement("a");
+  download.href = URL.createObjectURL(wavBlob(samples));
+  download.download = `echo-take-${state.takes.length}-seed-${settings.seed}.wav`;
+  download.textContent = "Download WAV";
+  const wave = document.createElement("canvas");
+  wave.width = 600; wave.height = 40;
+  wave.setAttribute("role", "img");
+  wave.setAttribute("aria-label", "waveform of this take");
+  drawWave(wave, samples);
+  item.append(`${label} `, play, " ", download, wave);
+  $("takes").prepend(item);
+}
+
+// ---- wiring ----------------------------------------------------------------------------------
+
+$("key").value = localStorage.getItem("echo-key") || "";
+$("key").addEventListener("change", () => { localStorage.setItem("echo-key", $("key").value.trim()); loadVoices(); });
+$("text").addEventListener("input", describeText);
+$("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("upload").addEventListener("click", () => {
+  const file = $("file").files[0];
+  if (file) uploadVoice(file, file.name); else $("quality").textContent = "Choose or drop a file first.";
+});
+$("record").addEventListener("click", () => toggleRecording().catch((e) => { $("quality").textContent = `Recording: ${e.message}`; }));
+const drop = $("drop");
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  const file = e.dataTransfer.files[0];
+  if (file) uploadVoice(file, file.name);
+});
+async function start() {
+  describeText();
+  const health = await (await fetch("/health")).json();
+  $("key-field").hidden = !health.auth;  // a key field only where the server needs one
+  if (health.auth && !$("key").value.trim()) { say("This server needs an API key: enter it above."); return; }
+  await loadVoices();
+}
+start();

@@ -1,0 +1,111 @@
+"""The web playground in a real browser: Debian's Chromium driven by Playwright, against the real server."""
+
+import io
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import LiveServer, server_env
+from test_server import _metric
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+KEY = "play-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def site(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    uploads = tmp_path_factory.mktemp("playground-uploads")
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_VOICE_UPLOAD_DIR=str(uploads))
+    live = LiveServer(env, tmp_path_factory.mktemp("playground") / "server.log")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, site):
+    """The playground with the API key entered; console errors and foreign requests are collected."""
+    page = browser.new_page()
+    page.errors, page.foreign = [], []
+    page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("request", lambda r: r.url.startswith(site.url) or r.url.startswith("blob:") or page.foreign.append(r.url))
+    page.goto(site.url + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    yield page
+    page.close()
+
+
+def test_the_page_loads_lists_voices_and_reaches_nothing_else(page, site, tmp_path):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    voices = page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert {"none", "alice", "bob", "duo"} <= set(voices)
+    assert "characters, about" in page.text_content("#text-info") and page.text_content("#status") == ""
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'playground.png'}")
+    assert page.errors == [] and page.foreign == []
+
+
+def test_generate_plays_the_audio_while_it_arrives(page):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.select_option("#voice", "alice")
+    page.select_option("#preset", "low")
+    page.fill("#steps", "1")
+    page.fill("#seed", "7")
+    page.click("#generate")
+    page.wait_for_function("window.echoPlayground.samplesScheduled > 0", timeout=60000)
+    during = page.evaluate("[window.echoPlayground.samplesScheduled, window.echoPlayground.streaming]")
+    page.wait_for_function("window.echoPlayground.takes.length === 1", timeout=120000)
+    assert during[0] > 0 and during[1] is True  # samples reached the audio graph before the request ended
+    assert "seed 7" in page.text_content("#status") and "real-time factor" in page.text_content("#status")
+    assert page.locator("#takes li").count() == 1 and page.locator("#takes a[download]").count() == 1
+    assert page.errors == []
+
+
+def test_uploading_a_wav_adds_a_voice_with_its_quality_report(page, tmp_path):
+    t = np.arange(6 * 22050) / 22050
+    clip = 0.3 * np.sin(2 * np.pi * 150 * t) * np.sin(2 * np.pi * 4 * t) ** 2
+    path = tmp_path / "carol.wav"
+    sf.write(path, clip.astype(np.float32), 22050)
+    page.set_input_files("#file", str(path))
+    page.fill("#voice-name", "carol")
+    page.click("#upload")
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
+    assert "6 s, 22050 Hz, 1 channel(s)" in page.text_content("#quality")
+    assert page.eval_on_selector("#voice", "select => select.value") == "carol"
+    assert page.errors == []
+
+
+def test_stop_ends_the_request_and_its_job(page, site):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.select_option("#preset", "low")
+    page.fill("#steps", "60")  # seconds of work after the first block
+    page.click("#generate")
+    page.wait_for_function("window.echoPlayground.samplesScheduled > 0", timeout=60000)
+    assert _metric(site, "echo_active_streams", AUTH) == 1
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('Stopped')")
+    stopped = time.monotonic()
+    while _metric(site, "echo_active_streams", AUTH) > 0 and time.monotonic() - stopped < 2:
+        time.sleep(0.05)
+    assert _metric(site, "echo_active_streams", AUTH) == 0
+    assert httpx.get(site.url + "/health").json()["status"] == "ok"
