@@ -17,6 +17,7 @@ COPY requirements.txt requirements.lock ./
 RUN pip install "torch==${TORCH_VERSION}" -r requirements.txt -c requirements.lock
 
 COPY *.py ./
+COPY static/ ./static/
 COPY audio_prompts/ /voices/
 RUN useradd --create-home --uid 1000 echo && mkdir -p /data && chown -R echo:echo /data /voices
 USER echo

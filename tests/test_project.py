@@ -63,6 +63,7 @@ def test_the_image_installs_from_the_lock_and_runs_the_server_as_a_user():
     docker = _dockerfile()
     assert any("-r requirements.txt -c requirements.lock" in run for run in docker["RUN"])
     assert docker["CMD"] == ['["python", "api_server.py"]'] and docker["STOPSIGNAL"] == ["SIGTERM"]
+    assert {"*.py ./", "static/ ./static/"} <= set(docker["COPY"])  # the server and its playground
     assert docker["EXPOSE"] == [str(Settings.model_fields["port"].default)]
     assert docker["USER"] and docker["USER"][-1] not in ("root", "0")
     env = " ".join(docker["ENV"])
