@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import GenerationTimeout, JobStream, QueueFull, VoiceUnusable
+from engine import GenerationTimeout, JobStream, VoiceUnusable
 from inference import SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
                            request_id)
@@ -271,10 +271,9 @@ def _routes():
 
 def _submit(service: SpeechService, job) -> JobStream:
     try:
-        return service.worker.submit(job, request_id.get(), service.settings.request_timeout or None)
-    except QueueFull:
-        raise ApiError(429, "too many requests are waiting; retry shortly", code="queue_full",
-                       error_type="rate_limit_error", headers={"Retry-After": "2"}) from None
+        return service.submit(job, request_id.get())
+    except RequestError as e:
+        raise _api_error(e) from None
 
 
 async def _build_job(service: SpeechService, body: SpeechRequest):
@@ -284,14 +283,9 @@ async def _build_job(service: SpeechService, body: SpeechRequest):
         raise _api_error(e) from None
 
 
-ERROR_CODES = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
-               404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
-               413: ("request_too_large", "invalid_request_error")}
-
-
 def _api_error(error: RequestError) -> ApiError:
-    code, kind = ERROR_CODES.get(error.status, ("invalid_value", "invalid_request_error"))
-    return ApiError(error.status, str(error), error.param, code=code, error_type=kind)
+    retry = {"Retry-After": "2"} if error.status == 429 else None  # a full queue: soon there is room
+    return ApiError(error.status, str(error), error.param, code=error.code, error_type=error.error_type, headers=retry)
 
 
 def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:

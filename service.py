@@ -19,8 +19,8 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import (BlockShape, EarlyStop, GenerationWorker, SpeakerReference, SpeechEngine, SpeechJob,
-                    VadReroll, VoiceUnusable, random_seed)
+from engine import (BlockShape, EarlyStop, GenerationWorker, JobStream, QueueFull, SpeakerReference, SpeechEngine,
+                    SpeechJob, VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import GenerationOptions, RequestError
@@ -203,6 +203,14 @@ class SpeechService:
         except VoiceUnusable as e:
             raise RequestError(str(e), "voice") from e
         return replace(self._job(options, chunks, speaker), voice=voice)
+
+    def submit(self, job: SpeechJob, request_id: str) -> JobStream:
+        """Queue a job for the generation worker (its time limit: ECHO_REQUEST_TIMEOUT); a full
+        queue is a RequestError with status 429."""
+        try:
+            return self.worker.submit(job, request_id, self.settings.request_timeout or None)
+        except QueueFull:
+            raise RequestError("too many requests are waiting; retry shortly", status=429) from None
 
     def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
         if len(options.input) > self.settings.max_input_chars:

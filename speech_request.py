@@ -14,13 +14,26 @@ from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
 MODEL_ID = "echo-tts"
 
 
+ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
+               404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
+               413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error")}
+
+
 class RequestError(ValueError):
-    """A request field is invalid: an HTTP error (400 unless `status` says otherwise; or a WebSocket
-    error message) naming `param`."""
+    """A request cannot be served as sent: an HTTP error (400 unless `status` says otherwise; or a
+    WebSocket error message) naming `param`, with OpenAI's error `code` and `error_type`."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.param, self.status = param, status
+
+    @property
+    def code(self) -> str:
+        return ERROR_KINDS.get(self.status, ERROR_KINDS[400])[0]
+
+    @property
+    def error_type(self) -> str:
+        return ERROR_KINDS.get(self.status, ERROR_KINDS[400])[1]
 
 
 class VoiceObject(BaseModel):

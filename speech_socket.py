@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from audio_encoding import InvalidAudioParameter, open_encoder
-from engine import GenerationTimeout, JobStream, QueueFull
+from engine import GenerationTimeout, JobStream
 from inference import SAMPLE_RATE
 from observability import request_id
 from service import SpeechService
@@ -217,12 +217,9 @@ async def _generate(session: Session, segment: Segment, request: SpeechRequest) 
     try:
         try:
             job = await run_in_threadpool(service.build_job, request.generation_options())
-            segment.stream = service.worker.submit(job, request_id.get(), service.settings.request_timeout or None)
+            segment.stream = service.submit(job, request_id.get())
         except RequestError as e:
-            raise SegmentFailed(str(e), e.param) from None
-        except QueueFull:
-            raise SegmentFailed("too many requests are waiting; retry shortly", code="queue_full",
-                                error_type="rate_limit_error") from None
+            raise SegmentFailed(str(e), e.param, e.code, e.error_type) from None
         if segment.cancelled:  # cancelled while its voice was being prepared
             segment.stream.cancel()
         async for block in _blocks(segment.stream):

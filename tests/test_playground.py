@@ -1,6 +1,5 @@
 """The web playground in a real browser: Debian's Chromium driven by Playwright, against the real server."""
 
-import io
 import shutil
 import time
 
