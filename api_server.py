@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 import signal
@@ -33,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
 from engine import GenerationTimeout, JobStream, VoiceUnusable
 from inference import SAMPLE_RATE
-from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, configure_logging,
+from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
                            request_id)
 from service import SpeechService
 from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
@@ -152,12 +151,7 @@ def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> Sp
 
 def check_api_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
     """With ECHO_API_KEY set, require `Authorization: Bearer <one of the keys>` (compared in constant time)."""
-    keys = service.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys]  # no short cut
-    if scheme.lower() != "bearer" or not any(matches):
+    if not service.settings.accepts_key(bearer_token(request.headers)):
         raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        code="invalid_api_key", error_type="authentication_error",
                        headers={"WWW-Authenticate": "Bearer"})

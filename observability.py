@@ -53,6 +53,12 @@ def configure_logging(debug: bool, as_json: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
 
 
+def bearer_token(headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 # ---- metrics ------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -206,6 +207,13 @@ class Settings(BaseSettings):
     @property
     def api_keys(self) -> list[str]:
         return [k.strip() for k in (self.api_key or "").split(",") if k.strip()]
+
+    def accepts_key(self, token: str | None) -> bool:
+        """Whether `token` is one of the API keys (every key compared, in constant time); with no
+        ECHO_API_KEY, any caller is accepted."""
+        keys = self.api_keys
+        matches = [hmac.compare_digest((token or "").encode(), key.encode()) for key in keys]  # no short cut
+        return not keys or any(matches)
 
 
 class ConfigError(SystemExit):

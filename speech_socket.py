@@ -19,7 +19,6 @@ stays usable. A client that disconnects cancels everything it had queued.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import uuid
@@ -33,8 +32,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from audio_encoding import InvalidAudioParameter, open_encoder
 from engine import GenerationTimeout, JobStream
 from inference import SAMPLE_RATE
-from observability import request_id
+from observability import bearer_token, request_id
 from service import SpeechService
+from settings import Settings
 from speech_request import RequestError, SpeechRequest, request_error
 
 log = logging.getLogger("echo_tts.ws")
@@ -76,20 +76,16 @@ class Session:
         await self.websocket.send_text(json.dumps(message))
 
 
-def authorized(websocket: WebSocket, keys: list[str]) -> bool:
+def authorized(websocket: WebSocket, settings: Settings) -> bool:
     """`Authorization: Bearer <key>` or, for browsers (which cannot set headers), `?api_key=<key>`."""
-    if not keys:
-        return True
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    candidate = token.strip() if scheme.lower() == "bearer" else websocket.query_params.get("api_key", "")
-    matches = [hmac.compare_digest(candidate.encode(), key.encode()) for key in keys]  # no short cut
-    return any(matches)
+    token = bearer_token(websocket.headers)
+    return settings.accepts_key(token if token is not None else websocket.query_params.get("api_key"))
 
 
 async def serve(websocket: WebSocket, service: SpeechService) -> None:
     """The whole life of one socket; every segment it queued ends with it."""
     settings = service.settings
-    if not authorized(websocket, settings.api_keys):
+    if not authorized(websocket, settings):
         await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
         return
     await websocket.accept()
