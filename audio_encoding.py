@@ -71,7 +71,7 @@ import struct
 from collections.abc import Mapping
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, get_args
 
 import av
 import numpy as np
@@ -96,7 +96,8 @@ __all__ = [
     "wav_header",
 ]
 
-AUDIO_FORMATS: tuple[str, ...] = ("pcm", "wav", "mp3", "opus", "aac", "flac")
+AudioFormat = Literal["pcm", "wav", "mp3", "opus", "aac", "flac"]
+AUDIO_FORMATS: tuple[str, ...] = get_args(AudioFormat)
 
 CONTENT_TYPES: Mapping[str, str] = MappingProxyType(
     {

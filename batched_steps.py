@@ -10,9 +10,9 @@ velocities, in order. Two runners share that interface:
   torch.compile builds one graph per block size and speaker bucket (plus a single-row one) that
   CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket, speaker
   keys to ~30 s of voice or to the longest voice, prefix and text keys to their maxima. Padded
-  keys are masked, so results equal the exact path up to float rounding. The stacked key/value caches and masks are rebuilt only when
-  the batch changes (a generation joins or leaves, starts a block or leaves its CFG interval), not
-  on every step.
+  keys are masked, so results equal the exact path up to float rounding. The stacked key/value
+  caches and masks are rebuilt only when the batch changes (a generation joins or leaves, starts a
+  block or leaves its CFG interval), not on every step.
 """
 
 from __future__ import annotations
@@ -367,8 +367,8 @@ class CompiledBlocks:
     The 24 blocks share their code, so one graph per shape serves them all: compiling takes a
     block's time, not the whole decoder's. Graphs are specialised on every dimension except the
     row count, which is dynamic from two rows on: one graph per (frame bucket, speaker bucket) for
-    a single row and one for more. The prologue and epilogue around the blocks (timestep and input projections,
-    RoPE angles, output norm) are a few small kernels and stay eager.
+    a single row and one for more. The prologue and epilogue around the blocks (timestep and input
+    projections, RoPE angles, output norm) are a few small kernels and stay eager.
     """
 
     def __init__(self, shapes: int, backend: str | Callable = "inductor", mode: str | None = None):

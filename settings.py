@@ -5,13 +5,13 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from audio_encoding import MAX_OUTPUT_RATE, MIN_OUTPUT_RATE
+from audio_encoding import MAX_OUTPUT_RATE, MIN_OUTPUT_RATE, AudioFormat
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]
     voice_aliases: Annotated[dict[str, str], NoDecode] = {}  # "alloy=alice,nova=bob": names for voices
     default_voice: str | None = None  # for OpenAI's built-in voice names that have no alias
-    default_response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    default_response_format: AudioFormat | None = None
     voice_uploads: bool | None = None  # POST /v1/audio/voices; unset: on when ECHO_API_KEY is set
     voice_upload_dir: Path | None = None  # where uploaded voices are stored; unset: the first voice directory
     warmup_voice: str | None = None

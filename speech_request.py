@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED
+from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED, AudioFormat
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
 
 MODEL_ID = "echo-tts"
@@ -99,7 +99,7 @@ class SpeechRequest(GenerationOptions):
 
     voice: str | VoiceObject
     model: str = MODEL_ID
-    response_format: Literal["pcm", "wav", "mp3", "opus", "aac", "flac"] | None = None
+    response_format: AudioFormat | None = None
     stream_format: Literal["audio", "sse"] = "audio"
     sample_rate: int | None = Field(None, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED)
