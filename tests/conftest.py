@@ -3,6 +3,8 @@
 import json
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from live_server import LiveServer, ServerFailed, free_port  # noqa: E402,F401 - one way to start a server
 
 
+@contextmanager
+def live_server(tmp_path_factory, name: str, env: dict[str, str], **kwargs) -> Iterator[LiveServer]:
+    """A LiveServer for a fixture: configured by `env`, logging to a temp dir called `name`, stopped after."""
+    live = LiveServer(env, tmp_path_factory.mktemp(name) / "server.log", **kwargs)
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
 @pytest.fixture(scope="session")
 def voice_dir(tmp_path_factory) -> Path:
     """Voices: alice.wav (a file), duo/ (a folder of two clips), bob.flac."""
@@ -115,7 +127,5 @@ def server_env(echo_dir: Path, fish_dir: Path, voice_dir: Path, **extra: str) ->
 
 @pytest.fixture(scope="session")
 def server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir),
-                      tmp_path_factory.mktemp("server") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "server", server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)) as live:
+        yield live

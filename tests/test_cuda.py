@@ -17,7 +17,7 @@ import torch
 import engine as eng
 import inference as inf
 from batched_steps import StaticShapes, StaticSteps, batched_velocity
-from conftest import REF, LiveServer, server_env
+from conftest import REF, live_server, server_env
 from test_batched_steps import assert_compile_artifacts_reload, first_calls
 from test_engine import load_clip, mixed_jobs
 from test_server import FAST, decode, speech
@@ -137,9 +137,8 @@ def cuda_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_DEVICE="cuda", ECHO_COMPILE="1",
                      ECHO_CUDA_GRAPHS="1", ECHO_WARMUP="1", ECHO_MAX_ACTIVE="3",
                      ECHO_CACHE_DIR=str(tmp_path_factory.mktemp("compile-cache")))
-    live = LiveServer(env, tmp_path_factory.mktemp("cuda-server") / "server.log", ready_timeout=900)
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "cuda-server", env, ready_timeout=900) as live:
+        yield live
 
 
 def _metric(server, name: str) -> float:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
                                  response_schema_conformance, status_code_conformance)
 
-from conftest import LiveServer, server_env
+from conftest import live_server, server_env
 
 pytestmark = pytest.mark.slow
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -22,9 +22,8 @@ def fuzz_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     # bounded work per request: at most one chunk of at most 640 frames
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_CHUNKS="1", ECHO_MAX_INPUT_CHARS="300",
                      ECHO_REQUEST_TIMEOUT="0")
-    live = LiveServer(env, tmp_path_factory.mktemp("fuzz") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "fuzz", env) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

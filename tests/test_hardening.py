@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LiveServer, free_port, server_env
+from conftest import LiveServer, free_port, live_server, server_env
 
 pytestmark = pytest.mark.slow
 SMALL = {"block_sizes": [8, 8], "num_steps": [2, 2]}
@@ -23,9 +23,8 @@ def hardened(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_BODY_BYTES="65536",
                      ECHO_MAX_VOICE_BYTES="16384", ECHO_MAX_VOICE_SECONDS="0.5", ECHO_MAX_CHUNKS="2", ECHO_CORS_ORIGINS="https://app.example",
                      ECHO_LOG_JSON="1")
-    live = LiveServer(env, tmp_path_factory.mktemp("hardened") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "hardened", env) as live:
+        yield live
 
 
 def post(server, timeout=60, **body):

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from conftest import LiveServer, server_env
+from conftest import live_server, server_env
 from settings import ConfigError, load_settings
 from test_server import speech
 
@@ -14,9 +14,8 @@ pytestmark = pytest.mark.slow
 def openai_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_VOICE_ALIASES="alloy=alice, narrator=duo",
                      ECHO_DEFAULT_VOICE="bob", ECHO_DEFAULT_RESPONSE_FORMAT="wav")
-    live = LiveServer(env, tmp_path_factory.mktemp("openai") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "openai", env) as live:
+        yield live
 
 
 def test_aliases_are_listed_and_speak_with_their_voice(openai_server):

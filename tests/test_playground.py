@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import LiveServer, server_env
+from conftest import live_server, server_env
 from test_server import _metric
 
 pytestmark = pytest.mark.slow
@@ -21,9 +21,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def site(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     uploads = tmp_path_factory.mktemp("playground-uploads")
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_VOICE_UPLOAD_DIR=str(uploads))
-    live = LiveServer(env, tmp_path_factory.mktemp("playground") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "playground", env) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

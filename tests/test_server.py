@@ -11,6 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import live_server, server_env
+
 pytestmark = pytest.mark.slow
 
 FAST = {"block_sizes": [8, 8], "num_steps": [2, 2]}  # 16 latent frames = 32768 samples at 44.1 kHz
@@ -343,12 +345,9 @@ def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(server
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
-    from conftest import LiveServer, server_env
-
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="first-key, second-key"),
-                      tmp_path_factory.mktemp("keyed") / "server.log", ready_timeout=180)
-    yield live
-    live.stop()
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="first-key, second-key")
+    with live_server(tmp_path_factory, "keyed", env, ready_timeout=180) as live:
+        yield live
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
@@ -400,12 +399,9 @@ def test_changed_voice_file_is_re_encoded(server, voice_dir):
 
 @pytest.fixture(scope="module")
 def narrow_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
-    from conftest import LiveServer, server_env
-
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_ACTIVE="1", ECHO_MAX_QUEUE="1"),
-                      tmp_path_factory.mktemp("narrow") / "server.log")
-    yield live
-    live.stop()
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_ACTIVE="1", ECHO_MAX_QUEUE="1")
+    with live_server(tmp_path_factory, "narrow", env) as live:
+        yield live
 
 
 def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
@@ -452,13 +448,10 @@ def test_unusable_voice_files_are_400(server, voice_dir, content):
 @pytest.fixture(scope="module")
 def static_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     """The CUDA fast path's shape discipline on CPU: static shapes, warmed up before ready."""
-    from conftest import LiveServer, server_env
-
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_STATIC_SHAPES="1", ECHO_WARMUP="1",
-                                 ECHO_MAX_ACTIVE="2"),
-                      tmp_path_factory.mktemp("static") / "server.log")
-    yield live
-    live.stop()
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_STATIC_SHAPES="1", ECHO_WARMUP="1",
+                     ECHO_MAX_ACTIVE="2")
+    with live_server(tmp_path_factory, "static", env) as live:
+        yield live
 
 
 def test_static_shapes_server_warms_every_shape_and_matches_the_exact_server(static_server, server):

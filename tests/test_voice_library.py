@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import LiveServer, server_env
+from conftest import LiveServer, live_server, server_env
 
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer lib-key"}
@@ -30,10 +30,9 @@ def library(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     uploads = tmp_path_factory.mktemp("uploads")
     env = server_env(tiny_echo_dir, tiny_fish_dir, operator, ECHO_API_KEY="lib-key", ECHO_VOICE_UPLOAD_DIR=str(uploads),
                      ECHO_MAX_VOICE_BYTES="2000000", ECHO_MAX_VOICE_SECONDS="20")
-    live = LiveServer(env, tmp_path_factory.mktemp("library") / "server.log")
-    live.uploads, live.env = uploads, env
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "library", env) as live:
+        live.uploads, live.env = uploads, env
+        yield live
 
 
 def upload(server, name, data, headers=KEY, **fields):

@@ -8,7 +8,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import LiveServer, server_env
+from conftest import live_server, server_env
 from test_server import FAST, _metric
 
 pytestmark = pytest.mark.slow
@@ -120,9 +120,8 @@ def test_a_client_that_disconnects_cancels_what_it_queued(server):
 def strict_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="sock-key", ECHO_WS_MAX_QUEUE="2",
                      ECHO_MAX_BODY_BYTES="4096")
-    live = LiveServer(env, tmp_path_factory.mktemp("strict-ws") / "server.log")
-    yield live
-    live.stop()
+    with live_server(tmp_path_factory, "strict-ws", env) as live:
+        yield live
 
 
 def test_the_socket_needs_the_key_in_a_header_or_the_query(strict_server):
