@@ -253,7 +253,7 @@ class SpeechEngine:
         silence is sampled again from the next seeds (the decoder put back as it was), up to the limit;
         if every attempt fails, the one with the least silence is kept."""
         attempts = []  # (longest silence, block, audio, decoder state after it)
-        before = decoder.snapshot()
+        before = decoder.snapshot() if self.reroll is not None else None
         while True:
             while isinstance(item, ModelCall):
                 item = steps.send((yield item))

@@ -26,7 +26,7 @@ from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
-from voices import (SpeakerCache, VoiceRegistry, is_no_voice, load_inline_voice, load_voice_audio,
+from voices import (SpeakerCache, VoiceRegistry, VoiceSource, is_no_voice, load_inline_voice, load_voice_audio,
                     looks_like_inline_audio)
 from voice_library import VoiceLibrary
 
@@ -255,7 +255,6 @@ class SpeechService:
 
     def speaker_reference(self, voice: str) -> SpeakerReference | None:
         """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
-        max_seconds = self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
         voice = self._voice_name(voice)
         try:
             if is_no_voice(voice):
@@ -265,6 +264,11 @@ class SpeechService:
             source = self.voices.resolve(voice)
         except ValueError as e:
             raise RequestError(str(e), "voice") from e
+        return self._registry_reference(source)
+
+    def _registry_reference(self, source: VoiceSource) -> SpeakerReference:
+        """A file or folder voice, its saved latents (an uploaded voice's) used when they are current."""
+        max_seconds = self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
         return SpeakerReference(source.cache_key, lambda: load_voice_audio(source, max_seconds),
                                 name=source.cache_name, load_latents=lambda: self.library.stored_latents(source))
 
@@ -279,9 +283,8 @@ class SpeechService:
         metadata = self.library.add(name, data, consent, overwrite)
         source = self.voices.resolve(metadata["id"])
         self._forget(source.cache_name)
-        reference = self.speaker_reference(source.name)
         try:
-            latent, mask = self.engine.speaker_latents(reference)
+            latent, mask = self.engine.speaker_latents(self._registry_reference(source))
         except VoiceUnusable as e:
             self.library.delete(source.name)
             raise RequestError(str(e), "audio_sample") from e

@@ -20,7 +20,8 @@ import av
 import numpy as np
 import soundfile as sf
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from inference import SAMPLE_RATE, AudioDecodeError, load_audio_bytes
 from speech_request import RequestError
@@ -136,13 +137,10 @@ class VoiceLibrary:
         path = self._path(source.name, LATENTS_SUFFIX)
         if not self.is_uploaded(source.name) or not path.is_file():
             return None
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("cache_key") != source.cache_key:
                 return None
-        tensors = load_file(path)
-        return tensors["latent"], tensors["mask"]
+            return f.get_tensor("latent"), f.get_tensor("mask")
 
     def store_latents(self, source: VoiceSource, latent: torch.Tensor, mask: torch.Tensor) -> None:
         if not self.is_uploaded(source.name):
