@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from audio_encoding import InvalidAudioParameter, open_encoder
-from engine import GenerationTimeout, JobStream
+from engine import GenerationTimeout, JobStream, VoiceUnusable
 from inference import SAMPLE_RATE
 from observability import bearer_token, request_id
 from service import SpeechService
@@ -238,7 +238,7 @@ async def _blocks(stream: JobStream):
             yield block
     except GenerationTimeout as e:
         raise SegmentFailed(str(e), code="timeout", error_type="server_error") from None
-    except ValueError as e:  # VoiceUnusable
+    except VoiceUnusable as e:
         raise SegmentFailed(str(e), "voice") from None
     except Exception as e:  # noqa: BLE001 - the segment fails; the socket stays usable
         log.error("generation failed", exc_info=e)
