@@ -103,13 +103,21 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
 # App
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, ray_replica: bool = False) -> FastAPI:
+    """The app. The models load in its lifespan, in the background: /health answers meanwhile, /ready
+    says when they are ready. As a Ray Serve replica (deploy/ray_serve.py), they load before the app
+    takes any request, since Ray routes to a replica once its start-up ends (a failure fails it), and
+    Ray's proxy sends the X-Request-ID header itself."""
     settings = settings or load_settings()
     service = SpeechService(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.start_loading()
+        loader = service.start_loading()
+        if ray_replica:
+            await asyncio.to_thread(loader.join)
+            if reason := service.unready_reason():
+                raise RuntimeError(reason)
         yield
         service.close()
 
@@ -126,9 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID"])
+                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
-    app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: every response gets an id
+    app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
+                       replica=settings.replica_name, id_header=not ray_replica)
     return app
 
 
@@ -142,10 +151,8 @@ def get_service(request: Request) -> SpeechService:
 
 
 def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
-    if not service.ready.is_set():
-        message = (f"the models failed to load ({service.load_error}); see the server log" if service.load_error
-                   else "the models are still loading")
-        raise ApiError(503, message, code="not_ready", error_type="server_error", headers={"Retry-After": "5"})
+    if reason := service.unready_reason():
+        raise ApiError(503, reason, code="not_ready", error_type="server_error", headers={"Retry-After": "5"})
     return service
 
 

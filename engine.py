@@ -444,6 +444,11 @@ class GenerationWorker:
         """Jobs waiting for a slot."""
         return max(self._pending - self._active, 0)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread still runs (it ends only when closed, or on a bug)."""
+        return self._thread.is_alive()
+
     def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
         """Queue a job (call from the event loop); raises QueueFull when too many are waiting.
 

@@ -18,6 +18,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REQUEST_ID_HEADER = "x-request-id"
+REPLICA_HEADER = "x-echo-replica"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -119,12 +120,17 @@ class StreamTiming:
 
 class RequestContext:
     """Gives each HTTP request an id (the client's X-Request-ID when sane, else a new one), puts it
-    in the logs and the response headers, and counts responses by route and status."""
+    in the logs and the response headers, and counts responses by route and status. With a
+    `replica` name, every response and WebSocket handshake also says which replica answered.
+    `id_header=False` leaves the X-Request-ID response header to a proxy that adds its own."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, replica: str | None = None, id_header: bool = True):
+        self.app, self.metrics, self.id_header = app, metrics, id_header
+        self.replica = [(REPLICA_HEADER.encode(), replica.encode("latin-1"))] if replica else []
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, self._accept_with_replica(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
@@ -134,7 +140,8 @@ class RequestContext:
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + [(REQUEST_ID_HEADER.encode(), rid.encode())]
+                id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
+                message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
                 route = scope.get("route")
                 path = getattr(route, "path", None) or "unmatched"
                 self.metrics.requests.labels(path, str(message["status"])).inc()
@@ -144,6 +151,13 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+
+    def _accept_with_replica(self, send):
+        async def send_accept(message):
+            if message["type"] == "websocket.accept" and self.replica:
+                message["headers"] = [*message.get("headers", []), *self.replica]
+            await send(message)
+        return send_accept
 
 
 class BodySizeLimit:

@@ -63,6 +63,17 @@ class SpeechService:
         thread.start()
         return thread
 
+    def unready_reason(self) -> str | None:
+        """Why requests cannot be served now (None when they can): what /ready answers with 503 and
+        what a Ray Serve health check reports."""
+        if self.load_error is not None:
+            return f"the models failed to load ({self.load_error}); see the server log"
+        if not self.ready.is_set():
+            return "the models are still loading"
+        if self.worker is None or not self.worker.alive:
+            return "the generation thread has stopped; see the server log"
+        return None
+
     def _load_and_warm_up(self) -> None:
         try:
             self.engine = self._load_engine()

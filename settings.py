@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     ws_max_queue: int = Field(32, ge=1)  # segments one WebSocket may have queued; more get an error message
     api_key: str | None = None
+    replica_name: str | None = None  # sent as X-Echo-Replica on every response (Ray Serve sets it per replica)
 
     @field_validator("voice_dirs", mode="before")
     @classmethod
@@ -132,7 +133,8 @@ class Settings(BaseSettings):
                 raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
         return value
 
-    @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", mode="before")
+    @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value

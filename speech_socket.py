@@ -90,9 +90,8 @@ async def serve(websocket: WebSocket, service: SpeechService) -> None:
         return
     await websocket.accept()
     request_id.set(uuid.uuid4().hex)
-    if not service.ready.is_set():
-        await _error(websocket, None, SegmentFailed("the models are still loading", code="not_ready",
-                                                    error_type="server_error"))
+    if reason := service.unready_reason():
+        await _error(websocket, None, SegmentFailed(reason, code="not_ready", error_type="server_error"))
         await websocket.close(code=TRY_AGAIN_LATER)
         return
     session = Session(websocket, service)

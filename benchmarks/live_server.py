@@ -1,5 +1,6 @@
-"""The one way tests and benchmarks start a server: `python api_server.py` in a subprocess on a
-loopback port, configured through the environment as a user would, polled until ready."""
+"""The one way tests and benchmarks start a server: `python api_server.py` (or another entry point
+such as deploy/ray_serve.py) in a subprocess on a loopback port, configured through the environment
+as a user would, polled until ready."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ class LiveServer:
     """A server process. `wait_ready=False` returns once /health answers (models may still load)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 180, wait_ready: bool = True,
-                 cwd: Path = ROOT, port: int | None = None):
+                 cwd: Path = ROOT, port: int | None = None, script: Path = ROOT / "api_server.py"):
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "ECHO_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
         self._log = open(log_path, "wb")
         self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py")], cwd=cwd, env=full_env,
+        self.process = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         self.wait(ready_timeout, "ready" if wait_ready else "up")
 
@@ -48,9 +49,10 @@ class LiveServer:
             if self.process.poll() is not None:
                 self._log.close()
                 raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                health = httpx.get(self.url + "/health", timeout=2).json()
-            except httpx.TransportError:
+            try:  # a proxy (Ray Serve's) may answer before the app is there: only the app's 200 is "up"
+                response = httpx.get(self.url + "/health", timeout=2)
+                health = response.json() if response.status_code == 200 else None
+            except (httpx.TransportError, ValueError):
                 health = None
             if health is not None and (until == "up" or health["ready"]):
                 return

@@ -22,7 +22,9 @@ def _pins(path) -> dict[str, str]:
 
 def test_locks_pin_every_requirement_but_torch():
     runtime, dev = _requirement_names(ROOT / "requirements.txt"), _requirement_names(ROOT / "requirements-dev.txt")
-    for names, lock in ((runtime, "requirements.lock"), (runtime | dev, "requirements-dev.lock")):
+    ray = _requirement_names(ROOT / "requirements-ray.txt")
+    for names, lock in ((runtime, "requirements.lock"), (runtime | ray, "requirements-ray.lock"),
+                        (runtime | ray | dev, "requirements-dev.lock")):
         pins = _pins(ROOT / lock)
         assert names - {"torch"} <= set(pins), (lock, sorted(names - {"torch"} - set(pins)))
         assert "torch" not in pins and not any(name.startswith("nvidia-") for name in pins), lock

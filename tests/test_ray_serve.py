@@ -1,0 +1,395 @@
+"""Scale-out on Ray Serve (deploy/ray_serve.py): the deployment's settings, the app in a replica's
+mode, and a real local Ray instance with 2 CPU replicas of the tiny models behind Ray's proxy."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from websockets.sync.client import connect
+
+from conftest import ROOT, free_port, live_server, server_env
+from test_server import FAST
+from test_websocket import LONG, ended, messages, segment
+
+from api_server import create_app
+from settings import ConfigError, load_settings
+import deploy.ray_serve as ray_serve
+from deploy import proxy_errors
+
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_ACTIVE, MAX_QUEUE = 2, 1  # per replica: a third speech request waits, a fourth gets 429
+STREAM = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 5, "response_format": "pcm", **LONG}
+LONGER = {**STREAM, "input": " ".join(["Hello there. This is a test."] * 40)}  # 3 chunks of LONG's blocks
+
+
+# ---- the deployment's settings (no Ray instance) ------------------------------------------------
+
+
+def ray_settings(monkeypatch, **env) -> ray_serve.RaySettings:
+    for name, value in env.items():
+        monkeypatch.setenv(f"ECHO_RAY_{name.upper()}", str(value))
+    return ray_serve.load_ray_settings()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"replicas": 2, "max_replicas": 4}, "not both"),
+    ({"min_replicas": 2}, "needs ECHO_RAY_MAX_REPLICAS"),
+    ({"min_replicas": 3, "max_replicas": 2}, "below ECHO_RAY_MIN_REPLICAS"),
+    ({"replicas": 0}, "ECHO_RAY_REPLICAS"),
+    ({"gpus_per_replica": "lots"}, "ECHO_RAY_GPUS_PER_REPLICA"),
+])
+def test_inconsistent_scaling_settings_stop_start_up_naming_the_variable(monkeypatch, env, message):
+    with pytest.raises(ConfigError, match=message):
+        ray_settings(monkeypatch, **env)
+
+
+def test_by_default_there_is_one_replica_per_gpu_with_one_gpu_each(monkeypatch):
+    options = ray_serve.deployment_options(ray_settings(monkeypatch), load_settings(device="cpu"), cluster_gpus=4)
+    assert options["num_replicas"] == 4 and options["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_without_gpus_one_replica_runs_on_the_cpu(monkeypatch):
+    options = ray_serve.deployment_options(ray_settings(monkeypatch), load_settings(device="cpu"), cluster_gpus=0)
+    assert options["num_replicas"] == 1 and options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_autoscaling_targets_the_generation_slots_of_a_replica(monkeypatch):
+    echo = load_settings(device="cpu", max_active=6, max_queue=10)
+    options = ray_serve.deployment_options(ray_settings(monkeypatch, max_replicas=8), echo, cluster_gpus=8)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 6}
+    assert options["max_ongoing_requests"] == 6 + 10 and options["max_queued_requests"] == (6 + 10) * 8
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 2}
+    assert options["graceful_shutdown_timeout_s"] == echo.shutdown_grace
+
+
+def test_every_echo_variable_and_the_hugging_face_ones_reach_the_replicas(monkeypatch):
+    monkeypatch.setenv("ECHO_VOICE_DIRS", "/voices")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("UNRELATED", "1")
+    env = ray_serve.replica_env()
+    assert env["ECHO_VOICE_DIRS"] == "/voices" and env["HF_TOKEN"] == "hf_x" and "UNRELATED" not in env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+def test_the_config_file_builder_takes_its_settings_from_the_environment_only():
+    with pytest.raises(ValueError, match="runtime_env"):
+        ray_serve.app_builder({"replicas": "2"})
+
+
+def _serve_configs() -> dict[str, dict]:
+    import yaml
+
+    kuberay = yaml.safe_load((ROOT / "deploy" / "kuberay.yaml").read_text())
+    return {"serve_config.yaml": yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()),
+            "kuberay.yaml": yaml.safe_load(kuberay["spec"]["serveConfigV2"])}
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "kuberay.yaml"])
+def test_the_cluster_configs_build_this_application_with_known_settings(name):
+    from settings import Settings
+
+    (application,) = _serve_configs()[name]["applications"]
+    module, _, builder = application["import_path"].partition(":")
+    assert module == "deploy.ray_serve" and getattr(ray_serve, builder) is ray_serve.app_builder
+    known = {f"ECHO_{field.upper()}" for field in Settings.model_fields}
+    known |= {f"ECHO_RAY_{field.upper()}" for field in ray_serve.RaySettings.model_fields}
+    assert set(application["runtime_env"]["env_vars"]) <= known
+
+
+def test_the_kuberay_workers_have_a_gpu_the_model_cache_and_probes():
+    import yaml
+
+    cluster = yaml.safe_load((ROOT / "deploy" / "kuberay.yaml").read_text())["spec"]["rayClusterConfig"]
+    (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = {item["name"]: item.get("value") for item in worker["env"]}
+    mounts = {mount["mountPath"] for mount in worker["volumeMounts"]}
+    assert env["HF_HOME"].startswith("/data/") and "/data" in mounts
+    assert worker["readinessProbe"] and worker["livenessProbe"]
+    assert cluster["rayVersion"] == ray_serve.ray.__version__
+
+
+def test_the_metrics_mirror_copies_every_sample_with_its_labels(monkeypatch):
+    recorded = {}
+
+    class FakeGauge:
+        def __init__(self, name, description, tag_keys):
+            self.name, self.tag_keys = name, tag_keys
+
+        def set(self, value, tags):
+            assert set(tags) == set(self.tag_keys)
+            recorded[(self.name, tuple(sorted(tags.items())))] = value
+
+    monkeypatch.setattr(ray_serve, "Gauge", FakeGauge)
+    registry = CollectorRegistry()
+    Counter("echo_requests", "requests", ["route", "status"], registry=registry).labels("/x", "200").inc(3)
+    Histogram("echo_ttfb", "ttfb", buckets=(0.1, 1), registry=registry).observe(0.5)
+    ray_serve.MetricsMirror().copy(registry)
+    assert recorded[("echo_requests_total", (("route", "/x"), ("status", "200")))] == 3
+    assert recorded[("echo_ttfb_bucket", (("le", "1.0"),))] == 1 and recorded[("echo_ttfb_count", ())] == 1
+    assert not [name for name, _ in recorded if name.endswith("_created")]
+
+
+def proxy_app() -> TestClient:
+    """A stand-in for Ray's proxy behind the error middleware: it answers plain text as Ray does."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def busy(request):
+        return PlainTextResponse("Request dropped due to backpressure", 429, headers={"Retry-After": "2"})
+
+    async def app_error(request):
+        return JSONResponse({"error": {"message": "no", "type": "invalid_request_error", "param": "x",
+                                       "code": "invalid_value"}}, 400)
+
+    async def audio(request):
+        return StreamingResponse(iter([b"RIFF", b"data"]), media_type="audio/wav")
+
+    routes = [Route("/busy", busy), Route("/app-error", app_error), Route("/audio", audio)]
+    return TestClient(Starlette(routes=routes, middleware=proxy_errors.middlewares()))
+
+
+def test_the_proxys_own_plain_text_errors_get_openais_shape():
+    client = proxy_app()
+    busy = client.get("/busy")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
+    assert busy.json() == {"error": {"message": "Request dropped due to backpressure", "type": "rate_limit_error",
+                                     "param": None, "code": "queue_full"}}
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_apps_errors_and_audio_pass_the_proxy_untouched():
+    client = proxy_app()
+    assert client.get("/app-error").json()["error"]["param"] == "x"
+    audio = client.get("/audio")
+    assert audio.content == b"RIFFdata" and audio.headers["content-type"] == "audio/wav"
+
+
+# ---- the app as a replica runs it (in process) ------------------------------------------------------
+
+
+def test_a_replica_app_takes_requests_only_once_its_models_are_loaded(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                      monkeypatch):
+    for name, value in server_env(tiny_echo_dir, tiny_fish_dir, voice_dir).items():
+        monkeypatch.setenv(name, value)
+    app = create_app(load_settings(replica_name="replica-a"), ray_replica=True)
+    with TestClient(app) as client:  # start-up has returned: Ray would route now
+        assert app.state.service.unready_reason() is None
+        response = client.get("/ready")
+        assert response.headers["x-echo-replica"] == "replica-a"
+        assert "x-request-id" not in response.headers  # Ray's proxy adds its own
+        with client.websocket_connect("/v1/audio/speech/stream/ws") as ws:
+            assert (b"x-echo-replica", b"replica-a") in ws.extra_headers
+
+
+def test_a_replica_whose_models_fail_to_load_fails_its_start_up(tmp_path, tiny_fish_dir, voice_dir, monkeypatch):
+    for name, value in server_env(tmp_path / "missing", tiny_fish_dir, voice_dir).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="failed to load"), TestClient(create_app(ray_replica=True)):
+        pass
+
+
+# ---- a local Ray instance: 2 replicas behind Ray's proxy ----------------------------------------------
+
+
+class RayApp:
+    def __init__(self, live, ray_dir: Path, metrics_port: int):
+        self.live, self.url, self.ray_dir, self.metrics_port = live, live.url, ray_dir, metrics_port
+
+    def warm_up(self) -> None:
+        """Every replica has prepared the voice (the first use of a voice encodes it, on the CPU slowly)."""
+        seen = set()
+        for _ in range(40):
+            seen.add(speech(self).headers["x-echo-replica"])
+            if len(seen) == 2:
+                return
+
+    def replica_pids(self) -> list[int]:
+        """Replica processes of this Ray instance (its temp dir is in their environment)."""
+        found = subprocess.run(["pgrep", "-f", "ServeReplica:echo-tts"], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found if str(self.ray_dir).encode() in _environ(int(pid))]
+
+    def ray_processes(self) -> list[int]:
+        found = subprocess.run(["pgrep", "-f", "."], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found if int(pid) != os.getpid() and str(self.ray_dir).encode() in _environ(int(pid))]
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.fixture(scope="module")
+def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    metrics_port = free_port()
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_MAX_ACTIVE=str(MAX_ACTIVE),
+                     ECHO_MAX_QUEUE=str(MAX_QUEUE), ECHO_RAY_REPLICAS="2", ECHO_RAY_DASHBOARD="0",
+                     ECHO_RAY_METRICS_EXPORT_PORT=str(metrics_port), RAY_TMPDIR=str(ray_dir),
+                     RAY_USAGE_STATS_ENABLED="0")
+    with live_server(tmp_path_factory, "ray", env, script=ROOT / "deploy" / "ray_serve.py") as live:
+        app = RayApp(live, ray_dir, metrics_port)
+        app.warm_up()
+        yield app
+    for pid in app.ray_processes():  # only if stopping failed; the SIGTERM test checks that none are left
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def speech(app, timeout=120, **body) -> httpx.Response:
+    payload = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 0, **FAST, **body}
+    return httpx.post(app.url + "/v1/audio/speech", json=payload, headers=AUTH, timeout=timeout)
+
+
+class Stream(threading.Thread):
+    """One streaming request on its own thread: its replica, when each byte came, and how it ended."""
+
+    def __init__(self, app, body: dict = STREAM):
+        super().__init__(daemon=True)
+        self.app, self.request = app, body
+        self.headers_seen, self.status, self.headers, self.replica, self.error = threading.Event(), None, {}, None, None
+        self.received, self.first_byte, self.started, self.finished = 0, None, None, None
+        self.start()
+
+    def run(self):
+        self.started = time.monotonic()
+        try:
+            with httpx.stream("POST", self.app.url + "/v1/audio/speech", json=self.request, headers=AUTH,
+                              timeout=120) as response:
+                self.status, self.headers = response.status_code, response.headers
+                self.replica = response.headers.get("x-echo-replica")
+                self.body = response.read() if response.status_code != 200 else b""
+                self.headers_seen.set()
+                for chunk in response.iter_bytes() if response.status_code == 200 else ():
+                    self.first_byte = self.first_byte or time.monotonic()
+                    self.received += len(chunk)
+        except httpx.HTTPError as e:
+            self.error = e
+        finally:
+            self.finished = time.monotonic()
+            self.headers_seen.set()
+
+
+def finish(streams: list[Stream]) -> list[Stream]:
+    for stream in streams:
+        stream.join(timeout=120)
+    return streams
+
+
+def test_both_replicas_serve_concurrent_streams_with_identical_audio(ray_app):
+    streams = finish([Stream(ray_app) for _ in range(4)])
+    assert [s.status for s in streams] == [200] * 4 and not [s.error for s in streams if s.error]
+    assert len({s.replica for s in streams}) == 2
+    assert len({s.received for s in streams}) == 1 and streams[0].received > 0
+
+
+def test_the_first_audio_bytes_pass_the_proxy_long_before_the_stream_ends(ray_app):
+    stream = finish([Stream(ray_app)])[0]
+    assert stream.status == 200 and stream.error is None
+    assert stream.first_byte - stream.started < 0.3 * (stream.finished - stream.started)
+
+
+def test_a_seed_gives_the_same_audio_on_every_replica(ray_app):
+    audio = {}
+    for _ in range(20):
+        response = speech(ray_app, seed=11)
+        audio.setdefault(response.headers["x-echo-replica"], response.content)
+        if len(audio) == 2:
+            break
+    first, second = audio.values()
+    assert len(audio) == 2 and first == second and len(first) > 44
+
+
+def test_errors_keep_their_status_and_openai_shape_through_the_proxy(ray_app):
+    unauthorized = httpx.post(ray_app.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice"})
+    assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
+    assert unauthorized.json()["error"]["code"] == "invalid_api_key"
+    invalid = speech(ray_app, speed=99)
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "speed"
+    assert set(invalid.json()["error"]) == {"message", "type", "param", "code"}
+    assert invalid.headers["x-echo-replica"].startswith("SERVE_REPLICA::echo-tts#EchoTTS#")
+
+
+def test_past_every_replicas_queue_requests_get_429_through_the_proxy(ray_app):
+    held = 2 * 2 * (MAX_ACTIVE + MAX_QUEUE)  # by the replicas, then as many by the proxy
+    streams = finish([Stream(ray_app) for _ in range(2 * held)])
+    refused = [s for s in streams if s.status == 429]
+    assert refused and {s.status for s in streams} == {200, 429}
+    for stream in refused:  # refused by the proxy (Ray's back-pressure) or by a replica: the same answer
+        assert stream.headers["retry-after"] == "2"
+        error = httpx.Response(429, content=stream.body).json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", "queue_full", None)
+
+
+def test_a_websocket_streams_through_the_proxy(ray_app):
+    url = ray_app.url.replace("http://", "ws://") + f"/v1/audio/speech/stream/ws?api_key={KEY}"
+    with connect(url) as ws:
+        assert ws.response.headers["x-echo-replica"].startswith("SERVE_REPLICA::")
+        ws.send(segment("a", seed=7))
+        got = messages(ws, ended("a"))
+    http = speech(ray_app, seed=7, response_format="pcm").content
+    assert got[-1]["type"] == "end" and b"".join(m for m in got if isinstance(m, bytes)) == http
+
+
+def test_each_ray_node_exports_every_replicas_metrics(ray_app):
+    through_proxy = httpx.get(ray_app.url + "/metrics", headers=AUTH)
+    assert "echo_requests_total" in through_proxy.text and "x-echo-replica" in through_proxy.headers
+    replicas = {speech(ray_app).headers["x-echo-replica"].rsplit("#", 1)[1] for _ in range(10)}
+    deadline, seen = time.monotonic() + 90, set()
+    while time.monotonic() < deadline and seen != replicas:  # mirrored every 5 s, exported by Ray every ~10 s
+        text = httpx.get(f"http://127.0.0.1:{ray_app.metrics_port}/metrics").text
+        seen = set(re.findall(r'^ray_echo_requests_total\{[^}]*replica="([^"]+)"', text, re.M)) & replicas
+        time.sleep(2)
+    assert seen == replicas and len(replicas) == 2
+
+
+def test_a_killed_replica_fails_only_its_own_streams_and_is_replaced(ray_app):
+    streams = [Stream(ray_app, LONGER) for _ in range(4)]
+    for stream in streams:
+        assert stream.headers_seen.wait(60) and stream.status == 200
+    assert len({s.replica for s in streams}) == 2, "both replicas should hold streams"
+    pids = ray_app.replica_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    finish(streams)
+    failed = {s.replica for s in streams if s.error is not None}
+    succeeded = {s.replica for s in streams if s.error is None}
+    assert len(failed) == 1 and len(succeeded) == 1 and failed != succeeded
+    assert len({s.received for s in streams if s.error is None}) == 1
+    deadline, serving = time.monotonic() + 120, set()
+    while time.monotonic() < deadline and len(serving - failed - succeeded) == 0:
+        response = httpx.get(ray_app.url + "/health", timeout=10)
+        serving.add(response.headers.get("x-echo-replica"))
+        time.sleep(0.2)
+    assert serving - failed - succeeded, "no new replica replaced the killed one"
+    assert not serving & failed
+
+
+def test_sigterm_lets_streams_finish_then_stops_every_ray_process(ray_app):
+    expected = finish([Stream(ray_app)])[0].received
+    stream = Stream(ray_app)
+    assert stream.headers_seen.wait(60) and stream.status == 200
+    started = time.monotonic()
+    assert ray_app.live.stop(timeout=90) == 0
+    stream.join(timeout=30)
+    assert stream.error is None and stream.received == expected
+    assert time.monotonic() - started < 90
+    assert ray_app.ray_processes() == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(ray_app.url + "/health", timeout=2)
