@@ -226,7 +226,7 @@ def main() -> int:
     except (Stop, KeyboardInterrupt):
         log.info("stopping")
     except (RuntimeError, ConnectionError) as e:  # no cluster at RAY_ADDRESS, or a replica could not load
-        log.error("%s", e)
+        log.error("%s (the replicas' log lines above say why)" if isinstance(e, RuntimeError) else "%s", e)
         return 1
     finally:
         _shut_down(joined)
