@@ -55,6 +55,26 @@ def tiny_repos(out: Path) -> tuple[Path, Path]:
     return echo, fish
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="serve the reference's tiny models on the CPU")
+    parser.add_argument("--model-repo")
+    parser.add_argument("--fish-repo")
+    parser.add_argument("--device", default="cpu")
+
+
+def model_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    """The server's model settings from --tiny (the tiny models, written into `work` and set as the
+    repos in `args`) or --model-repo, --fish-repo and --device."""
+    if args.tiny:
+        echo, fish = tiny_repos(work)
+        args.model_repo, args.fish_repo = str(echo), str(fish)
+    env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
+           "HF_HUB_OFFLINE": "1"}
+    if args.device == "cpu":
+        env["ECHO_MODEL_DTYPE"] = "float32"
+    return env
+
+
 async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") -> tuple[float, float, float]:
     """(time to first byte, total time, seconds of audio) of one streaming PCM request."""
     start = time.perf_counter()
@@ -179,24 +199,16 @@ def batching_gain(model_repo: str, fish_repo: str, device: str, clients: int = 8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an already running server")
-    parser.add_argument("--tiny", action="store_true", help="serve the reference's tiny models on the CPU")
-    parser.add_argument("--model-repo")
-    parser.add_argument("--fish-repo")
-    parser.add_argument("--device", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--levels", default="1,2,4,8,16")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="echo-bench-"))
-    if args.tiny:
-        echo, fish = tiny_repos(work)
-        args.model_repo, args.fish_repo = str(echo), str(fish)
+    env = model_env(args, work)
     server = None
     url = args.url
     if url is None:
-        env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
-               "ECHO_MAX_ACTIVE": "16", "ECHO_MAX_QUEUE": "16", "HF_HUB_OFFLINE": "1"}
-        if args.device == "cpu":
-            env["ECHO_MODEL_DTYPE"] = "float32"
+        env |= {"ECHO_MAX_ACTIVE": "16", "ECHO_MAX_QUEUE": "16"}
         server = LiveServer(env, work / "server.log", ready_timeout=1800)
         url = server.url
     try:

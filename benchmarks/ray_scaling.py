@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench_server import one_stream, tiny_repos
+from bench_server import add_model_arguments, model_env, one_stream
 from live_server import ROOT, LiveServer
 
 
@@ -56,10 +56,7 @@ def measure(name: str, env: dict, script: Path, work: Path, clients: list[int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="serve the reference's tiny models on the CPU")
-    parser.add_argument("--model-repo")
-    parser.add_argument("--fish-repo")
-    parser.add_argument("--device", default="cpu")
+    add_model_arguments(parser)
     parser.add_argument("--gpus-per-replica", default="0")
     parser.add_argument("--clients", default="4,8")
     parser.add_argument("--rounds", type=int, default=2)
@@ -67,14 +64,9 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="echo-ray-bench-"))
-    if args.tiny:
-        echo, fish = tiny_repos(work)
-        args.model_repo, args.fish_repo = str(echo), str(fish)
-    env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
-           "ECHO_MAX_ACTIVE": "8", "ECHO_MAX_QUEUE": "16", "HF_HUB_OFFLINE": "1", "ECHO_WARMUP": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "ECHO_RAY_DASHBOARD": "0", "ECHO_RAY_GPUS_PER_REPLICA": args.gpus_per_replica}
-    if args.device == "cpu":
-        env["ECHO_MODEL_DTYPE"] = "float32"
+    env = model_env(args, work) | {
+        "ECHO_MAX_ACTIVE": "8", "ECHO_MAX_QUEUE": "16", "ECHO_WARMUP": "0", "RAY_USAGE_STATS_ENABLED": "0",
+        "ECHO_RAY_DASHBOARD": "0", "ECHO_RAY_GPUS_PER_REPLICA": args.gpus_per_replica}
     clients = [int(n) for n in args.clients.split(",")]
     ray = ROOT / "deploy" / "ray_serve.py"
     print(f"{platform.node()}: {os.cpu_count()} cores, device {args.device}")

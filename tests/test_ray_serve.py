@@ -122,6 +122,14 @@ def test_the_kuberay_workers_have_a_gpu_the_model_cache_and_probes():
     assert cluster["rayVersion"] == ray_serve.ray.__version__
 
 
+def test_the_ray_image_installs_from_its_lock_and_gives_every_proxy_the_error_shape():
+    dockerfile = (ROOT / "deploy" / "Dockerfile.ray").read_text().replace("\\\n", " ")
+    assert "pip install -r requirements-ray.txt -c requirements-ray.lock" in dockerfile
+    assert "=".join(ray_serve.PROXY_CALLBACK) in dockerfile and "PYTHONPATH=/app" in dockerfile
+    module, _, function = ray_serve.PROXY_CALLBACK[1].partition(":")
+    assert module == "deploy.proxy_errors" and getattr(proxy_errors, function) is proxy_errors.middlewares
+
+
 def test_the_metrics_mirror_copies_every_sample_with_its_labels(monkeypatch):
     recorded = {}
 
