@@ -134,7 +134,8 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["*"], expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica"])
+                           allow_headers=["*"],
+                           expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
     app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
                        replica=settings.replica_name, id_header=not ray_replica)

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     ws_max_queue: int = Field(32, ge=1)  # segments one WebSocket may have queued; more get an error message
     api_key: str | None = None
-    replica_name: str | None = None  # sent as X-Echo-Replica on every response (Ray Serve sets it per replica)
+    # sent as X-Echo-Replica on every response (Ray Serve sets it per replica): printable ASCII
+    replica_name: str | None = Field(None, pattern=r"^[!-~]([ -~]{0,198}[!-~])?$")
 
     @field_validator("voice_dirs", mode="before")
     @classmethod

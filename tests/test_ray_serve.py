@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -231,15 +230,20 @@ def test_a_deployment_whose_replicas_cannot_load_their_models_exits_1_saying_why
         with pytest.raises(ServerFailed, match="exited with 1") as failure:
             LiveServer(env, tmp_path / "server.log", ready_timeout=240, script=ROOT / "deploy" / "ray_serve.py")
         assert "loading the models failed" in str(failure.value) and "Deploying application" in str(failure.value)
-        assert RayApp(None, ray_dir, 0).ray_processes() == []
+        assert processes_of(ray_dir) == []
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
+def processes_of(ray_dir: Path) -> list[int]:
+    """The processes of the Ray instance that lives in `ray_dir` (RAY_TMPDIR is in their environment)."""
+    marker = f"RAY_TMPDIR={ray_dir}".encode()
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _environ(int(p.name))]
+
+
 class RayApp:
     def __init__(self, live, ray_dir: Path, metrics_port: int):
-        self.live, self.ray_dir, self.metrics_port = live, ray_dir, metrics_port
-        self.url = live.url if live else None
+        self.live, self.url, self.ray_dir, self.metrics_port = live, live.url, ray_dir, metrics_port
 
     def warm_up(self) -> None:
         """Every replica has prepared the voice (the first use of a voice encodes it, on the CPU slowly)."""
@@ -250,19 +254,21 @@ class RayApp:
                 return
 
     def replica_pids(self) -> list[int]:
-        """Replica processes of this Ray instance (its temp dir is in their environment)."""
-        found = subprocess.run(["pgrep", "-f", "ServeReplica:echo-tts"], capture_output=True, text=True).stdout.split()
-        return [int(pid) for pid in found if str(self.ray_dir).encode() in _environ(int(pid))]
-
-    def ray_processes(self) -> list[int]:
-        found = subprocess.run(["pgrep", "-f", "."], capture_output=True, text=True).stdout.split()
-        return [int(pid) for pid in found if int(pid) != os.getpid() and str(self.ray_dir).encode() in _environ(int(pid))]
+        return [pid for pid in processes_of(self.ray_dir) if b"ServeReplica:echo-tts" in _cmdline(pid)]
 
 
 def _environ(pid: int) -> bytes:
+    return _proc_file(pid, "environ")
+
+
+def _cmdline(pid: int) -> bytes:
+    return _proc_file(pid, "cmdline")
+
+
+def _proc_file(pid: int, name: str) -> bytes:
     try:
-        return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:  # gone, or not ours to read
         return b""
 
 
@@ -276,7 +282,7 @@ def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
         app = RayApp(live, ray_dir, metrics_port)
         app.warm_up()
         yield app
-    for pid in app.ray_processes():  # only if stopping failed; the SIGTERM test checks that none are left
+    for pid in processes_of(ray_dir):  # only if stopping failed; the SIGTERM test checks that none are left
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_dir, ignore_errors=True)
 
@@ -415,7 +421,7 @@ def test_a_killed_replica_fails_only_its_own_streams_and_is_replaced(ray_app):
     failed = [s for s in in_flight if s.error is not None or s.status != 200]
     victims = {s.replica for s in failed} - {None}  # a request still waiting in the replica has no header
     assert failed and len(victims) == 1
-    survivors = [s for s in streams if s.replica not in victims]
+    survivors = [s for s in streams if s.replica is not None and s.replica not in victims]
     assert survivors and all(s.error is None and s.status == 200 for s in survivors)
     assert len({s.received for s in survivors}) == 1  # complete: all the same audio
     assert all(s in failed for s in in_flight if s.replica in victims)
@@ -437,6 +443,6 @@ def test_sigterm_lets_streams_finish_then_stops_every_ray_process(ray_app):
     stream.join(timeout=30)
     assert stream.error is None and stream.received == expected
     assert time.monotonic() - started < 90
-    assert ray_app.ray_processes() == []
+    assert processes_of(ray_app.ray_dir) == []
     with pytest.raises(httpx.TransportError):
         httpx.get(ray_app.url + "/health", timeout=2)

@@ -143,3 +143,10 @@ def test_a_model_that_cannot_load_is_reported_by_ready(tiny_fish_dir, voice_dir,
         assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False, "auth": False}
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("name", ["répliqua", "two\nlines", " padded "])
+def test_a_replica_name_that_cannot_be_a_header_value_stops_start_up(monkeypatch, name):
+    monkeypatch.setenv("ECHO_REPLICA_NAME", name)
+    with pytest.raises(ConfigError, match="ECHO_REPLICA_NAME"):
+        load_settings()
