@@ -30,13 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import GenerationTimeout, JobStream, VoiceUnusable
+from engine import JobStream
 from inference import SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
                            request_id)
-from service import SpeechService
+from service import SpeechService, generation_failure
 from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
-from settings import Settings, load_settings
+from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import speech_socket
 import weights
 
@@ -196,6 +196,14 @@ def _routes():
     def audio_models() -> dict:
         return {"models": [{"id": MODEL_ID, "name": "Echo-TTS"}]}
 
+    @protected.get("/v1/audio/presets", responses=_errors(401))
+    def presets(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
+        """The streaming presets: block sizes and diffusion steps per block, for a request's
+        `block_sizes` and `num_steps`; `default` names the server's (ECHO_PERFORMANCE_PRESET)."""
+        return {"default": service.settings.stream_preset_name,
+                "presets": {name: {"block_sizes": blocks, "num_steps": steps}
+                            for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}}
+
     @protected.get("/v1/voices", responses=_errors(401))
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         names = service.voice_names()
@@ -310,19 +318,10 @@ async def _next_block(stream: JobStream, request: Request) -> np.ndarray | None:
         return await _next_or_disconnect(stream, request)
     except StopAsyncIteration:
         return None
-    except VoiceUnusable as e:
-        raise ApiError(400, str(e), "voice", code="invalid_value") from None
-    except GenerationTimeout as e:
-        raise ApiError(504, str(e), error_type="server_error", code="timeout") from None
     except (asyncio.CancelledError, ClientGone):
         raise
     except Exception as e:
-        raise _generation_failed(e) from None
-
-
-def _generation_failed(error: Exception) -> ApiError:
-    log.error("generation failed", exc_info=error)
-    return ApiError(500, f"generation failed: {error}", error_type="server_error", code="generation_failed")
+        raise _api_error(generation_failure(e)) from None
 
 
 class ClientGone(Exception):
@@ -387,9 +386,9 @@ async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: Audi
         yield _sse({"type": "speech.audio.done", "seed": seed,
                     "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
     except Exception as e:
-        log.exception("generation failed while streaming; ending the stream")
-        yield _sse({"type": "error", "error": {"message": f"generation failed: {e}", "type": "server_error",
-                                               "param": None, "code": "generation_failed"}})
+        failure = generation_failure(e)
+        yield _sse({"type": "error", "error": {"message": str(failure), "type": failure.error_type,
+                                               "param": failure.param, "code": failure.code}})
 
 
 def _sse(event: dict) -> bytes:
@@ -411,7 +410,7 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
     except (asyncio.CancelledError, ApiError, ClientGone):
         raise
     except Exception as e:  # the encoder failed
-        raise _generation_failed(e) from None
+        raise _api_error(generation_failure(e)) from None
     timing.sent()
     timing.finished(samples / SAMPLE_RATE)
     return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)

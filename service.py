@@ -20,7 +20,7 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, GenerationWorker, JobStream, QueueFull, SpeakerReference, SpeechEngine,
-                    SpeechJob, VadReroll, VoiceUnusable, random_seed)
+                    GenerationTimeout, SpeechJob, VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import GenerationOptions, RequestError
@@ -354,6 +354,17 @@ class SpeechService:
                                f"({blocks})", "num_steps")
         shape = _shape(blocks, steps)
         return shape, shape
+
+
+def generation_failure(error: Exception) -> RequestError:
+    """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
+    WebSocket: an unusable voice is the request's fault (400), a timeout 504, anything else 500."""
+    if isinstance(error, VoiceUnusable):
+        return RequestError(str(error), "voice")
+    if isinstance(error, GenerationTimeout):
+        return RequestError(str(error), status=504)
+    log.error("generation failed", exc_info=error)
+    return RequestError(f"generation failed: {error}", status=500)
 
 
 def _truncation(factor: float | list[float] | None, blocks: int) -> float | tuple[float, ...] | None:

@@ -189,13 +189,18 @@ class Settings(BaseSettings):
         return self.fish_device or self.device
 
     @property
-    def stream_preset(self) -> tuple[list[int], list[int]]:
-        """(block sizes, steps) for streaming requests; an unknown preset falls back to default."""
+    def stream_preset_name(self) -> str:
+        """ECHO_PERFORMANCE_PRESET; an unknown preset falls back to default."""
         name = self.performance_preset.strip().lower().replace("-", "_")
         if name not in PERFORMANCE_PRESETS:
             log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", self.performance_preset)
             name = "default"
-        blocks, steps = PERFORMANCE_PRESETS[name]
+        return name
+
+    @property
+    def stream_preset(self) -> tuple[list[int], list[int]]:
+        """(block sizes, steps) for streaming requests."""
+        blocks, steps = PERFORMANCE_PRESETS[self.stream_preset_name]
         return list(blocks), list(steps)
 
     @property

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,14 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from audio_encoding import InvalidAudioParameter, open_encoder
-from engine import GenerationTimeout, JobStream, VoiceUnusable
+from engine import JobStream
 from inference import SAMPLE_RATE
 from observability import bearer_token, request_id
-from service import SpeechService
+from service import SpeechService, generation_failure
 from settings import Settings
 from speech_request import RequestError, SpeechRequest, request_error
 
-log = logging.getLogger("echo_tts.ws")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
 POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013  # WebSocket close codes
 
@@ -50,15 +48,6 @@ class Segment:
     message: dict
     cancelled: bool = False
     stream: JobStream | None = None
-
-
-class SegmentFailed(Exception):
-    """A segment's error, sent to the client as one error message."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value",
-                 error_type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.param, self.code, self.error_type = param, code, error_type
 
 
 @dataclass
@@ -91,7 +80,7 @@ async def serve(websocket: WebSocket, service: SpeechService) -> None:
     await websocket.accept()
     request_id.set(uuid.uuid4().hex)
     if reason := service.unready_reason():
-        await _error(websocket, None, SegmentFailed(reason, code="not_ready", error_type="server_error"))
+        await _error(websocket, None, RequestError(reason, status=503))
         await websocket.close(code=TRY_AGAIN_LATER)
         return
     session = Session(websocket, service)
@@ -121,19 +110,17 @@ async def _read(session: Session) -> bool:
             return True
         try:
             if len(text.encode()) > limit:
-                raise SegmentFailed(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
-                                    code="request_too_large")
+                raise RequestError(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)", status=413)
             message = _parse(text)
-        except SegmentFailed as e:
+        except RequestError as e:
             await _error(session.websocket, None, e)
             continue
         if message.get("type") == "cancel":
             await _cancel_id(session, message.get("segment_id"))
             continue
         if len(session.queue) >= max_queued:
-            await _error(session.websocket, message.get("segment_id"), SegmentFailed(
-                f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)",
-                code="queue_full", error_type="rate_limit_error"))
+            await _error(session.websocket, message.get("segment_id"), RequestError(
+                f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)", status=429))
             continue
         session.queue.append(Segment(message.get("segment_id"), message))
         if message.get("continue") is False:
@@ -147,9 +134,9 @@ def _parse(text: str) -> dict:
     try:
         message = json.loads(text)
     except json.JSONDecodeError:
-        raise SegmentFailed("the message is not valid JSON", code="invalid_json") from None
+        raise RequestError("the message is not valid JSON", code="invalid_json") from None
     if not isinstance(message, dict):
-        raise SegmentFailed("a message must be a JSON object", code="invalid_json")
+        raise RequestError("a message must be a JSON object", code="invalid_json")
     return message
 
 
@@ -195,7 +182,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
         request = _speech_request(segment.message)
         await session.send({"type": "start", "segment_id": segment.segment_id})
         await _generate(session, segment, request)
-    except SegmentFailed as e:
+    except RequestError as e:
         await _error(session.websocket, segment.segment_id, e)
 
 
@@ -207,14 +194,11 @@ async def _generate(session: Session, segment: Segment, request: SpeechRequest) 
                                output_rate=request.sample_rate or service.settings.output_sample_rate,
                                speed=request.speed, streaming=True)
     except InvalidAudioParameter as e:
-        raise SegmentFailed(str(e), e.param) from None
+        raise RequestError(str(e), e.param) from None
     samples = 0
     try:
-        try:
-            job = await run_in_threadpool(service.build_job, request.generation_options())
-            segment.stream = service.submit(job, request_id.get())
-        except RequestError as e:
-            raise SegmentFailed(str(e), e.param, e.code, e.error_type) from None
+        job = await run_in_threadpool(service.build_job, request.generation_options())
+        segment.stream = service.submit(job, request_id.get())
         if segment.cancelled:  # cancelled while its voice was being prepared
             segment.stream.cancel()
         async for block in _blocks(segment.stream):
@@ -235,13 +219,8 @@ async def _blocks(stream: JobStream):
     try:
         async for block in stream:
             yield block
-    except GenerationTimeout as e:
-        raise SegmentFailed(str(e), code="timeout", error_type="server_error") from None
-    except VoiceUnusable as e:
-        raise SegmentFailed(str(e), "voice") from None
     except Exception as e:  # noqa: BLE001 - the segment fails; the socket stays usable
-        log.error("generation failed", exc_info=e)
-        raise SegmentFailed(f"generation failed: {e}", code="generation_failed", error_type="server_error") from None
+        raise generation_failure(e) from None
 
 
 def _speech_request(message: dict) -> SpeechRequest:
@@ -252,13 +231,10 @@ def _speech_request(message: dict) -> SpeechRequest:
     try:
         return SpeechRequest.model_validate(fields)
     except ValidationError as e:
-        error = request_error(e.errors())
-        raise SegmentFailed(str(error), error.param) from None
-    except RequestError as e:
-        raise SegmentFailed(str(e), e.param) from None
+        raise request_error(e.errors()) from None
 
 
-async def _error(websocket: WebSocket, segment_id: Any, error: SegmentFailed) -> None:
+async def _error(websocket: WebSocket, segment_id: Any, error: RequestError) -> None:
     detail = {"message": str(error), "type": error.error_type, "param": error.param, "code": error.code}
     try:
         await websocket.send_text(json.dumps({"type": "error", "error": detail, "message": str(error),

@@ -2,10 +2,7 @@
 "use strict";
 
 const RATE = 44100; // the PCM the playground asks for: 16-bit little-endian mono at 44.1 kHz
-const PRESETS = {
-  default: [[32, 128, 480], [8, 15, 20]], low_mid: [[32, 128, 480], [8, 10, 15]],
-  low: [[32, 64, 272, 272], [8, 10, 15, 15]], equal: [[213, 213, 214], [15, 15, 15]],
-};
+let presets = {}; // the server's streaming presets (GET /v1/audio/presets): name -> block_sizes, num_steps
 const $ = (id) => document.getElementById(id);
 // State the browser tests read: samples handed to the audio graph, whether a request streams.
 const state = (window.echoPlayground = { samplesScheduled: 0, streaming: false, takes: [] });
@@ -42,6 +39,15 @@ async function loadVoices(select) {
   const voice = $("voice");
   voice.replaceChildren(...["none", ...names].map((name) => new Option(name, name)));
   if (select && names.includes(select)) voice.value = select;
+}
+
+async function loadPresets() {
+  const response = await fetch("/v1/audio/presets", { headers: headers() });
+  if (!response.ok) return; // requests then take the server's default blocks and steps
+  const body = await response.json();
+  presets = body.presets;
+  $("preset").replaceChildren(...Object.keys(presets).map((name) => new Option(name, name)));
+  $("preset").value = body.default;
 }
 
 async function uploadVoice(blob, fileName) {
@@ -82,13 +88,16 @@ async function toggleRecording() {
 // ---- speech ----------------------------------------------------------------------------------
 
 function requestBody() {
-  const [blocks, presetSteps] = PRESETS[$("preset").value];
-  const steps = $("steps").value ? blocks.map(() => Number($("steps").value)) : presetSteps;
   const body = {
     input: $("text").value, voice: $("voice").value, response_format: "pcm", sample_rate: RATE,
-    block_sizes: blocks, num_steps: steps, seed: Number($("seed").value || 0),
+    seed: Number($("seed").value || 0),
     cfg_scale_text: Number($("cfg-text").value), cfg_scale_speaker: Number($("cfg-speaker").value),
   };
+  const preset = presets[$("preset").value];
+  if (preset) {
+    body.block_sizes = preset.block_sizes;
+    body.num_steps = $("steps").value ? preset.block_sizes.map(() => Number($("steps").value)) : preset.num_steps;
+  }
   if ($("kv-scale").value) body.speaker_kv_scale = Number($("kv-scale").value);
   return body;
 }
@@ -222,7 +231,11 @@ function addTake(samples, settings) {
 // ---- wiring ----------------------------------------------------------------------------------
 
 $("key").value = localStorage.getItem("echo-key") || "";
-$("key").addEventListener("change", () => { localStorage.setItem("echo-key", $("key").value.trim()); loadVoices(); });
+$("key").addEventListener("change", () => {
+  localStorage.setItem("echo-key", $("key").value.trim());
+  loadPresets();
+  loadVoices();
+});
 $("text").addEventListener("input", describeText);
 $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
 $("generate").addEventListener("click", generate);
@@ -247,6 +260,6 @@ async function start() {
   const health = await (await fetch("/health")).json();
   $("key-field").hidden = !health.auth;  // a key field only where the server needs one
   if (health.auth && !$("key").value.trim()) { say("This server needs an API key: enter it above."); return; }
-  await loadVoices();
+  await Promise.all([loadPresets(), loadVoices()]);
 }
 start();

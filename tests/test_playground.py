@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from conftest import live_server, server_env
+from settings import PERFORMANCE_PRESETS
 from test_server import _metric
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,9 @@ def test_the_page_loads_lists_voices_and_reaches_nothing_else(page, site, tmp_pa
     page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
     voices = page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
     assert {"none", "alice", "bob", "duo"} <= set(voices)
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    presets = page.eval_on_selector_all("#preset option", "options => options.map(o => o.value)")
+    assert presets == list(PERFORMANCE_PRESETS) and page.input_value("#preset") == "default"  # the server's
     assert "characters, about" in page.text_content("#text-info") and page.text_content("#status") == ""
     page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'playground.png'}")

@@ -57,6 +57,15 @@ def test_voice_lists_include_files_and_folders_sorted(server):
         "voices": [{"id": n, "name": n} for n in ("alice", "bob", "duo")]}
 
 
+def test_the_presets_route_lists_every_streaming_preset_and_the_servers_default(server):
+    from settings import PERFORMANCE_PRESETS
+
+    body = httpx.get(server.url + "/v1/audio/presets").json()
+    assert body["default"] == "default"
+    assert body["presets"] == {name: {"block_sizes": blocks, "num_steps": steps}
+                               for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}
+
+
 def test_unknown_route_is_404_in_openai_shape(server):
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
