@@ -168,6 +168,20 @@ def deployment_options(scale: RaySettings, echo: Settings, cluster_gpus: float) 
     return options
 
 
+def unplaceable(options: dict, resources: dict[str, float]) -> str | None:
+    """Why the replicas a deployment starts with cannot all be placed on a cluster of `resources`
+    (Ray would wait for them forever), or None."""
+    replicas = options.get("num_replicas") or options["autoscaling_config"]["min_replicas"]
+    actor = options["ray_actor_options"]
+    for resource, per_replica in (("GPU", actor["num_gpus"]), ("CPU", actor["num_cpus"])):
+        need, have = replicas * per_replica, resources.get(resource, 0.0)
+        if need > have:
+            return (f"{replicas} replica(s) of {per_replica:g} {resource} need {need:g} {resource}s and the Ray "
+                    f"instance has {have:g} (ECHO_RAY_REPLICAS or ECHO_RAY_MIN_REPLICAS, "
+                    f"ECHO_RAY_{resource}S_PER_REPLICA)")
+    return None
+
+
 def replica_env() -> dict[str, str]:
     """What replicas see of this process's environment: every ECHO_* variable, the Hugging Face ones,
     and the repository on PYTHONPATH (the replicas import the server's modules from it)."""
@@ -182,10 +196,17 @@ def driver_settings() -> Settings:
     return load_settings(device="cpu", fish_device="cpu")
 
 
-def build(scale: RaySettings, echo: Settings):
-    """The Serve application (call with Ray initialised: the default replica count is the GPU count)."""
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    return EchoReplica.options(**deployment_options(scale, echo, gpus)).bind()
+def build(scale: RaySettings, echo: Settings, placeable: bool = False):
+    """The Serve application (call with Ray initialised: the default replica count is the GPU count).
+    With `placeable`, replicas that the cluster cannot hold are an error (a fixed local instance);
+    else a warning (an autoscaling cluster may add nodes)."""
+    resources = ray.cluster_resources()
+    options = deployment_options(scale, echo, resources.get("GPU", 0.0))
+    if problem := unplaceable(options, resources):
+        if placeable:
+            raise ConfigError(f"invalid configuration:\n  {problem}")
+        log.warning("%s: the replicas wait until the cluster grows", problem)
+    return EchoReplica.options(**options).bind()
 
 
 def app_builder(args: dict):
@@ -220,7 +241,7 @@ def main() -> int:
                                        "include_dashboard": scale.dashboard}))
         signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs a handler of its own
         serve.start(http_options={"host": echo.host, "port": echo.port})
-        serve.run(build(scale, echo), name=APP_NAME, route_prefix="/")
+        serve.run(build(scale, echo, placeable=not joined), name=APP_NAME, route_prefix="/")
         log.info("serving on http://%s:%d (Ray Serve application %r)", echo.host, echo.port, APP_NAME)
         threading.Event().wait()  # until a signal interrupts it
     except (Stop, KeyboardInterrupt):

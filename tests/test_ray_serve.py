@@ -74,6 +74,25 @@ def test_autoscaling_targets_the_generation_slots_of_a_replica(monkeypatch):
     assert options["graceful_shutdown_timeout_s"] == echo.shutdown_grace
 
 
+@pytest.mark.parametrize("env, resources, message", [
+    ({"replicas": 3}, {"CPU": 2.0}, "3 replica(s) of 1 CPU need 3 CPUs and the Ray instance has 2"),
+    ({"replicas": 2, "gpus_per_replica": 1}, {"CPU": 8.0, "GPU": 1.0}, "need 2 GPUs and the Ray instance has 1"),
+    ({"min_replicas": 2, "max_replicas": 4}, {"CPU": 1.0}, "need 2 CPUs"),
+])
+def test_replicas_the_cluster_cannot_hold_are_named(monkeypatch, env, resources, message):
+    options = ray_serve.deployment_options(ray_settings(monkeypatch, **env), load_settings(device="cpu"), 0)
+    assert message in ray_serve.unplaceable(options, resources)
+
+
+def test_replicas_that_fit_or_may_scale_from_zero_are_placeable(monkeypatch):
+    echo = load_settings(device="cpu")
+    fits = ray_serve.deployment_options(ray_settings(monkeypatch, replicas=2), echo, cluster_gpus=2)
+    assert ray_serve.unplaceable(fits, {"CPU": 2.0, "GPU": 2.0}) is None
+    monkeypatch.delenv("ECHO_RAY_REPLICAS")
+    from_zero = ray_serve.deployment_options(ray_settings(monkeypatch, min_replicas=0, max_replicas=2), echo, 0)
+    assert ray_serve.unplaceable(from_zero, {"CPU": 1.0}) is None
+
+
 def test_every_echo_variable_and_the_hugging_face_ones_reach_the_replicas(monkeypatch):
     monkeypatch.setenv("ECHO_VOICE_DIRS", "/voices")
     monkeypatch.setenv("HF_TOKEN", "hf_x")
@@ -239,6 +258,20 @@ def processes_of(ray_dir: Path) -> list[int]:
     """The processes of the Ray instance that lives in `ray_dir` (RAY_TMPDIR is in their environment)."""
     marker = f"RAY_TMPDIR={ray_dir}".encode()
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _environ(int(p.name))]
+
+
+def test_replicas_a_local_instance_cannot_hold_stop_start_up_at_once(tmp_path, tiny_echo_dir, tiny_fish_dir,
+                                                                     voice_dir):
+    ray_dir = short_temp_dir()
+    env = {**server_env(tiny_echo_dir, tiny_fish_dir, voice_dir),
+           **ray_env(ray_dir, ECHO_RAY_REPLICAS="2", ECHO_RAY_CPUS_PER_REPLICA="4096")}
+    try:
+        with pytest.raises(ServerFailed, match="exited with 1") as failure:
+            LiveServer(env, tmp_path / "server.log", ready_timeout=120, script=ROOT / "deploy" / "ray_serve.py")
+        assert "need 8192 CPUs" in str(failure.value) and "ECHO_RAY_CPUS_PER_REPLICA" in str(failure.value)
+        assert processes_of(ray_dir) == []
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 class RayApp:
