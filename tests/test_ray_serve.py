@@ -308,7 +308,9 @@ def _proc_file(pid: int, name: str) -> bytes:
 @pytest.fixture(scope="module")
 def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     ray_dir, metrics_port = short_temp_dir(), free_port()
-    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_MAX_ACTIVE=str(MAX_ACTIVE),
+    uploads = tmp_path_factory.mktemp("ray-uploads")  # shared by the replicas, as a volume would be
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_VOICE_UPLOAD_DIR=str(uploads),
+                     ECHO_MAX_ACTIVE=str(MAX_ACTIVE),
                      ECHO_MAX_QUEUE=str(MAX_QUEUE), **ray_env(ray_dir, ECHO_RAY_REPLICAS="2",
                                                               ECHO_RAY_METRICS_EXPORT_PORT=str(metrics_port)))
     with live_server(tmp_path_factory, "ray", env, script=ROOT / "deploy" / "ray_serve.py") as live:
@@ -426,6 +428,29 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_on_the_replica(ray_app):
             active = float(re.search(r"^echo_active_streams (\S+)$", metrics.text, re.M).group(1))
         time.sleep(0.1)
     assert active == 0
+
+
+def test_a_voice_uploaded_through_one_replica_is_spoken_and_deleted_on_every_replica(ray_app):
+    from test_voice_library import clip
+
+    added = httpx.post(ray_app.url + "/v1/audio/voices", headers=AUTH, data={"name": "carol"},
+                       files={"audio_sample": ("carol.wav", clip(), "audio/wav")}, timeout=120)
+    assert added.status_code == 200, added.text
+    assert answers_from_both_replicas(lambda: speech(ray_app, voice="carol")) == {200}
+    assert httpx.delete(ray_app.url + "/v1/audio/voices/carol", headers=AUTH).status_code == 200
+    assert answers_from_both_replicas(lambda: speech(ray_app, voice="carol")) == {400}
+
+
+def answers_from_both_replicas(request) -> set[int]:
+    """The statuses of `request` sent until both replicas have answered it."""
+    statuses, replicas = set(), set()
+    for _ in range(30):
+        response = request()
+        statuses.add(response.status_code)
+        replicas.add(response.headers["x-echo-replica"])
+        if len(replicas) == 2:
+            return statuses
+    raise AssertionError(f"only {replicas} answered")
 
 
 def test_each_ray_node_exports_every_replicas_metrics(ray_app):
