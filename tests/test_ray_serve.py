@@ -309,10 +309,9 @@ def _proc_file(pid: int, name: str) -> bytes:
 def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     ray_dir, metrics_port = short_temp_dir(), free_port()
     uploads = tmp_path_factory.mktemp("ray-uploads")  # shared by the replicas, as a volume would be
-    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_VOICE_UPLOAD_DIR=str(uploads),
-                     ECHO_MAX_ACTIVE=str(MAX_ACTIVE),
-                     ECHO_MAX_QUEUE=str(MAX_QUEUE), **ray_env(ray_dir, ECHO_RAY_REPLICAS="2",
-                                                              ECHO_RAY_METRICS_EXPORT_PORT=str(metrics_port)))
+    env = {**server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_VOICE_UPLOAD_DIR=str(uploads),
+                        ECHO_MAX_ACTIVE=str(MAX_ACTIVE), ECHO_MAX_QUEUE=str(MAX_QUEUE)),
+           **ray_env(ray_dir, ECHO_RAY_REPLICAS="2", ECHO_RAY_METRICS_EXPORT_PORT=str(metrics_port))}
     with live_server(tmp_path_factory, "ray", env, script=ROOT / "deploy" / "ray_serve.py") as live:
         app = RayApp(live, ray_dir, metrics_port)
         app.warm_up()
@@ -334,7 +333,7 @@ class Stream(threading.Thread):
         super().__init__(daemon=True)
         self.app, self.request = app, body
         self.headers_seen, self.status, self.headers, self.replica, self.error = threading.Event(), None, {}, None, None
-        self.received, self.first_byte, self.started, self.finished = 0, None, None, None
+        self.received, self.first_byte, self.started, self.finished, self.body = 0, None, None, None, b""
         self.start()
 
     def run(self):
@@ -344,7 +343,8 @@ class Stream(threading.Thread):
                               timeout=120) as response:
                 self.status, self.headers = response.status_code, response.headers
                 self.replica = response.headers.get("x-echo-replica")
-                self.body = response.read() if response.status_code != 200 else b""
+                if response.status_code != 200:
+                    self.body = response.read()
                 self.headers_seen.set()
                 for chunk in response.iter_bytes() if response.status_code == 200 else ():
                     self.first_byte = self.first_byte or time.monotonic()
