@@ -196,6 +196,11 @@ class SpeechEngine:
         yield from run_steps(self.model, self.job_steps(job), on_step, evaluate=lambda call: self.steps([call])[0])
 
     @torch.inference_mode()
+    def decode(self, calls: list[DecodeCall]) -> list[Tensor]:
+        """The audio of several streams' next blocks: batched into few decoder calls on a GPU."""
+        return decode_streams([c.decoder for c in calls], [c.z for c in calls],
+                              batch=self.fish_ae.device.type != "cpu", max_batch_frames=MAX_DECODE_BATCH_FRAMES)
+
     def prepare_voice(self, speaker: SpeakerReference | None) -> PreparedVoice:
         """Decode, encode and key a voice (cached per voice version; concurrent callers of one voice
         share one preparation). Slow for a new voice: call it before handing the job to the worker,
@@ -542,11 +547,8 @@ class GenerationWorker:
     def _step(self, active: list[_Running]) -> None:
         """One batched diffusion step for every job waiting on the model, then all pending decodes
         (streams at the same point decoded together where that pays)."""
-        fish = self.engine.fish_ae
         self._run_together(active, ModelCall, self.engine.steps)
-        self._run_together(active, DecodeCall, lambda calls: decode_streams(
-            [c.decoder for c in calls], [c.z for c in calls], batch=fish.device.type != "cpu",
-            max_batch_frames=MAX_DECODE_BATCH_FRAMES))
+        self._run_together(active, DecodeCall, self.engine.decode)
         self._check_silences(active)
 
     def _check_silences(self, active: list[_Running]) -> None:

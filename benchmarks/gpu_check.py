@@ -11,7 +11,9 @@ On a CUDA machine (full-size synthetic weights, bf16, the default streaming pres
 5. for each server configuration (`--configs`): starts `api_server.py` through the real HTTP stack
    and measures time to first audio byte at each concurrency level (`--levels`), the real-time
    factor of every stream, 30 s non-streaming generation at 20 and 30 steps and peak GPU memory;
-6. writes a markdown report (`--out`) and JSON (`--json`): `device`, `tiny`, `ttfb_p50_ms`,
+6. for the configurations named by `--breakdown`, times one stream's first block stage by stage
+   in process (benchmarks/ttfb_breakdown.py: request code, diffusion steps, decoder);
+7. writes a markdown report (`--out`) and JSON (`--json`): `device`, `tiny`, `ttfb_p50_ms`,
    `ttfb_p95_ms`, `nonstream_30s_30steps_s`, `realtime_streams` (each from the best configuration,
    named in `best`) and `configs` (one entry per configuration). With `--merge`, configurations
    already in the JSON file are kept (a matrix measured over several device calls).
@@ -225,6 +227,21 @@ def run_config(name: str, base_env: dict[str, str], levels: list[int], voice: st
     return result
 
 
+def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) -> dict:
+    """ttfb_breakdown.py under a configuration's settings: where one stream's first audio waits."""
+    out = logs / f"first-block-{name.replace('+', '-')}.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "ttfb_breakdown.py"), "--voice", "bench", "--json", str(out)]
+    try:
+        with open(logs / f"first-block-{name.replace('+', '-')}.log", "wb") as log:
+            done = subprocess.run(command, env={**os.environ, **env, **CONFIGS[name]}, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0 or not out.is_file():
+        return {"error": f"exit status {done.returncode}; see {out.with_suffix('.log').name}"}
+    return json.loads(out.read_text())["stages"]
+
+
 # ---- the report ----------------------------------------------------------------------------------------
 
 
@@ -270,6 +287,17 @@ def markdown(report: dict) -> str:
                          f"{c.get('compiles_after_warm_up')} |")
         if c.get("error"):
             lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | |")
+    breakdowns = {name: c["first_block"] for name, c in report["configs"].items() if "first_block" in c}
+    if breakdowns:
+        lines += ["", "First audio of one stream, in process (ms, median; `ttfb_breakdown.py`):", "",
+                  "| config | job | diffusion steps | decode | total |", "|---|---|---|---|---|"]
+        for name, stages in breakdowns.items():
+            if "error" in stages:
+                lines.append(f"| {name} | failed: {stages['error']} | | | |")
+                continue
+            cell = lambda stage: (f"{stages[stage]['ms']:.1f} ({stages[stage]['calls']})" if stage in stages else "")
+            lines.append(f"| {name} | {cell('job')} | {cell('diffusion step')} | {cell('decode')} | "
+                         f"{stages['total']['ms']:.1f} |")
     lines += ["", f"Best: TTFB p50 {report.get('ttfb_p50_ms')} ms / p95 {report.get('ttfb_p95_ms')} ms, "
                   f"30 s non-streaming at 30 steps {report.get('nonstream_30s_30steps_s')} s, "
                   f"{report.get('realtime_streams')} real-time streams ({report.get('best')})."]
@@ -321,9 +349,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="JSON results")
     parser.add_argument("--merge", action="store_true", help="keep the configurations already in --json")
     parser.add_argument("--logs", type=Path, help="keep server and test logs here")
+    parser.add_argument("--breakdown", default="", help="comma-separated configs whose first block is also timed "
+                                                        "stage by stage, in process (ttfb_breakdown.py)")
     args = parser.parse_args(argv)
     args.configs = (args.configs or ("eager,static" if args.tiny else "eager,compile,compile+graphs,static")).split(",")
-    unknown = set(args.configs) - set(CONFIGS)
+    args.breakdown = [name for name in args.breakdown.split(",") if name]
+    unknown = (set(args.configs) | set(args.breakdown)) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
     args.levels = [int(n) for n in (args.levels or ("1,2,4" if args.tiny else "1,4,16,64")).split(",")]
@@ -379,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
             env = {**base_env, "ECHO_MAX_ACTIVE": str(min(cap, max(levels)))}
             levels = [n for n in levels if n <= cap]
         configs[name] = run_config(name, env, levels, "bench", args.repeat, min(args.config_timeout, left), logs)
+        left = args.budget - (time.monotonic() - started)
+        if name in args.breakdown and left >= 60:
+            configs[name]["first_block"] = run_breakdown(name, env, min(args.config_timeout, left), logs)
         print(json.dumps({name: configs[name]}), flush=True)
         save(report, args, started)  # after every configuration: a run cut short keeps what it measured
     print(markdown(report), flush=True)

@@ -1,0 +1,130 @@
+"""Where the time to first audio goes: one request's first block, stage by stage, in process.
+
+Loads the models as the server does (SpeechService: the same ECHO_* settings, warm-up and step
+runner) and, on the generation thread (where compiled CUDA graphs were recorded), runs one
+request's steps by hand until its first audio, with the device synchronised around each stage:
+
+- job: the request's own code between model calls (text tokens, conditioning, text keys, the
+  sampler's arithmetic, moving the block to the decoder);
+- diffusion step: each forward pass of EchoDiT (all CFG rows of one step);
+- decode: the streaming Fish S1-DAC decoder;
+- silence check: VAD reroll's, when it is on.
+
+The HTTP time to first byte (gpu_check.py, bench_server.py) minus this total is the serving
+overhead. Synchronising costs a little; the stages add up to the total.
+
+    python benchmarks/ttfb_breakdown.py --tiny
+    ECHO_COMPILE=1 ECHO_CUDA_GRAPHS=1 python benchmarks/ttfb_breakdown.py --model-repo DIR --fish-repo DIR \\
+        --device cuda --voice-dir DIR --voice bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_server import add_model_arguments, model_env
+from live_server import ROOT
+
+sys.path.insert(0, str(ROOT))
+from engine import DecodeCall, SilenceCheck, SpeechEngine, SpeechJob  # noqa: E402
+from inference import ModelCall  # noqa: E402
+from service import SpeechService  # noqa: E402
+from settings import load_settings  # noqa: E402
+from speech_request import SpeechRequest  # noqa: E402
+
+TEXT = "[S1] The first words of a reply should reach the listener before they notice any wait at all."
+STAGES = {ModelCall: "diffusion step", DecodeCall: "decode", SilenceCheck: "silence check"}
+
+
+def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
+    """Seconds of each stage until the job's first audio (and "total"), the device synchronised."""
+    device = engine.model.device
+    answer: dict[type, Callable] = {ModelCall: lambda call: engine.steps([call])[0],
+                                    DecodeCall: lambda call: engine.decode([call])[0],
+                                    SilenceCheck: lambda check: check.run()}
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(stage: str, fn: Callable):
+        synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        times[stage].append(time.perf_counter() - start)
+        return out
+
+    started = time.perf_counter()
+    steps = engine.job_steps(job)
+    item = timed("job", lambda: next(steps))
+    while not isinstance(item, np.ndarray):
+        reply = timed(STAGES[type(item)], lambda: answer[type(item)](item))
+        item = timed("job", lambda: steps.send(reply))
+    steps.close()
+    times["total"].append(time.perf_counter() - started)
+    return dict(times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summary(runs: list[dict[str, list[float]]]) -> dict[str, dict]:
+    """Per stage: calls per request, and the median over runs of its milliseconds per request."""
+    return {stage: {"calls": len(runs[0][stage]),
+                    "ms": round(statistics.median(sum(run[stage]) for run in runs) * 1000, 2)}
+            for stage in runs[0]}
+
+
+def table(rows: dict[str, dict]) -> str:
+    total = rows["total"]["ms"]
+    lines = [f"{'stage':<15} {'calls':>5} {'ms':>9} {'share':>6}"]
+    for stage, row in rows.items():
+        lines.append(f"{stage:<15} {row['calls']:>5} {row['ms']:>9.2f} {row['ms'] / total:>6.0%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--voice", default="none", help="a voice of ECHO_VOICE_DIRS (default: no voice)")
+    parser.add_argument("--voice-dir", help="sets ECHO_VOICE_DIRS")
+    parser.add_argument("--repeat", type=int, default=5, help="timed requests after one untimed")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.tiny or args.model_repo:  # else the ECHO_* environment says where the models are
+        os.environ.update(model_env(args, Path(tempfile.mkdtemp(prefix="echo-ttfb-"))))
+    if args.voice_dir:
+        os.environ["ECHO_VOICE_DIRS"] = args.voice_dir
+    service = SpeechService(load_settings())
+    service.start_loading().join()
+    if reason := service.unready_reason():
+        raise SystemExit(reason)
+    try:
+        job = service.build_job(SpeechRequest(input=TEXT, voice=args.voice, seed=0).generation_options())
+        runs = [service.worker.call(lambda: first_block(service.engine, job)) for _ in range(args.repeat + 1)][1:]
+    finally:
+        service.close()
+    rows = summary(runs)
+    print(table(rows))
+    settings = {k: v for k, v in os.environ.items() if k.startswith("ECHO_") and k != "ECHO_API_KEY"}
+    result = {"device": str(service.settings.torch_device), "settings": settings, "voice": args.voice,
+              "repeat": args.repeat, "stages": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
