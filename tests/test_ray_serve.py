@@ -242,16 +242,23 @@ def short_temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must fit in 107 bytes
 
 
-def test_a_deployment_whose_replicas_cannot_load_their_models_exits_1_saying_why(tmp_path, tiny_fish_dir, voice_dir):
+def failed_start(env: dict[str, str], log: Path) -> str:
+    """Start deploy/ray_serve.py on a new local instance, expecting it to exit 1 during start-up and
+    to leave no Ray process behind; returns its log."""
     ray_dir = short_temp_dir()
-    env = {**server_env(tmp_path / "missing", tiny_fish_dir, voice_dir), **ray_env(ray_dir, ECHO_RAY_REPLICAS="1")}
     try:
         with pytest.raises(ServerFailed, match="exited with 1") as failure:
-            LiveServer(env, tmp_path / "server.log", ready_timeout=240, script=ROOT / "deploy" / "ray_serve.py")
-        assert "loading the models failed" in str(failure.value) and "Deploying application" in str(failure.value)
+            LiveServer({**env, **ray_env(ray_dir)}, log, ready_timeout=240, script=ROOT / "deploy" / "ray_serve.py")
         assert processes_of(ray_dir) == []
+        return str(failure.value)
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_a_deployment_whose_replicas_cannot_load_their_models_exits_1_saying_why(tmp_path, tiny_fish_dir, voice_dir):
+    env = {**server_env(tmp_path / "missing", tiny_fish_dir, voice_dir), "ECHO_RAY_REPLICAS": "1"}
+    log = failed_start(env, tmp_path / "server.log")
+    assert "loading the models failed" in log and "Deploying application" in log
 
 
 def processes_of(ray_dir: Path) -> list[int]:
@@ -262,16 +269,10 @@ def processes_of(ray_dir: Path) -> list[int]:
 
 def test_replicas_a_local_instance_cannot_hold_stop_start_up_at_once(tmp_path, tiny_echo_dir, tiny_fish_dir,
                                                                      voice_dir):
-    ray_dir = short_temp_dir()
-    env = {**server_env(tiny_echo_dir, tiny_fish_dir, voice_dir),
-           **ray_env(ray_dir, ECHO_RAY_REPLICAS="2", ECHO_RAY_CPUS_PER_REPLICA="4096")}
-    try:
-        with pytest.raises(ServerFailed, match="exited with 1") as failure:
-            LiveServer(env, tmp_path / "server.log", ready_timeout=120, script=ROOT / "deploy" / "ray_serve.py")
-        assert "need 8192 CPUs" in str(failure.value) and "ECHO_RAY_CPUS_PER_REPLICA" in str(failure.value)
-        assert processes_of(ray_dir) == []
-    finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    env = {**server_env(tiny_echo_dir, tiny_fish_dir, voice_dir), "ECHO_RAY_REPLICAS": "2",
+           "ECHO_RAY_CPUS_PER_REPLICA": "4096"}
+    log = failed_start(env, tmp_path / "server.log")
+    assert "need 8192 CPUs" in log and "ECHO_RAY_CPUS_PER_REPLICA" in log
 
 
 class RayApp:
