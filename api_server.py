@@ -42,6 +42,7 @@ import weights
 
 log = logging.getLogger("echo_tts.api")
 STATIC = Path(__file__).resolve().parent / "static"  # the web playground
+RETRY_AFTER_FULL_S = 2  # a full queue has room again soon
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ async def _build_job(service: SpeechService, body: SpeechRequest):
 
 
 def _api_error(error: RequestError) -> ApiError:
-    retry = {"Retry-After": "2"} if error.status == 429 else None  # a full queue: soon there is room
+    retry = {"Retry-After": str(RETRY_AFTER_FULL_S)} if error.status == 429 else None
     return ApiError(error.status, str(error), error.param, code=error.code, error_type=error.error_type, headers=retry)
 
 

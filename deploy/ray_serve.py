@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.metrics import Gauge  # noqa: E402
 
-from api_server import create_app  # noqa: E402
+from api_server import RETRY_AFTER_FULL_S, create_app  # noqa: E402
 from observability import configure_logging  # noqa: E402
 from settings import ConfigError, Settings, load_settings  # noqa: E402
 
@@ -46,7 +46,6 @@ DEPLOYMENT_NAME = "EchoTTS"
 CONSTRUCTOR_RETRIES = 3  # a replica that cannot load its models fails the deployment after this many tries
 METRICS_MIRROR_SECONDS = 5.0
 FORWARDED_ENV = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "TORCHINDUCTOR_CACHE_DIR")
-RETRY_AFTER_SECONDS = 2  # as a full queue answers in api_server
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deploy.proxy_errors:middlewares")
 
 
@@ -154,7 +153,7 @@ def deployment_options(scale: RaySettings, echo: Settings, cluster_gpus: float) 
         # than one server would, and none answers 429 while another has room
         "max_ongoing_requests": per_replica,
         "max_queued_requests": per_replica * (scale.max_replicas or replicas),  # per proxy
-        "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_SECONDS},
+        "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_FULL_S},
         "graceful_shutdown_timeout_s": echo.shutdown_grace,  # streams in flight may finish, as on SIGTERM
         "graceful_shutdown_wait_loop_s": 1.0,
         "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
