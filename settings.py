@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -233,12 +234,16 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            if not err["loc"]:  # a rule across variables; its message names them
-                lines.append(err["msg"].removeprefix("Value error, "))
-                continue
-            field = str(err["loc"][0])
-            name = "PORT" if field == "port" else f"ECHO_{field.upper()}"
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise config_error(e, lambda field: "PORT" if field == "port" else f"ECHO_{field.upper()}") from None
+
+
+def config_error(error: ValidationError, variable: Callable[[str], str]) -> ConfigError:
+    """A settings class's validation error as one message, each problem naming its variable
+    (`variable` maps a field to it)."""
+    lines = []
+    for err in error.errors():
+        if not err["loc"]:  # a rule across variables; its message names them
+            lines.append(err["msg"].removeprefix("Value error, "))
+            continue
+        lines.append(f"{variable(str(err['loc'][0]))}: {err['msg']} (got {err.get('input')!r})")
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(lines))

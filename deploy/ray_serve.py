@@ -38,7 +38,7 @@ from ray.serve.metrics import Gauge  # noqa: E402
 
 from api_server import RETRY_AFTER_FULL_S, create_app  # noqa: E402
 from observability import configure_logging  # noqa: E402
-from settings import ConfigError, Settings, load_settings  # noqa: E402
+from settings import ConfigError, Settings, config_error, load_settings  # noqa: E402
 
 log = logging.getLogger("echo_tts.ray")
 APP_NAME = "echo-tts"
@@ -78,9 +78,7 @@ def load_ray_settings() -> RaySettings:
     try:
         return RaySettings()
     except ValidationError as e:
-        lines = [f"ECHO_RAY_{str(err['loc'][0]).upper()}: {err['msg']} (got {err.get('input')!r})" if err["loc"]
-                 else err["msg"].removeprefix("Value error, ") for err in e.errors()]
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise config_error(e, lambda field: f"ECHO_RAY_{field.upper()}") from None
 
 
 # ---- the replica ----------------------------------------------------------------------------------
