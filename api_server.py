@@ -387,9 +387,7 @@ async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: Audi
         yield _sse({"type": "speech.audio.done", "seed": seed,
                     "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
     except Exception as e:
-        failure = generation_failure(e)
-        yield _sse({"type": "error", "error": {"message": str(failure), "type": failure.error_type,
-                                               "param": failure.param, "code": failure.code}})
+        yield _sse({"type": "error", "error": generation_failure(e).detail()})
 
 
 def _sse(event: dict) -> bytes:

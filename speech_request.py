@@ -38,6 +38,10 @@ class RequestError(ValueError):
     def error_type(self) -> str:
         return ERROR_KINDS.get(self.status, ERROR_KINDS[400])[1]
 
+    def detail(self) -> dict:
+        """OpenAI's error object: the `error` of a response body, an SSE event or a socket message."""
+        return {"message": str(self), "type": self.error_type, "param": self.param, "code": self.code}
+
 
 class VoiceObject(BaseModel):
     id: str

@@ -235,9 +235,8 @@ def _speech_request(message: dict) -> SpeechRequest:
 
 
 async def _error(websocket: WebSocket, segment_id: Any, error: RequestError) -> None:
-    detail = {"message": str(error), "type": error.error_type, "param": error.param, "code": error.code}
     try:
-        await websocket.send_text(json.dumps({"type": "error", "error": detail, "message": str(error),
+        await websocket.send_text(json.dumps({"type": "error", "error": error.detail(), "message": str(error),
                                               "segment_id": segment_id}))
     except (WebSocketDisconnect, RuntimeError):
         pass
