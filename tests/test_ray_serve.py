@@ -281,11 +281,7 @@ class RayApp:
 
     def warm_up(self) -> None:
         """Every replica has prepared the voice (the first use of a voice encodes it, on the CPU slowly)."""
-        seen = set()
-        for _ in range(40):
-            seen.add(speech(self).headers["x-echo-replica"])
-            if len(seen) == 2:
-                return
+        until_both_replicas_answer(lambda: speech(self), tries=40)
 
     def replica_pids(self) -> list[int]:
         return [pid for pid in processes_of(self.ray_dir) if b"ServeReplica:echo-tts" in _cmdline(pid)]
@@ -320,6 +316,16 @@ def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     for pid in processes_of(ray_dir):  # only if stopping failed; the SIGTERM test checks that none are left
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def until_both_replicas_answer(request, tries: int = 30) -> list[httpx.Response]:
+    """Every response to `request`, sent again until both replicas have answered it."""
+    responses = []
+    for _ in range(tries):
+        responses.append(request())
+        if len({r.headers["x-echo-replica"] for r in responses}) == 2:
+            return responses
+    raise AssertionError(f"only {responses[0].headers['x-echo-replica']} answered {tries} requests")
 
 
 def speech(app, timeout=120, **body) -> httpx.Response:
@@ -377,14 +383,8 @@ def test_the_first_audio_bytes_pass_the_proxy_long_before_the_stream_ends(ray_ap
 
 
 def test_a_seed_gives_the_same_audio_on_every_replica(ray_app):
-    audio = {}
-    for _ in range(20):
-        response = speech(ray_app, seed=11)
-        audio.setdefault(response.headers["x-echo-replica"], response.content)
-        if len(audio) == 2:
-            break
-    first, second = audio.values()
-    assert len(audio) == 2 and first == second and len(first) > 44
+    audio = {response.content for response in until_both_replicas_answer(lambda: speech(ray_app, seed=11))}
+    assert len(audio) == 1 and len(audio.pop()) > 44
 
 
 def test_errors_keep_their_status_and_openai_shape_through_the_proxy(ray_app):
@@ -437,21 +437,10 @@ def test_a_voice_uploaded_through_one_replica_is_spoken_and_deleted_on_every_rep
     added = httpx.post(ray_app.url + "/v1/audio/voices", headers=AUTH, data={"name": "carol"},
                        files={"audio_sample": ("carol.wav", clip(), "audio/wav")}, timeout=120)
     assert added.status_code == 200, added.text
-    assert answers_from_both_replicas(lambda: speech(ray_app, voice="carol")) == {200}
+    speak = lambda: speech(ray_app, voice="carol")  # noqa: E731
+    assert {response.status_code for response in until_both_replicas_answer(speak)} == {200}
     assert httpx.delete(ray_app.url + "/v1/audio/voices/carol", headers=AUTH).status_code == 200
-    assert answers_from_both_replicas(lambda: speech(ray_app, voice="carol")) == {400}
-
-
-def answers_from_both_replicas(request) -> set[int]:
-    """The statuses of `request` sent until both replicas have answered it."""
-    statuses, replicas = set(), set()
-    for _ in range(30):
-        response = request()
-        statuses.add(response.status_code)
-        replicas.add(response.headers["x-echo-replica"])
-        if len(replicas) == 2:
-            return statuses
-    raise AssertionError(f"only {replicas} answered")
+    assert {response.status_code for response in until_both_replicas_answer(speak)} == {400}
 
 
 def test_each_ray_node_exports_every_replicas_metrics(ray_app):
