@@ -232,7 +232,7 @@ def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) ->
     out = logs / f"first-block-{name.replace('+', '-')}.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "ttfb_breakdown.py"), "--voice", "bench", "--json", str(out)]
     try:
-        with open(logs / f"first-block-{name.replace('+', '-')}.log", "wb") as log:
+        with open(out.with_suffix(".log"), "wb") as log:
             done = subprocess.run(command, env={**os.environ, **env, **CONFIGS[name]}, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:

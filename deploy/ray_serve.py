@@ -183,8 +183,12 @@ def replica_env() -> dict[str, str]:
     """What replicas see of this process's environment: every ECHO_* variable, the Hugging Face ones,
     and the repository on PYTHONPATH (the replicas import the server's modules from it)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("ECHO_") or k in FORWARDED_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return env
+    return env | {"PYTHONPATH": python_path()}
+
+
+def python_path() -> str:
+    """PYTHONPATH with the repository first."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def driver_settings() -> Settings:
@@ -231,7 +235,7 @@ def main() -> int:
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not joined:  # a new local instance: its proxies inherit this environment (on a cluster: see README)
         os.environ.setdefault(*PROXY_CALLBACK)
-        os.environ["PYTHONPATH"] = replica_env()["PYTHONPATH"]
+        os.environ["PYTHONPATH"] = python_path()
     try:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
                  **({} if joined else {"_metrics_export_port": scale.metrics_export_port,
