@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     max_active: int = Field(8, ge=1)  # requests generated together, batched into shared forward passes
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     ws_max_queue: int = Field(32, ge=1)  # segments one WebSocket may have queued; more get an error message
+    # hostile or stalled clients (SECURITY.md): a request's headers must be complete within
+    # read_timeout of its first byte and its body may pause at most that long; a client that takes no
+    # audio for send_timeout is dropped; a job generates at most max_ahead_seconds of audio more than
+    # its client has taken, then waits outside the batch
+    read_timeout: float = Field(15.0, gt=0)
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)  # request line + headers; larger: 431
+    send_timeout: float = Field(30.0, gt=0)
+    max_ahead_seconds: float = Field(8.0, gt=0)
+    public_docs: bool | None = None  # /docs and /openapi.json without a key; unset: only when no ECHO_API_KEY
     api_key: str | None = None
     # sent as X-Echo-Replica on every response (Ray Serve sets it per replica): printable ASCII
     replica_name: str | None = Field(None, pattern=r"^[!-~]([ -~]{0,198}[!-~])?$")
