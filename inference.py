@@ -13,6 +13,7 @@ Latents are (B, frames, 80) in the PCA space of the Fish S1-DAC; one frame is 20
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -178,27 +179,80 @@ def load_pca_state_from_hf(repo_id: str = "jordand/echo-tts-base", device: str =
 
 
 class AudioDecodeError(ValueError):
-    """An audio file or buffer could not be decoded."""
+    """Audio that could not be decoded, or was refused before decoding. The message names a file by
+    its base name only: it may reach a client, and must not map the server's disk."""
+
+
+class AudioTooLong(AudioDecodeError):
+    """A clip longer than the caller accepts (decode_audio's `refuse_over`)."""
+
+
+# The containers audio is read from. FFmpeg can probe many more, among them concat scripts,
+# playlists and image sequences, which open further files or URLs named inside the data: a client's
+# 53-byte "audio" could make the server read any file. Only these demuxers are tried, and no
+# protocol is allowed for anything the data names (the data itself is read through Python).
+AUDIO_CONTAINERS = ("wav", "w64", "flac", "mp3", "ogg", "mov", "matroska", "aac", "aiff", "caf", "au", "wv")
+MAX_SOURCE_RATE = 192_000  # Hz; higher rates are refused before decoding
+MAX_SOURCE_CHANNELS = 8
+DECODE_BUDGET_PER_SECOND = 96_000  # raw samples (all channels) decoded per second of max_duration: 48 kHz stereo
+_SAFE_CONTAINER_OPTIONS = {"format_whitelist": ",".join(AUDIO_CONTAINERS), "protocol_whitelist": "none"}
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """A decoded clip: (1, samples) float32 mono at 44.1 kHz, and what its source declared."""
+
+    audio: Tensor
+    source_rate: int
+    source_channels: int
 
 
 def load_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 300, normalize: bool = True) -> Tensor:
-    """Decode any FFmpeg-readable audio to a (1, samples) float32 tensor: mono, 44.1 kHz, peak 1.0
-    (as recorded with `normalize=False`).
+    """Decode audio to a (1, samples) float32 tensor: mono, 44.1 kHz, peak 1.0 (as recorded with
+    `normalize=False`). See `decode_audio` for the formats and limits."""
+    return decode_audio(path, max_duration, normalize).audio
 
-    Multi-channel audio is down-mixed; audio beyond `max_duration` seconds is dropped.
-    `path` may also be a binary file object (e.g. io.BytesIO of an uploaded clip).
+
+def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 300,
+                 normalize: bool = True, refuse_over: float | None = None) -> DecodedAudio:
+    """Decode a clip in one of AUDIO_CONTAINERS (a path or a binary file object such as io.BytesIO
+    of an upload); multi-channel audio is down-mixed, audio beyond `max_duration` seconds dropped.
+
+    Built for untrusted bytes: other containers are refused, a source over MAX_SOURCE_RATE or
+    MAX_SOURCE_CHANNELS is refused from its header, decoding stops (refused) once it has produced
+    more raw samples than `max_duration` seconds of 48 kHz stereo, and a clip with a NaN or
+    infinite sample is refused. Every refusal is an AudioDecodeError. With `refuse_over`, a clip
+    longer than that many seconds is refused (AudioTooLong) instead of cut: from its declared
+    duration before decoding, else once decoding passes it.
     """
-    name = getattr(path, "name", None) or (os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<audio data>")
+    if refuse_over is not None:
+        max_duration = refuse_over + 1
+    is_path = isinstance(path, (str, os.PathLike))
+    name = os.path.basename(os.fspath(path)) if is_path else "the audio"
     limit = None if not max_duration or max_duration <= 0 else int(max_duration * SAMPLE_RATE)
+    budget = None if limit is None else int(max_duration * DECODE_BUDGET_PER_SECOND)
     pieces: list[np.ndarray] = []
-    total = 0
+    total = decoded = 0
     try:
-        with av.open(path if not isinstance(path, os.PathLike) else os.fspath(path), mode="r") as container:
+        with open(path, "rb") if is_path else contextlib.nullcontext(path) as file, \
+                av.open(file, mode="r", container_options=_SAFE_CONTAINER_OPTIONS) as container:
             if not container.streams.audio:
-                raise AudioDecodeError(f"cannot decode audio from {name}: no audio stream")
+                raise AudioDecodeError(f"cannot decode {name}: it has no audio stream")
+            stream = container.streams.audio[0]
+            rate, channels = stream.rate or 0, stream.channels or 0
+            if rate > MAX_SOURCE_RATE or channels > MAX_SOURCE_CHANNELS:
+                raise AudioDecodeError(f"cannot decode {name}: {channels} channels at {rate} Hz; at most "
+                                       f"{MAX_SOURCE_CHANNELS} channels at {MAX_SOURCE_RATE} Hz are accepted")
+            if refuse_over is not None and _declared_seconds(container, stream) > max_duration:
+                raise AudioTooLong(f"{name} is longer than {refuse_over:g} s")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            frames = container.decode(container.streams.audio[0])
-            for frame in _with_flush(frames):
+            for frame in _with_flush(container.decode(stream)):
+                if frame is not None:
+                    decoded += frame.samples * max(frame.layout.nb_channels, 1)
+                    if budget is not None and decoded > budget:
+                        raise AudioDecodeError(
+                            f"cannot decode {name}: it holds more samples than {max_duration:g} s of 48 kHz "
+                            f"stereo audio")
                 for out in resampler.resample(frame):
                     pieces.append(out.to_ndarray().reshape(-1))
                     total += pieces[-1].size
@@ -206,16 +260,29 @@ def load_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None = 
                     break
     except AudioDecodeError:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise AudioDecodeError(f"cannot decode audio from {name}: {e}") from e
+    except av.FFmpegError as e:  # its str() would name the file: only FFmpeg's reason is shown
+        raise AudioDecodeError(f"cannot decode {name}: not audio in a supported format ({e.strerror})") from e
+    except (OSError, ValueError, EOFError) as e:
+        raise AudioDecodeError(f"cannot decode {name}: {type(e).__name__}") from e
     audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if limit is not None:
         audio = audio[:limit]
     if audio.size == 0:
-        raise AudioDecodeError(f"cannot decode audio from {name}: it contains no samples")
+        raise AudioDecodeError(f"cannot decode {name}: it contains no samples")
+    if refuse_over is not None and audio.size > refuse_over * SAMPLE_RATE:
+        raise AudioTooLong(f"{name} is longer than {refuse_over:g} s")
+    if not np.isfinite(audio).all():
+        raise AudioDecodeError(f"cannot use {name}: it contains samples that are not numbers (NaN or infinity)")
     tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
     peak = tensor.abs().max()
-    return tensor / peak if normalize and peak > 0 else tensor
+    return DecodedAudio(tensor / peak if normalize and peak > 0 else tensor, rate, channels)
+
+
+def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float:
+    """The duration a clip's header declares (0 when it declares none): what decoding would cost."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration is not None else 0.0
 
 
 def _with_flush(frames):
@@ -224,9 +291,10 @@ def _with_flush(frames):
     yield None
 
 
-def load_audio_bytes(data: bytes, max_duration: float | None = 300, normalize: bool = True) -> Tensor:
+def load_audio_bytes(data: bytes, max_duration: float | None = 300, normalize: bool = True,
+                     refuse_over: float | None = None) -> Tensor:
     """load_audio for an in-memory encoded clip."""
-    return load_audio(io.BytesIO(data), max_duration=max_duration, normalize=normalize)
+    return decode_audio(io.BytesIO(data), max_duration, normalize, refuse_over).audio
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The HTTP layer (api_server.py) validates and translates; this module decides wha
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -26,8 +27,8 @@ from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
-from voices import (SpeakerCache, VoiceRegistry, VoiceSource, is_no_voice, load_inline_voice, load_voice_audio,
-                    looks_like_inline_audio)
+from voices import (SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
+                    inline_voice_audio, is_no_voice, load_voice_audio, looks_like_inline_audio)
 from voice_library import VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -286,21 +287,24 @@ class SpeechService:
     # ---- the voice library --------------------------------------------------------------------
 
     def add_voice(self, name: str, data: bytes, consent: str | None, overwrite: bool) -> dict:
-        """Store an uploaded voice and encode it now (slow: call it off the event loop), so neither a
-        request nor a restart has to. Raises RequestError (with its HTTP status)."""
+        """Check an uploaded voice, encode it, then store it with its latents (slow: call it off the
+        event loop), so neither a request nor a restart has to encode it. Nothing is stored unless
+        all of it is usable. Raises RequestError (with its HTTP status)."""
         if not self.settings.uploads_enabled:
             raise RequestError("voice uploads are off on this server: set ECHO_VOICE_UPLOADS=1 (they are on by "
                                "default when ECHO_API_KEY is set)", status=403)
-        metadata = self.library.add(name, data, consent, overwrite)
-        source = self.voices.resolve(metadata["id"])
-        self._forget(source.cache_name)
+        upload = self.library.check(name, data, consent, overwrite)
+        max_seconds = self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
+        # encoded from the stored FLAC's bytes, exactly as the voice is read back from its file
+        clip = SpeakerReference(f"upload:{hashlib.sha256(upload.flac).hexdigest()}",
+                                lambda: inf.load_audio_bytes(upload.flac, max_duration=max_seconds))
         try:
-            latent, mask = self.engine.speaker_latents(self._registry_reference(source))
+            latent, mask = self.engine.speaker_latents(clip)
         except VoiceUnusable as e:
-            self.library.delete(source.name)
             raise RequestError(str(e), "audio_sample") from e
-        self.library.store_latents(source, latent, mask)
-        return metadata
+        source = self.library.store(upload, overwrite, latents=(latent, mask))
+        self._forget(source.cache_name)
+        return upload.metadata
 
     def delete_voice(self, name: str) -> dict:
         source = self.library.delete(name)
@@ -313,12 +317,12 @@ class SpeechService:
         self.speaker_kv_cache.discard_name(cache_name)
 
     def _inline_voice(self, voice: str) -> SpeakerReference:
-        """A base64 / data: URL voice within ECHO_MAX_VOICE_BYTES and ECHO_MAX_VOICE_SECONDS."""
-        limit = self.settings.max_voice_seconds
-        key, audio = load_inline_voice(voice, self.settings.max_voice_bytes, max_duration=limit + 1)
-        if audio.shape[1] > limit * inf.SAMPLE_RATE:
-            raise RequestError(f"the voice clip is longer than {limit:g} s (ECHO_MAX_VOICE_SECONDS)", "voice")
-        return SpeakerReference(key, lambda: audio)
+        """A base64 / data: URL voice within ECHO_MAX_VOICE_BYTES and ECHO_MAX_VOICE_SECONDS. Its
+        base64 is checked now; it is decoded only when its latents are not cached (keyed by content),
+        so a clip sent with every request is decoded once."""
+        data = decode_inline_voice(voice, self.settings.max_voice_bytes)
+        return SpeakerReference(inline_cache_key(data),
+                                lambda: inline_voice_audio(data, max_seconds=self.settings.max_voice_seconds))
 
     def _job(self, options: GenerationOptions, chunks: tuple[str, ...],
              speaker: SpeakerReference | None) -> SpeechJob:

@@ -18,7 +18,7 @@ ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden
                404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
                413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),
                500: ("generation_failed", "server_error"), 503: ("not_ready", "server_error"),
-               504: ("timeout", "server_error")}
+               504: ("timeout", "server_error"), 507: ("insufficient_storage", "server_error")}
 
 
 class RequestError(ValueError):

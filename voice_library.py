@@ -8,25 +8,31 @@ not encode it again). Files an operator placed in a voice directory are read-onl
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
 import json
+import logging
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from inference import SAMPLE_RATE, AudioDecodeError, load_audio_bytes
+from inference import SAMPLE_RATE, AudioDecodeError, AudioTooLong, decode_audio
 from speech_request import RequestError
 from voices import VoiceRegistry, VoiceSource, is_no_voice
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9 _.-]{1,64}")
 METADATA_SUFFIX, LATENTS_SUFFIX, AUDIO_SUFFIX = ".voice.json", ".latents.safetensors", ".flac"
 SILENT_PEAK = 1e-3  # a clip whose loudest sample stays below this (-60 dBFS) is silence
@@ -63,31 +69,66 @@ def quality_report(audio: np.ndarray, rate: int, channels: int) -> dict:
     return {**report, "warnings": warnings}
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A checked upload, not stored yet: its name, the clip as it will be stored (FLAC), its metadata."""
+
+    name: str
+    flac: bytes
+    metadata: dict
+
+
 class VoiceLibrary:
-    """Uploads into `directory` (one of the registry's voice directories)."""
+    """Uploads into `directory` (one of the registry's voice directories).
+
+    Storing is all or nothing, and one upload at a time per directory (an exclusive lock on the
+    directory, so replicas sharing it agree too): each file is written in full to a temporary file
+    first, and only when all are written are they renamed into place, the audio first and the
+    metadata last. A full disk leaves the library as it was and is an `InsufficientStorage` (507).
+    """
 
     def __init__(self, directory: Path, registry: VoiceRegistry, max_bytes: int, max_seconds: float):
         self.directory, self.registry = Path(directory), registry
         self.max_bytes, self.max_seconds = max_bytes, max_seconds
 
-    def add(self, name: str, data: bytes, consent: str | None = None, overwrite: bool = False) -> dict:
-        """Check and store a voice; returns its metadata. Raises RequestError (with its HTTP status)."""
+    def check(self, name: str, data: bytes, consent: str | None = None, overwrite: bool = False) -> Upload:
+        """Check a name and a clip (a conflict first, before any decoding); nothing is written.
+        Raises RequestError (with its HTTP status)."""
         name = check_name(name)
+        self._check_replaceable(name, overwrite)
+        audio, rate, channels = self._decode(data)
+        audio = np.clip(audio, -1.0, 1.0)  # what the 24-bit FLAC keeps: the report describes the stored clip
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_24")
+        metadata = {"object": "audio.voice", "id": name, "name": name, "created_at": int(time.time()),
+                    "consent": consent, "uploaded": True, "quality": quality_report(audio, rate, channels)}
+        return Upload(name, buffer.getvalue(), metadata)
+
+    def store(self, upload: Upload, overwrite: bool,
+              latents: tuple[torch.Tensor, torch.Tensor] | None = None) -> VoiceSource:
+        """Store a checked upload (exactly one of several concurrent uploads of a name wins unless
+        `overwrite`) and, if given, its speaker latents, tied to the stored version."""
+        name = upload.name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._check_replaceable(name, overwrite)
+            with _TempFiles(self.directory) as temps:
+                audio = temps.write(upload.flac)
+                metadata = temps.write(json.dumps(upload.metadata, indent=2).encode())
+                self._path(name, LATENTS_SUFFIX).unlink(missing_ok=True)  # the replaced version's
+                os.replace(audio, self._path(name, AUDIO_SUFFIX))
+                os.replace(metadata, self._path(name, METADATA_SUFFIX))
+            source = self.registry.resolve(name)
+            if latents is not None:
+                self._store_latents(source, *latents)
+        return source
+
+    def _check_replaceable(self, name: str, overwrite: bool) -> None:
         if not overwrite and name in self.registry:
             raise RequestError(f"a voice named {name!r} exists; send overwrite=true to replace it", "name",
                                status=409)
         if name in self.registry and not self.is_uploaded(name):
             raise RequestError(f"voice {name!r} was placed by the operator and cannot be replaced", "name", status=403)
-        audio, rate, channels = self._decode(data)
-        metadata = {"object": "audio.voice", "id": name, "name": name, "created_at": int(time.time()),
-                    "consent": consent, "uploaded": True, "quality": quality_report(audio, rate, channels)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._write(self._path(name, METADATA_SUFFIX), json.dumps(metadata, indent=2).encode())
-        buffer = io.BytesIO()
-        sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_24")
-        self._write(self._path(name, AUDIO_SUFFIX), buffer.getvalue())  # the voice exists from here on
-        self._path(name, LATENTS_SUFFIX).unlink(missing_ok=True)  # an overwritten voice's old latents
-        return metadata
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
         if not data:
@@ -96,18 +137,16 @@ class VoiceLibrary:
             raise RequestError(f"audio_sample is larger than {self.max_bytes} bytes (ECHO_MAX_VOICE_BYTES)",
                                "audio_sample", status=413)
         try:
-            with av.open(io.BytesIO(data)) as container:
-                stream = container.streams.audio[0]
-                rate, channels = stream.rate, stream.channels
-            audio = load_audio_bytes(data, max_duration=self.max_seconds + 1, normalize=False)[0].numpy()
-        except (AudioDecodeError, av.FFmpegError, IndexError, ValueError) as e:
-            raise RequestError(f"audio_sample is not decodable audio ({type(e).__name__})", "audio_sample") from None
-        if audio.size > self.max_seconds * SAMPLE_RATE:
+            decoded = decode_audio(io.BytesIO(data), normalize=False, refuse_over=self.max_seconds)
+        except AudioTooLong:
             raise RequestError(f"audio_sample is longer than {self.max_seconds:g} s (ECHO_MAX_VOICE_SECONDS)",
-                               "audio_sample")
-        if audio.size == 0 or np.abs(audio).max() < SILENT_PEAK:
+                               "audio_sample") from None
+        except AudioDecodeError as e:
+            raise RequestError(f"audio_sample is not decodable audio: {e}", "audio_sample") from None
+        audio = decoded.audio[0].numpy()
+        if np.abs(audio).max() < SILENT_PEAK:
             raise RequestError("audio_sample is silent", "audio_sample")
-        return audio, rate, channels
+        return audio, decoded.source_rate, decoded.source_channels
 
     def metadata(self, name: str) -> dict:
         """An uploaded voice's stored metadata, or what is known of an operator's voice; 404 if unknown."""
@@ -123,8 +162,9 @@ class VoiceLibrary:
         if not self.is_uploaded(source.name):
             raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
                                "voice_id", status=403)
-        for suffix in (AUDIO_SUFFIX, LATENTS_SUFFIX, METADATA_SUFFIX):
-            self._path(source.name, suffix).unlink(missing_ok=True)
+        with self._locked():
+            for suffix in (METADATA_SUFFIX, AUDIO_SUFFIX, LATENTS_SUFFIX):
+                self._path(source.name, suffix).unlink(missing_ok=True)
         return source
 
     def is_uploaded(self, name: str) -> bool:
@@ -142,14 +182,17 @@ class VoiceLibrary:
                 return None
             return f.get_tensor("latent"), f.get_tensor("mask")
 
-    def store_latents(self, source: VoiceSource, latent: torch.Tensor, mask: torch.Tensor) -> None:
-        if not self.is_uploaded(source.name):
-            return
-        buffer = {"latent": latent.detach().float().cpu().contiguous(), "mask": mask.detach().cpu().contiguous()}
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as tmp:
-            pass
-        save_file(buffer, tmp.name, metadata={"cache_key": source.cache_key})
-        os.replace(tmp.name, self._path(source.name, LATENTS_SUFFIX))
+    def _store_latents(self, source: VoiceSource, latent: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep a voice's latents beside it (a cache: with no room for it, the voice is encoded again
+        when first used after a restart)."""
+        tensors = {"latent": latent.detach().float().cpu().contiguous(), "mask": mask.detach().cpu().contiguous()}
+        try:
+            with _TempFiles(self.directory) as temps:
+                path = temps.write(save(tensors, metadata={"cache_key": source.cache_key}))
+                os.replace(path, self._path(source.name, LATENTS_SUFFIX))
+        except InsufficientStorage:
+            log.warning("no room to store the speaker latents of voice %r; they are encoded again after a restart",
+                        source.name)
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -162,10 +205,49 @@ class VoiceLibrary:
     def _path(self, name: str, suffix: str) -> Path:
         return self.directory / f"{name}{suffix}"
 
-    def _write(self, path: Path, data: bytes) -> None:
-        """All of `data` at `path` or nothing: a temporary file in the same directory, renamed."""
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The directory's upload lock: one writer at a time, across threads and processes."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+class InsufficientStorage(RequestError):
+    """The voice directory's file system is full (or over quota): HTTP 507."""
+
+    def __init__(self):
+        super().__init__("there is no room left to store voices on this server; nothing was stored", status=507)
+
+
+class _TempFiles:
+    """Temporary files in `directory`, each written in full and synced; whatever was not renamed away
+    is removed when the block ends, however it ends. A full disk becomes InsufficientStorage."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.paths = directory, []
+
+    def write(self, data: bytes) -> str:
+        try:
+            fd, path = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".tmp")
+            self.paths.append(path)
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(data)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage() from None
+            raise
+        return path
+
+    def __enter__(self) -> _TempFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from inference import SAMPLE_RATE, AudioDecodeError, load_audio, load_audio_bytes
+from inference import SAMPLE_RATE, AudioDecodeError, AudioTooLong, load_audio, load_audio_bytes
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -54,6 +54,7 @@ __all__ = [
     "decode_inline_voice",
     "inline_cache_key",
     "is_no_voice",
+    "inline_voice_audio",
     "load_inline_voice",
     "load_voice_audio",
     "looks_like_inline_audio",
@@ -364,14 +365,22 @@ def inline_cache_key(data: bytes) -> str:
 
 
 def load_inline_voice(value: str, max_bytes: int | None, max_duration: float | None) -> tuple[str, Tensor]:
-    """Decode an inline voice: (cache key, (1, samples) float32 44.1 kHz audio). Invalid base64,
-    oversize data and data that is not decodable audio all raise `InvalidVoiceError`."""
+    """Decode an inline voice: (cache key, (1, samples) float32 44.1 kHz audio, cut at
+    `max_duration`). Invalid base64, oversize data and data that is not decodable audio all raise
+    `InvalidVoiceError`."""
     data = decode_inline_voice(value, max_bytes)
+    return inline_cache_key(data), inline_voice_audio(data, max_duration=max_duration)
+
+
+def inline_voice_audio(data: bytes, max_duration: float | None = None, max_seconds: float | None = None) -> Tensor:
+    """The audio of an inline voice's bytes, cut at `max_duration` seconds or, with `max_seconds`,
+    refused when longer (InvalidVoiceError naming ECHO_MAX_VOICE_SECONDS)."""
     try:
-        audio = load_audio_bytes(data, max_duration=max_duration)
+        return load_audio_bytes(data, max_duration=max_duration, refuse_over=max_seconds)
+    except AudioTooLong:
+        raise InvalidVoiceError(f"the voice clip is longer than {max_seconds:g} s (ECHO_MAX_VOICE_SECONDS)") from None
     except AudioDecodeError as e:
         raise InvalidVoiceError(f"voice base64 data is not decodable audio: {e}") from e
-    return inline_cache_key(data), audio
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,3 +118,100 @@ def test_a_deleted_voice_is_gone_everywhere(library):
 def test_uploads_are_off_on_a_server_without_a_key(server):
     r = upload(server, "nope", clip(), headers={})
     assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
+
+
+# ---- hostile and unlucky uploads (issue 17, items 1-4) -----------------------------------------------
+
+
+def stored_files(directory):
+    return {p.name for p in directory.iterdir()}
+
+
+def test_concurrent_uploads_of_one_name_have_exactly_one_winner(library):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda i: upload(library, "race", clip(seconds=5.0 + i / 10)).status_code, range(12)))
+    assert sorted(statuses) == [200] + [409] * 11, statuses
+
+
+def test_concurrent_overwrites_leave_a_voice_whose_files_belong_together(library):
+    from concurrent.futures import ThreadPoolExecutor
+
+    durations = [5.0 + i / 10 for i in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda s: upload(library, "torn", clip(seconds=s), overwrite="true").status_code,
+                                 durations))
+    assert statuses == [200] * 10
+    metadata = httpx.get(library.url + "/v1/voices/torn", headers=KEY).json()
+    stored = sf.info(library.uploads / "torn.flac").duration
+    assert metadata["quality"]["duration_seconds"] == pytest.approx(stored, abs=0.01)
+    assert not any(name.endswith(".tmp") for name in stored_files(library.uploads))
+
+
+def test_a_wav_with_a_nan_sample_is_400_and_stores_nothing(library):
+    data = io.BytesIO()
+    tone = 0.3 * np.sin(np.arange(6 * 22050) / 7).astype(np.float32)
+    tone[1000] = np.nan
+    sf.write(data, tone, 22050, format="WAV", subtype="FLOAT")
+    before = stored_files(library.uploads)
+    r = upload(library, "nan", data.getvalue())
+    assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
+    assert stored_files(library.uploads) == before
+
+
+def test_the_quality_report_describes_the_stored_clip_after_clipping(library):
+    r = upload(library, "loud", _float_wav(amplitude=1.5))
+    quality = r.json()["quality"]
+    assert quality["peak"] == pytest.approx(1.0) and quality["clipped_fraction"] > 0
+    assert np.abs(sf.read(library.uploads / "loud.flac")[0]).max() <= 1.0
+
+
+def _float_wav(amplitude: float) -> bytes:
+    t = np.arange(6 * 22050) / 22050
+    data = io.BytesIO()
+    sf.write(data, (amplitude * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 22050, format="WAV", subtype="FLOAT")
+    return data.getvalue()
+
+
+def test_a_concat_script_as_a_voice_reads_no_server_file(library):
+    script = b"ffconcat version 1.0\nfile tests/reference/../../README.md\n"
+    r = upload(library, "sneaky", script)
+    assert r.status_code == 400 and "README" not in r.text and "tests/" not in r.text
+    inline = "data:audio/wav;base64," + __import__("base64").b64encode(script).decode()
+    r = httpx.post(library.url + "/v1/audio/speech", headers=KEY, timeout=60,
+                   json={"input": "Hi.", "voice": inline, "block_sizes": [4], "num_steps": [1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice" and "README" not in r.text
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 400 KiB tmpfs: room for a small voice or two, not for more."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_507_leaves_no_trace_and_recovers(tiny_echo_dir, tiny_fish_dir, voice_dir, tiny_disk,
+                                                         tmp_path):
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="lib-key",
+                     ECHO_VOICE_UPLOAD_DIR=str(tiny_disk), ECHO_MAX_VOICE_BYTES="4000000", ECHO_MAX_VOICE_SECONDS="60")
+    live = LiveServer(env, tmp_path / "server.log")
+    try:
+        (tiny_disk / "filler").write_bytes(b"\0" * 300 * 1024)
+        r = upload(live, "big", clip(seconds=10.0, rate=44100))
+        assert r.status_code == 507 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["code"] == "insufficient_storage"
+        assert stored_files(tiny_disk) == {"filler"}  # no orphan metadata, no temporary file
+        assert httpx.get(live.url + "/v1/voices/big", headers=KEY).status_code == 404
+        (tiny_disk / "filler").unlink()
+        assert upload(live, "big", clip(seconds=3.0, rate=44100)).status_code == 200
+        assert stored_files(tiny_disk) >= {"big.flac", "big.voice.json"}
+    finally:
+        live.stop()

@@ -386,3 +386,92 @@ def test_factories_of_different_keys_run_in_parallel():
     for t in threads:
         t.join(10)
     assert cache.get("a") == 1 and cache.get("b") == 1
+
+
+# ---- decoding untrusted bytes (issue 17, items 1, 4 and 9) -------------------------------------------
+
+
+def test_a_concat_script_cannot_read_files_from_the_server(tmp_path, monkeypatch):
+    """FFmpeg's concat demuxer would decode the file a 53-byte 'clip' names: refused, and the
+    message is the same whether the named path exists, is a folder, or is missing."""
+    (tmp_path / "private").mkdir()
+    sf.write(tmp_path / "private" / "secret.wav", np.full(4410, 0.5, np.float32), SAMPLE_RATE)
+    monkeypatch.chdir(tmp_path)
+    messages = set()
+    for target in ("private/secret.wav", "private", "private/missing.wav", str(tmp_path / "private/secret.wav")):
+        script = f"ffconcat version 1.0\nfile {target}\n".encode()
+        with pytest.raises(InvalidVoiceError) as caught:
+            load_inline_voice(base64.b64encode(script).decode(), 10**6, 30)
+        messages.add(str(caught.value))
+        assert "private" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("container, codec", [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame"),
+                                              ("ogg", "libopus"), ("ipod", "aac"), ("webm", "libopus"),
+                                              ("aiff", "pcm_s16be"), ("caf", "pcm_s16le"), ("adts", "aac")])
+def test_real_audio_containers_still_decode(container, codec):
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=48000)
+        frame = av.AudioFrame.from_ndarray(0.3 * np.sin(np.arange(48000, dtype=np.float32) / 8)[None],
+                                           format="flt", layout="mono")
+        frame.sample_rate = 48000
+        frame = next(iter(av.AudioResampler(format=stream.codec_context.format.name, layout="mono",
+                                             rate=48000).resample(frame)))
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    key, audio = load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+    assert abs(audio.shape[1] - SAMPLE_RATE) < 0.1 * SAMPLE_RATE
+
+
+def test_errors_about_voice_files_name_no_server_path(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "broken.wav").write_bytes(b"RIFF not really")
+    with pytest.raises(InvalidVoiceError) as caught:
+        VoiceRegistry([tmp_path / "v"]).load("broken", 30)
+    assert "broken.wav" in str(caught.value) and str(tmp_path) not in str(caught.value)
+
+
+def test_a_clip_with_a_nan_sample_is_refused():
+    buf = io.BytesIO()
+    samples = np.full(4410, 0.25, np.float32)
+    samples[100] = np.nan
+    sf.write(buf, samples, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    with pytest.raises(InvalidVoiceError, match="NaN"):
+        load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+
+
+def test_a_clip_over_the_rate_or_channel_limit_is_refused_from_its_header(monkeypatch):
+    """A 384 kHz, 8-channel FLAC: refused before a single frame is decoded."""
+    import inference
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((384, 8), np.float32), 384000, format="FLAC")
+    decoded = []
+    monkeypatch.setattr(inference, "_with_flush", lambda frames: decoded.append(1) or iter(()))
+    with pytest.raises(InvalidVoiceError, match="384000 Hz"):
+        load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+    assert decoded == []
+
+
+def test_decoding_stops_once_a_clip_holds_more_than_its_duration_budget():
+    """Eight channels at 48 kHz pass the header checks, but 2 s of them is more raw samples than
+    3 s of 48 kHz stereo: decoding is abandoned, not finished."""
+    from inference import AudioDecodeError, load_audio_bytes
+
+    buf = io.BytesIO()
+    sf.write(buf, 0.1 * np.ones((2 * 48000, 8), np.float32), 48000, format="FLAC")
+    with pytest.raises(AudioDecodeError, match="more samples"):
+        load_audio_bytes(buf.getvalue(), max_duration=1.5)
+    assert load_audio_bytes(buf.getvalue(), max_duration=10).shape[1] == 2 * SAMPLE_RATE  # within 10 s of it
+
+
+def test_a_clip_longer_than_refuse_over_is_refused_not_cut():
+    from inference import AudioTooLong, load_audio_bytes
+
+    with pytest.raises(AudioTooLong):
+        load_audio_bytes(wav_bytes(2.0), refuse_over=1.0)
+    assert load_audio_bytes(wav_bytes(0.9), refuse_over=1.0).shape[1] == int(0.9 * SAMPLE_RATE)
