@@ -6,7 +6,7 @@ that yields what it needs computed: a ModelCall (one diffusion step) or a Decode
 through its stream's decoder). `generate` runs one job alone; `GenerationWorker`
 runs many on one worker thread, batching their model calls into shared forward passes and their
 decodes into shared decoder calls, and hands audio back to asyncio through a queue, so GPU
-work never blocks the event loop.
+work never blocks the event loop; a job that runs too far ahead of its client waits out of the batch.
 """
 
 from __future__ import annotations
@@ -350,12 +350,26 @@ class QueueFull(Exception):
 
 @dataclass
 class _Ticket:
+    """A submitted job as both sides see it: the worker writes `resume_at`, the JobStream `taken`
+    and `taken_at` (plain attributes: each has one writer, and the reader only compares them)."""
+
     job: SpeechJob
     loop: asyncio.AbstractEventLoop
     output: asyncio.Queue
     request_id: str = "-"
-    deadline: float | None = None  # time.monotonic() after which the job is abandoned
+    deadline: float | None = None  # time.monotonic() after which the job is abandoned (moved on by parking)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    wake: Callable[[], None] = lambda: None  # wakes the worker (from any thread)
+    taken: int = 0  # samples the client has taken from its JobStream
+    taken_at: float = 0.0  # time.monotonic() of its last take
+    resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
+
+    def took(self, samples: int) -> None:
+        """The client took a block (event loop): wake the worker if that lets its parked job go on."""
+        self.taken += samples
+        self.taken_at = time.monotonic()
+        if (at := self.resume_at) is not None and self.taken >= at:
+            self.wake()
 
 
 class _ThreadCall:
@@ -380,13 +394,21 @@ class GenerationTimeout(Exception):
     """The job ran past its deadline and was stopped."""
 
 
+class ClientStalled(Exception):
+    """The job's client took no audio for the send timeout while the job waited for it: the job was
+    stopped and the audio queued for the client dropped."""
+
+
 _DONE = object()
+_WAKE = object()  # put in the worker's queue: a parked job may go on (or was cancelled)
 
 
 class JobStream:
     """The audio of one submitted job: an async iterator of float32 blocks; `cancel()` stops its work.
 
     A generation error is raised from the iteration; cancelling stops the job within one step.
+    Taking a block is what lets a job that ran ahead of its client go on (GenerationWorker's
+    `max_ahead_samples`).
     """
 
     def __init__(self, ticket: _Ticket):
@@ -405,10 +427,59 @@ class JobStream:
             if isinstance(item, BaseException):
                 raise item
             raise StopAsyncIteration
+        self._ticket.took(item.size)
         return item
+
+    @property
+    def taken(self) -> int:
+        """Samples taken from this stream so far."""
+        return self._ticket.taken
 
     def cancel(self) -> None:
         self._ticket.cancelled.set()
+        if self._ticket.resume_at is not None:  # parked: the worker may be asleep
+            self._ticket.wake()
+
+
+class Reservation:
+    """A queue slot held for a job that is not built yet (GenerationWorker.reserve).
+
+    `submit` hands the job to the worker in this slot, with no second check; `release` gives the
+    slot back if it was not used (idempotent). As a context manager it is released on exit unless
+    submitted.
+    """
+
+    def __init__(self, worker: GenerationWorker):
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._held = True  # until submitted or released
+
+    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
+        """Queue the job in this slot (call from the event loop). A job still running `timeout`
+        seconds after submission (time parked not counted) is stopped (GenerationTimeout)."""
+        loop = asyncio.get_running_loop()  # before the slot is given up: off a loop, nothing changes
+        with self._lock:
+            if not self._held:
+                raise RuntimeError("this reservation was already submitted or released")
+            self._held = False
+        deadline = time.monotonic() + timeout if timeout else None
+        return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline))
+
+    def release(self) -> None:
+        """Give the slot back unless a job took it (any thread; again: nothing)."""
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._worker._release()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a reservation dropped unused must not take its slot with it
+        self.release()
 
 
 class GenerationWorker:
@@ -416,18 +487,28 @@ class GenerationWorker:
 
     Every iteration takes the next diffusion step of each active job and evaluates them together
     (the engine's step runner: batched_steps.py), then decodes the blocks that finished. At most
-    `max_active` jobs run at once; up to `max_waiting` more wait for a slot; beyond that,
-    submit() raises QueueFull. A cancelled job is dropped before its next step.
+    `max_active` jobs run at once; up to `max_waiting` more wait for a slot or are parked; beyond
+    that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step.
+
+    Back-pressure: a job whose audio is more than `max_ahead_samples` ahead of what its client has
+    taken is parked before its next model step: out of the batch, its slot free for another job,
+    its deadline stopped, until the client catches up. A job parked while its client takes nothing
+    for `send_timeout` seconds is stopped (ClientStalled) and the audio queued for it dropped, so a
+    client that never reads holds at most about `max_ahead_samples` of audio, and only that long.
     """
 
     def __init__(self, engine: SpeechEngine, max_waiting: int = 16, max_active: int = 8,
-                 debug_sink: Callable[[np.ndarray], None] | None = None):
+                 debug_sink: Callable[[np.ndarray], None] | None = None, max_ahead_samples: int | None = None,
+                 send_timeout: float | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
         self.max_active = max_active
-        self._jobs: queue.Queue[_Ticket | _ThreadCall | None] = queue.Queue()
+        self.max_ahead_samples = max_ahead_samples  # None: a job never waits for its client
+        self.send_timeout = send_timeout  # None: a parked job waits for its client as long as it takes
+        self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
         self._active = 0
+        self._parked = 0
         self._lock = threading.Lock()
         self._debug_sink = debug_sink
         self._checks: ThreadPoolExecutor | None = None  # silence checks (VAD reroll), off this thread
@@ -436,7 +517,7 @@ class GenerationWorker:
 
     @property
     def pending(self) -> int:
-        """Jobs waiting or running."""
+        """Jobs (and reservations) waiting, running or parked."""
         return self._pending
 
     @property
@@ -445,9 +526,14 @@ class GenerationWorker:
         return self._active
 
     @property
+    def parked(self) -> int:
+        """Jobs waiting for their client to take the audio they generated ahead of it."""
+        return self._parked
+
+    @property
     def waiting(self) -> int:
-        """Jobs waiting for a slot."""
-        return max(self._pending - self._active, 0)
+        """Jobs (and reservations) waiting for a slot."""
+        return max(self._pending - self._active - self._parked, 0)
 
     @property
     def alive(self) -> bool:
@@ -457,14 +543,25 @@ class GenerationWorker:
     def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
         """Queue a job (call from the event loop); raises QueueFull when too many are waiting.
 
-        A job still running `timeout` seconds after submission is stopped (GenerationTimeout).
+        A job still running `timeout` seconds after submission (time parked not counted) is stopped
+        (GenerationTimeout).
         """
+        with self.reserve() as reservation:
+            return reservation.submit(job, request_id, timeout)
+
+    def reserve(self) -> Reservation:
+        """Take a queue slot now for a job submitted later (any thread); raises QueueFull when too
+        many are waiting. A request reserves before its slow preparation, so a full server refuses
+        it at once."""
         with self._lock:
             if self._pending >= self.max_waiting + self.max_active:
                 raise QueueFull()
             self._pending += 1
-        deadline = time.monotonic() + timeout if timeout else None
-        ticket = _Ticket(job, asyncio.get_running_loop(), asyncio.Queue(), request_id, deadline)
+        return Reservation(self)
+
+    def _enqueue(self, ticket: _Ticket) -> JobStream:
+        """Hand a job whose slot is already counted in `pending` to the worker thread."""
+        ticket.wake = lambda: self._jobs.put(_WAKE)
         self._jobs.put(ticket)
         return JobStream(ticket)
 
@@ -491,21 +588,34 @@ class GenerationWorker:
 
     def _run(self) -> None:
         active: list[_Running] = []
+        parked: list[_Running] = []  # ahead of their client: out of the batch, in the order they left it
         with torch.inference_mode():
-            while self._admit(active):
-                self._drop_cancelled(active)
-                self._active = len(active)
+            while self._admit(active, parked):
+                self._drop_cancelled(active, parked)
+                self._park(active, parked)
+                self._count(active, parked)
                 self._step(active)
-                self._active = len(active)
-        self._active = 0
+                self._count(active, parked)
+        self._active = self._parked = 0
 
-    def _admit(self, active: list[_Running]) -> bool:
-        """Take waiting jobs into free slots (blocking while idle). False once closed."""
+    def _count(self, active: list[_Running], parked: list[_Running]) -> None:
+        self._active, self._parked = len(active), len(parked)
+
+    def _admit(self, active: list[_Running], parked: list[_Running]) -> bool:
+        """Resume parked jobs whose client caught up, then take waiting jobs into free slots. While
+        nothing runs it blocks: until a job, a wake-up or the next parked job's send timeout. False
+        once closed."""
+        self._resume(active, parked)
         while len(active) < self.max_active:
             try:
-                ticket = self._jobs.get(block=not active)
+                ticket = self._jobs.get(block=not active, timeout=self._until_stalled(parked))
             except queue.Empty:
                 break
+            if ticket is _WAKE:
+                self._resume(active, parked)
+                if not active:
+                    break  # (or a parked job was cancelled) back to the checks, then to sleep again
+                continue
             if isinstance(ticket, _ThreadCall):
                 ticket.run()
                 continue
@@ -514,9 +624,9 @@ class GenerationWorker:
                 self._release()
                 continue
             if ticket is None:
-                for running in active:
+                for running in active + parked:
                     running.ticket.cancelled.set()
-                self._drop_cancelled(active)
+                self._drop_cancelled(active, parked)
                 return False
             running = _Running(ticket, self.engine.job_steps(ticket.job), self._debug_sink is not None)
             if self._advance(running, None):
@@ -525,24 +635,67 @@ class GenerationWorker:
                 self._release()
         return True
 
-    def _drop_cancelled(self, active: list[_Running]) -> None:
-        """Stop jobs whose client left or whose time is up, before their next step."""
+    def _park(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Before their next model step, jobs more than `max_ahead_samples` ahead of what their client
+        has taken leave the batch (their slot free for another job) until it catches up."""
+        if self.max_ahead_samples is None:
+            return
+        now = time.monotonic()
+        for running in [r for r in active if isinstance(r.pending, ModelCall)]:
+            ticket = running.ticket
+            ticket.resume_at = running.samples - self.max_ahead_samples
+            if ticket.taken >= ticket.resume_at:  # read after resume_at is set: a later take wakes us
+                ticket.resume_at = None
+                continue
+            running.parked_at = now
+            active.remove(running)
+            parked.append(running)
+            log.debug("generation parked %.2f s of audio ahead of its client",
+                      (running.samples - ticket.taken) / SAMPLE_RATE, extra={"request_id": ticket.request_id})
+
+    def _resume(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Parked jobs whose client has caught up go back into free slots, before new jobs; the time
+        they were parked moves their deadline on (a slow listener is no slow generation)."""
+        now = time.monotonic()
+        for running in [r for r in parked if r.ticket.taken >= r.ticket.resume_at][:self.max_active - len(active)]:
+            ticket = running.ticket
+            ticket.resume_at = None
+            if ticket.deadline is not None:
+                ticket.deadline += now - running.parked_at
+            parked.remove(running)
+            active.append(running)
+
+    def _until_stalled(self, parked: list[_Running]) -> float | None:
+        """Seconds until the first parked job's client has taken nothing for the send timeout (None: never)."""
+        if self.send_timeout is None or not parked:
+            return None
+        return max(min(r.idle_since() for r in parked) + self.send_timeout - time.monotonic(), 0.0)
+
+    def _drop_cancelled(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Stop jobs whose client left or whose time is up, before their next step, and parked jobs
+        whose client left or took nothing for the send timeout (the audio queued for it dropped)."""
         now = time.monotonic()
         for running in list(active):
             ticket = running.ticket
             if ticket.cancelled.is_set():
                 log.info("generation cancelled after %.2f s of audio", running.samples / 44100,
                          extra={"request_id": ticket.request_id})
-                running.send(_DONE)
+                self._stop(active, running, _DONE)
             elif ticket.deadline is not None and now > ticket.deadline:
                 log.warning("generation stopped: over its time limit after %.2f s of audio",
                             running.samples / 44100, extra={"request_id": ticket.request_id})
-                running.send(GenerationTimeout("generation took longer than the server's time limit"))
-            else:
-                continue
-            running.steps.close()
-            active.remove(running)
-            self._release()
+                self._stop(active, running, GenerationTimeout("generation took longer than the server's time limit"))
+        for running in list(parked):
+            ticket = running.ticket
+            if ticket.cancelled.is_set():
+                log.info("generation cancelled after %.2f s of audio (parked)", running.samples / 44100,
+                         extra={"request_id": ticket.request_id})
+                self._stop(parked, running, _DONE)
+            elif self.send_timeout is not None and now - running.idle_since() > self.send_timeout:
+                log.warning("generation stopped after %.2f s of audio: its client took none for %g s",
+                            running.samples / 44100, self.send_timeout, extra={"request_id": ticket.request_id})
+                _drop_queued(ticket)
+                self._stop(parked, running, ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))
 
     def _step(self, active: list[_Running]) -> None:
         """One batched diffusion step for every job waiting on the model, then all pending decodes
@@ -571,7 +724,7 @@ class GenerationWorker:
                     silence = check.result()
                 except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
                     log.exception("silence check failed", extra={"request_id": running.ticket.request_id})
-                    self._fail(active, running, e)
+                    self._stop(active, running, e)
                     continue
                 self._continue(active, running, silence)
 
@@ -586,7 +739,7 @@ class GenerationWorker:
         except Exception as e:  # noqa: BLE001
             log.exception("%s for %d jobs failed", kind.__name__, len(members))
             for running in members:
-                self._fail(active, running, e)
+                self._stop(active, running, e)
             return
         for running, reply in zip(members, replies):
             self._continue(active, running, reply)
@@ -614,10 +767,12 @@ class GenerationWorker:
         running.pending = item
         return True
 
-    def _fail(self, active: list[_Running], running: _Running, error: Exception) -> None:
+    def _stop(self, jobs: list[_Running], running: _Running, last: Exception | object) -> None:
+        """End a job before its next step: its step generator closed (its tensors freed), `last`
+        (an error or _DONE) to its client, its slot free."""
         running.steps.close()
-        running.send(error)
-        active.remove(running)
+        running.send(last)
+        jobs.remove(running)
         self._release()
 
     def _release(self) -> None:
@@ -633,6 +788,19 @@ def _notify(ticket: _Ticket, item) -> None:
         ticket.cancelled.set()
 
 
+def _drop_queued(ticket: _Ticket) -> None:
+    """Let go of the audio queued for the ticket's JobStream and not taken (on its event loop)."""
+
+    def drop() -> None:
+        while not ticket.output.empty():
+            ticket.output.get_nowait()
+
+    try:
+        ticket.loop.call_soon_threadsafe(drop)
+    except RuntimeError:  # the event loop is gone: so is the queue's last user
+        pass
+
+
 class _Running:
     """A job on the worker thread: its step generator and what it is waiting for."""
 
@@ -642,9 +810,14 @@ class _Running:
         self.started = False
         self.pending: ModelCall | DecodeCall | SilenceCheck | None = None
         self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
-        self.samples = 0
+        self.samples = 0  # delivered to the client
         self.started_at = time.perf_counter()
+        self.parked_at = 0.0  # time.monotonic() when it last left the batch for its client
         self.kept: list[np.ndarray] | None = [] if keep_audio else None
+
+    def idle_since(self) -> float:
+        """Since when a parked job's client has taken nothing (time.monotonic())."""
+        return max(self.parked_at, self.ticket.taken_at)
 
     def send(self, item) -> None:
         _notify(self.ticket, item)
