@@ -24,7 +24,7 @@ from engine import (BlockShape, EarlyStop, GenerationWorker, JobStream, QueueFul
                     GenerationTimeout, SpeechJob, VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
-from speech_request import GenerationOptions, RequestError
+from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
 from voices import (SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
@@ -80,7 +80,9 @@ class SpeechService:
             self.engine = self._load_engine()
             self.worker = GenerationWorker(self.engine, max_waiting=self.settings.max_queue,
                                            max_active=self.settings.max_active,
-                                           debug_sink=self._save_debug_audio if self.settings.debug_logs else None)
+                                           debug_sink=self._save_debug_audio if self.settings.debug_logs else None,
+                                           max_ahead_samples=int(self.settings.max_ahead_seconds * inf.SAMPLE_RATE),
+                                           send_timeout=self.settings.send_timeout)
             self.worker.call(self._warm_up)  # on the thread that serves: CUDA graphs are per thread
             self.ready.set()
             log.info("ready")
@@ -356,6 +358,9 @@ class SpeechService:
         if len(steps) != len(blocks):
             raise RequestError(f"num_steps has {len(steps)} entries but there are {len(blocks)} blocks "
                                f"({blocks})", "num_steps")
+        if sum(steps) > MAX_STEPS_PER_CHUNK:
+            raise RequestError(f"the blocks take {sum(steps)} diffusion steps in all; the limit is "
+                               f"{MAX_STEPS_PER_CHUNK} per chunk", "num_steps")
         shape = _shape(blocks, steps)
         return shape, shape
 

@@ -12,6 +12,11 @@ from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEE
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
 
 MODEL_ID = "echo-tts"
+# What one text chunk may cost (issue 17: `block_sizes: [1]*640, num_steps: 1` took 13 s against
+# 0.1 s): blocks of at least MIN_BLOCK_FRAMES frames (~0.19 s), at most MAX_BLOCKS of them, and at
+# most MAX_STEPS_PER_CHUNK diffusion steps in all (4x the most one block may have; the presets use 20-60).
+MIN_BLOCK_FRAMES, MAX_BLOCKS, MAX_STEPS_PER_CHUNK = 4, 64, 400
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
@@ -50,14 +55,15 @@ class VoiceObject(BaseModel):
 class GenerationOptions(BaseModel):
     """A request's say in generation; None means 'the server default'."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     input: str
     voice: str
     stream: bool = True
-    seed: int | None = None  # omitted or negative: a random seed (reported in X-Echo-Seed)
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)  # omitted or negative: random (X-Echo-Seed)
 
-    block_sizes: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH)]] | None = Field(None, min_length=1)
+    block_sizes: list[Annotated[int, Field(ge=MIN_BLOCK_FRAMES, le=MAX_SEQUENCE_LENGTH)]] | None = Field(
+        None, min_length=1, max_length=MAX_BLOCKS)
     num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
     cfg_scale_text: float = Field(3.0, ge=0, le=50)
     cfg_scale_speaker: float = Field(8.0, ge=0, le=50)

@@ -22,7 +22,8 @@ FAST_SAMPLES = 16 * 2048
 def speech(server, timeout=120, **body):
     """A short request; seeded, so that responses can be compared (seed=None asks for a random one)."""
     payload = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 0, **FAST, **body}
-    return httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=timeout)
+    return httpx.post(server.url + "/v1/audio/speech", content=json.dumps(payload),  # NaN as JavaScript sends it
+                      headers={"content-type": "application/json"}, timeout=timeout)
 
 
 def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarray]:
@@ -252,12 +253,23 @@ def test_instructions_and_model_are_accepted(server):
     ({"input": "word " * 400, "chunking_enabled": False}, "input"),
     ({"chunk_min_seconds": 30, "chunk_max_seconds": 10}, "chunk_min_seconds"),
     ({"seed": "abc"}, "seed"),
+    # hostile input within the old limits (issue 17): 5xx, misleading messages, or work amplified
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**70)}, "seed"),
+    ({"cfg_scale_text": float("nan")}, "cfg_scale_text"),
+    ({"speed": float("inf")}, "speed"),
+    ({"block_sizes": [1] * 640, "num_steps": 1}, "block_sizes"),
+    ({"block_sizes": [2, 2]}, "block_sizes"),
+    ({"block_sizes": [4] * 64, "num_steps": 7}, "num_steps"),
+    ({"block_sizes": [4] * 40}, "num_steps"),  # 20 steps each by default
 ])
 def test_invalid_fields_are_400_naming_the_param(server, change, param):
     r = speech(server, **change)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    if isinstance(value := next(iter(change.values())), float) and not np.isfinite(value):
+        assert "finite" in error["message"]  # not "should be <= 50"
 
 
 def test_missing_fields_and_malformed_json_are_400(server):
@@ -339,7 +351,7 @@ def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(server
     data = io.BytesIO()
     sf.write(data, clip.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     voice = "data:audio/wav;base64," + base64.b64encode(data.getvalue()).decode()
-    body = {"input": "Hello there.", "voice": "none", "block_sizes": [4] * 100, "num_steps": [1] * 100,
+    body = {"input": "Hello there.", "voice": "none", "block_sizes": [4] * 64, "num_steps": [1] * 64,
             "response_format": "pcm", "early_stop_on_zero": False}
     alone = _longest_gap(server, body)
     prepared = []
