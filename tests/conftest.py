@@ -129,3 +129,20 @@ def server_env(echo_dir: Path, fish_dir: Path, voice_dir: Path, **extra: str) ->
 def server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     with live_server(tmp_path_factory, "server", server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tiny_echo_dir, tiny_fish_dir, tmp_path_factory):
+    """A loaded SpeechService with the tiny models on the CPU, in process (no voices, no warm-up, 2
+    slots, 1 waiting)."""
+    import service as svc
+    from settings import load_settings
+
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cpu",
+                             model_dtype="float32", voice_dirs=[tmp_path_factory.mktemp("no-voices")], warmup=False,
+                             max_active=2, max_queue=1)
+    service = svc.SpeechService(settings)
+    service.start_loading().join()
+    assert service.load_error is None
+    yield service
+    service.close()

@@ -475,3 +475,17 @@ def test_a_clip_longer_than_refuse_over_is_refused_not_cut():
     with pytest.raises(AudioTooLong):
         load_audio_bytes(wav_bytes(2.0), refuse_over=1.0)
     assert load_audio_bytes(wav_bytes(0.9), refuse_over=1.0).shape[1] == int(0.9 * SAMPLE_RATE)
+
+
+def test_an_inline_voice_sent_again_is_not_decoded_again(tiny_service, monkeypatch):
+    """Decoding a clip costs seconds for a long one: its latents are cached by content, so the same
+    clip sent with every request is decoded once."""
+    from speech_request import GenerationOptions
+
+    decodes = []
+    real = voices.load_audio_bytes
+    monkeypatch.setattr(voices, "load_audio_bytes", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    voice = "data:audio/wav;base64," + base64.b64encode(wav_bytes(1.5, freq=181.0)).decode()
+    for _ in range(3):
+        tiny_service.build_job(GenerationOptions(input="Hello.", voice=voice))
+    assert len(decodes) == 1
