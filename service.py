@@ -6,6 +6,7 @@ The HTTP layer (api_server.py) validates and translates; this module decides wha
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -218,13 +219,18 @@ class SpeechService:
             raise RequestError(str(e), "voice") from e
         return replace(self._job(options, chunks, speaker), voice=voice)
 
-    def submit(self, job: SpeechJob, request_id: str) -> JobStream:
-        """Queue a job for the generation worker (its time limit: ECHO_REQUEST_TIMEOUT); a full
-        queue is a RequestError with status 429."""
+    async def start(self, options: GenerationOptions, request_id: str) -> tuple[SpeechJob, JobStream]:
+        """A request's job, generating: its queue slot is taken first (a full queue is a RequestError
+        with status 429, at once), then the job is built off the event loop (its voice may take
+        seconds to prepare) and submitted in that slot, with ECHO_REQUEST_TIMEOUT as its time limit.
+        Raises RequestError (400) for what build_job refuses."""
         try:
-            return self.worker.submit(job, request_id, self.settings.request_timeout or None)
+            reservation = self.worker.reserve()
         except QueueFull:
             raise RequestError("too many requests are waiting; retry shortly", status=429) from None
+        with reservation:  # given back unless submitted, also when the caller is cancelled meanwhile
+            job = await asyncio.to_thread(self.build_job, options)
+            return job, reservation.submit(job, request_id, self.settings.request_timeout or None)
 
     def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
         if len(options.input) > self.settings.max_input_chars:

@@ -489,3 +489,36 @@ def test_an_inline_voice_sent_again_is_not_decoded_again(tiny_service, monkeypat
     for _ in range(3):
         tiny_service.build_job(GenerationOptions(input="Hello.", voice=voice))
     assert len(decodes) == 1
+
+
+def test_a_full_server_refuses_before_it_decodes_a_voice(tiny_service, monkeypatch):
+    """Three costly voices on a full server got their 429 after ~70 s: the queue slot comes first."""
+    import asyncio
+
+    from speech_request import GenerationOptions, RequestError
+
+    decodes = []
+    monkeypatch.setattr(voices, "load_audio_bytes", lambda *a, **k: decodes.append(1))
+    held = [tiny_service.worker.reserve() for _ in range(3)]  # 2 active + 1 waiting: full
+    try:
+        voice = "data:audio/wav;base64," + base64.b64encode(wav_bytes(1.0, freq=97.0)).decode()
+        with pytest.raises(RequestError) as caught:
+            asyncio.run(tiny_service.start(GenerationOptions(input="Hello.", voice=voice), "full"))
+        assert caught.value.status == 429 and decodes == []
+    finally:
+        for reservation in held:
+            reservation.release()
+    assert tiny_service.worker.pending == 0
+
+
+def test_a_request_whose_voice_fails_gives_its_queue_slot_back(tiny_service):
+    import asyncio
+
+    from speech_request import GenerationOptions, RequestError
+
+    voice = "data:audio/wav;base64," + base64.b64encode(b"not audio, long enough to be inline" * 20).decode()
+    for _ in range(4):  # more than the 3 slots: each failure returned its slot
+        with pytest.raises(RequestError) as caught:
+            asyncio.run(tiny_service.start(GenerationOptions(input="Hello.", voice=voice), "bad"))
+        assert caught.value.status == 400
+    assert tiny_service.worker.pending == 0
