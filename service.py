@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
-from voices import (SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
+from voices import (NO_VOICE, SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
                     inline_voice_audio, is_no_voice, load_voice_audio, looks_like_inline_audio)
 from voice_library import VoiceLibrary
 
@@ -39,6 +39,15 @@ DEBUG_WAV = Path("api_generation.wav")
 
 OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx",
                            "sage", "shimmer", "verse"})
+
+
+@dataclass(frozen=True)
+class Started:
+    """A request's generation, under way: its job, its audio, and the voice it speaks with."""
+
+    job: SpeechJob
+    stream: JobStream
+    voice: str
 
 
 class SpeechService:
@@ -56,6 +65,7 @@ class SpeechService:
         self.worker: GenerationWorker | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
+        self._openai_names_logged: set[str] = set()
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -219,7 +229,7 @@ class SpeechService:
             raise RequestError(str(e), "voice") from e
         return replace(self._job(options, chunks, speaker), voice=voice)
 
-    async def start(self, options: GenerationOptions, request_id: str) -> tuple[SpeechJob, JobStream]:
+    async def start(self, options: GenerationOptions, request_id: str) -> Started:
         """A request's job, generating: its queue slot is taken first (a full queue is a RequestError
         with status 429, at once), then the job is built off the event loop (its voice may take
         seconds to prepare) and submitted in that slot, with ECHO_REQUEST_TIMEOUT as its time limit.
@@ -230,7 +240,8 @@ class SpeechService:
             raise RequestError("too many requests are waiting; retry shortly", status=429) from None
         with reservation:  # given back unless submitted, also when the caller is cancelled meanwhile
             job = await asyncio.to_thread(self.build_job, options)
-            return job, reservation.submit(job, request_id, self.settings.request_timeout or None)
+            stream = reservation.submit(job, request_id, self.settings.request_timeout or None)
+            return Started(job, stream, self.voice_used(options.voice))
 
     def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
         if len(options.input) > self.settings.max_input_chars:
@@ -265,17 +276,26 @@ class SpeechService:
         """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES)."""
         return sorted(set(self.voices.list()) | set(self.settings.voice_aliases))
 
-    def _voice_name(self, voice: str) -> str:
-        """An alias's voice; ECHO_DEFAULT_VOICE for an OpenAI built-in voice name that is no voice here."""
+    def voice_used(self, voice: str) -> str:
+        """The voice a request's `voice` speaks with (what X-Echo-Voice reports): an alias's voice; for
+        an OpenAI built-in name that is no voice here, ECHO_DEFAULT_VOICE, else the library's first
+        voice by name, else `none`; `inline` for inline audio; else the name as given."""
         if voice in self.settings.voice_aliases:
             return self.settings.voice_aliases[voice]
-        if self.settings.default_voice and voice.lower() in OPENAI_VOICES and voice not in self.voices:
-            return self.settings.default_voice
+        if looks_like_inline_audio(voice):
+            return "inline"
+        if voice.lower() in OPENAI_VOICES and voice not in self.voices:
+            used = self.settings.default_voice or next(iter(self.voices.list()), NO_VOICE)
+            if voice not in self._openai_names_logged:
+                self._openai_names_logged.add(voice)
+                log.info("OpenAI voice %r speaks with voice %r (set ECHO_VOICE_ALIASES or ECHO_DEFAULT_VOICE "
+                         "to choose)", voice, used)
+            return used
         return voice
 
     def speaker_reference(self, voice: str) -> SpeakerReference | None:
         """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
-        voice = self._voice_name(voice)
+        voice = voice if looks_like_inline_audio(voice) else self.voice_used(voice)
         try:
             if is_no_voice(voice):
                 return None

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     performance_preset: str = "default"
     num_steps_nonstream: int = Field(20, ge=1, le=100)
 
-    output_sample_rate: int = Field(44100, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)
+    output_sample_rate: int | None = Field(None, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)  # unset: by model (speech_request)
     max_input_chars: int = Field(4096, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     max_voice_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # an inline (base64) voice, decoded

@@ -4,14 +4,19 @@ translates into the engine's job), plus what only the HTTP response needs (`Spee
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED, AudioFormat
-from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH
+from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
 
 MODEL_ID = "echo-tts"
+# OpenAI's speech models and their dated variants (tts-1-1106, gpt-4o-mini-tts-2025-03-20): a request
+# naming one comes from a client built for OpenAI, and gets OpenAI's defaults where it is silent
+OPENAI_SPEECH_MODEL = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)(-[0-9]+)*")
+OPENAI_SAMPLE_RATE = 24_000  # OpenAI's audio (its pcm is 24 kHz 16-bit mono, and clients assume it)
 # What one text chunk may cost (issue 17: `block_sizes: [1]*640, num_steps: 1` took 13 s against
 # 0.1 s): blocks of at least MIN_BLOCK_FRAMES frames (~0.19 s), at most MAX_BLOCKS of them, and at
 # most MAX_STEPS_PER_CHUNK diffusion steps in all (4x the most one block may have; the presets use 20-60).
@@ -132,8 +137,21 @@ class SpeechRequest(GenerationOptions):
         return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
 
     @property
-    def format(self) -> str:
-        return self.response_format or ("pcm" if self.stream else "mp3")
+    def from_openai_client(self) -> bool:
+        """Whether `model` names one of OpenAI's speech models."""
+        return OPENAI_SPEECH_MODEL.fullmatch(self.model.strip().lower()) is not None
+
+    def output(self, default_format: str | None, default_rate: int | None) -> tuple[str, int]:
+        """The response's format and sample rate; the first that is set wins:
+        - format: `response_format`; the operator's default (ECHO_DEFAULT_RESPONSE_FORMAT); mp3 for
+          OpenAI's models (OpenAI's default, and what Open WebUI saves as .mp3); else the fork's:
+          pcm when streaming, mp3 for a whole file.
+        - rate: `sample_rate`; the operator's (ECHO_OUTPUT_SAMPLE_RATE); 24 kHz for OpenAI's models
+          (their clients play pcm as 24 kHz whatever the header says); else Echo's 44.1 kHz."""
+        openai = self.from_openai_client
+        fmt = self.response_format or default_format or ("mp3" if openai or not self.stream else "pcm")
+        rate = self.sample_rate or default_rate or (OPENAI_SAMPLE_RATE if openai else SAMPLE_RATE)
+        return fmt, rate
 
     def generation_options(self) -> GenerationOptions:
         """The generation settings alone (validated already: copied, not checked again)."""

@@ -78,8 +78,8 @@ class UnknownVoiceError(VoiceError):
         self.voice = name
         shown = name if len(name) <= 64 else name[:61] + "..."
         super().__init__(
-            f"Unknown voice {shown!r}. GET /v1/voices lists the available voices; a voice may also be "
-            f"base64 audio, a data: URL, or 'none' for no reference.")
+            f"Unknown voice {shown!r}. GET /v1/voices lists the available voices (ECHO_VOICE_ALIASES gives "
+            f"them other names); a voice may also be base64 audio, a data: URL, or 'none' for no reference.")
 
 
 class InvalidVoiceError(VoiceError):

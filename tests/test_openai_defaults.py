@@ -1,11 +1,15 @@
-"""What clients built for OpenAI send: its voice names, and no response_format."""
+"""What clients built for OpenAI send: its voice names, its model names, and no response_format."""
+
+import base64
+import json
 
 import httpx
 import pytest
 
 from conftest import live_server, server_env
 from settings import ConfigError, load_settings
-from test_server import speech
+from speech_request import SpeechRequest
+from test_server import decode, speech
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def openai_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_VOICE_ALIASES="alloy=alice, narrator=duo",
-                     ECHO_DEFAULT_VOICE="bob", ECHO_DEFAULT_RESPONSE_FORMAT="wav")
+                     ECHO_DEFAULT_VOICE="bob", ECHO_DEFAULT_RESPONSE_FORMAT="wav",
+                     ECHO_OUTPUT_SAMPLE_RATE="16000")
     with live_server(tmp_path_factory, "openai", env) as live:
         yield live
 
@@ -27,10 +32,64 @@ def test_aliases_are_listed_and_speak_with_their_voice(openai_server):
 
 
 def test_an_openai_voice_without_an_alias_uses_the_default_voice(openai_server, server):
-    assert speech(openai_server, voice="nova").content == speech(openai_server, voice="bob").content
+    nova = speech(openai_server, voice="nova")
+    assert nova.content == speech(openai_server, voice="bob").content and nova.headers["x-echo-voice"] == "bob"
     r = speech(openai_server, voice="somebody")  # not one of OpenAI's names: still unknown
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
-    assert speech(server, voice="nova").status_code == 400  # no ECHO_DEFAULT_VOICE there
+    assert "GET /v1/voices" in r.text and "ECHO_VOICE_ALIASES" in r.text  # how to list voices and name them
+
+
+def test_an_openai_voice_speaks_with_the_first_voice_when_nothing_is_configured(server):
+    nova = speech(server, voice="nova")  # no alias, no ECHO_DEFAULT_VOICE: the library's first voice by name
+    assert nova.status_code == 200 and nova.headers["x-echo-voice"] == "alice"
+    assert nova.content == speech(server, voice="alice").content
+    assert server.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1
+    assert speech(server, voice="nova").status_code == 200
+    assert server.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1  # logged once per name
+
+
+@pytest.mark.parametrize("model", ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "tts-1-1106", "tts-1-hd-1106",
+                                   "gpt-4o-mini-tts-2025-03-20", "TTS-1"])
+def test_openai_speech_models_and_their_dated_variants_are_recognised(model):
+    assert SpeechRequest(input="x", voice="alloy", model=model).from_openai_client
+    assert not SpeechRequest(input="x", voice="alloy", model="echo-tts").from_openai_client
+    assert not SpeechRequest(input="x", voice="alloy").from_openai_client
+
+
+def test_an_openai_model_gets_mp3_at_24_khz_and_pcm_at_24_khz(server):
+    echo = speech(server, stream=True)  # the fork's default: pcm at 44.1 kHz
+    assert echo.headers["x-audio-sample-rate"] == "44100"
+    seconds = len(echo.content) / 2 / 44100
+    mp3 = speech(server, model="tts-1", stream=True)
+    assert mp3.headers["content-type"] == "audio/mpeg" and mp3.content[:2] in (b"ID", b"\xff\xfb", b"\xff\xf3")
+    rate, _, samples = decode(mp3.content, "mp3")
+    assert rate == 24000 and samples.size / rate == pytest.approx(seconds, abs=0.06)
+    pcm = speech(server, model="tts-1", response_format="pcm")
+    assert pcm.headers["x-audio-sample-rate"] == "24000"
+    assert len(pcm.content) / 2 / 24000 == pytest.approx(seconds, abs=0.01)  # plays at the right speed
+    explicit = speech(server, model="tts-1", response_format="pcm", sample_rate=44100)
+    assert explicit.headers["x-audio-sample-rate"] == "44100" and explicit.content == echo.content
+
+
+def test_the_operators_format_and_rate_win_over_the_model_defaults(openai_server):
+    r = speech(openai_server, model="tts-1")
+    assert r.content[:4] == b"RIFF" and decode(r.content, "wav")[0] == 16000
+    r = speech(openai_server, model="tts-1", response_format="pcm")
+    assert r.headers["x-audio-sample-rate"] == "16000"
+
+
+def test_sse_done_reports_the_voice_seed_and_meaningful_usage(server):
+    r = speech(server, model="tts-1", voice="nova", stream_format="sse", response_format="pcm", seed=7,
+               input="Hello there.")
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    done = events[-1]
+    assert (done["type"], done["seed"], done["voice"]) == ("speech.audio.done", 7, "alice")
+    usage = done["usage"]
+    assert usage["input_characters"] == usage["input_tokens"] == len("Hello there.")
+    assert usage["audio_seconds"] == pytest.approx(len(audio) / 2 / 24000, abs=0.01)
+    assert usage["output_tokens"] == round(usage["audio_seconds"] * 44100 / 2048)
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
 
 
 @pytest.mark.parametrize("stream", [True, False])

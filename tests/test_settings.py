@@ -17,7 +17,7 @@ def test_defaults_match_the_fork(monkeypatch):
     assert (s.port, s.host, s.device, s.model_dtype, s.fish_dtype) == (8000, "0.0.0.0", "cpu", "bfloat16", "float32")
     assert (s.compile, s.compile_ae, s.chunking, s.folder_support) == (False, True, True, True)
     assert (s.chunk_chars_per_second, s.chunk_words_per_second, s.max_speaker_latent_length) == (14, 2.7, 6400)
-    assert (s.num_steps_nonstream, s.output_sample_rate, s.max_input_chars) == (20, 44100, 4096)
+    assert (s.num_steps_nonstream, s.output_sample_rate, s.max_input_chars) == (20, None, 4096)
     assert s.stream_preset == ([32, 128, 480], [8, 15, 20])
     assert [str(p) for p in s.voice_dirs] == ["audio_prompts"] and s.api_keys == []
 
