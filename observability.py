@@ -1,4 +1,5 @@
-"""Operability: request ids in logs and headers, Prometheus metrics, and request-size limits.
+"""Operability: request ids in logs and headers, secrets kept out of logs, Prometheus metrics, a
+500 in OpenAI's shape for an unhandled error, and request-size and body-read limits.
 
 The pieces are plain ASGI middleware and one metrics object per app (its own registry: no
 process-global metric state, so several apps, e.g. in tests, never share counters).
@@ -6,6 +7,7 @@ process-global metric state, so several apps, e.g. in tests, never share counter
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -16,11 +18,13 @@ from collections.abc import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.responses import JSONResponse
 
 REQUEST_ID_HEADER = "x-request-id"
 REPLICA_HEADER = "x-echo-replica"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+log = logging.getLogger("echo_tts.requests")
 
 
 # ---- logging ------------------------------------------------------------------------------------
@@ -35,6 +39,30 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# `api_key=<key>` in a URL (how browsers authenticate the WebSocket; uvicorn logs the URL of every
+# request and socket) and `Bearer <key>`, wherever they appear in a message or a traceback
+_SECRET = re.compile(r"(?i)(api[_-]?key(?:=|%3D)|bearer\s+)[^\s&\"',;]+")
+
+
+def redact(text: str) -> str:
+    """`text` with the values of API keys replaced by `[redacted]`."""
+    return _SECRET.sub(r"\1[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites each record's message (and its traceback) with API keys redacted, so that no log
+    line, access lines included, holds a key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, request_id, message (and the exception)."""
 
@@ -42,13 +70,14 @@ class JsonFormatter(logging.Formatter):
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
 def configure_logging(debug: bool, as_json: bool) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(RedactSecrets())
     handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
@@ -103,6 +132,7 @@ class StreamTiming:
 
     def __init__(self, metrics: Metrics, started: float):
         self.metrics, self.started, self.first_byte = metrics, started, None
+        self.audio_seconds = 0.0  # of the whole response, once finished
 
     def sent(self) -> None:
         if self.first_byte is None:
@@ -110,6 +140,7 @@ class StreamTiming:
             self.metrics.ttfb.observe(self.first_byte - self.started)
 
     def finished(self, audio_seconds: float) -> None:
+        self.audio_seconds = audio_seconds
         if audio_seconds > 0:
             self.metrics.audio_seconds.inc(audio_seconds)
             self.metrics.rtf.observe((time.perf_counter() - self.started) / audio_seconds)
@@ -118,11 +149,26 @@ class StreamTiming:
 # ---- ASGI middleware ------------------------------------------------------------------------------
 
 
+def error_body(message: str, error_type: str, code: str) -> dict:
+    """OpenAI's error object, for the errors answered below the app's routes."""
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+def read_timed_out(timeout: float) -> JSONResponse:
+    """408 for a request that stopped arriving; the connection closes after it."""
+    body = error_body(f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)",
+                      "invalid_request_error", "request_timeout")
+    return JSONResponse(body, status_code=408, headers={"Connection": "close"})
+
+
 class RequestContext:
     """Gives each HTTP request an id (the client's X-Request-ID when sane, else a new one), puts it
     in the logs and the response headers, and counts responses by route and status. With a
     `replica` name, every response and WebSocket handshake also says which replica answered.
-    `id_header=False` leaves the X-Request-ID response header to a proxy that adds its own."""
+    `id_header=False` leaves the X-Request-ID response header to a proxy that adds its own.
+
+    An exception that escapes the app before its response started is logged here, once, with its
+    traceback and request id, and answered as a 500 in OpenAI's shape (counted, with the id)."""
 
     def __init__(self, app, metrics: Metrics, replica: str | None = None, id_header: bool = True):
         self.app, self.metrics, self.id_header = app, metrics, id_header
@@ -137,9 +183,12 @@ class RequestContext:
         rid = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
         scope.setdefault("state", {})["started"] = time.perf_counter()
+        started = False
 
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
                 message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
                 route = scope.get("route")
@@ -149,6 +198,13 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if started:  # too late for an error response: the server logs it and closes the connection
+                raise
+            log.exception("unhandled error; answered 500")
+            body = error_body("the server failed while handling this request; its log names the cause "
+                              f"under request id {rid}", "server_error", "internal_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
 
@@ -162,35 +218,72 @@ class RequestContext:
 
 class BodySizeLimit:
     """Refuses request bodies over `max_bytes` with 413: at once when Content-Length says so, else
-    (a chunked upload) after reading at most `max_bytes` + 1 bytes, which are then replayed to the app."""
+    (a chunked upload) after reading at most `max_bytes` + one piece, which are then replayed to the
+    app. A body that pauses for more than `read_timeout` seconds between pieces gets 408 and its
+    connection closes: a stalled upload would otherwise hold its buffer and its task forever."""
 
-    def __init__(self, app, max_bytes: int, too_large: Callable[[int], object]):
-        self.app, self.max_bytes, self.too_large = app, max_bytes, too_large
+    def __init__(self, app, max_bytes: int, too_large: Callable[[int], object], read_timeout: float | None = None):
+        self.app, self.max_bytes, self.too_large, self.read_timeout = app, max_bytes, too_large, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        body = _TimedBody(scope, receive, send, self.read_timeout)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 return await self.too_large(self.max_bytes)(scope, receive, send)
-            return await self.app(scope, receive, send)  # the server enforces the declared length
-        body, more = b"", True
+            return await self.app(scope, body.receive, body.send)  # the server enforces the declared length
+        pieces, size, more = [], 0, True
         while more:
-            message = await receive()
+            message = await body.receive()
             if message["type"] != "http.request":
-                return  # the client went away
-            body += message.get("body", b"")
+                return  # the client went away, or stalled and was answered 408
+            pieces.append(message.get("body", b""))
+            size += len(pieces[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
+            if size > self.max_bytes:
                 return await self.too_large(self.max_bytes)(scope, receive, send)
-        replayed = False
+        whole, replayed = b"".join(pieces), False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                return {"type": "http.request", "body": whole, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class _TimedBody:
+    """One request's `receive` and `send` with a read timeout: while the body is incomplete, a
+    receive that waits longer than `timeout` answers 408 (unless a response has started), tells
+    the app that the client is gone, and drops whatever the app sends after that."""
+
+    def __init__(self, scope, receive, send, timeout: float | None):
+        self.scope, self._receive, self._send, self.timeout = scope, receive, send, timeout
+        self.complete = timeout is None
+        self.timed_out = self.responding = False
+
+    async def receive(self):
+        if self.timed_out:
+            return {"type": "http.disconnect"}
+        if self.complete:
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), self.timeout)
+        except TimeoutError:
+            self.timed_out = True
+            log.info("request body stalled for %g s (ECHO_READ_TIMEOUT): answered 408", self.timeout)
+            if not self.responding:
+                await read_timed_out(self.timeout)(self.scope, self._receive, self._send)
+            return {"type": "http.disconnect"}
+        self.complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    async def send(self, message):
+        if self.timed_out:
+            return
+        self.responding = True
+        await self._send(message)
