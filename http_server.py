@@ -1,0 +1,221 @@
+"""Serving the app: uvicorn with a bounded request parser, read and send timeouts, and a graceful drain.
+
+Each piece answers an attack or a failure seen against the plain `uvicorn.run` (issue 17):
+- httptools accepts headers of any size at a cost that grows quadratically, so requests are parsed
+  by h11 with a limit (ECHO_MAX_HEADER_BYTES; larger is 431);
+- a client that connects and never completes its request line and headers (slowloris) is answered
+  408 and closed ECHO_READ_TIMEOUT after it connected or began the request (bodies are timed where
+  the app reads them, in observability.BodySizeLimit);
+- a client that stops reading holds its connection and its stream forever: a connection whose send
+  buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect;
+- on SIGTERM, WebSocket sessions drain as HTTP streams do: `Drain` tells the app to take nothing new
+  and finish what is in flight, then, when ECHO_SHUTDOWN_GRACE is over, to stop and say why;
+  HTTP responses still running then are cut with one log line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+import h11
+import uvicorn
+from starlette.responses import JSONResponse, Response
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from observability import error_body, read_timed_out
+from settings import Settings
+
+log = logging.getLogger("echo_tts.http")
+# after the grace: time for sockets to send their last `end` and close before uvicorn cancels the rest
+CUT_WRAP_UP_S = 3.0
+
+
+class Drain:
+    """The server's shutdown as the app sees it. `started`: SIGTERM arrived; take nothing new and
+    finish what is in flight. `over`: the grace is over; stop now and say why. `watch(callback)`
+    calls the callback on the event loop at each change (and at once if the drain has started)."""
+
+    def __init__(self):
+        self.started = self.over = False
+        self._watchers: set[Callable[[], None]] = set()
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Subscribe `callback`; returns the function that unsubscribes it."""
+        self._watchers.add(callback)
+        if self.started:
+            callback()
+        return lambda: self._watchers.discard(callback)
+
+    def start(self) -> None:
+        self.started = True
+        self._notify()
+
+    def end(self) -> None:
+        self.started = self.over = True
+        self._notify()
+
+    def _notify(self) -> None:
+        for callback in list(self._watchers):
+            callback()
+
+
+class Config(uvicorn.Config):
+    """uvicorn's configuration plus the timeouts the protocols below enforce."""
+
+    def __init__(self, app, read_timeout: float, send_timeout: float, **kwargs):
+        super().__init__(app, **kwargs)
+        self.read_timeout, self.send_timeout = read_timeout, send_timeout
+
+
+class _SendTimeout:
+    """Aborts a connection whose transport stayed paused for writing (its buffer full: the client
+    takes nothing) for `send_timeout` seconds: a reset, so that neither the process nor the kernel
+    keeps its buffer; the app sees a disconnect and its stream is cancelled."""
+
+    _send_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.config.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_send_timer()
+        super().connection_lost(exc)
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        log.info("a client took no data for %g s (ECHO_SEND_TIMEOUT): connection dropped", self.config.send_timeout)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # reset the connection: the kernel drops its send buffer too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+class BoundedH11Protocol(_SendTimeout, H11Protocol):
+    """uvicorn's h11 protocol (headers bounded by `h11_max_incomplete_event_size`, answered 431 when
+    larger) with a read timeout: a connection must deliver a request line and headers within
+    `read_timeout` of connecting or of the first byte of its next request; else it gets 408 (or,
+    when it sent nothing, no answer) and is closed."""
+
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._read_timer = self.loop.call_later(self.config.read_timeout, self._read_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_timer is None and self.conn.their_state is h11.IDLE:  # the next request begins
+            self._read_timer = self.loop.call_later(self.config.read_timeout, self._read_timed_out)
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # its headers are in (or it failed, or it upgraded)
+            self._stop_read_timer()
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:  # part of a request came: say why it ends
+            log.info("request headers incomplete after %g s (ECHO_READ_TIMEOUT): answered 408",
+                     self.config.read_timeout)
+            self._answer_and_close(read_timed_out(self.config.read_timeout))
+        else:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request: 431 when it was refused for its size, else uvicorn's 400."""
+        limit = self.config.h11_max_incomplete_event_size
+        if len(self.conn.trailing_data[0]) <= limit:
+            return super().send_400_response(msg)
+        body = error_body(f"the request line and headers are larger than {limit} bytes (ECHO_MAX_HEADER_BYTES)",
+                          "invalid_request_error", "request_header_fields_too_large")
+        self._answer_and_close(JSONResponse(body, status_code=431, headers={"Connection": "close"}))
+
+    def _answer_and_close(self, response: Response) -> None:
+        """Write a whole response before any request was taken, then close the connection."""
+        headers = [*self.server_state.default_headers, *response.raw_headers]
+        try:
+            for event in (h11.Response(status_code=response.status_code, headers=headers,
+                                       reason=STATUS_PHRASES[response.status_code]),
+                          h11.Data(data=response.body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # a response had begun after all: closing says enough
+            pass
+        self.transport.close()
+
+    def cut(self) -> None:
+        """The shutdown grace is over: end a response still running (one log line, no traceback)."""
+        if self.cycle is not None and not self.cycle.response_complete and not self.transport.is_closing():
+            log.warning("%s %s still running when the shutdown grace ended (ECHO_SHUTDOWN_GRACE): connection closed",
+                        self.scope["method"], self.scope["path"])
+            self.transport.abort()
+
+
+class DrainingWebSocketProtocol(_SendTimeout, WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, except that shutdown leaves an open socket to the app, which
+    drains it (Drain) and closes it; sockets still in their handshake are refused as before."""
+
+    def shutdown(self) -> None:
+        if self.handshake_complete and not self.close_sent and not self.disconnected:
+            return
+        super().shutdown()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server whose shutdown starts the app's Drain, and ends it when the grace is over,
+    cutting the HTTP responses still running; uvicorn cancels what remains CUT_WRAP_UP_S later."""
+
+    def __init__(self, config: Config, drain: Drain, grace: float):
+        super().__init__(config)
+        self.drain, self.grace = drain, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        self.drain.start()
+        cut = asyncio.get_running_loop().call_later(self.grace, self._grace_over)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+    def _grace_over(self) -> None:
+        self.drain.end()
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, BoundedH11Protocol):
+                connection.cut()
+
+
+def serve(app, settings: Settings, drain: Drain) -> None:
+    """Serve `app` on ECHO_HOST:PORT until SIGTERM or SIGINT, then drain for ECHO_SHUTDOWN_GRACE."""
+    config = Config(app, read_timeout=settings.read_timeout, send_timeout=settings.send_timeout,
+                    host=settings.host, port=settings.port, log_config=None,
+                    http=BoundedH11Protocol, ws=DrainingWebSocketProtocol,
+                    h11_max_incomplete_event_size=settings.max_header_bytes,
+                    timeout_graceful_shutdown=settings.shutdown_grace + CUT_WRAP_UP_S,
+                    ws_max_size=2 * settings.max_body_bytes)  # speech_socket answers messages over the limit
+    server = Server(config, drain, settings.shutdown_grace)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)  # start-up failed (uvicorn logged why)
