@@ -13,14 +13,24 @@ little-endian mono PCM (44.1 kHz or the segment's `sample_rate`), one per decode
 `{"type": "end", "segment_id", "seed", "audio_seconds", "cancelled"}`. Empty input gets
 `{"type": "no_op", "reason": "empty_input", "segment_id"}`; a failed segment gets
 `{"type": "error", "error": {message, type, param, code}, "message", "segment_id"}` and the socket
-stays usable. A client that disconnects cancels everything it had queued.
+stays usable (so do messages that are not JSON objects, hold NaN or Infinity, or are binary frames:
+an error message with `segment_id` null). A client that disconnects, or takes nothing for
+ECHO_SEND_TIMEOUT, cancels everything it had queued.
+
+On shutdown (SIGTERM) a socket drains as HTTP streams do: new segments get an error, the queued and
+running ones finish and get their `end`, then the socket closes with 1001 "server shutting down".
+Segments still running when ECHO_SHUTDOWN_GRACE ends get `end` with `"cancelled": true` and
+`"reason": "server_shutdown"` (queued ones too), then the same close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +46,15 @@ from service import SpeechService, generation_failure
 from settings import Settings
 from speech_request import RequestError, SpeechRequest, request_error
 
+log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
-POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013  # WebSocket close codes
+GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER = 1001, 1008, 1013  # WebSocket close codes
+SHUTTING_DOWN = "server shutting down"  # the close reason on shutdown
+SHUTDOWN = "server_shutdown"  # the `reason` of an `end` cut by the end of the shutdown grace
+
+
+class SendTimeout(Exception):
+    """The client took nothing for ECHO_SEND_TIMEOUT: it is dropped."""
 
 
 @dataclass
@@ -47,6 +64,7 @@ class Segment:
     segment_id: Any
     message: dict
     cancelled: bool = False
+    reason: str | None = None  # why it was cancelled, when the server did it
     stream: JobStream | None = None
 
 
@@ -59,10 +77,35 @@ class Session:
     queue: list[Segment] = field(default_factory=list)
     current: Segment | None = None
     closing: bool = False  # "continue": false was received
+    draining: bool = False  # the server shuts down: no new segments, close after the queued ones
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, message: dict) -> None:
-        await self.websocket.send_text(json.dumps(message))
+        """A JSON message, strictly JSON (no NaN or Infinity)."""
+        await self._in_time(self.websocket.send_text(json.dumps(message, allow_nan=False)))
+
+    async def send_audio(self, data: bytes) -> None:
+        await self._in_time(self.websocket.send_bytes(data))
+
+    async def error(self, segment_id: Any, error: RequestError) -> None:
+        await self.send({"type": "error", "error": error.detail(), "message": str(error), "segment_id": segment_id})
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        await self._in_time(self.websocket.close(code, reason))
+
+    async def _in_time(self, sending: Awaitable[None]) -> None:
+        """Send, or raise SendTimeout when the client takes nothing for ECHO_SEND_TIMEOUT (a full
+        send buffer blocks the send)."""
+        timeout = self.service.settings.send_timeout
+        try:
+            await asyncio.wait_for(sending, timeout)
+        except TimeoutError:
+            raise SendTimeout(f"the client took nothing for {timeout:g} s (ECHO_SEND_TIMEOUT)") from None
+
+    def cancel_all(self, reason: str | None = None) -> None:
+        for segment in [self.current, *self.queue]:
+            if segment is not None:
+                _cancel(segment, reason)
 
 
 def authorized(websocket: WebSocket, settings: Settings) -> bool:
@@ -72,31 +115,59 @@ def authorized(websocket: WebSocket, settings: Settings) -> bool:
 
 
 async def serve(websocket: WebSocket, service: SpeechService) -> None:
-    """The whole life of one socket; every segment it queued ends with it."""
+    """The whole life of one socket: a reader queues what the client sends, a writer answers it in
+    order; every segment it queued ends with it."""
     settings = service.settings
     if not authorized(websocket, settings):
         await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
         return
     await websocket.accept()
     request_id.set(uuid.uuid4().hex)
-    if reason := service.unready_reason():
-        await _error(websocket, None, RequestError(reason, status=503))
-        await websocket.close(code=TRY_AGAIN_LATER)
-        return
     session = Session(websocket, service)
+    if reason := service.unready_reason():
+        try:
+            await session.error(None, RequestError(reason, status=503))
+            await session.close(code=TRY_AGAIN_LATER)
+        except (WebSocketDisconnect, RuntimeError, SendTimeout):
+            pass  # the client is gone already
+        return
+    stop_watching = _watch_drain(session)
+    reader = asyncio.create_task(_read(session))
     writer = asyncio.create_task(_answer(session))
-    client_left = True
     try:
-        client_left = await _read(session)
-    finally:
-        if client_left:  # the client is gone (or the server stops): nothing it queued is wanted
-            for segment in [session.current, *session.queue]:
-                if segment is not None:
-                    _cancel(segment)
-            session.queue.clear()
+        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if writer in done or _client_left(reader):  # nothing it queued is wanted any more
+            reader.cancel()
+            session.cancel_all()
             session.closing = True
             session.wake.set()
-        await asyncio.gather(writer, return_exceptions=True)
+        await asyncio.gather(reader, writer, return_exceptions=True)
+    finally:
+        stop_watching()
+        session.cancel_all()
+        reader.cancel()
+        writer.cancel()
+
+
+def _client_left(reader: asyncio.Task) -> bool:
+    """Whether the finished reader saw the client leave (its send failing counts as leaving)."""
+    return reader.cancelled() or reader.exception() is not None or reader.result()
+
+
+def _watch_drain(session: Session) -> Callable[[], None]:
+    """Follow the server's shutdown (http_server.Drain in app.state, when served by it): stop taking
+    segments when it starts, cancel what is left when its grace is over. Returns the unsubscribe."""
+    drain = getattr(session.websocket.app.state, "drain", None)
+    if drain is None:
+        return lambda: None
+
+    def changed() -> None:
+        session.draining = True
+        if drain.over:
+            session.cancel_all(SHUTDOWN)
+        session.wake.set()
+
+    return drain.watch(changed)
 
 
 async def _read(session: Session) -> bool:
@@ -104,37 +175,66 @@ async def _read(session: Session) -> bool:
     segments are answered (False)."""
     limit, max_queued = session.service.settings.max_body_bytes, session.service.settings.ws_max_queue
     while True:
-        try:
-            text = await session.websocket.receive_text()
-        except (WebSocketDisconnect, RuntimeError, KeyError):  # gone, closed, or a binary frame sent
+        received = await session.websocket.receive()
+        if received["type"] == "websocket.disconnect":
             return True
+        text = received.get("text")
         try:
+            if text is None:
+                raise RequestError("binary frames are not accepted: send each message as JSON text",
+                                   code="invalid_message")
             if len(text.encode()) > limit:
                 raise RequestError(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)", status=413)
             message = _parse(text)
         except RequestError as e:
-            await _error(session.websocket, None, e)
+            await session.error(None, e)
             continue
         if message.get("type") == "cancel":
             await _cancel_id(session, message.get("segment_id"))
             continue
-        if len(session.queue) >= max_queued:
-            await _error(session.websocket, message.get("segment_id"), RequestError(
+        if session.draining:
+            await session.error(message.get("segment_id"), RequestError(
+                "the server is shutting down: it takes no new segments", status=503, code="shutting_down"))
+        elif len(session.queue) >= max_queued:
+            await session.error(message.get("segment_id"), RequestError(
                 f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)", status=429))
-            continue
-        session.queue.append(Segment(message.get("segment_id"), message))
-        if message.get("continue") is False:
+        else:
+            session.queue.append(Segment(message.get("segment_id"), message))
+        if message.get("continue") is False:  # even when refused: the socket closes once the queue is done
             session.closing = True
         session.wake.set()
         if session.closing:
             return False
 
 
+class _NotJson(ValueError):
+    """A number or constant strict JSON does not allow."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:20]} is out of range")
+    return value
+
+
 def _parse(text: str) -> dict:
+    """A message as a JSON object; anything else (invalid, NaN or Infinity, numbers out of range,
+    deep nesting) is a RequestError for an error message."""
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RequestError("the message is nested too deeply", code="invalid_json") from None
+    except _NotJson as e:
+        raise RequestError(f"the message is not valid JSON: {e}", code="invalid_json") from None
     except json.JSONDecodeError:
         raise RequestError("the message is not valid JSON", code="invalid_json") from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise RequestError("the message is not valid JSON: a number has too many digits", code="invalid_json") from None
     if not isinstance(message, dict):
         raise RequestError("a message must be a JSON object", code="invalid_json")
     return message
@@ -146,22 +246,34 @@ async def _cancel_id(session: Session, segment_id: Any) -> None:
         _cancel(session.current)
     for segment in [q for q in session.queue if q.segment_id == segment_id]:
         session.queue.remove(segment)
-        await session.send({"type": "end", "segment_id": segment_id, "cancelled": True, "audio_seconds": 0.0})
+        _cancel(segment)
+        await session.send(_dropped(segment))
 
 
-def _cancel(segment: Segment) -> None:
-    segment.cancelled = True
+def _cancel(segment: Segment, reason: str | None = None) -> None:
+    if not segment.cancelled:
+        segment.cancelled, segment.reason = True, reason
     if segment.stream is not None:
         segment.stream.cancel()
 
 
+def _dropped(segment: Segment) -> dict:
+    """The end of a segment cancelled before it started."""
+    return {"type": "end", "segment_id": segment.segment_id, "cancelled": True, "audio_seconds": 0.0,
+            **({"reason": segment.reason} if segment.reason else {})}
+
+
 async def _answer(session: Session) -> None:
-    """Answer queued segments in order; close the socket after the last one when asked to."""
+    """Answer queued segments in order; close the socket after the last one when asked to (1000) or
+    when the server shuts down (1001)."""
     try:
         while True:
             while not session.queue:
                 if session.closing:
-                    await session.websocket.close()
+                    await session.close()
+                    return
+                if session.draining:
+                    await session.close(GOING_AWAY, SHUTTING_DOWN)
                     return
                 session.wake.clear()
                 await session.wake.wait()
@@ -170,11 +282,16 @@ async def _answer(session: Session) -> None:
                 await _answer_one(session, session.current)
             finally:
                 session.current = None
+    except SendTimeout as e:
+        log.info("%s: dropping it and its segments", e)
     except (WebSocketDisconnect, RuntimeError):  # the client left while we were writing
         return
 
 
 async def _answer_one(session: Session, segment: Segment) -> None:
+    if segment.cancelled:  # while it was queued (the shutdown grace ended)
+        await session.send(_dropped(segment))
+        return
     if not str(segment.message.get("input", "")).strip():
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
@@ -183,7 +300,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
         await session.send({"type": "start", "segment_id": segment.segment_id})
         await _generate(session, segment, request)
     except RequestError as e:
-        await _error(session.websocket, segment.segment_id, e)
+        await session.error(segment.segment_id, e)
 
 
 async def _generate(session: Session, segment: Segment, request: SpeechRequest) -> None:
@@ -191,28 +308,31 @@ async def _generate(session: Session, segment: Segment, request: SpeechRequest) 
     service = session.service
     try:
         encoder = open_encoder("pcm", input_rate=SAMPLE_RATE,
-                               output_rate=request.sample_rate or service.settings.output_sample_rate,
+                               output_rate=request.output("pcm", service.settings.output_sample_rate)[1],
                                speed=request.speed, streaming=True)
     except InvalidAudioParameter as e:
         raise RequestError(str(e), e.param) from None
     samples = 0
     try:
-        job = await run_in_threadpool(service.build_job, request.generation_options())
-        segment.stream = service.submit(job, request_id.get())
+        started = await service.start(request.generation_options(), request_id.get())
+        job, segment.stream = started.job, started.stream
         if segment.cancelled:  # cancelled while its voice was being prepared
             segment.stream.cancel()
         async for block in _blocks(segment.stream):
+            if segment.cancelled:  # no more audio; the job stops within a step
+                break
             samples += block.size
             if data := await run_in_threadpool(encoder.encode, block):
-                await session.websocket.send_bytes(data)
+                await session.send_audio(data)
         if data := await run_in_threadpool(encoder.finish):
-            await session.websocket.send_bytes(data)
+            await session.send_audio(data)
     finally:
         if segment.stream is not None:
             segment.stream.cancel()
         encoder.close()
     await session.send({"type": "end", "segment_id": segment.segment_id, "seed": job.seed,
-                        "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled})
+                        "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled,
+                        **({"reason": segment.reason} if segment.reason else {})})
 
 
 async def _blocks(stream: JobStream):
@@ -233,10 +353,3 @@ def _speech_request(message: dict) -> SpeechRequest:
     except ValidationError as e:
         raise request_error(e.errors()) from None
 
-
-async def _error(websocket: WebSocket, segment_id: Any, error: RequestError) -> None:
-    try:
-        await websocket.send_text(json.dumps({"type": "error", "error": error.detail(), "message": str(error),
-                                              "segment_id": segment_id}))
-    except (WebSocketDisconnect, RuntimeError):
-        pass
