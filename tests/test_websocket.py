@@ -150,3 +150,42 @@ def test_queue_and_message_limits_answer_with_error_messages(strict_server):
     assert errors["queue_full"]["segment_id"] == "four" and "ECHO_WS_MAX_QUEUE" in errors["queue_full"]["message"]
     assert "ECHO_MAX_BODY_BYTES" in errors["request_too_large"]["message"]
     assert later[-1]["type"] == "end"
+
+
+def test_hostile_messages_get_an_error_in_strict_json_and_the_socket_stays_usable(server):
+    hostile = ["[" * 100000,  # nesting deeper than the parser's recursion limit
+               '{"input": "Hi.", "segment_id": ' + "1" * 5000 + "}",  # more digits than Python converts
+               '{"input": "Hi.", "segment_id": NaN}', '{"input": "Hi.", "segment_id": -Infinity}',
+               '{"input": "Hi.", "segment_id": 1e999}']  # a float out of range: Infinity again
+    with socket(server) as ws:
+        for text in hostile:
+            ws.send(text)
+        ws.send(b"\x00\x01 a binary frame")
+        ws.send(segment("good"))
+        texts = []
+        while not (texts and '"end"' in texts[-1]):
+            message = ws.recv(timeout=60)
+            if isinstance(message, str):
+                texts.append(message)
+    got = [json.loads(t, parse_constant=lambda c: pytest.fail(f"{c} sent: not JSON")) for t in texts]
+    errors = [m for m in got if m["type"] == "error"]
+    assert len(errors) == len(hostile) + 1 and all(e["segment_id"] is None for e in errors)
+    assert all(e["error"]["code"] == "invalid_json" for e in errors[:-1])
+    assert "nested too deeply" in errors[0]["message"] and "binary frames are not accepted" in errors[-1]["message"]
+    assert got[-1]["type"] == "end" and got[-1]["segment_id"] == "good" and not got[-1]["cancelled"]
+
+
+def test_a_refused_final_segment_still_closes_the_socket_once_the_queue_is_done(strict_server):
+    with socket(strict_server, "?api_key=sock-key") as ws:
+        ws.send(segment("one", **LONG))
+        messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")
+        ws.send(segment("two", **LONG))
+        ws.send(segment("three", **LONG))
+        ws.send(segment("last", **{"continue": False}))  # ECHO_WS_MAX_QUEUE=2: refused
+        got = messages(ws, lambda m: isinstance(m, dict) and m.get("segment_id") == "last")
+        for name in ("one", "two", "three"):
+            ws.send(json.dumps({"type": "cancel", "segment_id": name}))
+        rest = messages(ws, timeout=20)  # until the server closes the socket
+        assert ws.close_code == 1000
+    assert got[-1]["type"] == "error" and got[-1]["error"]["code"] == "queue_full"
+    assert sorted(m["segment_id"] for m in rest if isinstance(m, dict) and m["type"] == "end") == ["one", "three", "two"]

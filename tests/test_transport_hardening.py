@@ -1,0 +1,364 @@
+"""Hostile and stalled clients at the transport (issue 17): keys kept out of the log, bounded
+headers, read and send timeouts, unhandled errors, protected docs, and the WebSocket's shutdown drain.
+
+Live servers (`python api_server.py`) are driven over raw sockets where a well-behaved client
+library would not misbehave the way an attacker does."""
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import LiveServer, live_server, server_env
+
+pytestmark = pytest.mark.slow
+KEY = "sekrit-key-4242"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+READ_TIMEOUT, SEND_TIMEOUT = 1.5, 2.0
+LONG = {"block_sizes": [4] + [20] * 30, "num_steps": [1] + [13] * 30}  # 28 s of audio, seconds of work here
+# 112 s of 48 kHz audio: 10 MB, more than the kernel buffers (4 MB at most) hold for a client that reads nothing
+UNREAD = {**LONG, "speed": 0.25, "sample_rate": 48000}
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_READ_TIMEOUT=str(READ_TIMEOUT),
+                     ECHO_SEND_TIMEOUT=str(SEND_TIMEOUT))
+    with live_server(tmp_path_factory, "guarded", env) as live:
+        yield live
+
+
+def raw(server, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:  # before connecting, so that the TCP window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def read_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection (a reset ends it too); fails
+    when the connection is still open after `timeout` seconds."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the server kept the connection open for {timeout} s; got {data[:200]!r}") from None
+    return data
+
+
+def rss_bytes(server) -> int:
+    for line in open(f"/proc/{server.process.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for_log(server, text: str, timeout: float, seen: int = 0) -> float:
+    """Seconds until `text` appears in the server log more than `seen` times (fails after `timeout`)."""
+    start = time.monotonic()
+    while server.log().count(text) <= seen:
+        assert time.monotonic() - start < timeout, f"{text!r} not logged within {timeout} s:\n{server.log()[-3000:]}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+# ---- item 5: API keys are not logged ------------------------------------------------------------
+
+
+def test_api_keys_in_urls_never_reach_the_log(guarded):
+    ws_url = guarded.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws"
+    with connect(f"{ws_url}?api_key={KEY}") as ws:  # the README's method for browsers
+        ws.send(json.dumps({"type": "cancel", "segment_id": "nothing"}))
+    assert httpx.get(f"{guarded.url}/v1/voices?api_key={KEY}", headers=AUTH).status_code == 200
+    assert httpx.get(f"{guarded.url}/v1/voices?x=1&api_key={KEY}-typo").status_code == 401
+    time.sleep(0.3)
+    log = guarded.log()
+    assert KEY not in log and "api_key=[redacted]" in log
+
+
+# ---- item 6: bounded headers --------------------------------------------------------------------
+
+
+def test_a_multi_megabyte_header_is_refused_at_once_and_health_stays_fast(guarded):
+    slowest_health = []
+
+    def health_meanwhile(stop: threading.Event):
+        while not stop.is_set():
+            started = time.monotonic()
+            httpx.get(guarded.url + "/health", timeout=10)
+            slowest_health.append(time.monotonic() - started)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=health_meanwhile, args=(stop,))
+    watcher.start()
+    sock = raw(guarded)
+    started = time.monotonic()
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(64):  # 8 MiB, refused long before the end
+            sock.sendall(b"a" * 131072)
+        sock.sendall(b"\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection: refused
+    answer = read_all(sock)
+    took = time.monotonic() - started
+    stop.set()
+    watcher.join()
+    assert answer == b"" or answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), answer[:200]
+    if answer.startswith(b"HTTP/1.1 431"):
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_header_fields_too_large"
+    assert took < 5 and max(slowest_health) < 1
+
+
+# ---- item 7: read timeouts ----------------------------------------------------------------------
+
+
+def test_slowloris_connections_are_answered_408_and_closed_after_the_read_timeout(guarded):
+    socks = [raw(guarded) for _ in range(40)]
+    idle = raw(guarded)  # connects and never sends a byte
+    started = time.monotonic()
+    for sock in socks:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Drip: ")
+        sock.setblocking(False)
+    answers: dict[int, bytes] = {}  # what each got before the server closed it
+    closed_at: dict[int, float] = {}
+    while len(closed_at) < len(socks) and time.monotonic() - started < READ_TIMEOUT + 5:
+        for i, sock in enumerate(socks):
+            if i in closed_at:
+                continue
+            try:
+                answers[i] = sock.recv(65536) + read_all(sock)  # the answer, then the close
+                closed_at[i] = time.monotonic() - started
+            except BlockingIOError:  # nothing yet: drip one more byte of the header
+                sock.send(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                closed_at[i] = time.monotonic() - started
+        time.sleep(0.3)
+    assert len(closed_at) == len(socks), f"{len(socks) - len(closed_at)} slowloris connections still open"
+    assert max(closed_at.values()) < READ_TIMEOUT + 2
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers.values()), answers
+    assert json.loads(answers[0].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert read_all(idle, timeout=1) == b""  # closed without an answer, by now
+    assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def test_chunked_bodies_that_never_end_get_408_and_their_memory_is_released(guarded):
+    head = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    before = rss_bytes(guarded)
+    socks = []
+    for _ in range(10):  # 4 MiB each, then silence
+        sock = raw(guarded)
+        sock.sendall(head + piece * 4)
+        socks.append(sock)
+    time.sleep(0.5)
+    held = rss_bytes(guarded) - before
+    started = time.monotonic()
+    answers = [read_all(sock, timeout=READ_TIMEOUT + 5) for sock in socks]
+    took = time.monotonic() - started
+    time.sleep(0.5)
+    after = rss_bytes(guarded) - before
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:100] for a in answers]
+    assert json.loads(answers[0].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert took < READ_TIMEOUT + 3
+    assert held < 10 * 4 * 2**20 * 2 + 2**25  # about what was sent, once (not copied quadratically)
+    assert after < 2**25, f"{after / 2**20:.0f} MiB still held after the 408s"
+
+
+def test_a_body_short_of_its_content_length_gets_408(guarded):
+    sock = raw(guarded)
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"input\": ")
+    started = time.monotonic()
+    answer = read_all(sock, timeout=READ_TIMEOUT + 5)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < READ_TIMEOUT + 2
+    assert b"x-request-id" in answer.lower()
+
+
+# ---- item 8 (transport): clients that stop reading ----------------------------------------------
+
+
+def test_an_http_client_that_stops_reading_is_dropped_and_its_generation_cancelled(guarded):
+    before, dropped_before = guarded.log().count("generation cancelled"), guarded.log().count("ECHO_SEND_TIMEOUT")
+    body = json.dumps({"input": "Hello there.", "voice": "alice", "response_format": "pcm", **UNREAD}).encode()
+    sock = raw(guarded, rcvbuf=4096)
+    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    wait_for_log(guarded, "ECHO_SEND_TIMEOUT", timeout=60, seen=dropped_before)  # never reads; dropped SEND_TIMEOUT after it stalled
+    dropped = time.monotonic()
+    while guarded.log().count("generation cancelled") == before:
+        assert time.monotonic() - dropped < 3, guarded.log()[-3000:]
+        time.sleep(0.05)
+    assert not read_all(sock, timeout=5).endswith(b"0\r\n\r\n")  # reset: the response never completed
+
+
+def ws_frame(text: str) -> bytes:
+    """A masked client text frame (RFC 6455) for a raw socket."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    size = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_socket_client_that_stops_reading_is_dropped_and_its_segments_cancelled(guarded):
+    before, dropped_before = guarded.log().count("generation cancelled"), guarded.log().count("ECHO_SEND_TIMEOUT")
+    sock = raw(guarded, rcvbuf=4096)
+    sock.sendall(b"GET /v1/audio/speech/stream/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    handshake = b""
+    while b"\r\n\r\n" not in handshake:
+        handshake += sock.recv(1)
+    assert handshake.startswith(b"HTTP/1.1 101")
+    segment = {"input": "Hello there.", "voice": "alice", "segment_id": "s", **UNREAD}
+    sock.sendall(ws_frame(json.dumps(segment)) + ws_frame(json.dumps({**segment, "segment_id": "t"})))
+    wait_for_log(guarded, "ECHO_SEND_TIMEOUT", timeout=60, seen=dropped_before)
+    dropped = time.monotonic()
+    while guarded.log().count("generation cancelled") == before:
+        assert time.monotonic() - dropped < 3, guarded.log()[-3000:]
+        time.sleep(0.05)
+    sock.close()
+
+
+# ---- item 11: an unhandled error is a 500 with an id, counted, logged once ----------------------
+
+
+def test_an_unhandled_error_is_an_openai_500_with_its_request_id_counted_and_logged_once(voice_dir, caplog):
+    from api_server import create_app
+    from settings import load_settings
+
+    app = create_app(load_settings(device="cpu", voice_dirs=[voice_dir]))
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("a bug")
+
+    client = TestClient(app)  # no lifespan: no models needed
+    response = client.get("/boom", headers={"X-Request-ID": "boom-1"})
+    assert response.status_code == 500 and response.headers["x-request-id"] == "boom-1"
+    assert response.json()["error"] | {"message": ""} == {"message": "", "type": "server_error", "param": None,
+                                                         "code": "internal_error"}
+    assert 'echo_requests_total{route="/boom",status="500"} 1.0' in client.get("/metrics").text
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "a bug" in str(tracebacks[0].exc_info[1])
+
+
+# ---- item 13: docs follow ECHO_PUBLIC_DOCS ------------------------------------------------------
+
+
+def test_docs_need_the_key_unless_public(voice_dir):
+    from api_server import create_app
+    from settings import load_settings
+
+    # (ECHO_PUBLIC_DOCS, ECHO_API_KEY) -> what a caller without a key gets
+    for public_docs, api_key, anonymous_status in ((None, KEY, 401), (None, None, 200), (True, KEY, 200),
+                                                   (False, None, 404)):
+        settings = load_settings(device="cpu", voice_dirs=[voice_dir], api_key=api_key, public_docs=public_docs)
+        client = TestClient(create_app(settings))
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            anonymous = client.get(path)
+            assert anonymous.status_code == anonymous_status, (public_docs, api_key, path)
+            if anonymous_status == 401:
+                assert anonymous.json()["error"]["code"] == "invalid_api_key"
+                assert client.get(path, headers=AUTH).status_code == 200, path
+        if anonymous_status == 401:
+            assert "/v1/audio/speech" in client.get("/openapi.json", headers=AUTH).json()["paths"]
+
+
+# ---- item 12: shutdown drains WebSocket sessions ------------------------------------------------
+
+SEGMENT = {"input": "Hello there. This is a test.", "voice": "alice", "block_sizes": [4] + [16] * 20,
+           "num_steps": [1] + [8] * 20}
+
+
+def ws_connect(server):
+    return connect(server.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws")
+
+
+def until_closed(ws, timeout=60) -> list:
+    out = []
+    while True:
+        try:
+            raw_message = ws.recv(timeout=timeout)
+        except ConnectionClosed:
+            return out
+        out.append(json.loads(raw_message) if isinstance(raw_message, str) else raw_message)
+
+
+def test_sigterm_lets_a_socket_finish_its_segments_then_closes_it_1001(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                       tmp_path):
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_SHUTDOWN_GRACE="120"),
+                      tmp_path / "server.log")
+    try:
+        with ws_connect(live) as ws:
+            ws.send(json.dumps({**SEGMENT, "segment_id": "a"}))
+            ws.send(json.dumps({**SEGMENT, "segment_id": "b"}))
+            assert json.loads(ws.recv(timeout=60)) == {"type": "start", "segment_id": "a"}
+            assert isinstance(ws.recv(timeout=60), bytes)
+            live.process.send_signal(signal.SIGTERM)
+            wait_for_log(live, "Shutting down", timeout=10)
+            ws.send(json.dumps({**SEGMENT, "segment_id": "late"}))
+            got = until_closed(ws)
+            code, reason = ws.close_code, ws.close_reason
+        ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
+        errors = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "error"}
+        assert not ends["a"]["cancelled"] and not ends["b"]["cancelled"]
+        assert ends["a"]["audio_seconds"] == ends["b"]["audio_seconds"] == round((4 + 320) * 2048 / 44100, 3)
+        assert errors["late"]["error"]["code"] == "shutting_down"
+        assert (code, reason) == (1001, "server shutting down")
+        assert live.process.wait(timeout=60) == 0
+        assert "Traceback" not in live.log()
+    finally:
+        if live.process.poll() is None:
+            live.stop()
+
+
+def test_at_the_end_of_the_grace_sockets_get_a_cancelled_end_and_streams_one_log_line(
+        tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_SHUTDOWN_GRACE="2"),
+                      tmp_path / "server.log")
+    try:
+        body = {"input": "Hi.", "voice": "alice", "response_format": "pcm", **LONG}
+        with httpx.stream("POST", live.url + "/v1/audio/speech", json=body, timeout=60) as http, ws_connect(live) as ws:
+            chunks = http.iter_raw()
+            next(chunks)
+            ws.send(json.dumps({"input": "Hi.", "voice": "alice", "segment_id": "long", **LONG}))
+            ws.send(json.dumps({**SEGMENT, "segment_id": "queued"}))
+            assert isinstance(until_first_audio(ws), bytes)
+            live.process.send_signal(signal.SIGTERM)
+            got = until_closed(ws)
+            code, reason = ws.close_code, ws.close_reason
+            with pytest.raises(httpx.RemoteProtocolError):  # the stream was cut, not completed
+                for _ in chunks:
+                    pass
+        ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
+        assert ends["long"]["cancelled"] and ends["long"]["reason"] == "server_shutdown"
+        assert ends["queued"] == {"type": "end", "segment_id": "queued", "cancelled": True, "audio_seconds": 0.0,
+                                  "reason": "server_shutdown"}
+        assert (code, reason) == (1001, "server shutting down")
+        assert live.process.wait(timeout=60) == 0
+        log = live.log()
+        assert log.count("still running when the shutdown grace ended") == 1
+        assert "Traceback" not in log and "CancelledError" not in log
+    finally:
+        if live.process.poll() is None:
+            live.stop()
+
+
+def until_first_audio(ws):
+    while isinstance(message := ws.recv(timeout=60), str):
+        pass
+    return message
