@@ -3,13 +3,20 @@ has taken, waits out of the batch meanwhile (parked), and is dropped when its cl
 for the send timeout. And queue slots reserved before a job is built (item 9)."""
 
 import asyncio
+import json
+import re
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 import engine as eng
 import inference as inf
+from conftest import live_server, server_env
 from test_engine import SETTINGS
 from voices import SpeakerCache
 
@@ -187,3 +194,72 @@ def test_a_reserved_slot_takes_its_job_without_a_second_check(engine):
 
     assert run(worker, scenario) == 2 * BLOCK
     assert worker.pending == 0
+
+
+# ---- a live server and clients that never read ------------------------------------------------------
+
+LONG = {"voice": "none", "stream": True, "response_format": "pcm", "early_stop_on_zero": False,
+        "block_sizes": [4] + [20] * 30, "num_steps": 1}  # 28 s of audio per text chunk, cheaply
+NEVER_READ = "[S1] " + "Nobody reads this long stream of speech. " * 50  # ~5 chunks: 140 s, 12 MB as PCM
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) / 1024
+
+
+def active_and_waiting(server) -> tuple[float, float]:
+    """echo_active_streams and echo_queue_length (parked jobs are in neither)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+                 for name in ("echo_active_streams", "echo_queue_length"))
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                     tmp_path_factory):
+    """Six raw-socket clients ask for long streams and never read: their jobs park (they leave the
+    active gauge, none ended), the server's memory stays flat, and the send timeout ends them.
+
+    The kernel's socket buffers take ~36 s of PCM per connection; beyond that the audio waited in
+    the server. Growth (VmRSS) over a server warmed up by six streams read to the end, measured on
+    2 CPU cores with ECHO_SEND_TIMEOUT=30: without the limit (ECHO_MAX_AHEAD_SECONDS=1000) +83 MB
+    50 s in, growing until the connections were given up at 51 s; with 1 s ahead, +2.9 MB, all six
+    parked from 18 s on. (The warm-up's freed memory is reused before RSS grows: the growth
+    without the limit understates what waited.)"""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_AHEAD_SECONDS="1", ECHO_SEND_TIMEOUT="10")
+    with live_server(tmp_path_factory, "never-read", env) as live:
+        warm = {**LONG, "input": "[S1] Warm up."}  # the batch's own memory, before measuring
+        with ThreadPoolExecutor(6) as pool:
+            answers = pool.map(lambda _: httpx.post(live.url + "/v1/audio/speech", json=warm, timeout=120), range(6))
+            assert [r.status_code for r in answers] == [200] * 6
+        base = peak = rss_mb(live.process.pid)
+        body = json.dumps({**LONG, "input": NEVER_READ}).encode()
+        request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: echo\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        stopped = re.compile(r"generation (stopped|cancelled) after")
+
+        def ended() -> int:  # jobs stopped or cancelled (logged before they leave the active gauge)
+            return sum(bool(stopped.search(line)) for line in live.log().splitlines())
+
+        clients, ran, parked = [], False, False
+        try:
+            for _ in range(6):
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.connect(("127.0.0.1", live.port))
+                client.sendall(request)
+                clients.append(client)
+            deadline = time.monotonic() + 150
+            while ended() < 6:
+                assert time.monotonic() < deadline, "the stalled streams were not stopped"
+                peak = max(peak, rss_mb(live.process.pid))
+                active, waiting = active_and_waiting(live)
+                ran = ran or active == 6
+                parked = parked or (ran and active == waiting == ended() == 0)  # parked: in neither gauge
+                time.sleep(0.25)
+        finally:
+            for client in clients:
+                client.close()
+    assert parked, "the jobs ran on for clients that read nothing"
+    assert peak - base < 12, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
