@@ -21,8 +21,8 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import (BlockShape, EarlyStop, GenerationWorker, JobStream, QueueFull, SpeakerReference, SpeechEngine,
-                    GenerationTimeout, SpeechJob, VadReroll, VoiceUnusable, random_seed)
+from engine import (BlockShape, ClientStalled, EarlyStop, GenerationTimeout, GenerationWorker, JobStream, QueueFull,
+                    SpeakerReference, SpeechEngine, SpeechJob, VadReroll, VoiceUnusable, random_seed)
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
@@ -398,6 +398,9 @@ def generation_failure(error: Exception) -> RequestError:
         return RequestError(str(error), "voice")
     if isinstance(error, GenerationTimeout):
         return RequestError(str(error), status=504)
+    if isinstance(error, ClientStalled):  # nobody is listening: a line in the log, no traceback
+        log.info("generation stopped: %s", error)
+        return RequestError(str(error), status=408)
     log.error("generation failed", exc_info=error)
     return RequestError(f"generation failed: {error}", status=500)
 

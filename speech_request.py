@@ -25,6 +25,7 @@ MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
+               408: ("request_timeout", "invalid_request_error"),
                404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
                413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),
                500: ("generation_failed", "server_error"), 503: ("not_ready", "server_error"),
