@@ -263,3 +263,12 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
                 client.close()
     assert parked, "the jobs ran on for clients that read nothing"
     assert peak - base < 12, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
+
+
+def test_a_stalled_client_is_reported_as_a_408_in_one_log_line(caplog):
+    from service import generation_failure
+
+    with caplog.at_level("INFO"):
+        error = generation_failure(eng.ClientStalled("the client took no audio for 30 s"))
+    assert (error.status, error.code) == (408, "request_timeout")
+    assert [r.exc_info for r in caplog.records] == [None]  # no traceback
