@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -31,12 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
 from engine import JobStream
-from inference import SAMPLE_RATE
+from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
                            request_id)
-from service import SpeechService, generation_failure
+from service import SpeechService, Started, generation_failure
 from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
+import http_server
 import speech_socket
 import weights
 
@@ -122,8 +123,11 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
         yield
         service.close()
 
-    app = FastAPI(title="Echo-TTS Streaming API", version="1.0", lifespan=lifespan)
+    public_docs = settings.public_docs if settings.public_docs is not None else not settings.api_keys
+    app = FastAPI(title="Echo-TTS Streaming API", version="1.0", lifespan=lifespan,
+                  **({} if public_docs else {"openapi_url": None}))  # else served below, behind the key
     app.state.service = service
+    app.state.drain = http_server.Drain()  # the server's shutdown, as WebSocket sessions see it (http_server)
     app.state.metrics = Metrics(queue_length=lambda: service.worker.waiting if service.worker else 0,
                                 active_streams=lambda: service.worker.active if service.worker else 0,
                                 gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
@@ -132,15 +136,27 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
+    if not public_docs and settings.api_keys:  # ECHO_PUBLIC_DOCS=0 without a key: no docs at all
+        app.include_router(_docs_routes(app))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"],
                            expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica"])
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
+                       read_timeout=settings.read_timeout)
     app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
                        replica=settings.replica_name, id_header=not ray_replica)
     return app
+
+
+def _docs_routes(app: FastAPI) -> APIRouter:
+    """/openapi.json, /docs and /redoc behind the API key (ECHO_PUBLIC_DOCS off)."""
+    docs = APIRouter(dependencies=[Depends(check_api_key)], include_in_schema=False)
+    docs.get("/openapi.json")(lambda: JSONResponse(app.openapi()))
+    docs.get("/docs")(lambda: get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI"))
+    docs.get("/redoc")(lambda: get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc"))
+    return docs
 
 
 def _body_too_large(limit: int) -> JSONResponse:
@@ -245,18 +261,19 @@ def _routes():
                     responses=AUDIO_RESPONSE | _errors(400, 401, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
-        job = await _build_job(service, body)
         encoder = _open_encoder(body, service.settings, streaming=body.stream)
         timing = StreamTiming(request.app.state.metrics, request.state.started)
         stream, response = None, None
         try:  # until a streaming response takes them over, the job and the encoder are this block's
-            stream = _submit(service, job)
-            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate), "X-Echo-Seed": str(job.seed)}
+            started = await _start(service, body)
+            job, stream = started.job, started.stream
+            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate), "X-Echo-Seed": str(job.seed),
+                       "X-Echo-Voice": _header_safe(started.voice)}
             first = await _next_block(stream, request)
             if not body.stream:
                 return await _whole_file(stream, first, encoder, request, headers, timing)
             if body.stream_format == "sse":
-                response = StreamingResponse(_sse_events(stream, first, encoder, timing, job.seed),
+                response = StreamingResponse(_sse_events(stream, first, encoder, timing, started),
                                              media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
             else:
                 response = StreamingResponse(_audio_bytes(stream, first, encoder, timing),
@@ -280,16 +297,9 @@ def _routes():
     return router
 
 
-def _submit(service: SpeechService, job) -> JobStream:
-    try:
-        return service.submit(job, request_id.get())
-    except RequestError as e:
-        raise _api_error(e) from None
-
-
-async def _build_job(service: SpeechService, body: SpeechRequest):
-    try:  # may read and decode an inline voice: off the event loop
-        return await run_in_threadpool(service.build_job, body.generation_options())
+async def _start(service: SpeechService, body: SpeechRequest) -> Started:
+    try:  # a queue slot first, then the job (its voice may be decoded and encoded) off the event loop
+        return await service.start(body.generation_options(), request_id.get())
     except RequestError as e:
         raise _api_error(e) from None
 
@@ -300,11 +310,9 @@ def _api_error(error: RequestError) -> ApiError:
 
 
 def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
+    fmt, rate = body.output(settings.default_response_format, settings.output_sample_rate)
     try:
-        return open_encoder(body.response_format or settings.default_response_format or body.format,
-                            input_rate=SAMPLE_RATE,
-                            output_rate=body.sample_rate or settings.output_sample_rate,
-                            speed=body.speed, streaming=streaming)
+        return open_encoder(fmt, input_rate=SAMPLE_RATE, output_rate=rate, speed=body.speed, streaming=streaming)
     except InvalidAudioParameter as e:
         raise ApiError(400, str(e), e.param, code="invalid_value") from None
 
@@ -353,7 +361,8 @@ async def _blocks(first: np.ndarray | None, stream: JobStream) -> AsyncIterator[
 
 async def _encoded(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
                    timing: StreamTiming) -> AsyncIterator[bytes]:
-    """Encoded bytes of every block as soon as it is generated, then the encoder's tail."""
+    """Encoded bytes of every block as soon as it is generated, then the encoder's tail; the
+    seconds of audio generated are in `timing.audio_seconds` once it ends."""
     samples = 0
     try:
         async for block in _blocks(first, stream):
@@ -380,14 +389,29 @@ async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: Aud
 
 
 async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
-                      timing: StreamTiming, seed: int) -> AsyncIterator[bytes]:
+                      timing: StreamTiming, started: Started) -> AsyncIterator[bytes]:
     try:
         async for data in _encoded(stream, first, encoder, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield _sse({"type": "speech.audio.done", "seed": seed,
-                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
+        yield _sse({"type": "speech.audio.done", "seed": started.job.seed, "voice": started.voice,
+                    "usage": _usage(started.job.chunks, timing.audio_seconds)})
     except Exception as e:
         yield _sse({"type": "error", "error": generation_failure(e).detail()})
+
+
+def _usage(chunks: tuple[str, ...], audio_seconds: float) -> dict:
+    """OpenAI's usage object in Echo's units: input tokens are the UTF-8 bytes of the text (Echo's
+    tokenizer reads bytes), output tokens the latent frames of audio generated (2048 samples each);
+    plus the plain counts, input characters and seconds of audio."""
+    input_tokens = sum(len(text.encode()) for text in chunks)
+    output_tokens = round(audio_seconds * SAMPLE_RATE / AE_DOWNSAMPLE_FACTOR)
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+            "input_characters": sum(len(text) for text in chunks), "audio_seconds": round(audio_seconds, 3)}
+
+
+def _header_safe(value: str) -> str:
+    """A value as an HTTP header may carry it (a voice name may hold any character)."""
+    return value.encode("unicode_escape").decode("ascii")  # control and non-ASCII characters escaped
 
 
 def _sse(event: dict) -> bytes:
@@ -435,12 +459,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python api_server.py [download]   (settings come from ECHO_* variables; see README)")
     settings = load_settings()
     configure_logging(settings.debug_logs, settings.log_json)
-    # uvicorn handles SIGTERM (stop accepting, let streams in flight finish, run the lifespan's
-    # shutdown) and then raises the signal again; answer that with a clean exit, status 0.
+    # the server handles SIGTERM (stop accepting, let streams and sockets in flight finish, run the
+    # lifespan's shutdown) and then raises the signal again; answer that with a clean exit, status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace,
-                ws_max_size=2 * settings.max_body_bytes)  # speech_socket answers messages over the limit
+    app = create_app(settings)
+    http_server.serve(app, settings, app.state.drain)
 
 
 if __name__ == "__main__":
