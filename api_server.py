@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.state.drain = http_server.Drain()  # the server's shutdown, as WebSocket sessions see it (http_server)
     app.state.metrics = Metrics(queue_length=lambda: service.worker.waiting if service.worker else 0,
                                 active_streams=lambda: service.worker.active if service.worker else 0,
+                                parked_streams=lambda: service.worker.parked if service.worker else 0,
                                 gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
                                 vad_rerolls=service.vad_rerolls)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -97,7 +97,7 @@ class Metrics:
 
     def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int],
                  gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0,
-                 vad_rerolls: Callable[[], int] = lambda: 0):
+                 vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -109,6 +109,8 @@ class Metrics:
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)
+        Gauge("echo_parked_streams", "Requests waiting for their client to take the audio generated ahead of it "
+              "(ECHO_MAX_AHEAD_SECONDS), out of the batch", registry=self.registry).set_function(parked_streams)
         Gauge("echo_compiles_after_warm_up", "torch.compile graphs built after warm-up (each one froze every "
               "stream while it compiled; warm-up should have covered its shape)",
               registry=self.registry).set_function(compiles_after_warm_up)

@@ -208,11 +208,11 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) / 1024
 
 
-def active_and_waiting(server) -> tuple[float, float]:
-    """echo_active_streams and echo_queue_length (parked jobs are in neither)."""
+def streams(server) -> tuple[float, float, float]:
+    """echo_active_streams, echo_queue_length and echo_parked_streams (a parked job is in the last only)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
-                 for name in ("echo_active_streams", "echo_queue_length"))
+                 for name in ("echo_active_streams", "echo_queue_length", "echo_parked_streams"))
 
 
 @pytest.mark.slow
@@ -226,7 +226,9 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
     2 CPU cores with ECHO_SEND_TIMEOUT=30: without the limit (ECHO_MAX_AHEAD_SECONDS=1000) +83 MB
     50 s in, growing until the connections were given up at 51 s; with 1 s ahead, +2.9 MB, all six
     parked from 18 s on. (The warm-up's freed memory is reused before RSS grows: the growth
-    without the limit understates what waited.)"""
+    without the limit understates what waited.) Since the server runs on h11 with its own protocol
+    (http_server.py) the growth with the limit measures +20 to +26 MB (2026-12-06, three runs), flat
+    while parked: the bound below sits between that and the unbounded growth."""
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_AHEAD_SECONDS="1", ECHO_SEND_TIMEOUT="10")
     with live_server(tmp_path_factory, "never-read", env) as live:
         warm = {**LONG, "input": "[S1] Warm up."}  # the batch's own memory, before measuring
@@ -254,15 +256,15 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
             while ended() < 6:
                 assert time.monotonic() < deadline, "the stalled streams were not stopped"
                 peak = max(peak, rss_mb(live.process.pid))
-                active, waiting = active_and_waiting(live)
+                active, waiting, parked_now = streams(live)
                 ran = ran or active == 6
-                parked = parked or (ran and active == waiting == ended() == 0)  # parked: in neither gauge
+                parked = parked or (ran and active == waiting == ended() == 0 and parked_now == 6)
                 time.sleep(0.25)
         finally:
             for client in clients:
                 client.close()
     assert parked, "the jobs ran on for clients that read nothing"
-    assert peak - base < 12, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
+    assert peak - base < 45, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
 
 
 def test_a_stalled_client_is_reported_as_a_408_in_one_log_line(caplog):
