@@ -107,3 +107,12 @@ def test_the_accepted_torch_range_holds_the_tested_versions():
     ci = re.search(r"torch==(\S+)", (ROOT / ".ci" / "run").read_text()).group(1)
     gpu = re.search(r"torch ([\d.]+)", (ROOT / "benchmarks" / "RESULTS.md").read_text()).group(1)
     assert ci in accepted and gpu in accepted, (str(accepted), ci, gpu)
+
+
+def test_every_test_security_md_cites_exists():
+    """SECURITY.md backs each defence with the test that reproduces the attack: those tests exist."""
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", (ROOT / "SECURITY.md").read_text()))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M))
+    assert len(cited) >= 20 and cited <= defined, sorted(cited - defined)
