@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     max_active: int = Field(8, ge=1)  # requests generated together, batched into shared forward passes
     max_queue: int = Field(16, ge=0)  # requests that may wait for a free slot; more get 429
     ws_max_queue: int = Field(32, ge=1)  # segments one WebSocket may have queued; more get an error message
+    ws_max_frame_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024, multiple_of=2)  # one audio message, whole samples
     # hostile or stalled clients (SECURITY.md): a request's headers must be complete within
     # read_timeout of its first byte and its body may pause at most that long; a client that takes no
     # audio for send_timeout is dropped; a job generates at most max_ahead_seconds of audio more than

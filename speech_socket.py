@@ -8,14 +8,26 @@ Client -> server, JSON text messages:
 - `{"type": "cancel", "segment_id"}`: stops that segment within one diffusion step, or drops it
   while it is still queued.
 
-Server -> client, per segment: `{"type": "start", "segment_id"}`, binary frames of 16-bit
-little-endian mono PCM (44.1 kHz or the segment's `sample_rate`), one per decoded block, then
-`{"type": "end", "segment_id", "seed", "audio_seconds", "cancelled"}`. Empty input gets
+Server -> client, per segment: `{"type": "start", "segment_id"}`, binary messages of 16-bit
+little-endian mono PCM (44.1 kHz or the segment's `sample_rate`) of at most ECHO_WS_MAX_FRAME_BYTES
+each (whole samples; each decoded block is cut into them as soon as it is encoded, so a client's
+default message limit, 1 MiB for `websockets`, always holds), then
+`{"type": "end", "segment_id", "seed", "voice", "audio_seconds", "cancelled"}`. Empty input gets
 `{"type": "no_op", "reason": "empty_input", "segment_id"}`; a failed segment gets
 `{"type": "error", "error": {message, type, param, code}, "message", "segment_id"}` and the socket
 stays usable (so do messages that are not JSON objects, hold NaN or Infinity, or are binary frames:
 an error message with `segment_id` null). A client that disconnects, or takes nothing for
 ECHO_SEND_TIMEOUT, cancels everything it had queued.
+
+A segment's life is always closed: `start` is sent only once the segment is validated and its job
+started (its settings, its output rate, a queue slot, its voice resolved and prepared), so a segment
+refused gets one `error` and nothing else; every `start` is followed by one `end`: after its audio,
+after a cancel (`"cancelled": true`), or after the `error` of a generation that failed midway
+(`"cancelled": true, "reason": "error"`). A segment cancelled before it started (queued, or while
+its voice was prepared) gets an `end` with `"cancelled": true` and no `start`.
+
+The handshake without a valid key is refused with HTTP 401 and OpenAI's error body, as the HTTP
+routes answer (a server without the ASGI denial-response extension closes it with 1008 instead).
 
 On shutdown (SIGTERM) a socket drains as HTTP streams do: new segments get an error, the queued and
 running ones finish and get their `end`, then the socket closes with 1001 "server shutting down".
@@ -30,19 +42,21 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from audio_encoding import InvalidAudioParameter, open_encoder
+from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
 from engine import JobStream
 from inference import SAMPLE_RATE
-from observability import bearer_token, request_id
-from service import SpeechService, generation_failure
+from observability import bearer_token, error_body, request_id
+from service import SpeechService, Started, generation_failure
 from settings import Settings
 from speech_request import RequestError, SpeechRequest, request_error
 
@@ -51,6 +65,9 @@ PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not 
 GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER = 1001, 1008, 1013  # WebSocket close codes
 SHUTTING_DOWN = "server shutting down"  # the close reason on shutdown
 SHUTDOWN = "server_shutdown"  # the `reason` of an `end` cut by the end of the shutdown grace
+FAILED = "error"  # the `reason` of an `end` that follows the `error` of a segment that had started
+DENIAL_RESPONSE = "websocket.http.response"  # the ASGI extension that answers a handshake with HTTP
+UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer <key>' or, from a browser, '?api_key=<key>'"
 
 
 class SendTimeout(Exception):
@@ -85,7 +102,10 @@ class Session:
         await self._in_time(self.websocket.send_text(json.dumps(message, allow_nan=False)))
 
     async def send_audio(self, data: bytes) -> None:
-        await self._in_time(self.websocket.send_bytes(data))
+        """Encoded pcm as binary messages of at most ECHO_WS_MAX_FRAME_BYTES, each sent as soon as it
+        is cut: one block whole (2 MB for a 480-frame block) is over most clients' message limits."""
+        for frame in frames(data, self.service.settings.ws_max_frame_bytes):
+            await self._in_time(self.websocket.send_bytes(frame))
 
     async def error(self, segment_id: Any, error: RequestError) -> None:
         await self.send({"type": "error", "error": error.detail(), "message": str(error), "segment_id": segment_id})
@@ -108,10 +128,29 @@ class Session:
                 _cancel(segment, reason)
 
 
+def frames(data: bytes, limit: int) -> Iterator[bytes]:
+    """`data` cut into pieces of at most `limit` bytes, in order. `limit` is even (settings), so a
+    16-bit sample is never split between two messages."""
+    view = memoryview(data)
+    for offset in range(0, len(view), limit):
+        yield bytes(view[offset:offset + limit])
+
+
 def authorized(websocket: WebSocket, settings: Settings) -> bool:
     """`Authorization: Bearer <key>` or, for browsers (which cannot set headers), `?api_key=<key>`."""
     token = bearer_token(websocket.headers)
     return settings.accepts_key(token if token is not None else websocket.query_params.get("api_key"))
+
+
+async def refuse_key(websocket: WebSocket) -> None:
+    """Answer the handshake with HTTP 401 and OpenAI's error body, as the HTTP routes answer a
+    missing or wrong key. A server without the denial-response extension (uvicorn has it; another
+    ASGI server may not) gets a close before accepting, which clients see as 403."""
+    if DENIAL_RESPONSE not in (websocket.scope.get("extensions") or {}):
+        await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
+        return
+    body = error_body(UNAUTHORIZED, "authentication_error", "invalid_api_key")
+    await websocket.send_denial_response(JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
 
 
 async def serve(websocket: WebSocket, service: SpeechService) -> None:
@@ -119,7 +158,7 @@ async def serve(websocket: WebSocket, service: SpeechService) -> None:
     order; every segment it queued ends with it."""
     settings = service.settings
     if not authorized(websocket, settings):
-        await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
+        await refuse_key(websocket)
         return
     await websocket.accept()
     request_id.set(uuid.uuid4().hex)
@@ -289,6 +328,8 @@ async def _answer(session: Session) -> None:
 
 
 async def _answer_one(session: Session, segment: Segment) -> None:
+    """One segment, its life closed: refused before `start` (only an `error`), dropped before
+    `start` (only an `end`), or started, and then always ended (its `error` first when it failed)."""
     if segment.cancelled:  # while it was queued (the shutdown grace ended)
         await session.send(_dropped(segment))
         return
@@ -296,43 +337,85 @@ async def _answer_one(session: Session, segment: Segment) -> None:
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
     try:
-        request = _speech_request(segment.message)
-        await session.send({"type": "start", "segment_id": segment.segment_id})
-        await _generate(session, segment, request)
+        started, encoder = await _start(session, segment)
     except RequestError as e:
         await session.error(segment.segment_id, e)
-
-
-async def _generate(session: Session, segment: Segment, request: SpeechRequest) -> None:
-    """One segment's audio as binary PCM frames, then its end message."""
-    service = session.service
+        return
+    segment.stream = started.stream
     try:
-        encoder = open_encoder("pcm", input_rate=SAMPLE_RATE,
-                               output_rate=request.output("pcm", service.settings.output_sample_rate)[1],
-                               speed=request.speed, streaming=True)
+        if segment.cancelled:  # while its voice was being prepared: it never started
+            await session.send(_dropped(segment))
+            return
+        await session.send({"type": "start", "segment_id": segment.segment_id})
+        samples, failure = await _stream_audio(session, segment, encoder)
+        if failure is not None:
+            await session.error(segment.segment_id, failure)
+        await session.send(_ended(segment, started, samples, failure))
+    finally:  # the job stops within a step (a no-op once it is done), the codec is freed
+        started.stream.cancel()
+        encoder.close()
+
+
+async def _start(session: Session, segment: Segment) -> tuple[Started, AudioEncoder]:
+    """The segment's job, generating, and its pcm encoder: everything that may refuse a segment (its
+    settings, its output rate and speed, a full queue, its voice, resolved and prepared) is checked
+    here, before its `start` is sent. Raises RequestError."""
+    request = _speech_request(segment.message)
+    encoder = _open_encoder(request, session.service.settings)
+    try:
+        started = await session.service.start(request.generation_options(), request_id.get())
+    except BaseException:  # refused, or the socket's writer was cancelled meanwhile
+        encoder.close()
+        raise
+    return started, encoder
+
+
+def _open_encoder(request: SpeechRequest, settings: Settings) -> AudioEncoder:
+    """The segment's streaming pcm encoder, at the rate HTTP would answer it with (`sample_rate`,
+    ECHO_OUTPUT_SAMPLE_RATE, then by model); a bad rate or speed is a RequestError naming it."""
+    rate = request.output("pcm", settings.output_sample_rate)[1]
+    try:
+        return open_encoder("pcm", input_rate=SAMPLE_RATE, output_rate=rate, speed=request.speed, streaming=True)
     except InvalidAudioParameter as e:
         raise RequestError(str(e), e.param) from None
+
+
+async def _stream_audio(session: Session, segment: Segment,
+                        encoder: AudioEncoder) -> tuple[int, RequestError | None]:
+    """The segment's audio as binary messages until it ends, is cancelled or fails: (samples
+    generated at 44.1 kHz, the failure that cut it or None). A client that leaves or stalls is no
+    failure of the segment: that propagates and ends the socket."""
     samples = 0
     try:
-        started = await service.start(request.generation_options(), request_id.get())
-        job, segment.stream = started.job, started.stream
-        if segment.cancelled:  # cancelled while its voice was being prepared
-            segment.stream.cancel()
         async for block in _blocks(segment.stream):
             if segment.cancelled:  # no more audio; the job stops within a step
                 break
             samples += block.size
-            if data := await run_in_threadpool(encoder.encode, block):
+            if data := await _encode(encoder.encode, block):
                 await session.send_audio(data)
-        if data := await run_in_threadpool(encoder.finish):
+        if data := await _encode(encoder.finish):
             await session.send_audio(data)
-    finally:
-        if segment.stream is not None:
-            segment.stream.cancel()
-        encoder.close()
-    await session.send({"type": "end", "segment_id": segment.segment_id, "seed": job.seed,
-                        "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled,
-                        **({"reason": segment.reason} if segment.reason else {})})
+    except RequestError as e:
+        return samples, e
+    return samples, None
+
+
+async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
+    """One encoder step off the event loop; its failure is the segment's (a RequestError, 500)."""
+    try:
+        return await run_in_threadpool(step, *block)
+    except Exception as e:  # noqa: BLE001 - the segment fails; the socket stays usable
+        raise generation_failure(e) from None
+
+
+def _ended(segment: Segment, started: Started, samples: int, failure: RequestError | None) -> dict:
+    """The `end` of a segment that started: its seed, the voice it spoke with (an alias's or the
+    default for an OpenAI name, as X-Echo-Voice says over HTTP), its seconds of audio, and whether it
+    was cut short, with the server's reason when the server cut it."""
+    reason = segment.reason or (FAILED if failure is not None else None)
+    return {"type": "end", "segment_id": segment.segment_id, "seed": started.job.seed, "voice": started.voice,
+            "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled or failure is not None,
+            **({"reason": reason} if reason else {})}
 
 
 async def _blocks(stream: JobStream):

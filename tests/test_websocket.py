@@ -1,14 +1,20 @@
 """WebSocket streaming (`/v1/audio/speech/stream/ws`), through the real server process."""
 
+import ast
+import asyncio
 import json
+import re
+import subprocess
+import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import live_server, server_env
+from conftest import ROOT, live_server, server_env
 from test_server import FAST, _metric
 
 pytestmark = pytest.mark.slow
@@ -50,9 +56,9 @@ def test_a_segment_streams_the_pcm_http_streams_between_start_and_end(server):
     http = httpx.post(server.url + "/v1/audio/speech", json={
         "input": "Hello there. This is a test.", "voice": "alice", "seed": 7, "sample_rate": 24000,
         "response_format": "pcm", **FAST}, timeout=60).content
-    assert audio == http and len([m for m in got if isinstance(m, bytes)]) >= 2  # one frame per block
-    assert got[-1] == {"type": "end", "segment_id": "a", "seed": 7, "audio_seconds": round(len(audio) / 2 / 24000, 3),
-                       "cancelled": False}
+    assert audio == http and len([m for m in got if isinstance(m, bytes)]) >= 2  # blocks under the frame limit
+    assert got[-1] == {"type": "end", "segment_id": "a", "seed": 7, "voice": "alice",
+                       "audio_seconds": round(len(audio) / 2 / 24000, 3), "cancelled": False}
 
 
 def test_segments_are_answered_in_order_and_continue_false_closes_after_them(server):
@@ -99,6 +105,7 @@ def test_cancel_stops_the_running_segment_and_drops_a_queued_one(server):
         after = messages(ws, ended("after"))
     ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
     assert ends["long"]["cancelled"] and ends["queued"]["cancelled"] and took < 5
+    assert ends["long"]["voice"] == "alice" and "reason" not in ends["long"]  # the client's cancel: no reason
     assert ("start", "queued") not in [(m["type"], m["segment_id"]) for m in got if isinstance(m, dict)]
     assert sum(len(m) for m in got if isinstance(m, bytes)) < 39 * 16 * 2048 * 2  # not the whole segment
     assert after[-1]["type"] == "end" and not after[-1]["cancelled"]
@@ -119,15 +126,25 @@ def test_a_client_that_disconnects_cancels_what_it_queued(server):
 @pytest.fixture(scope="module")
 def strict_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="sock-key", ECHO_WS_MAX_QUEUE="2",
-                     ECHO_MAX_BODY_BYTES="4096")
+                     ECHO_MAX_BODY_BYTES="4096", ECHO_WS_MAX_FRAME_BYTES="5000")
     with live_server(tmp_path_factory, "strict-ws", env) as live:
         yield live
 
 
 def test_the_socket_needs_the_key_in_a_header_or_the_query(strict_server):
+    """A missing or wrong key is refused as HTTP refuses it: 401 with OpenAI's error object (the
+    handshake is answered with HTTP instead of being accepted), not a bare 403."""
+    http = httpx.get(strict_server.url + "/v1/models")
+    assert http.status_code == 401
     for query, headers in (("", {}), ("?api_key=wrong", {}), ("", {"Authorization": "Bearer wrong"})):
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as refused:
             socket(strict_server, query, additional_headers=headers).close()
+        response = refused.value.response
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.headers["Content-Type"] == "application/json"
+        error = json.loads(response.body)["error"]
+        assert {k: error[k] for k in ("type", "param", "code")} == {k: http.json()["error"][k] for k in ("type", "param", "code")}
+        assert "?api_key=" in error["message"]
     for query, headers in (("?api_key=sock-key", {}), ("", {"Authorization": "Bearer sock-key"})):
         with socket(strict_server, query, additional_headers=headers) as ws:
             ws.send(segment("ok"))
@@ -189,3 +206,210 @@ def test_a_refused_final_segment_still_closes_the_socket_once_the_queue_is_done(
         assert ws.close_code == 1000
     assert got[-1]["type"] == "error" and got[-1]["error"]["code"] == "queue_full"
     assert sorted(m["segment_id"] for m in rest if isinstance(m, dict) and m["type"] == "end") == ["one", "three", "two"]
+
+
+# ---- frames any client can read (issue 18, item 3) ----------------------------------------------
+
+BIG_BLOCKS = {"block_sizes": [32, 64], "num_steps": [2, 2], "early_stop_on_zero": False}  # 128 KiB, 256 KiB of pcm
+
+
+@pytest.mark.parametrize("live, query, key, limit, rate", [
+    ("server", "", None, 32 * 1024, 44100),  # the default ECHO_WS_MAX_FRAME_BYTES
+    ("strict_server", "?api_key=sock-key", "sock-key", 5000, 24000),  # a limit that is no power of two
+])
+def test_audio_frames_stay_under_the_limit_and_carry_the_http_pcm(request, live, query, key, limit, rate):
+    """Each block (here 128 and 256 KiB) goes out in messages of at most ECHO_WS_MAX_FRAME_BYTES,
+    whole 16-bit samples each, that join into exactly the pcm HTTP answers for the same request."""
+    server = request.getfixturevalue(live)
+    with socket(server, query) as ws:
+        ws.send(segment("big", seed=11, sample_rate=rate, **BIG_BLOCKS))
+        got = messages(ws, ended("big"))
+    frames = [m for m in got if isinstance(m, bytes)]
+    http = httpx.post(server.url + "/v1/audio/speech", headers={"Authorization": f"Bearer {key}"} if key else {},
+                      json={"input": "Hello there. This is a test.", "voice": "alice", "seed": 11, "sample_rate": rate,
+                            "response_format": "pcm", **BIG_BLOCKS}, timeout=120)
+    assert http.headers["x-audio-sample-rate"] == str(rate)
+    assert b"".join(frames) == http.content and len(http.content) > 2 * limit
+    assert max(len(f) for f in frames) <= limit and all(len(f) % 2 == 0 for f in frames)
+    assert len(frames) >= len(http.content) / limit  # cut, not sent whole
+    assert got[-1]["audio_seconds"] == round((32 + 64) * 2048 / 44100, 3)
+
+
+def readme_example() -> str:
+    """The Python block of the README's "WebSocket streaming (voice agents)" section, as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### WebSocket streaming (voice agents)\n", 1)[1].split("\n### ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_as_written_with_the_websockets_defaults(server, tmp_path):
+    """Issue 18: the example must run with `websockets`' default settings (max_size 1 MiB; a default
+    preset block is 480 frames, ~2 MB of pcm, sent whole before frames were limited) and write the
+    audio the `end` messages announce, as 44.1 kHz 16-bit mono. It runs in a process of its own,
+    only its URL pointed at the test server."""
+    code = readme_example()
+    assert "ws://localhost:8000/" in code
+    code = code.replace("ws://localhost:8000/", server.url.replace("http://", "ws://") + "/")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = [ast.literal_eval(line) for line in run.stdout.splitlines()]
+    assert [(m["type"], m["segment_id"]) for m in printed] == [
+        ("start", 1), ("end", 1), ("start", 2), ("end", 2), ("no_op", "final")]
+    pcm = (tmp_path / "out.pcm").read_bytes()
+    ends = [m for m in printed if m["type"] == "end"]
+    assert all(not m["cancelled"] and m["audio_seconds"] > 0 for m in ends)
+    assert len(pcm) / 2 / 44100 == pytest.approx(sum(m["audio_seconds"] for m in ends), abs=0.001)
+
+
+# ---- a segment's life is always closed (issue 18, items 4 and 2) --------------------------------
+
+
+def test_a_segment_refused_before_start_gets_only_its_error(server):
+    """Its settings, its output and its voice are checked before `start`: a client that pairs
+    `start` with `end` never waits for an `end` that will not come."""
+    refused = {"unknown voice": {"voice": "nobody"}, "bad settings": {"cfg_min_t": 0.9, "cfg_max_t": 0.5},
+               "bad rate": {"sample_rate": 1}, "bad inline voice": {"voice": "data:audio/wav;base64,AAAA"}}
+    with socket(server) as ws:
+        for name, fields in refused.items():
+            ws.send(segment(name, **fields))
+        ws.send(segment("good"))
+        got = messages(ws, ended("good"))
+    events = [(m["type"], m["segment_id"]) for m in got if isinstance(m, dict)]
+    assert events == [("error", name) for name in refused] + [("start", "good"), ("end", "good")]
+    errors = {m["segment_id"]: m["error"] for m in got if isinstance(m, dict) and m["type"] == "error"}
+    assert errors["unknown voice"]["param"] == "voice" and "GET /v1/voices" in errors["unknown voice"]["message"]
+    assert errors["bad rate"]["param"] == "sample_rate" and errors["bad inline voice"]["param"] == "voice"
+
+
+@pytest.fixture(scope="module")
+def timeout_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    """Jobs stop after 1 s (ECHO_REQUEST_TIMEOUT): a generation that fails after its segment started."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1")
+    with live_server(tmp_path_factory, "timeout-ws", env) as live:
+        yield live
+
+
+def test_a_segment_that_fails_after_start_gets_its_error_then_its_end(timeout_server):
+    with socket(timeout_server) as ws:
+        ws.send(segment("long", **LONG))
+        got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
+        ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
+        rest = messages(ws)  # the socket stays usable: answered, then closed as asked
+        assert ws.close_code == 1000
+    events = [m for m in got if isinstance(m, dict)]
+    assert [(m["type"], m["segment_id"]) for m in events] == [("start", "long"), ("error", "long"), ("end", "long")]
+    assert events[1]["error"]["code"] == "timeout"  # GenerationTimeout: 504 over HTTP
+    audio = b"".join(m for m in got if isinstance(m, bytes))
+    assert events[2] == {"type": "end", "segment_id": "long", "seed": 0, "voice": "alice",
+                         "audio_seconds": round(len(audio) / 2 / 44100, 3), "cancelled": True, "reason": "error"}
+    assert rest == [{"type": "no_op", "reason": "empty_input", "segment_id": "final"}]
+
+
+def test_the_end_names_the_voice_used(server):
+    """As X-Echo-Voice does over HTTP: an OpenAI name with no alias speaks with the library's first
+    voice (alice), `none` with no reference."""
+    with socket(server) as ws:
+        for voice in ("alloy", "none", "bob"):
+            ws.send(segment(voice, voice=voice))
+        got = messages(ws, ended("bob"))
+    ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
+    http = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alloy", **FAST}, timeout=60)
+    assert {name: end["voice"] for name, end in ends.items()} == {"alloy": "alice", "none": "none", "bob": "bob"}
+    assert http.headers["x-echo-voice"] == "alice"
+
+
+# ---- the same rules in process, where timing is the test's: a fake socket and service -----------
+
+
+class RecordingSocket:
+    """What speech_socket sends, as the client would read it."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+class ScriptedStream:
+    """A job's audio: `blocks`, then `failure` raised if there is one; records its cancel."""
+
+    def __init__(self, blocks, failure: Exception | None = None):
+        self.blocks, self.failure, self.cancelled = list(blocks), failure, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.blocks:
+            return self.blocks.pop(0)
+        if self.failure is not None:
+            raise self.failure
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class GatedService:
+    """A SpeechService whose `start` waits for `ready` (as preparing a new voice takes seconds)."""
+
+    def __init__(self, stream: ScriptedStream):
+        from types import SimpleNamespace
+
+        self.settings = SimpleNamespace(send_timeout=5.0, ws_max_frame_bytes=1024, output_sample_rate=None)
+        self.stream, self.ready = stream, asyncio.Event()
+
+    async def start(self, options, request_id):
+        from types import SimpleNamespace
+
+        from service import Started
+
+        await self.ready.wait()
+        return Started(SimpleNamespace(seed=5), self.stream, "alice")
+
+
+async def nothing(session) -> None:
+    """Do nothing while the job starts."""
+
+
+def answer(stream: ScriptedStream, while_starting=nothing) -> list:
+    """What one segment gets from speech_socket's writer, `while_starting(session)` awaited while its
+    job starts."""
+    import speech_socket
+
+    async def scenario():
+        service = GatedService(stream)
+        session = speech_socket.Session(RecordingSocket(), service)
+        session.current = speech_socket.Segment("s", {"input": "Hi.", "voice": "alice"})
+        answering = asyncio.create_task(speech_socket._answer_one(session, session.current))
+        await asyncio.sleep(0.05)
+        await while_starting(session)
+        service.ready.set()
+        await asyncio.wait_for(answering, 10)
+        return session.websocket.sent
+
+    return asyncio.run(scenario())
+
+
+def test_a_segment_cancelled_while_its_voice_is_prepared_gets_an_end_and_no_start():
+    import speech_socket
+
+    stream = ScriptedStream([np.zeros(4096, np.float32)])
+    sent = answer(stream, lambda session: speech_socket._cancel_id(session, "s"))
+    assert sent == [{"type": "end", "segment_id": "s", "cancelled": True, "audio_seconds": 0.0}] and stream.cancelled
+
+
+def test_a_generation_that_fails_midway_gets_its_error_then_its_end_and_its_frames_stay_whole():
+    stream = ScriptedStream([np.full(4096, 0.1, np.float32)], failure=RuntimeError("the GPU fell off"))
+    sent = answer(stream)
+    audio = [m for m in sent if isinstance(m, bytes)]
+    events = [m for m in sent if isinstance(m, dict)]
+    assert [len(m) for m in audio] == [1024] * 8  # 4096 samples in messages of ECHO_WS_MAX_FRAME_BYTES=1024
+    assert [m["type"] for m in events] == ["start", "error", "end"] and stream.cancelled
+    assert events[1]["error"]["code"] == "generation_failed" and "the GPU fell off" in events[1]["message"]
+    assert events[2] == {"type": "end", "segment_id": "s", "seed": 5, "voice": "alice", "audio_seconds": 0.093,
+                         "cancelled": True, "reason": "error"}
