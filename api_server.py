@@ -30,13 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import JobStream
 from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
                            request_id)
 from service import SpeechService, Started, generation_failure
 from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
+from worker import JobStream
 import http_server
 import speech_socket
 import weights

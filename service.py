@@ -21,8 +21,7 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import (BlockShape, ClientStalled, EarlyStop, GenerationTimeout, GenerationWorker, JobStream, QueueFull,
-                    SpeakerReference, SpeechEngine, SpeechJob, VadReroll, VoiceUnusable, random_seed)
+from engine import BlockShape, EarlyStop, SpeakerReference, SpeechEngine, SpeechJob, VadReroll, VoiceUnusable, random_seed
 from model import EchoDiT
 from settings import NONSTREAM_BLOCK_SIZE, Settings
 from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
@@ -31,6 +30,7 @@ from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_excl
 from voices import (NO_VOICE, SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
                     inline_voice_audio, is_no_voice, load_voice_audio, looks_like_inline_audio)
 from voice_library import VoiceLibrary
+from worker import ClientStalled, GenerationTimeout, GenerationWorker, JobStream, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def generation_failure(error: Exception) -> RequestError:
     if isinstance(error, VoiceUnusable):
         return RequestError(str(error), "voice")
     if isinstance(error, GenerationTimeout):
-        return RequestError(str(error), status=504)
+        return RequestError(f"{error} (ECHO_REQUEST_TIMEOUT)", status=504)
     if isinstance(error, ClientStalled):  # nobody is listening: a line in the log, no traceback
         log.info("generation stopped: %s", error)
         return RequestError(str(error), status=408)

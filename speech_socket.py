@@ -53,7 +53,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
-from engine import JobStream
+from worker import JobStream
 from inference import SAMPLE_RATE
 from observability import bearer_token, error_body, request_id
 from service import SpeechService, Started, generation_failure

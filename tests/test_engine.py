@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import engine as eng
+import worker as wk
 from batched_steps import batched_velocity
 import inference as inf
 from voices import SpeakerCache
@@ -141,7 +142,7 @@ def test_batched_jobs_equal_solo_jobs(engine):
     clip = load_clip()
     jobs = mixed_jobs(clip)
     solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
-    worker = eng.GenerationWorker(engine, max_waiting=8, max_active=8)
+    worker = wk.GenerationWorker(engine, max_waiting=8, max_active=8)
     try:
         together = asyncio.run(_collect(worker, jobs))
     finally:
@@ -171,10 +172,10 @@ def test_admission_is_bounded_and_excess_jobs_wait(engine):
     job = eng.SpeechJob(("[S1] Hi.",), None, 0, eng.BlockShape((8, 8), (2, 2)), eng.BlockShape((8,), (2,)), SETTINGS)
 
     async def scenario():
-        worker = eng.GenerationWorker(engine, max_waiting=1, max_active=1)
+        worker = wk.GenerationWorker(engine, max_waiting=1, max_active=1)
         try:
             first, second = worker.submit(job), worker.submit(job)
-            with pytest.raises(eng.QueueFull):
+            with pytest.raises(wk.QueueFull):
                 worker.submit(job)
             assert worker.pending == 2
             a = np.concatenate([b async for b in first])
@@ -197,7 +198,7 @@ def test_a_failing_job_fails_alone(engine):
     bad = eng.SpeechJob(("[S1] Hi.",), broken, 0, eng.BlockShape((8,), (2,)), eng.BlockShape((8,), (2,)), SETTINGS)
 
     async def scenario():
-        worker = eng.GenerationWorker(engine)
+        worker = wk.GenerationWorker(engine)
         try:
             with pytest.raises(RuntimeError, match="voice exploded"):
                 [b async for b in worker.submit(bad)]
@@ -228,7 +229,7 @@ def test_a_job_cancelled_while_it_waits_is_never_started(engine, monkeypatch):
     started = []
     job_steps = engine.job_steps
     monkeypatch.setattr(engine, "job_steps", lambda j: (started.append(j.seed), job_steps(j))[1])
-    worker = eng.GenerationWorker(engine, max_waiting=4, max_active=1)
+    worker = wk.GenerationWorker(engine, max_waiting=4, max_active=1)
     long_job = eng.SpeechJob(("[S1] Hello.",), None, 1, eng.BlockShape((8,) * 20, (2,) * 20),
                              eng.BlockShape((8,), (2,)), SETTINGS, eng.EarlyStop(enabled=False))
 

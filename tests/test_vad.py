@@ -9,6 +9,7 @@ import pytest
 import soxr
 
 import engine as eng
+import worker as wk
 from test_engine import SETTINGS, _collect
 from vad import SilenceDetector, longest_gap
 from voices import SpeakerCache
@@ -97,7 +98,7 @@ def test_one_request_rerolls_while_the_others_in_its_batch_are_unaffected(tiny_m
     detector = ScriptedDetector(4 * 2048, [2.0])  # only the job with 4-frame blocks gets a "silent" block
     rerolling = engine_with(tiny_model, tiny_fish, tiny_pca, detector)
     jobs = [job(5, blocks=(4, 4)), job(9), job(10, blocks=(8, 4))]
-    worker = eng.GenerationWorker(rerolling, max_waiting=4, max_active=3)
+    worker = wk.GenerationWorker(rerolling, max_waiting=4, max_active=3)
     try:
         together = asyncio.run(_collect(worker, jobs))
     finally:

@@ -1,0 +1,575 @@
+"""The generation worker: runs many speech jobs on one thread, scheduled by playback deadline.
+
+A job is SpeechEngine.job_steps, a step generator: it yields a ModelCall (one diffusion step:
+send back its velocity), a DecodeCall (one block through its stream's decoder: send back its
+audio), a SilenceCheck (VAD reroll: send back the longest silence) or finished audio (an
+np.ndarray for the client: send back None), and ends when its audio is complete. Every job runs
+through `GenerationWorker._advance`, the one driver of that protocol on the worker thread
+(`SpeechEngine.generate` drives the same steps for a job alone).
+
+Scheduling. Each iteration the worker runs one unit of work: the diffusion steps of all jobs whose
+next step has the same frame count (one batched forward pass, no padding across block sizes), or
+the pending decodes of all jobs (one batched decoder call). Units are taken earliest deadline
+first. A job's deadline is when its listener would notice it is late:
+- before its first audio: its arrival plus `first_audio_budget` seconds;
+- once playing: the moment the audio it has delivered runs out, i.e. its first audio's time plus
+  the seconds delivered (playback is assumed to start with the first audio and run in real time).
+A unit's deadline is its most urgent member's. So a new stream's first block runs as soon as its
+deadline is the nearest (within one unit of its arrival when the others have audio buffered), and
+a stream with seconds buffered yields to one about to run dry. Starvation-free: a job's deadline
+changes only when it delivers audio, so a job that waits keeps its deadline while every other
+job's moves later as it is served, and it becomes the earliest after finitely many units.
+Between units the worker admits new jobs, parks jobs that ran ahead of their client
+(`max_ahead_samples`) and drops cancelled, timed-out and stalled ones.
+
+Audio goes back to asyncio through each job's queue (JobStream), so GPU work never blocks the
+event loop; a full server refuses at `reserve` or `submit` (QueueFull).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from batched_steps import StaticSteps
+from engine import DecodeCall, JobSteps, SilenceCheck, SpeechEngine, SpeechJob
+from inference import SAMPLE_RATE, ModelCall
+
+log = logging.getLogger(__name__)
+
+FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the server admits."""
+
+
+@dataclass
+class _Ticket:
+    """A submitted job as both sides see it: the worker writes `resume_at`, the JobStream `taken`
+    and `taken_at` (plain attributes: each has one writer, and the reader only compares them)."""
+
+    job: SpeechJob
+    loop: asyncio.AbstractEventLoop
+    output: asyncio.Queue
+    request_id: str = "-"
+    deadline: float | None = None  # time.monotonic() after which the job is abandoned (moved on by parking)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    wake: Callable[[], None] = lambda: None  # wakes the worker (from any thread)
+    taken: int = 0  # samples the client has taken from its JobStream
+    taken_at: float = 0.0  # time.monotonic() of its last take
+    resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
+    arrived: float = field(default_factory=time.monotonic)  # when it was submitted
+
+    def took(self, samples: int) -> None:
+        """The client took a block (event loop): wake the worker if that lets its parked job go on."""
+        self.taken += samples
+        self.taken_at = time.monotonic()
+        if (at := self.resume_at) is not None and self.taken >= at:
+            self.wake()
+
+
+class _ThreadCall:
+    """A function for the generation thread to run (GenerationWorker.call)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+        self.finished = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self.error = e
+        finally:
+            self.finished.set()
+
+
+class GenerationTimeout(Exception):
+    """The job ran past its deadline and was stopped."""
+
+
+class ClientStalled(Exception):
+    """The job's client took no audio for the send timeout while the job waited for it: the job was
+    stopped and the audio queued for the client dropped."""
+
+
+_DONE = object()
+_WAKE = object()  # put in the worker's queue: a parked job may go on (or was cancelled)
+
+
+class JobStream:
+    """The audio of one submitted job: an async iterator of float32 blocks; `cancel()` stops its work.
+
+    A generation error is raised from the iteration; cancelling stops the job within one step.
+    Taking a block is what lets a job that ran ahead of its client go on (GenerationWorker's
+    `max_ahead_samples`).
+    """
+
+    def __init__(self, ticket: _Ticket):
+        self._ticket = ticket
+        self._finished = False
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> np.ndarray:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._ticket.output.get()
+        if item is _DONE or isinstance(item, BaseException):
+            self._finished = True
+            if isinstance(item, BaseException):
+                raise item
+            raise StopAsyncIteration
+        self._ticket.took(item.size)
+        return item
+
+    @property
+    def taken(self) -> int:
+        """Samples taken from this stream so far."""
+        return self._ticket.taken
+
+    def cancel(self) -> None:
+        self._ticket.cancelled.set()
+        if self._ticket.resume_at is not None:  # parked: the worker may be asleep
+            self._ticket.wake()
+
+
+class Reservation:
+    """A queue slot held for a job that is not built yet (GenerationWorker.reserve).
+
+    `submit` hands the job to the worker in this slot, with no second check; `release` gives the
+    slot back if it was not used (idempotent). As a context manager it is released on exit unless
+    submitted.
+    """
+
+    def __init__(self, worker: GenerationWorker):
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._held = True  # until submitted or released
+
+    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
+        """Queue the job in this slot (call from the event loop). A job still running `timeout`
+        seconds after submission (time parked not counted) is stopped (GenerationTimeout)."""
+        loop = asyncio.get_running_loop()  # before the slot is given up: off a loop, nothing changes
+        with self._lock:
+            if not self._held:
+                raise RuntimeError("this reservation was already submitted or released")
+            self._held = False
+        deadline = time.monotonic() + timeout if timeout else None
+        return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline))
+
+    def release(self) -> None:
+        """Give the slot back unless a job took it (any thread; again: nothing)."""
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._worker._release()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a reservation dropped unused must not take its slot with it
+        self.release()
+
+
+class GenerationWorker:
+    """Runs jobs on one worker thread, advancing all active jobs together.
+
+    Every iteration takes the next diffusion step of each active job and evaluates them together
+    (the engine's step runner: batched_steps.py), then decodes the blocks that finished. At most
+    `max_active` jobs run at once; up to `max_waiting` more wait for a slot or are parked; beyond
+    that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step.
+
+    Back-pressure: a job whose audio is more than `max_ahead_samples` ahead of what its client has
+    taken is parked before its next model step: out of the batch, its slot free for another job,
+    its deadline stopped, until the client catches up. A job parked while its client takes nothing
+    for `send_timeout` seconds is stopped (ClientStalled) and the audio queued for it dropped, so a
+    client that never reads holds at most about `max_ahead_samples` of audio, and only that long.
+    """
+
+    def __init__(self, engine: SpeechEngine, max_waiting: int = 16, max_active: int = 8,
+                 debug_sink: Callable[[np.ndarray], None] | None = None, max_ahead_samples: int | None = None,
+                 send_timeout: float | None = None, first_audio_budget: float = FIRST_AUDIO_BUDGET):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.max_active = max_active
+        self.max_ahead_samples = max_ahead_samples  # None: a job never waits for its client
+        self.send_timeout = send_timeout  # None: a parked job waits for its client as long as it takes
+        self.first_audio_budget = first_audio_budget  # seconds: a new stream's deadline after its arrival
+        self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
+        self._pending = 0
+        self._active = 0
+        self._parked = 0
+        self._lock = threading.Lock()
+        self._debug_sink = debug_sink
+        self._checks: ThreadPoolExecutor | None = None  # silence checks (VAD reroll), off this thread
+        self._thread = threading.Thread(target=self._run, name="echo-generation", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Jobs (and reservations) waiting, running or parked."""
+        return self._pending
+
+    @property
+    def active(self) -> int:
+        """Jobs being generated."""
+        return self._active
+
+    @property
+    def parked(self) -> int:
+        """Jobs waiting for their client to take the audio they generated ahead of it."""
+        return self._parked
+
+    @property
+    def waiting(self) -> int:
+        """Jobs (and reservations) waiting for a slot."""
+        return max(self._pending - self._active - self._parked, 0)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread still runs (it ends only when closed, or on a bug)."""
+        return self._thread.is_alive()
+
+    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
+        """Queue a job (call from the event loop); raises QueueFull when too many are waiting.
+
+        A job still running `timeout` seconds after submission (time parked not counted) is stopped
+        (GenerationTimeout).
+        """
+        with self.reserve() as reservation:
+            return reservation.submit(job, request_id, timeout)
+
+    def reserve(self) -> Reservation:
+        """Take a queue slot now for a job submitted later (any thread); raises QueueFull when too
+        many are waiting. A request reserves before its slow preparation, so a full server refuses
+        it at once."""
+        with self._lock:
+            if self._pending >= self.max_waiting + self.max_active:
+                raise QueueFull()
+            self._pending += 1
+        return Reservation(self)
+
+    def _enqueue(self, ticket: _Ticket) -> JobStream:
+        """Hand a job whose slot is already counted in `pending` to the worker thread."""
+        ticket.wake = lambda: self._jobs.put(_WAKE)
+        self._jobs.put(ticket)
+        return JobStream(ticket)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the generation thread while no job runs, wait for it and return its result.
+
+        Warm-up goes through here: compiled CUDA graphs are recorded per thread, so they must be
+        recorded on the thread that replays them.
+        """
+        done = _ThreadCall(fn)
+        self._jobs.put(done)
+        done.finished.wait()
+        if done.error is not None:
+            raise done.error
+        return done.result
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        if self._checks is not None:
+            self._checks.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        active: list[_Running] = []
+        parked: list[_Running] = []  # ahead of their client: out of the batch, in the order they left it
+        with torch.inference_mode():
+            while self._admit(active, parked):
+                self._drop_cancelled(active, parked)
+                self._park(active, parked)
+                self._count(active, parked)
+                self._step(active)
+                self._count(active, parked)
+        self._active = self._parked = 0
+
+    def _count(self, active: list[_Running], parked: list[_Running]) -> None:
+        self._active, self._parked = len(active), len(parked)
+
+    def _admit(self, active: list[_Running], parked: list[_Running]) -> bool:
+        """Resume parked jobs whose client caught up, then take waiting jobs into free slots. While
+        nothing runs it blocks: until a job, a wake-up or the next parked job's send timeout. False
+        once closed."""
+        self._resume(active, parked)
+        while len(active) < self.max_active:
+            try:
+                ticket = self._jobs.get(block=not active, timeout=self._until_stalled(parked))
+            except queue.Empty:
+                break
+            if ticket is _WAKE:
+                self._resume(active, parked)
+                if not active:
+                    break  # (or a parked job was cancelled) back to the checks, then to sleep again
+                continue
+            if isinstance(ticket, _ThreadCall):
+                ticket.run()
+                continue
+            if ticket is not None and ticket.cancelled.is_set():  # its client left while it waited
+                _notify(ticket, _DONE)
+                self._release()
+                continue
+            if ticket is None:
+                for running in active + parked:
+                    running.ticket.cancelled.set()
+                self._drop_cancelled(active, parked)
+                return False
+            running = _Running(ticket, self.engine.job_steps(ticket.job), self._debug_sink is not None)
+            if self._advance(running, None):
+                active.append(running)
+            else:
+                self._release()
+        return True
+
+    def _park(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Before their next model step, jobs more than `max_ahead_samples` ahead of what their client
+        has taken leave the batch (their slot free for another job) until it catches up."""
+        if self.max_ahead_samples is None:
+            return
+        now = time.monotonic()
+        for running in [r for r in active if isinstance(r.pending, ModelCall)]:
+            ticket = running.ticket
+            ticket.resume_at = running.samples - self.max_ahead_samples
+            if ticket.taken >= ticket.resume_at:  # read after resume_at is set: a later take wakes us
+                ticket.resume_at = None
+                continue
+            running.parked_at = now
+            active.remove(running)
+            parked.append(running)
+            log.debug("generation parked %.2f s of audio ahead of its client",
+                      (running.samples - ticket.taken) / SAMPLE_RATE, extra={"request_id": ticket.request_id})
+
+    def _resume(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Parked jobs whose client has caught up go back into free slots, before new jobs; the time
+        they were parked moves their deadline on (a slow listener is no slow generation)."""
+        now = time.monotonic()
+        for running in [r for r in parked if r.ticket.taken >= r.ticket.resume_at][:self.max_active - len(active)]:
+            ticket = running.ticket
+            ticket.resume_at = None
+            if ticket.deadline is not None:
+                ticket.deadline += now - running.parked_at
+            if running.first_audio_at is not None:  # its listener paused too: playback resumes now
+                running.first_audio_at += now - running.parked_at
+            parked.remove(running)
+            active.append(running)
+
+    def _until_stalled(self, parked: list[_Running]) -> float | None:
+        """Seconds until the first parked job's client has taken nothing for the send timeout (None: never)."""
+        if self.send_timeout is None or not parked:
+            return None
+        return max(min(r.idle_since() for r in parked) + self.send_timeout - time.monotonic(), 0.0)
+
+    def _drop_cancelled(self, active: list[_Running], parked: list[_Running]) -> None:
+        """Stop jobs whose client left or whose time is up, before their next step, and parked jobs
+        whose client left or took nothing for the send timeout (the audio queued for it dropped)."""
+        now = time.monotonic()
+        for running in list(active):
+            ticket = running.ticket
+            if ticket.cancelled.is_set():
+                log.info("generation cancelled after %.2f s of audio", running.samples / SAMPLE_RATE,
+                         extra={"request_id": ticket.request_id})
+                self._stop(active, running, _DONE)
+            elif ticket.deadline is not None and now > ticket.deadline:
+                log.warning("generation stopped: over its time limit after %.2f s of audio",
+                            running.samples / SAMPLE_RATE, extra={"request_id": ticket.request_id})
+                self._stop(active, running, GenerationTimeout("generation took longer than the server's time limit"))
+        for running in list(parked):
+            ticket = running.ticket
+            if ticket.cancelled.is_set():
+                log.info("generation cancelled after %.2f s of audio (parked)", running.samples / SAMPLE_RATE,
+                         extra={"request_id": ticket.request_id})
+                self._stop(parked, running, _DONE)
+            elif self.send_timeout is not None and now - running.idle_since() > self.send_timeout:
+                log.warning("generation stopped after %.2f s of audio: its client took none for %g s",
+                            running.samples / SAMPLE_RATE, self.send_timeout, extra={"request_id": ticket.request_id})
+                _drop_queued(ticket)
+                self._stop(parked, running, ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))
+
+    def _step(self, active: list[_Running]) -> None:
+        """The most urgent unit of work (see the module's docstring), then the silence checks."""
+        unit = next_unit(active, self._group_of, self.first_audio_budget)
+        if unit:
+            compute = self.engine.steps if isinstance(unit[0].pending, ModelCall) else self.engine.decode
+            self._run_together(active, unit, compute)
+        self._check_silences(active)
+
+    def _group_of(self, call: ModelCall) -> int:
+        """The frames a step is run at: its own, or the bucket static shapes pad it to."""
+        frames = call.x.shape[1]
+        steps = self.engine.steps
+        return steps.shapes.frames_for(frames) if isinstance(steps, StaticSteps) else frames
+
+    def _check_silences(self, active: list[_Running]) -> None:
+        """Silence checks (VAD reroll) run on a thread of their own: a job waits for its result while
+        the others go on; with nothing else to do, the worker waits a moment for one."""
+        waiting = [r for r in active if isinstance(r.pending, SilenceCheck)]
+        if not waiting:
+            return
+        if self._checks is None:
+            self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-vad")
+        for running in waiting:
+            if running.check is None:
+                running.check = self._checks.submit(running.pending.run)
+        if not any(isinstance(r.pending, (ModelCall, DecodeCall)) for r in active):
+            wait([r.check for r in waiting], timeout=0.05, return_when=FIRST_COMPLETED)
+        for running in waiting:
+            if running.check.done():
+                check, running.check = running.check, None
+                try:
+                    silence = check.result()
+                except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
+                    log.exception("silence check failed", extra={"request_id": running.ticket.request_id})
+                    self._stop(active, running, e)
+                    continue
+                self._continue(active, running, silence)
+
+    def _run_together(self, active: list[_Running], members: list[_Running], compute: Callable[[list], list]) -> None:
+        """Compute the pending calls of `members` in one go and hand each job its reply; if the
+        shared computation fails, only the jobs that were part of it fail."""
+        try:
+            replies = compute([r.pending for r in members])
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s for %d jobs failed", type(members[0].pending).__name__, len(members))
+            for running in members:
+                self._stop(active, running, e)
+            return
+        for running, reply in zip(members, replies):
+            self._continue(active, running, reply)
+
+    def _continue(self, active: list[_Running], running: _Running, reply) -> None:
+        if not self._advance(running, reply):
+            active.remove(running)
+            self._release()
+
+    def _advance(self, running: _Running, reply) -> bool:
+        """Feed the reply in and run the job until it needs the model or a decode. False when it ended."""
+        try:
+            item = running.steps.send(reply) if running.started else next(running.steps)
+            running.started = True
+            while isinstance(item, np.ndarray):  # finished audio goes straight to the client
+                running.deliver(item)
+                item = running.steps.send(None)
+        except StopIteration:
+            running.finish(self._debug_sink)
+            return False
+        except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
+            log.exception("generation failed", extra={"request_id": running.ticket.request_id})
+            running.send(e)
+            return False
+        running.pending = item
+        return True
+
+    def _stop(self, jobs: list[_Running], running: _Running, last: Exception | object) -> None:
+        """End a job before its next step: its step generator closed (its tensors freed), `last`
+        (an error or _DONE) to its client, its slot free."""
+        running.steps.close()
+        running.send(last)
+        jobs.remove(running)
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], first_audio_budget: float) -> list[_Running]:
+    """The unit of work to run next: of the jobs waiting on the model, those whose step has the
+    same frame group, or the jobs waiting on a decode, whichever unit holds the earliest deadline
+    (ties: the larger unit, which serves more listeners). Empty when no job waits on either."""
+    units: dict[object, list[_Running]] = {}
+    for running in active:
+        if isinstance(running.pending, ModelCall):
+            units.setdefault(("step", group_of(running.pending)), []).append(running)
+        elif isinstance(running.pending, DecodeCall):
+            units.setdefault("decode", []).append(running)
+    if not units:
+        return []
+    return min(units.values(), key=lambda jobs: (min(r.deadline(first_audio_budget) for r in jobs), -len(jobs)))
+
+
+def _notify(ticket: _Ticket, item) -> None:
+    """Hand a block, the end (_DONE) or an error to the ticket's JobStream on its event loop."""
+    try:
+        ticket.loop.call_soon_threadsafe(ticket.output.put_nowait, item)
+    except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+        ticket.cancelled.set()
+
+
+def _drop_queued(ticket: _Ticket) -> None:
+    """Let go of the audio queued for the ticket's JobStream and not taken (on its event loop)."""
+
+    def drop() -> None:
+        while not ticket.output.empty():
+            ticket.output.get_nowait()
+
+    try:
+        ticket.loop.call_soon_threadsafe(drop)
+    except RuntimeError:  # the event loop is gone: so is the queue's last user
+        pass
+
+
+class _Running:
+    """A job on the worker thread: its step generator and what it is waiting for."""
+
+    def __init__(self, ticket: _Ticket, steps: JobSteps, keep_audio: bool):
+        self.ticket = ticket
+        self.steps = steps
+        self.started = False
+        self.pending: ModelCall | DecodeCall | SilenceCheck | None = None
+        self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
+        self.samples = 0  # delivered to the client
+        self.started_at = time.perf_counter()
+        self.parked_at = 0.0  # time.monotonic() when it last left the batch for its client
+        self.arrived = ticket.arrived  # time.monotonic() of its submission
+        self.first_audio_at: float | None = None  # time.monotonic() of its first audio
+        self.kept: list[np.ndarray] | None = [] if keep_audio else None
+
+    def deadline(self, first_audio_budget: float) -> float:
+        """When its listener would notice it is late (time.monotonic()): before its first audio, its
+        arrival plus the budget; after, the moment the audio it delivered runs out."""
+        if self.first_audio_at is None:
+            return self.arrived + first_audio_budget
+        return self.first_audio_at + self.samples / SAMPLE_RATE
+
+    def idle_since(self) -> float:
+        """Since when a parked job's client has taken nothing (time.monotonic())."""
+        return max(self.parked_at, self.ticket.taken_at)
+
+    def send(self, item) -> None:
+        _notify(self.ticket, item)
+
+    def deliver(self, audio: np.ndarray) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+        self.samples += audio.size
+        if self.kept is not None:
+            self.kept.append(audio)
+        self.send(audio)
+
+    def finish(self, debug_sink: Callable[[np.ndarray], None] | None) -> None:
+        log.debug("generated %.2f s of audio in %.2f s", self.samples / SAMPLE_RATE, time.perf_counter() - self.started_at,
+                  extra={"request_id": self.ticket.request_id})
+        if debug_sink is not None and self.kept:
+            debug_sink(np.concatenate(self.kept))  # before the response ends, so it is there when it has
+        self.send(_DONE)
