@@ -384,27 +384,29 @@ class GenerationWorker:
         """Stop jobs whose client left or whose time is up, before their next step, and parked jobs
         whose client left or took nothing for the send timeout (the audio queued for it dropped)."""
         now = time.monotonic()
-        for running in list(active):
-            ticket = running.ticket
-            if ticket.cancelled.is_set():
-                log.info("generation cancelled after %.2f s of audio", running.samples / SAMPLE_RATE,
-                         extra={"request_id": ticket.request_id})
-                self._stop(active, running, _DONE)
-            elif ticket.deadline is not None and now > ticket.deadline:
-                log.warning("generation stopped: over its time limit after %.2f s of audio",
-                            running.samples / SAMPLE_RATE, extra={"request_id": ticket.request_id})
-                self._stop(active, running, GenerationTimeout("generation took longer than the server's time limit"))
-        for running in list(parked):
-            ticket = running.ticket
-            if ticket.cancelled.is_set():
-                log.info("generation cancelled after %.2f s of audio (parked)", running.samples / SAMPLE_RATE,
-                         extra={"request_id": ticket.request_id})
-                self._stop(parked, running, _DONE)
-            elif self.send_timeout is not None and now - running.idle_since() > self.send_timeout:
-                log.warning("generation stopped after %.2f s of audio: its client took none for %g s",
-                            running.samples / SAMPLE_RATE, self.send_timeout, extra={"request_id": ticket.request_id})
-                _drop_queued(ticket)
-                self._stop(parked, running, ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))
+        for jobs in (active, parked):
+            for running in list(jobs):
+                if (ending := self._ending(running, now, parked=jobs is parked)) is None:
+                    continue
+                level, why, last = ending
+                log.log(level, "generation %s after %.2f s of audio%s", why, running.samples / SAMPLE_RATE,
+                        " (parked)" if jobs is parked else "", extra={"request_id": running.ticket.request_id})
+                if isinstance(last, ClientStalled):
+                    _drop_queued(running.ticket)
+                self._stop(jobs, running, last)
+
+    def _ending(self, running: _Running, now: float, parked: bool) -> tuple[int, str, object] | None:
+        """Why a job must stop now, if it must: (log level, what happened, what its client gets)."""
+        ticket = running.ticket
+        if ticket.cancelled.is_set():
+            return logging.INFO, "cancelled", _DONE
+        if not parked and ticket.deadline is not None and now > ticket.deadline:
+            return (logging.WARNING, "stopped: over its time limit",
+                    GenerationTimeout("generation took longer than the server's time limit"))
+        if parked and self.send_timeout is not None and now - running.idle_since() > self.send_timeout:
+            return (logging.WARNING, f"stopped: its client took no audio for {self.send_timeout:g} s",
+                    ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))
+        return None
 
     def _step(self, active: list[_Running]) -> None:
         """The most urgent unit of work (see the module's docstring), then the silence checks."""

@@ -240,7 +240,7 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
         body = json.dumps({**LONG, "input": NEVER_READ}).encode()
         request = (b"POST /v1/audio/speech HTTP/1.1\r\nHost: echo\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body)) + body
-        stopped = re.compile(r"generation (stopped|cancelled) after")
+        stopped = re.compile(r"generation (stopped|cancelled)\b.* after")
 
         def ended() -> int:  # jobs stopped or cancelled (logged before they leave the active gauge)
             return sum(bool(stopped.search(line)) for line in live.log().splitlines())

@@ -13,10 +13,10 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from conftest import LiveServer, live_server, server_env
+from test_websocket import messages
 
 pytestmark = pytest.mark.slow
 KEY = "sekrit-key-4242"
@@ -289,13 +289,8 @@ def ws_connect(server):
 
 
 def until_closed(ws, timeout=60) -> list:
-    out = []
-    while True:
-        try:
-            raw_message = ws.recv(timeout=timeout)
-        except ConnectionClosed:
-            return out
-        out.append(json.loads(raw_message) if isinstance(raw_message, str) else raw_message)
+    """Every message (dicts for JSON, bytes for audio) until the server closes the socket."""
+    return messages(ws, timeout=timeout)
 
 
 def test_sigterm_lets_a_socket_finish_its_segments_then_closes_it_1001(tiny_echo_dir, tiny_fish_dir, voice_dir,
