@@ -13,6 +13,8 @@ import logging
 import secrets
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,9 +22,9 @@ from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from batched_steps import ExactSteps, StepRunner
-from inference import (AE_DOWNSAMPLE_FACTOR, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning, ModelCall, PCAState,
-                       SamplerSettings, find_flattening_point, get_speaker_latent_and_mask, get_text_input_ids_and_mask,
-                       latents_to_dac, make_generator, no_speaker, resume, run_steps)
+from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
+                       ModelCall, PCAState, SamplerSettings, find_flattening_point, get_speaker_latent_and_mask,
+                       get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import blockwise_steps
 from model import EchoDiT, KVCache
 
@@ -32,6 +34,9 @@ FLAT_WINDOW = 20  # frames; find_flattening_point's window
 FADE_SAMPLES = 220  # 5 ms: the fade applied where one text chunk's audio meets the next
 CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size (see StreamingDecoder)
 MAX_DECODE_BATCH_FRAMES = 8192  # latent frames of one batched decoder call (~6 GiB of its largest activation)
+# continue mode: at most the last 320 frames of chunk k-1 are continued, so chunk k keeps half the window
+CONTINUATION_FRAMES = MAX_SEQUENCE_LENGTH // 2
+ChunkMode = Literal["independent", "continue"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,17 @@ class BlockShape:
     def __post_init__(self):
         if len(self.block_sizes) != len(self.num_steps):
             raise ValueError("block_sizes and num_steps must have the same length")
+
+    def cut_to(self, frames: int) -> BlockShape:
+        """The same blocks, up to `frames` frames in all (the last one kept shortened to fit)."""
+        sizes, steps = [], []
+        for size, count in zip(self.block_sizes, self.num_steps):
+            room = frames - sum(sizes)
+            if room <= 0:
+                break
+            sizes.append(min(size, room))
+            steps.append(count)
+        return BlockShape(tuple(sizes), tuple(steps))
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,7 @@ class SpeechJob:
     early_stop: EarlyStop = EarlyStop()
     normalize: bool = True
     voice: PreparedVoice | None = None  # the speaker, prepared off the generation thread (else prepared there)
+    chunk_mode: ChunkMode = "independent"  # continue: chunk k continues chunk k-1's latents, one decoder for all
 
     def shape_of_chunk(self, index: int) -> BlockShape:
         return self.first_shape if index == 0 else self.later_shape
@@ -207,6 +224,9 @@ class SpeechEngine:
         voice = job.voice or self.prepare_voice(job.speaker)
         speaker = (voice.mask, voice.kv)
         rng = make_generator(job.seed, self.model.device)
+        if job.chunk_mode == "continue":
+            yield from self._continued_steps(job, rng, speaker)
+            return
         for index, text in enumerate(job.chunks):
             yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker,
                                          ChunkFades(fade_in=index > 0))
@@ -214,15 +234,9 @@ class SpeechEngine:
     def _chunk_steps(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
                      speaker: tuple[Tensor, KVCache], fades: ChunkFades) -> JobSteps:
         """One text chunk, block by block; the audio ends at the first flat (silent) run of latents."""
-        device = self.model.device
-        text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH, device=device,
-                                                          normalize=job.normalize, pad_to_max=False)
-        speaker_mask, kv_speaker = speaker
-        conditioning = Conditioning(self.model, None, speaker_mask, text_ids, text_mask, job.sampler,
-                                    kv_speaker=kv_speaker)
-        decoder = self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if self.fish_ae.device.type == "cpu"
-                                                 else None)
-        latents = torch.zeros((0, 80), device=device)
+        conditioning = self._conditioning(text, job, speaker)
+        decoder = self._decoder()
+        latents = torch.zeros((0, 80), device=self.model.device)
         sent = 0  # samples of this chunk already yielded
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler)
         item = next(steps)
@@ -245,22 +259,79 @@ class SpeechEngine:
         if (tail := fades.finish()).size:
             yield tail
 
-    def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob):
-        """Sample the next block (answering its ModelCalls) and decode it: (block (1, n, 80), its audio,
-        the reply that accepts it in `steps`). With VAD reroll, a block whose audio holds too long a
-        silence is sampled again from the next seeds (the decoder put back as it was), up to the limit;
-        if every attempt fails, the one with the least silence is kept."""
+    def _continued_steps(self, job: SpeechJob, rng: torch.Generator, speaker: tuple[Tensor, KVCache]) -> JobSteps:
+        """`continue` mode: chunk k is sampled as the continuation of chunk k-1's latents (up to its end
+        of speech, at most CONTINUATION_FRAMES), prompted with chunk k-1's text followed by chunk k's;
+        one decoder carries on across chunks, so the answer is one latent sequence decoded once."""
+        decoder = self._decoder()
+        previous, prefix = None, None  # chunk k-1's text and its latents (frames, 80)
+        for index, text in enumerate(job.chunks):
+            prompt = text if previous is None else f"{previous} {text}"
+            shape = job.shape_of_chunk(index).cut_to(MAX_SEQUENCE_LENGTH - (0 if prefix is None else len(prefix)))
+            latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix)
+            previous, prefix = (text, latents[-CONTINUATION_FRAMES:]) if len(latents) else (None, None)
+
+    def _continued_chunk(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
+                         speaker: tuple[Tensor, KVCache], decoder: StreamingDecoder, prefix: Tensor | None):
+        """One chunk of `continue` mode, sampled after `prefix` (frames, 80), if any. Each block is
+        decoded up to the chunk's end of speech only and sent as it is (no fades). Returns the
+        chunk's latents (frames, 80): exactly the frames sent."""
+        conditioning = self._conditioning(text, job, speaker)
+        steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
+                                continuation_latent=None if prefix is None else prefix[None])
+        latents = torch.zeros((0, 80), device=self.model.device)
+        item = next(steps)
+        for index in range(len(shape.block_sizes)):
+            speech = partial(_speech_frames, latents, last=index == len(shape.block_sizes) - 1,
+                             early_stop=job.early_stop)
+            block, audio, reply = yield from self._block(steps, item, decoder, job,
+                                                         lambda b, speech=speech: speech(b[0])[0])
+            frames, ended = speech(block[0])
+            latents = torch.cat([latents, block[0, :frames]])
+            if audio.size:
+                yield audio
+            if ended:
+                break
+            item = resume(steps, reply)
+        steps.close()
+        return latents
+
+    def _conditioning(self, text: str, job: SpeechJob, speaker: tuple[Tensor, KVCache]) -> Conditioning:
+        """The text's tokens (1, L) and the prepared speaker, as the sampler's conditioning."""
+        text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH,
+                                                          device=self.model.device, normalize=job.normalize,
+                                                          pad_to_max=False)
+        speaker_mask, kv_speaker = speaker
+        return Conditioning(self.model, None, speaker_mask, text_ids, text_mask, job.sampler, kv_speaker=kv_speaker)
+
+    def _decoder(self) -> StreamingDecoder:
+        cpu = self.fish_ae.device.type == "cpu"
+        return self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if cpu else None)
+
+    def _decoded(self, decoder: StreamingDecoder, block: Tensor):
+        """block (1, n, 80) latents -> its audio (n * 2048,) float32, through the stream's decoder."""
+        if block.shape[1] == 0:
+            return np.zeros(0, np.float32)
+        z = latents_to_dac(self.pca_state, block.to(self.fish_ae.device)).to(self.fish_ae.dtype)
+        return (yield DecodeCall(decoder, z))[0, 0].float().cpu().numpy()
+
+    def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob,
+               kept: Callable[[Tensor], int] | None = None):
+        """Sample the next block (answering its ModelCalls) and decode it (only its first `kept(block)`
+        frames, when given): (block (1, n, 80), its audio, the reply that accepts it in `steps`). With
+        VAD reroll, a block whose audio holds too long a silence is sampled again from the next seeds
+        (the decoder put back as it was), up to the limit; if every attempt fails, the one with the
+        least silence is kept."""
         attempts = []  # (longest silence, block, audio, decoder state after it)
         before = decoder.snapshot() if self.reroll is not None else None
         while True:
             while isinstance(item, ModelCall):
                 item = steps.send((yield item))
             block = item
-            audio = (yield DecodeCall(decoder, latents_to_dac(self.pca_state, block.to(self.fish_ae.device))
-                                      .to(self.fish_ae.dtype)))[0, 0].float().cpu().numpy()
+            audio = yield from self._decoded(decoder, block if kept is None else block[:, :kept(block)])
             if self.reroll is None:
                 return block, audio, None
-            silence = yield SilenceCheck(self.reroll.detector, audio)
+            silence = (yield SilenceCheck(self.reroll.detector, audio)) if audio.size else 0.0
             attempts.append((silence, block, audio, decoder.snapshot()))
             if silence <= self.reroll.max_silence or len(attempts) > self.reroll.max_rerolls:
                 break
@@ -272,6 +343,16 @@ class SpeechEngine:
         silence, block, audio, after = min(attempts, key=lambda attempt: attempt[0])
         decoder.restore(after)
         return block, audio, block
+
+
+def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: EarlyStop) -> tuple[int, bool]:
+    """A chunk's latents so far (frames, 80) and its next block (n, 80): how many of the block's frames
+    are speech, and whether the chunk ends with it (its last block, a silent tail, or a flat run)."""
+    joined = torch.cat([latents, block])
+    end = find_flattening_point(joined)
+    if not (last or early_stop.is_silent_tail(joined)) and end > len(joined) - FLAT_WINDOW:
+        return block.shape[0], False
+    return max(end - len(latents), 0), True
 
 
 @dataclass(frozen=True)

@@ -266,11 +266,16 @@ class SpeechService:
                 words_per_second=options.chunk_words_per_second or self.settings.chunk_words_per_second)
         except ValueError as e:
             raise RequestError(str(e), getattr(e, "param", None)) from e
-        chunks = tuple(split_into_chunks(text, chunk_settings, normalize=options.normalize))
+        chunks = tuple(split_into_chunks(text, chunk_settings, normalize=options.normalize,
+                                         continuation=self.chunk_mode(options) == "continue"))
         if len(chunks) > self.settings.max_chunks:
             raise RequestError(f"input needs {len(chunks)} chunks of speech; the limit is "
                                f"{self.settings.max_chunks} (ECHO_MAX_CHUNKS)", "input")
         return chunks
+
+    def chunk_mode(self, options: GenerationOptions) -> str:
+        """The request's chunk_mode, else ECHO_CHUNK_MODE."""
+        return options.chunk_mode or self.settings.chunk_mode
 
     def voice_names(self) -> list[str]:
         """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES)."""
@@ -365,7 +370,8 @@ class SpeechService:
         early_stop = EarlyStop(options.early_stop_on_zero, options.zero_eps, options.zero_tail_frames,
                                options.zero_tail_min_frac)
         seed = options.seed if options.seed is not None and options.seed >= 0 else random_seed()
-        return SpeechJob(chunks, speaker, seed, first, later, sampler, early_stop, options.normalize)
+        return SpeechJob(chunks, speaker, seed, first, later, sampler, early_stop, options.normalize,
+                         chunk_mode=self.chunk_mode(options))
 
     def block_shapes(self, options: GenerationOptions) -> tuple[BlockShape, BlockShape]:
         """(first chunk, later chunks). Streaming starts with the preset's small blocks; a request's

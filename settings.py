@@ -6,7 +6,7 @@ import hmac
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     debug_logs: bool = False
 
     chunking: bool = True
+    chunk_mode: Literal["independent", "continue"] = "independent"  # continue: each chunk continues the last
     normalize_exclamation: bool = True  # a single "!" becomes ".", a run of them one "!" (as the fork)
     vad_reroll_enabled: bool = False  # sample a block again while its audio holds a long silence
     vad_silence_threshold_ms: float = Field(1000.0, gt=0)

@@ -89,6 +89,7 @@ class GenerationOptions(BaseModel):
     zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
     zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
     chunking_enabled: bool | None = None
+    chunk_mode: Literal["independent", "continue"] | None = None  # None: ECHO_CHUNK_MODE
     chunk_target_seconds: float = Field(30.0, gt=0, le=40)
     chunk_min_seconds: float = Field(20.0, gt=0, le=40)
     chunk_max_seconds: float = Field(40.0, gt=0, le=40)

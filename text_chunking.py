@@ -39,6 +39,12 @@ in the middle of a speaker's turn gets that speaker's tag prefixed (`"[S2] " + b
 voice stays right and normalisation does not wrongly add `[S1]`. A chunk that starts with a tag
 of its own, or that starts before the first tag of the text, gets no prefix.
 
+Continuation (`continuation=True`, the engine's `continue` chunk mode): chunk k is generated
+after chunk k-1's audio, prompted with both texts, and the two share one 640-frame (29.7 s)
+generation. The time goals are halved and capped at CONTINUATION_MAX_SECONDS (two chunks at
+most 26 s, a 12% margin for the estimate), and each chunk is at most half the byte limit
+(`CONTINUATION_MAX_BYTES`, BOS included), so two neighbours fit one prompt.
+
 No text is lost: the chunk spans (`TextChunk.start`/`end`) tile the prepared text exactly, and
 each chunk's text is its carried tag (if any) followed by its span with the whitespace at the
 joins stripped.
@@ -56,6 +62,8 @@ from dataclasses import dataclass
 from inference import MAX_TEXT_LENGTH, normalize_text
 
 __all__ = [
+    "CONTINUATION_MAX_BYTES",
+    "CONTINUATION_MAX_SECONDS",
     "ChunkSettings",
     "ChunkSettingsError",
     "MAX_TEXT_LENGTH",
@@ -98,6 +106,9 @@ _OPENERS = "\"'([\u201c\u2018\u00ab"
 
 # Boundary levels: pieces are cut at sentences, then clauses, then words, then characters.
 _SENTENCE, _CLAUSE, _WORD = 3, 2, 1
+
+CONTINUATION_MAX_SECONDS = 13.0  # two chunks of continue mode: at most 26 s of the 640-frame window
+CONTINUATION_MAX_BYTES = MAX_TEXT_LENGTH // 2  # two chunks' tokens (each with its BOS) fit one prompt
 
 
 class ChunkSettingsError(ValueError):
@@ -142,6 +153,13 @@ class ChunkSettings:
     @property
     def effective_target_seconds(self) -> float:
         return min(max(self.target_seconds, self.min_seconds), self.max_seconds)
+
+    def for_continuation(self) -> ChunkSettings:
+        """Goals for chunks that continue one another: halved, at most CONTINUATION_MAX_SECONDS."""
+        def cut(seconds: float) -> float:
+            return min(seconds / 2, CONTINUATION_MAX_SECONDS)
+        return dataclasses.replace(self, target_seconds=cut(self.target_seconds), min_seconds=cut(self.min_seconds),
+                                   max_seconds=cut(self.max_seconds))
 
 
 @dataclass(frozen=True)
@@ -205,29 +223,36 @@ def fits_in_one_generation(text: str, normalize: bool = True) -> bool:
     return generation_bytes(text, normalize) <= MAX_TEXT_LENGTH
 
 
-def plan_chunks(text: str, settings: ChunkSettings | None = None, *, normalize: bool = True) -> list[TextChunk]:
+def plan_chunks(text: str, settings: ChunkSettings | None = None, *, normalize: bool = True,
+                continuation: bool = False) -> list[TextChunk]:
     """Prepare `text` and split it into chunks (see the module docstring). Spans refer to
     `prepare_text(text)`. Empty (or whitespace-only) input gives []. `normalize` says whether the
-    chunks will be tokenised with `normalize_text` (it only affects the byte accounting)."""
+    chunks will be tokenised with `normalize_text` (it only affects the byte accounting).
+    `continuation`: chunks small enough that each, with the one before it, fits one generation."""
     prepared = prepare_text(text)
     if not prepared:
         return []
-    return _Planner(prepared, settings or ChunkSettings(), normalize).plan()
+    settings = settings or ChunkSettings()
+    if continuation:
+        return _Planner(prepared, settings.for_continuation(), normalize, CONTINUATION_MAX_BYTES).plan()
+    return _Planner(prepared, settings, normalize).plan()
 
 
 def split_into_chunks(text: str, settings: ChunkSettings | None = None, *,
                       target_seconds: float | None = None, min_seconds: float | None = None,
                       max_seconds: float | None = None, chars_per_second: float | None = None,
-                      words_per_second: float | None = None, normalize: bool = True) -> list[str]:
+                      words_per_second: float | None = None, normalize: bool = True,
+                      continuation: bool = False) -> list[str]:
     """The texts to generate, in order. Keyword values override the fields of `settings`
-    (default `ChunkSettings()`); invalid values raise `ChunkSettingsError` (a ValueError)."""
+    (default `ChunkSettings()`); invalid values raise `ChunkSettingsError` (a ValueError).
+    `continuation`: sized for the `continue` chunk mode (see the module docstring)."""
     settings = settings or ChunkSettings()
     overrides = {k: v for k, v in dict(target_seconds=target_seconds, min_seconds=min_seconds,
                                        max_seconds=max_seconds, chars_per_second=chars_per_second,
                                        words_per_second=words_per_second).items() if v is not None}
     if overrides:
         settings = dataclasses.replace(settings, **overrides)
-    return [chunk.text for chunk in plan_chunks(text, settings, normalize=normalize)]
+    return [chunk.text for chunk in plan_chunks(text, settings, normalize=normalize, continuation=continuation)]
 
 
 _UNLIMITED = ChunkSettings(target_seconds=math.inf, min_seconds=math.inf, max_seconds=math.inf)
@@ -244,8 +269,9 @@ def split_to_fit(text: str, *, normalize: bool = True) -> list[str]:
 
 
 class _Planner:
-    def __init__(self, text: str, settings: ChunkSettings, normalize: bool):
+    def __init__(self, text: str, settings: ChunkSettings, normalize: bool, max_bytes: int = MAX_TEXT_LENGTH):
         self.text = text
+        self.max_bytes = max_bytes
         self.settings = settings
         self.normalize = normalize
         self.target = settings.effective_target_seconds
@@ -323,7 +349,7 @@ class _Planner:
         return estimate_seconds(self.text[start:end], s.chars_per_second, s.words_per_second)
 
     def fits(self, start: int, end: int) -> bool:
-        return generation_bytes(self.chunk_text(start, end)[0], self.normalize) <= MAX_TEXT_LENGTH
+        return generation_bytes(self.chunk_text(start, end)[0], self.normalize) <= self.max_bytes
 
     def acceptable(self, start: int, end: int, limit: float) -> bool:
         return self.seconds(start, end) <= limit and self.fits(start, end)
