@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from live_server import LiveServer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "reference"
+GAP_TOLERANCE = 0.01  # s: a later arrival than this is a gap the listener hears
 TEXT = ("Echo is a diffusion text to speech model. This sentence is here so that the benchmark asks for a "
         "realistic amount of speech, about as much as a short paragraph read aloud.")
 
@@ -75,19 +77,35 @@ def model_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return env
 
 
-async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") -> tuple[float, float, float]:
-    """(time to first byte, total time, seconds of audio) of one streaming PCM request."""
+@dataclass
+class StreamResult:
+    ttfb: float  # s from the request to the first audio byte
+    wall: float  # s from the request to the last byte
+    audio: float  # s of audio received
+    gaps: int  # playback gaps a listener starting at the first byte would hear (underruns)
+    gap_seconds: float  # their total length
+
+
+async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") -> StreamResult:
+    """One streaming PCM request, played back (on paper) from its first byte in real time."""
     start = time.perf_counter()
-    first, size = None, 0
+    first, size, rate = None, 0, 44100
+    playable_until, gaps, gap_seconds = 0.0, 0, 0.0  # when the audio received so far runs out
     body = {"input": TEXT, "voice": voice, "seed": seed, "response_format": "pcm"}
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
         response.raise_for_status()
         rate = int(response.headers["x-audio-sample-rate"])
         async for chunk in response.aiter_raw():
-            if chunk and first is None:
-                first = time.perf_counter() - start
+            if not chunk:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first, playable_until = now - start, now
+            elif now > playable_until + GAP_TOLERANCE:  # the listener ran out before this arrived
+                gaps, gap_seconds = gaps + 1, gap_seconds + now - playable_until
+            playable_until = max(playable_until, now) + len(chunk) / 2 / rate
             size += len(chunk)
-    return first, time.perf_counter() - start, size / 2 / rate
+    return StreamResult(first, time.perf_counter() - start, size / 2 / rate, gaps, gap_seconds)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,18 +114,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def concurrency_table(url: str, levels: list[int]) -> None:
-    print(f"{'clients':>7} {'TTFB p50':>9} {'TTFB p95':>9} {'RTF p50':>8} {'RTF max':>8} {'audio s/wall s':>15}")
+    print(f"{'clients':>7} {'TTFB p50':>9} {'TTFB p95':>9} {'RTF p50':>8} {'RTF max':>8} {'audio s/wall s':>15} "
+          f"{'gaps/stream':>12} {'gap s/stream':>13}")
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         await one_stream(client, 0)  # warm caches
         for n in levels:
             start = time.perf_counter()
             results = await asyncio.gather(*(one_stream(client, seed) for seed in range(n)))
             wall = time.perf_counter() - start
-            ttfb = [r[0] for r in results]
-            rtf = [r[1] / r[2] for r in results]
-            audio = sum(r[2] for r in results)
+            ttfb = [r.ttfb for r in results]
+            rtf = [r.wall / r.audio for r in results]
+            audio = sum(r.audio for r in results)
             print(f"{n:>7} {percentile(ttfb, .5) * 1000:>8.0f}ms {percentile(ttfb, .95) * 1000:>7.0f}ms "
-                  f"{statistics.median(rtf):>8.2f} {max(rtf):>8.2f} {audio / wall:>15.2f}")
+                  f"{statistics.median(rtf):>8.2f} {max(rtf):>8.2f} {audio / wall:>15.2f} "
+                  f"{sum(r.gaps for r in results) / n:>12.1f} {sum(r.gap_seconds for r in results) / n:>13.2f}")
 
 
 def non_streaming(url: str) -> None:

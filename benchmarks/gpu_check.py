@@ -157,12 +157,14 @@ async def level(url: str, clients: int, voice: str) -> dict:
         start = time.perf_counter()
         results = await asyncio.gather(*(one_stream(client, seed, voice) for seed in range(clients)))
         wall = time.perf_counter() - start
-    ttfb = [r[0] * 1000 for r in results]
-    rtf = [r[1] / r[2] for r in results]
+    ttfb = [r.ttfb * 1000 for r in results]
+    rtf = [r.wall / r.audio for r in results]
     return {"clients": clients, "ttfb_p50_ms": round(percentile(ttfb, .5), 1), "ttfb_p95_ms": round(percentile(ttfb, .95), 1),
             "rtf_p50": round(statistics.median(rtf), 3), "rtf_max": round(max(rtf), 3),
-            "audio_s_per_wall_s": round(sum(r[2] for r in results) / wall, 2),
-            "audio_s_per_stream": round(statistics.median(r[2] for r in results), 2)}
+            "audio_s_per_wall_s": round(sum(r.audio for r in results) / wall, 2),
+            "audio_s_per_stream": round(statistics.median(r.audio for r in results), 2),
+            "gaps_per_stream": round(sum(r.gaps for r in results) / clients, 2),
+            "gap_s_per_stream": round(sum(r.gap_seconds for r in results) / clients, 3)}
 
 
 def non_streaming(url: str, voice: str, steps: int, repeat: int) -> dict:

@@ -35,7 +35,7 @@ async def throughput(url: str, clients: int, rounds: int) -> dict:
         audio, started = 0.0, time.perf_counter()
         for round_ in range(rounds):
             results = await asyncio.gather(*(one_stream(client, 1000 * round_ + seed) for seed in range(clients)))
-            audio += sum(seconds for _, _, seconds in results)
+            audio += sum(r.audio for r in results)
         wall = time.perf_counter() - started
         replicas = {(await client.get("/health")).headers.get("x-echo-replica") for _ in range(4 * clients)}
     return {"clients": clients, "audio_s_per_s": round(audio / wall, 3), "wall_s": round(wall, 2),
