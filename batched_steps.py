@@ -3,9 +3,13 @@
 A step runner takes the ModelCalls that the active generations wait on and returns their
 velocities, in order. Two runners share that interface:
 
-- `ExactSteps` (the CPU default): rows stacked, lengths padded, and attention run per generation
-  over exactly its own keys (model.RowGroup), so each result is bit for bit what the generation
-  computes alone. Shapes change with every batch, which suits eager execution only.
+- `ExactSteps` (the CPU default): one forward pass per frame count, nothing padded; attention runs
+  per generation over exactly its own keys (model.RowGroup), so each result is bit for bit what
+  the generation computes alone. A generation's prefix, text and speaker keys/values are laid out
+  for its attention once, behind a slot each pass writes its self keys into, and reused while the
+  generation stays in one block and CFG phase (its guidance rows share the conditioning's
+  keys/values: inference.repeat_kv makes views, not copies). Shapes change with every batch,
+  which suits eager execution only.
 - `StaticSteps` (with ECHO_COMPILE): every input is padded to a small fixed set of shapes, so
   torch.compile builds one graph per block size and speaker bucket (plus a single-row one) that
   CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket, speaker
@@ -20,11 +24,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from inference import LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall
@@ -35,46 +38,78 @@ log = logging.getLogger(__name__)
 StepRunner = Callable[[Sequence[ModelCall]], list[Tensor]]
 
 
-def pad_dim1(t: Tensor, length: int) -> Tensor:
-    """Zero-pad dimension 1 on the right to `length`."""
-    return F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
-
-
 def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
-    """Evaluate the steps of several generations in one forward pass.
+    """The calls' velocities through ExactSteps, keeping nothing for later steps."""
+    return ExactSteps(model)(calls)
 
-    Rows are stacked and frames, prefix patches, text tokens and speaker patches padded to the
-    longest, with each row at its own RoPE positions; attention runs per generation over its own
-    keys (RowGroup), so each result is bit-for-bit what the generation computes alone on CPU
-    (except where a step alone has fewer than 12 token rows, for which MKL picks a small-matrix
-    kernel that rounds differently) and equal up to float rounding on GPUs.
-    """
-    if len(calls) == 1:
-        return [calls[0].run(model)]
-    device = calls[0].x.device
-    kv_latent = [latent_kv_or_empty(model, c) for c in calls]
-    groups = [RowGroup(rows, call.x.shape[1], kv[0][0].shape[1], call.text_mask.shape[1],
-                       call.kv_speaker[0][0].shape[1], call.key_mask(model))
-              for call, kv, rows in zip(calls, kv_latent, row_slices(calls))]
-    frames = max(g.frames for g in groups)
 
-    def stack_kv(caches: list[KVCache]) -> KVCache:
-        length = max(kv[0][0].shape[1] for kv in caches)
-        return [tuple(torch.cat([pad_dim1(kv[i][j], length) for kv in caches]) for j in (0, 1))
-                for i in range(len(model.blocks))]
+def by_frames(calls: Sequence[ModelCall]) -> dict[int, list[int]]:
+    """The calls' indices grouped by frame count, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(call.x.shape[1], []).append(i)
+    return groups
 
-    arange = torch.arange(frames, device=device)
-    v = model.velocity(
-        x=torch.cat([pad_dim1(c.x, frames) for c in calls]),
-        t=torch.cat([c.t for c in calls]),
-        positions=torch.cat([(c.start_pos + arange).expand(c.x.shape[0], frames) for c in calls]),
-        key_mask=None,
-        kv_text=stack_kv([c.kv_text for c in calls]),
-        kv_speaker=stack_kv([c.kv_speaker for c in calls]),
-        kv_latent=stack_kv(kv_latent),
-        groups=groups,
-    )
-    return [v[g.rows, :g.frames] for g in groups]
+
+def with_self_slot(frames: int, parts: Sequence[Tensor]) -> Tensor:
+    """(n, frames + L_1 + ..., H, D): room for `frames` self keys, then `parts` (n, L_i, H, D) in order."""
+    slot = parts[0].new_empty(parts[0].shape[0], frames, *parts[0].shape[2:])
+    return torch.cat([slot, *parts], dim=1)
+
+
+@dataclass(eq=False)
+class _Layout:
+    """One generation's part of a forward pass, kept while its step's inputs are the same objects
+    (a generation keeps them through a block's guided, then its unguided, steps)."""
+
+    sources: tuple  # the call's kv_text, kv_speaker, kv_latent, text_mask, speaker_mask: kept alive, so ids stay theirs
+    kv: KVCache  # per layer (n, S + Q + T + P, H, D): self slot, prefix, text, speaker
+    groups: list[RowGroup]  # per layer, over kv, at rows 0..n (a pass moves them to its rows)
+    used: int = 0  # the runner's call count when it was last used
+
+    @staticmethod
+    def key(call: ModelCall) -> tuple:
+        sources = (call.kv_text, call.kv_speaker, call.kv_latent, call.text_mask, call.speaker_mask)
+        return (*map(id, sources), *call.x.shape[:2], call.start_pos)
+
+    @classmethod
+    def of(cls, model: EchoDiT, call: ModelCall) -> _Layout:
+        frames = call.x.shape[1]
+        caches = ([call.kv_latent] if call.kv_latent is not None else []) + [call.kv_text, call.kv_speaker]
+        kv = [tuple(with_self_slot(frames, [cache[layer][j] for cache in caches]) for j in (0, 1))
+              for layer in range(len(model.blocks))]
+        key_mask, rows = call.key_mask(model), slice(0, call.x.shape[0])
+        return cls((call.kv_text, call.kv_speaker, call.kv_latent, call.text_mask, call.speaker_mask), kv,
+                   [RowGroup.over(rows, key_mask, keys, values, frames) for keys, values in kv])
+
+
+@dataclass(eq=False)
+class _Pass:
+    """A forward pass over generations of one frame count: their positions and per-layer groups."""
+
+    members: tuple[_Layout, ...]
+    positions: Tensor  # (R, S)
+    groups: list[list[RowGroup]]  # per layer, one group per member
+    used: int = 0
+
+    @classmethod
+    def of(cls, members: tuple[_Layout, ...], calls: Sequence[ModelCall]) -> _Pass:
+        frames = calls[0].x.shape[1]
+        arange = torch.arange(frames, device=calls[0].x.device)
+        positions = torch.cat([(c.start_pos + arange).expand(c.x.shape[0], frames) for c in calls])
+        slices = row_slices(calls)
+        groups = [[replace(m.groups[layer], rows=rows) for m, rows in zip(members, slices)]
+                  for layer in range(len(members[0].groups))]
+        return cls(members, positions, groups)
+
+
+def row_slices(calls: Sequence[ModelCall]) -> list[slice]:
+    """Where each call's rows sit when the calls are stacked along the batch."""
+    slices, start = [], 0
+    for call in calls:
+        slices.append(slice(start, start + call.x.shape[0]))
+        start += call.x.shape[0]
+    return slices
 
 
 def zero_kv(model: EchoDiT, rows: int, length: int, like: Tensor) -> KVCache:
@@ -88,23 +123,65 @@ def latent_kv_or_empty(model: EchoDiT, call: ModelCall) -> KVCache:
     return call.kv_latent if call.kv_latent is not None else zero_kv(model, call.x.shape[0], 0, call.x)
 
 
-def row_slices(calls: Sequence[ModelCall]) -> list[slice]:
-    """Where each call's rows sit when the calls are stacked along the batch."""
-    slices, start = [], 0
-    for call in calls:
-        slices.append(slice(start, start + call.x.shape[0]))
-        start += call.x.shape[0]
-    return slices
-
-
 class ExactSteps:
-    """The exact runner (see the module docstring)."""
+    """The exact runner (see the module docstring).
 
-    def __init__(self, model: EchoDiT):
+    One forward pass per frame count, so nothing is padded. Each generation's keys/values are laid
+    out once (its prefix, text and speaker parts copied behind a slot for its self keys, _Layout)
+    and reused by every step while the call's conditioning objects stay the same; a layout or pass
+    unused for `keep_for` calls is let go, which also frees finished generations' keys.
+    """
+
+    def __init__(self, model: EchoDiT, keep_for: int = 8):
         self.model = model
+        self.keep_for = keep_for
+        self._layouts: dict[tuple, _Layout] = {}
+        self._passes: dict[int, _Pass] = {}  # frames -> the last pass at that frame count
+        self._calls = 0
+        self.layouts_built = 0  # generations laid out so far (a new one per block and CFG phase)
+
+    @property
+    def layouts_kept(self) -> int:
+        """Generations whose laid-out keys/values are kept for their next step."""
+        return len(self._layouts)
 
     def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
-        return batched_velocity(self.model, calls)
+        self._calls += 1
+        out: list[Tensor | None] = [None] * len(calls)
+        for frames, indices in by_frames(calls).items():
+            for i, v in zip(indices, self._forward([calls[i] for i in indices], frames)):
+                out[i] = v
+        self._forget_stale()
+        return out
+
+    def _forward(self, calls: Sequence[ModelCall], frames: int) -> list[Tensor]:
+        """One pass over calls of `frames` frames each: velocities (n_i, S, 80) float32."""
+        p = self._pass(tuple(self._layout(c) for c in calls), calls, frames)
+        v = self.model.velocity(x=torch.cat([c.x for c in calls]), t=torch.cat([c.t for c in calls]),
+                                positions=p.positions, key_mask=None, kv_text=None, kv_speaker=None,
+                                groups=p.groups)
+        return list(v.split([c.x.shape[0] for c in calls]))
+
+    def _layout(self, call: ModelCall) -> _Layout:
+        key = _Layout.key(call)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _Layout.of(self.model, call)
+            self.layouts_built += 1
+        layout.used = self._calls
+        return layout
+
+    def _pass(self, members: tuple[_Layout, ...], calls: Sequence[ModelCall], frames: int) -> _Pass:
+        p = self._passes.get(frames)
+        if p is None or len(p.members) != len(members) or any(a is not b for a, b in zip(p.members, members)):
+            p = self._passes[frames] = _Pass.of(members, calls)
+        p.used = self._calls
+        return p
+
+    def _forget_stale(self) -> None:
+        oldest = self._calls - self.keep_for
+        self._passes = {k: p for k, p in self._passes.items() if p.used > oldest}
+        self._layouts = {k: m for k, m in self._layouts.items() if m.used > oldest}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -496,7 +496,13 @@ def scale_speaker_kv(kv: KVCache, scale: float | None, max_layers: int | None) -
 
 
 def repeat_kv(kv: KVCache, times: int) -> KVCache:
-    return kv if times == 1 else [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in kv]
+    """The cache's rows `times` times over (one copy per CFG branch). A one-row cache (a single
+    generation's) is repeated as a view: the branches share its keys/values instead of copying them."""
+    if times == 1:
+        return kv
+    if kv[0][0].shape[0] == 1:
+        return [(k.expand(times, -1, -1, -1), v.expand(times, -1, -1, -1)) for k, v in kv]
+    return [(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in kv]
 
 
 @dataclass(frozen=True)

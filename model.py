@@ -29,20 +29,28 @@ def cat_kv(first: KVCache, second: KVCache) -> KVCache:
 
 @dataclass(frozen=True)
 class RowGroup:
-    """The rows of one generation inside a batched forward pass, and its own (unpadded) lengths.
+    """The rows of one generation inside a batched forward pass, with one layer's keys and values.
 
-    A batch of several generations pads frames, prefix patches, text tokens and speaker patches
-    to the longest. Linear layers do not mind, but attention over padded keys sums in another
-    order and rounds differently; attending per group over exactly the group's keys gives
-    bit-for-bit what the generation computes alone.
+    A batch holds generations of one frame count S but of different prefix, text and speaker
+    lengths. Linear layers do not mind; attention over padded keys would sum in another order and
+    round differently, so each group attends over exactly its own keys, in the order [self, prefix,
+    text, speaker], and gets bit-for-bit what the generation computes alone. The keys/values live
+    in a buffer (rows, S + Q + T + P, H, D) whose prefix, text and speaker part is written when the
+    group is laid out (batched_steps.py); each forward pass writes only the S self keys in front.
     """
 
     rows: slice
-    frames: int
-    prefix: int
-    text: int
-    speaker: int
-    key_mask: Tensor  # (rows, frames + prefix + text + speaker)
+    mask: Tensor  # (rows, 1, 1, S + Q + T + P): True = may attend
+    keys: Tensor  # (rows, H, S + Q + T + P, D): the buffer, transposed for SDPA
+    values: Tensor  # (rows, H, S + Q + T + P, D)
+    self_keys: Tensor  # (rows, S, H, D): the buffer's first S positions
+    self_values: Tensor  # (rows, S, H, D)
+
+    @classmethod
+    def over(cls, rows: slice, key_mask: Tensor, keys: Tensor, values: Tensor, frames: int) -> RowGroup:
+        """A group attending over buffers keys, values (rows, S + Q + T + P, H, D) under key_mask."""
+        return cls(rows, row_mask(key_mask), keys.transpose(1, 2), values.transpose(1, 2), keys[:, :frames],
+                   values[:, :frames])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,29 +316,34 @@ class JointAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
-                kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                kv_text: tuple[Tensor, Tensor] | None, kv_speaker: tuple[Tensor, Tensor] | None,
                 kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
         """x (B, S, C); key_mask (B, S + Q + T + P) in the key order [self, prefix, text, speaker].
 
-        With `groups` (rows of different generations, padded to common lengths), each group
-        attends over exactly its own unpadded keys, as it would alone (see RowGroup).
+        With `groups` (this layer's groups, covering the rows in order), each group attends over
+        exactly its own keys, as it would alone (see RowGroup); key_mask and the kv arguments are
+        then unused.
         """
         q = apply_rope_half_heads(self.q_norm(self._heads(self.wq(x))), cos, sin)
         k_self = apply_rope_half_heads(self.k_norm(self._heads(self.wk(x))), cos, sin)
         v_self = self._heads(self.wv(x))
-        segments = [(k_self, v_self)] + ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
         if groups is None:
+            segments = [(k_self, v_self)] + ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
             keys, values = (torch.cat([segment[j] for segment in segments], dim=1) for j in (0, 1))
             out = attend(q, keys, values, row_mask(key_mask))
         else:
-            out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
-            for g in groups:
-                lengths = [g.frames] + ([g.prefix] if kv_latent is not None else []) + [g.text, g.speaker]
-                keys, values = (torch.cat([seg[j][g.rows, :n] for seg, n in zip(segments, lengths)], dim=1)
-                                for j in (0, 1))
-                out[g.rows, :g.frames] = attend(q[g.rows, :g.frames], keys, values, row_mask(g.key_mask))
+            out = torch.cat([self._attend_group(g, q, k_self, v_self) for g in groups])
         return self.wo(out * torch.sigmoid(self.gate(x)))
+
+    @staticmethod
+    def _attend_group(g: RowGroup, q: Tensor, k_self: Tensor, v_self: Tensor) -> Tensor:
+        """attend() for the group's rows of q (B, S, H, D), this pass's self keys written in front of
+        its own: (rows, S, H*D)."""
+        g.self_keys.copy_(k_self[g.rows])
+        g.self_values.copy_(v_self[g.rows])
+        out = F.scaled_dot_product_attention(q[g.rows].transpose(1, 2), g.keys, g.values, attn_mask=g.mask)
+        return out.transpose(1, 2).flatten(2)
 
     def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, text_model_size) -> keys, values (B, T, H, D)."""
@@ -357,8 +370,8 @@ class DecoderBlock(nn.Module):
         self.attention_adaln = LowRankAdaLN(model_size, adaln_rank, norm_eps)
         self.mlp_adaln = LowRankAdaLN(model_size, adaln_rank, norm_eps)
 
-    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
-                kv_text: tuple[Tensor, Tensor], kv_speaker: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, cond: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                kv_text: tuple[Tensor, Tensor] | None, kv_speaker: tuple[Tensor, Tensor] | None,
                 kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
         h, gate = self.attention_adaln(x, cond)
         x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)
@@ -367,6 +380,11 @@ class DecoderBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def layer_of(per_layer: Sequence | None, i: int):
+    """Layer i's entry of a per-layer list (a cache, groups), or None."""
+    return None if per_layer is None else per_layer[i]
 
 
 def call_block(block: DecoderBlock, *args) -> Tensor:
@@ -451,13 +469,15 @@ class EchoDiT(nn.Module):
         return self.velocity(x, t, positions, torch.cat(masks, dim=1), kv_cache_text, kv_cache_speaker,
                              kv_cache_latent)
 
-    def velocity(self, x: Tensor, t: Tensor, positions: Tensor, key_mask: Tensor, kv_text: KVCache,
-                 kv_speaker: KVCache, kv_latent: KVCache | None = None,
-                 groups: Sequence[RowGroup] | None = None, run_block: Callable[..., Tensor] | None = None) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, positions: Tensor, key_mask: Tensor | None, kv_text: KVCache | None,
+                 kv_speaker: KVCache | None, kv_latent: KVCache | None = None,
+                 groups: Sequence[Sequence[RowGroup]] | None = None,
+                 run_block: Callable[..., Tensor] | None = None) -> Tensor:
         """The decoder proper. positions (S,) or (B, S) are the frame indices of x's rows; key_mask
         (B, S + Q + T + P) marks visible keys in the order [self, prefix, text, speaker patches].
         Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless.
-        `groups` makes attention per generation (for batches of several; see RowGroup).
+        `groups` (one list per layer) makes attention per generation, over keys the groups hold
+        (for batches of several; see RowGroup); key_mask and the caches are then None.
         `run_block(block, h, cond, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)` runs
         each decoder block (a compiled one: the blocks are alike, so one graph serves all 24)."""
         run_block = run_block or call_block
@@ -466,8 +486,8 @@ class EchoDiT(nn.Module):
         cond = in_fixed_row_blocks(self.cond_module, embedding)[:, None]  # (B, 1, 3C)
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
-            h = run_block(block, h, cond, cos, sin, key_mask, kv_text[i], kv_speaker[i],
-                          None if kv_latent is None else kv_latent[i], groups)
+            h = run_block(block, h, cond, cos, sin, key_mask, layer_of(kv_text, i), layer_of(kv_speaker, i),
+                          layer_of(kv_latent, i), layer_of(groups, i))
         return self.out_proj(self.out_norm(h)).float()
 
     def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:

@@ -1,8 +1,12 @@
-"""The static-shape step runner (the CUDA fast path), checked on CPU: same velocities and audio as
-the exact path, a bounded set of shapes that warm-up covers (so compiled graphs never recompile
-while serving), and compile artifacts that a later process reloads."""
+"""The step runners, checked on CPU. The exact runner: bit for bit what each generation computes
+alone, one pass per frame count (nothing padded), keys/values laid out once and reused while a
+generation's conditioning stays the same, guidance rows sharing the conditioning's keys/values.
+The static-shape runner (the CUDA fast path): same velocities and audio as the exact path, a
+bounded set of shapes that warm-up covers (so compiled graphs never recompile while serving), and
+compile artifacts that a later process reloads."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +18,10 @@ import pytest
 import torch
 
 import engine as eng
-from batched_steps import SHORT_VOICE_PATCHES, StaticShapes, StaticSteps, batched_velocity, row_buckets
+import inference as inf
+import worker as wk
+from batched_steps import (SHORT_VOICE_PATCHES, ExactSteps, StaticShapes, StaticSteps, batched_velocity,
+                           row_buckets)
 from conftest import ROOT
 from test_engine import SETTINGS, _collect, load_clip, mixed_jobs, speaker_of
 from voices import SpeakerCache
@@ -92,6 +99,67 @@ def test_a_voice_longer_than_30_s_pads_its_batch_to_the_long_speaker_bucket(engi
     assert widths == {4: 160 + 768 + SHORT_VOICE_PATCHES, 8: 160 + 768 + 1600}  # only the long voice's batch
 
 
+def next_step(call: eng.ModelCall, seed: int) -> eng.ModelCall:
+    """The call's generation one step on: new latents, the same conditioning objects."""
+    x = torch.randn(call.x.shape, generator=torch.Generator().manual_seed(seed)).to(call.x.dtype)
+    return dataclasses.replace(call, x=x)
+
+
+@pytest.mark.parametrize("skip_blocks", [0, 1])
+def test_exact_steps_equal_solo_steps_bit_for_bit(engine, tiny_model, skip_blocks):
+    calls = first_calls(engine, mixed_jobs(load_clip()), skip_blocks)
+    assert len({c.x.shape[1] for c in calls}) > 1 and len({c.text_mask.shape[1] for c in calls}) > 1
+    steps = ExactSteps(tiny_model)
+    for seed in range(3):  # later steps reuse the keys laid out by the first, self keys rewritten
+        calls = [next_step(c, seed * 10 + i) for i, c in enumerate(calls)] if seed else calls
+        for call, v in zip(calls, steps(calls), strict=True):
+            assert torch.equal(v, call.run(tiny_model))
+
+
+def test_exact_steps_pad_nothing(engine, tiny_model):
+    calls = first_calls(engine, mixed_jobs(load_clip()))
+    passes = []
+    hook = tiny_model.in_proj.register_forward_pre_hook(lambda module, args: passes.append(tuple(args[0].shape[:2])))
+    try:
+        ExactSteps(tiny_model)(calls)
+    finally:
+        hook.remove()
+    rows_per_frames = {}
+    for c in calls:
+        rows_per_frames[c.x.shape[1]] = rows_per_frames.get(c.x.shape[1], 0) + c.x.shape[0]
+    assert len(rows_per_frames) > 1
+    assert sorted(passes) == sorted((rows, frames) for frames, rows in rows_per_frames.items())
+
+
+def test_exact_steps_keep_keys_until_membership_changes(engine, tiny_model):
+    calls = first_calls(engine, mixed_jobs(load_clip()))
+    steps = ExactSteps(tiny_model, keep_for=2)
+    steps(calls)
+    assert steps.layouts_built == steps.layouts_kept == len(calls)
+    calls = [next_step(c, i) for i, c in enumerate(calls)]
+    steps(calls)
+    assert steps.layouts_built == len(calls)  # a new step of the same generations: nothing laid out again
+    changed = dataclasses.replace(calls[0], kv_text=list(calls[0].kv_text))  # e.g. a generation's next CFG phase
+    for call, v in zip([changed, *calls[1:]], steps([changed, *calls[1:]]), strict=True):
+        assert torch.equal(v, call.run(tiny_model))
+    assert steps.layouts_built == len(calls) + 1  # only the changed generation is laid out again
+    steps(calls[1:2])
+    steps(calls[1:2])
+    assert steps.layouts_kept == 1  # the others went unused for keep_for calls: their keys are let go
+
+
+def test_guidance_rows_share_the_conditionings_keys_and_values(tiny_model):
+    ids, mask = inf.get_text_input_ids_and_mask(["[S1] Hello."], max_length=None)
+    speaker, speaker_mask = inf.no_speaker(8, "cpu", torch.float32)
+    conditioning = inf.Conditioning(tiny_model, speaker, speaker_mask, ids, mask,
+                                    inf.SamplerSettings(2, 3.0, 8.0, 0.5, 1.0))
+    _, _, kv_text, kv_speaker = conditioning.batch((inf.COND, inf.NO_TEXT, inf.NO_SPEAKER), False)
+    for batched, alone in ((kv_text, conditioning.kv_text), (kv_speaker, conditioning.kv_speaker[False])):
+        for (k, v), (k1, v1) in zip(batched, alone, strict=True):
+            assert k.shape[0] == 3 and torch.equal(k[2], k1[0]) and torch.equal(v[1], v1[0])
+            assert k.untyped_storage().data_ptr() == k1.untyped_storage().data_ptr() and k.stride(0) == 0
+
+
 def test_calls_outside_the_static_shapes_take_the_exact_path(engine, tiny_model):
     calls = first_calls(engine, mixed_jobs(load_clip()))
     narrow = StaticSteps(tiny_model, StaticShapes.covering((4,), max_rows=3, max_speaker_latent_length=8))
@@ -104,7 +172,7 @@ def test_batched_static_jobs_give_the_audio_of_solo_exact_jobs(engine, tiny_mode
     jobs = mixed_jobs(load_clip())
     solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
     static = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=static_steps(tiny_model))
-    worker = eng.GenerationWorker(static, max_waiting=8, max_active=4)
+    worker = wk.GenerationWorker(static, max_waiting=8, max_active=4)
     try:
         together = asyncio.run(_collect(worker, jobs))
     finally:
@@ -136,7 +204,7 @@ def test_warm_up_compiles_every_shape_and_serving_compiles_nothing(tiny_model, t
     graphs = 2 * len(steps.shapes.frame_buckets) * len(steps.shapes.speaker_buckets)
     assert len(backend.graphs) == graphs
     engine = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=steps)
-    worker = eng.GenerationWorker(engine, max_waiting=8, max_active=4)
+    worker = wk.GenerationWorker(engine, max_waiting=8, max_active=4)
     try:
         asyncio.run(_collect(worker, mixed_jobs(load_clip())))
     finally:
