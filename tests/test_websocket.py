@@ -413,3 +413,31 @@ def test_a_generation_that_fails_midway_gets_its_error_then_its_end_and_its_fram
     assert events[1]["error"]["code"] == "generation_failed" and "the GPU fell off" in events[1]["message"]
     assert events[2] == {"type": "end", "segment_id": "s", "seed": 5, "voice": "alice", "audio_seconds": 0.093,
                          "cancelled": True, "reason": "error"}
+
+
+# ---- chunk_mode continue over the socket (issue 22) ----------------------------------------------
+
+
+CONTINUED = {"input": " ".join(["Hello there. This is a test."] * 6), "chunk_mode": "continue",
+             "chunk_target_seconds": 3, "chunk_min_seconds": 2, "chunk_max_seconds": 4, "seed": 3}
+
+
+def test_a_continued_answer_streams_over_the_socket_as_over_http(server):
+    http = httpx.post(server.url + "/v1/audio/speech", timeout=120,
+                      json={"voice": "alice", "response_format": "pcm", **FAST, **CONTINUED})
+    assert http.status_code == 200
+    with socket(server) as ws:
+        ws.send(segment("continued", **CONTINUED))
+        got = messages(ws, ended("continued"))
+    events = [m for m in got if isinstance(m, dict)]
+    assert [m["type"] for m in events] == ["start", "end"] and not events[-1]["cancelled"]
+    assert b"".join(m for m in got if isinstance(m, bytes)) == http.content
+
+
+def test_a_continued_answer_past_its_time_limit_gets_its_error_then_its_end(timeout_server):
+    with socket(timeout_server) as ws:
+        ws.send(segment("long", **LONG, **{**CONTINUED, "seed": 0}))
+        got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
+    events = [m for m in got if isinstance(m, dict)]
+    assert [(m["type"], m["segment_id"]) for m in events] == [("start", "long"), ("error", "long"), ("end", "long")]
+    assert events[1]["error"]["code"] == "timeout" and events[2]["cancelled"] and events[2]["reason"] == "error"
