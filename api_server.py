@@ -231,7 +231,7 @@ def _routes():
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voice_names()]}
 
-    @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 409, 413, 503))
+    @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 408, 409, 413, 503, 507))
     async def upload_voice(service: Annotated[SpeechService, Depends(ready_service)],
                            name: Annotated[str, Form()], audio_sample: Annotated[UploadFile, File()],
                            consent: Annotated[str | None, Form()] = None,
@@ -259,7 +259,7 @@ def _routes():
             raise _api_error(e) from None
 
     @protected.post("/v1/audio/speech", response_class=Response,
-                    responses=AUDIO_RESPONSE | _errors(400, 401, 413, 429, 500, 503, 504))
+                    responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         encoder = _open_encoder(body, service.settings, streaming=body.stream)

@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGT
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import blockwise_steps
 from model import EchoDiT, KVCache
+from text_chunking import ChunkMode
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size
 MAX_DECODE_BATCH_FRAMES = 8192  # latent frames of one batched decoder call (~6 GiB of its largest activation)
 # continue mode: at most the last 320 frames of chunk k-1 are continued, so chunk k keeps half the window
 CONTINUATION_FRAMES = MAX_SEQUENCE_LENGTH // 2
-ChunkMode = Literal["independent", "continue"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +111,7 @@ class SpeechJob:
     normalize: bool = True
     voice: PreparedVoice | None = None  # the speaker, prepared off the generation thread (else prepared there)
     chunk_mode: ChunkMode = "independent"  # continue: chunk k continues chunk k-1's latents, one decoder for all
+    voice_name: str = ""  # the voice it speaks with, as the client is told (X-Echo-Voice)
 
     def shape_of_chunk(self, index: int) -> BlockShape:
         return self.first_shape if index == 0 else self.later_shape

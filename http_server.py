@@ -123,8 +123,11 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._read_timer is None and self.conn.their_state is h11.IDLE:  # the next request begins
-            self._read_timer = self.loop.call_later(self.config.read_timeout, self._read_timed_out)
+        if self.conn.their_state is h11.IDLE:  # a request's line and headers are coming in
+            if self._read_timer is None:  # the next request begins
+                self._read_timer = self.loop.call_later(self.config.read_timeout, self._read_timed_out)
+            if self._head_too_large(data):
+                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # its headers are in (or it failed, or it upgraded)
             self._stop_read_timer()
@@ -145,13 +148,29 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
         else:
             self.transport.close()
 
+    def _head_too_large(self, data: bytes) -> bool:
+        """Answer 431 and close when the request line and headers, as far as they have come, pass
+        the limit. (h11's own limit only counts what is buffered between reads: a larger head that
+        arrives in one read would pass it.)"""
+        limit = self.config.h11_max_incomplete_event_size
+        head = bytes(self.conn.trailing_data[0]) + data  # what is buffered is at most `limit` bytes
+        end = head.find(b"\r\n\r\n")
+        if (end + 4 if end >= 0 else len(head)) <= limit:
+            return False
+        self._answer_431()
+        return True
+
     def send_400_response(self, msg: str) -> None:
         """h11 refused the request: 431 when it was refused for its size, else uvicorn's 400."""
-        limit = self.config.h11_max_incomplete_event_size
-        if len(self.conn.trailing_data[0]) <= limit:
+        if len(self.conn.trailing_data[0]) <= self.config.h11_max_incomplete_event_size:
             return super().send_400_response(msg)
+        self._answer_431()
+
+    def _answer_431(self) -> None:
+        limit = self.config.h11_max_incomplete_event_size
         body = error_body(f"the request line and headers are larger than {limit} bytes (ECHO_MAX_HEADER_BYTES)",
                           "invalid_request_error", "request_header_fields_too_large")
+        self._stop_read_timer()
         self._answer_and_close(JSONResponse(body, status_code=431, headers={"Connection": "close"}))
 
     def _answer_and_close(self, response: Response) -> None:

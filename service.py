@@ -222,12 +222,14 @@ class SpeechService:
         off the event loop; it keeps the generation thread free). Raises RequestError (HTTP 400)
         naming the field."""
         chunks = self.text_chunks(options)
-        speaker = self.speaker_reference(options.voice)
+        inline = looks_like_inline_audio(options.voice)
+        used = self.voice_used(options.voice)  # resolved once: what it speaks with is what it reports
+        speaker = self._reference(options.voice if inline else used)
         try:
             voice = self.engine.prepare_voice(speaker)
         except VoiceUnusable as e:
             raise RequestError(str(e), "voice") from e
-        return replace(self._job(options, chunks, speaker), voice=voice)
+        return replace(self._job(options, chunks, speaker), voice=voice, voice_name=used)
 
     async def start(self, options: GenerationOptions, request_id: str) -> Started:
         """A request's job, generating: its queue slot is taken first (a full queue is a RequestError
@@ -241,7 +243,7 @@ class SpeechService:
         with reservation:  # given back unless submitted, also when the caller is cancelled meanwhile
             job = await asyncio.to_thread(self.build_job, options)
             stream = reservation.submit(job, request_id, self.settings.request_timeout or None)
-            return Started(job, stream, self.voice_used(options.voice))
+            return Started(job, stream, job.voice_name)
 
     def text_chunks(self, options: GenerationOptions) -> tuple[str, ...]:
         if len(options.input) > self.settings.max_input_chars:
@@ -300,7 +302,10 @@ class SpeechService:
 
     def speaker_reference(self, voice: str) -> SpeakerReference | None:
         """The voice of a request: None for `none`, inline base64 audio, or a registry voice."""
-        voice = voice if looks_like_inline_audio(voice) else self.voice_used(voice)
+        return self._reference(voice if looks_like_inline_audio(voice) else self.voice_used(voice))
+
+    def _reference(self, voice: str) -> SpeakerReference | None:
+        """A resolved voice (`none`, inline audio or a registry name) as a reference to clone."""
         try:
             if is_no_voice(voice):
                 return None

@@ -6,13 +6,14 @@ import hmac
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from audio_encoding import MAX_OUTPUT_RATE, MIN_OUTPUT_RATE, AudioFormat
+from text_chunking import ChunkMode
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     debug_logs: bool = False
 
     chunking: bool = True
-    chunk_mode: Literal["independent", "continue"] = "independent"  # continue: each chunk continues the last
+    chunk_mode: ChunkMode = "independent"  # continue: each chunk continues the last
     normalize_exclamation: bool = True  # a single "!" becomes ".", a run of them one "!" (as the fork)
     vad_reroll_enabled: bool = False  # sample a block again while its audio holds a long silence
     vad_silence_threshold_ms: float = Field(1000.0, gt=0)

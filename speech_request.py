@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED, AudioFormat
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
+from text_chunking import ChunkMode
 
 MODEL_ID = "echo-tts"
 # OpenAI's speech models and their dated variants (tts-1-1106, gpt-4o-mini-tts-2025-03-20): a request
@@ -89,7 +90,7 @@ class GenerationOptions(BaseModel):
     zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
     zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
     chunking_enabled: bool | None = None
-    chunk_mode: Literal["independent", "continue"] | None = None  # None: ECHO_CHUNK_MODE
+    chunk_mode: ChunkMode | None = None  # None: ECHO_CHUNK_MODE
     chunk_target_seconds: float = Field(30.0, gt=0, le=40)
     chunk_min_seconds: float = Field(20.0, gt=0, le=40)
     chunk_max_seconds: float = Field(40.0, gt=0, le=40)

@@ -8,8 +8,9 @@ Client -> server, JSON text messages:
 - `{"type": "cancel", "segment_id"}`: stops that segment within one diffusion step, or drops it
   while it is still queued.
 
-Server -> client, per segment: `{"type": "start", "segment_id"}`, binary messages of 16-bit
-little-endian mono PCM (44.1 kHz or the segment's `sample_rate`) of at most ECHO_WS_MAX_FRAME_BYTES
+Server -> client, per segment: `{"type": "start", "segment_id", "sample_rate"}`, binary messages of
+16-bit little-endian mono PCM at that rate (the segment's `sample_rate`, else ECHO_OUTPUT_SAMPLE_RATE,
+else 24 kHz for OpenAI's models and 44.1 kHz otherwise, as over HTTP) of at most ECHO_WS_MAX_FRAME_BYTES
 each (whole samples; each decoded block is cut into them as soon as it is encoded, so a client's
 default message limit, 1 MiB for `websockets`, always holds), then
 `{"type": "end", "segment_id", "seed", "voice", "audio_seconds", "cancelled"}`. Empty input gets
@@ -346,7 +347,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
         if segment.cancelled:  # while its voice was being prepared: it never started
             await session.send(_dropped(segment))
             return
-        await session.send({"type": "start", "segment_id": segment.segment_id})
+        await session.send({"type": "start", "segment_id": segment.segment_id, "sample_rate": encoder.sample_rate})
         samples, failure = await _stream_audio(session, segment, encoder)
         if failure is not None:
             await session.error(segment.segment_id, failure)

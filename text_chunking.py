@@ -58,8 +58,13 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Literal
 
 from inference import MAX_TEXT_LENGTH, normalize_text
+
+# How the chunks of one answer are generated: each on its own (the fork's way), or each continuing
+# the latents of the one before it, with one decoder for the whole answer (engine.py)
+ChunkMode = Literal["independent", "continue"]
 
 __all__ = [
     "CONTINUATION_MAX_BYTES",

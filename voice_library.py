@@ -109,7 +109,8 @@ class VoiceLibrary:
         """Store a checked upload (exactly one of several concurrent uploads of a name wins unless
         `overwrite`) and, if given, its speaker latents, tied to the stored version."""
         name = upload.name
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with _no_space():
+            self.directory.mkdir(parents=True, exist_ok=True)
         with self._locked():
             self._check_replaceable(name, overwrite)
             with _TempFiles(self.directory) as temps:
@@ -231,17 +232,13 @@ class _TempFiles:
         self.directory, self.paths = directory, []
 
     def write(self, data: bytes) -> str:
-        try:
+        with _no_space():
             fd, path = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".tmp")
             self.paths.append(path)
             with os.fdopen(fd, "wb") as tmp:
                 tmp.write(data)
                 tmp.flush()
                 os.fsync(tmp.fileno())
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage() from None
-            raise
         return path
 
     def __enter__(self) -> _TempFiles:
@@ -251,3 +248,14 @@ class _TempFiles:
         for path in self.paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def _no_space() -> Iterator[None]:
+    """A full file system (or quota) inside the block is InsufficientStorage; other errors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage() from None
+        raise

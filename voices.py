@@ -55,7 +55,6 @@ __all__ = [
     "inline_cache_key",
     "is_no_voice",
     "inline_voice_audio",
-    "load_inline_voice",
     "load_voice_audio",
     "looks_like_inline_audio",
 ]
@@ -362,14 +361,6 @@ def _too_large(max_bytes: int) -> InvalidVoiceError:
 def inline_cache_key(data: bytes) -> str:
     """The cache key of inline audio: `inline:` + sha256 of its encoded bytes."""
     return "inline:" + hashlib.sha256(data).hexdigest()
-
-
-def load_inline_voice(value: str, max_bytes: int | None, max_duration: float | None) -> tuple[str, Tensor]:
-    """Decode an inline voice: (cache key, (1, samples) float32 44.1 kHz audio, cut at
-    `max_duration`). Invalid base64, oversize data and data that is not decodable audio all raise
-    `InvalidVoiceError`."""
-    data = decode_inline_voice(value, max_bytes)
-    return inline_cache_key(data), inline_voice_audio(data, max_duration=max_duration)
 
 
 def inline_voice_audio(data: bytes, max_duration: float | None = None, max_seconds: float | None = None) -> Tensor:

@@ -157,7 +157,7 @@ class Reservation:
 
     def __init__(self, worker: GenerationWorker):
         self._worker = worker
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a Reservation's finaliser may run inside reserve()
         self._held = True  # until submitted or released
 
     def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
@@ -189,10 +189,11 @@ class Reservation:
 
 
 class GenerationWorker:
-    """Runs jobs on one worker thread, advancing all active jobs together.
+    """Runs jobs on one worker thread, batched and scheduled as the module's docstring says.
 
-    Every iteration takes the next diffusion step of each active job and evaluates them together
-    (the engine's step runner: batched_steps.py), then decodes the blocks that finished. At most
+    Every iteration runs the most urgent unit of work: the diffusion steps of all active jobs at
+    one frame count in one forward pass (the engine's step runner: batched_steps.py), or the
+    pending decodes together. At most
     `max_active` jobs run at once; up to `max_waiting` more wait for a slot or are parked; beyond
     that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step.
 
@@ -351,7 +352,8 @@ class GenerationWorker:
         for running in [r for r in active if isinstance(r.pending, ModelCall)]:
             ticket = running.ticket
             ticket.resume_at = running.samples - self.max_ahead_samples
-            if ticket.taken >= ticket.resume_at:  # read after resume_at is set: a later take wakes us
+            # read after resume_at is set: a later take or cancel wakes us; an earlier cancel is seen here
+            if ticket.taken >= ticket.resume_at or ticket.cancelled.is_set():
                 ticket.resume_at = None
                 continue
             running.parked_at = now

@@ -123,6 +123,14 @@ def test_a_multi_megabyte_header_is_refused_at_once_and_health_stays_fast(guarde
     assert took < 5 and max(slowest_health) < 1
 
 
+def test_a_header_over_the_limit_is_answered_431_in_openais_shape(guarded):
+    sock = raw(guarded)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")  # > 32 KiB
+    answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_header_fields_too_large"
+
+
 # ---- item 7: read timeouts ----------------------------------------------------------------------
 
 
@@ -301,7 +309,7 @@ def test_sigterm_lets_a_socket_finish_its_segments_then_closes_it_1001(tiny_echo
         with ws_connect(live) as ws:
             ws.send(json.dumps({**SEGMENT, "segment_id": "a"}))
             ws.send(json.dumps({**SEGMENT, "segment_id": "b"}))
-            assert json.loads(ws.recv(timeout=60)) == {"type": "start", "segment_id": "a"}
+            assert json.loads(ws.recv(timeout=60)) == {"type": "start", "segment_id": "a", "sample_rate": 44100}
             assert isinstance(ws.recv(timeout=60), bytes)
             live.process.send_signal(signal.SIGTERM)
             wait_for_log(live, "Shutting down", timeout=10)

@@ -23,10 +23,16 @@ from voices import (
     decode_inline_voice,
     inline_cache_key,
     is_no_voice,
-    load_inline_voice,
+    inline_voice_audio,
     load_voice_audio,
     looks_like_inline_audio,
 )
+
+
+def inline_voice(value: str, max_bytes: int, max_duration: float):
+    """(cache key, audio) of an inline voice, through what the service uses (SpeechService._inline_voice)."""
+    data = decode_inline_voice(value, max_bytes)
+    return inline_cache_key(data), inline_voice_audio(data, max_duration=max_duration)
 
 
 def wav_bytes(seconds: float, freq: float = 220.0, amplitude: float = 0.5) -> bytes:
@@ -257,18 +263,18 @@ def test_garbage_inline_voices_are_invalid():
         with pytest.raises(InvalidVoiceError):
             decode_inline_voice(value, 10**6)
         with pytest.raises(InvalidVoiceError):
-            load_inline_voice(value, 10**6, 30)
+            inline_voice(value, 10**6, 30)
 
 
-def test_load_inline_voice():
+def test_inline_voice():
     data = wav_bytes(0.1)
-    key, audio = load_inline_voice("data:audio/wav;base64," + base64.b64encode(data).decode(), 10**6, 30)
+    key, audio = inline_voice("data:audio/wav;base64," + base64.b64encode(data).decode(), 10**6, 30)
     assert key == inline_cache_key(data) == "inline:" + hashlib.sha256(data).hexdigest()
     assert audio.shape == (1, int(0.1 * SAMPLE_RATE))
-    assert load_inline_voice(base64.b64encode(data).decode(), 10**6, 0.05)[1].shape == (1, int(0.05 * SAMPLE_RATE))
+    assert inline_voice(base64.b64encode(data).decode(), 10**6, 0.05)[1].shape == (1, int(0.05 * SAMPLE_RATE))
     not_audio = base64.b64encode(b"hello world, this is not audio " * 20).decode()
     with pytest.raises(InvalidVoiceError, match="not decodable audio"):
-        load_inline_voice(not_audio, 10**6, 30)
+        inline_voice(not_audio, 10**6, 30)
 
 
 # -- speaker cache ----------------------------------------------------------------------------------------
@@ -401,7 +407,7 @@ def test_a_concat_script_cannot_read_files_from_the_server(tmp_path, monkeypatch
     for target in ("private/secret.wav", "private", "private/missing.wav", str(tmp_path / "private/secret.wav")):
         script = f"ffconcat version 1.0\nfile {target}\n".encode()
         with pytest.raises(InvalidVoiceError) as caught:
-            load_inline_voice(base64.b64encode(script).decode(), 10**6, 30)
+            inline_voice(base64.b64encode(script).decode(), 10**6, 30)
         messages.add(str(caught.value))
         assert "private" not in str(caught.value) and str(tmp_path) not in str(caught.value)
     assert len(messages) == 1, messages
@@ -423,7 +429,7 @@ def test_real_audio_containers_still_decode(container, codec):
                                              rate=48000).resample(frame)))
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             out.mux(packet)
-    key, audio = load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+    key, audio = inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
     assert abs(audio.shape[1] - SAMPLE_RATE) < 0.1 * SAMPLE_RATE
 
 
@@ -441,7 +447,7 @@ def test_a_clip_with_a_nan_sample_is_refused():
     samples[100] = np.nan
     sf.write(buf, samples, SAMPLE_RATE, format="WAV", subtype="FLOAT")
     with pytest.raises(InvalidVoiceError, match="NaN"):
-        load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+        inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
 
 
 def test_a_clip_over_the_rate_or_channel_limit_is_refused_from_its_header(monkeypatch):
@@ -453,7 +459,7 @@ def test_a_clip_over_the_rate_or_channel_limit_is_refused_from_its_header(monkey
     decoded = []
     monkeypatch.setattr(inference, "_with_flush", lambda frames: decoded.append(1) or iter(()))
     with pytest.raises(InvalidVoiceError, match="384000 Hz"):
-        load_inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
+        inline_voice(base64.b64encode(buf.getvalue()).decode(), 10**6, 30)
     assert decoded == []
 
 

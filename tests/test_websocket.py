@@ -51,7 +51,7 @@ def test_a_segment_streams_the_pcm_http_streams_between_start_and_end(server):
     with socket(server) as ws:
         ws.send(segment("a", seed=7, sample_rate=24000))
         got = messages(ws, ended("a"))
-    assert got[0] == {"type": "start", "segment_id": "a"} and got[-1]["type"] == "end"
+    assert got[0] == {"type": "start", "segment_id": "a", "sample_rate": 24000} and got[-1]["type"] == "end"
     audio = b"".join(m for m in got if isinstance(m, bytes))
     http = httpx.post(server.url + "/v1/audio/speech", json={
         "input": "Hello there. This is a test.", "voice": "alice", "seed": 7, "sample_rate": 24000,
@@ -94,7 +94,7 @@ def test_cancel_stops_the_running_segment_and_drops_a_queued_one(server):
     with socket(server) as ws:
         ws.send(segment("long", **LONG))
         ws.send(segment("queued", **LONG))
-        assert messages(ws, lambda m: isinstance(m, bytes))[0] == {"type": "start", "segment_id": "long"}
+        assert messages(ws, lambda m: isinstance(m, bytes))[0] == {"type": "start", "segment_id": "long", "sample_rate": 44100}
         cancelled_at = time.monotonic()
         ws.send(json.dumps({"type": "cancel", "segment_id": "queued"}))
         ws.send(json.dumps({"type": "cancel", "segment_id": "long"}))
