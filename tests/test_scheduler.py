@@ -87,3 +87,20 @@ def test_no_stream_starves_under_a_scripted_load():
             else:
                 left[id(j)] = (blocks - 1, steps_per_block)
     assert longest_wait <= 3 * len(jobs)
+
+
+def test_a_job_cancelled_just_before_it_would_park_is_not_parked():
+    """Its cancel sent no wake-up (it was not parked yet): parked, it would sleep until the send
+    timeout; kept in the batch, it is dropped at the next check."""
+    worker = wk.GenerationWorker(engine=None, max_ahead_samples=SAMPLE_RATE)
+    try:
+        running = job(32, playing_since=0.0, seconds=5.0)  # 5 s ahead of a client that took nothing
+        running.ticket.cancelled.set()
+        active, parked = [running], []
+        worker._park(active, parked)
+        assert (active, parked) == ([running], []) and running.ticket.resume_at is None
+        ahead = job(32, playing_since=0.0, seconds=5.0)  # the same without the cancel parks
+        worker._park(active := [ahead], parked)
+        assert (active, parked) == ([], [ahead])
+    finally:
+        worker.close()
