@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlencode
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -152,11 +153,27 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
 
 
 def _docs_routes(app: FastAPI) -> APIRouter:
-    """/openapi.json, /docs and /redoc behind the API key (ECHO_PUBLIC_DOCS off)."""
-    docs = APIRouter(dependencies=[Depends(check_api_key)], include_in_schema=False)
-    docs.get("/openapi.json")(lambda: JSONResponse(app.openapi()))
-    docs.get("/docs")(lambda: get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI"))
-    docs.get("/redoc")(lambda: get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc"))
+    """/openapi.json, /docs and /redoc behind the API key (ECHO_PUBLIC_DOCS off). A browser cannot
+    send a header when it opens a page, so these also take `?api_key=` (as the WebSocket does; the
+    key is redacted from the logs), and the pages pass it on to the schema they load."""
+    docs = APIRouter(dependencies=[Depends(check_docs_key)], include_in_schema=False)
+
+    def schema_url(request: Request) -> str:
+        key = request.query_params.get("api_key")
+        return "/openapi.json" + (f"?{urlencode({'api_key': key})}" if key else "")
+
+    @docs.get("/openapi.json")
+    def schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    def swagger(request: Request) -> Response:
+        return get_swagger_ui_html(openapi_url=schema_url(request), title=f"{app.title} - Swagger UI")
+
+    @docs.get("/redoc")
+    def redoc(request: Request) -> Response:
+        return get_redoc_html(openapi_url=schema_url(request), title=f"{app.title} - ReDoc")
+
     return docs
 
 
@@ -177,7 +194,17 @@ def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> Sp
 
 def check_api_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
     """With ECHO_API_KEY set, require `Authorization: Bearer <one of the keys>` (compared in constant time)."""
-    if not service.settings.accepts_key(bearer_token(request.headers)):
+    _require_key(service, bearer_token(request.headers))
+
+
+def check_docs_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
+    """check_api_key, or `?api_key=` for pages a browser opens (the API docs)."""
+    token = bearer_token(request.headers)
+    _require_key(service, token if token is not None else request.query_params.get("api_key"))
+
+
+def _require_key(service: SpeechService, token: str | None) -> None:
+    if not service.settings.accepts_key(token):
         raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        code="invalid_api_key", error_type="authentication_error",
                        headers={"WWW-Authenticate": "Bearer"})

@@ -284,6 +284,11 @@ def test_docs_need_the_key_unless_public(voice_dir):
                 assert client.get(path, headers=AUTH).status_code == 200, path
         if anonymous_status == 401:
             assert "/v1/audio/speech" in client.get("/openapi.json", headers=AUTH).json()["paths"]
+            # a browser opens the page with the key in the query, and the page loads the schema with it
+            page = client.get("/docs", params={"api_key": KEY})
+            assert page.status_code == 200 and "/openapi.json?api_key=" in page.text
+            assert client.get("/openapi.json", params={"api_key": KEY}).status_code == 200
+            assert client.get("/openapi.json", params={"api_key": "wrong"}).status_code == 401
 
 
 # ---- item 12: shutdown drains WebSocket sessions ------------------------------------------------
