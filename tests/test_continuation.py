@@ -31,7 +31,8 @@ def engine(tiny_model, tiny_fish, tiny_pca):
 
 
 def run_recording(engine, job):
-    """Run a job's steps by hand: (the audio pieces it sends, the DAC latents (1, dim, n) it decodes)."""
+    """Run a job's steps by hand: (the audio pieces it sends, the DAC latents (1, dim, n) it decodes;
+    a block sampled again, VAD reroll, has its decode undone)."""
     steps, audio, decoded = engine.job_steps(job), [], []
     item = next(steps)
     while True:
@@ -40,6 +41,10 @@ def run_recording(engine, job):
         elif isinstance(item, eng.DecodeCall):
             decoded.append(item.z)
             reply = item.run()
+        elif isinstance(item, eng.SilenceCheck):
+            reply = item.run()
+            if reply > engine.reroll.max_silence:
+                decoded.pop()  # sampled again: this decode is undone
         else:
             audio.append(item)
             reply = None
@@ -169,25 +174,7 @@ def test_continue_mode_can_be_cancelled_within_a_step(engine):
 def test_vad_reroll_keeps_one_decoder_consistent(engine, tiny_fish):
     silences = iter([2.0, 0.0] * 10)
     engine.reroll = eng.VadReroll(lambda audio: next(silences), max_silence=1.0, max_rerolls=1)
-    steps, audio, decoded = engine.job_steps(continued()), [], []
-    item = next(steps)
-    while True:
-        if isinstance(item, inf.ModelCall):
-            reply = item.run(engine.model)
-        elif isinstance(item, eng.DecodeCall):
-            decoded.append(item.z)
-            reply = item.run()
-        elif isinstance(item, eng.SilenceCheck):
-            reply = item.run()
-            if reply > 1.0:
-                decoded.pop()  # sampled again: this decode is undone
-        else:
-            audio.append(item)
-            reply = None
-        try:
-            item = steps.send(reply)
-        except StopIteration:
-            break
+    audio, decoded = run_recording(engine, continued())
     assert engine.rerolls == 4  # every block sampled twice
     whole = tiny_fish.decode_zq(torch.cat(decoded, dim=-1))[0, 0].numpy()
     streamed = np.concatenate(audio)
