@@ -81,6 +81,7 @@ class Segment:
 
     segment_id: Any
     message: dict
+    size: int = 0  # bytes of its message, counted against what one socket may hold queued
     cancelled: bool = False
     reason: str | None = None  # why it was cancelled, when the server did it
     stream: JobStream | None = None
@@ -238,8 +239,12 @@ async def _read(session: Session) -> bool:
         elif len(session.queue) >= max_queued:
             await session.error(message.get("segment_id"), RequestError(
                 f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)", status=429))
+        elif sum(q.size for q in session.queue) + len(text) > limit:  # memory: one body's worth per socket
+            await session.error(message.get("segment_id"), RequestError(
+                f"the segments queued on this socket would hold more than {limit} bytes (ECHO_MAX_BODY_BYTES); "
+                f"wait for their audio", status=429))
         else:
-            session.queue.append(Segment(message.get("segment_id"), message))
+            session.queue.append(Segment(message.get("segment_id"), message, len(text)))
         if message.get("continue") is False:  # even when refused: the socket closes once the queue is done
             session.closing = True
         session.wake.set()

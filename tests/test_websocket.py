@@ -169,6 +169,22 @@ def test_queue_and_message_limits_answer_with_error_messages(strict_server):
     assert later[-1]["type"] == "end"
 
 
+def test_segments_queued_on_one_socket_hold_at_most_one_body_of_memory(strict_server):
+    """ECHO_WS_MAX_QUEUE bounds how many, ECHO_MAX_BODY_BYTES (4096 here) how many bytes together:
+    each message may be just under the limit, a queue of them may not."""
+    padding = "p" * 2500  # an ignored field, as a hostile client would send
+    with socket(strict_server, "?api_key=sock-key") as ws:
+        ws.send(segment("one", **LONG))
+        messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")  # "one" runs: the queue is empty
+        ws.send(segment("two", **LONG, padding=padding))
+        ws.send(segment("three", **LONG, padding=padding))  # 2 queued is allowed, but not 5000+ bytes of them
+        refused = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "error")[-1]
+        for name in ("one", "two"):
+            ws.send(json.dumps({"type": "cancel", "segment_id": name}))
+    assert refused["segment_id"] == "three" and refused["error"]["code"] == "queue_full"
+    assert "ECHO_MAX_BODY_BYTES" in refused["message"]
+
+
 def test_hostile_messages_get_an_error_in_strict_json_and_the_socket_stays_usable(server):
     hostile = ["[" * 100000,  # nesting deeper than the parser's recursion limit
                '{"input": "Hi.", "segment_id": ' + "1" * 5000 + "}",  # more digits than Python converts
