@@ -46,6 +46,7 @@ from inference import SAMPLE_RATE, ModelCall
 
 log = logging.getLogger(__name__)
 
+clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
 
 
@@ -62,18 +63,18 @@ class _Ticket:
     loop: asyncio.AbstractEventLoop
     output: asyncio.Queue
     request_id: str = "-"
-    deadline: float | None = None  # time.monotonic() after which the job is abandoned (moved on by parking)
+    deadline: float | None = None  # clock() after which the job is abandoned (moved on by parking)
     cancelled: threading.Event = field(default_factory=threading.Event)
     wake: Callable[[], None] = lambda: None  # wakes the worker (from any thread)
     taken: int = 0  # samples the client has taken from its JobStream
-    taken_at: float = 0.0  # time.monotonic() of its last take
+    taken_at: float = 0.0  # clock() of its last take
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
-    arrived: float = field(default_factory=time.monotonic)  # when it was submitted
+    arrived: float = field(default_factory=lambda: clock())  # when it was submitted
 
     def took(self, samples: int) -> None:
         """The client took a block (event loop): wake the worker if that lets its parked job go on."""
         self.taken += samples
-        self.taken_at = time.monotonic()
+        self.taken_at = clock()
         if (at := self.resume_at) is not None and self.taken >= at:
             self.wake()
 
@@ -168,7 +169,7 @@ class Reservation:
             if not self._held:
                 raise RuntimeError("this reservation was already submitted or released")
             self._held = False
-        deadline = time.monotonic() + timeout if timeout else None
+        deadline = clock() + timeout if timeout else None
         return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline))
 
     def release(self) -> None:
@@ -348,7 +349,7 @@ class GenerationWorker:
         has taken leave the batch (their slot free for another job) until it catches up."""
         if self.max_ahead_samples is None:
             return
-        now = time.monotonic()
+        now = clock()
         for running in [r for r in active if isinstance(r.pending, ModelCall)]:
             ticket = running.ticket
             ticket.resume_at = running.samples - self.max_ahead_samples
@@ -365,7 +366,7 @@ class GenerationWorker:
     def _resume(self, active: list[_Running], parked: list[_Running]) -> None:
         """Parked jobs whose client has caught up go back into free slots, before new jobs; the time
         they were parked moves their deadline on (a slow listener is no slow generation)."""
-        now = time.monotonic()
+        now = clock()
         for running in [r for r in parked if r.ticket.taken >= r.ticket.resume_at][:self.max_active - len(active)]:
             ticket = running.ticket
             ticket.resume_at = None
@@ -380,12 +381,12 @@ class GenerationWorker:
         """Seconds until the first parked job's client has taken nothing for the send timeout (None: never)."""
         if self.send_timeout is None or not parked:
             return None
-        return max(min(r.idle_since() for r in parked) + self.send_timeout - time.monotonic(), 0.0)
+        return max(min(r.idle_since() for r in parked) + self.send_timeout - clock(), 0.0)
 
     def _drop_cancelled(self, active: list[_Running], parked: list[_Running]) -> None:
         """Stop jobs whose client left or whose time is up, before their next step, and parked jobs
         whose client left or took nothing for the send timeout (the audio queued for it dropped)."""
-        now = time.monotonic()
+        now = clock()
         for jobs in (active, parked):
             for running in list(jobs):
                 if (ending := self._ending(running, now, parked=jobs is parked)) is None:
@@ -544,20 +545,20 @@ class _Running:
         self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
         self.samples = 0  # delivered to the client
         self.started_at = time.perf_counter()
-        self.parked_at = 0.0  # time.monotonic() when it last left the batch for its client
-        self.arrived = ticket.arrived  # time.monotonic() of its submission
-        self.first_audio_at: float | None = None  # time.monotonic() of its first audio
+        self.parked_at = 0.0  # clock() when it last left the batch for its client
+        self.arrived = ticket.arrived  # clock() of its submission
+        self.first_audio_at: float | None = None  # clock() of its first audio
         self.kept: list[np.ndarray] | None = [] if keep_audio else None
 
     def deadline(self, first_audio_budget: float) -> float:
-        """When its listener would notice it is late (time.monotonic()): before its first audio, its
+        """When its listener would notice it is late (clock()): before its first audio, its
         arrival plus the budget; after, the moment the audio it delivered runs out."""
         if self.first_audio_at is None:
             return self.arrived + first_audio_budget
         return self.first_audio_at + self.samples / SAMPLE_RATE
 
     def idle_since(self) -> float:
-        """Since when a parked job's client has taken nothing (time.monotonic())."""
+        """Since when a parked job's client has taken nothing (clock())."""
         return max(self.parked_at, self.ticket.taken_at)
 
     def send(self, item) -> None:
@@ -565,7 +566,7 @@ class _Running:
 
     def deliver(self, audio: np.ndarray) -> None:
         if self.first_audio_at is None:
-            self.first_audio_at = time.monotonic()
+            self.first_audio_at = clock()
         self.samples += audio.size
         if self.kept is not None:
             self.kept.append(audio)
