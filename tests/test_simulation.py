@@ -1,0 +1,97 @@
+"""The scheduler simulation (benchmarks/simulate.py): the real worker in virtual time, costed by the model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import simulate as sim  # noqa: E402
+import worker as wk  # noqa: E402
+
+K = sim.CONSTANTS
+
+
+def staggered(simulation_policy="deadline"):
+    return sim.Simulation(K, "eager", simulation_policy).run([(0.0, sim.SimJob()), (0.7, sim.SimJob()), (1.4, sim.SimJob())])
+
+
+def test_the_simulation_drives_the_real_worker_and_restores_its_clock(monkeypatch):
+    before = [x.ttfb(0.0) for x in staggered()]
+    assert wk.clock is not None and wk.clock.__name__ == "monotonic"
+    chosen = []
+    real = wk.next_unit
+
+    def latest_first(active, group_of, budget):  # the opposite of earliest deadline first
+        units = {}
+        for r in active:
+            if isinstance(r.pending, wk.ModelCall):
+                units.setdefault(("step", group_of(r.pending)), []).append(r)
+            elif isinstance(r.pending, wk.DecodeCall):
+                units.setdefault("decode", []).append(r)
+        chosen.append(real(active, group_of, budget))
+        return max(units.values(), key=lambda jobs: min(r.deadline(budget) for r in jobs)) if units else []
+
+    monkeypatch.setattr(wk, "next_unit", latest_first)
+    after = [x.ttfb(0.0) for x in staggered()]
+    assert chosen, "the worker's unit choice was never asked"
+    assert after != before
+
+
+def test_calibration_reproduces_the_measured_eager_table_within_25_percent():
+    for config, n in (("eager", 1), ("eager", 4), ("eager", 16), ("eager", 24)):
+        r = sim.burst(K, n, config, "lockstep", **sim.RUN_SETUP[config])
+        for q in ("ttfb_p50_ms", "ttfb_p95_ms"):
+            measured = sim.MEASURED[config][q][n]
+            assert abs(r[q] / measured - 1) <= 0.25, (config, n, q, r[q], measured)
+
+
+def test_calibration_of_compiled_graphs_is_within_35_percent():
+    """Known miss (RESULTS.md, 2026-12-06 performance model): the model under-predicts the compiled
+    multi-stream TTFB p50 by ~30 %, outside the 25 % the issue asks for; this pins where it stands."""
+    for n in (1, 4, 16):
+        r = sim.burst(K, n, "graphs", "lockstep", **sim.RUN_SETUP["graphs"])
+        for q in ("ttfb_p50_ms", "ttfb_p95_ms"):
+            assert abs(r[q] / sim.MEASURED["graphs"][q][n] - 1) <= 0.35, (n, q, r[q])
+
+
+def test_poisson_arrivals_are_reproducible_for_a_seed():
+    assert sim.poisson_arrivals(2.0, 30.0, seed=3) == sim.poisson_arrivals(2.0, 30.0, seed=3)
+    assert sim.poisson_arrivals(2.0, 30.0, seed=3) != sim.poisson_arrivals(2.0, 30.0, seed=4)
+    a = sim.poisson(K, 1.0, duration=20.0, seed=1, config="graphs")
+    b = sim.poisson(K, 1.0, duration=20.0, seed=1, config="graphs")
+    assert a == b
+
+
+def test_an_overloaded_system_reports_underruns_and_a_light_one_none():
+    light = sim.poisson(K, 0.2, duration=20.0, seed=0, config="graphs")
+    assert light["streams"] > 0 and light["underruns_per_stream"] == 0
+    heavy = sim.burst(K, 64, "eager", "deadline")
+    assert heavy["underruns_per_stream"] > 0 and heavy["streams_with_underruns"] > 0
+
+
+def test_a_stream_is_played_back_from_its_first_audio():
+    listener = sim.Listener(0.0, [(1.0, 44100), (1.5, 44100), (4.0, 44100)])
+    assert listener.ttfb(0.1) == pytest.approx(1.1)
+    assert listener.gaps() == (1, pytest.approx(1.0))  # audio ran out at 3.0 s, the third block came at 4.0 s
+
+
+def test_jobs_yield_the_engine_protocol_with_the_right_shapes():
+    simulation = sim.Simulation(K)
+    items = list(simulation.engine.job_steps(sim.SimJob()))
+    calls = [i for i in items if isinstance(i, wk.ModelCall)]
+    assert len(calls) == 8 + 15 + 20
+    assert [c.x.shape[0] for c in calls[:8]] == [3, 3, 3, 3, 1, 1, 1, 1]  # guided while t in [0.5, 1]
+    assert {c.x.shape[1:] for c in calls} == {(32, 80), (128, 80), (480, 80)}
+    audio = [i for i in items if hasattr(i, "dtype") and i.ndim == 1]
+    assert [a.size for a in audio] == [32 * 2048, 128 * 2048, 480 * 2048]
+
+
+def test_proxy_constants_match_a_fresh_meta_count():
+    mix = [(32, 3, 0, sim.TEXT_TOKENS, sim.VOICE_PATCHES)] * 2
+    counted = sim.count_runner("exact", [mix])[0]
+    feats = sim.step_features(mix) | {"single": 0.0}
+    fit = sim.PROXY_FIT["exact"]
+    assert sim._lin(fit["ops"], feats) == pytest.approx(counted["ops"], rel=0.02)
+    assert sim._lin(fit["flops"], feats) == pytest.approx(counted["flops"], rel=0.01)
