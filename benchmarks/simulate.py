@@ -357,6 +357,8 @@ def count_host_syncs() -> dict:
                     reply = engine.steps([item])[0]
                 elif isinstance(item, eng.DecodeCall):
                     reply = engine.decode([item])[0]
+                elif type(item).__name__ == "TextCall":  # a newer engine's batched admission
+                    reply = engine.encode_texts([item])[0]
                 else:
                     per_block.append(sum(counts.values()))
                     reply = None
@@ -952,7 +954,7 @@ def print_proxy(p: dict) -> None:
     print("---|---|---|---|---")
     for kind in ("padded", "exact", "static"):
         for mix, c in zip(FIT_MIXES, p["step"][kind]["counts"]):
-            f, r = mix[0], len(mix)
+            f, r = mix[0][0], len(mix)
             print(f"step, {kind} runner, {r} x ({f} frames, {mix[0][1]} rows) | {c['ops']:,} | {c['flops'] / 1e9:,.0f} | "
                   f"{c['touched'] / 1e9:.1f} | {c['copied'] / 1e9:.2f}")
     for t, c in p["admission"].items():
