@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +87,16 @@ class StreamResult:
     gap_seconds: float  # their total length
 
 
-async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") -> StreamResult:
-    """One streaming PCM request, played back (on paper) from its first byte in real time."""
+async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none", text: str = TEXT,
+                     on_first_audio: Callable[[float], None] | None = None) -> StreamResult:
+    """One streaming PCM request, played back (on paper) from its first byte in real time.
+
+    `on_first_audio` is called with the time to first byte as soon as it arrives (a caller that cuts
+    the stream short still knows it)."""
     start = time.perf_counter()
     first, size, rate = None, 0, 44100
     playable_until, gaps, gap_seconds = 0.0, 0, 0.0  # when the audio received so far runs out
-    body = {"input": TEXT, "voice": voice, "seed": seed, "response_format": "pcm"}
+    body = {"input": text, "voice": voice, "seed": seed, "response_format": "pcm"}
     async with client.stream("POST", "/v1/audio/speech", json=body) as response:
         response.raise_for_status()
         rate = int(response.headers["x-audio-sample-rate"])
@@ -101,6 +106,8 @@ async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none") 
             now = time.perf_counter()
             if first is None:
                 first, playable_until = now - start, now
+                if on_first_audio is not None:
+                    on_first_audio(first)
             elif now > playable_until + GAP_TOLERANCE:  # the listener ran out before this arrived
                 gaps, gap_seconds = gaps + 1, gap_seconds + now - playable_until
             playable_until = max(playable_until, now) + len(chunk) / 2 / rate

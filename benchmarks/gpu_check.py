@@ -1,32 +1,49 @@
-"""The GPU kit: prove the CUDA path and measure it, in one command.
+"""The GPU kit: prove the CUDA path and measure it, in one command that fits one 10-minute device call.
 
 On a CUDA machine (full-size synthetic weights, bf16, the default streaming preset):
 
-    python benchmarks/gpu_check.py --wheels .whl --out report.md --json results.json
+    timeout 560 python3 benchmarks/gpu_check.py --wheels .whl --json r.json --out r.md --logs logs
 
-1. prints the environment (torch, CUDA, GPU name and memory);
-2. installs the carried wheels (`--wheels`, see benchmarks/wheelhouse.sh) with `pip --no-index`;
-3. writes the full-size synthetic checkpoints (benchmarks/synthetic.py) to `--weights`;
-4. runs the CUDA tests (`pytest -m cuda`; they skip without CUDA);
-5. for each server configuration (`--configs`): starts `api_server.py` through the real HTTP stack
-   and measures time to first audio byte at each concurrency level (`--levels`), the real-time
-   factor of every stream, 30 s non-streaming generation at 20 and 30 steps and peak GPU memory;
-6. for the configurations named by `--breakdown`, times one stream's first block stage by stage
-   in process (benchmarks/ttfb_breakdown.py: request code, diffusion steps, decoder);
-7. writes a markdown report (`--out`) and JSON (`--json`): `device`, `tiny`, `ttfb_p50_ms`,
-   `ttfb_p95_ms`, `nonstream_30s_30steps_s`, `realtime_streams` (each from the best configuration,
-   named in `best`) and `configs` (one entry per configuration). With `--merge`, configurations
-   already in the JSON file are kept (a matrix measured over several device calls).
+`--budget` (default 540 s, counted from the start: wheels and weights included) bounds the whole run.
+Stages run most important first; one that would not fit in what is left is skipped and recorded as
+skipped with the reason (`stages` in the JSON, "Stages not done" in the report), and both reports are
+written after every stage, so a run cut short (SIGTERM from `timeout` too) keeps what it measured:
+
+1. the environment (torch, CUDA, GPU name and memory), the carried wheels (`--wheels`, see
+   benchmarks/wheelhouse.sh; `pip --no-index`) and the full-size synthetic checkpoints
+   (benchmarks/synthetic.py) in `--weights`;
+2. for each server configuration (`--configs`, in that order; default eager, then compile+graphs),
+   one `api_server.py` through the real HTTP stack:
+   a. burst levels (`--levels`, default 1,4,16,24; static-shape configurations stop at
+      `--static-max-active`): that many streams started at once; time to first audio byte p50/p95,
+      real-time factors and underruns (playback gaps) per stream;
+   b. 30 s non-streaming generation at 20 and 30 steps;
+   c. the Poisson load curve: requests of the benchmark text (29.7 s of audio each) arriving as a
+      seeded Poisson process at each rate (`--rates`, requests/s) for `--poisson-seconds`, streamed
+      as PCM: TTFB p50/p95, underruns and gap seconds per stream, the streams in flight at peak (and
+      the server's own peak of active and queued ones) and requests refused (429). Rates that would
+      not fit are skipped, keeping time for the later configurations' burst levels;
+   then peak GPU memory and compiles after warm-up;
+3. for the configurations in `--breakdown` (default: those run, on CUDA), one stream's first block
+   timed stage by stage in process (benchmarks/ttfb_breakdown.py: request code, diffusion steps,
+   decoder);
+4. the CUDA tests (`pytest -m cuda`; they skip without CUDA) with whatever time is left (a run cut
+   short reports the tests it got through; give them a call of their own with `--configs none`).
+
+The JSON holds `device`, `tiny`, `stages`, `ttfb_p50_ms`, `ttfb_p95_ms`, `nonstream_30s_30steps_s`,
+`realtime_streams` (each from the best configuration, named in `best`) and `configs` (one entry per
+configuration: `levels`, `poisson`, ...). With `--merge`, configurations already in the JSON file are
+kept (a matrix measured over several device calls).
 
 `--tiny` runs the same flow on the small reference models on the CPU in a few minutes (CI runs it,
-so the kit never rots). Every stage has a time limit; a stage that fails is recorded, and the
-others still run.
+so the kit never rots).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -57,6 +74,11 @@ CONFIGS: dict[str, dict[str, str]] = {
     "compile": {"ECHO_COMPILE": "1"},
     "compile+graphs": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "1"},
 }
+# Poisson arrival rates (requests/s) of the benchmark text (29.7 s of audio on the random synthetic model):
+# the H100's eager default served ~38 audio-s/s at any load (~1.3 requests/s), compiled with CUDA graphs ~61
+EAGER_RATES = [0.5, 1.0, 2.0]
+COMPILED_RATES = [0.5, 1.0, 2.0, 3.0]
+TINY_RATES = [0.5]
 NONSTREAM_TEXT = ("[S1] " + "This benchmark paragraph stands in for about thirty seconds of ordinary speech, "
                   "read at an even pace by one speaker. " * 4).strip()
 VOICE_SECONDS = 10.0
@@ -117,7 +139,11 @@ def run_cuda_tests(weights: Path | None, timeout: float, log: Path, select: str 
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        code = _wait_for_pytest(process, log, timeout)
+        try:
+            code = _wait_for_pytest(process, log, timeout)
+        except BaseException:  # interrupted: end pytest and every server it started
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
         if code is None:
             out.write(f"\n(timed out after {timeout:.0f} s)\n")
     output = log.read_text(errors="replace")
@@ -148,11 +174,78 @@ def _wait_for_pytest(process: subprocess.Popen, log: Path, timeout: float, grace
     return code
 
 
+# ---- the time budget -----------------------------------------------------------------------------------
+
+
+class Run:
+    """One run of the kit: its report as it grows, its time budget (`--budget`, counted from the start
+    of the process's main()) and the record of every stage (`report["stages"]`: done, failed or skipped
+    and why). Both reports are written after every stage, so a run cut short keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace, report: dict, clock=time.monotonic):
+        self.args, self.report, self.clock = args, report, clock
+        self.started = clock()
+        report.setdefault("stages", [])
+        report["budget_s"] = args.budget
+
+    def left(self) -> float:
+        return self.args.budget - (self.clock() - self.started)
+
+    def fits(self, stage: str, need: float, reserve: float = 0.0) -> bool:
+        """Whether ~`need` seconds are left besides `reserve` (kept for more important stages later);
+        a stage that does not fit is recorded as skipped, with the reason."""
+        left = self.left() - reserve
+        if left >= need:
+            return True
+        self.record(stage, "skipped", reason=f"needs ~{need:.0f} s; {max(left, 0):.0f} s of --budget "
+                                             f"{self.args.budget:g} s left" +
+                                             (f" besides {reserve:.0f} s kept for later configurations" if reserve else ""))
+        return False
+
+    def record(self, stage: str, status: str, seconds: float | None = None, reason: str | None = None) -> None:
+        entry = {"stage": stage, "status": status, "at_s": round(self.clock() - self.started, 1)}
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 1)
+        if reason:
+            entry["reason"] = reason
+        self.report["stages"].append(entry)
+        print(json.dumps(entry), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        """Write the JSON and markdown reports as they stand."""
+        self.report.update(best_of(self.report.get("configs", {})))
+        self.report["seconds"] = round(self.clock() - self.started, 1)
+        if self.args.json:
+            self.args.json.parent.mkdir(parents=True, exist_ok=True)
+            self.args.json.write_text(json.dumps(self.report, indent=2) + "\n")
+        if self.args.out:
+            self.args.out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                text = markdown(self.report)
+            except Exception as e:  # noqa: BLE001 - the JSON holds it all; a report bug must not stop measuring
+                text = f"(the markdown report failed: {type(e).__name__}: {e}; see the JSON)\n"
+            self.args.out.write_text(text)
+
+
+def start_estimate(name: str, tiny: bool) -> float:
+    """Seconds a configuration's server takes to get ready, plus its first requests (H100, 2026-11-22:
+    eager 27 s, compiled 94 s)."""
+    if tiny:
+        return 15
+    return 130 if CONFIGS[name].get("ECHO_COMPILE") else 50
+
+
+def burst_estimate(name: str, tiny: bool) -> float:
+    """Seconds a configuration's server start and burst levels take: what earlier stages keep for it."""
+    return start_estimate(name, tiny) + (10 if tiny else 40)
+
+
 # ---- measuring one server configuration -------------------------------------------------------------
 
 
 async def level(url: str, clients: int, voice: str) -> dict:
-    """`clients` streaming requests at once: TTFB and real-time factor percentiles."""
+    """`clients` streaming requests at once: TTFB, real-time factor and underrun (playback gap) figures."""
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(one_stream(client, seed, voice) for seed in range(clients)))
@@ -164,7 +257,101 @@ async def level(url: str, clients: int, voice: str) -> dict:
             "audio_s_per_wall_s": round(sum(r.audio for r in results) / wall, 2),
             "audio_s_per_stream": round(statistics.median(r.audio for r in results), 2),
             "gaps_per_stream": round(sum(r.gaps for r in results) / clients, 2),
-            "gap_s_per_stream": round(sum(r.gap_seconds for r in results) / clients, 3)}
+            "gap_s_per_stream": round(sum(r.gap_seconds for r in results) / clients, 3), "wall_s": round(wall, 2)}
+
+
+def arrivals(rate: float, seconds: float, seed: int = 0) -> list[float]:
+    """Arrival times (s) of a Poisson process of `rate` requests per second over `seconds`. Seeded: every
+    configuration gets the same arrivals, and a higher rate the same ones sooner."""
+    rng = np.random.default_rng(seed)
+    times, t = [], rng.exponential(1 / rate)
+    while t < seconds:
+        times.append(t)
+        t += rng.exponential(1 / rate)
+    return times
+
+
+async def poisson(url: str, rate: float, seconds: float, drain: float, voice: str, seed: int = 0,
+                  transport: httpx.AsyncBaseTransport | None = None) -> dict:
+    """Requests of the benchmark text arriving as a Poisson process of `rate` per second for `seconds`,
+    each streamed as PCM and played back (on paper) from its first byte (`bench_server.one_stream`); then
+    up to `drain` s for the streams still running, and those left are cut. TTFB counts every stream that
+    got audio (cut ones too); underruns count the finished streams; 429s are the requests refused."""
+    schedule = arrivals(rate, seconds, seed)
+    first: dict[int, float] = {}
+    finished, failed, refused = [], [], 0
+    in_flight = peak = 0
+    server = {"echo_active_streams": 0.0, "echo_queue_length": 0.0}  # the server's own view, sampled
+
+    async def request(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal in_flight, peak, refused
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            finished.append(await one_stream(client, i, voice,
+                                             on_first_audio=lambda s: first.__setitem__(i, s * 1000)))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == 429:
+                refused += 1
+            else:
+                failed.append(f"HTTP {e.response.status_code}")
+        except httpx.HTTPError as e:
+            failed.append(f"{type(e).__name__}: {e}")
+        finally:
+            in_flight -= 1
+
+    async def watch(client: httpx.AsyncClient) -> None:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                text = (await client.get("/metrics")).text
+                for name in server:
+                    server[name] = max(server[name], _metric_value(text, name) or 0.0)
+            await asyncio.sleep(0.25)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits, transport=transport) as client:
+        loop = asyncio.get_running_loop()
+        watcher = asyncio.create_task(watch(client))
+        start, tasks = loop.time(), {}
+        for i, at in enumerate(schedule):
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            tasks[asyncio.create_task(request(client, i))] = i
+        window_end = loop.time()
+        pending = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(drain, 0.0))
+        drained = loop.time() - window_end
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await _settle(client, timeout=20)  # the next rate starts on an idle server
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    ttfb = list(first.values())
+    stat = lambda values, q: round(percentile(values, q), 1) if values else None  # noqa: E731
+    audio = [r.audio for r in finished]
+    return {"rate": rate, "seconds": seconds, "requests": len(schedule), "finished": len(finished),
+            "refused_429": refused, "failed": len(failed), "cut": len(pending),
+            "cut_before_audio": sum(1 for task in pending if tasks[task] not in first),
+            "ttfb_p50_ms": stat(ttfb, .5), "ttfb_p95_ms": stat(ttfb, .95), "ttfb_max_ms": stat(ttfb, 1),
+            "gaps_per_stream": round(sum(r.gaps for r in finished) / len(finished), 2) if finished else None,
+            "gap_s_per_stream": round(sum(r.gap_seconds for r in finished) / len(finished), 3) if finished else None,
+            "streams_with_gaps": sum(1 for r in finished if r.gaps),
+            "peak_in_flight": peak, "peak_active": int(server["echo_active_streams"]),
+            "peak_queued": int(server["echo_queue_length"]),
+            "offered_audio_s_per_s": round(rate * statistics.median(audio), 1) if audio else None,
+            "drain_s": round(drained, 1), "errors": failed[:5]}
+
+
+async def _settle(client: httpx.AsyncClient, timeout: float) -> None:
+    """Wait (at most `timeout` s) until the server has no stream generating or waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            text = (await client.get("/metrics")).text
+            if not (_metric_value(text, "echo_active_streams") or _metric_value(text, "echo_queue_length")):
+                return
+        await asyncio.sleep(0.2)
 
 
 def non_streaming(url: str, voice: str, steps: int, repeat: int) -> dict:
@@ -181,52 +368,103 @@ def non_streaming(url: str, voice: str, steps: int, repeat: int) -> dict:
     return {"seconds": round(statistics.median(times), 3), "audio_seconds": round(seconds, 2)}
 
 
-def metric(url: str, name: str) -> float | None:
-    text = httpx.get(url + "/metrics", timeout=10).text
+def _metric_value(text: str, name: str) -> float | None:
     found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
     return float(found.group(1)) if found else None
 
 
-def measure(url: str, levels: list[int], voice: str, repeat: int) -> dict:
-    asyncio.run(level(url, 1, voice))  # the voice's latents and the first request's one-off costs
-    result: dict = {"levels": [asyncio.run(level(url, n, voice)) for n in levels]}
-    for steps in (20, 30):
-        run = non_streaming(url, voice, steps, repeat)
-        result[f"nonstream_30s_{steps}steps_s"] = run["seconds"]
-        result["nonstream_audio_seconds"] = run["audio_seconds"]
-    realtime = [entry["clients"] for entry in result["levels"] if entry["rtf_max"] < 1]
-    result["realtime_streams"] = max(realtime, default=0)
-    one = next((entry for entry in result["levels"] if entry["clients"] == 1), None)
-    if one is not None:
-        result["ttfb_p50_ms"], result["ttfb_p95_ms"] = one["ttfb_p50_ms"], one["ttfb_p95_ms"]
-    result["peak_gpu_memory_gib"] = _gib(metric(url, "echo_gpu_memory_peak_bytes"))
-    result["compiles_after_warm_up"] = metric(url, "echo_compiles_after_warm_up")
-    return result
+def metric(url: str, name: str) -> float | None:
+    return _metric_value(httpx.get(url + "/metrics", timeout=10).text, name)
 
 
 def _gib(value: float | None) -> float | None:
     return None if value is None else round(value / 2 ** 30, 2)
 
 
-def run_config(name: str, base_env: dict[str, str], levels: list[int], voice: str, repeat: int, timeout: float,
-               logs: Path) -> dict:
-    env = {**base_env, **CONFIGS[name]}
+def run_config(run: Run, name: str, env: dict[str, str], levels: list[int], skipped_levels: list[int],
+               rates: list[float], voice: str, reserve: float) -> None:
+    """One configuration on one server, into `run.report["configs"][name]` stage by stage: start-up, a
+    warm-up stream, the burst levels, non-streaming 30 s, then the Poisson curve (whatever of it fits
+    besides `reserve`, the time later configurations' burst levels need)."""
+    args, tag = run.args, name
+    result = run.report["configs"][name] = {"env": CONFIGS[name]}
+    if not run.fits(f"{tag}: start", start_estimate(name, args.tiny)):
+        result["skipped"] = run.report["stages"][-1]["reason"]
+        run.save()
+        return
     started = time.monotonic()
-    log = logs / f"server-{name.replace('+', '-')}.log"
     try:
-        server = LiveServer(env, log, ready_timeout=timeout)
+        server = LiveServer({**env, **CONFIGS[name]}, args.logs / f"server-{name.replace('+', '-')}.log",
+                            ready_timeout=max(1.0, min(args.config_timeout, run.left())))
     except ServerFailed as e:
-        return {"env": CONFIGS[name], "error": f"start-up failed: {str(e)[-3000:]}"}
-    result = {"env": CONFIGS[name], "ready_s": round(time.monotonic() - started, 1)}
+        result["error"] = f"start-up failed: {str(e)[-3000:]}"
+        run.record(f"{tag}: start", "failed", time.monotonic() - started, str(e).splitlines()[0])
+        return
+    result["ready_s"] = round(time.monotonic() - started, 1)
+    run.record(f"{tag}: start", "done", time.monotonic() - started)
     try:
-        result.update(measure(server.url, levels, voice, repeat))
+        _measure(run, tag, server.url, result, levels, skipped_levels, rates, voice, reserve)
     except Exception as e:  # noqa: BLE001 - recorded; the other configurations still run
         result["error"] = f"{type(e).__name__}: {e}"
+        run.record(f"{tag}: measuring", "failed", reason=result["error"][:300])
     finally:
+        with contextlib.suppress(httpx.HTTPError):
+            result["peak_gpu_memory_gib"] = _gib(metric(server.url, "echo_gpu_memory_peak_bytes"))
         result["exit_code"] = server.stop(timeout=60)
         result["log_errors"] = [line for line in server.log().splitlines() if " ERROR " in line][:20]
-    result["seconds"] = round(time.monotonic() - started, 1)
-    return result
+        result["seconds"] = round(time.monotonic() - started, 1)
+        run.record(f"{tag}: stop", "done")
+
+
+def _measure(run: Run, tag: str, url: str, result: dict, levels: list[int], skipped_levels: list[int],
+             rates: list[float], voice: str, reserve: float) -> None:
+    args = run.args
+    t0 = time.monotonic()
+    warm = asyncio.run(asyncio.wait_for(level(url, 1, voice), max(1.0, run.left())))  # the voice's latents, one-off costs
+    one_stream_s = warm["wall_s"]
+    run.record(f"{tag}: warm-up stream", "done", time.monotonic() - t0)
+    result["levels"] = []
+    for n in skipped_levels:
+        run.record(f"{tag}: {n} streams", "skipped", reason=f"above --static-max-active {args.static_max_active} "
+                                                              "(ECHO_MAX_ACTIVE of static-shape configurations)")
+    previous = None
+    for n in levels:
+        need = one_stream_s if previous is None else previous["wall_s"] * n / previous["clients"]
+        if not run.fits(f"{tag}: {n} streams", need):
+            continue
+        t0 = time.monotonic()
+        try:
+            entry = asyncio.run(asyncio.wait_for(level(url, n, voice), max(1.0, run.left())))
+        except TimeoutError:
+            run.record(f"{tag}: {n} streams", "failed", time.monotonic() - t0, "ran out of the time budget")
+            break
+        result["levels"].append(entry)
+        previous = entry
+        if n == 1:
+            result["ttfb_p50_ms"], result["ttfb_p95_ms"] = entry["ttfb_p50_ms"], entry["ttfb_p95_ms"]
+        result["realtime_streams"] = max([e["clients"] for e in result["levels"] if e["rtf_max"] < 1], default=0)
+        run.record(f"{tag}: {n} streams", "done", time.monotonic() - t0)
+    if run.fits(f"{tag}: non-streaming", 2 * args.repeat * one_stream_s + 2):
+        t0 = time.monotonic()
+        for steps in (20, 30):
+            done = non_streaming(url, voice, steps, args.repeat)
+            result[f"nonstream_30s_{steps}steps_s"] = done["seconds"]
+            result["nonstream_audio_seconds"] = done["audio_seconds"]
+        run.record(f"{tag}: non-streaming", "done", time.monotonic() - t0)
+    result["compiles_after_warm_up"] = metric(url, "echo_compiles_after_warm_up")
+    result["peak_gpu_memory_gib"] = _gib(metric(url, "echo_gpu_memory_peak_bytes"))
+    result["poisson"] = []
+    drain_need = min(args.poisson_drain, max(10.0, 2 * one_stream_s))  # the last arrivals' streams, at least
+    for rate in rates:
+        if not run.fits(f"{tag}: poisson {rate:g}/s", args.poisson_seconds + drain_need + 10, reserve):
+            continue
+        t0 = time.monotonic()
+        # the streams left after the window get what remains, less ~10 s to cut them and settle
+        drain = min(args.poisson_drain, run.left() - reserve - args.poisson_seconds - 10)
+        entry = asyncio.run(poisson(url, rate, args.poisson_seconds, drain, voice))
+        result["poisson"].append(entry)
+        run.record(f"{tag}: poisson {rate:g}/s", "done", time.monotonic() - t0)
+    result["compiles_after_warm_up"] = metric(url, "echo_compiles_after_warm_up")
 
 
 def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) -> dict:
@@ -262,24 +500,26 @@ def best_of(configs: dict[str, dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
+    env = report.get("environment") or {}
     lines = [f"# GPU check: {report['device']}, {report['date']}", "",
-             f"commit {report['commit']}; torch {env['torch']} (CUDA {env['cuda']}), Python {env['python']}; "
+             f"commit {report['commit']}; torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}; "
              f"weights: {'tiny reference models, float32' if report['tiny'] else 'full-size synthetic, bf16'}; "
-             f"voice: {VOICE_SECONDS:g} s clip; levels {report['levels']}.", ""]
-    tests = report.get("tests")
-    if tests:
-        lines += [f"CUDA tests: {tests.get('summary', '')} ({tests['seconds']} s)", ""]
-    lines += ["| config | ready s | clients | TTFB p50 | TTFB p95 | RTF p50 | RTF max | audio s / wall s |",
-              "|---|---|---|---|---|---|---|---|"]
+             f"voice: {VOICE_SECONDS:g} s clip; burst levels {report['levels']}; budget {report.get('budget_s')} s, "
+             f"{report.get('seconds')} s used.", ""]
+    lines += ["Burst levels (all streams start at once):", "",
+              "| config | ready s | clients | TTFB p50 | TTFB p95 | RTF p50 | RTF max | audio s / wall s | "
+              "underruns / stream |", "|---|---|---|---|---|---|---|---|---|"]
     for name, c in report["configs"].items():
+        if "skipped" in c:
+            lines.append(f"| {name} | skipped: {c['skipped']} | | | | | | | |")
+            continue
         if "error" in c and "levels" not in c:
-            lines.append(f"| {name} | failed: {c['error'].splitlines()[0][:120]} | | | | | | |")
+            lines.append(f"| {name} | failed: {c['error'].splitlines()[0][:120]} | | | | | | | |")
             continue
         for entry in c.get("levels", []):
             lines.append(f"| {name} | {c.get('ready_s', '')} | {entry['clients']} | {entry['ttfb_p50_ms']:.0f} ms | "
                          f"{entry['ttfb_p95_ms']:.0f} ms | {entry['rtf_p50']:.2f} | {entry['rtf_max']:.2f} | "
-                         f"{entry['audio_s_per_wall_s']:.1f} |")
+                         f"{entry['audio_s_per_wall_s']:.1f} | {entry.get('gaps_per_stream', '')} |")
     lines += ["", "| config | 30 s non-streaming, 20 steps | 30 steps | real-time streams | peak GPU memory | "
                   "compiles after warm-up |", "|---|---|---|---|---|---|"]
     for name, c in report["configs"].items():
@@ -289,6 +529,21 @@ def markdown(report: dict) -> str:
                          f"{c.get('compiles_after_warm_up')} |")
         if c.get("error"):
             lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | |")
+    curves = {name: c["poisson"] for name, c in report["configs"].items() if c.get("poisson")}
+    if curves:
+        lines += ["", f"Poisson arrivals: {report.get('poisson_seconds')} s at each rate, each request the benchmark "
+                      "text streamed as PCM and played back from its first byte; TTFB over every stream that got "
+                      "audio, underruns over the finished ones:", "",
+                  "| config | requests / s | offered audio s / s | requests | TTFB p50 | TTFB p95 | underruns / stream | "
+                  "gap s / stream | peak in flight | peak active / queued (server) | refused (429) | cut |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        ms = lambda value: "" if value is None else f"{value:.0f} ms"  # noqa: E731
+        for name, rows in curves.items():
+            for r in rows:
+                lines.append(f"| {name} | {r['rate']:g} | {r['offered_audio_s_per_s']} | {r['requests']} | "
+                             f"{ms(r['ttfb_p50_ms'])} | {ms(r['ttfb_p95_ms'])} | {r['gaps_per_stream']} | "
+                             f"{r['gap_s_per_stream']} | {r['peak_in_flight']} | {r['peak_active']} / {r['peak_queued']} | "
+                             f"{r['refused_429']} | {r['cut']} ({r['cut_before_audio']} before audio) |")
     breakdowns = {name: c["first_block"] for name, c in report["configs"].items() if "first_block" in c}
     if breakdowns:
         lines += ["", "First audio of one stream, in process (ms, median; `ttfb_breakdown.py`):", "",
@@ -303,19 +558,16 @@ def markdown(report: dict) -> str:
     lines += ["", f"Best: TTFB p50 {report.get('ttfb_p50_ms')} ms / p95 {report.get('ttfb_p95_ms')} ms, "
                   f"30 s non-streaming at 30 steps {report.get('nonstream_30s_30steps_s')} s, "
                   f"{report.get('realtime_streams')} real-time streams ({report.get('best')})."]
+    tests = report.get("tests")
+    if tests:
+        lines += ["", f"CUDA tests: {tests.get('summary', '')} ({tests['seconds']} s)"]
+    left_out = [s for s in report.get("stages", []) if s["status"] != "done"]
+    if left_out:
+        lines += ["", "Stages not done:", ""] + [f"- {s['stage']}: {s['status']} ({s.get('reason', '')})"
+                                                  for s in left_out]
+    if report.get("interrupted"):
+        lines += ["", f"Interrupted: {report['interrupted']} (the tables hold what was measured before)."]
     return "\n".join(lines) + "\n"
-
-
-def save(report: dict, args: argparse.Namespace, started: float) -> None:
-    """Write the JSON and markdown reports as they stand."""
-    report.update(best_of(report["configs"]))
-    report["seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(report))
 
 
 def commit() -> str:
@@ -334,9 +586,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="the small reference models on the CPU")
     parser.add_argument("--wheels", type=Path, help="install these wheels offline first (benchmarks/wheelhouse.sh)")
     parser.add_argument("--weights", type=Path, default=Path("/tmp/echo-synthetic"), help="synthetic weights dir")
-    parser.add_argument("--configs", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all on CUDA; "
-                                          "eager,static with --tiny)")
-    parser.add_argument("--levels", help="concurrent streams (default 1,4,16,64; 1,2,4 with --tiny)")
+    parser.add_argument("--configs", help=f"comma-separated, from {', '.join(CONFIGS)}, in the order to run them, or "
+                                          "none (default: eager,compile+graphs on CUDA; eager,static with --tiny)")
+    parser.add_argument("--levels", help="burst levels: streams started at once (default 1,4,16,24; 1,2,4 with --tiny)")
+    parser.add_argument("--rates", help="Poisson arrival rates, requests per second, lowest first (default "
+                                        f"{','.join(map(format, EAGER_RATES))} for eager and static, "
+                                        f"{','.join(map(format, COMPILED_RATES))} compiled; "
+                                        f"{','.join(map(format, TINY_RATES))} with --tiny)")
+    parser.add_argument("--poisson-seconds", type=float, help="arrivals at each rate for this long (default 20; 3 with "
+                                                              "--tiny)")
+    parser.add_argument("--poisson-drain", type=float, default=60, help="seconds the streams still running after a "
+                                                                        "rate's arrivals may take; then they are cut")
     parser.add_argument("--repeat", type=int, default=3, help="non-streaming runs per step count")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--tests", help="only the CUDA tests matching this pytest -k expression")
@@ -345,82 +605,128 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "levels above it are not run there")
     parser.add_argument("--test-timeout", type=float, default=420)
     parser.add_argument("--config-timeout", type=float, default=900, help="seconds for one server to get ready")
-    parser.add_argument("--budget", type=float, default=1200, help="seconds for the whole run; later configs "
-                                                                   "are skipped once it is spent")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for the whole run, from the start (wheels and weights included); a stage that "
+                             "would not fit in what is left is skipped and recorded as such (default 540: one "
+                             "10-minute device call)")
     parser.add_argument("--out", type=Path, help="markdown report")
     parser.add_argument("--json", type=Path, help="JSON results")
     parser.add_argument("--merge", action="store_true", help="keep the configurations already in --json")
     parser.add_argument("--logs", type=Path, help="keep server and test logs here")
-    parser.add_argument("--breakdown", default="", help="comma-separated configs whose first block is also timed "
-                                                        "stage by stage, in process (ttfb_breakdown.py)")
+    parser.add_argument("--breakdown", help="comma-separated configs whose first block is also timed stage by stage, "
+                                            "in process (ttfb_breakdown.py), after every configuration's server "
+                                            "stage (default: the configs run, on CUDA; none with --tiny)")
     args = parser.parse_args(argv)
-    args.configs = (args.configs or ("eager,static" if args.tiny else "eager,compile,compile+graphs,static")).split(",")
-    args.breakdown = [name for name in args.breakdown.split(",") if name]
+    configs = args.configs or ("eager,static" if args.tiny else "eager,compile+graphs")
+    args.configs = [] if configs == "none" else configs.split(",")
+    breakdown = args.breakdown if args.breakdown is not None else ("" if args.tiny else ",".join(args.configs))
+    args.breakdown = [name for name in breakdown.split(",") if name]
     unknown = (set(args.configs) | set(args.breakdown)) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
-    args.levels = [int(n) for n in (args.levels or ("1,2,4" if args.tiny else "1,4,16,64")).split(",")]
+    args.levels = [int(n) for n in (args.levels or ("1,2,4" if args.tiny else "1,4,16,24")).split(",")]
+    args.rates = sorted(float(r) for r in args.rates.split(",")) if args.rates else None
+    if args.poisson_seconds is None:
+        args.poisson_seconds = 3.0 if args.tiny else 20.0
     return args
+
+
+def rates_for(args: argparse.Namespace, name: str) -> list[float]:
+    if args.rates is not None:
+        return args.rates
+    if args.tiny:
+        return TINY_RATES
+    return COMPILED_RATES if CONFIGS[name].get("ECHO_COMPILE") else EAGER_RATES
+
+
+class Interrupted(SystemExit):
+    """SIGTERM (`timeout`, the device call's end): the stages in flight stop their servers on the way out."""
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    started = time.monotonic()
+    report: dict = {"device": "cpu" if args.tiny else "unknown", "tiny": args.tiny, "date": dt.date.today().isoformat(),
+                    "commit": commit(), "environment": {}, "levels": args.levels, "poisson_seconds": args.poisson_seconds,
+                    "configs": {}}
+    if args.merge and args.json and args.json.is_file():
+        report["configs"] = json.loads(args.json.read_text()).get("configs", {})
+    run = Run(args, report)
+    work = Path(tempfile.mkdtemp(prefix="echo-gpu-check-"))
+    args.logs = args.logs or work
+    args.logs.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _stages(run, work)
+    except Interrupted as e:
+        report["interrupted"] = f"signal {e.code - 128} after {run.clock() - run.started:.0f} s"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        run.save()
+        if args.logs == work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(markdown(report), flush=True)
+    return report
+
+
+def _stages(run: Run, work: Path) -> None:
+    """Every stage, the most important first: the environment and weights; each configuration's server
+    (burst levels, non-streaming, the Poisson curve); the first-block breakdowns; the CUDA tests."""
+    args, report = run.args, run.report
+    t0 = time.monotonic()
     if args.wheels:
         install_wheels(args.wheels, Path(tempfile.gettempdir()) / "echo-site")
     env = environment()
+    report["environment"], report["device"] = env, env.get("gpu", "cpu")
     print(json.dumps(env), flush=True)
     if not args.tiny and not env["cuda_available"]:
         raise SystemExit("no CUDA device: run with --tiny for the CPU flow")
-    work = Path(tempfile.mkdtemp(prefix="echo-gpu-check-"))
-    logs = args.logs or work
-    logs.mkdir(parents=True, exist_ok=True)
     write_voice(work / "voices" / "bench.wav")
-    report: dict = {"device": env.get("gpu", "cpu"), "tiny": args.tiny, "date": dt.date.today().isoformat(),
-                    "commit": commit(), "environment": env, "levels": args.levels}
     if args.tiny:
         echo, fish = tiny_repos(work)
         base_env = {"ECHO_DEVICE": "cpu", "ECHO_MODEL_DTYPE": "float32"}
     else:
-        t0 = time.monotonic()
+        t1 = time.monotonic()
         repos = write_synthetic_repos(args.weights)
         echo, fish = repos["echo-tts-base"], repos["fish-s1-dac-min"]
-        report["weights_s"] = round(time.monotonic() - t0, 1)
-        print(f"synthetic weights ready in {report['weights_s']} s", flush=True)
+        report["weights_s"] = round(time.monotonic() - t1, 1)
         base_env = {"ECHO_DEVICE": "cuda"}
     base_env.update({"ECHO_MODEL_REPO": str(echo), "ECHO_FISH_REPO": str(fish), "ECHO_VOICE_DIRS": str(work / "voices"),
                      "ECHO_MAX_ACTIVE": str(max(args.levels)), "ECHO_MAX_QUEUE": str(max(args.levels)),
                      "ECHO_CACHE_DIR": str(work / "compile-cache"), "HF_HUB_OFFLINE": "1"})
-    if not args.skip_tests:
-        report["tests"] = run_cuda_tests(None if args.tiny else args.weights, args.test_timeout, logs / "cuda-tests.log",
-                                         args.tests)
-        print(f"CUDA tests: {report['tests']['summary']}", flush=True)
-    configs = {}
-    if args.merge and args.json and args.json.is_file():
-        configs = json.loads(args.json.read_text()).get("configs", {})
-    report["configs"] = configs
-    save(report, args, started)
-    for name in args.configs:
-        left = args.budget - (time.monotonic() - started)
-        if left < 60:
-            configs[name] = {"env": CONFIGS[name], "error": "skipped: the time budget (--budget) was spent"}
-            continue
-        print(f"config {name}: measuring ({left:.0f} s of budget left)", flush=True)
-        env, levels = base_env, args.levels
+    run.record("environment and weights", "done", time.monotonic() - t0)
+
+    def config_env(name: str) -> tuple[dict[str, str], list[int], list[int]]:
         if CONFIGS[name].get("ECHO_COMPILE") or CONFIGS[name].get("ECHO_STATIC_SHAPES"):
             cap = args.static_max_active
-            env = {**base_env, "ECHO_MAX_ACTIVE": str(min(cap, max(levels)))}
-            levels = [n for n in levels if n <= cap]
-        configs[name] = run_config(name, env, levels, "bench", args.repeat, min(args.config_timeout, left), logs)
-        left = args.budget - (time.monotonic() - started)
-        if name in args.breakdown and left >= 60:
-            configs[name]["first_block"] = run_breakdown(name, env, min(args.config_timeout, left), logs)
-        print(json.dumps({name: configs[name]}), flush=True)
-        save(report, args, started)  # after every configuration: a run cut short keeps what it measured
-    print(markdown(report), flush=True)
-    if args.logs is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
+            return ({**base_env, "ECHO_MAX_ACTIVE": str(min(cap, max(args.levels)))},
+                    [n for n in args.levels if n <= cap], [n for n in args.levels if n > cap])
+        return base_env, args.levels, []
+
+    for i, name in enumerate(args.configs):
+        env, levels, above_cap = config_env(name)
+        reserve = sum(burst_estimate(later, args.tiny) for later in args.configs[i + 1:])
+        print(f"config {name}: measuring ({run.left():.0f} s of budget left)", flush=True)
+        run_config(run, name, env, levels, above_cap, rates_for(args, name), "bench", reserve)
+    for name in args.breakdown:
+        stage = f"{name}: first-block breakdown"
+        if not run.fits(stage, 20 if args.tiny else start_estimate(name, False) + 20):
+            continue
+        t0 = time.monotonic()
+        stages = run_breakdown(name, config_env(name)[0], min(args.config_timeout, run.left()), args.logs)
+        report["configs"].setdefault(name, {"env": CONFIGS[name]})["first_block"] = stages
+        run.record(stage, "failed" if "error" in stages else "done", time.monotonic() - t0, stages.get("error"))
+    if args.skip_tests:
+        run.record("CUDA tests", "skipped", reason="--skip-tests")
+    elif run.fits("CUDA tests", 60):
+        report["tests"] = run_cuda_tests(None if args.tiny else args.weights, min(args.test_timeout, run.left()),
+                                         args.logs / "cuda-tests.log", args.tests)
+        run.record("CUDA tests", "done" if report["tests"]["exit_code"] == 0 else "failed",
+                   report["tests"]["seconds"], report["tests"]["summary"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""The GPU kit's whole flow, run on the tiny models on CPU so that it never rots between GPU sessions."""
+"""The GPU kit's whole flow, run on the tiny models on CPU so that it never rots between GPU sessions;
+its time budget (stages skipped with a reason, reports written after every stage) and its Poisson
+load stage on scripted servers."""
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
+import gpu_check
 from conftest import ROOT
 
 
@@ -14,7 +21,7 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
     out, results = tmp_path / "report.md", tmp_path / "results.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--levels", "1,2",
                     "--repeat", "1", "--out", str(out), "--json", str(results), "--logs", str(tmp_path / "logs"),
-                    "--breakdown", "eager"],
+                    "--breakdown", "eager", "--rates", "0.5", "--poisson-seconds", "3"],
                    check=True, timeout=900, capture_output=True)
     report = json.loads(results.read_text())
     assert report["tiny"] is True and report["device"] == "cpu"
@@ -24,6 +31,11 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
         assert [level["clients"] for level in config["levels"]] == [1, 2]
         assert config["nonstream_audio_seconds"] > 29 and config["compiles_after_warm_up"] == 0
         assert config["exit_code"] == 0 and config["log_errors"] == []
+        [curve] = config["poisson"]  # one rate: requests of the benchmark text arriving at 0.5/s for 3 s
+        assert curve["rate"] == 0.5 and curve["requests"] == len(gpu_check.arrivals(0.5, 3)) > 0
+        assert curve["finished"] + curve["refused_429"] + curve["cut"] == curve["requests"] and curve["failed"] == 0
+        assert curve["ttfb_p95_ms"] >= curve["ttfb_p50_ms"] > 0 and curve["gaps_per_stream"] >= 0
+        assert curve["peak_in_flight"] >= 1 and curve["peak_active"] >= 1
     for key in ("ttfb_p50_ms", "ttfb_p95_ms", "nonstream_30s_30steps_s", "realtime_streams"):
         assert report[key] > 0, key
     assert report["tests"]["skipped"] > 0 and report["tests"].get("failed", 0) == 0  # no CUDA here
@@ -31,6 +43,175 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
     stages = report["configs"]["eager"]["first_block"]
     assert stages["diffusion step"]["calls"] == 8 and stages["decode"]["calls"] == 1  # the default first block
     assert "first_block" not in report["configs"]["static"] and "| eager | " in out.read_text().split("First audio")[1]
+    assert "| static | 0.5 | " in out.read_text().split("Poisson arrivals")[1]
+    order = [stage["stage"] for stage in report["stages"]]  # the most important first
+    assert order[:2] == ["environment and weights", "eager: start"] and order[-1] == "CUDA tests"
+    assert order.index("eager: 2 streams") < order.index("eager: poisson 0.5/s") < order.index("static: start")
+    assert order.index("static: stop") < order.index("eager: first-block breakdown")
+    assert all(stage["status"] == "done" for stage in report["stages"]), report["stages"]
+
+
+def test_a_spent_budget_skips_every_stage_and_says_why(tmp_path):
+    results = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--budget", "0",
+                           "--json", str(results), "--out", str(tmp_path / "report.md")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(results.read_text())
+    stages = {stage["stage"]: stage for stage in report["stages"]}
+    assert stages["environment and weights"]["status"] == "done"  # always: everything else needs it
+    for name in ("eager: start", "static: start", "CUDA tests"):
+        assert stages[name]["status"] == "skipped" and "of --budget 0 s left" in stages[name]["reason"], name
+    assert report["configs"]["eager"]["skipped"] == stages["eager: start"]["reason"]
+    assert "Stages not done" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_ended_by_sigterm_keeps_what_it_measured_and_stops_its_server(tmp_path):
+    results = tmp_path / "results.json"
+    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--configs",
+                                "eager", "--levels", "1", "--json", str(results), "--logs", str(tmp_path / "logs")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while "eager: warm-up stream" not in (results.read_text() if results.is_file() else ""):
+            assert process.poll() is None and time.monotonic() < deadline, "no warm-up stream recorded"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    report = json.loads(results.read_text())
+    assert report["interrupted"].startswith("signal 15")
+    assert report["stages"][-1]["stage"] == "eager: stop" and report["configs"]["eager"]["ready_s"] > 0
+    assert "exit_code" in report["configs"]["eager"]  # the server was stopped on the way out
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scripted_run(tmp_path, monkeypatch, budget: float, rates: str = "1,2") -> tuple[gpu_check.Run, Clock]:
+    """A Run on a scripted clock whose server and requests cost what the script says (no real time)."""
+    clock = Clock()
+    args = gpu_check.parse_args(["--tiny", "--budget", str(budget), "--levels", "1,2,4", "--rates", rates,
+                                 "--poisson-seconds", "10", "--repeat", "1", "--json", str(tmp_path / "r.json"),
+                                 "--out", str(tmp_path / "r.md")])
+    args.logs = tmp_path
+    run = gpu_check.Run(args, {"device": "cpu", "tiny": True, "date": "today", "commit": "x", "levels": args.levels,
+                               "configs": {}}, clock=clock)
+
+    class Server:
+        url = "http://scripted"
+
+        def __init__(self, env, log, ready_timeout):
+            clock.now += 10
+
+        def stop(self, timeout):
+            return 0
+
+        def log(self):
+            return ""
+
+    async def level(url, clients, voice):
+        clock.now += 2 * clients
+        return {"clients": clients, "ttfb_p50_ms": 1.0, "ttfb_p95_ms": 1.0, "rtf_p50": 0.5, "rtf_max": 0.5,
+                "audio_s_per_wall_s": 15.0, "gaps_per_stream": 0, "wall_s": 2.0 * clients}
+
+    def non_streaming(url, voice, steps, repeat):
+        clock.now += 0.5
+        return {"seconds": 0.5, "audio_seconds": 30.0}
+
+    async def poisson(url, rate, seconds, drain, voice):
+        written = json.loads(args.json.read_text())  # what came before is on disk already
+        assert written["stages"][-1]["stage"] in ("eager: non-streaming", "eager: poisson 1/s")
+        assert written["configs"]["eager"]["levels"][-1]["clients"] == 4
+        clock.now += seconds + 5
+        return {"rate": rate, "requests": 10, "finished": 10, "refused_429": 0, "cut": 0, "cut_before_audio": 0,
+                "ttfb_p50_ms": 1.0, "ttfb_p95_ms": 2.0, "gaps_per_stream": 0, "gap_s_per_stream": 0,
+                "peak_in_flight": 3, "peak_active": 3, "peak_queued": 0, "offered_audio_s_per_s": 30.0}
+
+    for name, fake in (("LiveServer", Server), ("level", level), ("non_streaming", non_streaming),
+                       ("poisson", poisson), ("metric", lambda url, name: None)):
+        monkeypatch.setattr(gpu_check, name, fake)
+    return run, clock
+
+
+def test_stages_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    run, clock = scripted_run(tmp_path, monkeypatch, budget=60)
+    gpu_check.run_config(run, "eager", {}, [1, 2, 4], [], [1.0, 2.0], "bench", reserve=0)
+    # start 10 s, warm-up 2, levels 2 + 4 + 8, non-streaming 1: 27 s; a rate needs 10 s + 10 s of drain + 10 s
+    # to settle, and takes 15 here: the first fits (33 s left), the second does not (18 s left)
+    stages = [(stage["stage"], stage["status"]) for stage in run.report["stages"]]
+    assert stages == [("eager: start", "done"), ("eager: warm-up stream", "done"), ("eager: 1 streams", "done"),
+                      ("eager: 2 streams", "done"), ("eager: 4 streams", "done"), ("eager: non-streaming", "done"),
+                      ("eager: poisson 1/s", "done"), ("eager: poisson 2/s", "skipped"), ("eager: stop", "done")]
+    assert run.report["stages"][-2]["reason"] == "needs ~30 s; 18 s of --budget 60 s left"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [row["rate"] for row in written["configs"]["eager"]["poisson"]] == [1.0]
+    assert written["stages"] == run.report["stages"]
+    assert "eager: poisson 2/s: skipped (needs ~30 s" in (tmp_path / "r.md").read_text()
+
+
+def test_the_poisson_curve_keeps_time_for_later_configurations_burst_levels(tmp_path, monkeypatch):
+    run, clock = scripted_run(tmp_path, monkeypatch, budget=100, rates="1")
+    gpu_check.run_config(run, "eager", {}, [1, 2, 4], [], [1.0], "bench", reserve=70)
+    skipped = run.report["stages"][-2]
+    assert skipped["stage"] == "eager: poisson 1/s" and skipped["status"] == "skipped"
+    assert skipped["reason"].endswith("besides 70 s kept for later configurations")
+    clock.now = 95
+    gpu_check.run_config(run, "static", {}, [1], [2], [1.0], "bench", reserve=0)
+    assert run.report["configs"]["static"]["skipped"].startswith("needs ~15 s; 5 s of --budget 100 s left")
+    assert "| static | skipped: needs ~15 s" in (tmp_path / "r.md").read_text()
+
+
+def test_poisson_counts_refusals_cuts_and_underruns_per_stream():
+    """A scripted server: every fourth request is refused (429), request 0 never finishes (cut after the
+    drain, its first audio still counted), request 1 pauses long enough for a gap, the rest stream at once."""
+    active = {"now": 0}
+
+    async def pcm(seed: int):
+        active["now"] += 1
+        try:
+            yield b"\0\0" * 441  # 10 ms of audio at 44.1 kHz
+            if seed == 0:
+                await asyncio.sleep(3600)
+            if seed == 1:
+                await asyncio.sleep(0.2)  # well past the 10 ms the listener had
+            yield b"\0\0" * 441
+        finally:
+            active["now"] -= 1
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=f"echo_active_streams {active['now']}\necho_queue_length 0\n")
+        seed = json.loads(request.content)["seed"]
+        if seed % 4 == 3:
+            return httpx.Response(429, json={"error": "full"})
+        return httpx.Response(200, headers={"x-audio-sample-rate": "44100"}, content=pcm(seed))
+
+    requests = len(gpu_check.arrivals(40, 0.3))
+    curve = asyncio.run(gpu_check.poisson("http://scripted", 40, 0.3, drain=1.0, voice="none",
+                                          transport=httpx.MockTransport(handle)))
+    refused = sum(1 for i in range(requests) if i % 4 == 3)
+    assert requests >= 6 and curve["requests"] == requests
+    assert curve["refused_429"] == refused and curve["failed"] == 0
+    assert curve["cut"] == 1 and curve["cut_before_audio"] == 0  # request 0: cut, but its first audio counted
+    assert curve["finished"] == requests - refused - 1
+    assert curve["streams_with_gaps"] == 1 and curve["gaps_per_stream"] == round(1 / curve["finished"], 2)
+    assert curve["ttfb_p50_ms"] is not None and curve["peak_in_flight"] >= 1 and curve["peak_queued"] == 0
+    assert curve["offered_audio_s_per_s"] == round(40 * 0.02, 1)
+
+
+def test_poisson_arrivals_are_seeded_and_scale_with_the_rate():
+    slow, fast = gpu_check.arrivals(1, 60), gpu_check.arrivals(2, 30)
+    assert slow == gpu_check.arrivals(1, 60) and len(slow) == len(fast) and 30 <= len(slow) <= 100
+    assert fast == pytest.approx([t / 2 for t in slow])
+    assert all(b > a for a, b in zip(slow, slow[1:]))
 
 
 def test_the_first_audio_breakdown_accounts_for_every_stage(tmp_path):
