@@ -2,8 +2,9 @@
 
 `SpeechEngine` owns the loaded models, the speaker caches and the step runner. A job is a step
 generator (`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples)
-that yields what it needs computed: a ModelCall (one diffusion step), a DecodeCall (one block
-through its stream's decoder) or a SilenceCheck (VAD reroll), and finished audio. `generate` runs
+that yields what it needs computed: a TextCall (a text chunk's keys/values), a ModelCall (one
+diffusion step), a DecodeCall (one block through its stream's decoder) or a SilenceCheck (VAD
+reroll), and finished audio. `generate` runs
 one job alone; worker.py's `GenerationWorker` runs many on one thread, scheduled by deadline.
 """
 
@@ -36,6 +37,9 @@ CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size
 MAX_DECODE_BATCH_FRAMES = 8192  # latent frames of one batched decoder call (~6 GiB of its largest activation)
 # continue mode: at most the last 320 frames of chunk k-1 are continued, so chunk k keeps half the window
 CONTINUATION_FRAMES = MAX_SEQUENCE_LENGTH // 2
+# a text chunk's tokens are padded to one of these lengths before the text encoder (masked), so the
+# chunks that start together run as one encoder call per length; ascending, the last MAX_TEXT_LENGTH
+TEXT_BUCKETS = (64, 128, 256, 512, MAX_TEXT_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,9 @@ class SpeechEngine:
         return PreparedVoice(mask, self.speaker_kv(speaker, latent))
 
     def job_steps(self, job: SpeechJob) -> JobSteps:
-        """The job as a step generator: yields ModelCall (send back the velocity), DecodeCall (send
-        back its audio) and finished audio (np.ndarray, send None), in order."""
+        """The job as a step generator: yields TextCall (send back the text's keys/values), ModelCall
+        (send back the velocity), DecodeCall (send back its audio), SilenceCheck (send back the
+        longest silence) and finished audio (np.ndarray, send None), in order."""
         voice = job.voice or self.prepare_voice(job.speaker)
         speaker = (voice.mask, voice.kv)
         rng = make_generator(job.seed, self.model.device)
@@ -234,7 +239,7 @@ class SpeechEngine:
     def _chunk_steps(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
                      speaker: tuple[Tensor, KVCache], fades: ChunkFades) -> JobSteps:
         """One text chunk, block by block; the audio ends at the first flat (silent) run of latents."""
-        conditioning = self._conditioning(text, job, speaker)
+        conditioning = yield from self._conditioning(text, job, speaker)
         decoder = self._decoder()
         latents = torch.zeros((0, 80), device=self.model.device)
         sent = 0  # samples of this chunk already yielded
@@ -276,7 +281,7 @@ class SpeechEngine:
         """One chunk of `continue` mode, sampled after `prefix` (frames, 80), if any. Each block is
         decoded up to the chunk's end of speech only and sent as it is (no fades). Returns the
         chunk's latents (frames, 80): exactly the frames sent."""
-        conditioning = self._conditioning(text, job, speaker)
+        conditioning = yield from self._conditioning(text, job, speaker)
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
                                 continuation_latent=None if prefix is None else prefix[None])
         latents = torch.zeros((0, 80), device=self.model.device)
@@ -296,13 +301,19 @@ class SpeechEngine:
         steps.close()
         return latents
 
-    def _conditioning(self, text: str, job: SpeechJob, speaker: tuple[Tensor, KVCache]) -> Conditioning:
-        """The text's tokens (1, L) and the prepared speaker, as the sampler's conditioning."""
-        text_ids, text_mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH,
-                                                          device=self.model.device, normalize=job.normalize,
-                                                          pad_to_max=False)
+    def _conditioning(self, text: str, job: SpeechJob, speaker: tuple[Tensor, KVCache]):
+        """The text's keys/values (a TextCall: batched with the other chunks that start together)
+        and the prepared speaker, as the sampler's conditioning."""
+        call = TextCall.of(self.model, text, job.normalize)
+        kv_text = yield call
         speaker_mask, kv_speaker = speaker
-        return Conditioning(self.model, None, speaker_mask, text_ids, text_mask, job.sampler, kv_speaker=kv_speaker)
+        return Conditioning(self.model, None, speaker_mask, None, call.mask[:, :call.tokens], job.sampler,
+                            kv_speaker=kv_speaker, kv_text=kv_text)
+
+    @torch.inference_mode()
+    def encode_texts(self, calls: list[TextCall]) -> list[KVCache]:
+        """The keys/values of several text chunks: one text-encoder call per bucket length."""
+        return encode_texts(self.model, calls)
 
     def _decoder(self) -> StreamingDecoder:
         cpu = self.fish_ae.device.type == "cpu"
@@ -376,6 +387,47 @@ class SilenceCheck:
 
 
 @dataclass
+class TextCall:
+    """Encode one text chunk: its token ids and mask (1, L), padded to a TEXT_BUCKETS length L, and
+    its own token count. Send back its per-layer text keys/values (1, tokens, H, D)."""
+
+    model: EchoDiT
+    ids: Tensor
+    mask: Tensor
+    tokens: int
+
+    @classmethod
+    def of(cls, model: EchoDiT, text: str, normalize: bool) -> TextCall:
+        ids, mask = get_text_input_ids_and_mask([text], max_length=MAX_TEXT_LENGTH, normalize=normalize,
+                                                pad_to_max=False)
+        tokens = ids.shape[1]
+        length = next(b for b in TEXT_BUCKETS if b >= tokens)
+        pad = (0, length - tokens)
+        return cls(model, torch.nn.functional.pad(ids, pad).to(model.device),
+                   torch.nn.functional.pad(mask, pad).to(model.device), tokens)
+
+    def run(self) -> KVCache:
+        return encode_texts(self.model, [self])[0]
+
+
+def encode_texts(model: EchoDiT, calls: list[TextCall]) -> list[KVCache]:
+    """Each call's text keys/values, the calls of one bucket length stacked into one text-encoder
+    call. Rows do not interact (padded tokens are masked), so each result equals the call's own
+    `run()`: tests/test_engine_batching.py pins that bit for bit."""
+    out: list[KVCache | None] = [None] * len(calls)
+    groups: dict[int, list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault(call.ids.shape[1], []).append(i)
+    for members in groups.values():
+        kv = model.get_kv_cache_text(torch.cat([calls[i].ids for i in members]),
+                                     torch.cat([calls[i].mask for i in members]))
+        for row, i in enumerate(members):  # copied out: a job keeps only its own tokens alive
+            n = calls[i].tokens
+            out[i] = [(k[row:row + 1, :n].clone(), v[row:row + 1, :n].clone()) for k, v in kv]
+    return out
+
+
+@dataclass
 class DecodeCall:
     """Decode one block of DAC latents (B, dac_dim, n) with a stream's decoder (its state advances)."""
 
@@ -386,7 +438,8 @@ class DecodeCall:
         return self.decoder.decode(self.z)
 
 
-JobSteps = Generator[ModelCall | DecodeCall | SilenceCheck | np.ndarray, Tensor | float | None, None]
+JobSteps = Generator[TextCall | ModelCall | DecodeCall | SilenceCheck | np.ndarray,
+                     KVCache | Tensor | float | None, None]
 
 
 class ChunkFades:

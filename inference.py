@@ -538,13 +538,15 @@ class Conditioning:
     """
 
     def __init__(self, model: EchoDiT, speaker_latent: Tensor | None, speaker_mask: Tensor, text_input_ids: Tensor,
-                 text_mask: Tensor, settings: SamplerSettings, kv_speaker: KVCache | None = None):
+                 text_mask: Tensor, settings: SamplerSettings, kv_speaker: KVCache | None = None,
+                 kv_text: KVCache | None = None):
         """`kv_speaker`, when given, is get_kv_cache_speaker(speaker_latent) computed earlier (then
-        speaker_latent may be None)."""
+        speaker_latent may be None); `kv_text`, when given, the text's keys/values computed earlier
+        (then text_input_ids may be None), matching `text_mask`."""
         self.model = model
         self.text_mask = text_mask
         self.speaker_mask = speaker_mask
-        self.kv_text = model.get_kv_cache_text(text_input_ids, text_mask)
+        self.kv_text = kv_text if kv_text is not None else model.get_kv_cache_text(text_input_ids, text_mask)
         plain = kv_speaker if kv_speaker is not None else model.get_kv_cache_speaker(speaker_latent.to(model.dtype))
         self.kv_speaker = {False: plain,
                            True: scale_speaker_kv(plain, settings.speaker_kv_scale, settings.speaker_kv_max_layers)}

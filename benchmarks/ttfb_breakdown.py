@@ -38,20 +38,21 @@ from bench_server import add_model_arguments, model_env
 from live_server import ROOT
 
 sys.path.insert(0, str(ROOT))
-from engine import DecodeCall, SilenceCheck, SpeechEngine, SpeechJob  # noqa: E402
+from engine import DecodeCall, SilenceCheck, SpeechEngine, SpeechJob, TextCall  # noqa: E402
 from inference import ModelCall  # noqa: E402
 from service import SpeechService  # noqa: E402
 from settings import load_settings  # noqa: E402
 from speech_request import SpeechRequest  # noqa: E402
 
 TEXT = "[S1] The first words of a reply should reach the listener before they notice any wait at all."
-STAGES = {ModelCall: "diffusion step", DecodeCall: "decode", SilenceCheck: "silence check"}
+STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", DecodeCall: "decode", SilenceCheck: "silence check"}
 
 
 def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
     """Seconds of each stage until the job's first audio (and "total"), the device synchronised."""
     device = engine.model.device
-    answer: dict[type, Callable] = {ModelCall: lambda call: engine.steps([call])[0],
+    answer: dict[type, Callable] = {TextCall: lambda call: engine.encode_texts([call])[0],
+                                    ModelCall: lambda call: engine.steps([call])[0],
                                     DecodeCall: lambda call: engine.decode([call])[0],
                                     SilenceCheck: lambda check: check.run()}
     times: dict[str, list[float]] = defaultdict(list)

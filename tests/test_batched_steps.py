@@ -23,7 +23,7 @@ import worker as wk
 from batched_steps import (SHORT_VOICE_PATCHES, ExactSteps, StaticShapes, StaticSteps, batched_velocity,
                            row_buckets)
 from conftest import ROOT
-from test_engine import SETTINGS, _collect, load_clip, mixed_jobs, speaker_of
+from test_engine import SETTINGS, _collect, first_step, load_clip, mixed_jobs, speaker_of
 from voices import SpeakerCache
 
 BLOCKS = (4, 6, 8, 12, 16)  # every block size mixed_jobs uses
@@ -38,7 +38,7 @@ def first_calls(engine, jobs, skip_blocks=0):
     calls = []
     for job in jobs:
         steps = engine.job_steps(job)
-        item = next(steps)
+        item = first_step(steps)
         try:
             for _ in range(skip_blocks):
                 while isinstance(item, eng.ModelCall):

@@ -10,7 +10,7 @@ import torch
 import engine as eng
 import inference as inf
 import worker as wk
-from inference_blockwise import iter_blockwise
+from inference_blockwise import blockwise_steps
 from text_chunking import (CONTINUATION_MAX_SECONDS, ChunkSettings, estimate_seconds, generation_bytes,
                            split_into_chunks)
 from voices import SpeakerCache
@@ -38,6 +38,8 @@ def run_recording(engine, job):
     while True:
         if isinstance(item, inf.ModelCall):
             reply = item.run(engine.model)
+        elif isinstance(item, eng.TextCall):
+            reply = item.run()
         elif isinstance(item, eng.DecodeCall):
             decoded.append(item.z)
             reply = item.run()
@@ -62,11 +64,12 @@ def upstream_chunks(engine, job):
     out, prefix = [], None
     for index, text in enumerate(job.chunks):
         prompt = text if index == 0 else f"{job.chunks[index - 1]} {text}"
-        ids, mask = inf.get_text_input_ids_and_mask([prompt], max_length=inf.MAX_TEXT_LENGTH, pad_to_max=False)
+        text = eng.TextCall.of(engine.model, prompt, job.normalize)  # the engine's text keys (bucket-padded)
+        conditioning = inf.Conditioning(engine.model, speaker_latent, speaker_mask, None,
+                                        text.mask[:, :text.tokens], job.sampler, kv_text=text.run())
         shape = job.shape_of_chunk(index)
-        blocks = list(iter_blockwise(engine.model, speaker_latent, speaker_mask, ids, mask, job.seed,
-                                     shape.block_sizes, shape.num_steps, job.sampler, continuation_latent=prefix,
-                                     rng=rng))
+        blocks = list(inf.run_steps(engine.model, blockwise_steps(engine.model, conditioning, rng, shape.block_sizes,
+                                                                  shape.num_steps, job.sampler, prefix)))
         chunk = torch.cat(blocks, dim=1)
         assert inf.find_flattening_point(chunk[0]) == chunk.shape[1]  # the tiny model never falls silent
         out.append(chunk)

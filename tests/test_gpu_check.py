@@ -220,7 +220,8 @@ def test_the_first_audio_breakdown_accounts_for_every_stage(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     stages = json.loads((tmp_path / "stages.json").read_text())["stages"]
     assert stages["diffusion step"]["calls"] == 8 and stages["decode"]["calls"] == 1  # the default first block
-    assert stages["job"]["calls"] == 8 + 1 + 1  # before the first call, and after each answer
+    assert stages["text encoder"]["calls"] == 1
+    assert stages["job"]["calls"] == 1 + 8 + 1 + 1  # before the first call, and after each answer
     parts = sum(row["ms"] for stage, row in stages.items() if stage != "total")
     assert 0.5 * stages["total"]["ms"] <= parts <= stages["total"]["ms"]
     assert "diffusion step" in done.stdout and "total" in done.stdout

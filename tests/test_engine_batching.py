@@ -1,0 +1,89 @@
+"""Batched admission: the text chunks of jobs that start together are encoded in one text-encoder
+call per length bucket, each result bit for bit what the chunk gets encoded alone; padding a
+chunk to its bucket moves its keys by float rounding only (bound stated and pinned here)."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import engine as eng
+import inference as inf
+import worker as wk
+from test_engine import SETTINGS
+from voices import SpeakerCache
+
+TEXTS = ["[S1] Hello there.", "[S1] Hi.", "[S1] A much longer sentence to read, with more words in it than the first.",
+         "[S2] " + "word " * 40]
+# padded tokens are masked, so only rounding moves the keys: largest difference over the keys' largest magnitude
+PADDING_BOUND = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture()
+def engine(tiny_model, tiny_fish, tiny_pca):
+    return eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4))
+
+
+def equal_kv(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for (ka, va), (kb, vb) in zip(a, b) for x, y in ((ka, kb), (va, vb)))
+
+
+def test_text_chunks_encoded_together_equal_each_encoded_alone(tiny_model):
+    calls = [eng.TextCall.of(tiny_model, text, True) for text in TEXTS]
+    assert len({c.ids.shape[1] for c in calls}) == 3  # two chunks share a bucket, the others have their own
+    with torch.inference_mode():
+        together = eng.encode_texts(tiny_model, calls)
+        for call, kv in zip(calls, together):
+            assert kv[0][0].shape[:2] == (1, call.tokens)  # a job keeps its own tokens only
+            assert equal_kv(kv, call.run())
+
+
+def test_a_chunk_is_padded_to_the_smallest_bucket_that_holds_it(tiny_model):
+    call = eng.TextCall.of(tiny_model, TEXTS[0], True)
+    assert call.ids.shape == call.mask.shape == (1, eng.TEXT_BUCKETS[0])
+    assert int(call.mask.sum()) == call.tokens and call.mask[0, :call.tokens].all()
+    longest = eng.TextCall.of(tiny_model, "x" * 5000, True)
+    assert longest.ids.shape[1] == longest.tokens == inf.MAX_TEXT_LENGTH == eng.TEXT_BUCKETS[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bucket_padding_moves_text_keys_by_rounding_only(tiny_echo_dir, dtype):
+    model = inf.load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype)
+    with torch.inference_mode():
+        for text in TEXTS:
+            ids, mask = inf.get_text_input_ids_and_mask([text], max_length=inf.MAX_TEXT_LENGTH, pad_to_max=False)
+            unpadded = model.get_kv_cache_text(ids, mask)
+            padded = eng.TextCall.of(model, text, True).run()
+            for (ka, va), (kb, vb) in zip(padded, unpadded):
+                for a, b in ((ka, kb), (va, vb)):
+                    assert a.shape == b.shape
+                    assert (a.float() - b.float()).abs().max() <= PADDING_BOUND[dtype] * b.float().abs().max()
+
+
+def test_jobs_admitted_together_encode_their_text_in_one_call(engine):
+    shape = eng.BlockShape((8,), (2,))
+    jobs = [eng.SpeechJob((text,), None, seed, shape, shape, SETTINGS) for seed, text in enumerate(TEXTS[:3])]
+    solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
+    encoded = []
+    encode_texts = engine.encode_texts
+    engine.encode_texts = lambda calls: (encoded.append(len(calls)), encode_texts(calls))[1]
+    worker = wk.GenerationWorker(engine, max_waiting=8, max_active=8)
+    gate = threading.Event()
+    holder = threading.Thread(target=worker.call, args=(gate.wait,))  # the worker thread waits: jobs queue up
+    holder.start()
+
+    async def run():
+        streams = [worker.submit(job) for job in jobs]
+        gate.set()
+        return [np.concatenate([block async for block in stream]) for stream in streams]
+
+    try:
+        together = asyncio.run(run())
+    finally:
+        holder.join()
+        worker.close()
+    assert encoded == [3]  # one call (two buckets inside it) for the three jobs, not three
+    for alone, batched in zip(solo, together):
+        assert np.array_equal(alone, batched)
