@@ -3,7 +3,7 @@
 `SpeechEngine` owns the loaded models, the speaker caches and the step runner. A job is a step
 generator (`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples)
 that yields what it needs computed: a TextCall (a text chunk's keys/values), a ModelCall (one
-diffusion step), a DecodeCall (one block through its stream's decoder) or a SilenceCheck (VAD
+diffusion step), a PrefixCall (a finished block into the latent prefix), a DecodeCall (one block through its stream's decoder) or a SilenceCheck (VAD
 reroll), and finished audio. `generate` runs
 one job alone; worker.py's `GenerationWorker` runs many on one thread, scheduled by deadline.
 """
@@ -25,7 +25,7 @@ from batched_steps import ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, find_flattening_point, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
-from inference_blockwise import blockwise_steps
+from inference_blockwise import PrefixCall, blockwise_steps, extend_all
 from model import EchoDiT, KVCache
 from text_chunking import ChunkMode
 
@@ -224,7 +224,7 @@ class SpeechEngine:
 
     def job_steps(self, job: SpeechJob) -> JobSteps:
         """The job as a step generator: yields TextCall (send back the text's keys/values), ModelCall
-        (send back the velocity), DecodeCall (send back its audio), SilenceCheck (send back the
+        (send back the velocity), PrefixCall (send back None), DecodeCall (send back its audio), SilenceCheck (send back the
         longest silence) and finished audio (np.ndarray, send None), in order."""
         voice = job.voice or self.prepare_voice(job.speaker)
         speaker = (voice.mask, voice.kv)
@@ -315,6 +315,12 @@ class SpeechEngine:
         """The keys/values of several text chunks: one text-encoder call per bucket length."""
         return encode_texts(self.model, calls)
 
+    @torch.inference_mode()
+    def extend_prefixes(self, calls: list[PrefixCall]) -> list[None]:
+        """Several generations' finished blocks into their latent prefixes: one encoder call for
+        the prefixes that line up (same frames so far and block length)."""
+        return extend_all(calls)
+
     def _decoder(self) -> StreamingDecoder:
         cpu = self.fish_ae.device.type == "cpu"
         return self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if cpu else None)
@@ -336,7 +342,7 @@ class SpeechEngine:
         attempts = []  # (longest silence, block, audio, decoder state after it)
         before = decoder.snapshot() if self.reroll is not None else None
         while True:
-            while isinstance(item, ModelCall):
+            while isinstance(item, (ModelCall, PrefixCall)):
                 item = steps.send((yield item))
             block = item
             audio = yield from self._decoded(decoder, block if kept is None else block[:, :kept(block)])
@@ -438,7 +444,7 @@ class DecodeCall:
         return self.decoder.decode(self.z)
 
 
-JobSteps = Generator[TextCall | ModelCall | DecodeCall | SilenceCheck | np.ndarray,
+JobSteps = Generator[TextCall | ModelCall | PrefixCall | DecodeCall | SilenceCheck | np.ndarray,
                      KVCache | Tensor | float | None, None]
 
 

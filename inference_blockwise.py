@@ -10,13 +10,14 @@ Every sampler takes `block_sizes` (frames per block, summing to at most 640) and
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from inference import (Conditioning, ModelCall, SamplerSettings, denoise_steps, initial_noise, make_generator,
                        run_steps)
-from model import EchoDiT, LatentPrefix
+from model import EchoDiT, LatentPrefix, extend_prefixes
 
 
 def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) -> list[int]:
@@ -29,12 +30,32 @@ def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) 
     return steps
 
 
+@dataclass(eq=False)
+class PrefixCall:
+    """Append frames (B, n, 80) to a generation's latent prefix (send back None). A scheduler runs
+    the calls of generations whose blocks finish together as one (`extend_prefixes`)."""
+
+    prefix: LatentPrefix
+    latents: Tensor
+
+    def run(self) -> None:
+        self.prefix.extend(self.latents)
+
+
+def extend_all(calls: Sequence[PrefixCall]) -> list[None]:
+    """Run several PrefixCalls, batched where their prefixes line up."""
+    extend_prefixes([c.prefix for c in calls], [c.latents for c in calls])
+    return [None] * len(calls)
+
+
 def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Generator, block_sizes: Sequence[int],
                     num_steps: int | Sequence[int], settings: SamplerSettings,
                     continuation_latent: Tensor | None = None) -> Generator[ModelCall | Tensor, Tensor | None, None]:
     """The blockwise sampler as a generator: yields each step's ModelCall (send the velocity back)
     and, after its last step, each finished block (B, block_size, 80) float32 (send None to accept
-    it, a torch.Generator to sample the block again from its noise, or an earlier block to keep).
+    it, a torch.Generator to sample the block again from its noise, or an earlier block to keep);
+    then a PrefixCall that adds the kept block (and first the continuation) to the latent prefix
+    (run it, send None back).
 
     The noise of block k is the k-th draw of (B, block_size, 80) from `rng`. The latent prefix is
     encoded incrementally: each block adds only its own frames to the prefix encoder.
@@ -44,7 +65,7 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
     steps = steps_per_block(block_sizes, num_steps)
     prefix = LatentPrefix(model, batch, device)
     if continuation_latent is not None:
-        prefix.extend(continuation_latent)
+        yield PrefixCall(prefix, continuation_latent)
     for index, (block_size, block_steps) in enumerate(zip(block_sizes, steps)):
         noise = rng
         while True:
@@ -55,7 +76,8 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
             if not isinstance(reply, torch.Generator):
                 break
             noise = reply  # a reroll: the same block again, from this generator's noise
-        prefix.extend(block if reply is None else reply)  # None accepts the last block; a tensor is the one kept
+        # None accepts the last block; a tensor is the one kept
+        yield PrefixCall(prefix, block if reply is None else reply)
 
 
 @torch.inference_mode()

@@ -558,3 +558,64 @@ class LatentPrefix:
             padded = torch.nn.functional.pad(self._tail, (0, 0, 0, self.patch - self._tail.shape[1]))
             encoded, _ = self.model.latent_encoder.extend(padded, self._encoder_kv)
             self.kv = cat_kv(self._complete, self.model.latent_prefix_kv(encoded, self._complete[0][0].shape[1]))
+
+    @classmethod
+    def stacked(cls, parts: Sequence[LatentPrefix]) -> LatentPrefix:
+        """One prefix holding `parts` (all at the same frame count) stacked along the batch."""
+        merged = object.__new__(cls)
+        first = parts[0]
+        merged.model, merged.patch, merged.frames = first.model, first.patch, first.frames
+        merged._encoder_kv = _cat_rows([p._encoder_kv for p in parts]) if first._encoder_kv else []
+        merged._complete = _cat_rows([p._complete for p in parts])
+        merged._tail = torch.cat([p._tail for p in parts])
+        merged.kv = _cat_rows([p.kv for p in parts])
+        return merged
+
+    def split_into(self, parts: Sequence[LatentPrefix]) -> None:
+        """Hand each of `parts` (as stacked) its rows of this prefix."""
+        sizes = [p._tail.shape[0] for p in parts]
+        encoder_kv, complete, kv = (_split_rows(c, sizes) for c in (self._encoder_kv, self._complete, self.kv))
+        for i, (part, tail) in enumerate(zip(parts, self._tail.split(sizes))):
+            part._encoder_kv, part._complete, part.kv = encoder_kv[i], complete[i], kv[i]
+            part._tail, part.frames = tail, self.frames
+
+
+def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor]) -> None:
+    """`prefixes[i].extend(latents[i])` for every i, the prefixes at the same frame count that get
+    the same number of frames stacked into one encoder call (generations that started together
+    finish their blocks together). Rows do not interact, so each prefix ends bit for bit as its own
+    extend leaves it; extensions whose products would change kernel run alone (_stacks_exactly)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (prefix, new) in enumerate(zip(prefixes, latents)):
+        key = (id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            prefixes[members[0]].extend(latents[members[0]])
+            continue
+        parts = [prefixes[i] for i in members]
+        merged = LatentPrefix.stacked(parts)
+        merged.extend(torch.cat([latents[i].to(merged._tail.dtype) for i in members]))
+        merged.split_into(parts)
+
+
+def _stacks_exactly(prefix: LatentPrefix, new: Tensor) -> bool:
+    """Whether extending `prefix` by `new` (1, n, 80) stacked with others gives its own result bit for
+    bit: its encoder then multiplies matrices of whole patches only, and of a row count (patches)
+    that keeps its kernel when rows are added. CPU BLAS (MKL) computes products of 1-3, 5-7 and 9-11
+    rows with a small-matrix kernel that rounds differently, so 4-11-frame blocks and partial
+    patches are extended alone (the default presets' blocks are 8 or more whole patches)."""
+    frames = prefix._tail.shape[1] + new.shape[1]
+    patches = frames // prefix.patch
+    return new.shape[0] == 1 and frames % prefix.patch == 0 and (patches % 4 == 0 or patches >= 12)
+
+
+def _cat_rows(caches: Sequence[KVCache]) -> KVCache:
+    """Per layer, the caches' keys/values stacked along the batch."""
+    return [tuple(torch.cat([cache[layer][j] for cache in caches]) for j in (0, 1)) for layer in range(len(caches[0]))]
+
+
+def _split_rows(cache: KVCache, sizes: list[int]) -> list[KVCache]:
+    """A stacked cache back into its parts' rows (views)."""
+    pieces = [(k.split(sizes), v.split(sizes)) for k, v in cache]
+    return [[(k[i], v[i]) for k, v in pieces] for i in range(len(sizes))]

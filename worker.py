@@ -2,16 +2,18 @@
 
 A job is SpeechEngine.job_steps, a step generator: it yields a TextCall (a text chunk for the
 text encoder: send back its keys/values), a ModelCall (one diffusion step: send back its
-velocity), a DecodeCall (one block through its stream's decoder: send back its
-audio), a SilenceCheck (VAD reroll: send back the longest silence) or finished audio (an
+velocity), a PrefixCall (a finished block into its latent prefix: send back None), a DecodeCall
+(one block through its stream's decoder: send back its audio), a SilenceCheck (VAD reroll: send back the longest silence) or finished audio (an
 np.ndarray for the client: send back None), and ends when its audio is complete. Every job runs
 through `GenerationWorker._advance`, the one driver of that protocol on the worker thread
 (`SpeechEngine.generate` drives the same steps for a job alone).
 
 Scheduling. Each iteration the worker runs one unit of work: the diffusion steps of all jobs whose
 next step has the same frame count (one batched forward pass, no padding across block sizes), the
-pending decodes of all jobs (one batched decoder call), or the text chunks of all jobs that start
-one (one text-encoder call per length bucket: admitting 16 jobs costs about one encoder pass, not 16). Units are taken earliest deadline
+pending decodes of all jobs (one batched decoder call), the text chunks of all jobs that start
+one (one text-encoder call per length bucket: admitting 16 jobs costs about one encoder pass, not 16),
+or the finished blocks of all jobs into their latent prefixes (one encoder call for the jobs whose
+prefixes line up: those that started together). Units are taken earliest deadline
 first. A job's deadline is when its listener would notice it is late:
 - before its first audio: its arrival plus `first_audio_budget` seconds;
 - once playing: the moment the audio it has delivered runs out, i.e. its first audio's time plus
@@ -44,12 +46,17 @@ import torch
 
 from batched_steps import StaticSteps
 from engine import DecodeCall, JobSteps, SilenceCheck, SpeechEngine, SpeechJob, TextCall
+from inference_blockwise import PrefixCall
 from inference import SAMPLE_RATE, ModelCall
 
 log = logging.getLogger(__name__)
 
 clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
+
+
+# the engine's method that computes a unit of each kind of call, the calls of the unit in one go
+COMPUTE = {TextCall: "encode_texts", ModelCall: "steps", PrefixCall: "extend_prefixes", DecodeCall: "decode"}
 
 
 class QueueFull(Exception):
@@ -196,7 +203,7 @@ class GenerationWorker:
 
     Every iteration runs the most urgent unit of work: the diffusion steps of all active jobs at
     one frame count in one forward pass (the engine's step runner: batched_steps.py), the
-    pending decodes together, or the pending text chunks together. At most
+    pending decodes, text chunks or prefix extensions together. At most
     `max_active` jobs run at once; up to `max_waiting` more wait for a slot or are parked; beyond
     that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step.
 
@@ -417,9 +424,7 @@ class GenerationWorker:
         """The most urgent unit of work (see the module's docstring), then the silence checks."""
         unit = next_unit(active, self._group_of, self.first_audio_budget)
         if unit:
-            kind = type(unit[0].pending)
-            compute = {ModelCall: self.engine.steps, DecodeCall: self.engine.decode, TextCall: self.engine.encode_texts}
-            self._run_together(active, unit, compute[kind])
+            self._run_together(active, unit, getattr(self.engine, COMPUTE[type(unit[0].pending)]))
         self._check_silences(active)
 
     def _group_of(self, call: ModelCall) -> int:
@@ -439,7 +444,7 @@ class GenerationWorker:
         for running in waiting:
             if running.check is None:
                 running.check = self._checks.submit(running.pending.run)
-        if not any(isinstance(r.pending, (ModelCall, DecodeCall, TextCall)) for r in active):
+        if not any(type(r.pending) in COMPUTE for r in active):
             wait([r.check for r in waiting], timeout=0.05, return_when=FIRST_COMPLETED)
         for running in waiting:
             if running.check.done():
@@ -503,7 +508,7 @@ class GenerationWorker:
 
 def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], first_audio_budget: float) -> list[_Running]:
     """The unit of work to run next: of the jobs waiting on the model, those whose step has the
-    same frame group; the jobs waiting on a decode; or the jobs waiting on the text encoder;
+    same frame group; the jobs waiting on a decode, on the text encoder or on a prefix extension;
     whichever unit holds the earliest deadline (ties: the larger unit, which serves more
     listeners). Empty when no job waits on any."""
     units: dict[object, list[_Running]] = {}
@@ -514,6 +519,8 @@ def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], firs
             units.setdefault("decode", []).append(running)
         elif isinstance(running.pending, TextCall):
             units.setdefault("text", []).append(running)
+        elif isinstance(running.pending, PrefixCall):
+            units.setdefault("prefix", []).append(running)
     if not units:
         return []
     return min(units.values(), key=lambda jobs: (min(r.deadline(first_audio_budget) for r in jobs), -len(jobs)))
@@ -547,7 +554,7 @@ class _Running:
         self.ticket = ticket
         self.steps = steps
         self.started = False
-        self.pending: TextCall | ModelCall | DecodeCall | SilenceCheck | None = None
+        self.pending: TextCall | ModelCall | PrefixCall | DecodeCall | SilenceCheck | None = None
         self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
         self.samples = 0  # delivered to the client
         self.started_at = time.perf_counter()

@@ -40,12 +40,13 @@ from live_server import ROOT
 sys.path.insert(0, str(ROOT))
 from engine import DecodeCall, SilenceCheck, SpeechEngine, SpeechJob, TextCall  # noqa: E402
 from inference import ModelCall  # noqa: E402
+from inference_blockwise import PrefixCall  # noqa: E402
 from service import SpeechService  # noqa: E402
 from settings import load_settings  # noqa: E402
 from speech_request import SpeechRequest  # noqa: E402
 
 TEXT = "[S1] The first words of a reply should reach the listener before they notice any wait at all."
-STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", DecodeCall: "decode", SilenceCheck: "silence check"}
+STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "prefix extension", DecodeCall: "decode", SilenceCheck: "silence check"}
 
 
 def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
@@ -53,6 +54,7 @@ def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
     device = engine.model.device
     answer: dict[type, Callable] = {TextCall: lambda call: engine.encode_texts([call])[0],
                                     ModelCall: lambda call: engine.steps([call])[0],
+                                    PrefixCall: lambda call: engine.extend_prefixes([call])[0],
                                     DecodeCall: lambda call: engine.decode([call])[0],
                                     SilenceCheck: lambda check: check.run()}
     times: dict[str, list[float]] = defaultdict(list)

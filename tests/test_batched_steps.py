@@ -23,6 +23,7 @@ import worker as wk
 from batched_steps import (SHORT_VOICE_PATCHES, ExactSteps, StaticShapes, StaticSteps, batched_velocity,
                            row_buckets)
 from conftest import ROOT
+from inference_blockwise import PrefixCall
 from test_engine import SETTINGS, _collect, first_step, load_clip, mixed_jobs, speaker_of
 from voices import SpeakerCache
 
@@ -44,8 +45,8 @@ def first_calls(engine, jobs, skip_blocks=0):
                 while isinstance(item, eng.ModelCall):
                     item = steps.send(item.run(engine.model))
                 item = steps.send(torch.zeros(1, 1, item.z.shape[-1] * 2048))  # a DecodeCall's audio
-                while isinstance(item, np.ndarray):
-                    item = steps.send(None)
+                while not isinstance(item, eng.ModelCall):  # its audio, then its block into the prefix
+                    item = steps.send(item.run() if isinstance(item, PrefixCall) else None)
         except StopIteration:  # a one-block job
             continue
         calls.append(item)

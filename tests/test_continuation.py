@@ -10,7 +10,7 @@ import torch
 import engine as eng
 import inference as inf
 import worker as wk
-from inference_blockwise import blockwise_steps
+from inference_blockwise import PrefixCall, blockwise_steps
 from text_chunking import (CONTINUATION_MAX_SECONDS, ChunkSettings, estimate_seconds, generation_bytes,
                            split_into_chunks)
 from voices import SpeakerCache
@@ -38,7 +38,7 @@ def run_recording(engine, job):
     while True:
         if isinstance(item, inf.ModelCall):
             reply = item.run(engine.model)
-        elif isinstance(item, eng.TextCall):
+        elif isinstance(item, (eng.TextCall, PrefixCall)):
             reply = item.run()
         elif isinstance(item, eng.DecodeCall):
             decoded.append(item.z)

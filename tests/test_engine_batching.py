@@ -1,6 +1,8 @@
 """Batched admission: the text chunks of jobs that start together are encoded in one text-encoder
 call per length bucket, each result bit for bit what the chunk gets encoded alone; padding a
-chunk to its bucket moves its keys by float rounding only (bound stated and pinned here)."""
+chunk to its bucket moves its keys by float rounding only (bound stated and pinned here). The
+blocks of jobs that finish together go into their latent prefixes in one encoder call, each
+prefix bit for bit what its own extension gives."""
 
 import asyncio
 import threading
@@ -12,6 +14,7 @@ import torch
 import engine as eng
 import inference as inf
 import worker as wk
+from model import LatentPrefix, extend_prefixes
 from test_engine import SETTINGS
 from voices import SpeakerCache
 
@@ -62,13 +65,45 @@ def test_bucket_padding_moves_text_keys_by_rounding_only(tiny_echo_dir, dtype):
                     assert (a.float() - b.float()).abs().max() <= PADDING_BOUND[dtype] * b.float().abs().max()
 
 
-def test_jobs_admitted_together_encode_their_text_in_one_call(engine):
-    shape = eng.BlockShape((8,), (2,))
+def test_prefixes_that_line_up_extend_in_one_call_like_each_alone(tiny_model):
+    gen = torch.Generator().manual_seed(0)
+    # 8, 32 and 12 patches: extensions that stack exactly (model._stacks_exactly)
+    blocks = [[torch.randn(1, n, 80, generator=gen) for n in (32, 128, 48)] for _ in range(3)]
+    alone = [LatentPrefix(tiny_model, 1) for _ in blocks]
+    together = [LatentPrefix(tiny_model, 1) for _ in blocks]
+    odd = LatentPrefix(tiny_model, 1)  # at another frame count: extended on its own, in the same call
+    with torch.inference_mode():
+        odd.extend(blocks[0][0])
+        for index in range(3):
+            for prefix, own in zip(alone, blocks):
+                prefix.extend(own[index])
+            extend_prefixes(together + [odd], [own[index] for own in blocks] + [blocks[0][index]])
+            for a, b in zip(alone, together):
+                assert a.frames == b.frames and equal_kv(a.kv, b.kv)
+    assert odd.frames == 32 + 32 + 128 + 48
+
+
+def test_prefix_extensions_whose_products_would_change_kernel_run_alone(tiny_model, monkeypatch):
+    import model
+    stacked = []
+    monkeypatch.setattr(model.LatentPrefix, "stacked", classmethod(lambda cls, parts: stacked.append(len(parts))))
+    gen = torch.Generator().manual_seed(1)
+    for frames in (8, 6, 40):  # 2 patches, a partial patch, 10 patches: each would round differently stacked
+        prefixes = [LatentPrefix(tiny_model, 1) for _ in range(3)]
+        with torch.inference_mode():
+            extend_prefixes(prefixes, [torch.randn(1, frames, 80, generator=gen) for _ in prefixes])
+        assert all(p.frames == frames for p in prefixes)
+    assert stacked == []
+
+
+def test_jobs_started_together_encode_their_text_and_extend_their_prefixes_in_one_call(engine):
+    shape = eng.BlockShape((32, 32), (2, 2))
     jobs = [eng.SpeechJob((text,), None, seed, shape, shape, SETTINGS) for seed, text in enumerate(TEXTS[:3])]
     solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
-    encoded = []
-    encode_texts = engine.encode_texts
+    encoded, extended = [], []
+    encode_texts, extend = engine.encode_texts, engine.extend_prefixes
     engine.encode_texts = lambda calls: (encoded.append(len(calls)), encode_texts(calls))[1]
+    engine.extend_prefixes = lambda calls: (extended.append(len(calls)), extend(calls))[1]
     worker = wk.GenerationWorker(engine, max_waiting=8, max_active=8)
     gate = threading.Event()
     holder = threading.Thread(target=worker.call, args=(gate.wait,))  # the worker thread waits: jobs queue up
@@ -85,5 +120,6 @@ def test_jobs_admitted_together_encode_their_text_in_one_call(engine):
         holder.join()
         worker.close()
     assert encoded == [3]  # one call (two buckets inside it) for the three jobs, not three
+    assert extended == [3]  # their first blocks into their prefixes: one call
     for alone, batched in zip(solo, together):
         assert np.array_equal(alone, batched)
