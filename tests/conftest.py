@@ -1,6 +1,7 @@
 """Shared fixtures: the reference data in tests/reference and the tiny models as local repos."""
 
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Iterator
@@ -146,3 +147,233 @@ def tiny_service(tiny_echo_dir, tiny_fish_dir, tmp_path_factory):
     assert service.load_error is None
     yield service
     service.close()
+
+
+# ---- the app in process: create_app(settings) driven through an ASGI test client ----------------
+#
+# Most HTTP and WebSocket checks need neither a socket nor a process: they run against the app in
+# this process (Starlette's TestClient, which streams response bodies as the app sends them and runs
+# the lifespan that loads the models). A LiveServer stays where the socket or the process is the
+# point: uvicorn's transport limits and timeouts, signals and shutdown, start-up failures, Ray, the
+# browser, and real clients that connect to a URL.
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` added, restored after (settings are read from it as the server reads them)."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def settings_from_env(env: dict[str, str]):
+    """The Settings `python api_server.py` builds from its environment, with `env` added to ours."""
+    from settings import load_settings
+
+    with environment(env):
+        return load_settings()
+
+
+class _LogLines(logging.Handler):
+    """The server's log lines, formatted as `python api_server.py` writes them (observability)."""
+
+    def __init__(self, settings):
+        from observability import JsonFormatter, RedactSecrets, RequestIdFilter
+
+        super().__init__(logging.DEBUG if settings.debug_logs else logging.INFO)
+        self.addFilter(RequestIdFilter())
+        self.addFilter(RedactSecrets())
+        self.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class AppServer:
+    """create_app(settings) in this process, its lifespan run and its models loaded, with the
+    surface tests use of a LiveServer: requests by path (`get`, `post`, `stream`, ...: a TestClient's,
+    which ignores timeouts), `websocket(path)`, `log()` (what this process logged meanwhile, which
+    includes other in-process servers' lines while they run), `run(async_fn)` on the app's event loop
+    and `async_client()` for concurrent requests there."""
+
+    url = "http://testserver"
+
+    def __init__(self, env: dict[str, str], ready_timeout: float = 180):
+        import time
+
+        from fastapi.testclient import TestClient
+
+        import api_server
+
+        self.settings = settings_from_env(env)
+        self.app = api_server.create_app(self.settings)
+        self._log = _LogLines(self.settings)
+        root = logging.getLogger()
+        self._root_level = root.level
+        root.addHandler(self._log)
+        root.setLevel(min(root.level or logging.WARNING, self._log.level))
+        # as the live server answers: an exception in the app is a 500, not an exception in the test
+        self.client = TestClient(self.app, base_url=self.url, raise_server_exceptions=False)
+        self.client.__enter__()
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while not self.client.get("/health").json()["ready"]:
+                if self.app.state.service.load_error is not None or time.monotonic() > deadline:
+                    raise ServerFailed(f"app not ready: {self.app.state.service.unready_reason()}\n{self.log()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def request(self, method: str, path: str, timeout=None, **kwargs):
+        return self.client.request(method, path, **kwargs)
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def options(self, path: str, **kwargs):
+        return self.request("OPTIONS", path, **kwargs)
+
+    def stream(self, method: str, path: str, timeout=None, **kwargs):
+        return self.client.stream(method, path, **kwargs)
+
+    def websocket(self, path: str, additional_headers: dict | None = None) -> "AppSocket":
+        return AppSocket(self.client, path, additional_headers or {})
+
+    def run(self, async_fn):
+        """Await `async_fn()` on the app's event loop (where its lifespan started the service)."""
+        return self.client.portal.call(async_fn)
+
+    def async_client(self, **kwargs) -> "httpx.AsyncClient":
+        """An httpx.AsyncClient on the app (for `run`: bodies arrive whole, concurrency is real)."""
+        import httpx
+
+        kwargs.pop("timeout", None)
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=self.url, **kwargs)
+
+    def log(self) -> str:
+        return "\n".join(self._log.lines)
+
+    def stop(self) -> None:
+        try:
+            self.client.__exit__(None, None, None)
+        finally:
+            root = logging.getLogger()
+            root.removeHandler(self._log)
+            root.setLevel(self._root_level)
+
+
+class AppSocket:
+    """A WebSocket to an AppServer with the calls tests make on a `websockets` sync client: `send`,
+    `recv(timeout)` (text or bytes; ConnectionClosed once the server closed), `close_code`; a refused
+    handshake raises websockets' InvalidStatus with the HTTP answer, as the real client does."""
+
+    def __init__(self, client, path: str, headers: dict):
+        from starlette.testclient import WebSocketDenialResponse
+        from websockets.datastructures import Headers
+        from websockets.exceptions import InvalidStatus
+        from websockets.http11 import Response
+
+        self.close_code: int | None = None
+        try:
+            self.session = client.websocket_connect(path, headers=headers).__enter__()
+        except WebSocketDenialResponse as refused:
+            raise InvalidStatus(Response(refused.status_code, refused.reason_phrase,
+                                         Headers(refused.headers.multi_items()), refused.content)) from None
+
+    def __enter__(self) -> "AppSocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.__exit__(None, None, None)
+
+    def send(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            self.session.send_text(message)
+        else:
+            self.session.send_bytes(message)
+
+    def recv(self, timeout: float | None = None) -> str | bytes:
+        import anyio
+        from websockets.exceptions import ConnectionClosedOK
+        from websockets.frames import Close
+
+        if self.close_code is not None:
+            raise ConnectionClosedOK(Close(self.close_code, ""), None)
+
+        async def receive():
+            with anyio.fail_after(timeout):
+                return await self.session._send_rx.receive()
+
+        message = self.session.portal.call(receive)
+        if message["type"] == "websocket.close":
+            self.close_code = message.get("code", 1000)
+            raise ConnectionClosedOK(Close(self.close_code, message.get("reason") or ""), None)
+        return message["text"] if message.get("text") is not None else message["bytes"]
+
+
+class LiveRequests:
+    """A LiveServer's requests by path, as an AppServer takes them (httpx's functions: a connection each)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        return httpx.request(method, self.url + path, **kwargs)
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def stream(self, method: str, path: str, **kwargs):
+        import httpx
+
+        return httpx.stream(method, self.url + path, **kwargs)
+
+
+def requests_to(server: "AppServer | LiveServer") -> "AppServer | LiveRequests":
+    """Requests by path to a server of either kind (helpers that tests of both kinds share)."""
+    return server if isinstance(server, AppServer) else LiveRequests(server.url)
+
+
+@contextmanager
+def app_server(env: dict[str, str], **kwargs) -> Iterator[AppServer]:
+    """An AppServer for a fixture: configured by `env` (as live_server is), stopped after."""
+    app = AppServer(env, **kwargs)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="session")
+def app(tiny_echo_dir, tiny_fish_dir, voice_dir):
+    """The `server` fixture's configuration, in process."""
+    with app_server(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)) as app:
+        yield app

@@ -1,4 +1,5 @@
-"""The real server over HTTP: uvicorn on a loopback port, the tiny checkpoints, httpx as the client."""
+"""The HTTP API with the tiny checkpoints: the app in process (conftest.AppServer) where no socket is the
+point, the real server process (uvicorn on a loopback port, httpx) where a client leaves mid-request."""
 
 import asyncio
 import base64
@@ -11,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import live_server, server_env
+from conftest import app_server, requests_to, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,8 @@ FAST_SAMPLES = 16 * 2048
 def speech(server, timeout=120, **body):
     """A short request; seeded, so that responses can be compared (seed=None asks for a random one)."""
     payload = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 0, **FAST, **body}
-    return httpx.post(server.url + "/v1/audio/speech", content=json.dumps(payload),  # NaN as JavaScript sends it
-                      headers={"content-type": "application/json"}, timeout=timeout)
+    return requests_to(server).post("/v1/audio/speech", content=json.dumps(payload),  # NaN as JavaScript sends it
+                                    headers={"content-type": "application/json"}, timeout=timeout)
 
 
 def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarray]:
@@ -42,42 +43,42 @@ def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarr
 # ---- routes ---------------------------------------------------------------------------------------
 
 
-def test_health_ready_and_models(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "ready": True, "auth": False}
-    assert httpx.get(server.url + "/ready").status_code == 200
-    models = httpx.get(server.url + "/v1/models").json()
+def test_health_ready_and_models(app):
+    assert app.get("/health").json() == {"status": "ok", "ready": True, "auth": False}
+    assert app.get("/ready").status_code == 200
+    models = app.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "echo-tts"
-    assert httpx.get(server.url + "/v1/audio/models").json()["models"][0]["id"] == "echo-tts"
+    assert app.get("/v1/audio/models").json()["models"][0]["id"] == "echo-tts"
 
 
-def test_voice_lists_include_files_and_folders_sorted(server):
-    data = httpx.get(server.url + "/v1/voices").json()
+def test_voice_lists_include_files_and_folders_sorted(app):
+    data = app.get("/v1/voices").json()
     assert data["object"] == "list"
     assert data["data"] == [{"object": "voice", "id": n, "name": n} for n in ("alice", "bob", "duo")]
-    assert httpx.get(server.url + "/v1/audio/voices").json() == {
+    assert app.get("/v1/audio/voices").json() == {
         "voices": [{"id": n, "name": n} for n in ("alice", "bob", "duo")]}
 
 
-def test_the_presets_route_lists_every_streaming_preset_and_the_servers_default(server):
+def test_the_presets_route_lists_every_streaming_preset_and_the_servers_default(app):
     from settings import PERFORMANCE_PRESETS
 
-    body = httpx.get(server.url + "/v1/audio/presets").json()
+    body = app.get("/v1/audio/presets").json()
     assert body["default"] == "default"
     assert body["presets"] == {name: {"block_sizes": blocks, "num_steps": steps}
                                for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}
 
 
-def test_unknown_route_is_404_in_openai_shape(server):
-    r = httpx.get(server.url + "/v1/nothing")
+def test_unknown_route_is_404_in_openai_shape(app):
+    r = app.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 # ---- audio ----------------------------------------------------------------------------------------
 
 
-def test_streaming_pcm_arrives_block_by_block(server):
+def test_streaming_pcm_arrives_block_by_block(app):
     body = {"input": "Hello.", "voice": "alice", "block_sizes": [4, 8, 8], "num_steps": [1, 3, 3]}
-    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+    with app.stream("POST", "/v1/audio/speech", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "audio/pcm"
         assert r.headers["x-audio-sample-rate"] == "44100"
@@ -90,8 +91,8 @@ def test_streaming_pcm_arrives_block_by_block(server):
 
 @pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus", "aac", "flac"])
 @pytest.mark.parametrize("stream", [True, False])
-def test_every_format_decodes_with_the_right_rate_and_length(server, fmt, stream):
-    r = speech(server, response_format=fmt, stream=stream)
+def test_every_format_decodes_with_the_right_rate_and_length(app, fmt, stream):
+    r = speech(app, response_format=fmt, stream=stream)
     assert r.status_code == 200, r.text
     expected_type = {"pcm": "audio/pcm", "wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg",
                      "aac": "audio/aac", "flac": "audio/flac"}[fmt]
@@ -105,31 +106,31 @@ def test_every_format_decodes_with_the_right_rate_and_length(server, fmt, stream
     assert abs(seconds - FAST_SAMPLES / 44100) < 0.1, seconds
 
 
-def test_non_streaming_default_is_mp3(server):
-    r = speech(server, stream=False)
+def test_non_streaming_default_is_mp3(app):
+    r = speech(app, stream=False)
     assert r.headers["content-type"] == "audio/mpeg"
 
 
-def test_streamed_wav_uses_unknown_size_header(server):
-    data = speech(server, response_format="wav").content
+def test_streamed_wav_uses_unknown_size_header(app):
+    data = speech(app, response_format="wav").content
     assert data[:4] == b"RIFF" and data[4:8] == b"\xff\xff\xff\xff"
 
 
-def test_sample_rate_resamples(server):
-    r = speech(server, sample_rate=24000)
+def test_sample_rate_resamples(app):
+    r = speech(app, sample_rate=24000)
     assert r.headers["x-audio-sample-rate"] == "24000"
     assert abs(len(r.content) // 2 - FAST_SAMPLES * 24000 / 44100) < 64
 
 
-def test_speed_changes_duration(server):
-    normal = len(speech(server).content)
-    fast = len(speech(server, speed=2.0).content)
+def test_speed_changes_duration(app):
+    normal = len(speech(app).content)
+    fast = len(speech(app, speed=2.0).content)
     assert abs(fast / normal - 0.5) < 0.05
 
 
-def test_sse_events_carry_the_same_audio(server):
-    audio = speech(server).content
-    r = speech(server, stream_format="sse")
+def test_sse_events_carry_the_same_audio(app):
+    audio = speech(app).content
+    r = speech(app, stream_format="sse")
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done"
@@ -138,91 +139,91 @@ def test_sse_events_carry_the_same_audio(server):
     assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == audio
 
 
-def test_sse_is_chosen_by_stream_format_not_accept(server):
+def test_sse_is_chosen_by_stream_format_not_accept(app):
     payload = {"input": "Hi.", "voice": "none", **FAST, "stream_format": "sse"}
-    r = httpx.post(server.url + "/v1/audio/speech", json=payload, headers={"Accept": "application/octet-stream"},
+    r = app.post("/v1/audio/speech", json=payload, headers={"Accept": "application/octet-stream"},
                    timeout=60)
     assert r.headers["content-type"].startswith("text/event-stream")
 
 
-def test_same_seed_same_bytes_different_seed_different(server):
-    a, b, c = speech(server, seed=3).content, speech(server, seed=3).content, speech(server, seed=4).content
+def test_same_seed_same_bytes_different_seed_different(app):
+    a, b, c = speech(app, seed=3).content, speech(app, seed=3).content, speech(app, seed=4).content
     assert a == b and a != c
 
 
-def test_every_response_reports_its_seed_and_the_seed_reproduces_it(server):
-    random = speech(server, response_format="pcm", seed=None)  # no seed: a random one
+def test_every_response_reports_its_seed_and_the_seed_reproduces_it(app):
+    random = speech(app, response_format="pcm", seed=None)  # no seed: a random one
     seed = int(random.headers["x-echo-seed"])
-    again = speech(server, response_format="pcm", seed=seed)
+    again = speech(app, response_format="pcm", seed=seed)
     assert again.headers["x-echo-seed"] == str(seed) and again.content == random.content
-    negative = speech(server, response_format="pcm", seed=-1)
+    negative = speech(app, response_format="pcm", seed=-1)
     assert int(negative.headers["x-echo-seed"]) >= 0 and negative.headers["x-echo-seed"] != str(seed)
-    sse = speech(server, stream_format="sse", seed=seed)
+    sse = speech(app, stream_format="sse", seed=seed)
     done = [json.loads(line[6:]) for line in sse.text.split("\n\n") if line.startswith("data: ")][-1]
     assert done["type"] == "speech.audio.done" and done["seed"] == seed
 
 
-def test_truncation_factor_may_be_one_per_block(server):
-    one = speech(server, seed=2, truncation_factor=0.8).content
-    same = speech(server, seed=2, truncation_factor=[0.8, 0.8]).content
-    mixed = speech(server, seed=2, truncation_factor=[0.8, 0.5]).content
+def test_truncation_factor_may_be_one_per_block(app):
+    one = speech(app, seed=2, truncation_factor=0.8).content
+    same = speech(app, seed=2, truncation_factor=[0.8, 0.8]).content
+    mixed = speech(app, seed=2, truncation_factor=[0.8, 0.5]).content
     assert one == same and mixed != one and mixed[:len(mixed) // 4] == one[:len(mixed) // 4]  # block 1 alike
-    r = speech(server, truncation_factor=[0.8, 0.8, 0.8])
+    r = speech(app, truncation_factor=[0.8, 0.8, 0.8])
     assert r.status_code == 400 and r.json()["error"]["param"] == "truncation_factor"
     assert "3 entries but there are 2 blocks" in r.json()["error"]["message"]
 
 
-def test_determinism_under_concurrent_requests(server):
+def test_determinism_under_concurrent_requests(app):
     seeds = [11, 12, 13, 14]
-    solo = {s: speech(server, seed=s).content for s in seeds}
+    solo = {s: speech(app, seed=s).content for s in seeds}
 
     async def together():
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with app.async_client(timeout=120) as client:
             async def one(seed):
                 payload = {"input": "Hello there. This is a test.", "voice": "alice", **FAST, "seed": seed}
-                return (await client.post(server.url + "/v1/audio/speech", json=payload)).content
+                return (await client.post(app.url + "/v1/audio/speech", json=payload)).content
             return await asyncio.gather(*(one(s) for s in seeds))
 
-    assert asyncio.run(together()) == [solo[s] for s in seeds]
+    assert app.run(together) == [solo[s] for s in seeds]
 
 
-def test_extra_body_nested_and_top_level_precedence(server):
-    top = speech(server, seed=7).content
+def test_extra_body_nested_and_top_level_precedence(app):
+    top = speech(app, seed=7).content
     payload = {"input": "Hello there. This is a test.", "voice": "alice", "extra_body": {**FAST, "seed": 7}}
-    nested = httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=60).content
+    nested = app.post("/v1/audio/speech", json=payload, timeout=60).content
     assert nested == top
     payload["seed"] = 8  # top level wins over extra_body
-    assert httpx.post(server.url + "/v1/audio/speech", json=payload, timeout=60).content == speech(server, seed=8).content
+    assert app.post("/v1/audio/speech", json=payload, timeout=60).content == speech(app, seed=8).content
 
 
-def test_voices_by_file_name_folder_object_and_none(server):
-    assert speech(server, voice="alice.wav").content == speech(server, voice="alice").content
-    assert speech(server, voice={"id": "alice"}).content == speech(server, voice="alice").content
-    assert speech(server, voice="duo").status_code == 200
-    assert speech(server, voice="none").content != speech(server, voice="alice").content
+def test_voices_by_file_name_folder_object_and_none(app):
+    assert speech(app, voice="alice.wav").content == speech(app, voice="alice").content
+    assert speech(app, voice={"id": "alice"}).content == speech(app, voice="alice").content
+    assert speech(app, voice="duo").status_code == 200
+    assert speech(app, voice="none").content != speech(app, voice="alice").content
 
 
-def test_base64_voice_and_data_url(server, voice_dir):
+def test_base64_voice_and_data_url(app, voice_dir):
     clip = (voice_dir / "alice.wav").read_bytes()
     encoded = base64.b64encode(clip).decode()
-    reference = speech(server, voice="alice").content
-    assert speech(server, voice=encoded).content == reference
-    assert speech(server, voice="data:audio/wav;base64," + encoded).content == reference
+    reference = speech(app, voice="alice").content
+    assert speech(app, voice=encoded).content == reference
+    assert speech(app, voice="data:audio/wav;base64," + encoded).content == reference
 
 
-def test_long_text_is_chunked_and_nothing_is_lost(server):
+def test_long_text_is_chunked_and_nothing_is_lost(app):
     sentences = " ".join(f"Sentence number {i} is here." for i in range(12))
     body = {"input": sentences, "chunk_target_seconds": 3, "chunk_min_seconds": 2, "chunk_max_seconds": 4,
             "block_sizes": [4], "num_steps": [1]}
-    r = speech(server, **body)
+    r = speech(app, **body)
     assert r.status_code == 200
     samples = len(r.content) // 2
     # every chunk gives one 4-frame block; several chunks
     assert samples % (4 * 2048) == 0 and samples // (4 * 2048) >= 4
 
 
-def test_instructions_and_model_are_accepted(server):
-    assert speech(server, instructions="cheerful", model="tts-1").status_code == 200
+def test_instructions_and_model_are_accepted(app):
+    assert speech(app, instructions="cheerful", model="tts-1").status_code == 200
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -263,8 +264,8 @@ def test_instructions_and_model_are_accepted(server):
     ({"block_sizes": [4] * 64, "num_steps": 7}, "num_steps"),
     ({"block_sizes": [4] * 40}, "num_steps"),  # 20 steps each by default
 ])
-def test_invalid_fields_are_400_naming_the_param(server, change, param):
-    r = speech(server, **change)
+def test_invalid_fields_are_400_naming_the_param(app, change, param):
+    r = speech(app, **change)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
@@ -272,42 +273,46 @@ def test_invalid_fields_are_400_naming_the_param(server, change, param):
         assert "finite" in error["message"]  # not "should be <= 50"
 
 
-def test_missing_fields_and_malformed_json_are_400(server):
-    r = httpx.post(server.url + "/v1/audio/speech", json={"voice": "alice"})
+def test_missing_fields_and_malformed_json_are_400(app):
+    r = app.post("/v1/audio/speech", json={"voice": "alice"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
-    r = httpx.post(server.url + "/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
+    r = app.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
-def test_oversized_base64_voice_is_400(server):
+def test_oversized_base64_voice_is_400(app):
     huge = "A" * (14 * 1024 * 1024)
-    r = speech(server, voice=huge)
+    r = speech(app, voice=huge)
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
     assert "MiB" in r.json()["error"]["message"] or "bytes" in r.json()["error"]["message"]
 
 
-def test_client_disconnect_stops_generation_and_server_stays_healthy(server):
+def test_client_disconnect_stops_generation_and_server_stays_healthy(app):
     body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 30, "num_steps": [1] + [4] * 30,
             "seed": 99}
-    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+    with app.stream("POST", "/v1/audio/speech", json=body, timeout=60) as r:
         next(r.iter_raw())
     deadline = time.monotonic() + 30
-    while "generation cancelled" not in server.log() and time.monotonic() < deadline:
+    while "generation cancelled" not in app.log() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "generation cancelled" in server.log()
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
-    assert speech(server).status_code == 200
+    assert "generation cancelled" in app.log()
+    assert app.get("/health").json()["status"] == "ok"
+    assert speech(app).status_code == 200
 
 
 def _metric(server, name: str, headers: dict | None = None) -> float:
+    return _metric_in(requests_to(server).get("/metrics", headers=headers).text, name)
+
+
+def _metric_in(text: str, name: str) -> float:
     import re
 
-    text = httpx.get(server.url + "/metrics", headers=headers).text
     return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "whole-file"])
 def test_a_client_leaving_before_its_first_audio_frees_the_generator_at_once(server, stream):
+    # the live server: the client's read timeout closes a real connection before any response
     # one 640-frame block at 100 steps: seconds of work before the first audio (the tiny model, CPU)
     body = {"input": "Hello.", "voice": "none", "block_sizes": [640], "num_steps": 100, "stream": stream,
             "response_format": "pcm", "seed": 123}
@@ -325,7 +330,7 @@ def _longest_gap(server, body: dict, during=None) -> float:
     import threading
 
     gaps, helper = [], None
-    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as r:
+    with requests_to(server).stream("POST", "/v1/audio/speech", json=body, timeout=120) as r:
         last = None
         for chunk in r.iter_raw():
             now = time.monotonic()
@@ -340,7 +345,7 @@ def _longest_gap(server, body: dict, during=None) -> float:
     return max(gaps)
 
 
-def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(server):
+def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(app):
     import base64
     import io
 
@@ -353,51 +358,51 @@ def test_preparing_a_new_voice_does_not_stall_the_streams_being_generated(server
     voice = "data:audio/wav;base64," + base64.b64encode(data.getvalue()).decode()
     body = {"input": "Hello there.", "voice": "none", "block_sizes": [4] * 64, "num_steps": [1] * 64,
             "response_format": "pcm", "early_stop_on_zero": False}
-    alone = _longest_gap(server, body)
+    alone = _longest_gap(app, body)
     prepared = []
 
     def new_voice():
-        prepared.append(speech(server, voice=voice, timeout=300).status_code)
+        prepared.append(speech(app, voice=voice, timeout=300).status_code)
 
-    during = _longest_gap(server, body, during=new_voice)
+    during = _longest_gap(app, body, during=new_voice)
     assert prepared == [200]
     assert during <= max(10 * alone, 1.0), f"longest gap {during:.2f} s while a voice was prepared ({alone:.2f} s alone)"
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def keyed_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="first-key, second-key")
-    with live_server(tmp_path_factory, "keyed", env, ready_timeout=180) as live:
-        yield live
+    with app_server(env, ready_timeout=180) as app:
+        yield app
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"},
                                      {"Authorization": "Basic first-key"}])
-def test_api_key_required_when_configured(keyed_server, headers):
+def test_api_key_required_when_configured(keyed_app, headers):
     for path in ("/v1/voices", "/v1/models", "/ready"):
-        r = httpx.get(keyed_server.url + path, headers=headers)
+        r = keyed_app.get(path, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    r = httpx.post(keyed_server.url + "/v1/audio/speech", json={"input": "Hi", "voice": "none"}, headers=headers)
+    r = keyed_app.post("/v1/audio/speech", json={"input": "Hi", "voice": "none"}, headers=headers)
     assert r.status_code == 401
 
 
-def test_any_configured_key_is_accepted_and_health_is_open(keyed_server):
-    assert httpx.get(keyed_server.url + "/health").status_code == 200
+def test_any_configured_key_is_accepted_and_health_is_open(keyed_app):
+    assert keyed_app.get("/health").status_code == 200
     for key in ("first-key", "second-key"):
         headers = {"Authorization": f"Bearer {key}"}
-        assert httpx.get(keyed_server.url + "/v1/voices", headers=headers).status_code == 200
+        assert keyed_app.get("/v1/voices", headers=headers).status_code == 200
         payload = {"input": "Hi.", "voice": "none", **FAST}
-        r = httpx.post(keyed_server.url + "/v1/audio/speech", json=payload, headers=headers, timeout=60)
+        r = keyed_app.post("/v1/audio/speech", json=payload, headers=headers, timeout=60)
         assert r.status_code == 200 and len(r.content) == FAST_SAMPLES * 2
 
 
-def test_streamed_and_non_streamed_audio_are_identical(server):
-    streamed = decode(speech(server, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
-    whole = decode(speech(server, seed=5, response_format="wav", stream=False).content, "wav")[2]
+def test_streamed_and_non_streamed_audio_are_identical(app):
+    streamed = decode(speech(app, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
+    whole = decode(speech(app, seed=5, response_format="wav", stream=False).content, "wav")[2]
     assert np.array_equal(np.round(streamed * 32767), np.round(whole * 32767))
 
 
-def test_changed_voice_file_is_re_encoded(server, voice_dir):
+def test_changed_voice_file_is_re_encoded(app, voice_dir):
     import os
 
     import soundfile as sf
@@ -406,42 +411,45 @@ def test_changed_voice_file_is_re_encoded(server, voice_dir):
     path = voice_dir / "carol.wav"
     try:
         sf.write(path, clip, rate)
-        before = speech(server, voice="carol").content
-        assert before == speech(server, voice="alice").content
+        before = speech(app, voice="carol").content
+        assert before == speech(app, voice="alice").content
         sf.write(path, clip[::-1].copy(), rate)
         os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-        assert speech(server, voice="carol").content != before
+        assert speech(app, voice="carol").content != before
         path.unlink()
-        r = speech(server, voice="carol")
+        r = speech(app, voice="carol")
         assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
     finally:
         path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def narrow_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def narrow_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_ACTIVE="1", ECHO_MAX_QUEUE="1")
-    with live_server(tmp_path_factory, "narrow", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
-def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
+def test_full_queue_answers_429_and_health_stays_responsive(narrow_app):
     long_body = {"input": "Hello.", "voice": "alice", "block_sizes": [4] + [16] * 20, "num_steps": [1] + [4] * 20,
                  "seed": 0}
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=narrow_server.url, timeout=120) as client:
+        async with narrow_app.async_client(timeout=120) as client:
+            async def metric(name):
+                return _metric_in((await client.get("/metrics")).text, name)
+
             running = [asyncio.create_task(client.post("/v1/audio/speech", json=long_body)) for _ in range(2)]
             for _ in range(300):  # until both are admitted: one active, one waiting
                 await asyncio.sleep(0.1)
-                if _metric(narrow_server, "echo_active_streams") == 1 and _metric(narrow_server, "echo_queue_length") == 1:
+                if await metric("echo_active_streams") == 1 and await metric("echo_queue_length") == 1:
                     break
             rejected = await client.post("/v1/audio/speech", json=long_body)
-            health = await client.get("/health", timeout=5)
+            health = await asyncio.wait_for(client.get("/health"), 5)
             finished = await asyncio.gather(*running)
             return rejected, health, finished
 
-    rejected, health, finished = asyncio.run(scenario())
+    rejected, health, finished = narrow_app.run(scenario)
     assert rejected.status_code == 429 and int(rejected.headers["retry-after"]) > 0
     assert rejected.json()["error"]["type"] == "rate_limit_error"
     assert health.status_code == 200
@@ -450,7 +458,7 @@ def test_full_queue_answers_429_and_health_stays_responsive(narrow_server):
 
 
 @pytest.mark.parametrize("content", ["garbage", "too short"])
-def test_unusable_voice_files_are_400(server, voice_dir, content):
+def test_unusable_voice_files_are_400(app, voice_dir, content):
     import soundfile as sf
 
     path = voice_dir / "zed.wav"
@@ -459,37 +467,37 @@ def test_unusable_voice_files_are_400(server, voice_dir, content):
             path.write_bytes(b"RIFF....WAVEfmt " + b"\x00" * 100)
         else:
             sf.write(path, np.zeros(2000, np.float32) + 0.1, 44100)
-        r = speech(server, voice="zed")
+        r = speech(app, voice="zed")
         assert r.status_code == 400 and r.json()["error"]["param"] == "voice", r.text
-        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        assert app.get("/health").json()["status"] == "ok"
     finally:
         path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def static_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def static_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     """The CUDA fast path's shape discipline on CPU: static shapes, warmed up before ready."""
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_STATIC_SHAPES="1", ECHO_WARMUP="1",
                      ECHO_MAX_ACTIVE="2")
-    with live_server(tmp_path_factory, "static", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
-def test_static_shapes_server_warms_every_shape_and_matches_the_exact_server(static_server, server):
+def test_static_shapes_server_warms_every_shape_and_matches_the_exact_server(static_app, app):
     # frames 32, 128, 480, 640 x rows 1, 2, 3, 4, 6 x speaker keys of voices to ~30 s or to ~5 min
-    assert "40 step shapes warmed up" in static_server.log()
-    assert "voice encoder warmed up" in static_server.log()  # the first voice request compiles nothing
+    assert "40 step shapes warmed up" in static_app.log()
+    assert "voice encoder warmed up" in static_app.log()  # the first voice request compiles nothing
     bodies = [{"seed": 1}, {"seed": 2, "voice": "none", "block_sizes": [4, 12], "num_steps": [2, 3]}]
 
     async def together():
-        async with httpx.AsyncClient(base_url=static_server.url, timeout=120) as client:
+        async with static_app.async_client(timeout=120) as client:
             payload = {"input": "Hello there. This is a test.", "voice": "alice", "response_format": "pcm", **FAST}
             return await asyncio.gather(*(client.post("/v1/audio/speech", json={**payload, **b}) for b in bodies))
 
-    for body, response in zip(bodies, asyncio.run(together()), strict=True):
+    for body, response in zip(bodies, static_app.run(together), strict=True):
         static = decode(response.content, "pcm")[2]
-        exact = decode(speech(server, response_format="pcm", **body).content, "pcm")[2]
+        exact = decode(speech(app, response_format="pcm", **body).content, "pcm")[2]
         assert static.shape == exact.shape and np.abs(static - exact).max() <= 3 / 32767
-    streamed = decode(speech(static_server, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
-    whole = decode(speech(static_server, seed=5, response_format="wav", stream=False).content, "wav")[2]
+    streamed = decode(speech(static_app, seed=5, response_format="pcm", stream=True).content, "pcm")[2]
+    whole = decode(speech(static_app, seed=5, response_format="wav", stream=False).content, "wav")[2]
     assert np.array_equal(np.round(streamed * 32767), np.round(whole * 32767))
