@@ -3,10 +3,9 @@
 import base64
 import json
 
-import httpx
 import pytest
 
-from conftest import live_server, server_env
+from conftest import app_server, server_env
 from settings import ConfigError, load_settings
 from speech_request import SpeechRequest
 from test_server import decode, speech
@@ -15,37 +14,37 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def openai_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def openai_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_VOICE_ALIASES="alloy=alice, narrator=duo",
                      ECHO_DEFAULT_VOICE="bob", ECHO_DEFAULT_RESPONSE_FORMAT="wav",
                      ECHO_OUTPUT_SAMPLE_RATE="16000")
-    with live_server(tmp_path_factory, "openai", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
-def test_aliases_are_listed_and_speak_with_their_voice(openai_server):
-    listed = [v["id"] for v in httpx.get(openai_server.url + "/v1/voices").json()["data"]]
+def test_aliases_are_listed_and_speak_with_their_voice(openai_app):
+    listed = [v["id"] for v in openai_app.get("/v1/voices").json()["data"]]
     assert {"alloy", "narrator", "alice", "duo"} <= set(listed)
-    assert "alloy" in [v["id"] for v in httpx.get(openai_server.url + "/v1/audio/voices").json()["voices"]]
-    assert speech(openai_server, voice="alloy").content == speech(openai_server, voice="alice").content
-    assert speech(openai_server, voice="narrator").content == speech(openai_server, voice="duo").content
+    assert "alloy" in [v["id"] for v in openai_app.get("/v1/audio/voices").json()["voices"]]
+    assert speech(openai_app, voice="alloy").content == speech(openai_app, voice="alice").content
+    assert speech(openai_app, voice="narrator").content == speech(openai_app, voice="duo").content
 
 
-def test_an_openai_voice_without_an_alias_uses_the_default_voice(openai_server, server):
-    nova = speech(openai_server, voice="nova")
-    assert nova.content == speech(openai_server, voice="bob").content and nova.headers["x-echo-voice"] == "bob"
-    r = speech(openai_server, voice="somebody")  # not one of OpenAI's names: still unknown
+def test_an_openai_voice_without_an_alias_uses_the_default_voice(openai_app, app):
+    nova = speech(openai_app, voice="nova")
+    assert nova.content == speech(openai_app, voice="bob").content and nova.headers["x-echo-voice"] == "bob"
+    r = speech(openai_app, voice="somebody")  # not one of OpenAI's names: still unknown
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
     assert "GET /v1/voices" in r.text and "ECHO_VOICE_ALIASES" in r.text  # how to list voices and name them
 
 
-def test_an_openai_voice_speaks_with_the_first_voice_when_nothing_is_configured(server):
-    nova = speech(server, voice="nova")  # no alias, no ECHO_DEFAULT_VOICE: the library's first voice by name
+def test_an_openai_voice_speaks_with_the_first_voice_when_nothing_is_configured(app):
+    nova = speech(app, voice="nova")  # no alias, no ECHO_DEFAULT_VOICE: the library's first voice by name
     assert nova.status_code == 200 and nova.headers["x-echo-voice"] == "alice"
-    assert nova.content == speech(server, voice="alice").content
-    assert server.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1
-    assert speech(server, voice="nova").status_code == 200
-    assert server.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1  # logged once per name
+    assert nova.content == speech(app, voice="alice").content
+    assert app.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1
+    assert speech(app, voice="nova").status_code == 200
+    assert app.log().count("OpenAI voice 'nova' speaks with voice 'alice'") == 1  # logged once per name
 
 
 @pytest.mark.parametrize("model", ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "tts-1-1106", "tts-1-hd-1106",
@@ -56,30 +55,30 @@ def test_openai_speech_models_and_their_dated_variants_are_recognised(model):
     assert not SpeechRequest(input="x", voice="alloy").from_openai_client
 
 
-def test_an_openai_model_gets_mp3_at_24_khz_and_pcm_at_24_khz(server):
-    echo = speech(server, stream=True)  # the fork's default: pcm at 44.1 kHz
+def test_an_openai_model_gets_mp3_at_24_khz_and_pcm_at_24_khz(app):
+    echo = speech(app, stream=True)  # the fork's default: pcm at 44.1 kHz
     assert echo.headers["x-audio-sample-rate"] == "44100"
     seconds = len(echo.content) / 2 / 44100
-    mp3 = speech(server, model="tts-1", stream=True)
+    mp3 = speech(app, model="tts-1", stream=True)
     assert mp3.headers["content-type"] == "audio/mpeg" and mp3.content[:2] in (b"ID", b"\xff\xfb", b"\xff\xf3")
     rate, _, samples = decode(mp3.content, "mp3")
     assert rate == 24000 and samples.size / rate == pytest.approx(seconds, abs=0.06)
-    pcm = speech(server, model="tts-1", response_format="pcm")
+    pcm = speech(app, model="tts-1", response_format="pcm")
     assert pcm.headers["x-audio-sample-rate"] == "24000"
     assert len(pcm.content) / 2 / 24000 == pytest.approx(seconds, abs=0.01)  # plays at the right speed
-    explicit = speech(server, model="tts-1", response_format="pcm", sample_rate=44100)
+    explicit = speech(app, model="tts-1", response_format="pcm", sample_rate=44100)
     assert explicit.headers["x-audio-sample-rate"] == "44100" and explicit.content == echo.content
 
 
-def test_the_operators_format_and_rate_win_over_the_model_defaults(openai_server):
-    r = speech(openai_server, model="tts-1")
+def test_the_operators_format_and_rate_win_over_the_model_defaults(openai_app):
+    r = speech(openai_app, model="tts-1")
     assert r.content[:4] == b"RIFF" and decode(r.content, "wav")[0] == 16000
-    r = speech(openai_server, model="tts-1", response_format="pcm")
+    r = speech(openai_app, model="tts-1", response_format="pcm")
     assert r.headers["x-audio-sample-rate"] == "16000"
 
 
-def test_sse_done_reports_the_voice_seed_and_meaningful_usage(server):
-    r = speech(server, model="tts-1", voice="nova", stream_format="sse", response_format="pcm", seed=7,
+def test_sse_done_reports_the_voice_seed_and_meaningful_usage(app):
+    r = speech(app, model="tts-1", voice="nova", stream_format="sse", response_format="pcm", seed=7,
                input="Hello there.")
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
@@ -93,10 +92,10 @@ def test_sse_done_reports_the_voice_seed_and_meaningful_usage(server):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_request_without_response_format_gets_the_configured_default(openai_server, server, stream):
-    assert speech(openai_server, stream=stream).content[:4] == b"RIFF"
-    assert speech(server, stream=stream).content[:4] != b"RIFF"  # the fork's default: pcm / mp3
-    assert speech(openai_server, stream=stream, response_format="pcm").content[:4] != b"RIFF"
+def test_a_request_without_response_format_gets_the_configured_default(openai_app, app, stream):
+    assert speech(openai_app, stream=stream).content[:4] == b"RIFF"
+    assert speech(app, stream=stream).content[:4] != b"RIFF"  # the fork's default: pcm / mp3
+    assert speech(openai_app, stream=stream, response_format="pcm").content[:4] != b"RIFF"
 
 
 def test_malformed_aliases_stop_start_up_naming_the_variable(monkeypatch):
