@@ -1,14 +1,13 @@
-"""The voice library: uploading, reading and deleting voices through the real server."""
+"""The voice library: uploading, reading and deleting voices through the app (in process: conftest.AppServer)."""
 
 import io
 import shutil
 
-import httpx
 import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import LiveServer, live_server, server_env
+from conftest import AppServer, app_server, server_env
 
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer lib-key"}
@@ -30,13 +29,13 @@ def library(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     uploads = tmp_path_factory.mktemp("uploads")
     env = server_env(tiny_echo_dir, tiny_fish_dir, operator, ECHO_API_KEY="lib-key", ECHO_VOICE_UPLOAD_DIR=str(uploads),
                      ECHO_MAX_VOICE_BYTES="2000000", ECHO_MAX_VOICE_SECONDS="20")
-    with live_server(tmp_path_factory, "library", env) as live:
-        live.uploads, live.env = uploads, env
-        yield live
+    with app_server(env) as app:
+        app.uploads, app.env = uploads, env
+        yield app
 
 
 def upload(server, name, data, headers=KEY, **fields):
-    return httpx.post(server.url + "/v1/audio/voices", headers=headers, data={"name": name, **fields},
+    return server.post("/v1/audio/voices", headers=headers, data={"name": name, **fields},
                       files={"audio_sample": ("clip.bin", data, "application/octet-stream")}, timeout=120)
 
 
@@ -53,18 +52,18 @@ def test_an_uploaded_voice_is_stored_reported_listed_and_spoken(library):
     assert quality["clipped_fraction"] == 0 and quality["warnings"] == []
     assert {p.name for p in library.uploads.iterdir()} == {"Bob 2.flac", "Bob 2.voice.json",
                                                            "Bob 2.latents.safetensors"}
-    assert "Bob 2" in [v["id"] for v in httpx.get(library.url + "/v1/voices", headers=KEY).json()["data"]]
-    assert httpx.get(library.url + "/v1/voices/Bob 2", headers=KEY).json() == voice
+    assert "Bob 2" in [v["id"] for v in library.get("/v1/voices", headers=KEY).json()["data"]]
+    assert library.get("/v1/voices/Bob 2", headers=KEY).json() == voice
     body = {"input": "Hello.", "voice": "Bob 2", "block_sizes": [4, 4], "num_steps": [1, 1], "seed": 1}
-    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+    assert library.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
 
 
 def test_a_restarted_server_uses_the_stored_latents(library, tmp_path):
     assert upload(library, "kept", clip()).status_code == 200
-    again = LiveServer(library.env, tmp_path / "server.log")
+    again = AppServer(library.env)  # a new app, a new service: what a restarted process builds
     try:
         body = {"input": "Hello.", "voice": "kept", "block_sizes": [4], "num_steps": [1], "seed": 1}
-        assert httpx.post(again.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+        assert again.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
         assert "loaded, not encoded" in again.log()
     finally:
         again.stop()
@@ -100,23 +99,23 @@ def test_an_existing_name_is_409_unless_overwrite_and_operator_voices_are_read_o
     assert upload(library, "twice", clip()).status_code == 409
     assert upload(library, "twice", clip(seconds=7.0), overwrite="true").json()["quality"]["duration_seconds"] == 7.0
     assert upload(library, "alice", clip(), overwrite="true").status_code == 403
-    assert httpx.delete(library.url + "/v1/audio/voices/alice", headers=KEY).status_code == 403
+    assert library.delete("/v1/audio/voices/alice", headers=KEY).status_code == 403
 
 
 def test_a_deleted_voice_is_gone_everywhere(library):
     assert upload(library, "gone", clip()).status_code == 200
     body = {"input": "Hello.", "voice": "gone", "block_sizes": [4], "num_steps": [1], "seed": 1}
-    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
-    r = httpx.delete(library.url + "/v1/audio/voices/gone", headers=KEY)
+    assert library.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+    r = library.delete("/v1/audio/voices/gone", headers=KEY)
     assert r.status_code == 200 and r.json() == {"object": "audio.voice.deleted", "id": "gone", "deleted": True}
     assert not any(p.name.startswith("gone.") for p in library.uploads.iterdir())
-    assert httpx.post(library.url + "/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 400
-    assert httpx.delete(library.url + "/v1/audio/voices/gone", headers=KEY).status_code == 404
-    assert httpx.get(library.url + "/v1/voices/gone", headers=KEY).status_code == 404
+    assert library.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 400
+    assert library.delete("/v1/audio/voices/gone", headers=KEY).status_code == 404
+    assert library.get("/v1/voices/gone", headers=KEY).status_code == 404
 
 
-def test_uploads_are_off_on_a_server_without_a_key(server):
-    r = upload(server, "nope", clip(), headers={})
+def test_uploads_are_off_on_a_server_without_a_key(app):
+    r = upload(app, "nope", clip(), headers={})
     assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
 
 
@@ -143,7 +142,7 @@ def test_concurrent_overwrites_leave_a_voice_whose_files_belong_together(library
         statuses = list(pool.map(lambda s: upload(library, "torn", clip(seconds=s), overwrite="true").status_code,
                                  durations))
     assert statuses == [200] * 10
-    metadata = httpx.get(library.url + "/v1/voices/torn", headers=KEY).json()
+    metadata = library.get("/v1/voices/torn", headers=KEY).json()
     stored = sf.info(library.uploads / "torn.flac").duration
     assert metadata["quality"]["duration_seconds"] == pytest.approx(stored, abs=0.01)
     assert not any(name.endswith(".tmp") for name in stored_files(library.uploads))
@@ -179,7 +178,7 @@ def test_a_concat_script_as_a_voice_reads_no_server_file(library):
     r = upload(library, "sneaky", script)
     assert r.status_code == 400 and "README" not in r.text and "tests/" not in r.text
     inline = "data:audio/wav;base64," + __import__("base64").b64encode(script).decode()
-    r = httpx.post(library.url + "/v1/audio/speech", headers=KEY, timeout=60,
+    r = library.post("/v1/audio/speech", headers=KEY, timeout=60,
                    json={"input": "Hi.", "voice": inline, "block_sizes": [4], "num_steps": [1]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice" and "README" not in r.text
 
@@ -202,14 +201,14 @@ def test_a_full_disk_is_507_leaves_no_trace_and_recovers(tiny_echo_dir, tiny_fis
                                                          tmp_path):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="lib-key",
                      ECHO_VOICE_UPLOAD_DIR=str(tiny_disk), ECHO_MAX_VOICE_BYTES="4000000", ECHO_MAX_VOICE_SECONDS="60")
-    live = LiveServer(env, tmp_path / "server.log")
+    live = AppServer(env)
     try:
         (tiny_disk / "filler").write_bytes(b"\0" * 300 * 1024)
         r = upload(live, "big", clip(seconds=10.0, rate=44100))
         assert r.status_code == 507 and r.headers["content-type"] == "application/json"
         assert r.json()["error"]["code"] == "insufficient_storage"
         assert stored_files(tiny_disk) == {"filler"}  # no orphan metadata, no temporary file
-        assert httpx.get(live.url + "/v1/voices/big", headers=KEY).status_code == 404
+        assert live.get("/v1/voices/big", headers=KEY).status_code == 404
         (tiny_disk / "filler").unlink()
         assert upload(live, "big", clip(seconds=3.0, rate=44100)).status_code == 200
         assert stored_files(tiny_disk) >= {"big.flac", "big.voice.json"}
