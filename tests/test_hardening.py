@@ -1,9 +1,9 @@
-"""Limits, request ids, metrics, CORS, time limits, cancellation, injected failures and shutdown."""
+"""Limits, request ids, metrics, CORS, time limits, cancellation, injected failures and shutdown: the app in
+process (conftest.AppServer), the server process where a client's timeout or a signal is the test."""
 
 import asyncio
 import base64
 import signal
-import threading
 import time
 
 import httpx
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LiveServer, free_port, live_server, server_env
+from conftest import AppServer, LiveServer, app_server, requests_to, server_env
 
 pytestmark = pytest.mark.slow
 SMALL = {"block_sizes": [8, 8], "num_steps": [2, 2]}
@@ -19,16 +19,16 @@ LONG = {"block_sizes": [4] + [20] * 30, "num_steps": [1] + [13] * 30}  # seconds
 
 
 @pytest.fixture(scope="module")
-def hardened(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def hardened(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_BODY_BYTES="65536",
                      ECHO_MAX_VOICE_BYTES="16384", ECHO_MAX_VOICE_SECONDS="0.5", ECHO_MAX_CHUNKS="2", ECHO_CORS_ORIGINS="https://app.example",
                      ECHO_LOG_JSON="1")
-    with live_server(tmp_path_factory, "hardened", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
 def post(server, timeout=60, **body):
-    return httpx.post(server.url + "/v1/audio/speech", json={"input": "Hello.", "voice": "alice", **SMALL, **body},
+    return requests_to(server).post("/v1/audio/speech", json={"input": "Hello.", "voice": "alice", **SMALL, **body},
                       timeout=timeout)
 
 
@@ -37,20 +37,20 @@ def post(server, timeout=60, **body):
 
 def test_oversized_body_is_413_by_length_and_while_streaming_in(hardened):
     big = b'{"input": "' + b"a" * 70000 + b'", "voice": "none"}'
-    r = httpx.post(hardened.url + "/v1/audio/speech", content=big, headers={"content-type": "application/json"})
+    r = hardened.post("/v1/audio/speech", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: counted as it arrives
         for _ in range(20):
             yield b" " * 8192
 
-    r = httpx.post(hardened.url + "/v1/audio/speech", content=chunks(), headers={"content-type": "application/json"})
+    r = hardened.post("/v1/audio/speech", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
 
 def test_inline_voice_over_the_configured_size_is_400(hardened, voice_dir):
     clip = base64.b64encode((voice_dir / "alice.wav").read_bytes()).decode()[:40000]  # 30 kB > 16 kB limit
-    r = httpx.post(hardened.url + "/v1/audio/speech", json={"input": "Hi.", "voice": clip, **SMALL}, timeout=60)
+    r = hardened.post("/v1/audio/speech", json={"input": "Hi.", "voice": clip, **SMALL}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
 
 
@@ -64,7 +64,7 @@ def test_inline_voice_over_the_configured_duration_is_400(hardened):
         sf.write(buf, np.sin(np.arange(int(8000 * seconds)) / 5).astype("float32"), 8000, format="FLAC")
         voice = base64.b64encode(buf.getvalue()).decode()
         assert len(voice) > 256  # long enough to be taken for inline audio
-        r = httpx.post(hardened.url + "/v1/audio/speech", json={"input": "Hi.", "voice": voice, **SMALL}, timeout=60)
+        r = hardened.post("/v1/audio/speech", json={"input": "Hi.", "voice": voice, **SMALL}, timeout=60)
         assert r.status_code == status, r.text
         if status == 400:
             assert r.json()["error"]["param"] == "voice" and "ECHO_MAX_VOICE_SECONDS" in r.text
@@ -80,13 +80,13 @@ def test_too_many_chunks_is_400(hardened):
 
 
 def test_request_ids_in_headers_and_logs(hardened):
-    r = httpx.get(hardened.url + "/v1/voices", headers={"X-Request-ID": "client-id-123"})
+    r = hardened.get("/v1/voices", headers={"X-Request-ID": "client-id-123"})
     assert r.headers["x-request-id"] == "client-id-123"
-    r = httpx.get(hardened.url + "/v1/voices", headers={"X-Request-ID": "bad id with spaces"})
+    r = hardened.get("/v1/voices", headers={"X-Request-ID": "bad id with spaces"})
     assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
     r = post(hardened, voice="nobody")
     assert r.status_code == 400 and r.headers["x-request-id"]
-    with httpx.stream("POST", hardened.url + "/v1/audio/speech", headers={"X-Request-ID": "slow-one"},
+    with hardened.stream("POST", "/v1/audio/speech", headers={"X-Request-ID": "slow-one"},
                       json={"input": "Hi.", "voice": "alice", **LONG}, timeout=60) as r:
         next(r.iter_raw())  # then hang up: the worker logs the cancellation under this request's id
     def cancellation_lines():
@@ -100,41 +100,41 @@ def test_request_ids_in_headers_and_logs(hardened):
 
 def test_metrics(hardened):
     assert post(hardened).status_code == 200
-    text = httpx.get(hardened.url + "/metrics").text
+    text = hardened.get("/metrics").text
     assert 'echo_requests_total{route="/v1/audio/speech",status="200"}' in text
     assert "echo_time_to_first_byte_seconds_count" in text and "echo_real_time_factor_bucket" in text
     assert "echo_queue_length 0.0" in text and "echo_active_streams 0.0" in text  # idle again
 
 
-def test_cors_only_for_configured_origins(hardened, server):
+def test_cors_only_for_configured_origins(hardened, app):
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
-    r = httpx.options(hardened.url + "/v1/audio/speech", headers=preflight)
+    r = hardened.options("/v1/audio/speech", headers=preflight)
     assert r.headers["access-control-allow-origin"] == "https://app.example"
-    r = httpx.options(hardened.url + "/v1/audio/speech", headers={**preflight, "Origin": "https://evil.example"})
+    r = hardened.options("/v1/audio/speech", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
-    r = httpx.get(server.url + "/v1/voices", headers={"Origin": "https://app.example"})
+    r = app.get("/v1/voices", headers={"Origin": "https://app.example"})
     assert "access-control-allow-origin" not in r.headers  # off by default
 
 
 # ---- time limits and cancellation ---------------------------------------------------------------
 
 
-def test_generation_time_limit(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="2"),
-                      tmp_path / "server.log")
+def test_generation_time_limit(tiny_echo_dir, tiny_fish_dir, voice_dir):
+    live = AppServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="2"))
     try:
         body = {"input": "Hi.", "voice": "alice", **LONG}
-        r = httpx.post(live.url + "/v1/audio/speech", json={**body, "stream": False}, timeout=60)
+        r = live.post("/v1/audio/speech", json={**body, "stream": False}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        r = httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60)
+        r = live.post("/v1/audio/speech", json=body, timeout=60)
         assert r.status_code == 200 and 0 < len(r.content) < (4 + 600) * 2048 * 2  # stream ended at the limit
         assert "over its time limit" in live.log()
-        assert httpx.get(live.url + "/health").status_code == 200
+        assert live.get("/health").status_code == 200
     finally:
         live.stop()
 
 
 def test_non_streaming_client_disconnect_stops_generation(server):
+    # the live server: the client's timeout closes a real connection while the app awaits its audio
     before = server.log().count("generation cancelled")
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **LONG, "stream": False},
@@ -151,43 +151,10 @@ def test_non_streaming_client_disconnect_stops_generation(server):
 # ---- injected failures (an in-process server, so the engine can be sabotaged) ---------------------
 
 
-class InProcessServer:
-    def __init__(self, settings):
-        import uvicorn
-
-        from api_server import create_app
-
-        self.app = create_app(settings)
-        self.port = settings.port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).json()["ready"]:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("in-process server not ready")
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def sabotaged(tiny_echo_dir, tiny_fish_dir, voice_dir):
-    from settings import load_settings
-
-    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)
-    settings = load_settings(**{k[5:].lower(): v for k, v in env.items() if k.startswith("ECHO_")},
-                             port=free_port())
-    live = InProcessServer(settings)
-    yield live
-    live.stop()
+    with app_server(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir)) as app:
+        yield app
 
 
 def sabotage(monkeypatch, live, error, after_calls):
@@ -218,7 +185,7 @@ def test_failure_before_streaming_is_a_500_and_the_next_request_succeeds(sabotag
 
 def test_failure_mid_stream_ends_that_stream_cleanly(sabotaged, monkeypatch):
     sabotage(monkeypatch, sabotaged, RuntimeError("injected failure"), after_calls=3)  # during block 2
-    with httpx.stream("POST", sabotaged.url + "/v1/audio/speech",
+    with sabotaged.stream("POST", "/v1/audio/speech",
                       json={"input": "Hello.", "voice": "alice", **SMALL}, timeout=60) as r:
         assert r.status_code == 200
         data = b"".join(r.iter_raw())
@@ -231,12 +198,12 @@ def test_failure_in_a_batch_fails_only_its_requests(sabotaged, monkeypatch):
     sabotage(monkeypatch, sabotaged, RuntimeError("injected failure"), after_calls=0)
 
     async def two():
-        async with httpx.AsyncClient(base_url=sabotaged.url, timeout=60) as client:
+        async with sabotaged.async_client(timeout=60) as client:
             body = {"input": "Hello.", "voice": "alice", **SMALL, "stream": False, "response_format": "wav"}
             return await asyncio.gather(client.post("/v1/audio/speech", json=body),
                                         client.post("/v1/audio/speech", json=body))
 
-    statuses = sorted(r.status_code for r in asyncio.run(two()))
+    statuses = sorted(r.status_code for r in sabotaged.run(two))
     assert statuses[-1] in (200, 500) and all(s in (200, 500) for s in statuses)
     assert post(sabotaged).status_code == 200
 
