@@ -1,4 +1,5 @@
-"""WebSocket streaming (`/v1/audio/speech/stream/ws`), through the real server process."""
+"""WebSocket streaming (`/v1/audio/speech/stream/ws`): the app in process (conftest.AppServer, its sockets
+with the calls of a `websockets` client), the server process for the README example run as written."""
 
 import ast
 import asyncio
@@ -8,13 +9,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import ROOT, live_server, server_env
+from conftest import ROOT, AppServer, app_server, server_env
 from test_server import FAST, _metric
 
 pytestmark = pytest.mark.slow
@@ -22,6 +22,8 @@ LONG = {"block_sizes": [4] + [16] * 38, "num_steps": [1] + [8] * 38, "early_stop
 
 
 def socket(server, query: str = "", **kwargs):
+    if isinstance(server, AppServer):
+        return server.websocket("/v1/audio/speech/stream/ws" + query, **kwargs)
     return connect(server.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws" + query, **kwargs)
 
 
@@ -47,13 +49,13 @@ def ended(segment_id):
     return lambda m: isinstance(m, dict) and m.get("segment_id") == segment_id and m["type"] in ("end", "error")
 
 
-def test_a_segment_streams_the_pcm_http_streams_between_start_and_end(server):
-    with socket(server) as ws:
+def test_a_segment_streams_the_pcm_http_streams_between_start_and_end(app):
+    with socket(app) as ws:
         ws.send(segment("a", seed=7, sample_rate=24000))
         got = messages(ws, ended("a"))
     assert got[0] == {"type": "start", "segment_id": "a", "sample_rate": 24000} and got[-1]["type"] == "end"
     audio = b"".join(m for m in got if isinstance(m, bytes))
-    http = httpx.post(server.url + "/v1/audio/speech", json={
+    http = app.post("/v1/audio/speech", json={
         "input": "Hello there. This is a test.", "voice": "alice", "seed": 7, "sample_rate": 24000,
         "response_format": "pcm", **FAST}, timeout=60).content
     assert audio == http and len([m for m in got if isinstance(m, bytes)]) >= 2  # blocks under the frame limit
@@ -61,8 +63,8 @@ def test_a_segment_streams_the_pcm_http_streams_between_start_and_end(server):
                        "audio_seconds": round(len(audio) / 2 / 24000, 3), "cancelled": False}
 
 
-def test_segments_are_answered_in_order_and_continue_false_closes_after_them(server):
-    with socket(server) as ws:
+def test_segments_are_answered_in_order_and_continue_false_closes_after_them(app):
+    with socket(app) as ws:
         ws.send(segment(1))
         ws.send(json.dumps({"input": "Second.", "voice": "none", "segment_id": 2, "extra_body": {**FAST, "seed": 3}}))
         ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
@@ -74,10 +76,10 @@ def test_segments_are_answered_in_order_and_continue_false_closes_after_them(ser
     assert [m for m in got if isinstance(m, dict) and m["type"] == "end"][1]["seed"] == 3
 
 
-def test_a_bad_segment_gets_the_http_error_and_the_socket_stays_usable(server):
+def test_a_bad_segment_gets_the_http_error_and_the_socket_stays_usable(app):
     bad = {"cfg_min_t": 0.9, "cfg_max_t": 0.5}
-    http = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **bad}).json()["error"]
-    with socket(server) as ws:
+    http = app.post("/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **bad}).json()["error"]
+    with socket(app) as ws:
         ws.send(segment("bad", **bad))
         ws.send(segment("unknown voice", voice="nobody"))
         ws.send("not json")
@@ -90,8 +92,8 @@ def test_a_bad_segment_gets_the_http_error_and_the_socket_stays_usable(server):
     assert got[-1]["type"] == "end" and not got[-1]["cancelled"]
 
 
-def test_cancel_stops_the_running_segment_and_drops_a_queued_one(server):
-    with socket(server) as ws:
+def test_cancel_stops_the_running_segment_and_drops_a_queued_one(app):
+    with socket(app) as ws:
         ws.send(segment("long", **LONG))
         ws.send(segment("queued", **LONG))
         assert messages(ws, lambda m: isinstance(m, bytes))[0] == {"type": "start", "segment_id": "long", "sample_rate": 44100}
@@ -111,34 +113,34 @@ def test_cancel_stops_the_running_segment_and_drops_a_queued_one(server):
     assert after[-1]["type"] == "end" and not after[-1]["cancelled"]
 
 
-def test_a_client_that_disconnects_cancels_what_it_queued(server):
-    with socket(server) as ws:  # leaves while the first block (seconds of work) is being generated
+def test_a_client_that_disconnects_cancels_what_it_queued(app):
+    with socket(app) as ws:  # leaves while the first block (seconds of work) is being generated
         ws.send(segment("slow", voice="none", block_sizes=[640], num_steps=100))
         ws.send(segment("next", **LONG))
         messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")
         time.sleep(0.3)
     left = time.monotonic()
-    while _metric(server, "echo_active_streams") > 0 and time.monotonic() - left < 2:
+    while _metric(app, "echo_active_streams") > 0 and time.monotonic() - left < 2:
         time.sleep(0.05)
-    assert _metric(server, "echo_active_streams") == 0
+    assert _metric(app, "echo_active_streams") == 0
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def strict_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="sock-key", ECHO_WS_MAX_QUEUE="2",
                      ECHO_MAX_BODY_BYTES="4096", ECHO_WS_MAX_FRAME_BYTES="5000")
-    with live_server(tmp_path_factory, "strict-ws", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
-def test_the_socket_needs_the_key_in_a_header_or_the_query(strict_server):
+def test_the_socket_needs_the_key_in_a_header_or_the_query(strict_app):
     """A missing or wrong key is refused as HTTP refuses it: 401 with OpenAI's error object (the
     handshake is answered with HTTP instead of being accepted), not a bare 403."""
-    http = httpx.get(strict_server.url + "/v1/models")
+    http = strict_app.get("/v1/models")
     assert http.status_code == 401
     for query, headers in (("", {}), ("?api_key=wrong", {}), ("", {"Authorization": "Bearer wrong"})):
         with pytest.raises(InvalidStatus) as refused:
-            socket(strict_server, query, additional_headers=headers).close()
+            socket(strict_app, query, additional_headers=headers).close()
         response = refused.value.response
         assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
         assert response.headers["Content-Type"] == "application/json"
@@ -146,13 +148,13 @@ def test_the_socket_needs_the_key_in_a_header_or_the_query(strict_server):
         assert {k: error[k] for k in ("type", "param", "code")} == {k: http.json()["error"][k] for k in ("type", "param", "code")}
         assert "?api_key=" in error["message"]
     for query, headers in (("?api_key=sock-key", {}), ("", {"Authorization": "Bearer sock-key"})):
-        with socket(strict_server, query, additional_headers=headers) as ws:
+        with socket(strict_app, query, additional_headers=headers) as ws:
             ws.send(segment("ok"))
             assert messages(ws, ended("ok"))[-1]["type"] == "end"
 
 
-def test_queue_and_message_limits_answer_with_error_messages(strict_server):
-    with socket(strict_server, "?api_key=sock-key") as ws:
+def test_queue_and_message_limits_answer_with_error_messages(strict_app):
+    with socket(strict_app, "?api_key=sock-key") as ws:
         ws.send(segment("one", **LONG))
         messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")  # "one" runs: the queue is empty
         for name in ("two", "three", "four"):  # ECHO_WS_MAX_QUEUE=2: the third waiting one does not fit
@@ -169,11 +171,11 @@ def test_queue_and_message_limits_answer_with_error_messages(strict_server):
     assert later[-1]["type"] == "end"
 
 
-def test_segments_queued_on_one_socket_hold_at_most_one_body_of_memory(strict_server):
+def test_segments_queued_on_one_socket_hold_at_most_one_body_of_memory(strict_app):
     """ECHO_WS_MAX_QUEUE bounds how many, ECHO_MAX_BODY_BYTES (4096 here) how many bytes together:
     each message may be just under the limit, a queue of them may not."""
     padding = "p" * 2500  # an ignored field, as a hostile client would send
-    with socket(strict_server, "?api_key=sock-key") as ws:
+    with socket(strict_app, "?api_key=sock-key") as ws:
         ws.send(segment("one", **LONG))
         messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")  # "one" runs: the queue is empty
         ws.send(segment("two", **LONG, padding=padding))
@@ -185,12 +187,12 @@ def test_segments_queued_on_one_socket_hold_at_most_one_body_of_memory(strict_se
     assert "ECHO_MAX_BODY_BYTES" in refused["message"]
 
 
-def test_hostile_messages_get_an_error_in_strict_json_and_the_socket_stays_usable(server):
+def test_hostile_messages_get_an_error_in_strict_json_and_the_socket_stays_usable(app):
     hostile = ["[" * 100000,  # nesting deeper than the parser's recursion limit
                '{"input": "Hi.", "segment_id": ' + "1" * 5000 + "}",  # more digits than Python converts
                '{"input": "Hi.", "segment_id": NaN}', '{"input": "Hi.", "segment_id": -Infinity}',
                '{"input": "Hi.", "segment_id": 1e999}']  # a float out of range: Infinity again
-    with socket(server) as ws:
+    with socket(app) as ws:
         for text in hostile:
             ws.send(text)
         ws.send(b"\x00\x01 a binary frame")
@@ -208,8 +210,8 @@ def test_hostile_messages_get_an_error_in_strict_json_and_the_socket_stays_usabl
     assert got[-1]["type"] == "end" and got[-1]["segment_id"] == "good" and not got[-1]["cancelled"]
 
 
-def test_a_refused_final_segment_still_closes_the_socket_once_the_queue_is_done(strict_server):
-    with socket(strict_server, "?api_key=sock-key") as ws:
+def test_a_refused_final_segment_still_closes_the_socket_once_the_queue_is_done(strict_app):
+    with socket(strict_app, "?api_key=sock-key") as ws:
         ws.send(segment("one", **LONG))
         messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")
         ws.send(segment("two", **LONG))
@@ -230,18 +232,18 @@ BIG_BLOCKS = {"block_sizes": [32, 64], "num_steps": [2, 2], "early_stop_on_zero"
 
 
 @pytest.mark.parametrize("live, query, key, limit, rate", [
-    ("server", "", None, 32 * 1024, 44100),  # the default ECHO_WS_MAX_FRAME_BYTES
-    ("strict_server", "?api_key=sock-key", "sock-key", 5000, 24000),  # a limit that is no power of two
+    ("app", "", None, 32 * 1024, 44100),  # the default ECHO_WS_MAX_FRAME_BYTES
+    ("strict_app", "?api_key=sock-key", "sock-key", 5000, 24000),  # a limit that is no power of two
 ])
 def test_audio_frames_stay_under_the_limit_and_carry_the_http_pcm(request, live, query, key, limit, rate):
     """Each block (here 128 and 256 KiB) goes out in messages of at most ECHO_WS_MAX_FRAME_BYTES,
     whole 16-bit samples each, that join into exactly the pcm HTTP answers for the same request."""
-    server = request.getfixturevalue(live)
-    with socket(server, query) as ws:
+    app = request.getfixturevalue(live)
+    with socket(app, query) as ws:
         ws.send(segment("big", seed=11, sample_rate=rate, **BIG_BLOCKS))
         got = messages(ws, ended("big"))
     frames = [m for m in got if isinstance(m, bytes)]
-    http = httpx.post(server.url + "/v1/audio/speech", headers={"Authorization": f"Bearer {key}"} if key else {},
+    http = app.post("/v1/audio/speech", headers={"Authorization": f"Bearer {key}"} if key else {},
                       json={"input": "Hello there. This is a test.", "voice": "alice", "seed": 11, "sample_rate": rate,
                             "response_format": "pcm", **BIG_BLOCKS}, timeout=120)
     assert http.headers["x-audio-sample-rate"] == str(rate)
@@ -280,12 +282,12 @@ def test_the_readme_example_runs_as_written_with_the_websockets_defaults(server,
 # ---- a segment's life is always closed (issue 18, items 4 and 2) --------------------------------
 
 
-def test_a_segment_refused_before_start_gets_only_its_error(server):
+def test_a_segment_refused_before_start_gets_only_its_error(app):
     """Its settings, its output and its voice are checked before `start`: a client that pairs
     `start` with `end` never waits for an `end` that will not come."""
     refused = {"unknown voice": {"voice": "nobody"}, "bad settings": {"cfg_min_t": 0.9, "cfg_max_t": 0.5},
                "bad rate": {"sample_rate": 1}, "bad inline voice": {"voice": "data:audio/wav;base64,AAAA"}}
-    with socket(server) as ws:
+    with socket(app) as ws:
         for name, fields in refused.items():
             ws.send(segment(name, **fields))
         ws.send(segment("good"))
@@ -298,15 +300,15 @@ def test_a_segment_refused_before_start_gets_only_its_error(server):
 
 
 @pytest.fixture(scope="module")
-def timeout_server(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+def timeout_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     """Jobs stop after 1 s (ECHO_REQUEST_TIMEOUT): a generation that fails after its segment started."""
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1")
-    with live_server(tmp_path_factory, "timeout-ws", env) as live:
-        yield live
+    with app_server(env) as app:
+        yield app
 
 
-def test_a_segment_that_fails_after_start_gets_its_error_then_its_end(timeout_server):
-    with socket(timeout_server) as ws:
+def test_a_segment_that_fails_after_start_gets_its_error_then_its_end(timeout_app):
+    with socket(timeout_app) as ws:
         ws.send(segment("long", **LONG))
         got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
         ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
@@ -321,15 +323,15 @@ def test_a_segment_that_fails_after_start_gets_its_error_then_its_end(timeout_se
     assert rest == [{"type": "no_op", "reason": "empty_input", "segment_id": "final"}]
 
 
-def test_the_end_names_the_voice_used(server):
+def test_the_end_names_the_voice_used(app):
     """As X-Echo-Voice does over HTTP: an OpenAI name with no alias speaks with the library's first
     voice (alice), `none` with no reference."""
-    with socket(server) as ws:
+    with socket(app) as ws:
         for voice in ("alloy", "none", "bob"):
             ws.send(segment(voice, voice=voice))
         got = messages(ws, ended("bob"))
     ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
-    http = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alloy", **FAST}, timeout=60)
+    http = app.post("/v1/audio/speech", json={"input": "Hi.", "voice": "alloy", **FAST}, timeout=60)
     assert {name: end["voice"] for name, end in ends.items()} == {"alloy": "alice", "none": "none", "bob": "bob"}
     assert http.headers["x-echo-voice"] == "alice"
 
@@ -438,11 +440,11 @@ CONTINUED = {"input": " ".join(["Hello there. This is a test."] * 6), "chunk_mod
              "chunk_target_seconds": 3, "chunk_min_seconds": 2, "chunk_max_seconds": 4, "seed": 3}
 
 
-def test_a_continued_answer_streams_over_the_socket_as_over_http(server):
-    http = httpx.post(server.url + "/v1/audio/speech", timeout=120,
+def test_a_continued_answer_streams_over_the_socket_as_over_http(app):
+    http = app.post("/v1/audio/speech", timeout=120,
                       json={"voice": "alice", "response_format": "pcm", **FAST, **CONTINUED})
     assert http.status_code == 200
-    with socket(server) as ws:
+    with socket(app) as ws:
         ws.send(segment("continued", **CONTINUED))
         got = messages(ws, ended("continued"))
     events = [m for m in got if isinstance(m, dict)]
@@ -450,8 +452,8 @@ def test_a_continued_answer_streams_over_the_socket_as_over_http(server):
     assert b"".join(m for m in got if isinstance(m, bytes)) == http.content
 
 
-def test_a_continued_answer_past_its_time_limit_gets_its_error_then_its_end(timeout_server):
-    with socket(timeout_server) as ws:
+def test_a_continued_answer_past_its_time_limit_gets_its_error_then_its_end(timeout_app):
+    with socket(timeout_app) as ws:
         ws.send(segment("long", **LONG, **{**CONTINUED, "seed": 0}))
         got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
     events = [m for m in got if isinstance(m, dict)]
