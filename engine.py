@@ -11,6 +11,7 @@ one job alone; worker.py's `GenerationWorker` runs many on one thread, scheduled
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,36 @@ class BlockShape:
             sizes.append(min(size, room))
             steps.append(count)
         return BlockShape(tuple(sizes), tuple(steps))
+
+
+# ECHO_ADAPTIVE_STEPS: (a block's floor, its requested steps) -> the steps it takes, asked as it starts
+StepChoice = Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class StepFloor:
+    """ECHO_ADAPTIVE_STEPS_FLOOR: the fewest diffusion steps a block may be given under load, from a
+    preset. A chunk laid out in the preset's blocks gets at least the preset's steps per block; any
+    other layout (the non-streamed 640-frame block, a request's own block_sizes, a chunk cut short)
+    at least `share` of each block's requested steps, rounded up, where `share` is the preset's
+    diffusion work (frames x steps over its blocks) relative to the reference (full-quality) preset's.
+    Never more than the block asked for."""
+
+    block_sizes: tuple[int, ...]
+    num_steps: tuple[int, ...]
+    share: float  # 0 < share <= 1
+
+    @classmethod
+    def of(cls, preset: tuple[list[int], list[int]], reference: tuple[list[int], list[int]]) -> StepFloor:
+        """The floor of a preset (block sizes, steps), its share measured against `reference`'s work."""
+        work = [sum(size * steps for size, steps in zip(*p)) for p in (preset, reference)]
+        return cls(tuple(preset[0]), tuple(preset[1]), min(work[0] / work[1], 1.0))
+
+    def floors(self, shape: BlockShape) -> tuple[int, ...]:
+        """The floor of each block of a chunk generated in `shape`."""
+        if shape.block_sizes == self.block_sizes:
+            return tuple(min(n, floor) for n, floor in zip(shape.num_steps, self.num_steps))
+        return tuple(min(n, math.ceil(n * self.share)) for n in shape.num_steps)
 
 
 @dataclass(frozen=True)
@@ -139,7 +170,8 @@ class SpeechEngine:
 
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
                  max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
-                 speaker_kv_cache=None, steps: StepRunner | None = None, reroll: VadReroll | None = None):
+                 speaker_kv_cache=None, steps: StepRunner | None = None, reroll: VadReroll | None = None,
+                 step_floor: StepFloor | None = None):
         self.model = model
         self.fish_ae = fish_ae
         self.pca_state = pca_state
@@ -149,6 +181,7 @@ class SpeechEngine:
         self.speaker_on_device = speaker_on_device
         self.steps = steps or ExactSteps(model)
         self.reroll = reroll
+        self.step_floor = step_floor  # None: a block's floor is its requested steps (nothing to adapt)
         self.rerolls = 0  # blocks sampled again (VAD reroll) since start
 
     def speaker_latents(self, speaker: SpeakerReference | None) -> tuple[Tensor, Tensor]:
@@ -222,28 +255,42 @@ class SpeechEngine:
         latent, mask = self.speaker_latents(speaker)
         return PreparedVoice(mask, self.speaker_kv(speaker, latent))
 
-    def job_steps(self, job: SpeechJob) -> JobSteps:
+    def job_steps(self, job: SpeechJob, choose: StepChoice | None = None) -> JobSteps:
         """The job as a step generator: yields TextCall (send back the text's keys/values), ModelCall
         (send back the velocity), PrefixCall (send back None), DecodeCall (send back its audio), SilenceCheck (send back the
-        longest silence) and finished audio (np.ndarray, send None), in order."""
+        longest silence) and finished audio (np.ndarray, send None), in order.
+
+        `choose(floor, requested)` (ECHO_ADAPTIVE_STEPS) is asked as each block starts for the steps
+        it takes, kept between the block's floor (`step_floor`) and its requested steps; None: every
+        block takes its requested steps."""
         voice = job.voice or self.prepare_voice(job.speaker)
         speaker = (voice.mask, voice.kv)
         rng = make_generator(job.seed, self.model.device)
         if job.chunk_mode == "continue":
-            yield from self._continued_steps(job, rng, speaker)
+            yield from self._continued_steps(job, rng, speaker, choose)
             return
         for index, text in enumerate(job.chunks):
             yield from self._chunk_steps(text, job.shape_of_chunk(index), job, rng, speaker,
-                                         ChunkFades(fade_in=index > 0))
+                                         ChunkFades(fade_in=index > 0), choose)
+
+    def _adapting(self, shape: BlockShape, choose: StepChoice | None) -> dict:
+        """blockwise_steps' step_policy for a chunk in `shape`, as keyword arguments: `choose(floor,
+        requested)` kept within [floor, requested]; none without `choose` (the sampler's call as before)."""
+        if choose is None:
+            return {}
+        floors = self.step_floor.floors(shape) if self.step_floor is not None else shape.num_steps
+        return {"step_policy": lambda index, requested: min(max(choose(floors[index], requested), floors[index]),
+                                                            requested)}
 
     def _chunk_steps(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
-                     speaker: tuple[Tensor, KVCache], fades: ChunkFades) -> JobSteps:
+                     speaker: tuple[Tensor, KVCache], fades: ChunkFades, choose: StepChoice | None = None) -> JobSteps:
         """One text chunk, block by block; the audio ends at the first flat (silent) run of latents."""
         conditioning = yield from self._conditioning(text, job, speaker)
         decoder = self._decoder()
         latents = torch.zeros((0, 80), device=self.model.device)
         sent = 0  # samples of this chunk already yielded
-        steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler)
+        steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
+                                **self._adapting(shape, choose))
         item = next(steps)
         for index in range(len(shape.block_sizes)):
             block, audio, reply = yield from self._block(steps, item, decoder, job)
@@ -264,7 +311,8 @@ class SpeechEngine:
         if (tail := fades.finish()).size:
             yield tail
 
-    def _continued_steps(self, job: SpeechJob, rng: torch.Generator, speaker: tuple[Tensor, KVCache]) -> JobSteps:
+    def _continued_steps(self, job: SpeechJob, rng: torch.Generator, speaker: tuple[Tensor, KVCache],
+                         choose: StepChoice | None = None) -> JobSteps:
         """`continue` mode: chunk k is sampled as the continuation of chunk k-1's latents (up to its end
         of speech, at most CONTINUATION_FRAMES), prompted with chunk k-1's text followed by chunk k's;
         one decoder carries on across chunks, so the answer is one latent sequence decoded once."""
@@ -273,17 +321,19 @@ class SpeechEngine:
         for index, text in enumerate(job.chunks):
             prompt = text if previous is None else f"{previous} {text}"
             shape = job.shape_of_chunk(index).cut_to(MAX_SEQUENCE_LENGTH - (0 if prefix is None else len(prefix)))
-            latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix)
+            latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix, choose)
             previous, prefix = (text, latents[-CONTINUATION_FRAMES:]) if len(latents) else (None, None)
 
     def _continued_chunk(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
-                         speaker: tuple[Tensor, KVCache], decoder: StreamingDecoder, prefix: Tensor | None):
+                         speaker: tuple[Tensor, KVCache], decoder: StreamingDecoder, prefix: Tensor | None,
+                         choose: StepChoice | None = None):
         """One chunk of `continue` mode, sampled after `prefix` (frames, 80), if any. Each block is
         decoded up to the chunk's end of speech only and sent as it is (no fades). Returns the
         chunk's latents (frames, 80): exactly the frames sent."""
         conditioning = yield from self._conditioning(text, job, speaker)
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
-                                continuation_latent=None if prefix is None else prefix[None])
+                                continuation_latent=None if prefix is None else prefix[None],
+                                **self._adapting(shape, choose))
         latents = torch.zeros((0, 80), device=self.model.device)
         item = next(steps)
         for index in range(len(shape.block_sizes)):

@@ -50,7 +50,8 @@ def extend_all(calls: Sequence[PrefixCall]) -> list[None]:
 
 def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Generator, block_sizes: Sequence[int],
                     num_steps: int | Sequence[int], settings: SamplerSettings,
-                    continuation_latent: Tensor | None = None) -> Generator[ModelCall | Tensor, Tensor | None, None]:
+                    continuation_latent: Tensor | None = None, step_policy: Callable[[int, int], int] | None = None
+                    ) -> Generator[ModelCall | Tensor, Tensor | None, None]:
     """The blockwise sampler as a generator: yields each step's ModelCall (send the velocity back)
     and, after its last step, each finished block (B, block_size, 80) float32 (send None to accept
     it, a torch.Generator to sample the block again from its noise, or an earlier block to keep);
@@ -59,6 +60,10 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
 
     The noise of block k is the k-th draw of (B, block_size, 80) from `rng`. The latent prefix is
     encoded incrementally: each block adds only its own frames to the prefix encoder.
+
+    `step_policy(block index, requested steps)`, when given, is asked once as each block starts and
+    returns the steps that block takes (a reroll of the block keeps them): its schedule is fixed from
+    its first step on. None: every block takes its requested steps.
     """
     device = model.device
     batch = conditioning.text_mask.shape[0]
@@ -67,6 +72,8 @@ def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Gener
     if continuation_latent is not None:
         yield PrefixCall(prefix, continuation_latent)
     for index, (block_size, block_steps) in enumerate(zip(block_sizes, steps)):
+        if step_policy is not None:
+            block_steps = step_policy(index, block_steps)
         noise = rng
         while True:
             x_t = initial_noise(noise, batch, block_size, settings.truncation(index), device)
