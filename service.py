@@ -21,16 +21,17 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import BlockShape, EarlyStop, SpeakerReference, SpeechEngine, SpeechJob, VadReroll, VoiceUnusable, random_seed
+from engine import (BlockShape, EarlyStop, SpeakerReference, SpeechEngine, SpeechJob, StepFloor, VadReroll,
+                    VoiceUnusable, random_seed)
 from model import EchoDiT
-from settings import NONSTREAM_BLOCK_SIZE, Settings
+from settings import NONSTREAM_BLOCK_SIZE, PERFORMANCE_PRESETS, Settings
 from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
 from voices import (NO_VOICE, SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
                     inline_voice_audio, is_no_voice, load_voice_audio, looks_like_inline_audio)
 from voice_library import VoiceLibrary
-from worker import ClientStalled, GenerationTimeout, GenerationWorker, JobStream, QueueFull
+from worker import ClientStalled, GenerationTimeout, GenerationWorker, JobStream, QueueFull, StepBudget
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ class Started:
     job: SpeechJob
     stream: JobStream
     voice: str
+
+    def steps_report(self) -> dict:
+        """ECHO_ADAPTIVE_STEPS: `{"steps": [...]}`, the diffusion steps each block took, once the stream
+        has ended (for SSE's `speech.audio.done` and the WebSocket's `end`); without it, nothing."""
+        steps = getattr(self.stream, "steps_used", None)
+        return {} if steps is None else {"steps": steps}
 
 
 class SpeechService:
@@ -93,7 +100,8 @@ class SpeechService:
                                            max_active=self.settings.max_active,
                                            debug_sink=self._save_debug_audio if self.settings.debug_logs else None,
                                            max_ahead_samples=int(self.settings.max_ahead_seconds * inf.SAMPLE_RATE),
-                                           send_timeout=self.settings.send_timeout)
+                                           send_timeout=self.settings.send_timeout,
+                                           step_budget=StepBudget() if self.settings.adaptive_steps else None)
             self.worker.call(self._warm_up)  # on the thread that serves: CUDA graphs are per thread
             self.ready.set()
             log.info("ready")
@@ -127,7 +135,19 @@ class SpeechService:
                  s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
         return SpeechEngine(model, fish, pca, self.speaker_cache, s.max_speaker_latent_length,
                             speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=self.speaker_kv_cache,
-                            steps=self._step_runner(model), reroll=self._vad_reroll())
+                            steps=self._step_runner(model), reroll=self._vad_reroll(), step_floor=self._step_floor())
+
+    def _step_floor(self) -> StepFloor | None:
+        """ECHO_ADAPTIVE_STEPS_FLOOR, its share of the work measured against the default preset's."""
+        if not self.settings.adaptive_steps:
+            return None
+        return StepFloor.of(self.settings.step_floor_preset, PERFORMANCE_PRESETS["default"])
+
+    def adaptive_steps(self) -> tuple[float, int, int]:
+        """(the step budget now, blocks started with fewer steps than requested, steps they did not
+        take) since start: (1, 0, 0) without ECHO_ADAPTIVE_STEPS."""
+        worker = self.worker
+        return (worker.budget, worker.reduced_blocks, worker.steps_saved) if worker is not None else (1.0, 0, 0)
 
     def _vad_reroll(self) -> VadReroll | None:
         s = self.settings

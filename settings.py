@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     warmup: bool = True  # run the warm-up generations before reporting ready
     performance_preset: str = "default"
     num_steps_nonstream: int = Field(20, ge=1, le=100)
+    adaptive_steps: bool = False  # under a predicted underrun, blocks that start take fewer diffusion steps
+    adaptive_steps_floor: str = "low_mid"  # the preset whose steps are the fewest a block is given
 
     output_sample_rate: int | None = Field(None, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)  # unset: by model (speech_request)
     max_input_chars: int = Field(4096, ge=1)
@@ -153,6 +155,14 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("adaptive_steps_floor")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        name = value.strip().lower().replace("-", "_")
+        if name not in PERFORMANCE_PRESETS:
+            raise ValueError(f"expected one of the presets {sorted(PERFORMANCE_PRESETS)}")
+        return name
+
     @model_validator(mode="after")
     def _resolve_devices(self) -> Settings:
         """`auto` becomes cuda or cpu; an explicit CUDA device on a machine without one is an error."""
@@ -214,6 +224,12 @@ class Settings(BaseSettings):
     def stream_preset(self) -> tuple[list[int], list[int]]:
         """(block sizes, steps) for streaming requests."""
         blocks, steps = PERFORMANCE_PRESETS[self.stream_preset_name]
+        return list(blocks), list(steps)
+
+    @property
+    def step_floor_preset(self) -> tuple[list[int], list[int]]:
+        """(block sizes, steps) of ECHO_ADAPTIVE_STEPS_FLOOR: the fewest steps adaptive steps give a block."""
+        blocks, steps = PERFORMANCE_PRESETS[self.adaptive_steps_floor]
         return list(blocks), list(steps)
 
     @property

@@ -26,6 +26,13 @@ job's moves later as it is served, and it becomes the earliest after finitely ma
 Between units the worker admits new jobs, parks jobs that ran ahead of their client
 (`max_ahead_samples`) and drops cancelled, timed-out and stalled ones.
 
+Adaptive steps (ECHO_ADAPTIVE_STEPS, `StepBudget`). Before each unit the worker predicts how close
+the schedule runs to an underrun (`predicted_load`: the work before each job's next audio, at the
+measured cost of a unit, against the time its listener has left) and moves a step budget: down when
+an underrun is predicted, back up once the load has stayed low. A block takes steps between its
+floor (the engine's `step_floor`) and its requested steps as the budget says when it starts; a
+block in progress keeps its count. The steps each block took are the job's `steps_used`.
+
 Audio goes back to asyncio through each job's queue (JobStream), so GPU work never blocks the
 event loop; a full server refuses at `reserve` or `submit` (QueueFull).
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -53,6 +61,7 @@ log = logging.getLogger(__name__)
 
 clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
+UNIT_COST_SMOOTHING = 0.2  # weight of the latest unit in the measured seconds per unit (a moving average)
 
 
 # the engine's method that computes a unit of each kind of call, the calls of the unit in one go
@@ -79,6 +88,7 @@ class _Ticket:
     taken_at: float = 0.0  # clock() of its last take
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
     arrived: float = field(default_factory=lambda: clock())  # when it was submitted
+    steps_used: list[int] | None = None  # with adaptive steps: the diffusion steps of each block started, in order
 
     def took(self, samples: int) -> None:
         """The client took a block (event loop): wake the worker if that lets its parked job go on."""
@@ -151,6 +161,13 @@ class JobStream:
         """Samples taken from this stream so far."""
         return self._ticket.taken
 
+    @property
+    def steps_used(self) -> list[int] | None:
+        """With adaptive steps, the diffusion steps each block of the job took, in order (complete once
+        the stream has ended); None without."""
+        steps = self._ticket.steps_used
+        return None if steps is None else list(steps)
+
     def cancel(self) -> None:
         self._ticket.cancelled.set()
         if self._ticket.resume_at is not None:  # parked: the worker may be asleep
@@ -198,6 +215,48 @@ class Reservation:
         self.release()
 
 
+class StepBudget:
+    """ECHO_ADAPTIVE_STEPS: the share of their requested diffusion steps that blocks starting now get.
+
+    `value` is in [0, 1], in steps of 1/`levels`: a block with floor f and requested steps n takes
+    f + round((n - f) * value) steps (1: as requested; 0: its floor). `update(load, now)` moves it
+    from the scheduler's prediction (`predicted_load`), one level at a time, at most once per `hold`
+    seconds: down while an underrun is predicted (load above 1); up by a level for every `hold`
+    seconds the load has stayed at or below `restore_load` (so it does not flap between the two).
+    Its own clock is the `now` it is given: deterministic for a scripted clock.
+    """
+
+    def __init__(self, levels: int = 4, hold: float = 0.5, restore_load: float = 0.5):
+        self.levels = levels
+        self.hold = hold  # seconds between two moves; of low load before a move up
+        self.restore_load = restore_load
+        self.level = levels  # value = level / levels
+        self.moved_at = -math.inf  # clock() of the last move
+        self.loaded_at = -math.inf  # clock() the load was last above restore_load
+
+    @property
+    def value(self) -> float:
+        return self.level / self.levels
+
+    def steps(self, floor: int, requested: int) -> int:
+        """The steps a block that starts now takes: between its floor and its requested steps."""
+        return floor + round((requested - floor) * self.value)
+
+    def update(self, load: float, now: float) -> None:
+        if load > self.restore_load:
+            self.loaded_at = now
+        if now - self.moved_at < self.hold:
+            return
+        if load > 1.0 and self.level > 0:
+            self.level -= 1
+            self.moved_at = now
+        elif load <= self.restore_load and self.level < self.levels:
+            calm = now - max(self.moved_at, self.loaded_at)  # seconds of low load since the last move
+            if calm >= self.hold:
+                self.level = min(self.level + int(min(calm / self.hold, self.levels)), self.levels)
+                self.moved_at = now
+
+
 class GenerationWorker:
     """Runs jobs on one worker thread, batched and scheduled as the module's docstring says.
 
@@ -212,17 +271,25 @@ class GenerationWorker:
     its deadline stopped, until the client catches up. A job parked while its client takes nothing
     for `send_timeout` seconds is stopped (ClientStalled) and the audio queued for it dropped, so a
     client that never reads holds at most about `max_ahead_samples` of audio, and only that long.
+
+    With a `step_budget` (ECHO_ADAPTIVE_STEPS), blocks that start under a predicted underrun take
+    fewer diffusion steps (the module's docstring); None: every block takes its requested steps.
     """
 
     def __init__(self, engine: SpeechEngine, max_waiting: int = 16, max_active: int = 8,
                  debug_sink: Callable[[np.ndarray], None] | None = None, max_ahead_samples: int | None = None,
-                 send_timeout: float | None = None, first_audio_budget: float = FIRST_AUDIO_BUDGET):
+                 send_timeout: float | None = None, first_audio_budget: float = FIRST_AUDIO_BUDGET,
+                 step_budget: StepBudget | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
         self.max_active = max_active
         self.max_ahead_samples = max_ahead_samples  # None: a job never waits for its client
         self.send_timeout = send_timeout  # None: a parked job waits for its client as long as it takes
         self.first_audio_budget = first_audio_budget  # seconds: a new stream's deadline after its arrival
+        self.step_budget = step_budget  # None: no adaptive steps
+        self.unit_seconds = 0.0  # with adaptive steps: the measured cost of a unit (moving average; 0 before one ran)
+        self.reduced_blocks = 0  # blocks started with fewer steps than requested, since start
+        self.steps_saved = 0  # diffusion steps those blocks did not take, since start
         self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
         self._active = 0
@@ -252,6 +319,12 @@ class GenerationWorker:
     def waiting(self) -> int:
         """Jobs (and reservations) waiting for a slot."""
         return max(self._pending - self._active - self._parked, 0)
+
+    @property
+    def budget(self) -> float:
+        """The share of their requested steps (above their floor) that blocks starting now get: 1
+        without adaptive steps."""
+        return self.step_budget.value if self.step_budget is not None else 1.0
 
     @property
     def alive(self) -> bool:
@@ -346,12 +419,33 @@ class GenerationWorker:
                     running.ticket.cancelled.set()
                 self._drop_cancelled(active, parked)
                 return False
-            running = _Running(ticket, self.engine.job_steps(ticket.job), self._debug_sink is not None)
+            running = self._running(ticket)
             if self._advance(running, None):
                 active.append(running)
             else:
                 self._release()
         return True
+
+    def _running(self, ticket: _Ticket) -> _Running:
+        """A job taken into the batch; with adaptive steps, each of its blocks asks the budget for its
+        steps as it starts (recorded in the ticket's `steps_used`)."""
+        keep_audio = self._debug_sink is not None
+        if self.step_budget is None:
+            return _Running(ticket, self.engine.job_steps(ticket.job), keep_audio)
+        ticket.steps_used = []
+        running = _Running(ticket, None, keep_audio)
+
+        def choose(floor: int, requested: int) -> int:
+            steps = self.step_budget.steps(floor, requested)
+            ticket.steps_used.append(steps)
+            running.steps_left = steps
+            if steps < requested:
+                self.reduced_blocks += 1
+                self.steps_saved += requested - steps
+            return steps
+
+        running.steps = self.engine.job_steps(ticket.job, choose)
+        return running
 
     def _park(self, active: list[_Running], parked: list[_Running]) -> None:
         """Before their next model step, jobs more than `max_ahead_samples` ahead of what their client
@@ -423,9 +517,23 @@ class GenerationWorker:
     def _step(self, active: list[_Running]) -> None:
         """The most urgent unit of work (see the module's docstring), then the silence checks."""
         unit = next_unit(active, self._group_of, self.first_audio_budget)
-        if unit:
+        if unit and self.step_budget is not None:
+            self._run_adapting(active, unit)
+        elif unit:
             self._run_together(active, unit, getattr(self.engine, COMPUTE[type(unit[0].pending)]))
         self._check_silences(active)
+
+    def _run_adapting(self, active: list[_Running], unit: list[_Running]) -> None:
+        """Adaptive steps: move the step budget on the predicted load, then run the unit, measuring
+        its cost (clock() seconds, into a moving average: a GPU's asynchronous steps are paid for in
+        the units that wait on them, so the average is what a unit costs)."""
+        now = clock()
+        self.step_budget.update(predicted_load(active, now, self.unit_seconds, self._group_of,
+                                               self.first_audio_budget), now)
+        self._run_together(active, unit, getattr(self.engine, COMPUTE[type(unit[0].pending)]))
+        cost = clock() - now
+        self.unit_seconds = cost if self.unit_seconds == 0 else \
+            (1 - UNIT_COST_SMOOTHING) * self.unit_seconds + UNIT_COST_SMOOTHING * cost
 
     def _group_of(self, call: ModelCall) -> int:
         """The frames a step is run at: its own, or the bucket static shapes pad it to."""
@@ -468,6 +576,8 @@ class GenerationWorker:
                 self._stop(active, running, e)
             return
         for running, reply in zip(members, replies):
+            if isinstance(running.pending, ModelCall):
+                running.steps_left = max(running.steps_left - 1, 0)
             self._continue(active, running, reply)
 
     def _continue(self, active: list[_Running], running: _Running, reply) -> None:
@@ -526,6 +636,25 @@ def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], firs
     return min(units.values(), key=lambda jobs: (min(r.deadline(first_audio_budget) for r in jobs), -len(jobs)))
 
 
+def predicted_load(active: list[_Running], now: float, unit_seconds: float, group_of: Callable[[ModelCall], int],
+                   first_audio_budget: float) -> float:
+    """How close the schedule runs to an underrun: the most, over the jobs, that the work before a
+    job's next audio takes of the time until its deadline (above 1: an underrun is predicted;
+    infinite for a job already late; 0 with nothing active). Units run earliest deadline first, so
+    the work before job k's next audio is that of the jobs at least as urgent: per frame group, the
+    most diffusion steps any of them has left in its block (a group's steps run batched: one unit
+    advances them all), plus one unit for the decode; each unit at `unit_seconds`."""
+    load, steps_left = 0.0, {}  # frame group -> the most steps left among the jobs so far
+    for running in sorted(active, key=lambda r: r.deadline(first_audio_budget)):
+        if isinstance(running.pending, ModelCall):
+            group = group_of(running.pending)
+            steps_left[group] = max(steps_left.get(group, 0), running.steps_left)
+        seconds = running.deadline(first_audio_budget) - now  # what its listener has left
+        work = (sum(steps_left.values()) + 1) * unit_seconds
+        load = max(load, work / seconds if seconds > 0 else math.inf)
+    return load
+
+
 def _notify(ticket: _Ticket, item) -> None:
     """Hand a block, the end (_DONE) or an error to the ticket's JobStream on its event loop."""
     try:
@@ -556,6 +685,7 @@ class _Running:
         self.started = False
         self.pending: TextCall | ModelCall | PrefixCall | DecodeCall | SilenceCheck | None = None
         self.check: Future | None = None  # the pending SilenceCheck's result, once submitted
+        self.steps_left = 0  # with adaptive steps: diffusion steps left in the block it samples (0 between blocks)
         self.samples = 0  # delivered to the client
         self.started_at = time.perf_counter()
         self.parked_at = 0.0  # clock() when it last left the batch for its client
