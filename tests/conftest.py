@@ -209,9 +209,7 @@ class AppServer:
 
     url = "http://testserver"
 
-    def __init__(self, env: dict[str, str], ready_timeout: float = 180):
-        import time
-
+    def __init__(self, env: dict[str, str], ready_timeout: float = 180, wait_ready: bool = True):
         from fastapi.testclient import TestClient
 
         import api_server
@@ -225,16 +223,34 @@ class AppServer:
         root.setLevel(min(root.level or logging.WARNING, self._log.level))
         # as the live server answers: an exception in the app is a 500, not an exception in the test
         self.client = TestClient(self.app, base_url=self.url, raise_server_exceptions=False)
-        self.client.__enter__()
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while not self.client.get("/health").json()["ready"]:
-                if self.app.state.service.load_error is not None or time.monotonic() > deadline:
-                    raise ServerFailed(f"app not ready: {self.app.state.service.unready_reason()}\n{self.log()}")
-                time.sleep(0.1)
-        except BaseException:
-            self.stop()
-            raise
+        self.client.__enter__()  # the lifespan: the models start loading in the background
+        if wait_ready:
+            try:
+                self.wait(ready_timeout)
+            except BaseException:
+                self.stop()
+                raise
+
+    def wait(self, timeout: float) -> None:
+        """Poll /health until the app reports ready (as LiveServer.wait)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.client.get("/health").json()["ready"]:
+            if self.app.state.service.load_error is not None or time.monotonic() > deadline:
+                raise ServerFailed(f"app not ready: {self.app.state.service.unready_reason()}\n{self.log()}")
+            time.sleep(0.1)
+
+    def load_failure(self, timeout: float = 10):
+        """/ready's answer once it says that loading the models failed (as LiveServer.load_failure)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            response = self.client.get("/ready")
+            if "failed" in response.text or time.monotonic() > deadline:
+                return response
+            time.sleep(0.1)
 
     def request(self, method: str, path: str, timeout=None, **kwargs):
         return self.client.request(method, path, **kwargs)

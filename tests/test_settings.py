@@ -1,12 +1,12 @@
-"""Configuration from the environment, and start-up behaviour of the real process."""
+"""Configuration from the environment, start-up behaviour of the app (in process: conftest.AppServer) and
+of the real process."""
 
 import subprocess
 import sys
 
-import httpx
 import pytest
 
-from conftest import ROOT, LiveServer, server_env
+from conftest import ROOT, AppServer, server_env
 from settings import PERFORMANCE_PRESETS, ConfigError, load_settings
 
 
@@ -96,33 +96,33 @@ def test_process_refuses_to_start_with_a_malformed_variable():
 
 
 @pytest.mark.slow
-def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_WARMUP="1", ECHO_WARMUP_VOICE="alice",
                      ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1")
-    live = LiveServer(env, tmp_path / "server.log", wait_ready=False)
+    live = AppServer(env, wait_ready=False)
     try:
-        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False, "auth": False}
-        r = httpx.post(live.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "none"})
+        assert live.get("/health").json() == {"status": "ok", "ready": False, "auth": False}
+        r = live.post("/v1/audio/speech", json={"input": "Hi.", "voice": "none"})
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "not_ready"
         live.wait(300)
         log = live.log()
         assert "warm-up done" in log and log.index("warm-up done") < log.rindex("ready")
-        assert httpx.get(live.url + "/ready").status_code == 200
+        assert live.get("/ready").status_code == 200
     finally:
         live.stop()
 
 
 @pytest.mark.slow
 def test_debug_logs_keep_the_last_generation_and_streamed_bytes_match_it(tiny_echo_dir, tiny_fish_dir, voice_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, monkeypatch):
     import numpy as np
     import soundfile as sf
 
-    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_DEBUG_LOGS="1"),
-                      tmp_path / "server.log", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the app writes api_generation.wav
+    live = AppServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_DEBUG_LOGS="1"))
     try:
         body = {"input": "Hello there.", "voice": "alice", "block_sizes": [4, 8], "num_steps": [2, 2]}
-        streamed = httpx.post(live.url + "/v1/audio/speech", json=body, timeout=60).content
+        streamed = live.post("/v1/audio/speech", json=body, timeout=60).content
         generated, rate = sf.read(tmp_path / "api_generation.wav", dtype="float32")
         assert rate == 44100
         meant = np.round(np.clip(generated, -1, 1) * 32767).astype("<i2").tobytes()
@@ -134,13 +134,12 @@ def test_debug_logs_keep_the_last_generation_and_streamed_bytes_match_it(tiny_ec
 
 @pytest.mark.slow
 def test_a_model_that_cannot_load_is_reported_by_ready(tiny_fish_dir, voice_dir, tmp_path):
-    live = LiveServer(server_env(tmp_path / "no-such-model", tiny_fish_dir, voice_dir), tmp_path / "server.log",
-                      wait_ready=False)
+    live = AppServer(server_env(tmp_path / "no-such-model", tiny_fish_dir, voice_dir), wait_ready=False)
     try:
         r = live.load_failure()
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
         assert "no-such-model" in r.json()["error"]["message"]
-        assert httpx.get(live.url + "/health").json() == {"status": "ok", "ready": False, "auth": False}
+        assert live.get("/health").json() == {"status": "ok", "ready": False, "auth": False}
     finally:
         live.stop()
 
