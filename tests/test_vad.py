@@ -110,18 +110,16 @@ def test_one_request_rerolls_while_the_others_in_its_batch_are_unaffected(tiny_m
 
 
 @pytest.mark.slow
-def test_a_server_with_vad_reroll_counts_its_rerolls(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
-    import httpx
-
-    from conftest import LiveServer, server_env
+def test_a_server_with_vad_reroll_counts_its_rerolls(tiny_echo_dir, tiny_fish_dir, voice_dir):
+    from conftest import AppServer, server_env
     from test_server import _metric
 
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_VAD_REROLL_ENABLED="1",
                      ECHO_VAD_SILENCE_THRESHOLD_MS="300", ECHO_VAD_MAX_REROLLS="1")
-    live = LiveServer(env, tmp_path / "server.log")
+    live = AppServer(env)  # the app in process: no socket or process is the point here
     try:
         body = {"input": "Hello.", "voice": "none", "seed": 1, "block_sizes": [32, 32], "num_steps": [2, 2]}
-        assert httpx.post(live.url + "/v1/audio/speech", json=body, timeout=120).status_code == 200
+        assert live.post("/v1/audio/speech", json=body, timeout=120).status_code == 200
         rerolls = _metric(live, "echo_vad_rerolls")
         # the random tiny model speaks no words: its blocks are all silence to Silero, so each is rerolled once
         assert rerolls == 2 and live.log().count("sampling it again") == 2
