@@ -3,7 +3,6 @@
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from live_server import LiveServer, ServerFailed, free_port  # noqa: F401 - the one way to start a server (benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "reference"
-sys.path.insert(0, str(ROOT))
 
 
 def ref_path(name: str) -> Path:
@@ -80,17 +80,13 @@ def synthetic_repos(tmp_path_factory) -> dict[str, Path]:
     """
     import os
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from synthetic import write_synthetic_repos
+    from synthetic import write_synthetic_repos  # benchmarks/ (pytest.ini's pythonpath)
 
     out = Path(os.environ.get("ECHO_SYNTHETIC_DIR") or tmp_path_factory.mktemp("synthetic"))
     return write_synthetic_repos(out, REF)
 
 
 # ---- a live server on a loopback port ------------------------------------------------------------
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from live_server import LiveServer, ServerFailed, free_port  # noqa: E402,F401 - one way to start a server
 
 
 @contextmanager

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import struct
-import sys
 import wave
 
 import av
@@ -15,10 +13,8 @@ import numpy as np
 import pytest
 import soxr
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import audio_encoding as ae  # noqa: E402
-from audio_encoding import (  # noqa: E402
+import audio_encoding as ae
+from audio_encoding import (
     AUDIO_FORMATS,
     CONTENT_TYPES,
     AudioEncoder,
