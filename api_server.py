@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                                 active_streams=lambda: service.worker.active if service.worker else 0,
                                 parked_streams=lambda: service.worker.parked if service.worker else 0,
                                 gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
-                                vad_rerolls=service.vad_rerolls)
+                                vad_rerolls=service.vad_rerolls, adaptive_steps=service.adaptive_steps)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
@@ -144,7 +144,8 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"],
-                           expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica"])
+                           expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica",
+                                           "X-Echo-Steps"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
                        read_timeout=settings.read_timeout)
     app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
@@ -422,7 +423,7 @@ async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: Audi
         async for data in _encoded(stream, first, encoder, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         yield _sse({"type": "speech.audio.done", "seed": started.job.seed, "voice": started.voice,
-                    "usage": _usage(started.job.chunks, timing.audio_seconds)})
+                    "usage": _usage(started.job.chunks, timing.audio_seconds), **started.steps_report()})
     except Exception as e:
         yield _sse({"type": "error", "error": generation_failure(e).detail()})
 
@@ -464,6 +465,8 @@ async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: Audi
         raise _api_error(generation_failure(e)) from None
     timing.sent()
     timing.finished(samples / SAMPLE_RATE)
+    if (steps := stream.steps_used) is not None:  # ECHO_ADAPTIVE_STEPS: the steps each block took
+        headers = headers | {"X-Echo-Steps": ",".join(map(str, steps))}
     return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)
 
 

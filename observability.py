@@ -97,7 +97,8 @@ class Metrics:
 
     def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int],
                  gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0,
-                 vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0):
+                 vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0,
+                 adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0)):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -116,6 +117,15 @@ class Metrics:
               registry=self.registry).set_function(compiles_after_warm_up)
         Gauge("echo_vad_rerolls", "Blocks sampled again because their audio held a silence over "
               "ECHO_VAD_SILENCE_THRESHOLD_MS (counts up since start)", registry=self.registry).set_function(vad_rerolls)
+        # ECHO_ADAPTIVE_STEPS: adaptive_steps() is (budget, reduced blocks, steps saved)
+        for index, (name, doc) in enumerate((
+                ("echo_adaptive_steps_budget", "Share of their requested diffusion steps above the floor that blocks "
+                 "starting now get (ECHO_ADAPTIVE_STEPS; 1: as requested, 0: ECHO_ADAPTIVE_STEPS_FLOOR)"),
+                ("echo_adaptive_reduced_blocks", "Blocks generated with fewer diffusion steps than requested "
+                 "(ECHO_ADAPTIVE_STEPS; counts up since start)"),
+                ("echo_adaptive_steps_saved", "Diffusion steps the reduced blocks did not take (ECHO_ADAPTIVE_STEPS; "
+                 "counts up since start)"))):
+            Gauge(name, doc, registry=self.registry).set_function(lambda index=index: adaptive_steps()[index])
         if gpu is not None and gpu.type == "cuda":
             for name, doc, read in (
                     ("echo_gpu_memory_allocated_bytes", "CUDA memory held by tensors", torch.cuda.memory_allocated),

@@ -13,7 +13,8 @@ Server -> client, per segment: `{"type": "start", "segment_id", "sample_rate"}`,
 else 24 kHz for OpenAI's models and 44.1 kHz otherwise, as over HTTP) of at most ECHO_WS_MAX_FRAME_BYTES
 each (whole samples; each decoded block is cut into them as soon as it is encoded, so a client's
 default message limit, 1 MiB for `websockets`, always holds), then
-`{"type": "end", "segment_id", "seed", "voice", "audio_seconds", "cancelled"}`. Empty input gets
+`{"type": "end", "segment_id", "seed", "voice", "audio_seconds", "cancelled"}` (with ECHO_ADAPTIVE_STEPS
+also `steps`, the diffusion steps each block took). Empty input gets
 `{"type": "no_op", "reason": "empty_input", "segment_id"}`; a failed segment gets
 `{"type": "error", "error": {message, type, param, code}, "message", "segment_id"}` and the socket
 stays usable (so do messages that are not JSON objects, hold NaN or Infinity, or are binary frames:
@@ -417,11 +418,12 @@ async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
 def _ended(segment: Segment, started: Started, samples: int, failure: RequestError | None) -> dict:
     """The `end` of a segment that started: its seed, the voice it spoke with (an alias's or the
     default for an OpenAI name, as X-Echo-Voice says over HTTP), its seconds of audio, and whether it
-    was cut short, with the server's reason when the server cut it."""
+    was cut short, with the server's reason when the server cut it; with ECHO_ADAPTIVE_STEPS, the
+    diffusion steps each block took (`steps`: the blocks started, also when the segment was cut)."""
     reason = segment.reason or (FAILED if failure is not None else None)
     return {"type": "end", "segment_id": segment.segment_id, "seed": started.job.seed, "voice": started.voice,
             "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled or failure is not None,
-            **({"reason": reason} if reason else {})}
+            **({"reason": reason} if reason else {}), **started.steps_report()}
 
 
 async def _blocks(stream: JobStream):
