@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -38,8 +40,123 @@ def test_ci_runs_the_readme_test_command_in_a_brand_new_venv():
     assert ci.index("venv/bin/activate") < ci.index(command)
 
 
+def _readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in `language`, as written."""
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def _readme_commands() -> list[list[str]]:
+    """Each shell command of the README's bash blocks (continuations joined; comments and pipes
+    dropped), split as the shell splits it, one list per command between `&&`."""
+    import shlex
+
+    commands = []
+    for block in _readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("|")[0].split("  #")[0].strip()
+            commands += [shlex.split(part) for part in line.split("&&") if part.strip()]
+    return commands
+
+
+def _installs(command: list[str]) -> tuple[list[str], list[str]]:
+    """(requirement files, constraint files) a `pip install` command names."""
+    requirements = [command[i + 1] for i, arg in enumerate(command) if arg == "-r"]
+    constraints = [command[i + 1] for i, arg in enumerate(command) if arg == "-c"]
+    return requirements, constraints
+
+
 def test_the_readme_installs_the_server_from_the_lock():
-    assert "pip install -r requirements.txt -c requirements.lock && python api_server.py" in README
+    """Each README command that starts the server (or the tests) installs it first from its
+    requirements constrained by their lock (the lock test_locks_pin_every_requirement_but_torch checks),
+    and starts a script the repository has."""
+    lines = [block.strip() for block in _readme_blocks("bash")]
+    started = {}
+    for line in lines:
+        install, _, run = line.partition("&&")
+        requirements, constraints = _installs(install.split())
+        if install.split()[:2] == ["pip", "install"] and run.strip().startswith("python"):
+            started[run.split()[-1] if "pytest" not in run else "pytest"] = (requirements, constraints)
+    assert started["api_server.py"] == (["requirements.txt"], ["requirements.lock"])
+    assert started["deploy/ray_serve.py"] == (["requirements-ray.txt"], ["requirements-ray.lock"])
+    assert started["pytest"] == (["requirements-dev.txt"], ["requirements-dev.lock"])
+    for script in ("api_server.py", "deploy/ray_serve.py"):
+        assert (ROOT / script).is_file(), script
+    for command in _readme_commands():  # every install anywhere in the README: a lock for each file
+        if command[:2] == ["pip", "install"]:
+            requirements, constraints = _installs(command)
+            assert [r.replace(".txt", ".lock") for r in requirements] == constraints, command
+
+
+def test_every_variable_the_readme_names_is_read_by_the_server_the_ray_deployment_or_ci():
+    """A documented ECHO_* variable that nothing reads would be silently ignored by a user's setup."""
+    import ast
+
+    from settings import Settings
+
+    ray = next(node for node in ast.walk(ast.parse((ROOT / "deploy" / "ray_serve.py").read_text()))
+               if isinstance(node, ast.ClassDef) and node.name == "RaySettings")
+    read = {f"ECHO_{name.upper()}" for name in Settings.model_fields}
+    read |= {f"ECHO_RAY_{field.target.id.upper()}" for field in ray.body if isinstance(field, ast.AnnAssign)}
+    read |= set(re.findall(r"\bECHO_[A-Z0-9_]+", (ROOT / ".ci" / "run").read_text()))
+    named = set(re.findall(r"\bECHO_[A-Z0-9_]*[A-Z0-9]\b", README))
+    assert len(named) > 40 and named <= read, sorted(named - read)
+
+
+def _curl(command: list[str]) -> tuple[str, dict[str, str], str, str | None]:
+    """(path, headers, body, output file) of a README curl command."""
+    from urllib.parse import urlsplit
+
+    url = next(arg for arg in command if arg.startswith("http://"))
+    headers = dict(command[i + 1].split(": ", 1) for i, arg in enumerate(command) if arg == "-H")
+    body = next(command[i + 1] for i, arg in enumerate(command) if arg == "-d")
+    output = next((command[i + 1] for i, arg in enumerate(command) if arg == "-o"), None)
+    return urlsplit(url).path, headers, body, output
+
+
+@pytest.mark.slow
+def test_the_readme_speech_examples_answer_what_they_save_or_play(app):
+    """The README's curl examples, run against the app (the test voices include alice): each gets
+    audio in the format its output file is named for, and the streamed one the raw format the
+    ffplay command it is piped to reads."""
+    import io
+
+    import av
+
+    playing = next(block for block in _readme_blocks("bash") if "| ffplay" in block)
+    player = playing.split("| ffplay", 1)[1].split()
+    examples = [c for c in _readme_commands() if c[0] == "curl" and "/v1/audio/speech" in " ".join(c)]
+    assert len(examples) >= 3
+    for command in examples:
+        path, headers, body, output = _curl(command)
+        r = app.post(path, headers=headers, content=body)
+        assert r.status_code == 200, (command, r.text)
+        if output is None:  # played as it streams: what ffplay is told the bytes are
+            assert player[player.index("-f") + 1] == "s16le" and r.headers["content-type"] == "audio/pcm"
+            assert r.headers["x-audio-sample-rate"] == player[player.index("-ar") + 1]
+            assert player[player.index("-ch_layout") + 1] == "mono" and len(r.content) % 2 == 0 and r.content
+            continue
+        extension = output.rsplit(".", 1)[1]
+        assert r.headers["content-type"] == {"mp3": "audio/mpeg", "wav": "audio/wav"}[extension]
+        with av.open(io.BytesIO(r.content)) as container:
+            assert container.format.name.split(",")[0] == extension
+            assert sum(frame.samples for frame in container.decode(audio=0)) > 0
+
+
+@pytest.mark.slow
+def test_the_readme_openai_sdk_example_runs_as_written(server, tmp_path):
+    """The Python block that uses the OpenAI SDK, in a process of its own with only its URL pointed
+    at the test server: it writes a WAV file that decodes."""
+    import subprocess
+    import sys
+    import wave
+
+    (code,) = [block for block in _readme_blocks("python") if "from openai import OpenAI" in block]
+    assert 'base_url="http://localhost:8000/v1"' in code
+    code = code.replace("http://localhost:8000/v1", server.url + "/v1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with wave.open(str(tmp_path / "hello.wav")) as audio:
+        assert audio.getframerate() == 44100 and audio.getnchannels() == 1 and audio.getnframes() > 0
 
 
 def test_nothing_reads_outside_the_repository():
