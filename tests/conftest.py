@@ -195,6 +195,28 @@ class _LogLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
+    # the root logger's level while apps run: the lowest theirs need (as configure_logging sets it),
+    # whatever order they stop in; its own level again once none runs
+    attached: list["_LogLines"] = []
+    level_before: int = logging.WARNING
+
+    @classmethod
+    def attach(cls, handler: "_LogLines") -> None:
+        root = logging.getLogger()
+        if not cls.attached:
+            cls.level_before = root.level
+        cls.attached.append(handler)
+        root.addHandler(handler)
+        root.setLevel(min(h.level for h in cls.attached))
+
+    @classmethod
+    def detach(cls, handler: "_LogLines") -> None:
+        root = logging.getLogger()
+        root.removeHandler(handler)
+        if handler in cls.attached:
+            cls.attached.remove(handler)
+        root.setLevel(min(h.level for h in cls.attached) if cls.attached else cls.level_before)
+
 
 class AppServer:
     """create_app(settings) in this process, its lifespan run and its models loaded, with the
@@ -213,10 +235,7 @@ class AppServer:
         self.settings = settings_from_env(env)
         self.app = api_server.create_app(self.settings)
         self._log = _LogLines(self.settings)
-        root = logging.getLogger()
-        self._root_level = root.level
-        root.addHandler(self._log)
-        root.setLevel(min(root.level or logging.WARNING, self._log.level))
+        _LogLines.attach(self._log)
         # as the live server answers: an exception in the app is a 500, not an exception in the test
         self.client = TestClient(self.app, base_url=self.url, raise_server_exceptions=False)
         self.client.__enter__()  # the lifespan: the models start loading in the background
@@ -287,9 +306,7 @@ class AppServer:
         try:
             self.client.__exit__(None, None, None)
         finally:
-            root = logging.getLogger()
-            root.removeHandler(self._log)
-            root.setLevel(self._root_level)
+            _LogLines.detach(self._log)
 
 
 class AppSocket:
