@@ -279,7 +279,7 @@ class GenerationWorker:
     def __init__(self, engine: SpeechEngine, max_waiting: int = 16, max_active: int = 8,
                  debug_sink: Callable[[np.ndarray], None] | None = None, max_ahead_samples: int | None = None,
                  send_timeout: float | None = None, first_audio_budget: float = FIRST_AUDIO_BUDGET,
-                 step_budget: StepBudget | None = None):
+                 step_budget: StepBudget | None = None, thread: bool = True):
         self.engine = engine
         self.max_waiting = max_waiting
         self.max_active = max_active
@@ -298,7 +298,8 @@ class GenerationWorker:
         self._debug_sink = debug_sink
         self._checks: ThreadPoolExecutor | None = None  # silence checks (VAD reroll), off this thread
         self._thread = threading.Thread(target=self._run, name="echo-generation", daemon=True)
-        self._thread.start()
+        if thread:  # False: no generation thread; the caller runs `_admit` and `iterate` (benchmarks/simulate.py)
+            self._thread.start()
 
     @property
     def pending(self) -> int:
@@ -382,12 +383,16 @@ class GenerationWorker:
         parked: list[_Running] = []  # ahead of their client: out of the batch, in the order they left it
         with torch.inference_mode():
             while self._admit(active, parked):
-                self._drop_cancelled(active, parked)
-                self._park(active, parked)
-                self._count(active, parked)
-                self._step(active)
-                self._count(active, parked)
+                self.iterate(active, parked)
         self._active = self._parked = 0
+
+    def iterate(self, active: list[_Running], parked: list[_Running]) -> None:
+        """One iteration after admission: drop, park, then run the most urgent unit."""
+        self._drop_cancelled(active, parked)
+        self._park(active, parked)
+        self._count(active, parked)
+        self._step(active)
+        self._count(active, parked)
 
     def _count(self, active: list[_Running], parked: list[_Running]) -> None:
         self._active, self._parked = len(active), len(parked)

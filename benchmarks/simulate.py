@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import queue
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ import engine as eng  # noqa: E402
 import worker as wk  # noqa: E402
 from batched_steps import StaticShapes, StaticSteps, row_buckets  # noqa: E402
 from inference import SAMPLE_RATE, ModelCall  # noqa: E402
+from inference_blockwise import PrefixCall  # noqa: E402
 
 FRAME_SAMPLES = 2048
 PADDED_RUNNER = "a10f983"  # the last commit with the padded ExactSteps (the 2026-11-22 eager runs)
@@ -597,9 +596,12 @@ class Simulation:
     """One run: the real GenerationWorker in virtual time, a fake engine costed by the model."""
 
     def __init__(self, constants: Constants, config: str = "eager", policy: str = "deadline", max_active: int = 64,
-                 max_waiting: int = 1024, decode_cap: int | None = 8192, runner: str | None = None):
+                 max_waiting: int = 1024, decode_cap: int | None = 8192, runner: str | None = None,
+                 batched_admission: bool | None = None):
         self.k = constants
         self.config, self.policy = config, policy
+        # today's engine batches admission and prefix extension; the 2026-11-22 (lockstep) one did not
+        self.batched_admission = policy == "deadline" if batched_admission is None else batched_admission
         self.now = 0.0
         self.busy = 0.0  # seconds of work done
         self.runner = runner or ("static" if config == "graphs" else "padded" if policy == "lockstep" else "exact")
@@ -607,12 +609,8 @@ class Simulation:
         self.decode_cap = decode_cap
         self.engine = SimEngine(self)
         cls = LockstepWorker if policy == "lockstep" else wk.GenerationWorker
-        worker = object.__new__(cls)  # no thread: the simulation runs its iterations (GenerationWorker._run)
-        worker.__dict__.update(engine=self.engine, max_waiting=max_waiting, max_active=max_active,
-                               max_ahead_samples=None, send_timeout=None, first_audio_budget=wk.FIRST_AUDIO_BUDGET,
-                               _jobs=queue.Queue(), _pending=0, _active=0, _parked=0, _lock=threading.Lock(),
-                               _debug_sink=None, _checks=None)
-        self.worker = worker
+        # no thread: the simulation runs its iterations (GenerationWorker._run)
+        self.worker = cls(self.engine, max_waiting=max_waiting, max_active=max_active, thread=False)
         self.listeners: list[Listener] = []
         self.units: list[tuple[float, str, int]] = []  # (start, kind, members)
 
@@ -660,11 +658,7 @@ class Simulation:
                     self.now = arrivals[i][0]  # idle until the next request
                     continue
                 w._admit(active, parked)
-                w._drop_cancelled(active, parked)
-                w._park(active, parked)
-                w._count(active, parked)
-                w._step(active)
-                w._count(active, parked)
+                w.iterate(active, parked)
         finally:
             wk.clock = saved
         failed = [x.error for x in self.listeners if x.error is not None]
@@ -718,14 +712,23 @@ class SimEngine:
         self._audio: dict[int, np.ndarray] = {}
 
     def job_steps(self, job: SimJob):
-        """Admission (text encoder: before the first ModelCall, as engine.job_steps does it), then per
-        block its diffusion steps (3 rows while guided), its decode, its audio; between blocks the
-        latent prefix of the block before."""
+        """Admission (text encoder), then per block its diffusion steps (3 rows while guided), its
+        decode, its audio; between blocks the latent prefix of the block before. With
+        `sim.batched_admission` (today's engine) admission and prefix extension are an
+        engine.TextCall and an inference_blockwise.PrefixCall the worker runs as units, batched
+        across jobs; without (the 2026-11-22 engine) each job runs them alone, inline."""
         sim = self.sim
-        sim.spend(admission_work(job.tokens))
+        if sim.batched_admission:
+            bucket = next(b for b in eng.TEXT_BUCKETS if b >= job.tokens)
+            yield eng.TextCall(None, torch.empty(1, bucket, dtype=torch.int32, device="meta"),
+                               torch.empty(1, bucket, dtype=torch.bool, device="meta"), job.tokens)
+        else:
+            sim.spend(admission_work(job.tokens))
         decoder, done = SimDecoder(), 0
         for index, (frames, steps) in enumerate(job.blocks):
-            if index:
+            if index and sim.batched_admission:
+                yield PrefixCall(done, torch.empty(1, job.blocks[index - 1][0], 80, device="meta"))
+            elif index:
                 sim.spend(prefix_work(job.blocks[index - 1][0]))
             for guided in guided_steps(steps):
                 rows = 3 if guided else 1
@@ -741,10 +744,32 @@ class SimEngine:
             yield self._audio[frames]
             done += frames
 
-    def encode_texts(self, calls: Sequence) -> list[None]:
-        """Batched admission (a newer worker's TextCall), should a job yield one: these fake jobs
-        encode their text inline, as engine.job_steps at HEAD does."""
-        self.sim.spend(admission_work(TEXT_TOKENS))
+    def encode_texts(self, calls: Sequence[eng.TextCall]) -> list[None]:
+        """Batched admission (engine.encode_texts): one text-encoder call per bucket length. A batched
+        call's FLOPs grow with its rows; its eager ops and its bytes (the encoder's weights dominate)
+        are paid once."""
+        sim = self.sim
+        sim.units.append((sim.now, "text", len(calls)))
+        groups: dict[int, list[eng.TextCall]] = {}
+        for c in calls:
+            groups.setdefault(c.ids.shape[1], []).append(c)
+        for bucket, members in groups.items():
+            one = admission_work(bucket)
+            sim.spend(Work(ops=one.ops, flops=one.flops * len(members), bytes=one.bytes))
+        return [None] * len(calls)
+
+    def extend_prefixes(self, calls: Sequence[PrefixCall]) -> list[None]:
+        """Batched prefix extension (model.extend_prefixes): the prefixes at the same frame count
+        that get blocks of the same length in one encoder call; FLOPs per row, ops and bytes once."""
+        sim = self.sim
+        sim.units.append((sim.now, "prefix", len(calls)))
+        groups: dict[tuple[int, int], int] = {}
+        for c in calls:  # here `prefix` is the frames generated so far
+            key = (c.prefix, c.latents.shape[1])
+            groups[key] = groups.get(key, 0) + 1
+        for (_, frames), rows in groups.items():
+            one = prefix_work(frames)
+            sim.spend(Work(ops=one.ops, flops=one.flops * rows, bytes=one.bytes))
         return [None] * len(calls)
 
     def decode(self, calls: Sequence[eng.DecodeCall]) -> list[None]:

@@ -28,8 +28,8 @@ def test_the_simulation_drives_the_real_worker_and_restores_its_clock(monkeypatc
         for r in active:
             if isinstance(r.pending, wk.ModelCall):
                 units.setdefault(("step", group_of(r.pending)), []).append(r)
-            elif isinstance(r.pending, wk.DecodeCall):
-                units.setdefault("decode", []).append(r)
+            elif type(r.pending) in wk.COMPUTE:  # decodes, text chunks, prefix extensions
+                units.setdefault(type(r.pending), []).append(r)
         chosen.append(real(active, group_of, budget))
         return max(units.values(), key=lambda jobs: min(r.deadline(budget) for r in jobs)) if units else []
 
