@@ -200,7 +200,11 @@ def batching_gain(model_repo: str, fish_repo: str, device: str, clients: int = 8
     engine = SpeechEngine(model, fish, inf.load_pca_state_from_hf(model_repo, device=device), SpeakerCache(4))
     settings = inf.SamplerSettings(0, 3.0, 8.0, 0.5, 1.0)
     shape = BlockShape((32, 128, 480), (8, 15, 20))
-    calls = [next(engine.job_steps(SpeechJob((TEXT,), None, seed, shape, shape, settings))) for seed in range(clients)]
+    calls = []
+    for seed in range(clients):
+        steps = engine.job_steps(SpeechJob((TEXT,), None, seed, shape, shape, settings))
+        text = next(steps)  # its text chunk first (a TextCall), then its first diffusion step
+        calls.append(steps.send(text.run()))
 
     def timed(fn) -> float:
         fn()
