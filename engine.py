@@ -3,8 +3,8 @@
 `SpeechEngine` owns the loaded models, the speaker caches and the step runner. A job is a step
 generator (`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples)
 that yields what it needs computed: a TextCall (a text chunk's keys/values), a ModelCall (one
-diffusion step), a PrefixCall (a finished block into the latent prefix), a DecodeCall (one block through its stream's decoder) or a SilenceCheck (VAD
-reroll), and finished audio. `generate` runs
+diffusion step), a PrefixCall (a finished block into the latent prefix), a DecodeCall (one block
+through its stream's decoder) or a SilenceCheck (VAD reroll), and finished audio. `generate` runs
 one job alone; worker.py's `GenerationWorker` runs many on one thread, scheduled by deadline.
 """
 
@@ -257,8 +257,9 @@ class SpeechEngine:
 
     def job_steps(self, job: SpeechJob, choose: StepChoice | None = None) -> JobSteps:
         """The job as a step generator: yields TextCall (send back the text's keys/values), ModelCall
-        (send back the velocity), PrefixCall (send back None), DecodeCall (send back its audio), SilenceCheck (send back the
-        longest silence) and finished audio (np.ndarray, send None), in order.
+        (send back the velocity), PrefixCall (send back None), DecodeCall (send back its audio),
+        SilenceCheck (send back the longest silence) and finished audio (np.ndarray, send None), in
+        order.
 
         `choose(floor, requested)` (ECHO_ADAPTIVE_STEPS) is asked as each block starts for the steps
         it takes, kept between the block's floor (`step_floor`) and its requested steps; None: every

@@ -3,8 +3,9 @@
 A job is SpeechEngine.job_steps, a step generator: it yields a TextCall (a text chunk for the
 text encoder: send back its keys/values), a ModelCall (one diffusion step: send back its
 velocity), a PrefixCall (a finished block into its latent prefix: send back None), a DecodeCall
-(one block through its stream's decoder: send back its audio), a SilenceCheck (VAD reroll: send back the longest silence) or finished audio (an
-np.ndarray for the client: send back None), and ends when its audio is complete. Every job runs
+(one block through its stream's decoder: send back its audio), a SilenceCheck (VAD reroll: send
+back the longest silence) or finished audio (an np.ndarray for the client: send back None), and
+ends when its audio is complete. Every job runs
 through `GenerationWorker._advance`, the one driver of that protocol on the worker thread
 (`SpeechEngine.generate` drives the same steps for a job alone).
 
