@@ -405,7 +405,7 @@ class SpeechEngine:
                 break
             self.rerolls += 1
             log.info("block of %.1f s has a %.2f s silence: sampling it again with seed %d (reroll %d)",
-                     audio.size / 44100, silence, job.seed + len(attempts), len(attempts))
+                     audio.size / SAMPLE_RATE, silence, job.seed + len(attempts), len(attempts))
             decoder.restore(before)
             item = steps.send(make_generator(job.seed + len(attempts), self.model.device))
         silence, block, audio, after = min(attempts, key=lambda attempt: attempt[0])

@@ -24,7 +24,7 @@ from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from engine import (BlockShape, EarlyStop, SpeakerReference, SpeechEngine, SpeechJob, StepFloor, VadReroll,
                     VoiceUnusable, random_seed)
 from model import EchoDiT
-from settings import NONSTREAM_BLOCK_SIZE, PERFORMANCE_PRESETS, Settings
+from settings import PERFORMANCE_PRESETS, Settings
 from speech_request import MAX_STEPS_PER_CHUNK, GenerationOptions, RequestError
 from text_chunking import (ChunkSettings, fits_in_one_generation, normalize_exclamations, prepare_text,
                            split_into_chunks)
@@ -167,7 +167,7 @@ class SpeechService:
         s = self.settings
         if not s.use_static_shapes:
             return ExactSteps(model)
-        blocks = s.stream_preset[0] + [NONSTREAM_BLOCK_SIZE]
+        blocks = s.stream_preset[0] + [inf.MAX_SEQUENCE_LENGTH]
         shapes = StaticShapes.covering(blocks, max_rows=3 * s.max_active, patch_size=model.speaker_patch_size,
                                        max_speaker_latent_length=s.max_speaker_latent_length,
                                        latent_prefix=model.has_latent_prefix)
@@ -401,7 +401,7 @@ class SpeechService:
     def block_shapes(self, options: GenerationOptions) -> tuple[BlockShape, BlockShape]:
         """(first chunk, later chunks). Streaming starts with the preset's small blocks; a request's
         block_sizes / num_steps override both."""
-        nonstream = ([NONSTREAM_BLOCK_SIZE], [self.settings.num_steps_nonstream])
+        nonstream = ([inf.MAX_SEQUENCE_LENGTH], [self.settings.num_steps_nonstream])
         stream = self.settings.stream_preset
         if options.block_sizes is None and options.num_steps is None:
             return _shape(*(stream if options.stream else nonstream)), _shape(*nonstream)

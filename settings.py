@@ -24,7 +24,6 @@ PERFORMANCE_PRESETS: dict[str, tuple[list[int], list[int]]] = {
     "low": ([32, 64, 272, 272], [8, 10, 15, 15]),
     "equal": ([213, 213, 214], [15, 15, 15]),
 }
-NONSTREAM_BLOCK_SIZE = 640
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -211,14 +210,20 @@ class Settings(BaseSettings):
     def fish_device_name(self) -> str:
         return self.fish_device or self.device
 
-    @property
-    def stream_preset_name(self) -> str:
-        """ECHO_PERFORMANCE_PRESET; an unknown preset falls back to default."""
-        name = self.performance_preset.strip().lower().replace("-", "_")
+    @field_validator("performance_preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        """ECHO_PERFORMANCE_PRESET, normalised; an unknown preset falls back to default (warned once, at load)."""
+        name = value.strip().lower().replace("-", "_")
         if name not in PERFORMANCE_PRESETS:
-            log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", self.performance_preset)
+            log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", value)
             name = "default"
         return name
+
+    @property
+    def stream_preset_name(self) -> str:
+        """ECHO_PERFORMANCE_PRESET, as validated."""
+        return self.performance_preset
 
     @property
     def stream_preset(self) -> tuple[list[int], list[int]]:

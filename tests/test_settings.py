@@ -44,6 +44,14 @@ def test_lists_presets_and_keys(monkeypatch, caplog):
     assert "turbo" in caplog.text
 
 
+def test_an_unknown_preset_is_warned_once_at_load_not_per_request(monkeypatch, caplog):
+    monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "turbo")
+    s = load_settings()
+    for _ in range(3):  # what every request reads
+        assert s.stream_preset == PERFORMANCE_PRESETS["default"] and s.stream_preset_name == "default"
+    assert caplog.text.count("unknown ECHO_PERFORMANCE_PRESET") == 1
+
+
 def test_device_auto_is_cuda_when_available_else_cpu_with_a_warning(monkeypatch, caplog):
     for name in ("ECHO_DEVICE", "ECHO_FISH_DEVICE"):
         monkeypatch.delenv(name, raising=False)
