@@ -25,6 +25,9 @@ advance the clock by the cost model. A call costs
     max(bytes / bandwidth, FLOPs / achieved FLOP/s) + eager ops x per-op overhead (+ graph replays
     x per-replay overhead with CUDA graphs)
 
+and with static shapes (graphs) each new batch StaticSteps builds when a pack's members change
+(another job, block or CFG phase) costs its meta-counted eager ops and bytes (restack_work).
+
 with bandwidth and peak FLOP/s from the H100 SXM data sheet, and the achieved FLOP fraction, the
 per-op and per-replay overheads and a fixed per-request overhead (HTTP) fitted ONCE to the
 single-stream measurements (TTFB at 1 stream, 30 s non-streaming at 20 and 30 steps). The
@@ -172,8 +175,10 @@ def count_runner(kind: str, mixes: Sequence[Sequence[tuple]]) -> list[dict]:
             if kind == "static":
                 shapes = StaticShapes((32, 128, 480, 640), row_buckets(48), 160, 768, (1600,))
                 steps = StaticSteps(model, shapes)
-                steps(calls)
-                row = measured(lambda: steps(calls))
+                first = measured(lambda: steps(calls))  # a new batch: positions, key mask, stacked caches
+                row = measured(lambda: steps(calls))  # the same members: the batch is reused
+                row["restack_ops"] = first["ops"] - row["ops"]
+                row["restack_touched"] = first["touched"] - row["touched"]
                 from functools import partial
                 steps._velocity = partial(model.velocity, run_block=lambda block, h, *a: h)  # outside the blocks
                 row["outside_ops"] = measured(lambda: steps(calls))["ops"]
@@ -214,7 +219,20 @@ def fit_step_costs(kind: str, counts: list[dict] | None = None) -> dict:
     fit["ops"] = fit_linear(counts, feats, "ops", ("one", "gens", "single"))
     if kind == "static":
         fit["outside_ops"] = fit_linear(counts, feats, "outside_ops", ("one", "gens"))
+        restack = [restack_features(mix) for mix in FIT_MIXES]
+        fit["restack_ops"] = fit_linear(counts, restack, "restack_ops", ("one", "gens", "single"))
+        fit["restack_touched"] = fit_linear(counts, restack, "restack_touched", ("one", "padded_rows", "tokens", "gens"))
     return fit
+
+
+def restack_features(mix: Sequence[tuple], max_rows: int = 48) -> dict:
+    """What a new static batch (StaticSteps._new_batch: positions, key mask, every member's text,
+    speaker and prefix keys/values copied per layer into zeroed (R, 768 / 1600 / 160, H, D) stacks)
+    costs is linear in: its generations and its padded rows (and padded rows x frame bucket)."""
+    rows = sum(g[1] for g in mix)
+    padded = next(b for b in row_buckets(max_rows) if b >= rows)
+    return dict(gens=len(mix), single=float(len(mix) == 1), padded_rows=padded,
+                tokens=padded * _frame_bucket(max(g[0] for g in mix)))
 
 
 _TREES: dict[str, Path] = {}
@@ -381,7 +399,11 @@ PROXY_FIT = {
                "ops": {"one": 4904.0, "gens": 1208.0, "single": -525.4}},
     "static": {"flops": {"one": 2.1609e10, "tokens": 2.74373e9, "attn": 196608.0},
                "touched": {"one": 4.4636e7, "tokens": 4.97479e7, "rowkeys": 3.58828e6, "attn": 5795.1},
-               "ops": {"one": 5502.0, "gens": 5.0, "single": -16.4}, "outside_ops": {"one": 50.8, "gens": 6.3}},
+               "ops": {"one": 5502.0, "gens": 5.0, "single": -16.4}, "outside_ops": {"one": 50.8, "gens": 6.3},
+               # a new batch (members or CFG phase changed): the first call's counts less the reused batch's
+               "restack_ops": {"one": 152.0, "gens": 455.0, "single": -149.0},
+               "restack_touched": {"one": 1.33837e8, "padded_rows": 6.71352e8, "tokens": 3.04724e5,
+                                   "gens": -1.57377e8}},
     # one job's admission at TEXT_TOKENS and NONSTREAM_TOKENS text tokens
     "admission": {TEXT_TOKENS: {"ops": 2557, "flops": 1.50724e11, "touched": 2.96503e9},
                   NONSTREAM_TOKENS: {"ops": 2557, "flops": 4.12818e11, "touched": 7.26398e9}},
@@ -486,6 +508,13 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
                                 bytes=PROXY_FIT["weight_bytes"] + feats["rowkeys"] * KV_BYTES_PER_ROWKEY
                                 + feats["tokens"] * ACTIVATION_BYTES_PER_TOKEN, compiled=True))
     return out
+
+
+def restack_work(pack: Sequence[tuple], max_rows: int) -> Work:
+    """A static batch built anew (StaticSteps._batch found other members at its (frame bucket, pack)):
+    eager ops and bytes counted on the meta device (`count_runner('static')`: first call less second)."""
+    fit, feats = PROXY_FIT["static"], restack_features(pack, max_rows)
+    return Work(ops=_lin(fit["restack_ops"], feats), flops=0.0, bytes=_lin(fit["restack_touched"], feats))
 
 
 def _pass_work(fit: dict, group: Sequence[tuple], frames: int, keys_pad: int | None, job_ops: float) -> Work:
@@ -694,13 +723,37 @@ class SimSteps:
 
 
 class SimStaticSteps(StaticSteps, SimSteps):
-    """With static shapes the worker groups steps by frame bucket (GenerationWorker._group_of)."""
+    """With static shapes the worker groups steps by frame bucket (GenerationWorker._group_of). As
+    StaticSteps does, it keeps the last batch of each (frame bucket, pack) and pays for a new one
+    (restack_work) when the members differ: another job, another block or CFG phase of one."""
 
     def __init__(self, sim: Simulation):
         SimSteps.__init__(self, sim)
         self.shapes = StaticShapes(STATIC_FRAMES, row_buckets(sim.max_rows), 160, 768, (1600,))
+        self._members: dict[tuple[int, int], tuple] = {}
 
-    __call__ = SimSteps.__call__
+    def __call__(self, calls: Sequence[ModelCall]) -> list[None]:
+        sim, used = self.sim, set()
+        by: dict[int, list[ModelCall]] = {}
+        for c in calls:
+            by.setdefault(_frame_bucket(c.x.shape[1]), []).append(c)
+        for frames, group in sorted(by.items()):
+            packs, rows = [[]], 0  # StaticSteps._packs
+            for c in group:
+                if rows + c.x.shape[0] > sim.max_rows:
+                    packs.append([])
+                    rows = 0
+                packs[-1].append(c)
+                rows += c.x.shape[0]
+            for index, pack in enumerate(packs):
+                used.add((frames, index))
+                members = tuple(c.member for c in pack)
+                if self._members.get((frames, index)) != members:
+                    self._members[(frames, index)] = members
+                    sim.spend(restack_work([c.gen for c in pack], sim.max_rows))
+        for stale in self._members.keys() - used:
+            del self._members[stale]
+        return SimSteps.__call__(self, calls)
 
 
 class SimEngine:
@@ -725,6 +778,7 @@ class SimEngine:
         else:
             sim.spend(admission_work(job.tokens))
         decoder, done = SimDecoder(), 0
+        phases: dict[tuple[int, int], object] = {}  # (block, rows) -> the conditioning its calls carry
         for index, (frames, steps) in enumerate(job.blocks):
             if index and sim.batched_admission:
                 yield PrefixCall(done, torch.empty(1, job.blocks[index - 1][0], 80, device="meta"))
@@ -737,6 +791,7 @@ class SimEngine:
                                  speaker_mask=torch.empty(rows, 4 * job.speaker_patches, dtype=torch.bool, device="meta"),
                                  kv_text=[], kv_speaker=[])
                 call.gen = (frames, rows, math.ceil(done / 4), job.tokens, job.speaker_patches)
+                call.member = (phases.setdefault((index, rows), object()), rows, done)
                 yield call
             yield eng.DecodeCall(decoder, torch.empty(1, 1024, frames, device="meta"))
             if frames not in self._audio:
@@ -928,8 +983,8 @@ def calibrate() -> Constants:
 
 
 # the result of calibrate() (`--calibrate --refit` recomputes it; tests/test_simulation.py checks it is the fit)
-CONSTANTS = Constants(eta_eager=0.21, eta_compiled=0.31, op_overhead=1.12654e-05, replay_overhead=1.71735e-05,
-                      request_overhead=0.0, request_overhead_graphs=0.0671289, gen_overhead=0.0)
+CONSTANTS = Constants(eta_eager=0.21, eta_compiled=0.31, op_overhead=1.12654e-05, replay_overhead=1.65201e-05,
+                      request_overhead=0.0, request_overhead_graphs=0.0559332, gen_overhead=0.0)
 
 
 def calibration_table(k: Constants) -> list[dict]:
