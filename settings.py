@@ -162,6 +162,16 @@ class Settings(BaseSettings):
             raise ValueError(f"expected one of the presets {sorted(PERFORMANCE_PRESETS)}")
         return name
 
+    @field_validator("performance_preset")
+    @classmethod
+    def _preset_or_default(cls, value: str) -> str:
+        """ECHO_PERFORMANCE_PRESET, normalised; an unknown preset falls back to default (warned once, at load)."""
+        name = value.strip().lower().replace("-", "_")
+        if name not in PERFORMANCE_PRESETS:
+            log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", value)
+            name = "default"
+        return name
+
     @model_validator(mode="after")
     def _resolve_devices(self) -> Settings:
         """`auto` becomes cuda or cpu; an explicit CUDA device on a machine without one is an error."""
@@ -209,16 +219,6 @@ class Settings(BaseSettings):
     @property
     def fish_device_name(self) -> str:
         return self.fish_device or self.device
-
-    @field_validator("performance_preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        """ECHO_PERFORMANCE_PRESET, normalised; an unknown preset falls back to default (warned once, at load)."""
-        name = value.strip().lower().replace("-", "_")
-        if name not in PERFORMANCE_PRESETS:
-            log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", value)
-            name = "default"
-        return name
 
     @property
     def stream_preset_name(self) -> str:

@@ -162,7 +162,8 @@ class ChunkSettings:
     def for_continuation(self) -> ChunkSettings:
         """Goals for chunks that continue one another: halved, at most CONTINUATION_MAX_SECONDS."""
         def cut(seconds: float) -> float:
-            return min(seconds / 2, CONTINUATION_MAX_SECONDS)
+            half = seconds / 2
+            return min(half if half > 0 else seconds, CONTINUATION_MAX_SECONDS)  # the smallest float halves to 0
         return dataclasses.replace(self, target_seconds=cut(self.target_seconds), min_seconds=cut(self.min_seconds),
                                    max_seconds=cut(self.max_seconds))
 

@@ -157,3 +157,10 @@ def test_a_replica_name_that_cannot_be_a_header_value_stops_start_up(monkeypatch
     monkeypatch.setenv("ECHO_REPLICA_NAME", name)
     with pytest.raises(ConfigError, match="ECHO_REPLICA_NAME"):
         load_settings()
+
+
+def test_no_settings_validator_shadows_another():
+    # pydantic only warns when a validator's name reuses another's, and the first one silently stops running
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", "import settings"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]

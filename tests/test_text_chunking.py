@@ -355,3 +355,11 @@ def test_exclamations_single_become_full_stops_and_runs_one_mark():
 
     assert normalize_exclamations("Hi! Wow!!! Stop!! Ok.") == "Hi. Wow! Stop! Ok."
     assert normalize_exclamations("no marks") == "no marks"
+
+
+def test_continuation_goals_stay_valid_for_the_smallest_positive_settings():
+    # found by the schema fuzzer: 5e-324 s halved is 0.0, which ChunkSettings refuses (a 500 then)
+    tiny = tc.ChunkSettings(target_seconds=5e-324, min_seconds=5e-324, max_seconds=5e-324)
+    goals = tiny.for_continuation()
+    assert goals.target_seconds == goals.min_seconds == goals.max_seconds == 5e-324
+    assert tc.plan_chunks("Hello there. And more.", tiny, continuation=True)
