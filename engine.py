@@ -26,8 +26,8 @@ from batched_steps import ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, find_flattening_point, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
-from inference_blockwise import PrefixCall, blockwise_steps, extend_all
-from model import EchoDiT, KVCache
+from inference_blockwise import PrefixCall, blockwise_steps
+from model import EchoDiT, KVCache, extend_prefixes
 from text_chunking import ChunkMode
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,8 @@ class SpeechEngine:
     def extend_prefixes(self, calls: list[PrefixCall]) -> list[None]:
         """Several generations' finished blocks into their latent prefixes: one encoder call for
         the prefixes that line up (same frames so far and block length)."""
-        return extend_all(calls)
+        extend_prefixes([c.prefix for c in calls], [c.latents for c in calls])
+        return [None] * len(calls)
 
     def _decoder(self) -> StreamingDecoder:
         cpu = self.fish_ae.device.type == "cpu"

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from inference import (Conditioning, ModelCall, SamplerSettings, denoise_steps, initial_noise, make_generator,
                        run_steps)
-from model import EchoDiT, LatentPrefix, extend_prefixes
+from model import EchoDiT, LatentPrefix
 
 
 def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) -> list[int]:
@@ -33,19 +33,13 @@ def steps_per_block(block_sizes: Sequence[int], num_steps: int | Sequence[int]) 
 @dataclass(eq=False)
 class PrefixCall:
     """Append frames (B, n, 80) to a generation's latent prefix (send back None). A scheduler runs
-    the calls of generations whose blocks finish together as one (`extend_prefixes`)."""
+    the calls of generations whose blocks finish together as one (`model.extend_prefixes`)."""
 
     prefix: LatentPrefix
     latents: Tensor
 
     def run(self) -> None:
         self.prefix.extend(self.latents)
-
-
-def extend_all(calls: Sequence[PrefixCall]) -> list[None]:
-    """Run several PrefixCalls, batched where their prefixes line up."""
-    extend_prefixes([c.prefix for c in calls], [c.latents for c in calls])
-    return [None] * len(calls)
 
 
 def blockwise_steps(model: EchoDiT, conditioning: Conditioning, rng: torch.Generator, block_sizes: Sequence[int],

@@ -568,7 +568,7 @@ class LatentPrefix:
         merged._encoder_kv = _cat_rows([p._encoder_kv for p in parts]) if first._encoder_kv else []
         merged._complete = _cat_rows([p._complete for p in parts])
         merged._tail = torch.cat([p._tail for p in parts])
-        merged.kv = _cat_rows([p.kv for p in parts])
+        merged.kv = merged._complete  # what it attends to; `extend` sets it anew from the complete patches
         return merged
 
     def split_into(self, parts: Sequence[LatentPrefix]) -> None:

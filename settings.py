@@ -28,6 +28,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def _preset_name(value: str) -> str:
+    """A preset as named in a variable: case, spaces and `-` or `_` do not matter."""
+    return value.strip().lower().replace("-", "_")
+
+
 class Settings(BaseSettings):
     """All server settings. Field names map to ECHO_<NAME> (PORT has no prefix)."""
 
@@ -157,7 +162,7 @@ class Settings(BaseSettings):
     @field_validator("adaptive_steps_floor")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        name = value.strip().lower().replace("-", "_")
+        name = _preset_name(value)
         if name not in PERFORMANCE_PRESETS:
             raise ValueError(f"expected one of the presets {sorted(PERFORMANCE_PRESETS)}")
         return name
@@ -166,7 +171,7 @@ class Settings(BaseSettings):
     @classmethod
     def _preset_or_default(cls, value: str) -> str:
         """ECHO_PERFORMANCE_PRESET, normalised; an unknown preset falls back to default (warned once, at load)."""
-        name = value.strip().lower().replace("-", "_")
+        name = _preset_name(value)
         if name not in PERFORMANCE_PRESETS:
             log.warning("unknown ECHO_PERFORMANCE_PRESET %r; using 'default'", value)
             name = "default"
