@@ -8,6 +8,7 @@ import signal
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -319,13 +320,19 @@ def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
 
 
 def until_both_replicas_answer(request, tries: int = 30) -> list[httpx.Response]:
-    """Every response to `request`, sent again until both replicas have answered it."""
+    """Every response to `request`, sent in concurrent pairs until both replicas have answered it.
+
+    In pairs: Ray's router sends a request to the replica with the shorter queue, so the second of
+    a pair goes to the replica the first is not busy on. One at a time, both queues are empty and
+    the choice is the router's alone (under CI's load it kept choosing the same replica for minutes).
+    """
     responses = []
-    for _ in range(tries):
-        responses.append(request())
-        if len({r.headers["x-echo-replica"] for r in responses}) == 2:
-            return responses
-    raise AssertionError(f"only {responses[0].headers['x-echo-replica']} answered {tries} requests")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(0, tries, 2):
+            responses += pool.map(lambda _: request(), range(2))
+            if len({r.headers["x-echo-replica"] for r in responses}) == 2:
+                return responses
+    raise AssertionError(f"only {responses[0].headers['x-echo-replica']} answered {len(responses)} requests")
 
 
 def speech(app, timeout=120, **body) -> httpx.Response:
@@ -446,7 +453,7 @@ def test_a_voice_uploaded_through_one_replica_is_spoken_and_deleted_on_every_rep
 def test_each_ray_node_exports_every_replicas_metrics(ray_app):
     through_proxy = httpx.get(ray_app.url + "/metrics", headers=AUTH)
     assert "echo_requests_total" in through_proxy.text and "x-echo-replica" in through_proxy.headers
-    replicas = {speech(ray_app).headers["x-echo-replica"].rsplit("#", 1)[1] for _ in range(10)}
+    replicas = {r.headers["x-echo-replica"].rsplit("#", 1)[1] for r in until_both_replicas_answer(lambda: speech(ray_app))}
     deadline, seen = time.monotonic() + 90, set()
     while time.monotonic() < deadline and seen != replicas:  # mirrored every 5 s, exported by Ray every ~10 s
         text = httpx.get(f"http://127.0.0.1:{ray_app.metrics_port}/metrics").text
