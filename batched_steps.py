@@ -156,7 +156,11 @@ class ExactSteps:
 
     def _forward(self, calls: Sequence[ModelCall], frames: int) -> list[Tensor]:
         """One pass over calls of `frames` frames each: velocities (n_i, S, 80) float32."""
-        p = self._pass(tuple(self._layout(c) for c in calls), calls, frames)
+        members: list[_Layout] = []
+        for call in calls:  # a pass writes all self keys before it attends: each member needs its own buffer
+            layout = self._layout(call)
+            members.append(layout if all(layout is not m for m in members) else _Layout.of(self.model, call))
+        p = self._pass(tuple(members), calls, frames)
         v = self.model.velocity(x=torch.cat([c.x for c in calls]), t=torch.cat([c.t for c in calls]),
                                 positions=p.positions, key_mask=None, kv_text=None, kv_speaker=None,
                                 groups=p.groups)

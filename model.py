@@ -333,17 +333,22 @@ class JointAttention(nn.Module):
             keys, values = (torch.cat([segment[j] for segment in segments], dim=1) for j in (0, 1))
             out = attend(q, keys, values, row_mask(key_mask))
         else:
-            out = torch.cat([self._attend_group(g, q, k_self, v_self) for g in groups])
+            out = self._attend_groups(groups, q, k_self, v_self)
         return self.wo(out * torch.sigmoid(self.gate(x)))
 
     @staticmethod
-    def _attend_group(g: RowGroup, q: Tensor, k_self: Tensor, v_self: Tensor) -> Tensor:
-        """attend() for the group's rows of q (B, S, H, D), this pass's self keys written in front of
-        its own: (rows, S, H*D)."""
-        g.self_keys.copy_(k_self[g.rows])
-        g.self_values.copy_(v_self[g.rows])
-        out = F.scaled_dot_product_attention(q[g.rows].transpose(1, 2), g.keys, g.values, attn_mask=g.mask)
-        return out.transpose(1, 2).flatten(2)
+    def _attend_groups(groups: Sequence[RowGroup], q: Tensor, k_self: Tensor, v_self: Tensor) -> Tensor:
+        """attend() for each group's rows of q (B, S, H, D) over its own keys, this pass's self keys
+        written in front of them: (B, S, H*D). What a generation adds is one attention kernel call:
+        the self keys of all groups are written by one foreach copy, and q is split and the outputs
+        joined once for the whole batch (the same values and strides as slicing per group, so each
+        group's result stays bit for bit its solo result)."""
+        sizes = [g.rows.stop - g.rows.start for g in groups]
+        torch._foreach_copy_([g.self_keys for g in groups] + [g.self_values for g in groups],
+                             [*k_self.split(sizes), *v_self.split(sizes)])
+        out = [F.scaled_dot_product_attention(qg, g.keys, g.values, attn_mask=g.mask)
+               for g, qg in zip(groups, q.transpose(1, 2).split(sizes))]
+        return torch.cat(out).transpose(1, 2).flatten(2)
 
     def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, text_model_size) -> keys, values (B, T, H, D)."""

@@ -117,6 +117,43 @@ def test_exact_steps_equal_solo_steps_bit_for_bit(engine, tiny_model, skip_block
             assert torch.equal(v, call.run(tiny_model))
 
 
+def test_a_generation_adds_only_its_attention_kernel_to_a_batched_step(engine, tiny_model):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    call = first_calls(engine, mixed_jobs(load_clip()))[0]
+    same_frames = [dataclasses.replace(call, kv_text=list(call.kv_text)) for _ in range(3)]  # 3 generations
+
+    def ops(calls) -> int:
+        steps = ExactSteps(tiny_model)
+        steps(calls)  # laid out; the next step reuses the layout
+        with Ops() as counted:
+            steps(calls)
+        return counted.count
+
+    layer = tiny_model.blocks[0].attention
+    q = torch.zeros(call.x.shape[0], layer.num_heads, call.x.shape[1], tiny_model.head_dim)
+    keys, mask = torch.zeros(call.x.shape[0], layer.num_heads, 50, tiny_model.head_dim), torch.ones(1, 1, 1, 50).bool()
+    with Ops() as one_kernel:
+        torch.nn.functional.scaled_dot_product_attention(q, keys, keys, attn_mask=mask)
+    added = (ops(same_frames) - ops(same_frames[:1])) / 2
+    assert added == one_kernel.count * len(tiny_model.blocks)
+
+
+def test_the_same_call_twice_in_one_step_gets_its_velocity_twice(engine, tiny_model):
+    call = first_calls(engine, mixed_jobs(load_clip()))[0]
+    twice = ExactSteps(tiny_model)([call, call])
+    assert torch.equal(twice[0], call.run(tiny_model)) and torch.equal(twice[1], twice[0])
+
+
 def test_exact_steps_pad_nothing(engine, tiny_model):
     calls = first_calls(engine, mixed_jobs(load_clip()))
     passes = []
