@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP API for Echo-TTS. `python api_server.py` starts it (configuration: ECHO_* env).
 
-This module only translates HTTP: request models, routes, errors and response encoding. What a
-request means is decided in service.py, generation happens in engine.py.
+This module only translates HTTP: routes, the framing of the pipeline's audio pieces (a streamed
+body, SSE events, a whole file; pipeline.py makes the pieces for every transport) and the one
+mapping of the domain error, RequestError, to a status, OpenAI's error object and its headers. What
+a request means is decided in service.py, generation happens in engine.py and worker.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
@@ -30,14 +31,13 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audio_encoding import CONTENT_TYPES, AudioEncoder, InvalidAudioParameter, open_encoder
+from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
-from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
-                           request_id)
-from service import SpeechService, Started, generation_failure
+from observability import BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging
+from pipeline import ClientGone, Speech, open_speech
+from service import SpeechService
 from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
-from worker import JobStream
 import http_server
 import speech_socket
 import weights
@@ -45,6 +45,7 @@ import weights
 log = logging.getLogger("echo_tts.api")
 STATIC = Path(__file__).resolve().parent / "static"  # the web playground
 RETRY_AFTER_FULL_S = 2  # a full queue has room again soon
+RETRY_AFTER_NOT_READY_S = 5  # the models are loading
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
 
 # ---------------------------------------------------------------------------------------------
@@ -71,35 +72,31 @@ AUDIO_RESPONSE = {200: {"description": "Audio, streamed or whole; SSE events wit
                         "content": {t: {} for t in (*CONTENT_TYPES.values(), "text/event-stream")}}}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.error_type, self.headers = error_type, headers
+# headers an error's status brings with it over HTTP
+ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_FULL_S)},
+                 503: {"Retry-After": str(RETRY_AFTER_NOT_READY_S)}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_response(error: RequestError) -> JSONResponse:
+    """The one mapping of the domain error to HTTP: its status, OpenAI's error object, its headers."""
+    return JSONResponse({"error": error.detail()}, status_code=error.status, headers=ERROR_HEADERS.get(error.status))
+
+
+async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return error_response(exc)
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return error_response(400, "the request body is not valid JSON", code="invalid_json")
-    error = request_error(exc.errors())
-    return error_response(400, str(error), error.param, code="invalid_value")
-
-
-async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param, exc.code, exc.error_type, exc.headers)
+    if exc.errors()[0].get("type") == "json_invalid":
+        return error_response(RequestError("the request body is not valid JSON", code="invalid_json"))
+    return error_response(request_error(exc.errors()))
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route, method not allowed) in OpenAI's shape."""
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(exc.status_code, str(exc.detail), error_type=kind, headers=getattr(exc, "headers", None))
+    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                                 gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
                                 vad_rerolls=service.vad_rerolls, adaptive_steps=service.adaptive_steps)
     app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
     if not public_docs and settings.api_keys:  # ECHO_PUBLIC_DOCS=0 without a key: no docs at all
@@ -179,8 +176,8 @@ def _docs_routes(app: FastAPI) -> APIRouter:
 
 
 def _body_too_large(limit: int) -> JSONResponse:
-    return error_response(413, f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
-                          code="request_too_large")
+    return error_response(RequestError(f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
+                                       status=413))
 
 
 def get_service(request: Request) -> SpeechService:
@@ -189,7 +186,7 @@ def get_service(request: Request) -> SpeechService:
 
 def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
     if reason := service.unready_reason():
-        raise ApiError(503, reason, code="not_ready", error_type="server_error", headers={"Retry-After": "5"})
+        raise RequestError(reason, status=503)
     return service
 
 
@@ -206,9 +203,7 @@ def check_docs_key(request: Request, service: Annotated[SpeechService, Depends(g
 
 def _require_key(service: SpeechService, token: str | None) -> None:
     if not service.settings.accepts_key(token):
-        raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key", error_type="authentication_error",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401)
 
 
 def _routes():
@@ -267,55 +262,39 @@ def _routes():
         """Add a voice (OpenAI's field names): checked, stored under ECHO_VOICE_UPLOAD_DIR and encoded
         once; answers its metadata with a quality report."""
         data = await audio_sample.read(service.settings.max_voice_bytes + 1)
-        try:
-            return await run_in_threadpool(service.add_voice, name, data, consent, overwrite)
-        except RequestError as e:
-            raise _api_error(e) from None
+        return await run_in_threadpool(service.add_voice, name, data, consent, overwrite)
 
     @protected.get("/v1/voices/{voice_id}", responses=_errors(401, 404))
     def voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        try:
-            return service.library.metadata(voice_id)
-        except RequestError as e:
-            raise _api_error(e) from None
+        return service.library.metadata(voice_id)
 
     @protected.delete("/v1/audio/voices/{voice_id}", responses=_errors(401, 403, 404))
     def delete_voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        try:
-            return service.delete_voice(voice_id)
-        except RequestError as e:
-            raise _api_error(e) from None
+        return service.delete_voice(voice_id)
 
     @protected.post("/v1/audio/speech", response_class=Response,
                     responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
-        encoder = _open_encoder(body, service.settings, streaming=body.stream)
+        speech = await open_speech(service, body, streaming=body.stream, client_gone=request.is_disconnected)
         timing = StreamTiming(request.app.state.metrics, request.state.started)
-        stream, response = None, None
-        try:  # until a streaming response takes them over, the job and the encoder are this block's
-            started = await _start(service, body)
-            job, stream = started.job, started.stream
-            headers = {"X-Audio-Sample-Rate": str(encoder.sample_rate), "X-Echo-Seed": str(job.seed),
-                       "X-Echo-Voice": _header_safe(started.voice)}
-            first = await _next_block(stream, request)
+        try:
+            await speech.first_audio()  # a failure before any audio is still the response's status
+            headers = {"X-Audio-Sample-Rate": str(speech.encoder.sample_rate), "X-Echo-Seed": str(speech.seed),
+                       "X-Echo-Voice": _header_safe(speech.voice)}
             if not body.stream:
-                return await _whole_file(stream, first, encoder, request, headers, timing)
+                return await _whole_file(speech, headers, timing)
             if body.stream_format == "sse":
-                response = StreamingResponse(_sse_events(stream, first, encoder, timing, started),
-                                             media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
-            else:
-                response = StreamingResponse(_audio_bytes(stream, first, encoder, timing),
-                                             media_type=encoder.content_type, headers=headers)
-            return response
-        except ClientGone:
+                return StreamingResponse(_sse_events(speech, timing), media_type="text/event-stream",
+                                         headers=headers | {"Cache-Control": "no-cache"})
+            return StreamingResponse(_audio_bytes(speech, timing), media_type=speech.encoder.content_type,
+                                     headers=headers)
+        except BaseException as e:  # the speech was not handed to a streaming response: let go of it here
+            speech.close()
+            if not isinstance(e, ClientGone):
+                raise
             log.info("client disconnected before its audio was ready")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        finally:
-            if response is None:  # not handed over: stop the job within one step, free the codec
-                if stream is not None:
-                    stream.cancel()
-                encoder.close()
 
     @router.websocket("/v1/audio/speech/stream/ws")
     async def speech_stream_socket(websocket: WebSocket) -> None:
@@ -326,106 +305,32 @@ def _routes():
     return router
 
 
-async def _start(service: SpeechService, body: SpeechRequest) -> Started:
-    try:  # a queue slot first, then the job (its voice may be decoded and encoded) off the event loop
-        return await service.start(body.generation_options(), request_id.get())
+async def _streamed(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
+    """The speech's pieces, each counted as sent; the seconds of audio once it ends."""
+    async for data in speech.pieces():
+        timing.sent()
+        yield data
+    timing.finished(speech.audio_seconds)
+
+
+async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
+    """The HTTP body of a streamed response: a failure after the first byte can only end it."""
+    try:
+        async for data in _streamed(speech, timing):
+            yield data
     except RequestError as e:
-        raise _api_error(e) from None
+        log.warning("generation failed while streaming; ending the stream: %s", e)
 
 
-def _api_error(error: RequestError) -> ApiError:
-    retry = {"Retry-After": str(RETRY_AFTER_FULL_S)} if error.status == 429 else None
-    return ApiError(error.status, str(error), error.param, code=error.code, error_type=error.error_type, headers=retry)
-
-
-def _open_encoder(body: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
-    fmt, rate = body.output(settings.default_response_format, settings.output_sample_rate)
+async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
+    """stream_format=sse: a `speech.audio.delta` per piece, then `speech.audio.done` (or `error`)."""
     try:
-        return open_encoder(fmt, input_rate=SAMPLE_RATE, output_rate=rate, speed=body.speed, streaming=streaming)
-    except InvalidAudioParameter as e:
-        raise ApiError(400, str(e), e.param, code="invalid_value") from None
-
-
-async def _next_block(stream: JobStream, request: Request) -> np.ndarray | None:
-    """The next block of audio (None at the end), watching the connection meanwhile.
-
-    A generation failure becomes an ApiError, which is the response when no byte has left yet
-    (that is why the first block is awaited before the response starts).
-    """
-    try:
-        return await _next_or_disconnect(stream, request)
-    except StopAsyncIteration:
-        return None
-    except (asyncio.CancelledError, ClientGone):
-        raise
-    except Exception as e:
-        raise _api_error(generation_failure(e)) from None
-
-
-class ClientGone(Exception):
-    """The client closed the connection while waiting for audio."""
-
-
-DISCONNECT_POLL_SECONDS = 0.05
-
-
-async def _next_or_disconnect(blocks: AsyncIterator[np.ndarray], request: Request) -> np.ndarray:
-    """The next block, watching the connection meanwhile: raises ClientGone if the client leaves."""
-    next_block = asyncio.ensure_future(anext(blocks))
-    while True:
-        done, _ = await asyncio.wait({next_block}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            return next_block.result()
-        if await request.is_disconnected():
-            next_block.cancel()
-            raise ClientGone()
-
-
-async def _blocks(first: np.ndarray | None, stream: JobStream) -> AsyncIterator[np.ndarray]:
-    if first is not None:
-        yield first
-        async for block in stream:
-            yield block
-
-
-async def _encoded(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
-                   timing: StreamTiming) -> AsyncIterator[bytes]:
-    """Encoded bytes of every block as soon as it is generated, then the encoder's tail; the
-    seconds of audio generated are in `timing.audio_seconds` once it ends."""
-    samples = 0
-    try:
-        async for block in _blocks(first, stream):
-            samples += block.size
-            if data := await run_in_threadpool(encoder.encode, block):
-                timing.sent()
-                yield data
-        if data := await run_in_threadpool(encoder.finish):
-            timing.sent()
-            yield data
-        timing.finished(samples / SAMPLE_RATE)
-    finally:
-        stream.cancel()
-        encoder.close()
-
-
-async def _audio_bytes(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
-                       timing: StreamTiming) -> AsyncIterator[bytes]:
-    try:
-        async for data in _encoded(stream, first, encoder, timing):
-            yield data
-    except Exception:
-        log.exception("generation failed while streaming; ending the stream")
-
-
-async def _sse_events(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder,
-                      timing: StreamTiming, started: Started) -> AsyncIterator[bytes]:
-    try:
-        async for data in _encoded(stream, first, encoder, timing):
+        async for data in _streamed(speech, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield _sse({"type": "speech.audio.done", "seed": started.job.seed, "voice": started.voice,
-                    "usage": _usage(started.job.chunks, timing.audio_seconds), **started.steps_report()})
-    except Exception as e:
-        yield _sse({"type": "error", "error": generation_failure(e).detail()})
+        yield _sse({"type": "speech.audio.done", "seed": speech.seed, "voice": speech.voice,
+                    "usage": _usage(speech.started.job.chunks, speech.audio_seconds), **speech.steps_report()})
+    except RequestError as e:
+        yield _sse({"type": "error", "error": e.detail()})
 
 
 def _usage(chunks: tuple[str, ...], audio_seconds: float) -> dict:
@@ -447,27 +352,14 @@ def _sse(event: dict) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-async def _whole_file(stream: JobStream, first: np.ndarray | None, encoder: AudioEncoder, request: Request,
-                      headers: dict[str, str], timing: StreamTiming) -> Response:
-    """stream=false: the complete file with Content-Length (the caller stops the job and frees the
-    encoder however this ends)."""
-    pieces, samples = [], 0
-    try:
-        block = first
-        while block is not None:
-            samples += block.size
-            pieces.append(await run_in_threadpool(encoder.encode, block))
-            block = await _next_block(stream, request)
-        pieces.append(await run_in_threadpool(encoder.finish))
-    except (asyncio.CancelledError, ApiError, ClientGone):
-        raise
-    except Exception as e:  # the encoder failed
-        raise _api_error(generation_failure(e)) from None
+async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTiming) -> Response:
+    """stream=false: the complete file with Content-Length, every block awaited watching the client."""
+    body = b"".join([data async for data in speech.pieces(watched=True)])
     timing.sent()
-    timing.finished(samples / SAMPLE_RATE)
-    if (steps := stream.steps_used) is not None:  # ECHO_ADAPTIVE_STEPS: the steps each block took
+    timing.finished(speech.audio_seconds)
+    if (steps := speech.started.stream.steps_used) is not None:  # ECHO_ADAPTIVE_STEPS: the steps each block took
         headers = headers | {"X-Echo-Steps": ",".join(map(str, steps))}
-    return Response(b"".join(pieces), media_type=encoder.content_type, headers=headers)
+    return Response(body, media_type=speech.encoder.content_type, headers=headers)
 
 
 def download() -> int:

@@ -25,7 +25,8 @@ MIN_BLOCK_FRAMES, MAX_BLOCKS, MAX_STEPS_PER_CHUNK = 4, 64, 400
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
-ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 403: ("forbidden", "permission_error"),
+ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 401: ("invalid_api_key", "authentication_error"),
+               403: ("forbidden", "permission_error"),
                408: ("request_timeout", "invalid_request_error"),
                404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
                413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),

@@ -48,17 +48,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
-from worker import JobStream
-from inference import SAMPLE_RATE
-from observability import bearer_token, error_body, request_id
-from service import SpeechService, Started, generation_failure
+from observability import bearer_token, request_id
+from pipeline import Speech, open_speech
+from service import SpeechService
 from settings import Settings
 from speech_request import RequestError, SpeechRequest, request_error
 
@@ -85,7 +81,7 @@ class Segment:
     size: int = 0  # bytes of its message, counted against what one socket may hold queued
     cancelled: bool = False
     reason: str | None = None  # why it was cancelled, when the server did it
-    stream: JobStream | None = None
+    speech: Speech | None = None  # once started
 
 
 @dataclass
@@ -152,7 +148,7 @@ async def refuse_key(websocket: WebSocket) -> None:
     if DENIAL_RESPONSE not in (websocket.scope.get("extensions") or {}):
         await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
         return
-    body = error_body(UNAUTHORIZED, "authentication_error", "invalid_api_key")
+    body = {"error": RequestError(UNAUTHORIZED, status=401).detail()}
     await websocket.send_denial_response(JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
 
 
@@ -299,8 +295,8 @@ async def _cancel_id(session: Session, segment_id: Any) -> None:
 def _cancel(segment: Segment, reason: str | None = None) -> None:
     if not segment.cancelled:
         segment.cancelled, segment.reason = True, reason
-    if segment.stream is not None:
-        segment.stream.cancel()
+    if segment.speech is not None:
+        segment.speech.stop()
 
 
 def _dropped(segment: Segment) -> dict:
@@ -343,95 +339,38 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     if not str(segment.message.get("input", "")).strip():
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
-    try:
-        started, encoder = await _start(session, segment)
+    try:  # everything that may refuse a segment is checked here, before its `start`
+        segment.speech = speech = await open_speech(session.service, _speech_request(segment.message), streaming=True)
     except RequestError as e:
         await session.error(segment.segment_id, e)
         return
-    segment.stream = started.stream
     try:
         if segment.cancelled:  # while its voice was being prepared: it never started
             await session.send(_dropped(segment))
             return
-        await session.send({"type": "start", "segment_id": segment.segment_id, "sample_rate": encoder.sample_rate})
-        samples, failure = await _stream_audio(session, segment, encoder)
-        if failure is not None:
-            await session.error(segment.segment_id, failure)
-        await session.send(_ended(segment, started, samples, failure))
-    finally:  # the job stops within a step (a no-op once it is done), the codec is freed
-        started.stream.cancel()
-        encoder.close()
-
-
-async def _start(session: Session, segment: Segment) -> tuple[Started, AudioEncoder]:
-    """The segment's job, generating, and its pcm encoder: everything that may refuse a segment (its
-    settings, its output rate and speed, a full queue, its voice, resolved and prepared) is checked
-    here, before its `start` is sent. Raises RequestError."""
-    request = _speech_request(segment.message)
-    encoder = _open_encoder(request, session.service.settings)
-    try:
-        started = await session.service.start(request.generation_options(), request_id.get())
-    except BaseException:  # refused, or the socket's writer was cancelled meanwhile
-        encoder.close()
-        raise
-    return started, encoder
-
-
-def _open_encoder(request: SpeechRequest, settings: Settings) -> AudioEncoder:
-    """The segment's streaming pcm encoder, at the rate HTTP would answer it with (`sample_rate`,
-    ECHO_OUTPUT_SAMPLE_RATE, then by model); a bad rate or speed is a RequestError naming it."""
-    rate = request.output("pcm", settings.output_sample_rate)[1]
-    try:
-        return open_encoder("pcm", input_rate=SAMPLE_RATE, output_rate=rate, speed=request.speed, streaming=True)
-    except InvalidAudioParameter as e:
-        raise RequestError(str(e), e.param) from None
-
-
-async def _stream_audio(session: Session, segment: Segment,
-                        encoder: AudioEncoder) -> tuple[int, RequestError | None]:
-    """The segment's audio as binary messages until it ends, is cancelled or fails: (samples
-    generated at 44.1 kHz, the failure that cut it or None). A client that leaves or stalls is no
-    failure of the segment: that propagates and ends the socket."""
-    samples = 0
-    try:
-        async for block in _blocks(segment.stream):
-            if segment.cancelled:  # no more audio; the job stops within a step
-                break
-            samples += block.size
-            if data := await _encode(encoder.encode, block):
+        await session.send({"type": "start", "segment_id": segment.segment_id,
+                            "sample_rate": speech.encoder.sample_rate})
+        failure = None
+        try:
+            async for data in speech.pieces():
                 await session.send_audio(data)
-        if data := await _encode(encoder.finish):
-            await session.send_audio(data)
-    except RequestError as e:
-        return samples, e
-    return samples, None
+        except RequestError as e:  # the segment fails; the socket stays usable
+            failure = e
+            await session.error(segment.segment_id, e)
+        await session.send(_ended(segment, speech, failure))
+    finally:
+        speech.close()
 
 
-async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
-    """One encoder step off the event loop; its failure is the segment's (a RequestError, 500)."""
-    try:
-        return await run_in_threadpool(step, *block)
-    except Exception as e:  # noqa: BLE001 - the segment fails; the socket stays usable
-        raise generation_failure(e) from None
-
-
-def _ended(segment: Segment, started: Started, samples: int, failure: RequestError | None) -> dict:
+def _ended(segment: Segment, speech: Speech, failure: RequestError | None) -> dict:
     """The `end` of a segment that started: its seed, the voice it spoke with (an alias's or the
     default for an OpenAI name, as X-Echo-Voice says over HTTP), its seconds of audio, and whether it
     was cut short, with the server's reason when the server cut it; with ECHO_ADAPTIVE_STEPS, the
     diffusion steps each block took (`steps`: the blocks started, also when the segment was cut)."""
     reason = segment.reason or (FAILED if failure is not None else None)
-    return {"type": "end", "segment_id": segment.segment_id, "seed": started.job.seed, "voice": started.voice,
-            "audio_seconds": round(samples / SAMPLE_RATE, 3), "cancelled": segment.cancelled or failure is not None,
-            **({"reason": reason} if reason else {}), **started.steps_report()}
-
-
-async def _blocks(stream: JobStream):
-    try:
-        async for block in stream:
-            yield block
-    except Exception as e:  # noqa: BLE001 - the segment fails; the socket stays usable
-        raise generation_failure(e) from None
+    return {"type": "end", "segment_id": segment.segment_id, "seed": speech.seed, "voice": speech.voice,
+            "audio_seconds": round(speech.audio_seconds, 3), "cancelled": segment.cancelled or failure is not None,
+            **({"reason": reason} if reason else {}), **speech.steps_report()}
 
 
 def _speech_request(message: dict) -> SpeechRequest:

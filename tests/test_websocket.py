@@ -378,7 +378,8 @@ class GatedService:
     def __init__(self, stream: ScriptedStream):
         from types import SimpleNamespace
 
-        self.settings = SimpleNamespace(send_timeout=5.0, ws_max_frame_bytes=1024, output_sample_rate=None)
+        self.settings = SimpleNamespace(send_timeout=5.0, ws_max_frame_bytes=1024, output_sample_rate=None,
+                                        default_response_format=None)
         self.stream, self.ready = stream, asyncio.Event()
 
     async def start(self, options, request_id):

@@ -1,0 +1,168 @@
+"""One way from a validated speech request to encoded audio, behind every transport.
+
+`open_speech` opens the request's encoder (its format and rate: SpeechRequest.output decides, from
+the request, the operator's defaults and the model it names), then starts its job (a queue slot,
+its voice resolved and prepared, service.start). The `Speech` it returns owns both, and `close()`
+is the one place they are let go of: the job stops within a diffusion step, the codec is freed. It
+closes itself when its pieces run out or fail, and is idempotent, so a transport closes it once
+more wherever it stops early.
+
+`Speech.pieces()` yields the encoded bytes of each decoded block as soon as it exists, then the
+encoder's tail. The transports only frame them: HTTP streams them as the body, SSE wraps each in an
+event, a whole-file response joins them, the WebSocket cuts them into frames. A new transport
+(a realtime protocol, say) is framing only.
+
+Every failure below the transports is a RequestError: refused before anything started (settings,
+output rate and speed, a full queue, the voice), or failed while generating or encoding
+(service.generation_failure: 400, 408, 500 or 504). A client that leaves while its audio is awaited
+with a `client_gone` watch is ClientGone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
+from inference import SAMPLE_RATE
+from observability import request_id
+from service import SpeechService, Started, generation_failure
+from settings import Settings
+from speech_request import RequestError, SpeechRequest
+
+DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its audio was awaited."""
+
+
+def request_encoder(request: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
+    """The request's encoder at its format and rate; a bad rate or speed is a RequestError naming it."""
+    fmt, rate = request.output(settings.default_response_format, settings.output_sample_rate)
+    try:
+        return open_encoder(fmt, input_rate=SAMPLE_RATE, output_rate=rate, speed=request.speed, streaming=streaming)
+    except InvalidAudioParameter as e:
+        raise RequestError(str(e), e.param) from None
+
+
+async def open_speech(service: SpeechService, request: SpeechRequest, streaming: bool,
+                      client_gone: Callable[[], Awaitable[bool]] | None = None) -> Speech:
+    """The request's speech, generating. Raises RequestError when it is refused (nothing is left
+    open then). `client_gone`, when given, is polled while audio is awaited (`first_audio`, and
+    every block of `pieces(watched=True)`)."""
+    encoder = request_encoder(request, service.settings, streaming)
+    try:
+        started = await service.start(request.generation_options(), request_id.get())
+    except BaseException:  # refused, or the caller was cancelled meanwhile
+        encoder.close()
+        raise
+    return Speech(started, encoder, client_gone)
+
+
+class Speech:
+    """One request's generation and its encoder, owned together (see the module's docstring)."""
+
+    def __init__(self, started: Started, encoder: AudioEncoder,
+                 client_gone: Callable[[], Awaitable[bool]] | None = None):
+        self.started, self.encoder = started, encoder
+        self.samples = 0  # generated (44.1 kHz) and handed to the encoder so far
+        self._client_gone = client_gone
+        self._first: np.ndarray | None = None  # awaited by first_audio, not yet encoded
+        self._awaited = self._ended = self._stopped = self._closed = False
+
+    @property
+    def seed(self) -> int:
+        return self.started.job.seed
+
+    @property
+    def voice(self) -> str:
+        return self.started.voice
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    def steps_report(self) -> dict:
+        return self.started.steps_report()
+
+    async def first_audio(self) -> None:
+        """Wait for the first block (watched): a generation that fails before any audio raises its
+        RequestError here, while a transport can still answer it as a status."""
+        if not self._awaited:
+            self._awaited = True
+            self._first = await self._next(watched=True)
+            self._ended = self._first is None
+
+    async def pieces(self, watched: bool = False) -> AsyncIterator[bytes]:
+        """Encoded bytes of every block as soon as it exists, then the encoder's tail (empty pieces
+        skipped). After `stop()` no further block is encoded; the tail still is (whole samples).
+        Raises RequestError when the generation or the encoding fails; closes at the end."""
+        try:
+            await self.first_audio()
+            block, self._first = self._first, None
+            while block is not None and not self._stopped:
+                self.samples += block.size
+                if data := await self._encode(self.encoder.encode, block):
+                    yield data
+                block = None if self._stopped else await self._next(watched)
+            if data := await self._encode(self.encoder.finish):
+                yield data
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Stop generating (the job stops within a step): `pieces` ends after its tail."""
+        self._stopped = True
+        self.started.stream.cancel()
+
+    def close(self) -> None:
+        """Let go of everything: the job stops within a step (nothing once it is done), the codec is
+        freed. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.started.stream.cancel()
+            self.encoder.close()
+
+    async def _next(self, watched: bool) -> np.ndarray | None:
+        """The next block (None at the end); a generation failure as its RequestError."""
+        if self._ended:
+            return None
+        stream = self.started.stream
+        try:
+            if watched and self._client_gone is not None:
+                return await _watching(anext(stream), self._client_gone)
+            return await anext(stream)
+        except StopAsyncIteration:
+            self._ended = True
+            return None
+        except (asyncio.CancelledError, ClientGone):
+            raise
+        except Exception as e:  # noqa: BLE001 - what the client is told (and the log, for a 500)
+            raise generation_failure(e) from None
+
+    @staticmethod
+    async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
+        """One encoder step off the event loop; a failure is the request's (500)."""
+        try:
+            return await run_in_threadpool(step, *block)
+        except Exception as e:  # noqa: BLE001
+            raise generation_failure(e) from None
+
+
+async def _watching(awaitable: Awaitable[np.ndarray], client_gone: Callable[[], Awaitable[bool]]) -> np.ndarray:
+    """`awaitable`'s result, asking meanwhile whether the client left: ClientGone (and the wait
+    cancelled) if it did."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await client_gone():
+                raise ClientGone()
+    finally:
+        task.cancel()

@@ -1,0 +1,156 @@
+"""The one pipeline behind every transport (pipeline.py): a request in, encoded pieces out, its job
+and encoder owned in one place. A made-up transport is framing only and gets the audio HTTP gets;
+whatever way a consumer stops, nothing is left running or holding a slot."""
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import pipeline
+from pipeline import open_speech
+from speech_request import RequestError, SpeechRequest
+from test_server import FAST
+
+HELLO = {"input": "Hello there. This is a test.", "voice": "none", "seed": 3, **FAST}
+
+
+def request(**fields) -> SpeechRequest:
+    return SpeechRequest.model_validate({**HELLO, **fields})
+
+
+def idle(service, timeout: float = 10.0) -> bool:
+    """Whether the worker lets go of every job (active, parked and waiting) within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.worker.pending == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_new_transport_is_framing_only_and_gets_the_audio_http_gets(tiny_service, app):
+    async def length_prefixed() -> bytes:  # a made-up protocol: each piece behind its 4-byte length
+        speech = await open_speech(tiny_service, request(response_format="pcm", stream=True), streaming=True)
+        framed = b"".join([len(data).to_bytes(4, "big") + data async for data in speech.pieces()])
+        return framed
+
+    framed = asyncio.run(length_prefixed())
+    pieces, offset = [], 0
+    while offset < len(framed):
+        size = int.from_bytes(framed[offset:offset + 4], "big")
+        pieces.append(framed[offset + 4:offset + 4 + size])
+        offset += 4 + size
+    http = app.post("/v1/audio/speech", json={**HELLO, "response_format": "pcm", "stream": True})
+    assert len(pieces) > 1 and b"".join(pieces) == http.content
+    assert len(http.content) // 2 == 16 * 2048  # 16 latent frames of 2048 samples, as the listener hears it
+
+
+def test_the_whole_file_of_the_pipeline_is_a_playable_file_of_the_audio(tiny_service):
+    async def whole() -> tuple[bytes, float]:
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=False), streaming=False)
+        return b"".join([data async for data in speech.pieces()]), speech.audio_seconds
+
+    data, seconds = asyncio.run(whole())
+    audio, rate = sf.read(io.BytesIO(data))
+    assert rate == 44100 and len(audio) == 16 * 2048 and seconds == pytest.approx(len(audio) / rate)
+
+
+def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):
+    async def first_piece_only() -> None:
+        speech = await open_speech(tiny_service, request(input="Hello there. " * 20, **{"chunking_enabled": True}),
+                                   streaming=True)
+        pieces = speech.pieces()
+        assert await anext(pieces)
+        await pieces.aclose()  # a transport whose client left: its generator is closed
+
+    asyncio.run(first_piece_only())
+    assert idle(tiny_service)
+
+
+def closes_of(monkeypatch) -> list[str]:
+    """Records "opened" and "closed" for every encoder the pipeline opens from now on."""
+    events = []
+    real = pipeline.open_encoder
+
+    def tracked(*args, **kwargs):
+        encoder = real(*args, **kwargs)
+        close = encoder.close
+        encoder.close = lambda: (events.append("closed"), close())
+        events.append("opened")
+        return encoder
+
+    monkeypatch.setattr(pipeline, "open_encoder", tracked)
+    return events
+
+
+def test_close_is_the_one_place_that_lets_go_and_may_be_called_again(tiny_service, monkeypatch):
+    events = closes_of(monkeypatch)
+
+    async def opened_and_closed() -> pipeline.Speech:
+        speech = await open_speech(tiny_service, request(), streaming=True)
+        speech.close()
+        speech.close()
+        return speech
+
+    speech = asyncio.run(opened_and_closed())
+    assert events == ["opened", "closed"] and speech.started.stream._ticket.cancelled.is_set() and idle(tiny_service)
+
+
+def test_a_refused_request_leaves_no_slot_and_no_encoder(tiny_service, monkeypatch):
+    events = closes_of(monkeypatch)
+
+    async def refused():
+        with pytest.raises(RequestError) as refusal:
+            await open_speech(tiny_service, request(voice="nobody"), streaming=True)
+        return refusal.value
+
+    error = asyncio.run(refused())
+    assert error.status == 400 and error.param == "voice"
+    assert events == ["opened", "closed"] and tiny_service.worker.pending == 0
+
+
+def test_stop_ends_the_pieces_after_the_encoders_tail_in_whole_samples(tiny_service):
+    async def stopped_after_one() -> tuple[list[bytes], int]:
+        speech = await open_speech(tiny_service, request(input="Hello there. " * 20, chunking_enabled=True,
+                                                         response_format="pcm", sample_rate=24000), streaming=True)
+        out = []
+        async for data in speech.pieces():
+            out.append(data)
+            speech.stop()
+        return out, speech.samples
+
+    pieces, samples = asyncio.run(stopped_after_one())
+    assert 1 <= len(pieces) <= 2 and all(len(p) % 2 == 0 for p in pieces)  # the first block, then the resampler's tail
+    heard = sum(len(p) for p in pieces) // 2
+    assert heard == pytest.approx(samples * 24000 / 44100, abs=2) and idle(tiny_service)
+
+
+def test_a_generation_failure_is_the_requests_error(tiny_service, monkeypatch):
+    def broken(calls):
+        raise RuntimeError("the GPU caught fire")
+
+    monkeypatch.setattr(tiny_service.engine, "steps", broken)
+
+    async def failing():
+        speech = await open_speech(tiny_service, request(), streaming=True)
+        with pytest.raises(RequestError) as failure:
+            await speech.first_audio()
+        speech.close()
+        return failure.value
+
+    error = asyncio.run(failing())
+    assert error.status == 500 and "GPU caught fire" in str(error) and error.detail()["type"] == "server_error"
+    assert idle(tiny_service)
+
+
+def test_pcm_pieces_decode_to_the_blocks_the_worker_made(tiny_service):
+    async def pieces_and_blocks():
+        speech = await open_speech(tiny_service, request(response_format="pcm"), streaming=True)
+        return [np.frombuffer(p, "<i2") async for p in speech.pieces()], speech.samples
+
+    pieces, samples = asyncio.run(pieces_and_blocks())
+    assert sum(p.size for p in pieces) == samples == 16 * 2048
