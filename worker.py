@@ -523,20 +523,22 @@ class GenerationWorker:
     def _step(self, active: list[_Running]) -> None:
         """The most urgent unit of work (see the module's docstring), then the silence checks."""
         unit = next_unit(active, self._group_of, self.first_audio_budget)
-        if unit and self.step_budget is not None:
-            self._run_adapting(active, unit)
-        elif unit:
-            self._run_together(active, unit, getattr(self.engine, COMPUTE[type(unit[0].pending)]))
+        if unit:
+            compute = getattr(self.engine, COMPUTE[type(unit[0].pending)])
+            if self.step_budget is None:
+                self._run_together(active, unit, compute)
+            else:
+                self._run_adapting(active, unit, compute)
         self._check_silences(active)
 
-    def _run_adapting(self, active: list[_Running], unit: list[_Running]) -> None:
+    def _run_adapting(self, active: list[_Running], unit: list[_Running], compute: Callable[[list], list]) -> None:
         """Adaptive steps: move the step budget on the predicted load, then run the unit, measuring
         its cost (clock() seconds, into a moving average: a GPU's asynchronous steps are paid for in
         the units that wait on them, so the average is what a unit costs)."""
         now = clock()
         self.step_budget.update(predicted_load(active, now, self.unit_seconds, self._group_of,
                                                self.first_audio_budget), now)
-        self._run_together(active, unit, getattr(self.engine, COMPUTE[type(unit[0].pending)]))
+        self._run_together(active, unit, compute)
         cost = clock() - now
         self.unit_seconds = cost if self.unit_seconds == 0 else \
             (1 - UNIT_COST_SMOOTHING) * self.unit_seconds + UNIT_COST_SMOOTHING * cost
@@ -629,14 +631,9 @@ def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], firs
     listeners). Empty when no job waits on any."""
     units: dict[object, list[_Running]] = {}
     for running in active:
-        if isinstance(running.pending, ModelCall):
-            units.setdefault(("step", group_of(running.pending)), []).append(running)
-        elif isinstance(running.pending, DecodeCall):
-            units.setdefault("decode", []).append(running)
-        elif isinstance(running.pending, TextCall):
-            units.setdefault("text", []).append(running)
-        elif isinstance(running.pending, PrefixCall):
-            units.setdefault("prefix", []).append(running)
+        kind = type(running.pending)
+        if kind in COMPUTE:  # a unit per kind of call; diffusion steps one per frame group
+            units.setdefault((kind, group_of(running.pending)) if kind is ModelCall else kind, []).append(running)
     if not units:
         return []
     return min(units.values(), key=lambda jobs: (min(r.deadline(first_audio_budget) for r in jobs), -len(jobs)))
@@ -651,11 +648,11 @@ def predicted_load(active: list[_Running], now: float, unit_seconds: float, grou
     most diffusion steps any of them has left in its block (a group's steps run batched: one unit
     advances them all), plus one unit for the decode; each unit at `unit_seconds`."""
     load, steps_left = 0.0, {}  # frame group -> the most steps left among the jobs so far
-    for running in sorted(active, key=lambda r: r.deadline(first_audio_budget)):
+    for deadline, running in sorted(((r.deadline(first_audio_budget), r) for r in active), key=lambda d: d[0]):
         if isinstance(running.pending, ModelCall):
             group = group_of(running.pending)
             steps_left[group] = max(steps_left.get(group, 0), running.steps_left)
-        seconds = running.deadline(first_audio_budget) - now  # what its listener has left
+        seconds = deadline - now  # what its listener has left
         work = (sum(steps_left.values()) + 1) * unit_seconds
         load = max(load, work / seconds if seconds > 0 else math.inf)
     return load
