@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from inference import LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall
-from model import EchoDiT, KVCache, RowGroup, call_block
+from model import EchoDiT, KVCache, RowGroup, call_block, grouped
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,6 @@ StepRunner = Callable[[Sequence[ModelCall]], list[Tensor]]
 def batched_velocity(model: EchoDiT, calls: Sequence[ModelCall]) -> list[Tensor]:
     """The calls' velocities through ExactSteps, keeping nothing for later steps."""
     return ExactSteps(model)(calls)
-
-
-def by_frames(calls: Sequence[ModelCall]) -> dict[int, list[int]]:
-    """The calls' indices grouped by frame count, in order of first appearance."""
-    groups: dict[int, list[int]] = {}
-    for i, call in enumerate(calls):
-        groups.setdefault(call.x.shape[1], []).append(i)
-    return groups
 
 
 def with_self_slot(frames: int, parts: Sequence[Tensor]) -> Tensor:
@@ -148,7 +140,7 @@ class ExactSteps:
     def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
         self._calls += 1
         out: list[Tensor | None] = [None] * len(calls)
-        for frames, indices in by_frames(calls).items():
+        for frames, indices in grouped(c.x.shape[1] for c in calls).items():
             for i, v in zip(indices, self._forward([calls[i] for i in indices], frames)):
                 out[i] = v
         self._forget_stale()

@@ -27,7 +27,7 @@ from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGT
                        ModelCall, PCAState, SamplerSettings, find_flattening_point, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import PrefixCall, blockwise_steps
-from model import EchoDiT, KVCache, extend_prefixes
+from model import EchoDiT, KVCache, extend_prefixes, grouped
 from text_chunking import ChunkMode
 
 log = logging.getLogger(__name__)
@@ -473,10 +473,7 @@ def encode_texts(model: EchoDiT, calls: list[TextCall]) -> list[KVCache]:
     call. Rows do not interact (padded tokens are masked), so each result equals the call's own
     `run()`: tests/test_engine_batching.py pins that bit for bit."""
     out: list[KVCache | None] = [None] * len(calls)
-    groups: dict[int, list[int]] = {}
-    for i, call in enumerate(calls):
-        groups.setdefault(call.ids.shape[1], []).append(i)
-    for members in groups.values():
+    for members in grouped(call.ids.shape[1] for call in calls).values():
         kv = model.get_kv_cache_text(torch.cat([calls[i].ids for i in members]),
                                      torch.cat([calls[i].mask for i in members]))
         for row, i in enumerate(members):  # copied out: a job keeps only its own tokens alive

@@ -12,7 +12,7 @@ generation; each diffusion step then runs only the decoder blocks over the noisy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -585,15 +585,22 @@ class LatentPrefix:
             part._tail, part.frames = tail, self.frames
 
 
+def grouped(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
+    """The indices of equal keys, grouped in order of first appearance (which calls of a batch can
+    run as one: same frame count, same text bucket, prefixes that line up)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor]) -> None:
     """`prefixes[i].extend(latents[i])` for every i, the prefixes at the same frame count that get
     the same number of frames stacked into one encoder call (generations that started together
     finish their blocks together). Rows do not interact, so each prefix ends bit for bit as its own
     extend leaves it; extensions whose products would change kernel run alone (_stacks_exactly)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (prefix, new) in enumerate(zip(prefixes, latents)):
-        key = (id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
-        groups.setdefault(key, []).append(i)
+    groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
+                     for i, (prefix, new) in enumerate(zip(prefixes, latents)))
     for members in groups.values():
         if len(members) == 1:
             prefixes[members[0]].extend(latents[members[0]])
