@@ -241,7 +241,7 @@ def _routes():
     def presets(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         """The streaming presets: block sizes and diffusion steps per block, for a request's
         `block_sizes` and `num_steps`; `default` names the server's (ECHO_PERFORMANCE_PRESET)."""
-        return {"default": service.settings.stream_preset_name,
+        return {"default": service.settings.performance_preset,
                 "presets": {name: {"block_sizes": blocks, "num_steps": steps}
                             for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}}
 

@@ -141,7 +141,7 @@ class SpeechService:
         """ECHO_ADAPTIVE_STEPS_FLOOR, its share of the work measured against the default preset's."""
         if not self.settings.adaptive_steps:
             return None
-        return StepFloor.of(self.settings.step_floor_preset, PERFORMANCE_PRESETS["default"])
+        return StepFloor.of(PERFORMANCE_PRESETS[self.settings.adaptive_steps_floor], PERFORMANCE_PRESETS["default"])
 
     def adaptive_steps(self) -> tuple[float, int, int]:
         """(the step budget now, blocks started with fewer steps than requested, steps they did not

@@ -226,20 +226,9 @@ class Settings(BaseSettings):
         return self.fish_device or self.device
 
     @property
-    def stream_preset_name(self) -> str:
-        """ECHO_PERFORMANCE_PRESET, as validated."""
-        return self.performance_preset
-
-    @property
     def stream_preset(self) -> tuple[list[int], list[int]]:
         """(block sizes, steps) for streaming requests."""
-        blocks, steps = PERFORMANCE_PRESETS[self.stream_preset_name]
-        return list(blocks), list(steps)
-
-    @property
-    def step_floor_preset(self) -> tuple[list[int], list[int]]:
-        """(block sizes, steps) of ECHO_ADAPTIVE_STEPS_FLOOR: the fewest steps adaptive steps give a block."""
-        blocks, steps = PERFORMANCE_PRESETS[self.adaptive_steps_floor]
+        blocks, steps = PERFORMANCE_PRESETS[self.performance_preset]
         return list(blocks), list(steps)
 
     @property

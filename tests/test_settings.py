@@ -48,7 +48,7 @@ def test_an_unknown_preset_is_warned_once_at_load_not_per_request(monkeypatch, c
     monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "turbo")
     s = load_settings()
     for _ in range(3):  # what every request reads
-        assert s.stream_preset == PERFORMANCE_PRESETS["default"] and s.stream_preset_name == "default"
+        assert s.stream_preset == PERFORMANCE_PRESETS["default"] and s.performance_preset == "default"
     assert caplog.text.count("unknown ECHO_PERFORMANCE_PRESET") == 1
 
 
