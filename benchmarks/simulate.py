@@ -63,6 +63,8 @@ import worker as wk  # noqa: E402
 from batched_steps import StaticShapes, StaticSteps, row_buckets  # noqa: E402
 from inference import SAMPLE_RATE, ModelCall  # noqa: E402
 from inference_blockwise import PrefixCall  # noqa: E402
+# the GPU kit's arrivals: a simulated load curve replays the requests the measured one sends
+from gpu_check import arrivals as poisson_arrivals  # noqa: E402
 
 FRAME_SAMPLES = 2048
 PADDED_RUNNER = "a10f983"  # the last commit with the padded ExactSteps (the 2026-11-22 eager runs)
@@ -877,17 +879,6 @@ def nonstream(constants: Constants, steps: int, config: str = "eager", **options
     sim = Simulation(constants, config, "lockstep", **options)
     listener = sim.run([(0.0, SimJob(NONSTREAM_TOKENS, ((640, steps),)))])[0]
     return listener.deliveries[-1][0] - listener.arrived + constants.overhead(config)
-
-
-def poisson_arrivals(rate: float, duration: float, seed: int = 0) -> list[float]:
-    """Arrival times of a Poisson process of `rate` per second over [0, duration), reproducible per seed."""
-    rng = np.random.default_rng(seed)
-    times, at = [], 0.0
-    while True:
-        at += rng.exponential(1.0 / rate)
-        if at >= duration:
-            return times
-        times.append(at)
 
 
 def poisson(constants: Constants, rate: float, duration: float = 120.0, seed: int = 0, config: str = "eager",

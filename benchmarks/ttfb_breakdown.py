@@ -44,6 +44,7 @@ from inference_blockwise import PrefixCall  # noqa: E402
 from service import SpeechService  # noqa: E402
 from settings import load_settings  # noqa: E402
 from speech_request import SpeechRequest  # noqa: E402
+from worker import COMPUTE  # noqa: E402
 
 TEXT = "[S1] The first words of a reply should reach the listener before they notice any wait at all."
 STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "prefix extension", DecodeCall: "decode", SilenceCheck: "silence check"}
@@ -52,11 +53,9 @@ STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "pr
 def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
     """Seconds of each stage until the job's first audio (and "total"), the device synchronised."""
     device = engine.model.device
-    answer: dict[type, Callable] = {TextCall: lambda call: engine.encode_texts([call])[0],
-                                    ModelCall: lambda call: engine.steps([call])[0],
-                                    PrefixCall: lambda call: engine.extend_prefixes([call])[0],
-                                    DecodeCall: lambda call: engine.decode([call])[0],
-                                    SilenceCheck: lambda check: check.run()}
+    def answer(item):  # as the worker computes a unit of one call (worker.COMPUTE); a silence check runs
+        return item.run() if isinstance(item, SilenceCheck) else getattr(engine, COMPUTE[type(item)])([item])[0]
+
     times: dict[str, list[float]] = defaultdict(list)
 
     def timed(stage: str, fn: Callable):
@@ -71,7 +70,7 @@ def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
     steps = engine.job_steps(job)
     item = timed("job", lambda: next(steps))
     while not isinstance(item, np.ndarray):
-        reply = timed(STAGES[type(item)], lambda: answer[type(item)](item))
+        reply = timed(STAGES[type(item)], lambda: answer(item))
         item = timed("job", lambda: steps.send(reply))
     steps.close()
     times["total"].append(time.perf_counter() - started)
