@@ -75,12 +75,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(debug: bool, as_json: bool) -> None:
-    handler = logging.StreamHandler()
+    handler = server_log_handler(logging.StreamHandler(), as_json)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
+
+
+def server_log_handler(handler: logging.Handler, as_json: bool) -> logging.Handler:
+    """`handler` writing the server's log lines: request ids, keys redacted, JSON or plain text."""
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactSecrets())
     handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
+    return handler
 
 
 def bearer_token(headers) -> str | None:

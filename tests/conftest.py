@@ -183,13 +183,10 @@ class _LogLines(logging.Handler):
     """The server's log lines, formatted as `python api_server.py` writes them (observability)."""
 
     def __init__(self, settings):
-        from observability import JsonFormatter, RedactSecrets, RequestIdFilter
+        from observability import server_log_handler
 
         super().__init__(logging.DEBUG if settings.debug_logs else logging.INFO)
-        self.addFilter(RequestIdFilter())
-        self.addFilter(RedactSecrets())
-        self.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        server_log_handler(self, settings.log_json)
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -218,7 +215,23 @@ class _LogLines(logging.Handler):
         root.setLevel(min(h.level for h in cls.attached) if cls.attached else cls.level_before)
 
 
-class AppServer:
+class _ByPath:
+    """Requests by HTTP method, for a class that defines `request(method, path, **kwargs)`."""
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def options(self, path: str, **kwargs):
+        return self.request("OPTIONS", path, **kwargs)
+
+
+class AppServer(_ByPath):
     """create_app(settings) in this process, its lifespan run and its models loaded, with the
     surface tests use of a LiveServer: requests by path (`get`, `post`, `stream`, ...: a TestClient's,
     which ignores timeouts), `websocket(path)`, `log()` (what this process logged meanwhile, which
@@ -269,18 +282,6 @@ class AppServer:
 
     def request(self, method: str, path: str, timeout=None, **kwargs):
         return self.client.request(method, path, **kwargs)
-
-    def get(self, path: str, **kwargs):
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, **kwargs):
-        return self.request("POST", path, **kwargs)
-
-    def delete(self, path: str, **kwargs):
-        return self.request("DELETE", path, **kwargs)
-
-    def options(self, path: str, **kwargs):
-        return self.request("OPTIONS", path, **kwargs)
 
     def stream(self, method: str, path: str, timeout=None, **kwargs):
         return self.client.stream(method, path, **kwargs)
@@ -363,7 +364,7 @@ class AppSocket:
         return message["text"] if message.get("text") is not None else message["bytes"]
 
 
-class LiveRequests:
+class LiveRequests(_ByPath):
     """A LiveServer's requests by path, as an AppServer takes them (httpx's functions: a connection each)."""
 
     def __init__(self, url: str):
@@ -373,12 +374,6 @@ class LiveRequests:
         import httpx
 
         return httpx.request(method, self.url + path, **kwargs)
-
-    def get(self, path: str, **kwargs):
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, **kwargs):
-        return self.request("POST", path, **kwargs)
 
     def stream(self, method: str, path: str, **kwargs):
         import httpx
