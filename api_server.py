@@ -3,7 +3,8 @@
 This module only translates HTTP: routes, the framing of the pipeline's audio pieces (a streamed
 body, SSE events, a whole file; pipeline.py makes the pieces for every transport) and the one
 mapping of the domain error, RequestError, to a status, OpenAI's error object and its headers. What
-a request means is decided in service.py, generation happens in engine.py and worker.py.
+a request means is the request model's to say (speech_request.py), service.py starts it, generation
+happens in engine.py and worker.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
 from observability import BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
-from speech_request import MODEL_ID, RequestError, SpeechRequest, request_error
+from errors import RequestError
+from speech_request import MODEL_ID, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import http_server
 import speech_socket
@@ -126,11 +128,13 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                   **({} if public_docs else {"openapi_url": None}))  # else served below, behind the key
     app.state.service = service
     app.state.drain = http_server.Drain()  # the server's shutdown, as WebSocket sessions see it (http_server)
-    app.state.metrics = Metrics(queue_length=lambda: service.worker.waiting if service.worker else 0,
-                                active_streams=lambda: service.worker.active if service.worker else 0,
-                                parked_streams=lambda: service.worker.parked if service.worker else 0,
-                                gpu=settings.torch_device, compiles_after_warm_up=service.compiles_after_warm_up,
-                                vad_rerolls=service.vad_rerolls, adaptive_steps=service.adaptive_steps)
+    app.state.metrics = Metrics(queue_length=lambda: service.observe(lambda r: r.worker.waiting, 0),
+                                active_streams=lambda: service.observe(lambda r: r.worker.active, 0),
+                                parked_streams=lambda: service.observe(lambda r: r.worker.parked, 0),
+                                gpu=settings.torch_device,
+                                compiles_after_warm_up=lambda: service.observe(lambda r: r.compiles_after_warm_up, 0),
+                                vad_rerolls=lambda: service.observe(lambda r: r.engine.rerolls, 0),
+                                adaptive_steps=service.adaptive_steps)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
@@ -247,12 +251,12 @@ def _routes():
 
     @protected.get("/v1/voices", responses=_errors(401))
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        names = service.voice_names()
+        names = service.voices.names()
         return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
 
     @protected.get("/v1/audio/voices", responses=_errors(401))
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return {"voices": [{"id": n, "name": n} for n in service.voice_names()]}
+        return {"voices": [{"id": n, "name": n} for n in service.voices.names()]}
 
     @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 408, 409, 413, 503, 507))
     async def upload_voice(service: Annotated[SpeechService, Depends(ready_service)],
@@ -266,11 +270,11 @@ def _routes():
 
     @protected.get("/v1/voices/{voice_id}", responses=_errors(401, 404))
     def voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return service.library.metadata(voice_id)
+        return service.voices.library.metadata(voice_id)
 
     @protected.delete("/v1/audio/voices/{voice_id}", responses=_errors(401, 403, 404))
     def delete_voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return service.delete_voice(voice_id)
+        return service.voices.delete(voice_id)
 
     @protected.post("/v1/audio/speech", response_class=Response,
                     responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504))

@@ -31,7 +31,8 @@ from inference import SAMPLE_RATE
 from observability import request_id
 from service import SpeechService, Started, generation_failure
 from settings import Settings
-from speech_request import RequestError, SpeechRequest
+from errors import RequestError
+from speech_request import SpeechRequest
 
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
 

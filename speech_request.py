@@ -1,17 +1,29 @@
-"""The one request model of speech, shared by HTTP (`POST /v1/audio/speech`) and the WebSocket:
-every setting declared once, with its default and limits (`GenerationOptions`, what the service
-translates into the engine's job), plus what only the HTTP response needs (`SpeechRequest`)."""
+"""The one request model of speech, shared by HTTP (`POST /v1/audio/speech`) and the WebSocket.
+
+Every setting is declared once, in `GenerationOptions`, with its default and limits; a setting
+the sampler, the early stop or the chunker reads says so in its annotation (`Into`), and the
+options translate themselves into the engine's job (`GenerationOptions.to_job`: a pure function of
+the options and the server's settings, as vLLM's request models make their sampling parameters).
+`SpeechRequest` adds what only the response needs (format, rate, speed). `RequestError` is the one
+domain error below the transports.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from audio_encoding import MAX_OUTPUT_RATE, MAX_SPEED, MIN_OUTPUT_RATE, MIN_SPEED, AudioFormat
-from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE
-from text_chunking import ChunkMode
+from engine import BlockShape, EarlyStop, SpeakerReference, SpeechJob, random_seed
+from errors import RequestError
+from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE, SamplerSettings
+from inference_blockwise import steps_per_block
+from settings import Settings
+from text_chunking import (ChunkMode, ChunkSettings, ChunkSettingsError, fits_in_one_generation,
+                           normalize_exclamations, prepare_text, split_into_chunks)
 
 MODEL_ID = "echo-tts"
 # OpenAI's speech models and their dated variants (tts-1-1106, gpt-4o-mini-tts-2025-03-20): a request
@@ -25,45 +37,31 @@ MIN_BLOCK_FRAMES, MAX_BLOCKS, MAX_STEPS_PER_CHUNK = 4, 64, 400
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
-ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 401: ("invalid_api_key", "authentication_error"),
-               403: ("forbidden", "permission_error"),
-               408: ("request_timeout", "invalid_request_error"),
-               404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
-               413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),
-               500: ("generation_failed", "server_error"), 503: ("not_ready", "server_error"),
-               504: ("timeout", "server_error"), 507: ("insufficient_storage", "server_error")}
-
-
-class RequestError(ValueError):
-    """A request cannot be served as sent, or its generation failed: an HTTP error (400 unless
-    `status` says otherwise) or a WebSocket error message, naming `param`, with OpenAI's error
-    `code` (by status unless given) and `error_type`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.param, self.status, self._code = param, status, code
-
-    @property
-    def code(self) -> str:
-        return self._code or ERROR_KINDS.get(self.status, ERROR_KINDS[400])[0]
-
-    @property
-    def error_type(self) -> str:
-        return ERROR_KINDS.get(self.status, ERROR_KINDS[400])[1]
-
-    def detail(self) -> dict:
-        """OpenAI's error object: the `error` of a response body, an SSE event or a socket message."""
-        return {"message": str(self), "type": self.error_type, "param": self.param, "code": self.code}
-
-
 class VoiceObject(BaseModel):
     id: str
+
+
+@dataclass(frozen=True)
+class Into:
+    """A request setting's destination, as its annotation's metadata: the setting `name` (default:
+    the field's own name) of the job's sampler (`SamplerSettings`), early stop (`EarlyStop`) or
+    chunking (`ChunkSettings`). A field so marked needs no other code to reach its destination."""
+
+    target: Literal["sampler", "early_stop", "chunking"]
+    name: str | None = None
+
+
+SAMPLER, EARLY_STOP, CHUNKING = Into("sampler"), Into("early_stop"), Into("chunking")
+Steps = Annotated[int, Field(ge=1, le=100)]
 
 
 class GenerationOptions(BaseModel):
     """A request's say in generation; None means 'the server default'."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # what the marked settings become (a subclass may name its own, with settings of its own)
+    sampler_type: ClassVar[type[SamplerSettings]] = SamplerSettings
+    early_stop_type: ClassVar[type[EarlyStop]] = EarlyStop
 
     input: str
     voice: str
@@ -72,31 +70,33 @@ class GenerationOptions(BaseModel):
 
     block_sizes: list[Annotated[int, Field(ge=MIN_BLOCK_FRAMES, le=MAX_SEQUENCE_LENGTH)]] | None = Field(
         None, min_length=1, max_length=MAX_BLOCKS)
-    num_steps: Annotated[int, Field(ge=1, le=100)] | list[Annotated[int, Field(ge=1, le=100)]] | None = None
-    cfg_scale_text: float = Field(3.0, ge=0, le=50)
-    cfg_scale_speaker: float = Field(8.0, ge=0, le=50)
-    cfg_min_t: float = Field(0.5, ge=0, le=1)
-    cfg_max_t: float = Field(1.0, ge=0, le=1)
-    truncation_factor: (Annotated[float, Field(gt=0, le=2)]
-                        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)] | None) = None
-    rescale_k: float | None = Field(None, gt=0, le=100)
-    rescale_sigma: float | None = Field(None, gt=0, le=100)
-    speaker_kv_scale: float | None = Field(None, gt=0, le=10)
-    speaker_kv_min_t: float | None = Field(None, ge=0, le=1)
-    speaker_kv_max_layers: int | None = Field(None, ge=0, le=1000)
-    guidance_mode: Literal[GUIDANCE_MODES] = "independent"  # type: ignore[valid-type]
+    num_steps: Steps | list[Steps] | None = None
+    cfg_scale_text: Annotated[float, SAMPLER] = Field(3.0, ge=0, le=50)
+    cfg_scale_speaker: Annotated[float, SAMPLER] = Field(8.0, ge=0, le=50)
+    cfg_min_t: Annotated[float, SAMPLER] = Field(0.5, ge=0, le=1)
+    cfg_max_t: Annotated[float, SAMPLER] = Field(1.0, ge=0, le=1)
+    truncation_factor: Annotated[  # one for every block, or one per block of the first chunk (later take the last)
+        Annotated[float, Field(gt=0, le=2)] | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)]
+        | None, SAMPLER] = None
+    rescale_k: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
+    rescale_sigma: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
+    speaker_kv_scale: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=10)
+    speaker_kv_min_t: Annotated[float | None, SAMPLER] = Field(None, ge=0, le=1)
+    speaker_kv_max_layers: Annotated[int | None, SAMPLER] = Field(None, ge=0, le=1000)
+    guidance_mode: Annotated[Literal[GUIDANCE_MODES], Into("sampler", "guidance")] = "independent"  # type: ignore[valid-type]
 
-    early_stop_on_zero: bool = True
-    zero_eps: float = Field(2e-2, ge=0, le=10)
-    zero_tail_frames: int = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
-    zero_tail_min_frac: float = Field(0.95, ge=0, le=1)
-    chunking_enabled: bool | None = None
+    early_stop_on_zero: Annotated[bool, Into("early_stop", "enabled")] = True
+    zero_eps: Annotated[float, EARLY_STOP] = Field(2e-2, ge=0, le=10)
+    zero_tail_frames: Annotated[int, Into("early_stop", "tail_frames")] = Field(16, ge=1, le=MAX_SEQUENCE_LENGTH)
+    zero_tail_min_frac: Annotated[float, Into("early_stop", "min_fraction")] = Field(0.95, ge=0, le=1)
+    chunking_enabled: bool | None = None  # None: ECHO_CHUNKING
     chunk_mode: ChunkMode | None = None  # None: ECHO_CHUNK_MODE
-    chunk_target_seconds: float = Field(30.0, gt=0, le=40)
-    chunk_min_seconds: float = Field(20.0, gt=0, le=40)
-    chunk_max_seconds: float = Field(40.0, gt=0, le=40)
-    chunk_chars_per_second: float | None = Field(None, gt=0, le=1000)
-    chunk_words_per_second: float | None = Field(None, gt=0, le=100)
+    chunk_target_seconds: Annotated[float, Into("chunking", "target_seconds")] = Field(30.0, gt=0, le=40)
+    chunk_min_seconds: Annotated[float, Into("chunking", "min_seconds")] = Field(20.0, gt=0, le=40)
+    chunk_max_seconds: Annotated[float, Into("chunking", "max_seconds")] = Field(40.0, gt=0, le=40)
+    # None: ECHO_CHUNK_CHARS_PER_SECOND / ECHO_CHUNK_WORDS_PER_SECOND
+    chunk_chars_per_second: Annotated[float | None, Into("chunking", "chars_per_second")] = Field(None, gt=0, le=1000)
+    chunk_words_per_second: Annotated[float | None, Into("chunking", "words_per_second")] = Field(None, gt=0, le=100)
     normalize: bool = True
 
     @field_validator("block_sizes")
@@ -110,9 +110,93 @@ class GenerationOptions(BaseModel):
     def _consistent(self) -> GenerationOptions:
         if self.cfg_min_t > self.cfg_max_t:
             raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
-        if self.chunk_min_seconds > self.chunk_max_seconds:
-            raise RequestError("chunk_min_seconds must not exceed chunk_max_seconds", "chunk_min_seconds")
         return self
+
+    # ---- what the options mean for the engine (pure: the options and the server's settings) ------
+
+    def settings_for(self, target: str) -> dict[str, Any]:
+        """The values of the fields marked `Into(target)`, under their destination's names (lists as
+        tuples: the destinations are frozen); a None (the server's default) is left out."""
+        values = {}
+        for name, field in type(self).model_fields.items():
+            for into in (m for m in field.metadata if isinstance(m, Into) and m.target == target):
+                value = getattr(self, name)
+                if value is not None:
+                    values[into.name or name] = tuple(value) if isinstance(value, list) else value
+        return values
+
+    def to_job(self, settings: Settings, speaker: SpeakerReference | None = None) -> SpeechJob:
+        """The job the options ask for on a server with `settings` (without its voice prepared:
+        the service adds that). Raises RequestError naming the field. Pure, but for the random
+        seed drawn when none is given."""
+        chunks = self.text_chunks(settings)
+        first, later = self.block_shapes(settings)
+        sampler = self.sampler_type(num_steps=0, **self.settings_for("sampler"))  # steps: the block shapes'
+        factor = sampler.truncation_factor
+        if isinstance(factor, tuple) and len(factor) != len(first.block_sizes):
+            raise RequestError(f"truncation_factor has {len(factor)} entries but there are "
+                               f"{len(first.block_sizes)} blocks", "truncation_factor")
+        seed = self.seed if self.seed is not None and self.seed >= 0 else random_seed()
+        return SpeechJob(chunks, speaker, seed, first, later, sampler,
+                         self.early_stop_type(**self.settings_for("early_stop")), self.normalize,
+                         chunk_mode=self.chunk_mode or settings.chunk_mode)
+
+    def text_chunks(self, settings: Settings) -> tuple[str, ...]:
+        """The input, prepared and split into the chunks generated one after the other."""
+        if len(self.input) > settings.max_input_chars:
+            raise RequestError(f"input is {len(self.input)} characters; the limit is "
+                               f"{settings.max_input_chars}", "input")
+        text = prepare_text(self.input)
+        if settings.normalize_exclamation:
+            text = normalize_exclamations(text)
+        if not text:
+            raise RequestError("input is empty", "input")
+        chunking = self.chunk_settings(settings)  # checked also when unused: a contradiction is an error
+        if not (settings.chunking if self.chunking_enabled is None else self.chunking_enabled):
+            if not fits_in_one_generation(text, normalize=self.normalize):
+                raise RequestError("input is longer than one generation (768 bytes); enable chunking "
+                                   "(chunking_enabled=true) or send shorter text", "input")
+            return (text,)
+        chunks = tuple(split_into_chunks(text, chunking, normalize=self.normalize,
+                                         continuation=(self.chunk_mode or settings.chunk_mode) == "continue"))
+        if len(chunks) > settings.max_chunks:
+            raise RequestError(f"input needs {len(chunks)} chunks of speech; the limit is "
+                               f"{settings.max_chunks} (ECHO_MAX_CHUNKS)", "input")
+        return chunks
+
+    def chunk_settings(self, settings: Settings) -> ChunkSettings:
+        """The chunk lengths asked for, the server's speaking rates where the request names none."""
+        try:
+            return ChunkSettings(**{"chars_per_second": settings.chunk_chars_per_second,
+                                    "words_per_second": settings.chunk_words_per_second,
+                                    **self.settings_for("chunking")})
+        except ChunkSettingsError as e:
+            raise RequestError(str(e), e.param) from e
+
+    def block_shapes(self, settings: Settings) -> tuple[BlockShape, BlockShape]:
+        """(first chunk, later chunks). Streaming starts with the preset's small blocks; a request's
+        block_sizes / num_steps override both."""
+        nonstream = ([MAX_SEQUENCE_LENGTH], [settings.num_steps_nonstream])
+        stream = settings.stream_preset
+        if self.block_sizes is None and self.num_steps is None:
+            return _shape(*(stream if self.stream else nonstream)), _shape(*nonstream)
+        blocks = self.block_sizes or (stream[0] if self.stream else nonstream[0])
+        steps = self.num_steps
+        if steps is None:
+            steps = stream[1] if blocks == stream[0] else settings.num_steps_nonstream
+        try:
+            steps = steps_per_block(blocks, steps)
+        except ValueError as e:
+            raise RequestError(f"{e} ({blocks})", "num_steps") from None
+        if sum(steps) > MAX_STEPS_PER_CHUNK:
+            raise RequestError(f"the blocks take {sum(steps)} diffusion steps in all; the limit is "
+                               f"{MAX_STEPS_PER_CHUNK} per chunk", "num_steps")
+        shape = _shape(blocks, steps)
+        return shape, shape
+
+
+def _shape(blocks: list[int], steps: list[int]) -> BlockShape:
+    return BlockShape(tuple(blocks), tuple(steps))
 
 
 class SpeechRequest(GenerationOptions):
@@ -158,9 +242,9 @@ class SpeechRequest(GenerationOptions):
         return fmt, rate
 
     def generation_options(self) -> GenerationOptions:
-        """The generation settings alone (validated already: copied, not checked again)."""
-        values = {name: getattr(self, name) for name in GenerationOptions.model_fields}
-        return GenerationOptions.model_construct(**{**values, "voice": self.voice_name})
+        """The request as the service takes it: the voice as a name (validated already: copied, not
+        checked again; a subclass keeps its own settings and destinations)."""
+        return self.model_copy(update={"voice": self.voice_name})
 
 
 def request_error(errors: list[dict]) -> RequestError:

@@ -56,7 +56,8 @@ from observability import bearer_token, request_id
 from pipeline import Speech, open_speech
 from service import SpeechService
 from settings import Settings
-from speech_request import RequestError, SpeechRequest, request_error
+from errors import RequestError
+from speech_request import SpeechRequest, request_error
 
 log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings

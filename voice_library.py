@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from inference import SAMPLE_RATE, AudioDecodeError, AudioTooLong, decode_audio
-from speech_request import RequestError
+from errors import RequestError
 from voices import VoiceRegistry, VoiceSource, is_no_voice
 
 log = logging.getLogger(__name__)

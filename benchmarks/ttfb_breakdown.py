@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(reason)
     try:
         job = service.build_job(SpeechRequest(input=TEXT, voice=args.voice, seed=0).generation_options())
-        runs = [service.worker.call(lambda: first_block(service.engine, job)) for _ in range(args.repeat + 1)][1:]
+        runs = [service.runtime.worker.call(lambda: first_block(service.engine, job)) for _ in range(args.repeat + 1)][1:]
     finally:
         service.close()
     rows = summary(runs)

@@ -237,7 +237,7 @@ def adaptive_app(tiny_echo_dir, tiny_fish_dir, tmp_path_factory):
         while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)  # the models load on a thread of their own
         wk.clock = lambda: 1000.0
-        budget = client.app.state.service.worker.step_budget
+        budget = client.app.state.service.runtime.worker.step_budget
         budget.level, budget.moved_at = 0, 1000.0
         try:
             yield client

@@ -285,7 +285,7 @@ ARTIFACTS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from batched_steps import StaticShapes, StaticSteps
     from inference import load_model_from_hf
-    from service import load_compile_artifacts, save_compile_artifacts
+    from runtime import load_compile_artifacts, save_compile_artifacts
     from pathlib import Path
 
     artifacts = Path(sys.argv[1])

@@ -355,7 +355,7 @@ async def _serve(service: svc.SpeechService, bodies: list[dict]) -> list[np.ndar
 
     async def one(body: dict) -> np.ndarray:
         job = await run_in_threadpool(service.build_job, SpeechRequest(input=TEXT, **body).generation_options())
-        stream = service.worker.submit(job, "emulated-cuda", service.settings.request_timeout or None)
+        stream = service.runtime.worker.submit(job, "emulated-cuda", service.settings.request_timeout or None)
         return np.concatenate([block async for block in stream])
 
     return await asyncio.gather(*(one(body) for body in bodies))

@@ -233,3 +233,39 @@ def test_every_test_security_md_cites_exists():
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", path.read_text(), re.M))
     assert len(cited) >= 20 and cited <= defined, sorted(cited - defined)
+
+
+def _server_imports() -> dict[str, set[str]]:
+    """Each top-level module of the server and the server modules it imports (at any depth in it)."""
+    import ast
+
+    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[name] = (imported & set(modules)) - {name}
+    return graph
+
+
+def test_the_server_modules_import_each_other_without_a_cycle():
+    """Layers: a module imports only modules below it, so each can be read and tested from the bottom up."""
+    graph, done, path = _server_imports(), set(), []
+
+    def visit(name: str) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name not in done:
+            path.append(name)
+            for child in sorted(graph[name]):
+                visit(child)
+            path.pop()
+            done.add(name)
+
+    for module in sorted(graph):
+        visit(module)
+    assert "service" not in graph["speech_request"] and "api_server" not in graph["pipeline"]

@@ -26,7 +26,7 @@ def idle(service, timeout: float = 10.0) -> bool:
     """Whether the worker lets go of every job (active, parked and waiting) within `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if service.worker.pending == 0:
+        if service.runtime.worker.pending == 0:
             return True
         time.sleep(0.02)
     return False
@@ -110,7 +110,7 @@ def test_a_refused_request_leaves_no_slot_and_no_encoder(tiny_service, monkeypat
 
     error = asyncio.run(refused())
     assert error.status == 400 and error.param == "voice"
-    assert events == ["opened", "closed"] and tiny_service.worker.pending == 0
+    assert events == ["opened", "closed"] and tiny_service.runtime.worker.pending == 0
 
 
 def test_stop_ends_the_pieces_after_the_encoders_tail_in_whole_samples(tiny_service):

@@ -505,7 +505,7 @@ def test_a_full_server_refuses_before_it_decodes_a_voice(tiny_service, monkeypat
 
     decodes = []
     monkeypatch.setattr(voices, "load_audio_bytes", lambda *a, **k: decodes.append(1))
-    held = [tiny_service.worker.reserve() for _ in range(3)]  # 2 active + 1 waiting: full
+    held = [tiny_service.runtime.worker.reserve() for _ in range(3)]  # 2 active + 1 waiting: full
     try:
         voice = "data:audio/wav;base64," + base64.b64encode(wav_bytes(1.0, freq=97.0)).decode()
         with pytest.raises(RequestError) as caught:
@@ -514,7 +514,7 @@ def test_a_full_server_refuses_before_it_decodes_a_voice(tiny_service, monkeypat
     finally:
         for reservation in held:
             reservation.release()
-    assert tiny_service.worker.pending == 0
+    assert tiny_service.runtime.worker.pending == 0
 
 
 def test_a_request_whose_voice_fails_gives_its_queue_slot_back(tiny_service):
@@ -527,4 +527,4 @@ def test_a_request_whose_voice_fails_gives_its_queue_slot_back(tiny_service):
         with pytest.raises(RequestError) as caught:
             asyncio.run(tiny_service.start(GenerationOptions(input="Hello.", voice=voice), "bad"))
         assert caught.value.status == 400
-    assert tiny_service.worker.pending == 0
+    assert tiny_service.runtime.worker.pending == 0

@@ -1,0 +1,181 @@
+"""The loaded server: models, the engine over them and the generation worker that runs it, built
+together from the settings (`load_runtime`) and warmed up, or not at all.
+
+Start-up: TF32 for float32 matmuls on CUDA, torch.compile's saved artefacts (ECHO_CACHE_DIR), the
+weights (weights.fetch: local directories or the Hugging Face cache), the step runner (exact and
+eager, or static shapes, compiled, with CUDA graphs), VAD reroll and adaptive steps, then a warm-up
+on the generation thread of every step shape and block shape the server uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import inference as inf
+import weights
+from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
+from engine import SpeechEngine, StepFloor, VadReroll
+from model import EchoDiT
+from settings import PERFORMANCE_PRESETS, Settings
+from errors import RequestError
+from speech_request import GenerationOptions
+from voice_catalog import VoiceCatalog
+from worker import GenerationWorker, StepBudget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The engine and the worker that runs its jobs: they exist together, from load to close."""
+
+    engine: SpeechEngine
+    worker: GenerationWorker
+
+    @property
+    def compiles_after_warm_up(self) -> int:
+        """Graphs torch.compile built while serving: each one a shape the warm-up missed."""
+        steps = self.engine.steps
+        return steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0
+
+    def close(self) -> None:
+        """Stop the worker, ending any job still running."""
+        self.worker.close()
+
+
+def load_runtime(settings: Settings, voices: VoiceCatalog,
+                 debug_sink: Callable[[np.ndarray], None] | None = None) -> Runtime:
+    """Load the models, start the worker and warm up (slow: seconds to minutes). On failure nothing
+    is left running."""
+    engine = _load_engine(settings, voices)
+    worker = GenerationWorker(engine, max_waiting=settings.max_queue, max_active=settings.max_active,
+                              debug_sink=debug_sink,
+                              max_ahead_samples=int(settings.max_ahead_seconds * inf.SAMPLE_RATE),
+                              send_timeout=settings.send_timeout,
+                              step_budget=StepBudget() if settings.adaptive_steps else None)
+    try:
+        worker.call(lambda: _warm_up(settings, voices, engine))  # on the thread that serves: CUDA graphs are per thread
+    except BaseException:
+        worker.close()
+        raise
+    return Runtime(engine, worker)
+
+
+def uses_compile(settings: Settings) -> bool:
+    """torch.compile is used: the decoder with ECHO_COMPILE, the autoencoder with ECHO_COMPILE_AE on CUDA."""
+    return settings.compile or (settings.compile_ae and settings.fish_device_name.startswith("cuda"))
+
+
+def compile_cache_path(settings: Settings) -> Path:
+    return settings.cache_dir / f"echo_tts_compile_cache_{settings.cache_version}.bin"
+
+
+def _load_engine(s: Settings, voices: VoiceCatalog) -> SpeechEngine:
+    started = time.perf_counter()
+    if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    compile_ae = s.compile_ae and s.fish_device_name.startswith("cuda")
+    if s.compile_ae and not compile_ae:
+        log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
+    if uses_compile(s):
+        load_compile_artifacts(compile_cache_path(s))
+    model_dir, fish_dir = weights.fetch(s.model_repo, s.fish_repo)
+    model = inf.load_model_from_hf(str(model_dir), device=s.device, dtype=s.torch_model_dtype)
+    fish = inf.load_fish_ae_from_hf(str(fish_dir), device=s.fish_device_name, dtype=s.torch_fish_dtype)
+    if compile_ae:  # what the server runs of the autoencoder: voices go through encode_zq; audio comes
+        fish.encode_zq = torch.compile(fish.encode_zq)  # from the streaming decoder, which stays eager
+    pca = inf.load_pca_state_from_hf(str(model_dir), device=s.fish_device_name)
+    log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
+             s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
+    return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
+                        speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
+                        steps=_step_runner(s, model), reroll=_vad_reroll(s), step_floor=_step_floor(s))
+
+
+def _step_floor(s: Settings) -> StepFloor | None:
+    """ECHO_ADAPTIVE_STEPS_FLOOR, its share of the work measured against the default preset's."""
+    if not s.adaptive_steps:
+        return None
+    return StepFloor.of(PERFORMANCE_PRESETS[s.adaptive_steps_floor], PERFORMANCE_PRESETS["default"])
+
+
+def _vad_reroll(s: Settings) -> VadReroll | None:
+    if not s.vad_reroll_enabled:
+        return None
+    from vad import SilenceDetector  # loads the Silero model (a file of the silero-vad package)
+
+    return VadReroll(SilenceDetector(), s.vad_silence_threshold_ms / 1000, s.vad_max_rerolls)
+
+
+def _step_runner(s: Settings, model: EchoDiT) -> StepRunner:
+    """How diffusion steps are evaluated: exact and eager, or padded to static shapes and
+    (with ECHO_COMPILE) compiled, with CUDA graphs when asked for on CUDA."""
+    if not s.use_static_shapes:
+        return ExactSteps(model)
+    blocks = s.stream_preset[0] + [inf.MAX_SEQUENCE_LENGTH]
+    shapes = StaticShapes.covering(blocks, max_rows=3 * s.max_active, patch_size=model.speaker_patch_size,
+                                   max_speaker_latent_length=s.max_speaker_latent_length,
+                                   latent_prefix=model.has_latent_prefix)
+    cuda_graphs = s.cuda_graphs and s.compile and model.device.type == "cuda"
+    if s.cuda_graphs and not cuda_graphs:
+        log.info("ECHO_CUDA_GRAPHS ignored: it needs ECHO_COMPILE and a CUDA device")
+    log.info("static step shapes: frames %s, rows %s%s", shapes.frame_buckets, shapes.row_buckets,
+             " (compiled" + (", CUDA graphs)" if cuda_graphs else ")") if s.compile else "")
+    return StaticSteps(model, shapes, compile=s.compile, cuda_graphs=cuda_graphs)
+
+
+def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine) -> None:
+    """Every static step shape (compiling it, with ECHO_COMPILE), then one generation of each
+    block shape the server uses, so no request pays for a first use."""
+    if not s.warmup:
+        return
+    started = time.perf_counter()
+    engine.warm_up_encoder()
+    log.info("voice encoder warmed up in %.1f s", time.perf_counter() - started)
+    if isinstance(engine.steps, StaticSteps):
+        engine.steps.warm_up()
+        log.info("%d step shapes warmed up in %.1f s", len(engine.steps.shapes.all_shapes()),
+                 time.perf_counter() - started)
+    voice = s.warmup_voice or "none"
+    try:
+        speaker = voices.reference(voice)
+    except RequestError as e:
+        log.warning("ECHO_WARMUP_VOICE: %s; warming up without a voice", e)
+        speaker = None
+    for stream in (True, False):
+        job = GenerationOptions(input=s.warmup_text, voice=voice, stream=stream).to_job(s, speaker)
+        for _ in engine.generate(job):
+            pass
+    log.info("warm-up done in %.1f s", time.perf_counter() - started)
+    if uses_compile(s):
+        save_compile_artifacts(compile_cache_path(s))
+
+
+def load_compile_artifacts(path: Path) -> None:
+    """Reuse the torch.compile artifacts a previous start saved (ECHO_CACHE_DIR / ECHO_CACHE_VERSION)."""
+    if not path.is_file():
+        return
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+        log.info("loaded torch.compile artifacts from %s", path)
+    except Exception as e:  # noqa: BLE001 - a stale cache only costs compile time
+        log.warning("could not load torch.compile artifacts from %s: %s", path, e)
+
+
+def save_compile_artifacts(path: Path) -> None:
+    try:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(artifacts[0])
+            log.info("saved torch.compile artifacts to %s", path)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not save torch.compile artifacts to %s: %s", path, e)
