@@ -14,9 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench_server import add_model_arguments, concurrency_table, model_env
-from live_server import LiveServer
-
-ROOT = Path(__file__).resolve().parents[1]
+from live_server import ROOT, LiveServer
 
 
 def main() -> None:

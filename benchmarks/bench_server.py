@@ -32,9 +32,9 @@ from pathlib import Path
 
 import httpx
 
-from live_server import LiveServer
+from live_server import ROOT, LiveServer
+from stats import percentile
 
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "reference"
 GAP_TOLERANCE = 0.01  # s: a later arrival than this is a gap the listener hears
 TEXT = ("Echo is a diffusion text to speech model. This sentence is here so that the benchmark asks for a "
@@ -71,9 +71,13 @@ def model_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
     if args.tiny:
         echo, fish = tiny_repos(work)
         args.model_repo, args.fish_repo = str(echo), str(fish)
-    env = {"ECHO_MODEL_REPO": args.model_repo, "ECHO_FISH_REPO": args.fish_repo, "ECHO_DEVICE": args.device,
-           "HF_HUB_OFFLINE": "1"}
-    if args.device == "cpu":
+    return repo_env(args.model_repo, args.fish_repo, args.device)
+
+
+def repo_env(model_repo: str, fish_repo: str, device: str = "cpu") -> dict[str, str]:
+    """The server's model settings: these model directories on `device` (float32 on the CPU), offline."""
+    env = {"ECHO_MODEL_REPO": model_repo, "ECHO_FISH_REPO": fish_repo, "ECHO_DEVICE": device, "HF_HUB_OFFLINE": "1"}
+    if device == "cpu":
         env["ECHO_MODEL_DTYPE"] = "float32"
     return env
 
@@ -113,11 +117,6 @@ async def one_stream(client: httpx.AsyncClient, seed: int, voice: str = "none", 
             playable_until = max(playable_until, now) + len(chunk) / 2 / rate
             size += len(chunk)
     return StreamResult(first, time.perf_counter() - start, size / 2 / rate, gaps, gap_seconds)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def concurrency_table(url: str, levels: list[int]) -> None:

@@ -56,15 +56,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import one_stream, percentile, tiny_repos  # noqa: E402
-from live_server import ROOT, LiveServer, ServerFailed  # noqa: E402
+from bench_server import one_stream, repo_env, tiny_repos  # noqa: E402
+from live_server import ROOT, LiveServer, ServerFailed, wav_bytes  # noqa: E402
+from stats import percentile  # noqa: E402
 from synthetic import write_synthetic_repos  # noqa: E402
 
 # Server configurations of the matrix: ECHO_* settings on top of the device's defaults.
@@ -117,13 +117,8 @@ def write_voice(path: Path, seconds: float = VOICE_SECONDS, rate: int = 44100) -
     phase = 2 * np.pi * np.cumsum(f0) / rate
     voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-    pcm = (0.25 * voiced * envelope / np.abs(voiced).max() * 32767).astype("<i2")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+    path.write_bytes(wav_bytes(0.25 * voiced * envelope / np.abs(voiced).max(), rate))
 
 
 def run_cuda_tests(weights: Path | None, timeout: float, log: Path, select: str | None) -> dict:
@@ -688,16 +683,14 @@ def _stages(run: Run, work: Path) -> None:
     write_voice(work / "voices" / "bench.wav")
     if args.tiny:
         echo, fish = tiny_repos(work)
-        base_env = {"ECHO_DEVICE": "cpu", "ECHO_MODEL_DTYPE": "float32"}
     else:
         t1 = time.monotonic()
         repos = write_synthetic_repos(args.weights)
         echo, fish = repos["echo-tts-base"], repos["fish-s1-dac-min"]
         report["weights_s"] = round(time.monotonic() - t1, 1)
-        base_env = {"ECHO_DEVICE": "cuda"}
-    base_env.update({"ECHO_MODEL_REPO": str(echo), "ECHO_FISH_REPO": str(fish), "ECHO_VOICE_DIRS": str(work / "voices"),
-                     "ECHO_MAX_ACTIVE": str(max(args.levels)), "ECHO_MAX_QUEUE": str(max(args.levels)),
-                     "ECHO_CACHE_DIR": str(work / "compile-cache"), "HF_HUB_OFFLINE": "1"})
+    base_env = {**repo_env(str(echo), str(fish), "cpu" if args.tiny else "cuda"),
+                "ECHO_VOICE_DIRS": str(work / "voices"), "ECHO_MAX_ACTIVE": str(max(args.levels)),
+                "ECHO_MAX_QUEUE": str(max(args.levels)), "ECHO_CACHE_DIR": str(work / "compile-cache")}
     run.record("environment and weights", "done", time.monotonic() - t0)
 
     def config_env(name: str) -> tuple[dict[str, str], list[int], list[int]]:

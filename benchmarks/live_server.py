@@ -1,17 +1,21 @@
 """The one way tests and benchmarks start a server: `python api_server.py` (or another entry point
 such as deploy/ray_serve.py) in a subprocess on a loopback port, configured through the environment
-as a user would, polled until ready."""
+as a user would, polled until ready (never through a proxy: the polls ignore *_PROXY); and the WAV
+writer for the voices they give it."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -21,6 +25,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
+    """`audio` (floats, clipped to [-1, 1]) as a mono 16-bit WAV file: how benchmarks write the voices
+    they give a server (a file in ECHO_VOICE_DIRS, or an inline data: URL)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
 
 
 class ServerFailed(RuntimeError):
@@ -50,7 +66,7 @@ class LiveServer:
                 self._log.close()
                 raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:  # a proxy (Ray Serve's) may answer before the app is there: only the app's 200 is "up"
-                response = httpx.get(self.url + "/health", timeout=2)
+                response = httpx.get(self.url + "/health", timeout=2, trust_env=False)
                 health = response.json() if response.status_code == 200 else None
             except (httpx.TransportError, ValueError):
                 health = None
@@ -64,7 +80,7 @@ class LiveServer:
         """/ready's answer once it says that loading the models failed (the last answer after `timeout`)."""
         deadline = time.monotonic() + timeout
         while True:
-            response = httpx.get(self.url + "/ready")
+            response = httpx.get(self.url + "/ready", trust_env=False)
             if "failed" in response.text or time.monotonic() > deadline:
                 return response
             time.sleep(0.1)

@@ -65,6 +65,7 @@ from inference import SAMPLE_RATE, ModelCall  # noqa: E402
 from inference_blockwise import PrefixCall  # noqa: E402
 # the GPU kit's arrivals: a simulated load curve replays the requests the measured one sends
 from gpu_check import arrivals as poisson_arrivals  # noqa: E402
+from stats import percentile  # noqa: E402
 
 FRAME_SAMPLES = 2048
 PADDED_RUNNER = "a10f983"  # the last commit with the padded ExactSteps (the 2026-11-22 eager runs)
@@ -849,16 +850,12 @@ class SimEngine:
 # ---- scenarios --------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def summarise(listeners: Sequence[Listener], overhead: float) -> dict:
     served = [x for x in listeners if x.deliveries]
     ttfb = [x.ttfb(overhead) for x in served]
     gaps = [x.gaps() for x in served]
     return dict(streams=len(listeners), refused=sum(x.refused for x in listeners),
-                ttfb_p50_ms=1e3 * percentile(ttfb, 50), ttfb_p95_ms=1e3 * percentile(ttfb, 95),
+                ttfb_p50_ms=1e3 * percentile(ttfb, .5, "linear"), ttfb_p95_ms=1e3 * percentile(ttfb, .95, "linear"),
                 underruns_per_stream=float(np.mean([g[0] for g in gaps])) if gaps else 0.0,
                 gap_s_per_stream=float(np.mean([g[1] for g in gaps])) if gaps else 0.0,
                 streams_with_underruns=sum(g[0] > 0 for g in gaps))

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import random
@@ -58,7 +57,6 @@ import re
 import sys
 import tempfile
 import time
-import wave
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,12 +67,12 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_server import percentile, tiny_repos  # noqa: E402
-from live_server import LiveServer, ServerFailed  # noqa: E402
+from bench_server import repo_env, tiny_repos  # noqa: E402
+from live_server import LOOPBACK, LiveServer, ServerFailed, wav_bytes  # noqa: E402
+from stats import percentile  # noqa: E402
 
 SPEECH = "/v1/audio/speech"
 ID = "x-request-id"  # each request carries its own (soak-<phase>-<n>-<kind>), so server log lines can be found
-LOOPBACK = "127.0.0.1"
 SAMPLE_RATE = 44_100
 FRAME_SAMPLES = 2048  # audio samples per latent frame
 OUTCOMES = ("ok", "expected_4xx", "unexpected_4xx", "429", "5xx", "transport", "abandoned", "unexpected")
@@ -545,64 +543,38 @@ async def server_metrics(url: str) -> dict[str, float] | None:
     return values
 
 
-def inline_voice(rng: np.random.Generator, seconds: float = 1.5, rate: int = 16000) -> str:
-    """A short synthetic 'voice' clip (harmonics with a syllable-like envelope) as a data: URL."""
+def voice_clip(rng: np.random.Generator, seconds: float = 1.5, rate: int = 16000) -> bytes:
+    """A short synthetic 'voice' (harmonics with a syllable-like envelope) as a WAV file: the mix's
+    inline voices, and the registered one --tiny gives its server."""
     t = np.arange(int(seconds * rate)) / rate
     f0 = rng.uniform(90, 220)
     tone = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 6))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * rng.uniform(3, 6) * t)) ** 2
-    audio = 0.2 * tone * envelope + 0.01 * rng.standard_normal(t.size)
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def write_voice(path: Path, seed: int) -> None:
-    data = inline_voice(np.random.default_rng(seed), seconds=3.0, rate=44100).split(",", 1)[1]
-    path.write_bytes(base64.b64decode(data))
+    return wav_bytes(0.2 * tone * envelope + 0.01 * rng.standard_normal(t.size), rate)
 
 
 # ---------------------------------------------------------------------------------------------
 # Server
 
 
-def start_tiny_server(work: Path, args: argparse.Namespace):
+def start_tiny_server(work: Path, args: argparse.Namespace) -> LiveServer:
+    """The tiny models on the CPU (bench_server's --tiny), with soak's limits and a registered voice."""
     echo, fish = tiny_repos(work)
     voices = work / "voices"
     voices.mkdir(exist_ok=True)
-    write_voice(voices / "soakvoice.wav", args.seed)
-    env = {"ECHO_MODEL_REPO": str(echo), "ECHO_FISH_REPO": str(fish), "ECHO_DEVICE": "cpu",
-           "ECHO_MODEL_DTYPE": "float32", "ECHO_HOST": LOOPBACK, "HF_HUB_OFFLINE": "1",
+    (voices / "soakvoice.wav").write_bytes(voice_clip(np.random.default_rng(args.seed), seconds=3.0, rate=44100))
+    env = {**repo_env(str(echo), str(fish)),
            "ECHO_MAX_ACTIVE": str(args.max_active), "ECHO_MAX_QUEUE": str(args.max_queue),
            "ECHO_VOICE_DIRS": str(voices),
            # fewer than the distinct voices of the mix (1 file + inline clips), so entries get evicted
            "ECHO_SPEAKER_CACHE_SIZE": "3"}
-    port = args.port
     log = work / "server.log"
     print(f"server log: {log}", flush=True)
-
     try:
-        server = LiveServer(env, log, ready_timeout=args.start_timeout, port=port)
+        return LiveServer(env, log, ready_timeout=args.start_timeout, port=args.port)
     except ServerFailed as e:  # exited during start-up, or not ready in time (then killed)
         print(e, file=sys.stderr)
         sys.exit(2)
-    return server.process, server.url, log
-
-
-def stop_server(process) -> tuple[int | None, str]:
-    process.terminate()
-    try:
-        code = process.wait(timeout=30)
-        return code, f"exited with {code} after SIGTERM"
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
-        process.kill()
-        process.wait()
-        return None, "did not exit within 30 s of SIGTERM: killed"
 
 
 def scan_log(log: Path | None) -> tuple[Counter, Counter]:
@@ -730,7 +702,8 @@ async def discover_voices(url: str, rng: np.random.Generator, inline: int) -> li
         response = await client.get("/v1/voices")
     registered = [v["id"] for v in response.json().get("data", [])][:4] if response.status_code == 200 else []
     print(f"voices: none, registered {registered or '(none)'}, {inline} inline clips", flush=True)
-    return ["none", "none", *registered, *(inline_voice(rng) for _ in range(inline))]
+    clips = ["data:audio/wav;base64," + base64.b64encode(voice_clip(rng)).decode() for _ in range(inline)]
+    return ["none", "none", *registered, *clips]
 
 
 async def capacity_check(url: str, ctx: Context, n: int) -> tuple[bool, str]:
@@ -870,16 +843,12 @@ def main() -> None:
         parser.error("give exactly one of --tiny and --url")
     if any(n < 1 for n in args.levels) or args.duration <= 0 or args.requests < 1:
         parser.error("levels, --duration and --requests must be positive")
-    # LiveServer polls /health with httpx's defaults: never through a proxy
-    os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), LOOPBACK]))
-    os.environ["no_proxy"] = os.environ["NO_PROXY"]
 
-    process, log = None, None
+    server, log = None, None
     if args.tiny:
         args.capacity = args.max_active + args.max_queue
-        work = Path(tempfile.mkdtemp(prefix="echo-soak-"))
-        process, url, log = start_tiny_server(work, args)
-        pid = process.pid
+        server = start_tiny_server(Path(tempfile.mkdtemp(prefix="echo-soak-")), args)
+        url, pid, log = server.url, server.process.pid, server.log_path
     else:
         url, pid, log = args.url.rstrip("/"), args.pid, args.server_log
         parts = urlsplit(url)
@@ -902,9 +871,11 @@ def main() -> None:
     try:
         problems, notes = asyncio.run(soak(url, pid, log, args))
     finally:
-        if process is not None:
-            alive = process.poll() is None
-            code, shutdown = stop_server(process)
+        if server is not None:
+            alive = server.process.poll() is None
+            code = server.stop(timeout=30)
+            shutdown = ("did not exit within 30 s of SIGTERM: killed" if code is None
+                        else f"exited with {code} after SIGTERM")
             print(f"server {shutdown}" + ("" if alive else " (it had already exited)"))
             if not alive:
                 problems.append("the server process died during the run")
