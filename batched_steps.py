@@ -28,9 +28,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from inference import LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall
+from inference import (LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall,
+                       timed_modulations)
 from model import EchoDiT, KVCache, RowGroup, call_block, grouped
 
 log = logging.getLogger(__name__)
@@ -153,9 +155,11 @@ class ExactSteps:
             layout = self._layout(call)
             members.append(layout if all(layout is not m for m in members) else _Layout.of(self.model, call))
         p = self._pass(tuple(members), calls, frames)
-        v = self.model.velocity(x=torch.cat([c.x for c in calls]), t=torch.cat([c.t for c in calls]),
+        modulation = timed_modulations(self.model, calls)
+        v = self.model.velocity(x=torch.cat([c.x for c in calls]),
+                                t=torch.cat([c.t for c in calls]) if modulation is None else None,
                                 positions=p.positions, key_mask=None, kv_text=None, kv_speaker=None,
-                                groups=p.groups)
+                                groups=p.groups, modulation=modulation)
         return list(v.split([c.x.shape[0] for c in calls]))
 
     def _layout(self, call: ModelCall) -> _Layout:
@@ -349,14 +353,18 @@ class StaticSteps:
         for c, rows in zip(calls, slices):
             x[rows, :c.x.shape[1]] = c.x
             t[rows] = c.t
-        v = self._run(x, t, batch)
+        modulation = timed_modulations(self.model, calls)
+        if modulation is not None:  # padding rows: zero modulation (their outputs are dropped)
+            modulation = F.pad(modulation, (0, 0, 0, 0, 0, padded_rows - modulation.shape[2]))
+        v = self._run(x, t, batch, modulation)
         return [v[rows, :c.x.shape[1]] for c, rows in zip(calls, slices)]
 
-    def _run(self, x: Tensor, t: Tensor, batch: _Batch) -> Tensor:
+    def _run(self, x: Tensor, t: Tensor, batch: _Batch, modulation: Tensor | None = None) -> Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         graphs = compiled_graphs() if self._compiled else 0
-        v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker, batch.kv_latent)
+        v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker, batch.kv_latent,
+                           modulation=modulation)
         if self._compiled and self._warmed_up and (new := compiled_graphs() - graphs):
             self.compiles_after_warm_up += new
             log.warning("compiled %d new graph(s) while serving, for x of shape %s: warm-up missed this shape",
@@ -422,7 +430,7 @@ class StaticSteps:
         m, s = self.model, self.shapes
         for frames, rows, speakers in [shape for shape in s.all_shapes() for _ in range(3 if self.cuda_graphs else 1)]:
             x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
-            call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0,
+            call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0, time=0.5,
                              text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
                              speaker_mask=torch.ones(rows, speakers * m.speaker_patch_size, dtype=torch.bool,
                                                      device=m.device),
@@ -455,7 +463,8 @@ class CompiledBlocks:
 
     def __call__(self, block, h: Tensor, *args) -> Tensor:
         if h.shape[0] > 1:
-            for tensor in (h, *args[:4]):  # cond, cos, sin, key_mask; the caches are marked when stacked
+            torch._dynamo.maybe_mark_dynamic(args[0], 1)  # modulation (2, B, 1, 3C)
+            for tensor in (h, *args[1:4]):  # cos, sin, key_mask; the caches are marked when stacked
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self._block(block, h, *args)
 

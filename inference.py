@@ -583,12 +583,13 @@ class ModelCall:
     kv_text: KVCache
     kv_speaker: KVCache
     kv_latent: KVCache | None = None  # every prefix patch is visible
+    time: float | None = None  # t's value on the host (every row's), for the model's table by time
 
     def run(self, model: EchoDiT) -> Tensor:
         """Velocity (n, S, 80) float32."""
         positions = torch.arange(self.start_pos, self.start_pos + self.x.shape[1], device=self.x.device)
         return model.velocity(self.x, self.t, positions, self.key_mask(model), self.kv_text, self.kv_speaker,
-                              self.kv_latent)
+                              self.kv_latent, modulation=timed_modulations(model, [self]))
 
     def key_mask(self, model: EchoDiT) -> Tensor:
         """(n, S + Q + T + P): every frame and prefix patch, the text and speaker patches as masked."""
@@ -598,6 +599,14 @@ class ModelCall:
                                     device=self.x.device))
         masks += [self.text_mask, self.speaker_mask[:, ::model.speaker_patch_size]]
         return torch.cat(masks, dim=1)
+
+
+def timed_modulations(model: EchoDiT, calls: Sequence[ModelCall]) -> Tensor | None:
+    """The AdaLN modulations of the calls' rows, in order, from the model's table by time (None when
+    a call does not say its time: the model then computes them from t)."""
+    if any(c.time is None for c in calls):
+        return None
+    return model.timed_modulations([c.time for c in calls], [c.x.shape[0] for c in calls])
 
 
 Steps = Generator[ModelCall, Tensor, Tensor]
@@ -628,7 +637,7 @@ def denoise_steps(conditioning: Conditioning, x_t: Tensor, settings: SamplerSett
             x=x_t.repeat(n, 1, 1).to(dtype),
             t=torch.full((batch * n,), t, dtype=torch.float32, device=x_t.device).to(dtype),
             start_pos=start_pos, text_mask=text_mask, speaker_mask=speaker_mask, kv_text=kv_text,
-            kv_speaker=kv_speaker, kv_latent=None if kv_latent is None else kv_latent_batches[n])
+            kv_speaker=kv_speaker, kv_latent=None if kv_latent is None else kv_latent_batches[n], time=t)
         v = combine_guidance(settings.guidance, v.chunk(n), branches, settings.cfg_scale_text,
                              settings.cfg_scale_speaker) if guided else v
         if settings.rescale_k is not None and settings.rescale_sigma is not None:

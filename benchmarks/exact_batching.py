@@ -138,7 +138,8 @@ def make_calls(model, mix, dtype, device, seed=0):
             x=x, t=torch.full((rows,), 0.7, dtype=dtype, device=device), start_pos=4 * prefix,
             text_mask=text_mask, speaker_mask=speaker_mask, kv_text=inf.repeat_kv(cache(text), rows),
             kv_speaker=inf.repeat_kv(cache(speaker), rows),
-            kv_latent=inf.repeat_kv(cache(prefix), rows)))
+            kv_latent=inf.repeat_kv(cache(prefix), rows),
+            **({"time": 0.7} if "time" in inf.ModelCall.__dataclass_fields__ else {})))  # trees before the AdaLN table lack it
     return calls
 
 

@@ -394,12 +394,17 @@ def count_host_syncs() -> dict:
 # few against a fresh count). Linear in a pass's generations, token rows (rows x frames) and
 # row-token-keys (attention); "touched" is the bytes every eager op reads and writes.
 PROXY_FIT = {
-    "exact": {"flops": {"one": 2.1609e10, "tokens": 2.74373e9, "attn": 196608.0},
-              "touched": {"one": 1.3385e9, "tokens": 2.02618e7, "rowkeys": 5.21503e6, "attn": 13767.6},
-              "ops": {"one": 4951.0, "gens": 552.0, "single": -38.4}},  # refit 2026-12-06: was 4759 + 768 / generation
+    # refit 2026-12-06 (fourth session) with the AdaLN table by time (model.timed_modulations): the
+    # padded 64-row conditioning products are gone from every step (was 4951 + 552 ops / generation,
+    # 2.16e10 FLOPs and 1.34e9 bytes touched per pass; before that 4759 + 768)
+    "exact": {"flops": {"one": 0.0, "tokens": 2.74373e9, "attn": 196608.0},
+              "touched": {"one": 5.2421e8, "tokens": 2.02603e7, "rowkeys": 5.21713e6, "attn": 13766.1},
+              "ops": {"one": 3271.0, "gens": 553.0, "single": -38.4}},
     "padded": {"flops": {"one": 2.1609e10, "tokens": 2.74373e9, "attn": 196608.0},
                "touched": {"one": 1.3820e9, "tokens": 1.97330e7, "rowkeys": 6.09528e6, "attn": 12910.1},
                "ops": {"one": 4904.0, "gens": 1208.0, "single": -525.4}},
+    # the static runner as measured on 2026-11-22 (the calibration's): with today's AdaLN table a fresh
+    # count gives 3824 + 6 ops / generation (outside the blocks 52.8 + 7.3) and no conditioning FLOPs
     "static": {"flops": {"one": 2.1609e10, "tokens": 2.74373e9, "attn": 196608.0},
                "touched": {"one": 4.4636e7, "tokens": 4.97479e7, "rowkeys": 3.58828e6, "attn": 5795.1},
                "ops": {"one": 5502.0, "gens": 5.0, "single": -16.4}, "outside_ops": {"one": 50.8, "gens": 6.3},

@@ -174,3 +174,31 @@ def test_compiled_model_computes_the_same(tiny_echo_dir):
     with torch.inference_mode():
         out = model(c["fwd_x"], c["fwd_t"], c["text_mask"], c["speaker_mask"], kv_text, kv_speaker)
     assert_close_to_reference(out, c["fwd_out"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_adaln_table_by_time_gives_each_row_the_bits_it_computes(tiny_echo_dir, dtype):
+    """A step's AdaLN modulations depend on t alone: looked up per time from a table, they equal
+    computing them from the rows' t tensor, bit for bit, whichever times share the batch."""
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype)
+    times, rows = [0.999, 0.5, 0.999, 0.2497], [3, 1, 2, 3]
+    t = torch.cat([torch.full((n,), time, dtype=torch.float32).to(dtype) for time, n in zip(times, rows)])
+    with torch.inference_mode():
+        computed = model.modulations(t)
+        looked_up = model.timed_modulations(times, rows)
+        again = model.timed_modulations(times[::-1], rows[::-1])
+    assert computed.shape == looked_up.shape == (len(model.blocks), 2, sum(rows), 1, computed.shape[-1])
+    assert torch.equal(looked_up, computed) and len(model._modulation_table) == 3
+    assert torch.equal(again, torch.cat([computed[:, :, 6:9], computed[:, :, 4:6], computed[:, :, 3:4],
+                                         computed[:, :, 0:3]], dim=2))
+
+
+def test_the_adaln_table_is_emptied_when_the_weights_change(tiny_echo_dir):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
+    with torch.inference_mode():
+        before = model.timed_modulations([0.5], [1])
+        state = {k: v * 0.5 if k.startswith("cond_module.") else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        after = model.timed_modulations([0.5], [1])
+    assert not torch.equal(before, after)
+    assert torch.equal(after, model.modulations(torch.tensor([0.5])))
