@@ -46,8 +46,6 @@ import weights
 
 log = logging.getLogger("echo_tts.api")
 STATIC = Path(__file__).resolve().parent / "static"  # the web playground
-RETRY_AFTER_FULL_S = 2  # a full queue has room again soon
-RETRY_AFTER_NOT_READY_S = 5  # the models are loading
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
 
 # ---------------------------------------------------------------------------------------------
@@ -75,13 +73,9 @@ AUDIO_RESPONSE = {200: {"description": "Audio, streamed or whole; SSE events wit
 
 
 # headers an error's status brings with it over HTTP
-ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_FULL_S)},
-                 503: {"Retry-After": str(RETRY_AFTER_NOT_READY_S)}}
-
-
 def error_response(error: RequestError) -> JSONResponse:
     """The one mapping of the domain error to HTTP: its status, OpenAI's error object, its headers."""
-    return JSONResponse({"error": error.detail()}, status_code=error.status, headers=ERROR_HEADERS.get(error.status))
+    return JSONResponse({"error": error.detail()}, status_code=error.status, headers=error.headers)
 
 
 async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:

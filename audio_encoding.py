@@ -1,6 +1,6 @@
-"""Streaming audio encoding for HTTP responses: float32 blocks in, file bytes out.
+"""Streaming audio encoding for every transport's responses: float32 blocks in, file bytes out.
 
-One response gets exactly one :class:`AudioEncoder`. The generator feeds it each decoded
+One response gets exactly one :class:`AudioEncoder`. pipeline.Speech feeds it each decoded
 block (mono float32, nominally in [-1, 1]) through :meth:`AudioEncoder.encode`, which returns
 the bytes that are ready now (possibly ``b""``), and ends with one call to
 :meth:`AudioEncoder.finish`, which flushes resampler, time stretcher, codec and muxer and
@@ -58,8 +58,8 @@ audio from the first call. The time stretcher adds at most ~1024 input samples o
 it in 1024-sample frames). Whatever is held leaves with the next block or ``finish()``.
 
 Cost (2 CPU cores, one 29.7 s block): pcm/wav/flac < 40 ms, opus ~0.2 s, mp3 ~0.5 s,
-aac ~0.6 s; resampling ~10 ms, speed ~0.1 s. The HTTP layer should call encode/finish off
-the event loop (same worker thread as generation, or a thread pool).
+aac ~0.6 s; resampling ~10 ms, speed ~0.1 s. So encode/finish run off the event loop and off
+the generation thread: pipeline.Speech calls them in the thread pool.
 """
 
 from __future__ import annotations
@@ -585,8 +585,6 @@ class AudioEncoder:
         self.speed: float = validate_speed(speed)
         self.streaming: bool = bool(streaming)
         self.content_type: str = CONTENT_TYPES[self.format]
-        self.samples_in = 0  # input-rate samples received
-        self.samples_out = 0  # coded-rate samples handed to the writer
 
         self._resampler = (
             _Resampler(in_rate, self.sample_rate) if in_rate != self.sample_rate else None
@@ -622,10 +620,7 @@ class AudioEncoder:
         """Feed one block (float32 1-D numpy array or torch tensor); return bytes ready now."""
         self._check_open("encode")
         x = _as_mono_float32(block)
-        self.samples_in += x.size
-        y = self._transform(x) if x.size else _EMPTY
-        self.samples_out += y.size
-        return self._writer.write(y)
+        return self._writer.write(self._transform(x) if x.size else _EMPTY)
 
     def finish(self) -> bytes:
         """Flush everything and return the remaining bytes. Must be called exactly once."""
@@ -637,7 +632,6 @@ class AudioEncoder:
             if self._stretch is not None:
                 tail = np.concatenate([self._stretch.process(tail), self._stretch.flush()])
             if tail.size:
-                self.samples_out += tail.size
                 out.append(self._writer.write(tail))
             out.append(self._writer.finish())
         except BaseException:

@@ -3,14 +3,14 @@
 A step runner takes the ModelCalls that the active generations wait on and returns their
 velocities, in order. Two runners share that interface:
 
-- `ExactSteps` (the CPU default): one forward pass per frame count, nothing padded; attention runs
+- `ExactSteps` (the default on every device): one forward pass per frame count, nothing padded; attention runs
   per generation over exactly its own keys (model.RowGroup), so each result is bit for bit what
   the generation computes alone. A generation's prefix, text and speaker keys/values are laid out
   for its attention once, behind a slot each pass writes its self keys into, and reused while the
   generation stays in one block and CFG phase (its guidance rows share the conditioning's
   keys/values: inference.repeat_kv makes views, not copies). Shapes change with every batch,
   which suits eager execution only.
-- `StaticSteps` (with ECHO_COMPILE): every input is padded to a small fixed set of shapes, so
+- `StaticSteps` (ECHO_COMPILE, or ECHO_STATIC_SHAPES=1): every input is padded to a small fixed set of shapes, so
   torch.compile builds one graph per block size and speaker bucket (plus a single-row one) that
   CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket, speaker
   keys to ~30 s of voice or to the longest voice, prefix and text keys to their maxima. Padded

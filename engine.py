@@ -1,6 +1,7 @@
 """The generation engine: turns speech jobs into 44.1 kHz audio blocks, many jobs at once.
 
-`SpeechEngine` owns the loaded models, the speaker caches and the step runner. A job is a step
+`SpeechEngine` holds the loaded models and the step runner, and fills the voice catalog's speaker
+caches (voice_catalog.VoiceCatalog empties them). A job is a step
 generator (`job_steps`: text chunk -> blockwise sampling -> streaming decode -> float32 samples)
 that yields what it needs computed: a TextCall (a text chunk's keys/values), a ModelCall (one
 diffusion step), a PrefixCall (a finished block into the latent prefix), a DecodeCall (one block
@@ -165,8 +166,8 @@ def random_seed() -> int:
 
 
 class SpeechEngine:
-    """Owns EchoDiT, the Fish S1-DAC, the PCA state, the per-voice speaker latents and speaker
-    key/value caches, and the step runner that evaluates diffusion steps (batched_steps.py)."""
+    """EchoDiT, the Fish S1-DAC, the PCA state and the step runner that evaluates diffusion steps
+    (batched_steps.py); it fills the per-voice speaker latent and key/value caches it is given."""
 
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
                  max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
@@ -426,7 +427,7 @@ def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: Early
 
 @dataclass(frozen=True)
 class VadReroll:
-    """ECHO_VAD_REROLL_*: sample a block again while its audio holds a silence over `max_silence` s."""
+    """ECHO_VAD_REROLL_ENABLED (ECHO_VAD_SILENCE_THRESHOLD_MS, ECHO_VAD_MAX_REROLLS): sample a block again while its audio holds a silence over `max_silence` s."""
 
     detector: Callable[[np.ndarray], float]  # 44.1 kHz float32 audio -> its longest silence in seconds
     max_silence: float = 1.0

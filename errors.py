@@ -1,6 +1,8 @@
 """The one domain error: what every layer below the transports raises when a request cannot be
-served as sent or its generation failed. The transports map it once: api_server.error_response for
-HTTP, `RequestError.detail()` for SSE events and WebSocket messages."""
+served as sent or its generation failed. It carries all an answer needs: its status, OpenAI's error
+object (`detail()`, also what SSE events and WebSocket messages carry) and the headers its status
+brings (`headers`); api_server.error_response turns it into HTTP, and the WebSocket's refused
+handshake uses the same parts."""
 
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 401: ("invalid_a
                413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),
                500: ("generation_failed", "server_error"), 503: ("not_ready", "server_error"),
                504: ("timeout", "server_error"), 507: ("insufficient_storage", "server_error")}
+
+RETRY_AFTER_FULL_S = 2  # a full queue has room again soon
+RETRY_AFTER_NOT_READY_S = 5  # the models are loading
+HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_FULL_S)},
+           503: {"Retry-After": str(RETRY_AFTER_NOT_READY_S)}}
 
 
 class RequestError(ValueError):
@@ -29,6 +36,11 @@ class RequestError(ValueError):
     @property
     def error_type(self) -> str:
         return ERROR_KINDS.get(self.status, ERROR_KINDS[400])[1]
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """The HTTP headers its status brings: 401 names the scheme, 429 and 503 say when to retry."""
+        return HEADERS.get(self.status)
 
     def detail(self) -> dict:
         """OpenAI's error object: the `error` of a response body, an SSE event or a socket message."""

@@ -572,7 +572,7 @@ class ModelCall:
     """The model input of one diffusion step of one generation; its rows are the CFG branches.
 
     Samplers are generators that yield these and receive the velocity back, so a scheduler can
-    evaluate the steps of many generations in one batched forward (see engine.py).
+    evaluate the steps of many generations in one batched forward (see worker.py, batched_steps.py).
     """
 
     x: Tensor  # (n, S, 80) in the model dtype

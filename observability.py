@@ -149,7 +149,6 @@ class StreamTiming:
 
     def __init__(self, metrics: Metrics, started: float):
         self.metrics, self.started, self.first_byte = metrics, started, None
-        self.audio_seconds = 0.0  # of the whole response, once finished
 
     def sent(self) -> None:
         if self.first_byte is None:
@@ -157,7 +156,6 @@ class StreamTiming:
             self.metrics.ttfb.observe(self.first_byte - self.started)
 
     def finished(self, audio_seconds: float) -> None:
-        self.audio_seconds = audio_seconds
         if audio_seconds > 0:
             self.metrics.audio_seconds.inc(audio_seconds)
             self.metrics.rtf.observe((time.perf_counter() - self.started) / audio_seconds)

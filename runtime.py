@@ -112,7 +112,7 @@ def _vad_reroll(s: Settings) -> VadReroll | None:
         return None
     from vad import SilenceDetector  # loads the Silero model (a file of the silero-vad package)
 
-    return VadReroll(SilenceDetector(), s.vad_silence_threshold_ms / 1000, s.vad_max_rerolls)
+    return VadReroll(SilenceDetector(inf.SAMPLE_RATE), s.vad_silence_threshold_ms / 1000, s.vad_max_rerolls)
 
 
 def _step_runner(s: Settings, model: EchoDiT) -> StepRunner:

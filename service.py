@@ -164,7 +164,8 @@ class SpeechService:
 
 def generation_failure(error: Exception) -> RequestError:
     """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
-    WebSocket: an unusable voice is the request's fault (400), a timeout 504, anything else 500."""
+    WebSocket: an unusable voice is the request's fault (400), a client that stopped taking audio 408,
+    a timeout 504, anything else 500."""
     if isinstance(error, VoiceUnusable):
         return RequestError(str(error), "voice")
     if isinstance(error, GenerationTimeout):

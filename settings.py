@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     output_sample_rate: int | None = Field(None, ge=MIN_OUTPUT_RATE, le=MAX_OUTPUT_RATE)  # unset: by model (speech_request)
     max_input_chars: int = Field(4096, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger request bodies get 413
-    max_voice_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # an inline (base64) voice, decoded
-    max_voice_seconds: float = Field(300.0, gt=0)  # an inline voice's duration (longer: 400)
+    max_voice_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # an inline (base64) or uploaded voice, decoded
+    max_voice_seconds: float = Field(300.0, gt=0)  # an inline or uploaded voice's duration (longer: 400)
     max_chunks: int = Field(32, ge=1)  # text chunks (~30 s each) one request may ask for
     request_timeout: float = Field(600.0, ge=0)  # seconds of generation per request; 0 = unlimited
     cors_origins: Annotated[list[str], NoDecode] = []  # empty: CORS off

@@ -4,8 +4,8 @@ Every setting is declared once, in `GenerationOptions`, with its default and lim
 the sampler, the early stop or the chunker reads says so in its annotation (`Into`), and the
 options translate themselves into the engine's job (`GenerationOptions.to_job`: a pure function of
 the options and the server's settings, as vLLM's request models make their sampling parameters).
-`SpeechRequest` adds what only the response needs (format, rate, speed). `RequestError` is the one
-domain error below the transports.
+`SpeechRequest` adds what only the response needs (format, rate, speed). What it refuses, it
+refuses with the domain error (errors.RequestError), naming the field.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Into:
     name: str | None = None
 
 
-SAMPLER, EARLY_STOP, CHUNKING = Into("sampler"), Into("early_stop"), Into("chunking")
+SAMPLER, EARLY_STOP = Into("sampler"), Into("early_stop")
 Steps = Annotated[int, Field(ge=1, le=100)]
 
 

@@ -149,8 +149,9 @@ async def refuse_key(websocket: WebSocket) -> None:
     if DENIAL_RESPONSE not in (websocket.scope.get("extensions") or {}):
         await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
         return
-    body = {"error": RequestError(UNAUTHORIZED, status=401).detail()}
-    await websocket.send_denial_response(JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
+    error = RequestError(UNAUTHORIZED, status=401)
+    await websocket.send_denial_response(JSONResponse({"error": error.detail()}, status_code=error.status,
+                                                      headers=error.headers))
 
 
 async def serve(websocket: WebSocket, service: SpeechService) -> None:

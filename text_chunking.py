@@ -121,7 +121,6 @@ class ChunkSettingsError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
-        self.field = field
         self.param = f"chunk_{field}"
 
 

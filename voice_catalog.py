@@ -1,5 +1,5 @@
 """Every voice the server speaks with, as one object: the registry's files and folders
-(ECHO_VOICE_DIRS), the uploaded library (ECHO_UPLOAD_DIR), inline clips, aliases
+(ECHO_VOICE_DIRS), the uploaded library (ECHO_VOICE_UPLOAD_DIR), inline clips, aliases
 (ECHO_VOICE_ALIASES), OpenAI's built-in names, and the caches of what is derived from a voice
 (its latents and its speaker keys/values), which it empties when a voice changes.
 

@@ -158,11 +158,6 @@ class JobStream:
         return item
 
     @property
-    def taken(self) -> int:
-        """Samples taken from this stream so far."""
-        return self._ticket.taken
-
-    @property
     def steps_used(self) -> list[int] | None:
         """With adaptive steps, the diffusion steps each block of the job took, in order (complete once
         the stream has ended); None without."""
