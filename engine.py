@@ -25,7 +25,8 @@ from torch import Tensor
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from batched_steps import ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
-                       ModelCall, PCAState, SamplerSettings, find_flattening_point, get_speaker_latent_and_mask,
+                       ModelCall, PCAState, SamplerSettings, find_flattening_point, flattening_frame,
+                       get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import PrefixCall, blockwise_steps
 from model import EchoDiT, KVCache, extend_prefixes, grouped
@@ -108,10 +109,14 @@ class EarlyStop:
 
     def is_silent_tail(self, latents: Tensor) -> bool:
         """latents (frames, 80): at least `min_fraction` of the last `tail_frames` frames have |x| < eps."""
+        return bool(self.silent_tail(latents))
+
+    def silent_tail(self, latents: Tensor) -> Tensor:
+        """is_silent_tail as a 0-d bool tensor on the latents' device: no host sync."""
         if not self.enabled or latents.shape[0] < self.tail_frames:
-            return False
+            return torch.zeros((), dtype=torch.bool, device=latents.device)
         quiet = latents[-self.tail_frames:].abs().amax(dim=-1) < self.zero_eps
-        return quiet.float().mean().item() >= self.min_fraction
+        return quiet.float().mean() >= self.min_fraction
 
 
 @dataclass(frozen=True)
@@ -295,10 +300,11 @@ class SpeechEngine:
                                 **self._adapting(shape, choose))
         item = next(steps)
         for index in range(len(shape.block_sizes)):
-            block, audio, reply = yield from self._block(steps, item, decoder, job)
+            ends = partial(_chunk_ends, latents, early_stop=job.early_stop)
+            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, probe=ends)
             latents = torch.cat([latents, block[0]])
-            last = index == len(shape.block_sizes) - 1 or job.early_stop.is_silent_tail(latents)
-            end_frame = find_flattening_point(latents)
+            last = index == len(shape.block_sizes) - 1 or bool(silent)
+            end_frame = int(end_frame)
             if not last and end_frame > latents.shape[0] - FLAT_WINDOW:
                 sent += audio.size  # no flat window yet within the generated frames: all of it is speech
                 if (out := fades.process(audio)).size:
@@ -341,8 +347,8 @@ class SpeechEngine:
         for index in range(len(shape.block_sizes)):
             speech = partial(_speech_frames, latents, last=index == len(shape.block_sizes) - 1,
                              early_stop=job.early_stop)
-            block, audio, reply = yield from self._block(steps, item, decoder, job,
-                                                         lambda b, speech=speech: speech(b[0])[0])
+            block, audio, reply, _ = yield from self._block(steps, item, decoder, job,
+                                                            lambda b, speech=speech: speech(b[0])[0])
             frames, ended = speech(block[0])
             latents = torch.cat([latents, block[0, :frames]])
             if audio.size:
@@ -378,31 +384,39 @@ class SpeechEngine:
         cpu = self.fish_ae.device.type == "cpu"
         return self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if cpu else None)
 
-    def _decoded(self, decoder: StreamingDecoder, block: Tensor):
-        """block (1, n, 80) latents -> its audio (n * 2048,) float32, through the stream's decoder."""
+    def _decoded(self, decoder: StreamingDecoder, block: Tensor, probe: Tensor | None = None):
+        """block (1, n, 80) latents -> (its audio (n * 2048,) float32, through the stream's decoder;
+        `probe`'s values (k,) float32, or None): both reach the host in one transfer, the block's
+        one host sync."""
         if block.shape[1] == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), None if probe is None else probe.float().cpu().numpy()
         z = latents_to_dac(self.pca_state, block.to(self.fish_ae.device)).to(self.fish_ae.dtype)
-        return (yield DecodeCall(decoder, z))[0, 0].float().cpu().numpy()
+        audio = (yield DecodeCall(decoder, z))[0, 0].float()
+        if probe is None:
+            return audio.cpu().numpy(), None
+        both = torch.cat([audio, probe.float().to(audio.device)]).cpu().numpy()
+        return both[:audio.shape[0]], both[audio.shape[0]:]
 
     def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob,
-               kept: Callable[[Tensor], int] | None = None):
+               kept: Callable[[Tensor], int] | None = None, probe: Callable[[Tensor], Tensor] | None = None):
         """Sample the next block (answering its ModelCalls) and decode it (only its first `kept(block)`
-        frames, when given): (block (1, n, 80), its audio, the reply that accepts it in `steps`). With
-        VAD reroll, a block whose audio holds too long a silence is sampled again from the next seeds
-        (the decoder put back as it was), up to the limit; if every attempt fails, the one with the
-        least silence is kept."""
-        attempts = []  # (longest silence, block, audio, decoder state after it)
+        frames, when given): (block (1, n, 80), its audio, the reply that accepts it in `steps`, the
+        values (k,) of `probe(block)` on the host, or None), the audio and the values in one host
+        transfer. With VAD reroll, a block whose audio holds too long a silence is sampled again from
+        the next seeds (the decoder put back as it was), up to the limit; if every attempt fails, the
+        one with the least silence is kept."""
+        attempts = []  # (longest silence, block, audio, probe values, decoder state after it)
         before = decoder.snapshot() if self.reroll is not None else None
         while True:
             while isinstance(item, (ModelCall, PrefixCall)):
                 item = steps.send((yield item))
             block = item
-            audio = yield from self._decoded(decoder, block if kept is None else block[:, :kept(block)])
+            audio, values = yield from self._decoded(decoder, block if kept is None else block[:, :kept(block)],
+                                                     None if probe is None else probe(block))
             if self.reroll is None:
-                return block, audio, None
+                return block, audio, None, values
             silence = (yield SilenceCheck(self.reroll.detector, audio)) if audio.size else 0.0
-            attempts.append((silence, block, audio, decoder.snapshot()))
+            attempts.append((silence, block, audio, values, decoder.snapshot()))
             if silence <= self.reroll.max_silence or len(attempts) > self.reroll.max_rerolls:
                 break
             self.rerolls += 1
@@ -410,9 +424,16 @@ class SpeechEngine:
                      audio.size / SAMPLE_RATE, silence, job.seed + len(attempts), len(attempts))
             decoder.restore(before)
             item = steps.send(make_generator(job.seed + len(attempts), self.model.device))
-        silence, block, audio, after = min(attempts, key=lambda attempt: attempt[0])
+        silence, block, audio, values, after = min(attempts, key=lambda attempt: attempt[0])
         decoder.restore(after)
-        return block, audio, block
+        return block, audio, block, values
+
+
+def _chunk_ends(latents: Tensor, block: Tensor, early_stop: EarlyStop) -> Tensor:
+    """A chunk's latents so far (frames, 80) and its next block (1, n, 80) -> [the flattening frame
+    of both together, whether they end in a silent tail (1.0) or not], on the device (no sync)."""
+    joined = torch.cat([latents, block[0]])
+    return torch.stack([flattening_frame(joined).float(), early_stop.silent_tail(joined).float()])
 
 
 def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: EarlyStop) -> tuple[int, bool]:

@@ -412,12 +412,19 @@ def find_flattening_point(data: Tensor, target_value: float = 0.0, window_size: 
     deviation is below `std_threshold` and its mean within 0.1 of the target. Returns len(data)
     when no window is flat.
     """
+    return int(flattening_frame(data, target_value, window_size, std_threshold))
+
+
+def flattening_frame(data: Tensor, target_value: float = 0.0, window_size: int = 20,
+                     std_threshold: float = 0.05) -> Tensor:
+    """find_flattening_point as a 0-d tensor on the latents' device: no host sync."""
+    if len(data) == 0:
+        return torch.zeros((), dtype=torch.long, device=data.device)
     padded = torch.cat([data.float(), data.new_zeros(window_size, *data.shape[1:]).float()])
     windows = padded.unfold(0, window_size, 1)[: len(data)]  # (frames, 80, window)
     windows = windows.reshape(windows.shape[0], -1)
     flat = (windows.std(dim=1) < std_threshold) & ((windows.mean(dim=1) - target_value).abs() < 0.1)
-    hits = flat.nonzero()
-    return int(hits[0, 0]) if len(hits) else len(data)
+    return torch.where(flat.any(), flat.int().argmax(), len(data))  # argmax: the first flat frame
 
 
 def crop_audio_to_flattening_point(audio: Tensor, latent: Tensor) -> Tensor:

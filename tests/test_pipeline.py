@@ -141,3 +141,21 @@ def test_undecodable_audio_names_the_file(tmp_path, content):
 def test_missing_audio_file_names_the_file(tmp_path):
     with pytest.raises(inf.AudioDecodeError, match="nowhere.wav"):
         inf.load_audio(tmp_path / "nowhere.wav")
+
+
+def test_the_flattening_frame_is_found_on_the_device_as_on_the_host():
+    """flattening_frame (no host sync: its value travels with the block's audio) is the first flat
+    window's frame, as a search of the flat windows on the host finds it."""
+    def on_host(data, window=20):
+        padded = torch.cat([data, torch.zeros(window, 80)])
+        flat = [padded[i:i + window].std() < 0.05 and padded[i:i + window].mean().abs() < 0.1 for i in range(len(data))]
+        return flat.index(True) if any(flat) else len(data)
+
+    gen = torch.Generator().manual_seed(0)
+    for frames in (1, 7, 20, 33, 64):
+        for quiet_from in range(0, frames + 1, 5):
+            data = torch.randn(frames, 80, generator=gen)
+            data[quiet_from:] *= 0.001
+            frame = inf.flattening_frame(data)
+            assert frame.ndim == 0 and int(frame) == on_host(data) == inf.find_flattening_point(data)
+    assert int(inf.flattening_frame(torch.zeros(0, 80))) == 0
