@@ -72,7 +72,6 @@ AUDIO_RESPONSE = {200: {"description": "Audio, streamed or whole; SSE events wit
                         "content": {t: {} for t in (*CONTENT_TYPES.values(), "text/event-stream")}}}
 
 
-# headers an error's status brings with it over HTTP
 def error_response(error: RequestError) -> JSONResponse:
     """The one mapping of the domain error to HTTP: its status, OpenAI's error object, its headers."""
     return JSONResponse({"error": error.detail()}, status_code=error.status, headers=error.headers)
