@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -293,10 +294,8 @@ class AppServer(_ByPath):
         """Await `async_fn()` on the app's event loop (where its lifespan started the service)."""
         return self.client.portal.call(async_fn)
 
-    def async_client(self, **kwargs) -> "httpx.AsyncClient":
+    def async_client(self, **kwargs) -> httpx.AsyncClient:
         """An httpx.AsyncClient on the app (for `run`: bodies arrive whole, concurrency is real)."""
-        import httpx
-
         kwargs.pop("timeout", None)
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=self.url, **kwargs)
 
