@@ -41,6 +41,7 @@ from errors import RequestError
 from speech_request import MODEL_ID, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import http_server
+import runtime
 import speech_socket
 import weights
 
@@ -371,12 +372,36 @@ def download() -> int:
     return 0
 
 
+def warm_up() -> int:
+    """`python api_server.py warm-up`: load and warm up exactly as the server would, then exit, so the
+    torch.compile artifacts (ECHO_COMPILE) are in ECHO_CACHE_DIR before the first start."""
+    settings = load_settings()
+    configure_logging(settings.debug_logs, settings.log_json)
+    service = SpeechService(settings)
+    service.start_loading().join()
+    try:
+        if service.load_error is not None:
+            print(f"error: {service.unready_reason()}", file=sys.stderr)
+            return 1
+        saved = runtime.compile_cache_path(settings)
+        if not runtime.uses_compile(settings):
+            done = "nothing to keep: ECHO_COMPILE is off, and the eager path compiles nothing"
+        else:
+            done = f"torch.compile artifacts in {saved}" if saved.is_file() else "torch.compile kept nothing (see the log)"
+        print(f"warmed up in {service.progress.elapsed:.1f} s; {done}")
+        return 0
+    finally:
+        service.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["download"]:
         sys.exit(download())
+    if argv == ["warm-up"]:
+        sys.exit(warm_up())
     if argv:
-        sys.exit("usage: python api_server.py [download]   (settings come from ECHO_* variables; see README)")
+        sys.exit("usage: python api_server.py [download | warm-up]   (settings come from ECHO_* variables; see README)")
     settings = load_settings()
     configure_logging(settings.debug_logs, settings.log_json)
     # the server handles SIGTERM (stop accepting, let streams and sockets in flight finish, run the

@@ -423,23 +423,28 @@ class StaticSteps:
         return stacked
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, on_shape: Callable[[], None] = lambda: None) -> None:
         """Every shape, so compilation and CUDA-graph capture happen now: once, or with CUDA graphs
         three times (inductor runs a new shape eagerly, records it on the second call and replays
-        from the third). Call it on the thread that will serve: CUDA graphs are kept per thread."""
-        m, s = self.model, self.shapes
-        for frames, rows, speakers in [shape for shape in s.all_shapes() for _ in range(3 if self.cuda_graphs else 1)]:
-            x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
-            call = ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0, time=0.5,
-                             text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
-                             speaker_mask=torch.ones(rows, speakers * m.speaker_patch_size, dtype=torch.bool,
-                                                     device=m.device),
-                             kv_text=zero_kv(m, rows, s.text_tokens, x),
-                             kv_speaker=zero_kv(m, rows, speakers, x),
-                             kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
-            self([call])
+        from the third); `on_shape()` after each shape. Call it on the thread that will serve: CUDA
+        graphs are kept per thread."""
+        for frames, rows, speakers in self.shapes.all_shapes():
+            for _ in range(3 if self.cuda_graphs else 1):
+                self([self._zero_call(frames, rows, speakers)])
+            on_shape()
         self._batches.clear()
         self._warmed_up = True
+
+    def _zero_call(self, frames: int, rows: int, speakers: int) -> ModelCall:
+        """A step of exactly this shape (zeros; new tensors, as a new generation's would be)."""
+        m, s = self.model, self.shapes
+        x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
+        return ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0, time=0.5,
+                         text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
+                         speaker_mask=torch.ones(rows, speakers * m.speaker_patch_size, dtype=torch.bool,
+                                                 device=m.device),
+                         kv_text=zero_kv(m, rows, s.text_tokens, x), kv_speaker=zero_kv(m, rows, speakers, x),
+                         kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
 
 
 class CompiledBlocks:

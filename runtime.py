@@ -32,6 +32,32 @@ from worker import GenerationWorker, StepBudget
 log = logging.getLogger(__name__)
 
 
+class LoadProgress:
+    """What loading is doing now, for /ready and the log: a stage, counted where it has parts
+    (step shapes to compile, warm-up generations), and the seconds since loading began. Written by
+    the loading thread, read by any (each field is replaced whole)."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.stage, self.done, self.total = "starting", 0, 0
+
+    def enter(self, stage: str, total: int = 0) -> None:
+        self.stage, self.done, self.total = stage, 0, total
+        log.info("%s%s (%.0f s since start)", stage, f": {total} to do" if total else "", self.elapsed)
+
+    def advance(self) -> None:
+        self.done += 1
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def describe(self) -> str:
+        """e.g. 'warming up step shapes, 12 of 40, 35 s since start'."""
+        counted = f", {self.done} of {self.total}" if self.total else ""
+        return f"{self.stage}{counted}, {self.elapsed:.0f} s since start"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The engine and the worker that runs its jobs: they exist together, from load to close."""
@@ -50,18 +76,19 @@ class Runtime:
         self.worker.close()
 
 
-def load_runtime(settings: Settings, voices: VoiceCatalog,
-                 debug_sink: Callable[[np.ndarray], None] | None = None) -> Runtime:
-    """Load the models, start the worker and warm up (slow: seconds to minutes). On failure nothing
-    is left running."""
-    engine = _load_engine(settings, voices)
+def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[[np.ndarray], None] | None = None,
+                 progress: LoadProgress | None = None) -> Runtime:
+    """Load the models, start the worker and warm up (slow: seconds to minutes), reporting each
+    stage to `progress`. On failure nothing is left running."""
+    progress = progress or LoadProgress()
+    engine = _load_engine(settings, voices, progress)
     worker = GenerationWorker(engine, max_waiting=settings.max_queue, max_active=settings.max_active,
                               debug_sink=debug_sink,
                               max_ahead_samples=int(settings.max_ahead_seconds * inf.SAMPLE_RATE),
                               send_timeout=settings.send_timeout,
                               step_budget=StepBudget() if settings.adaptive_steps else None)
     try:
-        worker.call(lambda: _warm_up(settings, voices, engine))  # on the thread that serves: CUDA graphs are per thread
+        worker.call(lambda: _warm_up(settings, voices, engine, progress))  # on the serving thread: CUDA graphs are per thread
     except BaseException:
         worker.close()
         raise
@@ -77,7 +104,7 @@ def compile_cache_path(settings: Settings) -> Path:
     return settings.cache_dir / f"echo_tts_compile_cache_{settings.cache_version}.bin"
 
 
-def _load_engine(s: Settings, voices: VoiceCatalog) -> SpeechEngine:
+def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> SpeechEngine:
     started = time.perf_counter()
     if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
@@ -86,8 +113,11 @@ def _load_engine(s: Settings, voices: VoiceCatalog) -> SpeechEngine:
     if s.compile_ae and not compile_ae:
         log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
     if uses_compile(s):
+        progress.enter("loading saved torch.compile artifacts")
         load_compile_artifacts(compile_cache_path(s))
+    progress.enter("fetching the weights")
     model_dir, fish_dir = weights.fetch(s.model_repo, s.fish_repo)
+    progress.enter("loading the models")
     model = inf.load_model_from_hf(str(model_dir), device=s.device, dtype=s.torch_model_dtype)
     fish = inf.load_fish_ae_from_hf(str(fish_dir), device=s.fish_device_name, dtype=s.torch_fish_dtype)
     if compile_ae:  # what the server runs of the autoencoder: voices go through encode_zq; audio comes
@@ -132,30 +162,35 @@ def _step_runner(s: Settings, model: EchoDiT) -> StepRunner:
     return StaticSteps(model, shapes, compile=s.compile, cuda_graphs=cuda_graphs)
 
 
-def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine) -> None:
+def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: LoadProgress) -> None:
     """Every static step shape (compiling it, with ECHO_COMPILE), then one generation of each
     block shape the server uses, so no request pays for a first use."""
     if not s.warmup:
         return
     started = time.perf_counter()
+    progress.enter("warming up the voice encoder")
     engine.warm_up_encoder()
     log.info("voice encoder warmed up in %.1f s", time.perf_counter() - started)
     if isinstance(engine.steps, StaticSteps):
-        engine.steps.warm_up()
-        log.info("%d step shapes warmed up in %.1f s", len(engine.steps.shapes.all_shapes()),
-                 time.perf_counter() - started)
+        shapes = len(engine.steps.shapes.all_shapes())
+        progress.enter("compiling step shapes" if s.compile else "warming up step shapes", shapes)
+        engine.steps.warm_up(on_shape=progress.advance)
+        log.info("%d step shapes warmed up in %.1f s", shapes, time.perf_counter() - started)
     voice = s.warmup_voice or "none"
     try:
         speaker = voices.reference(voice)
     except RequestError as e:
         log.warning("ECHO_WARMUP_VOICE: %s; warming up without a voice", e)
         speaker = None
+    progress.enter("warming up generation (streamed, then whole)", 2)
     for stream in (True, False):
         job = GenerationOptions(input=s.warmup_text, voice=voice, stream=stream).to_job(s, speaker)
         for _ in engine.generate(job):
             pass
+        progress.advance()
     log.info("warm-up done in %.1f s", time.perf_counter() - started)
     if uses_compile(s):
+        progress.enter("saving torch.compile artifacts")
         save_compile_artifacts(compile_cache_path(s))
 
 

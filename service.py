@@ -23,7 +23,7 @@ import torch
 import inference as inf
 import weights
 from engine import SpeechEngine, SpeechJob, VoiceUnusable
-from runtime import Runtime, load_runtime
+from runtime import LoadProgress, Runtime, load_runtime
 from settings import Settings
 from errors import RequestError
 from speech_request import GenerationOptions
@@ -59,12 +59,14 @@ class SpeechService:
         self.voices = VoiceCatalog(settings)
         self.ready = threading.Event()  # set once the runtime is loaded and warmed up
         self.load_error: BaseException | None = None
+        self.progress = LoadProgress()  # what loading is doing (/ready says it while it loads)
         self._runtime: Runtime | None = None
 
     # ---- start-up and readiness ---------------------------------------------------------------
 
     def start_loading(self) -> threading.Thread:
         """Load models and warm up on a background thread, so /health answers meanwhile."""
+        self.progress = LoadProgress()
         thread = threading.Thread(target=self._load, name="echo-loader", daemon=True)
         thread.start()
         return thread
@@ -72,9 +74,10 @@ class SpeechService:
     def _load(self) -> None:
         try:
             self._runtime = load_runtime(self.settings, self.voices,
-                                         debug_sink=self._save_debug_audio if self.settings.debug_logs else None)
+                                         debug_sink=self._save_debug_audio if self.settings.debug_logs else None,
+                                         progress=self.progress)
             self.ready.set()
-            log.info("ready")
+            log.info("ready in %.1f s", self.progress.elapsed)
         except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
             self.load_error = e
             if isinstance(e, weights.WeightsUnavailable):  # a message that says it all, no traceback
@@ -88,7 +91,7 @@ class SpeechService:
         if self.load_error is not None:
             return f"the models failed to load ({self.load_error}); see the server log"
         if not self.ready.is_set() or self._runtime is None:
-            return "the models are still loading"
+            return f"the models are still loading ({self.progress.describe()})"
         if not self._runtime.worker.alive:
             return "the generation thread has stopped; see the server log"
         return None

@@ -1,8 +1,10 @@
 """Configuration from the environment, start-up behaviour of the app (in process: conftest.AppServer) and
 of the real process."""
 
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -164,3 +166,39 @@ def test_no_settings_validator_shadows_another():
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", "import settings"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
+
+
+@pytest.mark.slow
+def test_ready_says_what_loading_is_doing(tiny_echo_dir, tiny_fish_dir, voice_dir, monkeypatch):
+    """While it loads, /ready's 503 names the stage and how far it got (a cold compile takes minutes)."""
+    import threading
+
+    import batched_steps
+
+    shapes_started, release = [], threading.Event()
+    zero_call = batched_steps.StaticSteps._zero_call
+
+    def held_at_the_second_shape(self, *shape):
+        shapes_started.append(shape)
+        if len(shapes_started) == 2:
+            release.wait(60)
+        return zero_call(self, *shape)
+
+    monkeypatch.setattr(batched_steps.StaticSteps, "_zero_call", held_at_the_second_shape)
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_WARMUP="1", ECHO_STATIC_SHAPES="1",
+                     ECHO_MAX_ACTIVE="1", ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1")
+    live = AppServer(env, wait_ready=False)
+    try:
+        for _ in range(600):  # until the warm-up holds at the second shape
+            if len(shapes_started) == 2:
+                break
+            time.sleep(0.1)
+        message = live.get("/ready").json()["error"]["message"]
+        total = int(re.search(r"warming up step shapes, 1 of (\d+), \d+ s since start", message).group(1))
+        release.set()
+        live.wait(300)
+        assert live.get("/ready").status_code == 200 and total == len(shapes_started) > 2
+        assert re.search(r"warming up step shapes: \d+ to do", live.log())
+    finally:
+        release.set()
+        live.stop()

@@ -78,3 +78,32 @@ def test_a_server_without_its_weights_says_why_in_one_line_and_ready(tiny_fish_d
         assert "Traceback" not in log and len([line for line in log.splitlines() if " ERROR " in line]) == 1
     finally:
         live.stop()
+
+
+def warm_up_command(tmp_path, **env) -> subprocess.CompletedProcess:
+    import os
+
+    full = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1",
+            "ECHO_CACHE_DIR": str(tmp_path / "cache"), **env}
+    return subprocess.run([sys.executable, str(ROOT / "api_server.py"), "warm-up"], env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_warm_up_command_warms_up_as_the_server_would_and_exits_0(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                       tmp_path):
+    done = warm_up_command(tmp_path, **server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_WARMUP="1",
+                                                  ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("warmed up in ") and "ECHO_COMPILE is off" in done.stdout
+    assert "warm-up done" in done.stderr and "warming up generation" in done.stderr  # the log says each stage
+
+
+def test_the_warm_up_command_fails_with_the_reason_when_the_models_cannot_load(tiny_fish_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = warm_up_command(tmp_path, ECHO_MODEL_REPO=str(tmp_path / "empty"), ECHO_FISH_REPO=str(tiny_fish_dir),
+                           ECHO_DEVICE="cpu")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: the models failed to load (ECHO_MODEL_REPO={tmp_path / 'empty'}: "
+                      "pytorch_model.safetensors is not in that directory); see the server log"]
