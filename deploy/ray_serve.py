@@ -36,7 +36,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.metrics import Gauge  # noqa: E402
 
-from api_server import RETRY_AFTER_FULL_S, create_app  # noqa: E402
+from api_server import create_app  # noqa: E402
+from errors import RETRY_AFTER_FULL_S  # noqa: E402
 from observability import configure_logging  # noqa: E402
 from settings import ConfigError, Settings, config_error, load_settings  # noqa: E402
 
