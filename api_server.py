@@ -375,7 +375,7 @@ def download() -> int:
 def warm_up() -> int:
     """`python api_server.py warm-up`: load and warm up exactly as the server would, then exit, so the
     torch.compile artifacts (ECHO_COMPILE) are in ECHO_CACHE_DIR before the first start."""
-    settings = load_settings()
+    settings = load_settings().model_copy(update={"warmup": True})  # ECHO_WARMUP=0 would leave nothing to do
     configure_logging(settings.debug_logs, settings.log_json)
     service = SpeechService(settings)
     service.start_loading().join()

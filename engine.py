@@ -116,7 +116,7 @@ class EarlyStop:
         if not self.enabled or latents.shape[0] < self.tail_frames:
             return torch.zeros((), dtype=torch.bool, device=latents.device)
         quiet = latents[-self.tail_frames:].abs().amax(dim=-1) < self.zero_eps
-        return quiet.float().mean() >= self.min_fraction
+        return quiet.float().mean().double() >= self.min_fraction  # as .item() >= min_fraction compared it
 
 
 @dataclass(frozen=True)

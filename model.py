@@ -12,6 +12,7 @@ generation; each diffusion step then runs only the decoder blocks over the noisy
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -424,6 +425,7 @@ class EchoDiT(nn.Module):
                  timestep_embed_size: int, adaln_rank: int, latent_prefix: bool = True):
         super().__init__()
         self._modulation_table: OrderedDict[tuple, Tensor] = OrderedDict()  # timed_modulations' entries
+        self._modulation_lock = threading.Lock()
         self.latent_size = latent_size
         self.speaker_patch_size = speaker_patch_size
         self.timestep_embed_size = timestep_embed_size
@@ -520,24 +522,31 @@ class EchoDiT(nn.Module):
     def _timed(self, time: float) -> Tensor:
         """(L, 2, 1, 1, 3C) at `time`, as a sampler's t tensor holds it (float32, then the model dtype)."""
         key = (time, self.dtype, self.device)
-        entry = self._modulation_table.get(key)
-        if entry is None:
-            with torch.no_grad():
-                t = torch.tensor([time], dtype=torch.float32, device=self.device).to(self.dtype)
-                entry = self._modulation_table[key] = self.modulations(t)
+        with self._modulation_lock:  # the worker's thread, and any caller of the public API
+            entry = self._modulation_table.get(key)
+            if entry is not None:
+                self._modulation_table.move_to_end(key)
+                return entry
+        with torch.no_grad():
+            t = torch.tensor([time], dtype=torch.float32, device=self.device).to(self.dtype)
+            entry = self.modulations(t)
+        with self._modulation_lock:
+            self._modulation_table[key] = entry
             while len(self._modulation_table) > MODULATION_TABLE_SIZE:
                 self._modulation_table.popitem(last=False)
-        else:
-            self._modulation_table.move_to_end(key)
         return entry
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the table's entries are stale
-        self._modulation_table.clear()
+        self._forget_modulations()
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._modulation_table.clear()  # new weights, new modulations
+        self._forget_modulations()  # new weights, new modulations
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _forget_modulations(self) -> None:
+        with self._modulation_lock:
+            self._modulation_table.clear()
 
     def get_kv_cache_text(self, text_input_ids: Tensor, text_mask: Tensor | None) -> KVCache:
         state = self.text_norm(self.text_encoder(text_input_ids, text_mask))

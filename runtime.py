@@ -35,27 +35,28 @@ log = logging.getLogger(__name__)
 class LoadProgress:
     """What loading is doing now, for /ready and the log: a stage, counted where it has parts
     (step shapes to compile, warm-up generations), and the seconds since loading began. Written by
-    the loading thread, read by any (each field is replaced whole)."""
+    the threads that load and warm up, read by any: the state is one tuple, replaced whole."""
 
     def __init__(self):
         self.started = time.monotonic()
-        self.stage, self.done, self.total = "starting", 0, 0
+        self._state = ("starting", 0, 0)  # stage, parts done, parts in all (0: not counted)
 
     def enter(self, stage: str, total: int = 0) -> None:
-        self.stage, self.done, self.total = stage, 0, total
+        self._state = (stage, 0, total)
         log.info("%s%s (%.0f s since start)", stage, f": {total} to do" if total else "", self.elapsed)
 
     def advance(self) -> None:
-        self.done += 1
+        stage, done, total = self._state
+        self._state = (stage, done + 1, total)
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def describe(self) -> str:
-        """e.g. 'warming up step shapes, 12 of 40, 35 s since start'."""
-        counted = f", {self.done} of {self.total}" if self.total else ""
-        return f"{self.stage}{counted}, {self.elapsed:.0f} s since start"
+        """e.g. 'compiling step shapes, 12 of 40, 35 s since start'."""
+        stage, done, total = self._state
+        return f"{stage}{f', {done} of {total}' if total else ''}, {self.elapsed:.0f} s since start"
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
         speaker = None
     progress.enter("warming up generation (streamed, then whole)", 2)
     for stream in (True, False):
-        job = GenerationOptions(input=s.warmup_text, voice=voice, stream=stream).to_job(s, speaker)
+        job = GenerationOptions(input=s.warmup_text, voice=voice, stream=stream).to_job(s, speaker, (s.warmup_text,))
         for _ in engine.generate(job):
             pass
         progress.advance()

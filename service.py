@@ -61,6 +61,7 @@ class SpeechService:
         self.load_error: BaseException | None = None
         self.progress = LoadProgress()  # what loading is doing (/ready says it while it loads)
         self._runtime: Runtime | None = None
+        self._closed = False  # close() came: a load that ends later lets go of what it loaded
 
     # ---- start-up and readiness ---------------------------------------------------------------
 
@@ -73,9 +74,13 @@ class SpeechService:
 
     def _load(self) -> None:
         try:
-            self._runtime = load_runtime(self.settings, self.voices,
-                                         debug_sink=self._save_debug_audio if self.settings.debug_logs else None,
-                                         progress=self.progress)
+            runtime = load_runtime(self.settings, self.voices,
+                                   debug_sink=self._save_debug_audio if self.settings.debug_logs else None,
+                                   progress=self.progress)
+            if self._closed:  # shut down while loading: nothing is served, nothing is kept
+                runtime.close()
+                return
+            self._runtime = runtime
             self.ready.set()
             log.info("ready in %.1f s", self.progress.elapsed)
         except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
@@ -123,6 +128,7 @@ class SpeechService:
 
     def close(self) -> None:
         """Stop the worker (ending any job still running) and let go of the models and their memory."""
+        self._closed = True
         runtime, self._runtime = self._runtime, None
         self.ready.clear()
         if runtime is not None:
@@ -138,13 +144,13 @@ class SpeechService:
         """Translate one request into its job and prepare its voice (slow for a new one: call it off
         the event loop; it keeps the generation thread free). Raises RequestError (HTTP 400) naming
         the field."""
-        used = self.voices.used(options.voice)  # resolved once: what it speaks with is what it reports
-        job = options.to_job(self.settings, self.voices.reference(options.voice))
+        job = options.to_job(self.settings)  # the text's errors first, before any voice is decoded
+        used, speaker = self.voices.resolve(options.voice)  # once: what it speaks with is what it reports
         try:
-            voice = self.engine.prepare_voice(job.speaker)
+            voice = self.engine.prepare_voice(speaker)
         except VoiceUnusable as e:
             raise RequestError(str(e), "voice") from e
-        return replace(job, voice=voice, voice_name=used)
+        return replace(job, speaker=speaker, voice=voice, voice_name=used)
 
     async def start(self, options: GenerationOptions, request_id: str) -> Started:
         """A request's job, generating: its queue slot is taken first (a full queue is a RequestError

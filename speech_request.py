@@ -110,6 +110,10 @@ class GenerationOptions(BaseModel):
     def _consistent(self) -> GenerationOptions:
         if self.cfg_min_t > self.cfg_max_t:
             raise RequestError("cfg_min_t must not exceed cfg_max_t", "cfg_min_t")
+        try:  # ChunkSettings' rules, now (before a queue slot is taken); the server's rates come later
+            ChunkSettings(**self.settings_for("chunking"))
+        except ChunkSettingsError as e:
+            raise RequestError(str(e), e.param) from e
         return self
 
     # ---- what the options mean for the engine (pure: the options and the server's settings) ------
@@ -125,11 +129,13 @@ class GenerationOptions(BaseModel):
                     values[into.name or name] = tuple(value) if isinstance(value, list) else value
         return values
 
-    def to_job(self, settings: Settings, speaker: SpeakerReference | None = None) -> SpeechJob:
+    def to_job(self, settings: Settings, speaker: SpeakerReference | None = None,
+               chunks: tuple[str, ...] | None = None) -> SpeechJob:
         """The job the options ask for on a server with `settings` (without its voice prepared:
         the service adds that). Raises RequestError naming the field. Pure, but for the random
-        seed drawn when none is given."""
-        chunks = self.text_chunks(settings)
+        seed drawn when none is given. `chunks` given: the text as is (the server's own warm-up,
+        outside the request limits)."""
+        chunks = self.text_chunks(settings) if chunks is None else chunks
         first, later = self.block_shapes(settings)
         sampler = self.sampler_type(num_steps=0, **self.settings_for("sampler"))  # steps: the block shapes'
         factor = sampler.truncation_factor

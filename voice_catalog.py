@@ -74,7 +74,14 @@ class VoiceCatalog:
     def reference(self, voice: str) -> SpeakerReference | None:
         """A request's `voice` as a reference to clone: None for `none`, inline base64 audio, or a
         registry voice (by name or alias). Raises RequestError naming `voice`."""
-        resolved = voice if looks_like_inline_audio(voice) else self.used(voice)
+        return self.resolve(voice)[1]
+
+    def resolve(self, voice: str) -> tuple[str, SpeakerReference | None]:
+        """(the voice it speaks with, as `used` names it; its reference), resolved once."""
+        used = self.used(voice)
+        return used, self._reference(voice if looks_like_inline_audio(voice) else used)
+
+    def _reference(self, resolved: str) -> SpeakerReference | None:
         try:
             if is_no_voice(resolved):
                 return None

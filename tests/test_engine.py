@@ -50,6 +50,16 @@ def test_silent_tail_detection():
     assert not eng.EarlyStop(enabled=False).is_silent_tail(torch.zeros(32, 80))
 
 
+def test_the_silent_tail_boundary_stays_where_the_host_comparison_put_it():
+    """19 quiet frames of 20: their float32 mean (0.9499999881) is below min_fraction 0.95 as a
+    double, so not silent, as when the rule compared on the host; a float32 comparison on the
+    device would round 0.95 down to the same float32 and call it silent."""
+    stop = eng.EarlyStop(zero_eps=0.1, tail_frames=20, min_fraction=0.95)
+    nineteen_of_twenty = torch.cat([speech(1), torch.zeros(19, 80)])
+    assert float(torch.tensor(19 / 20, dtype=torch.float32)) < 0.95
+    assert not stop.is_silent_tail(nineteen_of_twenty) and stop.is_silent_tail(torch.zeros(20, 80))
+
+
 def test_chunk_stops_at_the_end_of_speech_and_skips_later_blocks(engine, monkeypatch):
     pause = [speech(8), torch.cat([speech(2), torch.zeros(6, 80)]), torch.zeros(8, 80), speech(8)]
     scripted_blocks(monkeypatch, pause)

@@ -90,13 +90,29 @@ def test_unset_optional_settings_take_the_servers_defaults():
     (dict(num_steps=[4, 4]), "num_steps", "num_steps has 2 entries but there are 3 blocks"),
     (dict(block_sizes=[16, 16], truncation_factor=[0.8]), "truncation_factor", "1 entries but there are 2 blocks"),
     (dict(block_sizes=[4] * 5, num_steps=100), "num_steps", "500 diffusion steps in all"),
-    (dict(chunk_min_seconds=30, chunk_max_seconds=10), "chunk_min_seconds", "must not exceed"),
-    (dict(chunk_min_seconds=30, chunk_max_seconds=10, chunking_enabled=False), "chunk_min_seconds", "must not exceed"),
 ])
 def test_rules_between_settings_name_the_field(fields, param, message):
     with pytest.raises(RequestError, match=re.escape(message)) as e:
         options(**fields).to_job(SETTINGS)
     assert e.value.param == param and e.value.status == 400
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+def test_contradicting_chunk_lengths_are_refused_as_the_request_is_read(chunking):
+    """Before any queue slot is taken (a full server still answers 400, not 429), chunking on or off."""
+    with pytest.raises(ValidationError) as caught:
+        SpeechRequest(input=TEXT, voice="none", chunk_min_seconds=30, chunk_max_seconds=10, chunking_enabled=chunking)
+    error = request_error(caught.value.errors())
+    assert error.param == "chunk_min_seconds" and "must not exceed" in str(error) and error.status == 400
+
+
+def test_the_servers_own_warm_up_text_is_taken_as_it_is():
+    """The warm-up runs whatever ECHO_MAX_INPUT_CHARS and chunking say about requests."""
+    strict = load_settings(voice_dirs=[], max_input_chars=4, chunking=False)
+    text = "A warm-up text longer than four characters."
+    with pytest.raises(RequestError):
+        GenerationOptions(input=text, voice="none").to_job(strict)
+    assert GenerationOptions(input=text, voice="none").to_job(strict, None, (text,)).chunks == (text,)
 
 
 def test_the_servers_text_limits_name_the_input():

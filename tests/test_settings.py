@@ -202,3 +202,27 @@ def test_ready_says_what_loading_is_doing(tiny_echo_dir, tiny_fish_dir, voice_di
     finally:
         release.set()
         live.stop()
+
+
+def test_a_service_closed_while_it_loads_keeps_nothing_it_loaded(tiny_echo_dir, tiny_fish_dir, tmp_path, monkeypatch):
+    """A shutdown that comes during warm-up wins: the load that ends later stops its worker and the
+    service does not turn ready."""
+    import threading
+
+    import runtime
+    import service as svc
+
+    warming, release, loaded = threading.Event(), threading.Event(), []
+    warm_up, load = runtime._warm_up, svc.load_runtime
+    monkeypatch.setattr(runtime, "_warm_up", lambda *a: (warming.set(), release.wait(60), warm_up(*a))[-1])
+    monkeypatch.setattr(svc, "load_runtime", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cpu",
+                             model_dtype="float32", voice_dirs=[tmp_path], warmup=False)
+    service = svc.SpeechService(settings)
+    loader = service.start_loading()
+    assert warming.wait(60)
+    service.close()
+    release.set()
+    loader.join(60)
+    assert not loader.is_alive() and len(loaded) == 1 and not loaded[0].worker.alive
+    assert not service.ready.is_set() and "still loading" in service.unready_reason()

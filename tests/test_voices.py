@@ -528,3 +528,17 @@ def test_a_request_whose_voice_fails_gives_its_queue_slot_back(tiny_service):
             asyncio.run(tiny_service.start(GenerationOptions(input="Hello.", voice=voice), "bad"))
         assert caught.value.status == 400
     assert tiny_service.runtime.worker.pending == 0
+
+
+def test_the_text_is_checked_before_the_voice(tiny_service, monkeypatch):
+    """A request wrong in both gets the input's error, and no voice is decoded for it."""
+    from speech_request import GenerationOptions, RequestError
+
+    decodes = []
+    monkeypatch.setattr(voices, "load_audio_bytes", lambda *a, **k: decodes.append(1))
+    voice = "data:audio/wav;base64," + base64.b64encode(wav_bytes(1.0, freq=151.0)).decode()
+    for wrong in ("no-such-voice", voice):
+        with pytest.raises(RequestError) as caught:
+            tiny_service.build_job(GenerationOptions(input="   ", voice=wrong))
+        assert caught.value.param == "input"
+    assert decodes == []
