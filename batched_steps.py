@@ -348,18 +348,20 @@ class StaticSteps:
         speakers = self.shapes.speakers_for(max(c.kv_speaker[0][0].shape[1] for c in calls))
         batch = self._batch(calls, frames, padded_rows, speakers, pack)
         x = calls[0].x.new_zeros(padded_rows, frames, LATENT_SIZE)
-        t = calls[0].t.new_zeros(padded_rows)
         slices = row_slices(calls)
         for c, rows in zip(calls, slices):
             x[rows, :c.x.shape[1]] = c.x
-            t[rows] = c.t
-        modulation = timed_modulations(self.model, calls)
+        modulation, t = timed_modulations(self.model, calls), None
         if modulation is not None:  # padding rows: zero modulation (their outputs are dropped)
             modulation = F.pad(modulation, (0, 0, 0, 0, 0, padded_rows - modulation.shape[2]))
+        else:  # a call without its time: the model computes the modulations from t
+            t = calls[0].t.new_zeros(padded_rows)
+            for c, rows in zip(calls, slices):
+                t[rows] = c.t
         v = self._run(x, t, batch, modulation)
         return [v[rows, :c.x.shape[1]] for c, rows in zip(calls, slices)]
 
-    def _run(self, x: Tensor, t: Tensor, batch: _Batch, modulation: Tensor | None = None) -> Tensor:
+    def _run(self, x: Tensor, t: Tensor | None, batch: _Batch, modulation: Tensor | None = None) -> Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         graphs = compiled_graphs() if self._compiled else 0

@@ -500,10 +500,10 @@ class EchoDiT(nn.Module):
         table: `timed_modulations`); t is then not read."""
         run_block = run_block or call_block
         cos, sin = rope_angles(positions, self.head_dim)
-        modulation = self.modulations(t) if modulation is None else modulation
+        per_block = (self.modulations(t) if modulation is None else modulation).unbind(0)  # one op, not one per block
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
-            h = run_block(block, h, modulation[i], cos, sin, key_mask, layer_of(kv_text, i),
+            h = run_block(block, h, per_block[i], cos, sin, key_mask, layer_of(kv_text, i),
                           layer_of(kv_speaker, i), layer_of(kv_latent, i), layer_of(groups, i))
         return self.out_proj(self.out_norm(h)).float()
 
