@@ -145,17 +145,18 @@ class LowRankAdaLN(nn.Module):
 
     def forward(self, x: Tensor, modulation: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, C), modulation(cond) (B, 1, 3C) -> (normalised and modulated x, tanh gate (B, 1, C))."""
-        shift, scale, gate = modulation.chunk(3, dim=-1)
+        shift, scale_plus_one, tanh_gate = modulation.chunk(3, dim=-1)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x32 * (scale + 1) + shift).to(x.dtype), torch.tanh(gate)
+        return (x32 * scale_plus_one + shift).to(x.dtype), tanh_gate
 
     def modulation(self, cond: Tensor) -> Tensor:
-        """cond (B, 1, 3C) -> corrected [shift, scale, gate] (B, 1, 3C)."""
+        """cond (B, 1, 3C) -> [shift, 1 + scale, tanh(gate)] (B, 1, 3C), each corrected: all of what
+        the block applies that depends on t alone (so a table by time holds it whole)."""
         shift, scale, gate = cond.chunk(3, dim=-1)
         return torch.cat([self.shift_up(self.shift_down(F.silu(shift))) + shift,
-                          self.scale_up(self.scale_down(F.silu(scale))) + scale,
-                          self.gate_up(self.gate_down(F.silu(gate))) + gate], dim=-1)
+                          self.scale_up(self.scale_down(F.silu(scale))) + scale + 1,
+                          torch.tanh(self.gate_up(self.gate_down(F.silu(gate))) + gate)], dim=-1)
 
 
 class MLP(nn.Module):
