@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, decode_streams
-from batched_steps import ExactSteps, StepRunner
+from batched_steps import ExactSteps, StepRunner, compiled_graphs
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, find_flattening_point, flattening_frame,
                        get_speaker_latent_and_mask,
@@ -177,8 +177,9 @@ class SpeechEngine:
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
                  max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
                  speaker_kv_cache=None, steps: StepRunner | None = None, reroll: VadReroll | None = None,
-                 step_floor: StepFloor | None = None):
+                 step_floor: StepFloor | None = None, text_encoder: CompiledTextEncoder | None = None):
         self.model = model
+        self.text_encoder = text_encoder  # None: the text encoder runs eager
         self.fish_ae = fish_ae
         self.pca_state = pca_state
         self.speaker_cache = speaker_cache
@@ -371,7 +372,7 @@ class SpeechEngine:
     @torch.inference_mode()
     def encode_texts(self, calls: list[TextCall]) -> list[KVCache]:
         """The keys/values of several text chunks: one text-encoder call per bucket length."""
-        return encode_texts(self.model, calls)
+        return encode_texts(self.model, calls, self.text_encoder)
 
     @torch.inference_mode()
     def extend_prefixes(self, calls: list[PrefixCall]) -> list[None]:
@@ -446,6 +447,47 @@ def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: Early
     return max(end - len(latents), 0), True
 
 
+class CompiledTextEncoder:
+    """The text encoder and its keys/values (EchoDiT.get_kv_cache_text) through torch.compile, over
+    the TEXT_BUCKETS lengths the text chunks are padded to: one graph per bucket for a single chunk
+    and one for several (the batch dimension dynamic), all built by `warm_up`. Compiled results are
+    close to eager, not equal bit for bit (as the compiled decoder blocks)."""
+
+    def __init__(self, model: EchoDiT, backend: str | Callable = "inductor"):
+        self.model = model
+        limit = 2 * len(TEXT_BUCKETS) + 2
+        config = torch._dynamo.config
+        if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
+            config.recompile_limit = max(config.recompile_limit, limit)
+        else:
+            config.cache_size_limit = max(config.cache_size_limit, limit)
+        self._encode = torch.compile(model.get_kv_cache_text, backend=backend, dynamic=False)
+        self._warmed_up = False
+        self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
+
+    def __call__(self, ids: Tensor, mask: Tensor) -> KVCache:
+        if ids.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(mask, 0)
+        graphs = compiled_graphs()
+        kv = self._encode(ids, mask)
+        if self._warmed_up and (new := compiled_graphs() - graphs):
+            self.compiles_after_warm_up += new
+            log.warning("compiled %d new text-encoder graph(s) while serving, for ids of shape %s", new,
+                        tuple(ids.shape))
+        return kv
+
+    @torch.inference_mode()
+    def warm_up(self, on_bucket: Callable[[], None] = lambda: None) -> None:
+        """Every graph the server uses: each bucket, for one chunk and for two (dynamic: any number)."""
+        for length in TEXT_BUCKETS:
+            for batch in (1, 2):
+                self(torch.zeros(batch, length, dtype=torch.int32, device=self.model.device),  # as TextCall.of pads
+                     torch.ones(batch, length, dtype=torch.bool, device=self.model.device))
+            on_bucket()
+        self._warmed_up = True
+
+
 @dataclass(frozen=True)
 class VadReroll:
     """ECHO_VAD_REROLL_ENABLED (ECHO_VAD_SILENCE_THRESHOLD_MS, ECHO_VAD_MAX_REROLLS): sample a block again while its audio holds a silence over `max_silence` s."""
@@ -490,14 +532,16 @@ class TextCall:
         return encode_texts(self.model, [self])[0]
 
 
-def encode_texts(model: EchoDiT, calls: list[TextCall]) -> list[KVCache]:
+def encode_texts(model: EchoDiT, calls: list[TextCall],
+                 encoder: Callable[[Tensor, Tensor], KVCache] | None = None) -> list[KVCache]:
     """Each call's text keys/values, the calls of one bucket length stacked into one text-encoder
-    call. Rows do not interact (padded tokens are masked), so each result equals the call's own
-    `run()`: tests/test_engine_batching.py pins that bit for bit."""
+    call (`encoder`, else the model's eager one). Rows do not interact (padded tokens are masked),
+    so eager, each result equals the call's own `run()`: tests/test_engine_batching.py pins that bit
+    for bit."""
+    encode = encoder or model.get_kv_cache_text
     out: list[KVCache | None] = [None] * len(calls)
     for members in grouped(call.ids.shape[1] for call in calls).values():
-        kv = model.get_kv_cache_text(torch.cat([calls[i].ids for i in members]),
-                                     torch.cat([calls[i].mask for i in members]))
+        kv = encode(torch.cat([calls[i].ids for i in members]), torch.cat([calls[i].mask for i in members]))
         for row, i in enumerate(members):  # copied out: a job keeps only its own tokens alive
             n = calls[i].tokens
             out[i] = [(k[row:row + 1, :n].clone(), v[row:row + 1, :n].clone()) for k, v in kv]

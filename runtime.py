@@ -21,7 +21,7 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import SpeechEngine, StepFloor, VadReroll
+from engine import TEXT_BUCKETS, CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
 from errors import RequestError
@@ -69,8 +69,9 @@ class Runtime:
     @property
     def compiles_after_warm_up(self) -> int:
         """Graphs torch.compile built while serving: each one a shape the warm-up missed."""
-        steps = self.engine.steps
-        return steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0
+        steps, text = self.engine.steps, self.engine.text_encoder
+        return ((steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0)
+                + (text.compiles_after_warm_up if text is not None else 0))
 
     def close(self) -> None:
         """Stop the worker, ending any job still running."""
@@ -128,7 +129,8 @@ def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> S
              s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
-                        steps=_step_runner(s, model), reroll=_vad_reroll(s), step_floor=_step_floor(s))
+                        steps=_step_runner(s, model), reroll=_vad_reroll(s), step_floor=_step_floor(s),
+                        text_encoder=CompiledTextEncoder(model) if s.compile else None)
 
 
 def _step_floor(s: Settings) -> StepFloor | None:
@@ -172,6 +174,9 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     progress.enter("warming up the voice encoder")
     engine.warm_up_encoder()
     log.info("voice encoder warmed up in %.1f s", time.perf_counter() - started)
+    if engine.text_encoder is not None:
+        progress.enter("compiling the text encoder (text lengths)", len(TEXT_BUCKETS))
+        engine.text_encoder.warm_up(on_bucket=progress.advance)
     if isinstance(engine.steps, StaticSteps):
         shapes = len(engine.steps.shapes.all_shapes())
         progress.enter("compiling step shapes" if s.compile else "warming up step shapes", shapes)

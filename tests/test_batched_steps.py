@@ -320,3 +320,26 @@ def assert_compile_artifacts_reload(tiny_echo_dir, tmp_path, device: str) -> Non
     assert artifacts.is_file() and first.get("fxgraph_cache_miss", 0) >= 1
     second = start(2)
     assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0
+
+
+@pytest.mark.slow
+def test_the_compiled_text_encoder_is_built_at_warm_up_and_never_while_serving(tiny_model):
+    """ECHO_COMPILE: one graph per text bucket for one chunk and one for several, all at warm-up;
+    chunks of any length and any number admitted together then compile nothing, and give the
+    eager encoder's keys/values."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    encoder = eng.CompiledTextEncoder(tiny_model, backend=backend)
+    encoder.warm_up()
+    assert len(backend.graphs) == 2 * len(eng.TEXT_BUCKETS)
+    texts = ["Hi.", "A somewhat longer sentence, to land in another bucket. " * 3, "Two.", "Three words here."]
+    for together in (texts[:1], texts, texts[1:3]):
+        calls = [eng.TextCall.of(tiny_model, text, normalize=True) for text in together]
+        with torch.inference_mode():
+            compiled, eager = eng.encode_texts(tiny_model, calls, encoder), eng.encode_texts(tiny_model, calls)
+        for mine, theirs in zip(compiled, eager, strict=True):
+            for (k, v), (k0, v0) in zip(mine, theirs, strict=True):
+                torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    assert len(backend.graphs) == 2 * len(eng.TEXT_BUCKETS) and encoder.compiles_after_warm_up == 0
+    torch._dynamo.reset()
