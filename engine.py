@@ -25,8 +25,7 @@ from torch import Tensor
 from autoencoder import DAC, StreamingDecoder, decode_streams
 from batched_steps import ExactSteps, StepRunner, compiled_graphs
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
-                       ModelCall, PCAState, SamplerSettings, find_flattening_point, flattening_frame,
-                       get_speaker_latent_and_mask,
+                       ModelCall, PCAState, SamplerSettings, flattening_frame, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
 from inference_blockwise import PrefixCall, blockwise_steps
 from model import EchoDiT, KVCache, extend_prefixes, grouped
@@ -34,7 +33,7 @@ from text_chunking import ChunkMode
 
 log = logging.getLogger(__name__)
 
-FLAT_WINDOW = 20  # frames; find_flattening_point's window
+FLAT_WINDOW = 20  # frames; flattening_frame's window
 FADE_SAMPLES = 220  # 5 ms: the fade applied where one text chunk's audio meets the next
 CPU_DECODE_FRAMES = 64  # on CPUs the decoder is fastest fed pieces of this size (see StreamingDecoder)
 MAX_DECODE_BATCH_FRAMES = 8192  # latent frames of one batched decoder call (~6 GiB of its largest activation)
@@ -440,9 +439,8 @@ def _chunk_ends(latents: Tensor, block: Tensor, early_stop: EarlyStop) -> Tensor
 def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: EarlyStop) -> tuple[int, bool]:
     """A chunk's latents so far (frames, 80) and its next block (n, 80): how many of the block's frames
     are speech, and whether the chunk ends with it (its last block, a silent tail, or a flat run)."""
-    joined = torch.cat([latents, block])
-    end = find_flattening_point(joined)
-    if not (last or early_stop.is_silent_tail(joined)) and end > len(joined) - FLAT_WINDOW:
+    end, silent = map(int, _chunk_ends(latents, block[None], early_stop).tolist())  # both in one host sync
+    if not (last or silent) and end > len(latents) + len(block) - FLAT_WINDOW:
         return block.shape[0], False
     return max(end - len(latents), 0), True
 

@@ -145,7 +145,7 @@ class GenerationOptions(BaseModel):
         seed = self.seed if self.seed is not None and self.seed >= 0 else random_seed()
         return SpeechJob(chunks, speaker, seed, first, later, sampler,
                          self.early_stop_type(**self.settings_for("early_stop")), self.normalize,
-                         chunk_mode=self.chunk_mode or settings.chunk_mode)
+                         chunk_mode=self.chunk_mode_on(settings))
 
     def text_chunks(self, settings: Settings) -> tuple[str, ...]:
         """The input, prepared and split into the chunks generated one after the other."""
@@ -164,11 +164,15 @@ class GenerationOptions(BaseModel):
                                    "(chunking_enabled=true) or send shorter text", "input")
             return (text,)
         chunks = tuple(split_into_chunks(text, chunking, normalize=self.normalize,
-                                         continuation=(self.chunk_mode or settings.chunk_mode) == "continue"))
+                                         continuation=self.chunk_mode_on(settings) == "continue"))
         if len(chunks) > settings.max_chunks:
             raise RequestError(f"input needs {len(chunks)} chunks of speech; the limit is "
                                f"{settings.max_chunks} (ECHO_MAX_CHUNKS)", "input")
         return chunks
+
+    def chunk_mode_on(self, settings: Settings) -> ChunkMode:
+        """The request's chunk_mode, else the server's (ECHO_CHUNK_MODE)."""
+        return self.chunk_mode or settings.chunk_mode
 
     def chunk_settings(self, settings: Settings) -> ChunkSettings:
         """The chunk lengths asked for, the server's speaking rates where the request names none."""
