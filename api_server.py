@@ -296,7 +296,7 @@ def _routes():
 
     @router.websocket("/v1/audio/speech/stream/ws")
     async def speech_stream_socket(websocket: WebSocket) -> None:
-        await speech_socket.serve(websocket, websocket.app.state.service)
+        await speech_socket.serve(websocket, websocket.app.state.service, websocket.app.state.metrics)
 
     router.include_router(public)
     router.include_router(protected)

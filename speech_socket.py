@@ -43,6 +43,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from observability import bearer_token, request_id
+from observability import Metrics, StreamTiming, bearer_token, request_id
 from pipeline import Speech, open_speech
 from service import SpeechService
 from settings import Settings
@@ -91,6 +92,7 @@ class Session:
 
     websocket: WebSocket
     service: SpeechService
+    metrics: Metrics  # the server's: a segment counts as an HTTP response does (first byte, audio seconds)
     queue: list[Segment] = field(default_factory=list)
     current: Segment | None = None
     closing: bool = False  # "continue": false was received
@@ -154,7 +156,7 @@ async def refuse_key(websocket: WebSocket) -> None:
                                                       headers=error.headers))
 
 
-async def serve(websocket: WebSocket, service: SpeechService) -> None:
+async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) -> None:
     """The whole life of one socket: a reader queues what the client sends, a writer answers it in
     order; every segment it queued ends with it."""
     settings = service.settings
@@ -163,7 +165,7 @@ async def serve(websocket: WebSocket, service: SpeechService) -> None:
         return
     await websocket.accept()
     request_id.set(uuid.uuid4().hex)
-    session = Session(websocket, service)
+    session = Session(websocket, service, metrics)
     if reason := service.unready_reason():
         try:
             await session.error(None, RequestError(reason, status=503))
@@ -341,6 +343,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     if not str(segment.message.get("input", "")).strip():
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
+    timing = StreamTiming(session.metrics, time.perf_counter())  # from its turn: not the client's own queue
     try:  # everything that may refuse a segment is checked here, before its `start`
         segment.speech = speech = await open_speech(session.service, _speech_request(segment.message), streaming=True)
     except RequestError as e:
@@ -356,10 +359,12 @@ async def _answer_one(session: Session, segment: Segment) -> None:
         try:
             async for data in speech.pieces():
                 await session.send_audio(data)
+                timing.sent()
         except RequestError as e:  # the segment fails; the socket stays usable
             failure = e
             await session.error(segment.segment_id, e)
         await session.send(_ended(segment, speech, failure))
+        timing.finished(speech.audio_seconds)
     finally:
         speech.close()
 

@@ -34,6 +34,8 @@ import aiohttp
 import av
 import httpx
 import pytest
+import livekit.agents as livekit_agents
+from livekit.agents import tokenize as livekit_tokenize
 from livekit.agents import tts as livekit_tts
 from livekit.plugins import openai as livekit_openai
 from openai import AsyncOpenAI, OpenAI
@@ -206,6 +208,126 @@ def test_fork_websocket_client_gets_44k_pcm(server):
         k: v for k, v in segment.items() if k not in ("segment_id", "continue")})
     assert http.headers["x-audio-sample-rate"] == "44100"
     assert len(audio) == len(http.content)
+
+
+# ---- the fork's LiveKit plugin on current livekit-agents, in process ----------------------------
+#
+# The fork's plugin (KevinAHM/echo-tts-api, ref/livekit_echo_plugin.py) is in no package index, so
+# its wire steps are rebuilt here on livekit-agents' own classes: a streaming TTS declared at 44.1 kHz
+# mono; an agent's reply text goes through livekit's blingfire sentence tokenizer; each sentence is
+# sent on one aiohttp socket (default settings) as {"voice", "input", "continue": true, "segment_id"},
+# then {"voice", "input": "", "continue": false, "segment_id": "final"}; every binary message is
+# pushed as pcm; each `start` starts an emitter segment and each `end` ends it.
+
+class ForkLiveKitPlugin(livekit_tts.TTS):
+    def __init__(self, base_url: str, voice: str) -> None:
+        super().__init__(capabilities=livekit_tts.TTSCapabilities(streaming=True), sample_rate=44100,
+                         num_channels=1)
+        self.url, self.voice = base_url.replace("http", "ws", 1) + "/v1/audio/speech/stream/ws", voice
+        self.server_events: list[dict] = []
+
+    def synthesize(self, text, *, conn_options=None):
+        raise NotImplementedError("only the streaming path an agent uses is rebuilt here")
+
+    def stream(self, *, conn_options=livekit_agents.DEFAULT_API_CONNECT_OPTIONS):
+        return ForkLiveKitStream(tts=self, conn_options=conn_options)
+
+
+class ForkLiveKitStream(livekit_tts.SynthesizeStream):
+    async def _run(self, emitter) -> None:
+        plugin: ForkLiveKitPlugin = self._tts
+        emitter.initialize(request_id="fork", sample_rate=44100, num_channels=1, mime_type="audio/pcm",
+                           stream=True, frame_size_ms=20)
+        sentences = livekit_tokenize.blingfire.SentenceTokenizer().stream()
+
+        async def feed() -> None:
+            async for data in self._input_ch:
+                if isinstance(data, self._FlushSentinel):
+                    sentences.flush()
+                else:
+                    sentences.push_text(data)
+            sentences.end_input()
+
+        async def send(ws) -> None:
+            async for number, sentence in _numbered(sentences):
+                await ws.send_json({"voice": plugin.voice, "input": sentence.token, "continue": True,
+                                    "segment_id": f"sentence-{number}"})
+            await ws.send_json({"voice": plugin.voice, "input": "", "continue": False, "segment_id": "final"})
+
+        async def receive(ws) -> None:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    emitter.push(message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(message.data)
+                    plugin.server_events.append(event)
+                    if event["type"] == "start":
+                        emitter.start_segment(segment_id=str(event["segment_id"]))
+                    elif event["type"] == "end":
+                        emitter.end_segment()
+                else:
+                    break
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(plugin.url) as ws:
+            await asyncio.gather(feed(), send(ws), receive(ws))
+
+
+async def _numbered(events):
+    number = 0
+    async for event in events:
+        number += 1
+        yield number, event
+
+
+REPLY = "This is the first sentence of the answer. And here is the second sentence of it."
+
+
+async def _agent_reply(plugin: ForkLiveKitPlugin, retries: int = 3) -> tuple[set[int], list[str], int, str | None]:
+    """What an agent's tts_node gets for one reply: (sample rates, segment ids in order, samples, the
+    error the stream ends with). livekit retries a reply that gave no audio `retries` times."""
+    rates, segments, samples, error = set(), [], 0, None
+    options = livekit_agents.APIConnectOptions(max_retry=retries, retry_interval=0.1)
+    async with plugin.stream(conn_options=options) as stream:
+        stream.push_text(REPLY)
+        stream.end_input()
+        try:
+            async for event in stream:
+                rates.add(event.frame.sample_rate)
+                samples += event.frame.samples_per_channel
+                if event.segment_id not in segments:
+                    segments.append(event.segment_id)
+        except livekit_agents.APIError as e:
+            error = str(e)
+    await plugin.aclose()
+    return rates, segments, samples, error
+
+
+def test_fork_livekit_plugin_speaks_several_sentences_then_livekit_reports_a_segment_mismatch(server):
+    """On livekit-agents 1.8.9 an agent's reply of two sentences is two segments on the socket, each
+    answered in order and heard in full at 44.1 kHz, as it is generated. The stream then ends with an
+    APIError: livekit counts one segment per reply, the plugin starts one per sentence. The session
+    logs it as a TTS error after the audio played (which resets livekit's error count), so the agent
+    keeps talking. The README's client table says so."""
+    plugin = ForkLiveKitPlugin(server.url, "alice")
+    with served(server, requests=2) as generated:
+        rates, segments, samples, error = asyncio.run(asyncio.wait_for(_agent_reply(plugin), 120))
+    assert [(e["type"], e["segment_id"]) for e in plugin.server_events] == [
+        ("start", "sentence-1"), ("end", "sentence-1"), ("start", "sentence-2"), ("end", "sentence-2"),
+        ("no_op", "final")]
+    assert rates == {44100} and segments == ["sentence-1", "sentence-2"]
+    assert samples / 44100 == pytest.approx(generated.seconds, abs=EXACT)
+    assert error == "number of segments mismatch: expected 1, but got 2"
+
+
+def test_fork_livekit_plugin_default_voice_is_refused_before_any_audio(server):
+    """The plugin's default voice, `tara`, is not an OpenAI name: without a voice of that name or an
+    ECHO_VOICE_ALIASES entry, each sentence gets only an `error` naming how to list voices, and the
+    reply fails (livekit tries it again first, 3 times by default)."""
+    plugin = ForkLiveKitPlugin(server.url, "tara")
+    rates, segments, samples, error = asyncio.run(asyncio.wait_for(_agent_reply(plugin, retries=0), 60))
+    assert samples == 0 and error.startswith("no audio frames were pushed")
+    assert [e["type"] for e in plugin.server_events] == ["error", "error", "no_op"]
+    assert "/v1/voices" in plugin.server_events[0]["message"]
 
 
 # ---- LiveKit's OpenAI plugin (livekit-plugins-openai), in process -------------------------------

@@ -76,6 +76,21 @@ def test_segments_are_answered_in_order_and_continue_false_closes_after_them(app
     assert [m for m in got if isinstance(m, dict) and m["type"] == "end"][1]["seed"] == 3
 
 
+def test_socket_segments_count_in_the_metrics_as_http_responses_do(app):
+    """An operator whose voice agents speak over the socket sees their first bytes and audio seconds
+    in /metrics: each started segment is one observation; a no_op is none."""
+    seconds, first_bytes = _metric(app, "echo_audio_seconds_total"), _metric(app, "echo_time_to_first_byte_seconds_count")
+    with socket(app) as ws:
+        ws.send(segment(1))
+        ws.send(segment(2))
+        ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
+        got = messages(ws)
+    ends = [m for m in got if isinstance(m, dict) and m["type"] == "end"]
+    assert _metric(app, "echo_time_to_first_byte_seconds_count") - first_bytes == 2
+    assert _metric(app, "echo_audio_seconds_total") - seconds == pytest.approx(
+        sum(m["audio_seconds"] for m in ends), abs=0.002)
+
+
 def test_a_bad_segment_gets_the_http_error_and_the_socket_stays_usable(app):
     bad = {"cfg_min_t": 0.9, "cfg_max_t": 0.5}
     http = app.post("/v1/audio/speech", json={"input": "Hi.", "voice": "alice", **bad}).json()["error"]
@@ -399,10 +414,11 @@ def answer(stream: ScriptedStream, while_starting=nothing) -> list:
     """What one segment gets from speech_socket's writer, `while_starting(session)` awaited while its
     job starts."""
     import speech_socket
+    from observability import Metrics
 
     async def scenario():
         service = GatedService(stream)
-        session = speech_socket.Session(RecordingSocket(), service)
+        session = speech_socket.Session(RecordingSocket(), service, Metrics(lambda: 0, lambda: 0))
         session.current = speech_socket.Segment("s", {"input": "Hi.", "voice": "alice"})
         answering = asyncio.create_task(speech_socket._answer_one(session, session.current))
         await asyncio.sleep(0.05)
