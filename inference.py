@@ -96,12 +96,13 @@ def _load_tensors(path: str, dtype: torch.dtype | None) -> dict[str, Tensor]:
 
 def load_model_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cuda",
                        dtype: torch.dtype | None = torch.bfloat16, compile: bool = False, token: str | None = None,
-                       delete_blockwise_modules: bool = False) -> EchoDiT:
+                       delete_blockwise_modules: bool = False, fuse_projections: bool = True) -> EchoDiT:
     """Load EchoDiT from a Hub repo id or a local directory (weights, optional config.json).
 
     Every tensor of the file must match the architecture; a mismatch raises CheckpointError naming it.
     `delete_blockwise_modules` drops the latent-prefix modules (saves ~0.4 B parameters; blockwise
-    sampling is then unavailable).
+    sampling is then unavailable). `fuse_projections` stacks the projections that read one input
+    into one product each (EchoDiT.fuse_projections); the file is read as published either way.
     """
     config = {**ECHO_DIT_CONFIG, **_config_overrides(repo_id, ECHO_DIT_CONFIG, token)}
     path = _resolve_file(repo_id, "pytorch_model.safetensors", token)
@@ -113,6 +114,8 @@ def load_model_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cu
     verify_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source=path)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     model = model.eval().requires_grad_(False)
+    if fuse_projections:
+        model.fuse_projections()
     if compile:
         model = compile_model(model)
     return model

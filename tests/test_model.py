@@ -202,3 +202,64 @@ def test_the_adaln_table_is_emptied_when_the_weights_change(tiny_echo_dir):
         after = model.timed_modulations([0.5], [1])
     assert not torch.equal(before, after)
     assert torch.equal(after, model.modulations(torch.tensor([0.5])))
+
+
+# ---- fused projections (issue 20, item 4) --------------------------------------------------------
+
+def _outputs(model: EchoDiT) -> list[torch.Tensor]:
+    """Every cache builder and a forward pass with a latent prefix, of the reference's tiny cases."""
+    c = CASES
+    with torch.inference_mode():
+        kv_text = model.get_kv_cache_text(c["text_input_ids"], c["text_mask"])
+        kv_speaker = model.get_kv_cache_speaker(c["speaker_latent"].to(model.dtype))
+        kv_latent = model.get_kv_cache_latent(c["prefix_latent"].to(model.dtype))
+        out = model(c["blk_x"].to(model.dtype), c["fwd_t"].to(model.dtype), c["text_mask"], c["speaker_mask"],
+                    kv_text, kv_speaker, start_pos=12, kv_cache_latent=kv_latent)
+    return [t for cache in (kv_text, kv_speaker, kv_latent) for pair in cache for t in pair] + [out]
+
+
+def _weight_bytes(model: EchoDiT) -> int:
+    """Bytes of distinct storage behind the model's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_compute_the_same_bits_and_store_nothing_twice(tiny_echo_dir, dtype):
+    """q, k, v and gate (and w1|w3, and each key/value pair) as one product: on the CPU each output
+    column is the same dot product, so every cache and the velocity keep their bits; the stacked
+    weights are the parameters' storage, not a copy, and the checkpoint's names stay."""
+    separate = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype, fuse_projections=False)
+    fused = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype)
+    assert fused.projections_fused and not separate.projections_fused
+    assert fused.blocks[0].attention.fused_groups == ("qkvg", "kv_text", "kv_speaker", "kv_latent")
+    for a, b in zip(_outputs(separate), _outputs(fused), strict=True):
+        assert torch.equal(a, b)
+    assert _weight_bytes(fused) == _weight_bytes(separate)
+    assert fused.state_dict().keys() == separate.state_dict().keys()
+    qkvg = fused.blocks[0].attention.qkvg
+    assert fused.blocks[0].attention.gate.weight.data_ptr() == qkvg[3 * qkvg.shape[1]:].data_ptr()
+
+
+def test_fused_projections_stay_fused_through_conversion_and_reloading(tiny_echo_dir):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
+    reference = _outputs(load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.bfloat16,
+                                            fuse_projections=False))
+    model.to(torch.bfloat16)  # converted weight by weight, stacked again: still one storage each
+    mlp = model.blocks[1].mlp
+    assert mlp.w13.dtype == torch.bfloat16 and mlp.w3.weight.data_ptr() == mlp.w13[mlp.w1.out_features:].data_ptr()
+    assert _weight_bytes(model) == _weight_bytes(load_model_from_hf(str(tiny_echo_dir), device="cpu",
+                                                                    dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(reference, _outputs(model), strict=True))
+    halved = {k: v * 0.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(halved, assign=True)  # new tensors: the stacks are built from them
+    assert torch.equal(model.blocks[0].attention.qkvg[:model.blocks[0].attention.wq.out_features],
+                       halved["blocks.0.attention.wq.weight"])
+    model.load_state_dict({k: v * 2 for k, v in halved.items()})  # written in place, into the stacks
+    assert all(torch.equal(a, b) for a, b in zip(reference, _outputs(model), strict=True))
+
+
+def test_a_model_without_its_latent_prefix_modules_fuses_the_rest(tiny_echo_dir):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32, delete_blockwise_modules=True)
+    assert model.blocks[0].attention.fused_groups == ("qkvg", "kv_text", "kv_speaker")
