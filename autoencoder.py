@@ -10,7 +10,8 @@ One latent frame (``latent_dim`` channels) stands for ``frame_length`` = 2048 sa
 
 Every operation on the decode path is causal, so ``StreamingDecoder`` decodes consecutive latent
 blocks exactly (to float rounding) by carrying, per stream, the left context of each convolution,
-the post-module's key/value window and its RoPE position.
+the post-module's key/value window and its RoPE position, all of fixed shapes from the first block
+on (``StreamState.start``), so that ``CompiledStreamDecoder`` can run a block through one graph.
 
 Parameter names equal those of the published ``fish-s1-dac-min`` checkpoint, except that weights
 stored weight-normalised (g, v) in the file are held folded into a plain ``weight`` here; use
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -156,16 +158,59 @@ DEFAULT_CONFIG: dict = _as_json(DACConfig())
 class StreamState:
     """What a causal decode carries from one block of frames to the next (for a batch of streams).
 
-    Keys are the modules that own each piece of state:
-      context:  left input context of a causal (transposed) convolution, (B, C_in, p)
-      kv:       keys and values of the last ``window - 1`` frames of an attention layer,
-                each (B, H, <= window - 1, head_dim), RoPE already applied
-      position: absolute frame index of the next frame a window transformer will see
+    Keys are the modules that own each piece of state, each of a fixed shape from the start:
+      context:  left input context of a causal (transposed) convolution, (B, C_in, p); zeros at
+                the start of a stream, as the one-shot decode pads
+      kv:       keys and values of the ``window - 1`` frames before the block of an attention
+                layer, each (B, H, window - 1, head_dim), RoPE already applied; the slots of
+                frames before frame 0 hold zeros and are masked
+      position: (B,) int64, the absolute frame index of the next frame a window transformer sees
+    Decoding replaces these tensors, never writes into them (snapshots rely on it). They are
+    inference tensors, made and replaced under torch.inference_mode (a compiled decoder guards on
+    the kind of its inputs).
     """
 
     context: dict[nn.Module, Tensor] = field(default_factory=dict)
     kv: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    position: dict[nn.Module, int] = field(default_factory=dict)
+    position: dict[nn.Module, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    @torch.inference_mode()
+    def start(cls, dac: DAC, batch: int) -> StreamState:
+        """The state before frame 0 of `batch` streams, for every module of dac's decode path."""
+        state, device, dtype = cls(), dac.device, dac.dtype
+        for module in dac.decode_path_modules():
+            if isinstance(module, CausalConv1d) and module.streamed_context:
+                state.context[module] = torch.zeros(batch, module.conv.in_channels, module.streamed_context,
+                                                    device=device, dtype=dtype)
+            elif isinstance(module, CausalConvTranspose1d) and module.context:
+                state.context[module] = torch.zeros(batch, module.conv.in_channels, module.context,
+                                                    device=device, dtype=dtype)
+            elif isinstance(module, WindowTransformer):
+                state.position[module] = torch.zeros(batch, dtype=torch.long, device=device)
+                for layer in module.layers:
+                    attention = layer.attention
+                    shape = (batch, attention.n_head, module.window - 1, attention.head_dim)
+                    state.kv[attention] = (torch.zeros(shape, device=device, dtype=dtype),  # two tensors, as
+                                           torch.zeros(shape, device=device, dtype=dtype))  # every later block's
+        return state
+
+    def copy(self) -> StreamState:
+        """The same tensors in new dicts."""
+        return StreamState(dict(self.context), dict(self.kv), dict(self.position))
+
+    def cloned(self) -> StreamState:
+        """New tensors (a CUDA graph's outputs are overwritten by its next replay)."""
+        return StreamState({m: t.clone() for m, t in self.context.items()},
+                           {m: (k.clone(), v.clone()) for m, (k, v) in self.kv.items()},
+                           {m: t.clone() for m, t in self.position.items()})
+
+
+def _kept(x: Tensor, frames: int, dim: int = -1) -> Tensor:
+    """The last `frames` frames of x along `dim`, as a new contiguous tensor: a view would keep the
+    whole block's activations alive, and every block's state gets the same strides (a compiled
+    decoder guards on them)."""
+    return x.narrow(dim, x.shape[dim] - frames, frames).clone(memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +239,7 @@ class CausalConv1d(nn.Module):
             _stored_weight_normed(self.conv)
         self.stride = stride
         self.left_pad = (kernel_size - 1) * dilation + 1 - stride
+        self.streamed_context = self.left_pad if stride == 1 else 0  # input frames a stream carries
 
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
         # x: (B, C_in, T) -> (B, C_out, ceil(T / stride))
@@ -204,12 +250,8 @@ class CausalConv1d(nn.Module):
             raise NotImplementedError("streaming is implemented for stride-1 convolutions only")
         if self.left_pad == 0:
             return self.conv(x)
-        past = state.context.get(self)
-        if past is None:  # start of stream: the same zeros the one-shot path pads with
-            past = x.new_zeros(x.shape[0], x.shape[1], self.left_pad)
-        x = torch.cat([past, x], dim=-1)  # (B, C_in, p + T)
-        # a copy, not a view: a view would keep this whole block's activations alive
-        state.context[self] = x[..., x.shape[-1] - self.left_pad:].clone()
+        x = torch.cat([state.context[self], x], dim=-1)  # (B, C_in, p + T); zeros before frame 0
+        state.context[self] = _kept(x, self.left_pad)
         return self.conv(x)
 
 
@@ -238,11 +280,8 @@ class CausalConvTranspose1d(nn.Module):
             return self.conv(x)[..., :n_out]
         if self.trim % self.stride != 0:
             raise NotImplementedError("streaming needs kernel_size - stride divisible by stride")
-        past = state.context.get(self)
-        if past is None:  # start of stream: a zero frame contributes nothing but the bias
-            past = x.new_zeros(x.shape[0], x.shape[1], self.context)
-        x = torch.cat([past, x], dim=-1)  # (B, C_in, c + T)
-        state.context[self] = x[..., x.shape[-1] - self.context:].clone()
+        x = torch.cat([state.context[self], x], dim=-1)  # (B, C_in, c + T); a zero frame adds only the bias
+        state.context[self] = _kept(x, self.context)
         start = self.context * self.stride  # outputs of the context frames were emitted before
         return self.conv(x)[..., start:start + n_out]
 
@@ -399,10 +438,11 @@ def rope_table(end: int, head_dim: int, start: int = 0) -> Tensor:
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    # x: (B, T, H, D), freqs: (T, D/2, 2) -> (B, T, H, D); rotated in float32
+    # x: (B, T, H, D), freqs: (T, D/2, 2) or per row (B, T, D/2, 2) -> (B, T, H, D); rotated in float32
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos = freqs[None, :, None, :, 0]
-    sin = freqs[None, :, None, :, 1]
+    freqs = freqs if freqs.dim() == 4 else freqs[None]
+    cos = freqs[:, :, None, :, 0]
+    sin = freqs[:, :, None, :, 1]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
     return out.flatten(3).type_as(x)
@@ -414,6 +454,17 @@ def window_mask(n_query: int, n_key: int, window: int, device: torch.device) -> 
     q = torch.arange(n_key - n_query, n_key, device=device)[:, None]
     k = torch.arange(n_key, device=device)[None, :]
     return (k <= q) & (k > q - window)
+
+
+def streamed_window_mask(n_query: int, window: int, position: Tensor) -> Tensor:
+    """(B, 1, n_query, window - 1 + n_query) bool for a block whose first frame is `position` (B,):
+    the keys are the window - 1 frames before the block, then its own; query i sees keys
+    i .. i + window - 1 (window_mask's frames), except slots before frame 0, which do not exist."""
+    past = window - 1
+    k = torch.arange(past + n_query, device=position.device)
+    band = (k[None, :] >= k[:n_query, None]) & (k[None, :] <= k[:n_query, None] + past)  # (n_query, K)
+    exists = k[None, :] >= (past - position)[:, None]  # (B, K)
+    return (band[None] & exists[:, None])[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -445,21 +496,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, 3 * inner, bias=False)
         self.wo = nn.Linear(inner, config.dim, bias=False)
 
-    def forward(self, x: Tensor, freqs: Tensor, window: int, state: StreamState | None = None) -> Tensor:
-        # x: (B, T, dim), freqs: (T, head_dim/2, 2)
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor, state: StreamState | None = None) -> Tensor:
+        # x: (B, T, dim), freqs: (T, head_dim/2, 2) or (B, T, head_dim/2, 2); mask: window_mask's
+        # (T, T), or streamed_window_mask's (B, 1, T, window - 1 + T) with `state`
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         q = apply_rope(q, freqs).transpose(1, 2)  # (B, H, T, D)
         k = apply_rope(k, freqs).transpose(1, 2)
         v = v.transpose(1, 2)
         if state is not None:
-            past = state.kv.get(self)
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)  # (B, H, m + T, D), m <= window - 1
-                v = torch.cat([past[1], v], dim=2)
-            keep = min(window - 1, k.shape[2])
-            state.kv[self] = (k[:, :, k.shape[2] - keep:].clone(), v[:, :, v.shape[2] - keep:].clone())
-        mask = window_mask(T, k.shape[2], window, x.device)
+            past_k, past_v = state.kv[self]  # (B, H, window - 1, D)
+            k = torch.cat([past_k, k], dim=2)  # (B, H, window - 1 + T, D)
+            v = torch.cat([past_v, v], dim=2)
+            keep = past_k.shape[2]
+            state.kv[self] = (_kept(k, keep, dim=2), _kept(v, keep, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -487,8 +537,8 @@ class TransformerBlock(nn.Module):
         self.attention_layer_scale = LayerScale(config.dim)
         self.ffn_layer_scale = LayerScale(config.dim)
 
-    def forward(self, x: Tensor, freqs: Tensor, window: int, state: StreamState | None = None) -> Tensor:
-        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), freqs, window, state))
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor, state: StreamState | None = None) -> Tensor:
+        h = x + self.attention_layer_scale(self.attention(self.attention_norm(x), freqs, mask, state))
         return h + self.ffn_layer_scale(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -505,6 +555,8 @@ class WindowTransformer(nn.Module):
         self.norm = RMSNorm(config.dim)
         # Replaced by the checkpoint's BF16 table on load (held in float32).
         self.register_buffer("freqs_cis", rope_table(max_positions, config.head_dim))
+        self._streamed_table: Tensor | None = None  # rope_rows' table, on freqs_cis's device
+        self._streamed_source: Tensor | None = None  # the freqs_cis it was made from
 
     def rope(self, start: int, length: int) -> Tensor:
         """Rows [start, start + length) of the RoPE table: (length, head_dim/2, 2).
@@ -518,15 +570,28 @@ class WindowTransformer(nn.Module):
             table = torch.cat([table, extra.to(table.device, table.dtype)])
         return table[start:end]
 
+    def rope_rows(self, end: int) -> None:
+        """Make the table streaming reads by position (`_streamed_rope`) hold rows [0, end) (done on
+        the host before a block: positions are tensors there). Rows past the stored table come from
+        the same formula, as in `rope`."""
+        table = self._streamed_table
+        if table is None or table.shape[0] < end or self._streamed_source is not self.freqs_cis:
+            rows = max(end, self.max_positions, 2 * (0 if table is None else table.shape[0]))
+            self._streamed_table, self._streamed_source = self.rope(0, rows), self.freqs_cis
+
     def forward(self, x: Tensor, state: StreamState | None = None) -> Tensor:
         # x: (B, dim, T) -> (B, dim, T)
-        start = 0 if state is None else state.position.get(self, 0)
-        freqs = self.rope(start, x.shape[-1])
+        length = x.shape[-1]
+        if state is None:
+            freqs, mask = self.rope(0, length), window_mask(length, length, self.window, x.device)
+        else:
+            position = state.position[self]  # (B,)
+            freqs = self._streamed_table[position[:, None] + torch.arange(length, device=x.device)]
+            mask = streamed_window_mask(length, self.window, position)
+            state.position[self] = position + length
         x = x.transpose(1, 2)
         for layer in self.layers:
-            x = layer(x, freqs, self.window, state)
-        if state is not None:
-            state.position[self] = start + x.shape[1]
+            x = layer(x, freqs, mask, state)
         return self.norm(x).transpose(1, 2)
 
 
@@ -704,9 +769,14 @@ class DAC(nn.Module):
         """z_q (B, latent_dim, T) -> audio (B, 1, T * 2048) in [-1, 1]."""
         return self._decode(z_q)
 
-    def streaming_decoder(self, batch_size: int = 1, max_frames: int | None = None) -> StreamingDecoder:
+    def streaming_decoder(self, batch_size: int = 1, max_frames: int | None = None,
+                          compiled: PieceDecoder | None = None) -> StreamingDecoder:
         """A decoder for one batch of streams fed consecutive latent blocks; see StreamingDecoder."""
-        return StreamingDecoder(self, batch_size, max_frames)
+        return StreamingDecoder(self, batch_size, max_frames, compiled)
+
+    def decode_path_modules(self) -> list[nn.Module]:
+        """Every module a streamed decode runs through (the state's owners)."""
+        return [*self.quantizer.post_module.modules(), *self.quantizer.upsample.modules(), *self.decoder.modules()]
 
     # ---- checkpoint ------------------------------------------------------------------------
 
@@ -765,6 +835,14 @@ class DAC(nn.Module):
         self.load_state_dict(folded, strict=True, assign=True)
 
 
+class PieceDecoder(Protocol):
+    """Decodes one piece of exactly `frames` latent frames through a streaming decoder's state."""
+
+    frames: int
+
+    def __call__(self, dac: DAC, piece: Tensor, decoder: StreamingDecoder) -> Tensor: ...
+
+
 class StreamingDecoder:
     """Exact block-by-block ``decode_zq`` for a batch of streams.
 
@@ -779,46 +857,60 @@ class StreamingDecoder:
     same, the state carries across them). On CPUs this is several times faster for long blocks:
     the convolutions at audio rate then work on tensors that fit in cache (measured: 640 frames of
     the small reference DAC in 64-frame pieces took a quarter of the time of one call).
+    ``compiled`` (ECHO_COMPILE: engine.CompiledStreamDecoder) decodes a block in pieces of its fixed
+    length through its graphs instead; what is left over (fewer frames than a piece) runs eager.
     """
 
-    def __init__(self, dac: DAC, batch_size: int = 1, max_frames: int | None = None):
+    def __init__(self, dac: DAC, batch_size: int = 1, max_frames: int | None = None,
+                 compiled: PieceDecoder | None = None):
         self.dac = dac
         self.batch_size = batch_size
         self.max_frames = max_frames
+        self.compiled = compiled
         self.reset()
 
     def reset(self) -> None:
         """Start a new stream (the next block is frame 0)."""
-        self.state = StreamState()
+        self.state = StreamState.start(self.dac, self.batch_size)
         self.frames = 0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, z_q_block: Tensor) -> Tensor:
         # z_q_block: (B, latent_dim, n) -> (B, 1, n * frame_length)
         if z_q_block.dim() != 3 or z_q_block.shape[0] != self.batch_size:
             raise ValueError(f"expected a (batch={self.batch_size}, latent_dim, frames) block, "
                              f"got {tuple(z_q_block.shape)}")
-        if z_q_block.shape[-1] == 0:
+        n = z_q_block.shape[-1]
+        if n == 0:
             return z_q_block.new_zeros(self.batch_size, 1, 0)
-        pieces = z_q_block.split(self.max_frames or z_q_block.shape[-1], dim=-1)
-        audio = torch.cat([self.dac._decode(piece, self.state) for piece in pieces], dim=-1)
-        self.frames += z_q_block.shape[-1]
+        self.dac.quantizer.post_module.rope_rows(self.frames + n)
+        if self.compiled is not None:
+            size = self.compiled.frames
+            pieces = [self.compiled(self.dac, z_q_block[..., i:i + size], self) for i in range(0, n - size + 1, size)]
+            whole = len(pieces) * size
+            rest = z_q_block[..., whole:].split(self.max_frames or n, dim=-1) if whole < n else ()
+            audio = torch.cat(pieces + [self.dac._decode(piece, self.state) for piece in rest], dim=-1)
+        else:
+            audio = torch.cat([self.dac._decode(piece, self.state)
+                               for piece in z_q_block.split(self.max_frames or n, dim=-1)], dim=-1)
+        self.frames += n
         return audio
 
     def snapshot(self) -> tuple[StreamState, int]:
         """The stream's state as it is now (decoding replaces its tensors, never changes them)."""
-        return StreamState(dict(self.state.context), dict(self.state.kv), dict(self.state.position)), self.frames
+        return self.state.copy(), self.frames
 
     def restore(self, snapshot: tuple[StreamState, int]) -> None:
         """Put the stream back to a snapshot: the next block continues from there."""
         state, self.frames = snapshot
-        self.state = StreamState(dict(state.context), dict(state.kv), dict(state.position))
+        self.state = state.copy()
 
     def kv_window_lengths(self) -> list[int]:
         """Frames of keys/values held per attention layer (at most window - 1)."""
         return [k.shape[2] for k, _ in self.state.kv.values()]
 
 
+@torch.inference_mode()
 def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor], batch: bool = True,
                    max_batch_frames: int | None = None) -> list[Tensor]:
     """The next block of each of several independent streams, decoded together where possible.
@@ -832,7 +924,7 @@ def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor
     with it (64 streams' 480-frame blocks in one call wanted a 22.5 GiB tensor on an H100).
     """
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (decoder, block) in enumerate(zip(decoders, blocks)):
+    for i, (decoder, block) in enumerate(zip(decoders, blocks)):  # (same frames: same RoPE rows to make)
         groups.setdefault((decoder.frames, block.shape[-1]) if batch else (i,), []).append(i)
     out: list[Tensor | None] = [None] * len(decoders)
     for members in _capped(groups, blocks, max_batch_frames):
@@ -841,19 +933,19 @@ def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor
             continue
         parts = [decoders[i] for i in members]
         sizes = [d.batch_size for d in parts]
-        merged = StreamingDecoder(parts[0].dac, sum(sizes), parts[0].max_frames)
+        merged = StreamingDecoder(parts[0].dac, sum(sizes), parts[0].max_frames, parts[0].compiled)
         merged.frames = parts[0].frames
         merged.state = StreamState(
             context={m: torch.cat([d.state.context[m] for d in parts]) for m in parts[0].state.context},
             kv={m: tuple(torch.cat([d.state.kv[m][j] for d in parts]) for j in (0, 1)) for m in parts[0].state.kv},
-            position=dict(parts[0].state.position),
+            position={m: torch.cat([d.state.position[m] for d in parts]) for m in parts[0].state.position},
         )
         audio = merged.decode(torch.cat([blocks[i] for i in members]))
         for index, (i, decoder) in enumerate(zip(members, parts)):
             decoder.state = StreamState(
                 context={m: t.split(sizes)[index].clone() for m, t in merged.state.context.items()},
                 kv={m: tuple(t.split(sizes)[index].clone() for t in kv) for m, kv in merged.state.kv.items()},
-                position=dict(merged.state.position),
+                position={m: t.split(sizes)[index].clone() for m, t in merged.state.position.items()},
             )
             decoder.frames = merged.frames
         for i, part in zip(members, audio.split(sizes)):

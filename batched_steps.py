@@ -460,12 +460,7 @@ class CompiledBlocks:
     """
 
     def __init__(self, shapes: int, backend: str | Callable = "inductor", mode: str | None = None):
-        limit = 2 * shapes + 2
-        config = torch._dynamo.config
-        if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
-            config.recompile_limit = max(config.recompile_limit, limit)
-        else:
-            config.cache_size_limit = max(config.cache_size_limit, limit)
+        allow_graphs(2 * shapes + 2)
         self._block = torch.compile(call_block, backend=backend, mode=mode, dynamic=False)
 
     def __call__(self, block, h: Tensor, *args) -> Tensor:
@@ -474,6 +469,15 @@ class CompiledBlocks:
             for tensor in (h, *args[1:4]):  # cos, sin, key_mask; the caches are marked when stacked
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self._block(block, h, *args)
+
+
+def allow_graphs(limit: int) -> None:
+    """Let torch.compile keep at least `limit` graphs of one function (one per planned shape)."""
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
+        config.recompile_limit = max(config.recompile_limit, limit)
+    else:
+        config.cache_size_limit = max(config.cache_size_limit, limit)
 
 
 def compiled_graphs() -> int:

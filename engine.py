@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from autoencoder import DAC, StreamingDecoder, decode_streams
-from batched_steps import ExactSteps, StepRunner, compiled_graphs
+from autoencoder import DAC, StreamingDecoder, StreamState, decode_streams
+from batched_steps import ExactSteps, StepRunner, allow_graphs, compiled_graphs
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, flattening_frame, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
@@ -176,9 +176,11 @@ class SpeechEngine:
     def __init__(self, model: EchoDiT, fish_ae: DAC, pca_state: PCAState, speaker_cache,
                  max_speaker_latent_length: int = 6400, speaker_on_device: bool = False,
                  speaker_kv_cache=None, steps: StepRunner | None = None, reroll: VadReroll | None = None,
-                 step_floor: StepFloor | None = None, text_encoder: CompiledTextEncoder | None = None):
+                 step_floor: StepFloor | None = None, text_encoder: CompiledTextEncoder | None = None,
+                 stream_decoder: CompiledStreamDecoder | None = None):
         self.model = model
         self.text_encoder = text_encoder  # None: the text encoder runs eager
+        self.stream_decoder = stream_decoder  # None: the streaming decoder runs eager
         self.fish_ae = fish_ae
         self.pca_state = pca_state
         self.speaker_cache = speaker_cache
@@ -382,7 +384,8 @@ class SpeechEngine:
 
     def _decoder(self) -> StreamingDecoder:
         cpu = self.fish_ae.device.type == "cpu"
-        return self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if cpu else None)
+        return self.fish_ae.streaming_decoder(max_frames=CPU_DECODE_FRAMES if cpu else None,
+                                              compiled=self.stream_decoder)
 
     def _decoded(self, decoder: StreamingDecoder, block: Tensor, probe: Tensor | None = None):
         """block (1, n, 80) latents -> (its audio (n * 2048,) float32, through the stream's decoder;
@@ -453,12 +456,7 @@ class CompiledTextEncoder:
 
     def __init__(self, model: EchoDiT, backend: str | Callable = "inductor"):
         self.model = model
-        limit = 2 * len(TEXT_BUCKETS) + 2
-        config = torch._dynamo.config
-        if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
-            config.recompile_limit = max(config.recompile_limit, limit)
-        else:
-            config.cache_size_limit = max(config.cache_size_limit, limit)
+        allow_graphs(2 * len(TEXT_BUCKETS) + 2)
         self._encode = torch.compile(model.get_kv_cache_text, backend=backend, dynamic=False)
         self._warmed_up = False
         self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
@@ -484,6 +482,60 @@ class CompiledTextEncoder:
                      torch.ones(batch, length, dtype=torch.bool, device=self.model.device))
             on_bucket()
         self._warmed_up = True
+
+
+class CompiledStreamDecoder:
+    """The streaming Fish decoder through torch.compile (ECHO_COMPILE): blocks are decoded in pieces
+    of exactly `frames` latent frames, each one call of a compiled graph over the stream's state,
+    whose shapes are fixed from frame 0 (autoencoder.StreamState) and whose RoPE position is a tensor,
+    so every piece of every stream replays the same graph: one for a single stream, one for several
+    (the batch dimension dynamic), both built by `warm_up`. Leftover frames (a block that is not a
+    whole number of pieces) run eager. With `cuda_graphs`, inductor replays them as CUDA graphs
+    ("reduce-overhead"); the audio and the new state are then copied out of the graph's memory before
+    its next replay. Compiled audio is close to eager, not equal bit for bit."""
+
+    def __init__(self, frames: int = 32, backend: str | Callable = "inductor", cuda_graphs: bool = False):
+        self.frames = frames
+        self.cuda_graphs = cuda_graphs
+        allow_graphs(4)
+        self._decode = torch.compile(_decode_piece, backend=backend, dynamic=False,
+                                     mode="reduce-overhead" if cuda_graphs else None)
+        self._warmed_up = False
+        self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
+
+    def __call__(self, dac: DAC, piece: Tensor, decoder: StreamingDecoder) -> Tensor:
+        """piece (B, latent_dim, frames) through decoder's state (replaced) -> audio (B, 1, frames * 2048)."""
+        state = decoder.state
+        piece = piece.clone(memory_format=torch.contiguous_format)  # a slice's strides vary with the block
+        if piece.shape[0] > 1:
+            for tensor in (piece, *state.context.values(), *state.position.values(),
+                           *(t for pair in state.kv.values() for t in pair)):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        graphs = compiled_graphs()
+        audio = self._decode(dac, piece, state)
+        if self._warmed_up and (new := compiled_graphs() - graphs):
+            self.compiles_after_warm_up += new
+            log.warning("compiled %d new decoder graph(s) while serving, for a piece of shape %s", new,
+                        tuple(piece.shape))
+        if self.cuda_graphs:
+            decoder.state, audio = state.cloned(), audio.clone()
+        return audio
+
+    @torch.inference_mode()
+    def warm_up(self, dac: DAC) -> None:
+        """Both graphs (one stream, two), recorded as CUDA graphs too when asked (inductor runs a
+        new shape eagerly, records it on the second call and replays from the third)."""
+        for batch in (1, 2):
+            decoder = dac.streaming_decoder(batch, compiled=self)
+            for _ in range(3 if self.cuda_graphs else 1):
+                decoder.decode(torch.zeros(batch, dac.latent_dim, self.frames, device=dac.device, dtype=dac.dtype))
+        self._warmed_up = True
+
+
+def _decode_piece(dac: DAC, piece: Tensor, state: StreamState) -> Tensor:
+    return dac._decode(piece, state)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import torch
 import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
-from engine import TEXT_BUCKETS, CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll
+from autoencoder import DAC
+from engine import TEXT_BUCKETS, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
 from errors import RequestError
@@ -69,9 +70,9 @@ class Runtime:
     @property
     def compiles_after_warm_up(self) -> int:
         """Graphs torch.compile built while serving: each one a shape the warm-up missed."""
-        steps, text = self.engine.steps, self.engine.text_encoder
+        steps, compiled = self.engine.steps, (self.engine.text_encoder, self.engine.stream_decoder)
         return ((steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0)
-                + (text.compiles_after_warm_up if text is not None else 0))
+                + sum(part.compiles_after_warm_up for part in compiled if part is not None))
 
     def close(self) -> None:
         """Stop the worker, ending any job still running."""
@@ -130,7 +131,17 @@ def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> S
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
                         steps=_step_runner(s, model), reroll=_vad_reroll(s), step_floor=_step_floor(s),
-                        text_encoder=CompiledTextEncoder(model) if s.compile else None)
+                        text_encoder=CompiledTextEncoder(model) if s.compile else None,
+                        stream_decoder=_stream_decoder(s, fish))
+
+
+def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
+    """With ECHO_COMPILE, the streaming decoder compiled in pieces of the first block's frames (with
+    CUDA graphs as the steps have them)."""
+    if not s.compile:
+        return None
+    return CompiledStreamDecoder(frames=min(s.stream_preset[0]),
+                                 cuda_graphs=s.cuda_graphs and fish.device.type == "cuda")
 
 
 def _step_floor(s: Settings) -> StepFloor | None:
@@ -177,6 +188,9 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     if engine.text_encoder is not None:
         progress.enter("compiling the text encoder (text lengths)", len(TEXT_BUCKETS))
         engine.text_encoder.warm_up(on_bucket=progress.advance)
+    if engine.stream_decoder is not None:
+        progress.enter("compiling the streaming decoder")
+        engine.stream_decoder.warm_up(engine.fish_ae)
     if isinstance(engine.steps, StaticSteps):
         shapes = len(engine.steps.shapes.all_shapes())
         progress.enter("compiling step shapes" if s.compile else "warming up step shapes", shapes)

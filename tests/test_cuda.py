@@ -19,7 +19,7 @@ import inference as inf
 from batched_steps import StaticShapes, StaticSteps, batched_velocity
 from conftest import REF, live_server, server_env
 from test_batched_steps import assert_compile_artifacts_reload, first_calls
-from test_engine import load_clip, mixed_jobs
+from test_engine import assert_compiled_decoder_matches_one_shot, load_clip, mixed_jobs
 from test_server import FAST, decode, speech
 from voices import SpeakerCache
 
@@ -122,6 +122,12 @@ def test_cuda_graphs_replay_what_eager_computes(cuda_engine):
     steps = StaticSteps(cuda_engine.model, StaticShapes.covering((8, 16), max_rows=12), compile=True,
                         cuda_graphs=True)
     _assert_steps_match_eager(steps, cuda_engine, repeats=4)  # eager run, recording, then replays
+
+
+def test_the_compiled_streaming_decoder_replays_what_eager_decodes_on_cuda_graphs(cuda_engine):
+    """ECHO_COMPILE with ECHO_CUDA_GRAPHS: the decoder's graphs replay as CUDA graphs; the audio and the
+    state are copied out before the next replay, so streams keep their own state."""
+    assert_compiled_decoder_matches_one_shot(cuda_engine.fish_ae, cuda_graphs=True, repeats=4)
 
 
 @pytest.mark.slow
