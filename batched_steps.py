@@ -256,6 +256,14 @@ class StaticShapes:
         """Every (frames, rows, speaker keys) a forward pass can have."""
         return [(f, r, p) for f in self.frame_buckets for r in self.row_buckets for p in self.speaker_buckets]
 
+    def stacked_bytes(self, model: EchoDiT, rows: int) -> int:
+        """Bytes of the padded prefix, text and speaker keys and values StaticSteps stacks for `rows`
+        rows at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and values."""
+        attention = model.blocks[0].attention
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        return (rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * attention.num_heads
+                * model.head_dim * itemsize)
+
 
 @dataclass
 class _Batch:
@@ -329,6 +337,13 @@ class StaticSteps:
         for stale in self._batches.keys() - used:  # batches that ended: free their stacked caches
             del self._batches[stale]
         return out
+
+    @property
+    def stacked_bytes(self) -> int:
+        """Bytes of the stacked key/value caches held now (the batches of the last call)."""
+        return sum(t.untyped_storage().nbytes() for batch in self._batches.values()
+                   for cache in (batch.kv_text, batch.kv_speaker, batch.kv_latent or []) for pair in cache
+                   for t in pair)
 
     def _packs(self, members: list[int], calls: Sequence[ModelCall]) -> list[list[int]]:
         """Split into runs of at most the largest row bucket."""

@@ -128,9 +128,12 @@ def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> S
     pca = inf.load_pca_state_from_hf(str(model_dir), device=s.fish_device_name)
     log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
              s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
+    steps = _step_runner(s, model)
+    if isinstance(steps, StaticSteps) and model.device.type == "cuda":
+        check_memory(memory_plan(s, model, steps), model.device)
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
-                        steps=_step_runner(s, model), reroll=_vad_reroll(s), step_floor=_step_floor(s),
+                        steps=steps, reroll=_vad_reroll(s), step_floor=_step_floor(s),
                         text_encoder=CompiledTextEncoder(model) if s.compile else None,
                         stream_decoder=_stream_decoder(s, fish))
 
@@ -142,6 +145,65 @@ def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
         return None
     return CompiledStreamDecoder(frames=min(s.stream_preset[0]),
                                  cuda_graphs=s.cuda_graphs and fish.device.type == "cuda")
+
+
+GIB = 1 << 30
+WORKSPACE = 7 * GIB  # the batched decoder's largest activation (~6 GiB, engine.MAX_DECODE_BATCH_FRAMES), a step's and slack
+
+
+class MemoryTooSmall(ValueError):
+    """The static shapes at ECHO_MAX_ACTIVE do not fit the device: loading stops before warm-up."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the static-shape path holds on the model's device at ECHO_MAX_ACTIVE, known before warm-up
+    allocates it. The padded prefix, text and speaker keys/values of every row (3 per stream: the
+    guidance rows; StaticShapes.stacked_bytes) dominate. With CUDA graphs they are held twice:
+    inductor's recorded graphs keep their own copy of every input that is not a parameter. That
+    reproduces the H100 run of 2026-11-22 (tests/test_memory_plan.py): 16 streams took 52 GiB, 24 did not
+    fit in 79 GiB."""
+
+    loaded: int  # bytes the loaded models take
+    per_stream: int  # one stream's padded keys/values, as held
+    streams: int  # ECHO_MAX_ACTIVE
+    cuda_graphs: bool = False  # (per_stream counts their copy)
+    workspace: int = WORKSPACE
+
+    @property
+    def need(self) -> int:
+        return self.loaded + self.streams * self.per_stream + self.workspace
+
+    def streams_that_fit(self, capacity: int) -> int:
+        return max(0, (capacity - self.loaded - self.workspace) // self.per_stream)
+
+
+def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | None = None) -> MemoryPlan:
+    """The plan of `steps` at s.max_active; `loaded`: what the device holds now (measured on CUDA)."""
+    loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
+    copies = 2 if steps.cuda_graphs else 1
+    return MemoryPlan(loaded, steps.shapes.stacked_bytes(model, 3) * copies, s.max_active, steps.cuda_graphs)
+
+
+def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = None) -> None:
+    """Raise MemoryTooSmall, naming the setting and what would fit, unless the plan fits `capacity`
+    (default: the device's free memory plus what this process holds)."""
+    if capacity is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        capacity = free + torch.cuda.memory_reserved(device)
+    gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
+    detail = (f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of padded keys and "
+              f"values{' (held twice with CUDA graphs)' if plan.cuda_graphs else ''}, {gib(plan.workspace)} of "
+              "decoder and step workspace")
+    if plan.need <= capacity:
+        log.info("memory plan: ECHO_MAX_ACTIVE=%d needs about %s of %s on %s (%s)", plan.streams, gib(plan.need),
+                 gib(capacity), device, detail)
+        return
+    fit = plan.streams_that_fit(capacity)
+    advice = f"set ECHO_MAX_ACTIVE={fit} or lower" if fit else "even one stream does not fit: use ECHO_STATIC_SHAPES=0"
+    levers = ", or lower ECHO_MAX_SPEAKER_LATENT_LENGTH" + (", or set ECHO_CUDA_GRAPHS=0" if plan.cuda_graphs else "")
+    raise MemoryTooSmall(f"ECHO_MAX_ACTIVE={plan.streams} needs about {gib(plan.need)} on {device} ({detail}) "
+                         f"and it has {gib(capacity)}: {advice}{levers}")
 
 
 def _step_floor(s: Settings) -> StepFloor | None:

@@ -23,7 +23,7 @@ import torch
 import inference as inf
 import weights
 from engine import SpeechEngine, SpeechJob, VoiceUnusable
-from runtime import LoadProgress, Runtime, load_runtime
+from runtime import LoadProgress, MemoryTooSmall, Runtime, load_runtime
 from settings import Settings
 from errors import RequestError
 from speech_request import GenerationOptions
@@ -85,7 +85,7 @@ class SpeechService:
             log.info("ready in %.1f s", self.progress.elapsed)
         except BaseException as e:  # noqa: BLE001 - reported by /ready and the log, then the server idles
             self.load_error = e
-            if isinstance(e, weights.WeightsUnavailable):  # a message that says it all, no traceback
+            if isinstance(e, (weights.WeightsUnavailable, MemoryTooSmall)):  # a message that says it all
                 log.error("loading the models failed: %s", e)
             else:
                 log.exception("loading the models failed")

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     chunk_words_per_second: float = Field(2.7, gt=0)
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
     folder_support: bool = True
-    voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]
+    voice_dirs: Annotated[list[Path], NoDecode, Field(min_length=1)] = [Path("audio_prompts")]  # ':'-separated
     voice_aliases: Annotated[dict[str, str], NoDecode] = {}  # "alloy=alice,nova=bob": names for voices
     default_voice: str | None = None  # for OpenAI's built-in voice names that have no alias
     default_response_format: AudioFormat | None = None

@@ -101,6 +101,7 @@ class EmulatedCuda(TorchFunctionMode):
         self.syncs: list[tuple[str, str, str]] = []
         self.violations: list[str] = []
         self.phase = "other"  # set by the test: which part of the work syncs are attributed to
+        self.free_memory = 80 << 30  # what torch.cuda.mem_get_info says is free (the memory plan reads it)
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -110,7 +111,8 @@ class EmulatedCuda(TorchFunctionMode):
                            "synchronize": lambda device=None: self._sync("torch.cuda.synchronize"),
                            "empty_cache": lambda: None, "memory_allocated": lambda device=None: 0,
                            "max_memory_allocated": lambda device=None: 0,
-                           "memory_reserved": lambda device=None: 0}.items():
+                           "memory_reserved": lambda device=None: 0,
+                           "mem_get_info": lambda device=None: (self.free_memory, self.free_memory)}.items():
             monkeypatch.setattr(torch.cuda, name, stub)
         # the service turns on TF32 for CUDA; put the process-wide flags back afterwards
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
@@ -399,3 +401,43 @@ def test_cuda_service_loads_warms_up_and_serves_mixed_requests_on_the_device(
     assert where[("_decoded", "cpu")] == len(blocks)  # (also shows the worker thread ran emulated)
     assert sum(where[s] for s in PER_BLOCK_SYNCS) == len(blocks)  # one host sync per block
     assert sum(where[s] for s in PER_VOICE_SYNCS) == 2 * 2  # alice once (then cached), the inline voice
+
+
+# ---- the memory plan (issue 20 item 2) ------------------------------------------------------------
+
+
+def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulated_cuda, tiny_echo_dir):
+    """The plan's padded keys/values for a full batch equal, byte for byte, what StaticSteps stacks on
+    the (emulated) device for the most rows of the largest speaker bucket."""
+    import inference as inf
+    from batched_steps import StaticShapes
+    from runtime import memory_plan
+
+    with emulated_cuda:
+        model = inf.load_model_from_hf(str(tiny_echo_dir), device="cuda", dtype=torch.float32)
+        max_active = 4
+        shapes = StaticShapes.covering((8, 16), max_rows=3 * max_active, max_speaker_latent_length=64)
+        steps = StaticSteps(model, shapes)
+        plan = memory_plan(load_settings(max_active=max_active), model, steps, loaded=0)
+        with torch.inference_mode():
+            steps([steps._zero_call(16, 3 * max_active, shapes.speaker_patches)])
+        stacked = {t.device for b in steps._batches.values() for pair in b.kv_text for t in pair}
+    assert stacked == {CUDA}
+    assert steps.stacked_bytes == plan.per_stream * max_active > 0
+
+
+def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_cuda, tiny_echo_dir, tiny_fish_dir):
+    """Static shapes on a device too small for ECHO_MAX_ACTIVE: loading stops before warm-up, and
+    /ready's reason names the setting and what would fit."""
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", warmup=True, max_active=8, compile=False,
+                             compile_ae=False, static_shapes=True)
+    emulated_cuda.free_memory = 1 << 30  # 1 GiB: not even the planned workspace
+    service = svc.SpeechService(settings)
+    with emulated_cuda:
+        try:
+            service.start_loading().join()
+        finally:
+            service.close()
+    reason = service.unready_reason()
+    assert "ECHO_MAX_ACTIVE=8 needs about" in reason and "use ECHO_STATIC_SHAPES=0" in reason, reason

@@ -31,6 +31,14 @@ def test_booleans(monkeypatch, text, value):
     assert load_settings().chunking is value
 
 
+def test_an_empty_voice_directory_list_is_a_config_error_naming_it(monkeypatch):
+    """Uploads and the library need a directory: ECHO_VOICE_DIRS="" stops start-up with its name (it
+    used to crash later with an IndexError)."""
+    monkeypatch.setenv("ECHO_VOICE_DIRS", "")
+    with pytest.raises(ConfigError, match="ECHO_VOICE_DIRS"):
+        load_settings()
+
+
 def test_lists_presets_and_keys(monkeypatch, caplog):
     monkeypatch.setenv("ECHO_VOICE_DIRS", "a:b/c")
     monkeypatch.setenv("ECHO_PERFORMANCE_PRESET", "low-mid")
