@@ -35,29 +35,48 @@ log = logging.getLogger(__name__)
 
 class LoadProgress:
     """What loading is doing now, for /ready and the log: a stage, counted where it has parts
-    (step shapes to compile, warm-up generations), and the seconds since loading began. Written by
-    the threads that load and warm up, read by any: the state is one tuple, replaced whole."""
+    (step shapes to compile, warm-up generations), how long its remaining parts should take at the
+    pace of those done, and the seconds since loading began. Written by the threads that load and
+    warm up, read by any: the state is one tuple, replaced whole."""
 
-    def __init__(self):
-        self.started = time.monotonic()
-        self._state = ("starting", 0, 0)  # stage, parts done, parts in all (0: not counted)
+    LOG_EVERY = 10.0  # seconds between progress lines within a counted stage
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started = clock()
+        self._state = ("starting", 0, 0, self.started)  # stage, parts done, parts in all (0: not counted), begun
+        self._logged = self.started
 
     def enter(self, stage: str, total: int = 0) -> None:
-        self._state = (stage, 0, total)
+        self._state = (stage, 0, total, self.clock())
+        self._logged = self.clock()
         log.info("%s%s (%.0f s since start)", stage, f": {total} to do" if total else "", self.elapsed)
 
     def advance(self) -> None:
-        stage, done, total = self._state
-        self._state = (stage, done + 1, total)
+        stage, done, total, begun = self._state
+        self._state = (stage, done + 1, total, begun)
+        if self.clock() - self._logged >= self.LOG_EVERY or done + 1 == total:
+            self._logged = self.clock()
+            log.info("%s", self.describe())
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return self.clock() - self.started
+
+    def remaining(self) -> float | None:
+        """Seconds the stage's remaining parts should take at the pace of its parts done so far."""
+        stage, done, total, begun = self._state
+        if not total or not done:
+            return None
+        return (self.clock() - begun) / done * (total - done)
 
     def describe(self) -> str:
-        """e.g. 'compiling step shapes, 12 of 40, 35 s since start'."""
-        stage, done, total = self._state
-        return f"{stage}{f', {done} of {total}' if total else ''}, {self.elapsed:.0f} s since start"
+        """e.g. 'compiling step shapes, 12 of 40, about 80 s left, 35 s since start'."""
+        stage, done, total, _ = self._state
+        left = self.remaining()
+        return (f"{stage}{f', {done} of {total}' if total else ''}"
+                f"{f', about {left:.0f} s left' if left is not None and done < total else ''}, "
+                f"{self.elapsed:.0f} s since start")
 
 
 @dataclass(frozen=True)

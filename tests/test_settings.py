@@ -202,7 +202,8 @@ def test_ready_says_what_loading_is_doing(tiny_echo_dir, tiny_fish_dir, voice_di
                 break
             time.sleep(0.1)
         message = live.get("/ready").json()["error"]["message"]
-        total = int(re.search(r"warming up step shapes, 1 of (\d+), \d+ s since start", message).group(1))
+        total = int(re.search(r"warming up step shapes, 1 of (\d+), about \d+ s left, \d+ s since start",
+                              message).group(1))
         release.set()
         live.wait(300)
         assert live.get("/ready").status_code == 200 and total == len(shapes_started) > 2
@@ -234,3 +235,23 @@ def test_a_service_closed_while_it_loads_keeps_nothing_it_loaded(tiny_echo_dir, 
     loader.join(60)
     assert not loader.is_alive() and len(loaded) == 1 and not loaded[0].worker.alive
     assert not service.ready.is_set() and "still loading" in service.unready_reason()
+
+
+def test_loading_progress_says_how_long_the_rest_of_a_stage_should_take():
+    """A cold compile says what it is doing and how long it expects, at the pace of the parts done."""
+    from runtime import LoadProgress
+
+    now = [100.0]
+    progress = LoadProgress(clock=lambda: now[0])
+    progress.enter("compiling step shapes", 40)
+    now[0] += 5
+    assert progress.describe() == "compiling step shapes, 0 of 40, 5 s since start"  # no pace yet
+    now[0] += 15
+    for _ in range(10):
+        progress.advance()
+    assert progress.describe() == "compiling step shapes, 10 of 40, about 60 s left, 20 s since start"
+    for _ in range(30):
+        progress.advance()
+    assert progress.describe() == "compiling step shapes, 40 of 40, 20 s since start"
+    progress.enter("warming up generation (streamed, then whole)", 2)
+    assert progress.remaining() is None
