@@ -304,16 +304,16 @@ class SpeechEngine:
         for index in range(len(shape.block_sizes)):
             ends = partial(_chunk_ends, latents, early_stop=job.early_stop)
             block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, probe=ends)
+            _, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent),
+                                     last=index == len(shape.block_sizes) - 1)
             latents = torch.cat([latents, block[0]])
-            last = index == len(shape.block_sizes) - 1 or bool(silent)
-            end_frame = int(end_frame)
-            if not last and end_frame > latents.shape[0] - FLAT_WINDOW:
-                sent += audio.size  # no flat window yet within the generated frames: all of it is speech
+            if not ended:  # no flat window yet within the generated frames: all of it is speech
+                sent += audio.size
                 if (out := fades.process(audio)).size:
                     yield out
                 item = resume(steps, reply)
                 continue
-            end = end_frame * AE_DOWNSAMPLE_FACTOR - sent
+            end = int(end_frame) * AE_DOWNSAMPLE_FACTOR - sent
             if end > 0 and (out := fades.process(audio[:end])).size:
                 yield out
             break
@@ -338,8 +338,11 @@ class SpeechEngine:
                          speaker: tuple[Tensor, KVCache], decoder: StreamingDecoder, prefix: Tensor | None,
                          choose: StepChoice | None = None):
         """One chunk of `continue` mode, sampled after `prefix` (frames, 80), if any. Each block is
-        decoded up to the chunk's end of speech only and sent as it is (no fades). Returns the
-        chunk's latents (frames, 80): exactly the frames sent."""
+        decoded up to the chunk's end of speech only and sent as it is (no fades): decoded whole with
+        where its speech ends (one host sync), and decoded again up to there, from the decoder's state
+        before it, in the rare block where the chunk ends early (the decoder goes on with the next
+        chunk, so it must not have seen the frames after the speech). Returns the chunk's latents
+        (frames, 80): exactly the frames sent."""
         conditioning = yield from self._conditioning(text, job, speaker)
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
                                 continuation_latent=None if prefix is None else prefix[None],
@@ -347,11 +350,14 @@ class SpeechEngine:
         latents = torch.zeros((0, 80), device=self.model.device)
         item = next(steps)
         for index in range(len(shape.block_sizes)):
-            speech = partial(_speech_frames, latents, last=index == len(shape.block_sizes) - 1,
-                             early_stop=job.early_stop)
-            block, audio, reply, _ = yield from self._block(steps, item, decoder, job,
-                                                            lambda b, speech=speech: speech(b[0])[0])
-            frames, ended = speech(block[0])
+            ends = partial(_chunk_ends, latents, early_stop=job.early_stop)
+            before = decoder.snapshot()
+            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, probe=ends)
+            frames, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent),
+                                          last=index == len(shape.block_sizes) - 1)
+            if frames < block.shape[1]:
+                decoder.restore(before)
+                audio, _ = yield from self._decoded(decoder, block[:, :frames])
             latents = torch.cat([latents, block[0, :frames]])
             if audio.size:
                 yield audio
@@ -401,11 +407,10 @@ class SpeechEngine:
         return both[:audio.shape[0]], both[audio.shape[0]:]
 
     def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob,
-               kept: Callable[[Tensor], int] | None = None, probe: Callable[[Tensor], Tensor] | None = None):
-        """Sample the next block (answering its ModelCalls) and decode it (only its first `kept(block)`
-        frames, when given): (block (1, n, 80), its audio, the reply that accepts it in `steps`, the
-        values (k,) of `probe(block)` on the host, or None), the audio and the values in one host
-        transfer. With VAD reroll, a block whose audio holds too long a silence is sampled again from
+               probe: Callable[[Tensor], Tensor] | None = None):
+        """Sample the next block (answering its ModelCalls) and decode it: (block (1, n, 80), its
+        audio, the reply that accepts it in `steps`, the values (k,) of `probe(block)` on the host, or
+        None), the audio and the values in one host transfer. With VAD reroll, a block whose audio holds too long a silence is sampled again from
         the next seeds (the decoder put back as it was), up to the limit; if every attempt fails, the
         one with the least silence is kept."""
         attempts = []  # (longest silence, block, audio, probe values, decoder state after it)
@@ -414,8 +419,7 @@ class SpeechEngine:
             while isinstance(item, (ModelCall, PrefixCall)):
                 item = steps.send((yield item))
             block = item
-            audio, values = yield from self._decoded(decoder, block if kept is None else block[:, :kept(block)],
-                                                     None if probe is None else probe(block))
+            audio, values = yield from self._decoded(decoder, block, None if probe is None else probe(block))
             if self.reroll is None:
                 return block, audio, None, values
             silence = (yield SilenceCheck(self.reroll.detector, audio)) if audio.size else 0.0
@@ -439,13 +443,14 @@ def _chunk_ends(latents: Tensor, block: Tensor, early_stop: EarlyStop) -> Tensor
     return torch.stack([flattening_frame(joined).float(), early_stop.silent_tail(joined).float()])
 
 
-def _speech_frames(latents: Tensor, block: Tensor, last: bool, early_stop: EarlyStop) -> tuple[int, bool]:
-    """A chunk's latents so far (frames, 80) and its next block (n, 80): how many of the block's frames
-    are speech, and whether the chunk ends with it (its last block, a silent tail, or a flat run)."""
-    end, silent = map(int, _chunk_ends(latents, block[None], early_stop).tolist())  # both in one host sync
-    if not (last or silent) and end > len(latents) + len(block) - FLAT_WINDOW:
-        return block.shape[0], False
-    return max(end - len(latents), 0), True
+def speech_frames(before: int, frames: int, end: int, silent: bool, last: bool) -> tuple[int, bool]:
+    """A chunk's block of `frames` frames after `before` frames, where _chunk_ends put the flattening
+    frame (`end`) and whether they end in a silent tail: how many of the block's frames are speech,
+    and whether the chunk ends with it (its last block, a silent tail, or a flat run within the
+    frames generated)."""
+    if not (last or silent) and end > before + frames - FLAT_WINDOW:
+        return frames, False
+    return max(end - before, 0), True
 
 
 class CompiledTextEncoder:

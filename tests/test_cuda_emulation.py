@@ -321,8 +321,9 @@ def _inline_voice() -> str:
 
 
 def _requests() -> list[dict]:
-    """Four at once (three run, one waits for a slot): a file voice twice, no voice, an inline voice;
-    streaming and not; small blocks and the whole 640-frame generation; several guidance modes."""
+    """Five at once (three run, two wait for a slot): a file voice twice, no voice, an inline voice;
+    streaming and not; small blocks and the whole 640-frame generation; several guidance modes; a
+    continue-mode answer."""
     return [
         {"voice": "alice", "stream": True, "seed": 1, "block_sizes": [16, 8], "num_steps": [2, 2]},
         {"voice": "none", "stream": False, "seed": 2, "num_steps": 2},  # one 640-frame block
@@ -330,6 +331,8 @@ def _requests() -> list[dict]:
          "num_steps": [2, 2]},
         {"voice": "alice", "stream": False, "seed": 4, "guidance_mode": "apg", "truncation_factor": 0.8,
          "block_sizes": [8], "num_steps": 3},
+        {"voice": "none", "stream": True, "seed": 5, "chunk_mode": "continue", "block_sizes": [8, 8],
+         "num_steps": [2, 2]},  # continue mode decides a block's speech frames before decoding it
     ]
 
 
