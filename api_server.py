@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
-from observability import BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging
+from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
+                           error_response)
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
 from errors import RequestError
@@ -73,11 +74,6 @@ AUDIO_RESPONSE = {200: {"description": "Audio, streamed or whole; SSE events wit
                         "content": {t: {} for t in (*CONTENT_TYPES.values(), "text/event-stream")}}}
 
 
-def error_response(error: RequestError) -> JSONResponse:
-    """The one mapping of the domain error to HTTP: its status, OpenAI's error object, its headers."""
-    return JSONResponse({"error": error.detail()}, status_code=error.status, headers=error.headers)
-
-
 async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
     return error_response(exc)
 
@@ -90,9 +86,9 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (no such route, method not allowed) in OpenAI's shape."""
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    response = error_response(RequestError(str(exc.detail), status=exc.status_code))
+    response.headers.update(getattr(exc, "headers", None) or {})  # (405's Allow)
+    return response
 
 
 # ---------------------------------------------------------------------------------------------

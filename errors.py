@@ -1,16 +1,18 @@
 """The one domain error: what every layer below the transports raises when a request cannot be
 served as sent or its generation failed. It carries all an answer needs: its status, OpenAI's error
 object (`detail()`, also what SSE events and WebSocket messages carry) and the headers its status
-brings (`headers`); api_server.error_response turns it into HTTP, and the WebSocket's refused
-handshake uses the same parts."""
+brings (`headers`); observability.error_response turns it into HTTP for the app's handler, the
+WebSocket's refused handshake and the answers written below the app (408, 431, 500)."""
 
 from __future__ import annotations
 
 ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 401: ("invalid_api_key", "authentication_error"),
                403: ("forbidden", "permission_error"),
                408: ("request_timeout", "invalid_request_error"),
-               404: ("not_found", "not_found_error"), 409: ("conflict", "invalid_request_error"),
-               413: ("request_too_large", "invalid_request_error"), 429: ("queue_full", "rate_limit_error"),
+               404: ("not_found", "not_found_error"), 405: ("method_not_allowed", "invalid_request_error"),
+               409: ("conflict", "invalid_request_error"), 413: ("request_too_large", "invalid_request_error"),
+               429: ("queue_full", "rate_limit_error"),
+               431: ("request_header_fields_too_large", "invalid_request_error"),
                500: ("generation_failed", "server_error"), 503: ("not_ready", "server_error"),
                504: ("timeout", "server_error"), 507: ("insufficient_storage", "server_error")}
 

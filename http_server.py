@@ -23,11 +23,12 @@ from collections.abc import Callable
 
 import h11
 import uvicorn
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from observability import error_body, read_timed_out
+from errors import RequestError
+from observability import error_response, read_timed_out
 from settings import Settings
 
 log = logging.getLogger("echo_tts.http")
@@ -168,10 +169,10 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
 
     def _answer_431(self) -> None:
         limit = self.config.h11_max_incomplete_event_size
-        body = error_body(f"the request line and headers are larger than {limit} bytes (ECHO_MAX_HEADER_BYTES)",
-                          "invalid_request_error", "request_header_fields_too_large")
+        error = RequestError(f"the request line and headers are larger than {limit} bytes (ECHO_MAX_HEADER_BYTES)",
+                             status=431)
         self._stop_read_timer()
-        self._answer_and_close(JSONResponse(body, status_code=431, headers={"Connection": "close"}))
+        self._answer_and_close(error_response(error, close=True))
 
     def _answer_and_close(self, response: Response) -> None:
         """Write a whole response before any request was taken, then close the connection."""

@@ -20,6 +20,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import JSONResponse
 
+from errors import RequestError
+
 REQUEST_ID_HEADER = "x-request-id"
 REPLICA_HEADER = "x-echo-replica"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -164,16 +166,17 @@ class StreamTiming:
 # ---- ASGI middleware ------------------------------------------------------------------------------
 
 
-def error_body(message: str, error_type: str, code: str) -> dict:
-    """OpenAI's error object, for the errors answered below the app's routes."""
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+def error_response(error: RequestError, close: bool = False) -> JSONResponse:
+    """The one mapping of the domain error to HTTP: its status, OpenAI's error object and the headers
+    its status brings (with `close`, `Connection: close`: nothing more is read from the connection)."""
+    headers = (error.headers or {}) | ({"Connection": "close"} if close else {})
+    return JSONResponse({"error": error.detail()}, status_code=error.status, headers=headers or None)
 
 
 def read_timed_out(timeout: float) -> JSONResponse:
     """408 for a request that stopped arriving; the connection closes after it."""
-    body = error_body(f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)",
-                      "invalid_request_error", "request_timeout")
-    return JSONResponse(body, status_code=408, headers={"Connection": "close"})
+    return error_response(RequestError(f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)",
+                                       status=408), close=True)
 
 
 class RequestContext:
@@ -217,9 +220,9 @@ class RequestContext:
             if started:  # too late for an error response: the server logs it and closes the connection
                 raise
             log.exception("unhandled error; answered 500")
-            body = error_body("the server failed while handling this request; its log names the cause "
-                              f"under request id {rid}", "server_error", "internal_error")
-            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+            error = RequestError("the server failed while handling this request; its log names the cause "
+                                 f"under request id {rid}", status=500, code="internal_error")
+            await error_response(error)(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
 

@@ -40,6 +40,7 @@ Segments still running when ECHO_SHUTDOWN_GRACE ends get `end` with `"cancelled"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -50,10 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from observability import Metrics, StreamTiming, bearer_token, request_id
+from observability import Metrics, StreamTiming, bearer_token, error_response, request_id
 from pipeline import Speech, open_speech
 from service import SpeechService
 from settings import Settings
@@ -62,7 +62,7 @@ from speech_request import SpeechRequest, request_error
 
 log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
-GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER = 1001, 1008, 1013  # WebSocket close codes
+GOING_AWAY, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = 1001, 1008, 1011, 1013  # close codes
 SHUTTING_DOWN = "server shutting down"  # the close reason on shutdown
 SHUTDOWN = "server_shutdown"  # the `reason` of an `end` cut by the end of the shutdown grace
 FAILED = "error"  # the `reason` of an `end` that follows the `error` of a segment that had started
@@ -152,8 +152,7 @@ async def refuse_key(websocket: WebSocket) -> None:
         await websocket.close(code=POLICY_VIOLATION, reason="missing or invalid API key")
         return
     error = RequestError(UNAUTHORIZED, status=401)
-    await websocket.send_denial_response(JSONResponse({"error": error.detail()}, status_code=error.status,
-                                                      headers=error.headers))
+    await websocket.send_denial_response(error_response(error))
 
 
 async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) -> None:
@@ -330,8 +329,18 @@ async def _answer(session: Session) -> None:
                 session.current = None
     except SendTimeout as e:
         log.info("%s: dropping it and its segments", e)
-    except (WebSocketDisconnect, RuntimeError):  # the client left while we were writing
+    except WebSocketDisconnect:  # the client left while we were writing
         return
+    except RuntimeError:  # Starlette's answer to a send after the socket closed; anything else is a bug
+        if _open(session.websocket):
+            log.exception("the socket's writer failed; closing it with 1011")
+            with contextlib.suppress(Exception):
+                await session.close(INTERNAL_ERROR, "internal error: see the server log")
+
+
+def _open(websocket: WebSocket) -> bool:
+    """Whether both ends still hold the socket open."""
+    return WebSocketState.CONNECTED == websocket.client_state == websocket.application_state
 
 
 async def _answer_one(session: Session, segment: Segment) -> None:

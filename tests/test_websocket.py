@@ -476,3 +476,19 @@ def test_a_continued_answer_past_its_time_limit_gets_its_error_then_its_end(time
     events = [m for m in got if isinstance(m, dict)]
     assert [(m["type"], m["segment_id"]) for m in events] == [("start", "long"), ("error", "long"), ("end", "long")]
     assert events[1]["error"]["code"] == "timeout" and events[2]["cancelled"] and events[2]["reason"] == "error"
+
+
+def test_a_writer_that_fails_for_a_bug_closes_with_1011_and_logs_why(app, monkeypatch):
+    """Only a send after the socket closed is a client that left; any other error of the writer is
+    logged with its traceback and ends the socket with 1011, not silently."""
+    import speech_socket
+
+    async def broken(session, segment):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(speech_socket, "_answer_one", broken)
+    with socket(app) as ws:
+        ws.send(segment(1))
+        messages(ws)
+        assert ws.close_code == 1011
+    assert "the socket's writer failed" in app.log() and "a bug in the writer" in app.log()
