@@ -18,7 +18,7 @@ from speech_request import SAMPLER, GenerationOptions, Into, RequestError, Speec
 from voices import SpeakerCache
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-SETTINGS = load_settings(voice_dirs=[], chunk_mode="independent", chunking=True)
+SETTINGS = load_settings(chunk_mode="independent", chunking=True)
 TEXT = "Hello there. This is a test of the options."
 
 
@@ -73,7 +73,7 @@ def test_every_marked_setting_reaches_its_destination():
 
 
 def test_unset_optional_settings_take_the_servers_defaults():
-    server = load_settings(voice_dirs=[], chunk_chars_per_second=11.0, chunk_words_per_second=2.0,
+    server = load_settings(chunk_chars_per_second=11.0, chunk_words_per_second=2.0,
                            chunk_mode="continue", chunking=False)
     chunking = options().chunk_settings(server)
     assert (chunking.chars_per_second, chunking.words_per_second) == (11.0, 2.0)
@@ -108,7 +108,7 @@ def test_contradicting_chunk_lengths_are_refused_as_the_request_is_read(chunking
 
 def test_the_servers_own_warm_up_text_is_taken_as_it_is():
     """The warm-up runs whatever ECHO_MAX_INPUT_CHARS and chunking say about requests."""
-    strict = load_settings(voice_dirs=[], max_input_chars=4, chunking=False)
+    strict = load_settings(max_input_chars=4, chunking=False)
     text = "A warm-up text longer than four characters."
     with pytest.raises(RequestError):
         GenerationOptions(input=text, voice="none").to_job(strict)
@@ -120,7 +120,7 @@ def test_the_servers_text_limits_name_the_input():
         with pytest.raises(RequestError, match=message) as e:
             GenerationOptions(input=text, voice="none").to_job(SETTINGS)
         assert e.value.param == "input"
-    few = load_settings(voice_dirs=[], max_chunks=1)
+    few = load_settings(max_chunks=1)
     with pytest.raises(RequestError, match="ECHO_MAX_CHUNKS"):
         GenerationOptions(input="A sentence of a few words. " * 40, voice="none", chunk_target_seconds=3,
                           chunk_min_seconds=2, chunk_max_seconds=4).to_job(few)
