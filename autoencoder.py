@@ -11,7 +11,7 @@ One latent frame (``latent_dim`` channels) stands for ``frame_length`` = 2048 sa
 Every operation on the decode path is causal, so ``StreamingDecoder`` decodes consecutive latent
 blocks exactly (to float rounding) by carrying, per stream, the left context of each convolution,
 the post-module's key/value window and its RoPE position, all of fixed shapes from the first block
-on (``StreamState.start``), so that ``CompiledStreamDecoder`` can run a block through one graph.
+on (``StreamState.start``), so that ``engine.CompiledStreamDecoder`` can run every piece of a block through the same graph.
 
 Parameter names equal those of the published ``fish-s1-dac-min`` checkpoint, except that weights
 stored weight-normalised (g, v) in the file are held folded into a plain ``weight`` here; use
@@ -571,7 +571,7 @@ class WindowTransformer(nn.Module):
         return table[start:end]
 
     def rope_rows(self, end: int) -> None:
-        """Make the table streaming reads by position (`_streamed_rope`) hold rows [0, end) (done on
+        """Make the table streaming reads by position (`_streamed_table`) hold rows [0, end) (done on
         the host before a block: positions are tensors there). Rows past the stored table come from
         the same formula, as in `rope`."""
         table = self._streamed_table
@@ -862,12 +862,15 @@ class StreamingDecoder:
     """
 
     def __init__(self, dac: DAC, batch_size: int = 1, max_frames: int | None = None,
-                 compiled: PieceDecoder | None = None):
+                 compiled: PieceDecoder | None = None, state: StreamState | None = None, frames: int = 0):
         self.dac = dac
         self.batch_size = batch_size
         self.max_frames = max_frames
         self.compiled = compiled
-        self.reset()
+        if state is None:
+            self.reset()
+        else:  # streams merged mid-way (decode_streams)
+            self.state, self.frames = state, frames
 
     def reset(self) -> None:
         """Start a new stream (the next block is frame 0)."""
@@ -933,13 +936,11 @@ def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor
             continue
         parts = [decoders[i] for i in members]
         sizes = [d.batch_size for d in parts]
-        merged = StreamingDecoder(parts[0].dac, sum(sizes), parts[0].max_frames, parts[0].compiled)
-        merged.frames = parts[0].frames
-        merged.state = StreamState(
+        merged = StreamingDecoder(parts[0].dac, sum(sizes), parts[0].max_frames, parts[0].compiled, StreamState(
             context={m: torch.cat([d.state.context[m] for d in parts]) for m in parts[0].state.context},
             kv={m: tuple(torch.cat([d.state.kv[m][j] for d in parts]) for j in (0, 1)) for m in parts[0].state.kv},
             position={m: torch.cat([d.state.position[m] for d in parts]) for m in parts[0].state.position},
-        )
+        ), parts[0].frames)
         audio = merged.decode(torch.cat([blocks[i] for i in members]))
         for index, (i, decoder) in enumerate(zip(members, parts)):
             decoder.state = StreamState(

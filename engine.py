@@ -302,10 +302,11 @@ class SpeechEngine:
                                 **self._adapting(shape, choose))
         item = next(steps)
         for index in range(len(shape.block_sizes)):
+            last = index == len(shape.block_sizes) - 1
             ends = partial(_chunk_ends, latents, early_stop=job.early_stop)
-            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, probe=ends)
-            _, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent),
-                                     last=index == len(shape.block_sizes) - 1)
+            heard = partial(_speech_samples, latents.shape[0], last=last)
+            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, ends, heard)
+            _, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent), last)
             latents = torch.cat([latents, block[0]])
             if not ended:  # no flat window yet within the generated frames: all of it is speech
                 sent += audio.size
@@ -331,18 +332,20 @@ class SpeechEngine:
         for index, text in enumerate(job.chunks):
             prompt = text if previous is None else f"{previous} {text}"
             shape = job.shape_of_chunk(index).cut_to(MAX_SEQUENCE_LENGTH - (0 if prefix is None else len(prefix)))
-            latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix, choose)
+            latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix, choose,
+                                                       more=index < len(job.chunks) - 1)
             previous, prefix = (text, latents[-CONTINUATION_FRAMES:]) if len(latents) else (None, None)
 
     def _continued_chunk(self, text: str, shape: BlockShape, job: SpeechJob, rng: torch.Generator,
                          speaker: tuple[Tensor, KVCache], decoder: StreamingDecoder, prefix: Tensor | None,
-                         choose: StepChoice | None = None):
+                         choose: StepChoice | None = None, more: bool = False):
         """One chunk of `continue` mode, sampled after `prefix` (frames, 80), if any. Each block is
-        decoded up to the chunk's end of speech only and sent as it is (no fades): decoded whole with
-        where its speech ends (one host sync), and decoded again up to there, from the decoder's state
-        before it, in the rare block where the chunk ends early (the decoder goes on with the next
-        chunk, so it must not have seen the frames after the speech). Returns the chunk's latents
-        (frames, 80): exactly the frames sent."""
+        sent up to the chunk's end of speech only, as it is (no fades): decoded whole, with where its
+        speech ends, in one host sync; the decoder is causal, so the audio of the speech frames is
+        the start of that. When `more` chunks follow, the block where the speech ends (usually the
+        chunk's last) is then decoded again up to there from the decoder's state before it, after its
+        audio is sent: the decoder goes on with the next chunk and must not have seen the frames
+        after the speech. Returns the chunk's latents (frames, 80): exactly the frames sent."""
         conditioning = yield from self._conditioning(text, job, speaker)
         steps = blockwise_steps(self.model, conditioning, rng, shape.block_sizes, shape.num_steps, job.sampler,
                                 continuation_latent=None if prefix is None else prefix[None],
@@ -350,17 +353,18 @@ class SpeechEngine:
         latents = torch.zeros((0, 80), device=self.model.device)
         item = next(steps)
         for index in range(len(shape.block_sizes)):
+            last = index == len(shape.block_sizes) - 1
             ends = partial(_chunk_ends, latents, early_stop=job.early_stop)
+            heard = partial(_speech_samples, latents.shape[0], last=last)
             before = decoder.snapshot()
-            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, probe=ends)
-            frames, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent),
-                                          last=index == len(shape.block_sizes) - 1)
-            if frames < block.shape[1]:
-                decoder.restore(before)
-                audio, _ = yield from self._decoded(decoder, block[:, :frames])
+            block, audio, reply, (end_frame, silent) = yield from self._block(steps, item, decoder, job, ends, heard)
+            frames, ended = speech_frames(latents.shape[0], block.shape[1], int(end_frame), bool(silent), last)
             latents = torch.cat([latents, block[0, :frames]])
-            if audio.size:
+            if (audio := audio[:frames * AE_DOWNSAMPLE_FACTOR]).size:
                 yield audio
+            if frames < block.shape[1] and more:  # the decoder's state as if it had seen the speech only
+                decoder.restore(before)
+                yield from self._decoded(decoder, block[:, :frames])
             if ended:
                 break
             item = resume(steps, reply)
@@ -407,10 +411,13 @@ class SpeechEngine:
         return both[:audio.shape[0]], both[audio.shape[0]:]
 
     def _block(self, steps: Generator, item, decoder: StreamingDecoder, job: SpeechJob,
-               probe: Callable[[Tensor], Tensor] | None = None):
+               probe: Callable[[Tensor], Tensor] | None = None,
+               heard: Callable[[Tensor, np.ndarray], int] | None = None):
         """Sample the next block (answering its ModelCalls) and decode it: (block (1, n, 80), its
         audio, the reply that accepts it in `steps`, the values (k,) of `probe(block)` on the host, or
-        None), the audio and the values in one host transfer. With VAD reroll, a block whose audio holds too long a silence is sampled again from
+        None), the audio and the values in one host transfer. `heard(block, values)`: how many of the
+        audio's samples the listener gets (the rest is after the end of speech), the part a silence
+        check listens to. With VAD reroll, a block whose audio holds too long a silence is sampled again from
         the next seeds (the decoder put back as it was), up to the limit; if every attempt fails, the
         one with the least silence is kept."""
         attempts = []  # (longest silence, block, audio, probe values, decoder state after it)
@@ -422,7 +429,8 @@ class SpeechEngine:
             audio, values = yield from self._decoded(decoder, block, None if probe is None else probe(block))
             if self.reroll is None:
                 return block, audio, None, values
-            silence = (yield SilenceCheck(self.reroll.detector, audio)) if audio.size else 0.0
+            kept = audio if heard is None else audio[:heard(block, values)]
+            silence = (yield SilenceCheck(self.reroll.detector, kept)) if kept.size else 0.0
             attempts.append((silence, block, audio, values, decoder.snapshot()))
             if silence <= self.reroll.max_silence or len(attempts) > self.reroll.max_rerolls:
                 break
@@ -441,6 +449,11 @@ def _chunk_ends(latents: Tensor, block: Tensor, early_stop: EarlyStop) -> Tensor
     of both together, whether they end in a silent tail (1.0) or not], on the device (no sync)."""
     joined = torch.cat([latents, block[0]])
     return torch.stack([flattening_frame(joined).float(), early_stop.silent_tail(joined).float()])
+
+
+def _speech_samples(before: int, block: Tensor, ends: np.ndarray, last: bool) -> int:
+    """Samples of a block's audio that are speech, from _chunk_ends' values on the host."""
+    return speech_frames(before, block.shape[1], int(ends[0]), bool(ends[1]), last)[0] * AE_DOWNSAMPLE_FACTOR
 
 
 def speech_frames(before: int, frames: int, end: int, silent: bool, last: bool) -> tuple[int, bool]:
@@ -492,19 +505,25 @@ class CompiledTextEncoder:
 class CompiledStreamDecoder:
     """The streaming Fish decoder through torch.compile (ECHO_COMPILE): blocks are decoded in pieces
     of exactly `frames` latent frames, each one call of a compiled graph over the stream's state,
-    whose shapes are fixed from frame 0 (autoencoder.StreamState) and whose RoPE position is a tensor,
-    so every piece of every stream replays the same graph: one for a single stream, one for several
-    (the batch dimension dynamic), both built by `warm_up`. Leftover frames (a block that is not a
-    whole number of pieces) run eager. With `cuda_graphs`, inductor replays them as CUDA graphs
-    ("reduce-overhead"); the audio and the new state are then copied out of the graph's memory before
-    its next replay. Compiled audio is close to eager, not equal bit for bit."""
+    whose shapes are fixed from frame 0 (autoencoder.StreamState) and whose RoPE position is a tensor
+    read from a table sized at warm-up, so every piece of every stream runs one of two graphs: one
+    for a single stream, one for several streams decoded together (the batch dimension dynamic),
+    both built by `warm_up`. Leftover frames (a block that is not a whole number of pieces) run eager.
+    With `cuda_graphs`, a single stream's graph replays as a CUDA graph ("reduce-overhead": the
+    latency of a lone stream's first audio is where launches cost most); its audio and new state
+    are copied out of the graph's memory before its next replay. Batches of several stay plain
+    compiled code: a CUDA graph would be recorded for every batch size met. Compiled audio is close
+    to eager, not equal bit for bit."""
+
+    ROPE_ROWS = 1 << 16  # frames a stream may reach (~50 min) before its RoPE table grows (a recompile)
 
     def __init__(self, frames: int = 32, backend: str | Callable = "inductor", cuda_graphs: bool = False):
         self.frames = frames
         self.cuda_graphs = cuda_graphs
-        allow_graphs(4)
-        self._decode = torch.compile(_decode_piece, backend=backend, dynamic=False,
-                                     mode="reduce-overhead" if cuda_graphs else None)
+        allow_graphs(2)
+        self._one = torch.compile(_decode_one, backend=backend, dynamic=False,
+                                  mode="reduce-overhead" if cuda_graphs else None)
+        self._many = torch.compile(_decode_several, backend=backend, dynamic=False)
         self._warmed_up = False
         self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
 
@@ -512,26 +531,30 @@ class CompiledStreamDecoder:
         """piece (B, latent_dim, frames) through decoder's state (replaced) -> audio (B, 1, frames * 2048)."""
         state = decoder.state
         piece = piece.clone(memory_format=torch.contiguous_format)  # a slice's strides vary with the block
-        if piece.shape[0] > 1:
+        single = piece.shape[0] == 1
+        if not single:
             for tensor in (piece, *state.context.values(), *state.position.values(),
                            *(t for pair in state.kv.values() for t in pair)):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        if self.cuda_graphs:
+        graphs_replayed = single and self.cuda_graphs
+        if graphs_replayed:
             torch.compiler.cudagraph_mark_step_begin()
         graphs = compiled_graphs()
-        audio = self._decode(dac, piece, state)
+        audio = (self._one if single else self._many)(dac, piece, state)
         if self._warmed_up and (new := compiled_graphs() - graphs):
             self.compiles_after_warm_up += new
             log.warning("compiled %d new decoder graph(s) while serving, for a piece of shape %s", new,
                         tuple(piece.shape))
-        if self.cuda_graphs:
+        if graphs_replayed:
             decoder.state, audio = state.cloned(), audio.clone()
         return audio
 
     @torch.inference_mode()
     def warm_up(self, dac: DAC) -> None:
-        """Both graphs (one stream, two), recorded as CUDA graphs too when asked (inductor runs a
-        new shape eagerly, records it on the second call and replays from the third)."""
+        """Both graphs (one stream, two), the single stream's recorded as a CUDA graph too when asked
+        (inductor runs a new shape eagerly, records it on the second call and replays from the third),
+        and the RoPE table of ROPE_ROWS frames they read."""
+        dac.quantizer.post_module.rope_rows(self.ROPE_ROWS)
         for batch in (1, 2):
             decoder = dac.streaming_decoder(batch, compiled=self)
             for _ in range(3 if self.cuda_graphs else 1):
@@ -539,7 +562,11 @@ class CompiledStreamDecoder:
         self._warmed_up = True
 
 
-def _decode_piece(dac: DAC, piece: Tensor, state: StreamState) -> Tensor:
+def _decode_one(dac: DAC, piece: Tensor, state: StreamState) -> Tensor:
+    return dac._decode(piece, state)
+
+
+def _decode_several(dac: DAC, piece: Tensor, state: StreamState) -> Tensor:  # (its own code: its own graphs)
     return dac._decode(piece, state)
 
 

@@ -113,6 +113,7 @@ def load_model_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cu
         state = {k: v for k, v in state.items() if not is_blockwise_parameter(k)}
     verify_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source=path)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    del state  # (on the CPU the file's tensors are the parameters: not kept twice while they are stacked)
     model = model.eval().requires_grad_(False)
     if fuse_projections:
         model.fuse_projections()

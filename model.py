@@ -176,6 +176,7 @@ class Projections(nn.Module):
     def __init__(self):
         super().__init__()
         self.fused_groups: tuple[str, ...] = ()
+        self.register_load_state_dict_post_hook(Projections._restack)
 
     def project(self, group: str, x: Tensor) -> tuple[Tensor, ...]:
         """Each member of `group` applied to x (..., C_in), in order."""
@@ -186,8 +187,8 @@ class Projections(nn.Module):
 
     def fuse(self) -> None:
         for group, names in self.FUSED.items():
-            if not all(hasattr(self, name) for name in names):  # (the latent-prefix ones may be deleted)
-                continue
+            if group in self.fused_groups or not all(hasattr(self, name) for name in names):  # (the latent-
+                continue  # prefix ones may be deleted)
             linears = [getattr(self, name) for name in names]
             assert all(linear.bias is None for linear in linears), f"{group}: only bias-free projections fuse"
             weight = torch.cat([linear.weight.detach() for linear in linears])
@@ -203,6 +204,25 @@ class Projections(nn.Module):
         for group in self.fused_groups:
             del self._buffers[group]
         self.fused_groups = ()
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: converted weight by weight, then stacked again
+        fused = bool(self.fused_groups)
+        self.unfuse()
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse()
+        return out
+
+    @staticmethod
+    def _restack(module: Projections, incompatible_keys) -> None:
+        """After loading (this module and its projections): weights assigned anew (assign=True) are no
+        longer in the stack, so it is built again from them; weights written in place already are."""
+        for group in module.fused_groups:
+            stack = module._buffers[group].untyped_storage().data_ptr()
+            if any(getattr(module, name).weight.untyped_storage().data_ptr() != stack for name in module.FUSED[group]):
+                module.unfuse()
+                module.fuse()
+                return
 
 
 class MLP(Projections):
@@ -413,17 +433,17 @@ class JointAttention(Projections):
     def text_kv(self, text_state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, text_model_size) -> keys, values (B, T, H, D)."""
         k, v = self.project("kv_text", text_state)
-        return self.k_norm(self._heads(k)), self._heads(v)
+        return self.k_norm(self._heads(k)), self._heads(v).contiguous()  # (a cache must not hold the k half)
 
     def speaker_kv(self, speaker_state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, P, speaker_model_size) -> keys, values (B, P, H, D)."""
         k, v = self.project("kv_speaker", speaker_state)
-        return self.k_norm(self._heads(k)), self._heads(v)
+        return self.k_norm(self._heads(k)), self._heads(v).contiguous()
 
     def latent_kv(self, latent_state: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """(B, Q, speaker_model_size) -> keys (half-head RoPE at frame 4*i), values (B, Q, H, D)."""
         k, v = self.project("kv_latent", latent_state)
-        return apply_rope_half_heads(self.k_norm(self._heads(k)), cos, sin), self._heads(v)
+        return apply_rope_half_heads(self.k_norm(self._heads(k)), cos, sin), self._heads(v).contiguous()
 
 
 class DecoderBlock(nn.Module):
@@ -597,28 +617,17 @@ class EchoDiT(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the table's entries are stale
         self._forget_modulations()
-        fused = self.projections_fused
-        for module in self._projections():  # converted one weight at a time, then stacked again
-            module.unfuse()
-        out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_projections()
-        return out
+        return super()._apply(fn, recurse)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._forget_modulations()  # new weights, new modulations
-        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign and self.projections_fused:  # the weights were replaced, not written into the stacks
-            for module in self._projections():
-                module.unfuse()
-            self.fuse_projections()
-        return out
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def fuse_projections(self) -> EchoDiT:
         """Every attention's q, k, v and gate, every SwiGLU's w1 and w3 and every decoder block's
         text, speaker and latent-prefix key/value pairs as one matrix product each (Projections):
         per diffusion step 24 x 4 fewer kernels, with the same parameters. Kept through .to() and
-        load_state_dict."""
+        load_state_dict, also of a submodule (Projections)."""
         for module in self._projections():
             module.fuse()
         return self

@@ -63,17 +63,18 @@ class LoadProgress:
     def elapsed(self) -> float:
         return self.clock() - self.started
 
-    def remaining(self) -> float | None:
+    def remaining(self, state: tuple | None = None) -> float | None:
         """Seconds the stage's remaining parts should take at the pace of its parts done so far."""
-        stage, done, total, begun = self._state
+        stage, done, total, begun = state or self._state
         if not total or not done:
             return None
         return (self.clock() - begun) / done * (total - done)
 
     def describe(self) -> str:
         """e.g. 'compiling step shapes, 12 of 40, about 80 s left, 35 s since start'."""
-        stage, done, total, _ = self._state
-        left = self.remaining()
+        state = self._state  # one reading: another thread may enter the next stage meanwhile
+        stage, done, total, _ = state
+        left = self.remaining(state)
         return (f"{stage}{f', {done} of {total}' if total else ''}"
                 f"{f', about {left:.0f} s left' if left is not None and done < total else ''}, "
                 f"{self.elapsed:.0f} s since start")
@@ -167,7 +168,9 @@ def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
 
 
 GIB = 1 << 30
-WORKSPACE = 7 * GIB  # the batched decoder's largest activation (~6 GiB, engine.MAX_DECODE_BATCH_FRAMES), a step's and slack
+STEP_WORKSPACE = 1 * GIB  # a step pass's activations and the allocator's slack
+DECODE_WORKSPACE = 6 * GIB  # the batched decoder's largest activation (engine.MAX_DECODE_BATCH_FRAMES)
+ROW_PADDING = 1.5  # each frame bucket's rows round up to a row bucket: at most 1.5x (row_buckets)
 
 
 class MemoryTooSmall(ValueError):
@@ -179,22 +182,30 @@ class MemoryPlan:
     """What the static-shape path holds on the model's device at ECHO_MAX_ACTIVE, known before warm-up
     allocates it. The padded prefix, text and speaker keys/values of every row (3 per stream: the
     guidance rows; StaticShapes.stacked_bytes) dominate. With CUDA graphs they are held twice:
-    inductor's recorded graphs keep their own copy of every input that is not a parameter. That
-    reproduces the H100 run of 2026-11-22 (tests/test_memory_plan.py): 16 streams took 52 GiB, 24 did not
-    fit in 79 GiB."""
+    inductor's recorded graphs keep their own copy of every input that is not a parameter.
+
+    `need` is the least it takes (every row in a full row bucket, a small decoder batch); `worst`
+    pads every row to the next row bucket and adds the decoder's largest batch. Against the one
+    measurement (H100, 2026-11-22, tests/test_memory_plan.py): 16 streams peaked at 52 GiB, `need`
+    says 52.1; 24 did not fit in 79 GiB, `need` says 74.4 and `worst` 114: so loading refuses what
+    cannot fit and warns about what may not."""
 
     loaded: int  # bytes the loaded models take
     per_stream: int  # one stream's padded keys/values, as held
     streams: int  # ECHO_MAX_ACTIVE
     cuda_graphs: bool = False  # (per_stream counts their copy)
-    workspace: int = WORKSPACE
 
     @property
     def need(self) -> int:
-        return self.loaded + self.streams * self.per_stream + self.workspace
+        return self.loaded + self.streams * self.per_stream + STEP_WORKSPACE
 
-    def streams_that_fit(self, capacity: int) -> int:
-        return max(0, (capacity - self.loaded - self.workspace) // self.per_stream)
+    @property
+    def worst(self) -> int:
+        return self.loaded + round(self.streams * self.per_stream * ROW_PADDING) + STEP_WORKSPACE + DECODE_WORKSPACE
+
+    def streams_that_fit(self, capacity: int, worst: bool = False) -> int:
+        fixed = self.loaded + STEP_WORKSPACE + (DECODE_WORKSPACE if worst else 0)
+        return max(0, int((capacity - fixed) // (self.per_stream * (ROW_PADDING if worst else 1))))
 
 
 def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | None = None) -> MemoryPlan:
@@ -205,24 +216,32 @@ def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | N
 
 
 def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = None) -> None:
-    """Raise MemoryTooSmall, naming the setting and what would fit, unless the plan fits `capacity`
-    (default: the device's free memory plus what this process holds)."""
+    """Raise MemoryTooSmall, naming the setting and what would fit, unless the plan's least need fits
+    `capacity` (default: the device's free memory plus what this process holds); warn when its worst
+    case does not."""
     if capacity is None:
         free, _ = torch.cuda.mem_get_info(device)
         capacity = free + torch.cuda.memory_reserved(device)
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
     detail = (f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of padded keys and "
-              f"values{' (held twice with CUDA graphs)' if plan.cuda_graphs else ''}, {gib(plan.workspace)} of "
-              "decoder and step workspace")
-    if plan.need <= capacity:
-        log.info("memory plan: ECHO_MAX_ACTIVE=%d needs about %s of %s on %s (%s)", plan.streams, gib(plan.need),
-                 gib(capacity), device, detail)
+              f"values{' (held twice with CUDA graphs)' if plan.cuda_graphs else ''}")
+    safe = plan.streams_that_fit(capacity, worst=True)
+    safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (rows padded to their row buckets, "
+              f"the decoder's largest batch: {gib(plan.worst)} as set)")
+    if plan.need > capacity:
+        fit = plan.streams_that_fit(capacity)
+        advice = (f"set ECHO_MAX_ACTIVE={fit} or lower; {safely}" if fit else
+                  "even one stream does not fit: use ECHO_STATIC_SHAPES=0")
+        levers = ", or lower ECHO_MAX_SPEAKER_LATENT_LENGTH" + (", or set ECHO_CUDA_GRAPHS=0" if plan.cuda_graphs else "")
+        raise MemoryTooSmall(f"ECHO_MAX_ACTIVE={plan.streams} needs at least {gib(plan.need)} on {device} ({detail}) "
+                             f"and it has {gib(capacity)}: {advice}{levers}")
+    if plan.worst > capacity:
+        log.warning("memory plan: ECHO_MAX_ACTIVE=%d needs %s to %s of the %s on %s (%s); it may run out of memory "
+                    "under load: %s", plan.streams, gib(plan.need), gib(plan.worst), gib(capacity), device, detail,
+                    safely)
         return
-    fit = plan.streams_that_fit(capacity)
-    advice = f"set ECHO_MAX_ACTIVE={fit} or lower" if fit else "even one stream does not fit: use ECHO_STATIC_SHAPES=0"
-    levers = ", or lower ECHO_MAX_SPEAKER_LATENT_LENGTH" + (", or set ECHO_CUDA_GRAPHS=0" if plan.cuda_graphs else "")
-    raise MemoryTooSmall(f"ECHO_MAX_ACTIVE={plan.streams} needs about {gib(plan.need)} on {device} ({detail}) "
-                         f"and it has {gib(capacity)}: {advice}{levers}")
+    log.info("memory plan: ECHO_MAX_ACTIVE=%d needs %s to %s of the %s on %s (%s)", plan.streams, gib(plan.need),
+             gib(plan.worst), gib(capacity), device, detail)
 
 
 def _step_floor(s: Settings) -> StepFloor | None:

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     chunk_words_per_second: float = Field(2.7, gt=0)
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
     folder_support: bool = True
-    voice_dirs: Annotated[list[Path], NoDecode, Field(min_length=1)] = [Path("audio_prompts")]  # ':'-separated
+    voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]  # ':'-separated
     voice_aliases: Annotated[dict[str, str], NoDecode] = {}  # "alloy=alice,nova=bob": names for voices
     default_voice: str | None = None  # for OpenAI's built-in voice names that have no alias
     default_response_format: AudioFormat | None = None
@@ -191,6 +191,13 @@ class Settings(BaseSettings):
             if value is not None and value.startswith("cuda") and not cuda:
                 raise ValueError(f"{name}={value}, but torch {torch.__version__} sees no CUDA device: "
                                  f"set {name}=cpu or auto, or install a CUDA build of torch")
+        return self
+
+    @model_validator(mode="after")
+    def _somewhere_for_voices(self) -> Settings:
+        if not self.voice_dirs and self.voice_upload_dir is None:
+            raise ValueError("ECHO_VOICE_DIRS lists no directory and ECHO_VOICE_UPLOAD_DIR is unset: name at "
+                             "least one, uploaded voices need a place")
         return self
 
     @model_validator(mode="after")

@@ -331,11 +331,13 @@ async def _answer(session: Session) -> None:
         log.info("%s: dropping it and its segments", e)
     except WebSocketDisconnect:  # the client left while we were writing
         return
-    except RuntimeError:  # Starlette's answer to a send after the socket closed; anything else is a bug
-        if _open(session.websocket):
-            log.exception("the socket's writer failed; closing it with 1011")
-            with contextlib.suppress(Exception):
-                await session.close(INTERNAL_ERROR, "internal error: see the server log")
+    except Exception:  # noqa: BLE001 - Starlette's RuntimeError for a send after the socket closed, or a bug
+        if not _open(session.websocket):
+            log.debug("the socket closed while its writer was sending", exc_info=True)
+            return
+        log.exception("the socket's writer failed; closing it with 1011")
+        with contextlib.suppress(Exception):
+            await session.close(INTERNAL_ERROR, "internal error: see the server log")
 
 
 def _open(websocket: WebSocket) -> bool:
@@ -373,7 +375,8 @@ async def _answer_one(session: Session, segment: Segment) -> None:
             failure = e
             await session.error(segment.segment_id, e)
         await session.send(_ended(segment, speech, failure))
-        timing.finished(speech.audio_seconds)
+        if failure is None:  # as over HTTP: a failed stream reports no audio seconds
+            timing.finished(speech.audio_seconds)
     finally:
         speech.close()
 

@@ -125,8 +125,8 @@ def test_cuda_graphs_replay_what_eager_computes(cuda_engine):
 
 
 def test_the_compiled_streaming_decoder_replays_what_eager_decodes_on_cuda_graphs(cuda_engine):
-    """ECHO_COMPILE with ECHO_CUDA_GRAPHS: the decoder's graphs replay as CUDA graphs; the audio and the
-    state are copied out before the next replay, so streams keep their own state."""
+    """ECHO_COMPILE with ECHO_CUDA_GRAPHS: a single stream's decoder graph replays as a CUDA graph; the
+    audio and the state are copied out before the next replay, so streams keep their own state."""
     assert_compiled_decoder_matches_one_shot(cuda_engine.fish_ae, cuda_graphs=True, repeats=4)
 
 

@@ -443,4 +443,4 @@ def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_
         finally:
             service.close()
     reason = service.unready_reason()
-    assert "ECHO_MAX_ACTIVE=8 needs about" in reason and "use ECHO_STATIC_SHAPES=0" in reason, reason
+    assert "ECHO_MAX_ACTIVE=8 needs at least" in reason and "use ECHO_STATIC_SHAPES=0" in reason, reason

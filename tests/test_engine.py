@@ -277,8 +277,12 @@ def test_the_compiled_streaming_decoder_builds_two_graphs_at_warm_up_and_none_wh
     compiled = eng.CompiledStreamDecoder(frames=8, backend=backend)
     compiled.warm_up(tiny_fish)
     assert len(backend.graphs) == 2
-    pieces, decode = [], compiled._decode
-    compiled._decode = lambda dac, piece, state: (pieces.append(tuple(piece.shape)), decode(dac, piece, state))[1]
+    pieces = []
+    for name in ("_one", "_many"):  # the single stream's graph, the several streams' one
+        def recorded(dac, piece, state, decode=getattr(compiled, name)):
+            pieces.append(tuple(piece.shape))
+            return decode(dac, piece, state)
+        setattr(compiled, name, recorded)
 
     eager = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4))
     fast = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), stream_decoder=compiled)
@@ -302,9 +306,9 @@ def test_the_compiled_streaming_decoder_builds_two_graphs_at_warm_up_and_none_wh
 
 
 def assert_compiled_decoder_matches_one_shot(fish, cuda_graphs: bool = False, repeats: int = 1) -> None:
-    """Inductor's streaming decoder against decode_zq: two streams (one piece, then two and a leftover
-    run eager), several times over (with CUDA graphs: an eager run, the recording, then replays), one
-    graph for each of the two shapes and none more."""
+    """Inductor's streaming decoder against decode_zq: a stream alone and two decoded together (one
+    piece, then two and a leftover run eager), several times over (with CUDA graphs, the single
+    stream's: an eager run, the recording, then replays), one graph for each and none more."""
     from batched_steps import compiled_graphs
 
     torch._dynamo.reset()
@@ -313,10 +317,11 @@ def assert_compiled_decoder_matches_one_shot(fish, cuda_graphs: bool = False, re
     z = torch.randn(2, fish.latent_dim, 21, generator=torch.Generator().manual_seed(4)).to(fish.device)
     whole = fish.decode_zq(z)
     for _ in range(repeats):
-        stream = fish.streaming_decoder(batch_size=2, compiled=compiled)
-        audio = torch.cat([stream.decode(z[..., :8]), stream.decode(z[..., 8:])], -1)
-        torch.testing.assert_close(audio, whole, atol=1e-4, rtol=0)  # float32, TF32 on CUDA included
-    assert compiled_graphs() - before == 1
+        for rows in (slice(0, 1), slice(0, 2)):
+            stream = fish.streaming_decoder(batch_size=rows.stop, compiled=compiled)
+            audio = torch.cat([stream.decode(z[rows, :, :8]), stream.decode(z[rows, :, 8:])], -1)
+            torch.testing.assert_close(audio, whole[rows], atol=1e-4, rtol=0)  # float32, TF32 on CUDA included
+    assert compiled_graphs() - before == 2
     torch._dynamo.reset()
 
 

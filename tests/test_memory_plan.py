@@ -5,6 +5,8 @@ of that day: speaker keys padded to 1600): 16 streams (48 rows) with CUDA graphs
 24 streams (72 rows) did not fit in 79 GiB. The plan against the actual allocation is checked on the
 emulated CUDA path (tests/test_cuda_emulation.py)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from runtime import GIB, MemoryPlan, MemoryTooSmall, check_memory, memory_plan
 from settings import load_settings
 
 H100_CAPACITY = 79 * GIB  # what the 2026-11-22 run could use
+CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture(scope="module")
@@ -26,25 +29,35 @@ def h100_plans():
     loaded = sum(p.numel() for p in model.parameters()) * 2 + sum(p.numel() for p in fish.parameters()) * 4
     shapes = StaticShapes((32, 128, 480, 640), row_buckets(48), 160, 768, (1600,))
     steps = StaticSteps(model, shapes, cuda_graphs=True)
-    return {n: memory_plan(load_settings(max_active=n), model, steps, loaded=loaded) for n in (16, 24)}
+    return {n: memory_plan(load_settings(max_active=n), model, steps, loaded=loaded) for n in (16, 24, 32)}
 
 
-def test_the_plan_reproduces_what_fitted_on_the_h100(h100_plans):
+def test_the_plan_agrees_with_what_the_h100_held(h100_plans, caplog):
+    """16 streams peaked at 52 GiB: the least the plan says they need. 24 did not fit: the plan lets
+    them start but warns that under load they may not fit, and names what stays within its worst case."""
     sixteen, twenty_four = h100_plans[16], h100_plans[24]
-    assert 52 * GIB <= sixteen.need <= H100_CAPACITY  # measured peak 52 GiB: it fitted
-    check_memory(sixteen, torch.device("cuda", 0), capacity=H100_CAPACITY)
-    assert twenty_four.need > H100_CAPACITY  # it did not fit
+    assert sixteen.need == pytest.approx(52 * GIB, rel=0.05)
+    assert sixteen.need < twenty_four.need <= H100_CAPACITY < twenty_four.worst
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        check_memory(twenty_four, CUDA, capacity=H100_CAPACITY)
+    safe = twenty_four.streams_that_fit(H100_CAPACITY, worst=True)
+    assert 0 < safe < 16 and f"it may run out of memory under load: ECHO_MAX_ACTIVE={safe} or lower" in caplog.text
+
+
+def test_a_setting_that_cannot_fit_stops_loading_naming_what_would(h100_plans):
+    thirty_two = h100_plans[32]
     with pytest.raises(MemoryTooSmall) as refused:
-        check_memory(twenty_four, torch.device("cuda", 0), capacity=H100_CAPACITY)
-    fit = twenty_four.streams_that_fit(H100_CAPACITY)
-    assert 16 <= fit < 24
+        check_memory(thirty_two, CUDA, capacity=H100_CAPACITY)
+    fit, safe = thirty_two.streams_that_fit(H100_CAPACITY), thirty_two.streams_that_fit(H100_CAPACITY, worst=True)
+    assert safe < fit < 32
     message = str(refused.value)
-    assert message.startswith("ECHO_MAX_ACTIVE=24 needs about") and f"set ECHO_MAX_ACTIVE={fit} or lower" in message
+    assert message.startswith("ECHO_MAX_ACTIVE=32 needs at least") and f"set ECHO_MAX_ACTIVE={fit} or lower" in message
+    assert f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case" in message
     assert "ECHO_CUDA_GRAPHS=0" in message and "(held twice with CUDA graphs)" in message
 
 
 def test_a_device_too_small_for_one_stream_is_told_to_leave_static_shapes():
     plan = MemoryPlan(loaded=10 * GIB, per_stream=4 * GIB, streams=2)
     with pytest.raises(MemoryTooSmall, match="even one stream does not fit: use ECHO_STATIC_SHAPES=0") as refused:
-        check_memory(plan, torch.device("cuda", 0), capacity=20 * GIB)
+        check_memory(plan, CUDA, capacity=12 * GIB)
     assert "ECHO_CUDA_GRAPHS" not in str(refused.value)  # not a lever when they are off

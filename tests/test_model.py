@@ -263,3 +263,26 @@ def test_fused_projections_stay_fused_through_conversion_and_reloading(tiny_echo
 def test_a_model_without_its_latent_prefix_modules_fuses_the_rest(tiny_echo_dir):
     model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32, delete_blockwise_modules=True)
     assert model.blocks[0].attention.fused_groups == ("qkvg", "kv_text", "kv_speaker")
+
+
+def test_fusing_twice_changes_nothing_and_a_converted_submodule_stays_fused(tiny_echo_dir):
+    model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
+    model.fuse_projections()  # again: no group stacked twice
+    attention = model.blocks[0].attention
+    assert attention.fused_groups == ("qkvg", "kv_text", "kv_speaker", "kv_latent")
+    model.blocks.to(torch.bfloat16)  # a submodule converted: its stacks follow
+    assert attention.qkvg.dtype == torch.bfloat16
+    assert attention.wv.weight.data_ptr() == attention.qkvg[2 * attention.wq.out_features:].data_ptr()
+    block = model.blocks[1].mlp
+    block.load_state_dict({k: v * 0 for k, v in block.state_dict().items()}, assign=True)
+    assert block.w13.abs().sum() == 0 and block.w1.weight.data_ptr() == block.w13.data_ptr()
+
+
+def test_a_cached_value_cache_does_not_hold_the_fused_key_half(tiny_model):
+    """A voice's keys/values are cached for many requests: each tensor owns only its own bytes."""
+    c = CASES
+    with torch.inference_mode():
+        kv = tiny_model.get_kv_cache_speaker(c["speaker_latent"])
+    for k, v in kv:
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        assert k.untyped_storage().nbytes() == k.numel() * k.element_size()

@@ -31,12 +31,14 @@ def test_booleans(monkeypatch, text, value):
     assert load_settings().chunking is value
 
 
-def test_an_empty_voice_directory_list_is_a_config_error_naming_it(monkeypatch):
-    """Uploads and the library need a directory: ECHO_VOICE_DIRS="" stops start-up with its name (it
-    used to crash later with an IndexError)."""
+def test_an_empty_voice_directory_list_needs_an_upload_directory(monkeypatch, tmp_path):
+    """Uploads need a directory: ECHO_VOICE_DIRS="" alone stops start-up naming both variables (it
+    used to crash later with an IndexError); with ECHO_VOICE_UPLOAD_DIR it is a library of uploads."""
     monkeypatch.setenv("ECHO_VOICE_DIRS", "")
-    with pytest.raises(ConfigError, match="ECHO_VOICE_DIRS"):
+    with pytest.raises(ConfigError, match="ECHO_VOICE_DIRS lists no directory and ECHO_VOICE_UPLOAD_DIR is unset"):
         load_settings()
+    monkeypatch.setenv("ECHO_VOICE_UPLOAD_DIR", str(tmp_path))
+    assert load_settings().upload_dir == tmp_path
 
 
 def test_lists_presets_and_keys(monkeypatch, caplog):

@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import soxr
+import torch
 
 import engine as eng
 import worker as wk
@@ -125,3 +126,25 @@ def test_a_server_with_vad_reroll_counts_its_rerolls(tiny_echo_dir, tiny_fish_di
         assert rerolls == 2 and live.log().count("sampling it again") == 2
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("mode", ["independent", "continue"])
+def test_the_silence_check_listens_to_the_speech_the_client_gets(tiny_model, tiny_fish, tiny_pca, monkeypatch,
+                                                                 mode):
+    """A chunk's last block holds its end of speech and the silence after it, which is cut before it is
+    sent: only the speech is checked, so the cut silence never makes a block be sampled again."""
+    from test_engine import scripted_blocks, speech
+
+    heard = []
+
+    def detector(audio):
+        heard.append(audio.size)
+        return 0.0 if audio.size <= 10 * 2048 else 5.0  # the whole block would be "silent"
+
+    scripted_blocks(monkeypatch, [speech(8), torch.cat([speech(2), torch.zeros(30, 80)])])
+    rerolling = engine_with(tiny_model, tiny_fish, tiny_pca, detector)
+    shape = eng.BlockShape((8, 32), (1, 1))
+    audio = np.concatenate(list(rerolling.generate(eng.SpeechJob(
+        ("[S1] Hello there.",), None, 5, shape, shape, SETTINGS, eng.EarlyStop(enabled=False), chunk_mode=mode))))
+    assert heard == [8 * 2048, 2 * 2048] and rerolling.rerolls == 0
+    assert audio.size == 10 * 2048

@@ -483,12 +483,13 @@ def test_a_writer_that_fails_for_a_bug_closes_with_1011_and_logs_why(app, monkey
     logged with its traceback and ends the socket with 1011, not silently."""
     import speech_socket
 
-    async def broken(session, segment):
-        raise RuntimeError("a bug in the writer")
+    for bug in (RuntimeError("a bug in the writer"), KeyError("a missing key in the writer")):
+        async def broken(session, segment, bug=bug):
+            raise bug
 
-    monkeypatch.setattr(speech_socket, "_answer_one", broken)
-    with socket(app) as ws:
-        ws.send(segment(1))
-        messages(ws)
-        assert ws.close_code == 1011
-    assert "the socket's writer failed" in app.log() and "a bug in the writer" in app.log()
+        monkeypatch.setattr(speech_socket, "_answer_one", broken)
+        with socket(app) as ws:
+            ws.send(segment(1))
+            messages(ws)
+            assert ws.close_code == 1011
+        assert "the socket's writer failed" in app.log() and str(bug.args[0]) in app.log()
