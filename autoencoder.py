@@ -11,7 +11,8 @@ One latent frame (``latent_dim`` channels) stands for ``frame_length`` = 2048 sa
 Every operation on the decode path is causal, so ``StreamingDecoder`` decodes consecutive latent
 blocks exactly (to float rounding) by carrying, per stream, the left context of each convolution,
 the post-module's key/value window and its RoPE position, all of fixed shapes from the first block
-on (``StreamState.start``), so that ``engine.CompiledStreamDecoder`` can run every piece of a block through the same graph.
+on (``StreamState.start``), so that ``engine.CompiledStreamDecoder`` can run every piece of a block
+through the same graph.
 
 Parameter names equal those of the published ``fish-s1-dac-min`` checkpoint, except that weights
 stored weight-normalised (g, v) in the file are held folded into a plain ``weight`` here; use
