@@ -185,12 +185,38 @@ def count_runner(kind: str, mixes: Sequence[Sequence[tuple]]) -> list[dict]:
                 from functools import partial
                 steps._velocity = partial(model.velocity, run_block=lambda block, h, *a: h)  # outside the blocks
                 row["outside_ops"] = measured(lambda: steps(calls))["ops"]
+                row["graph_input_bytes"] = graph_input_bytes(model, steps, calls)
             else:
                 steps = bs.ExactSteps(model) if hasattr(bs, "ExactSteps") else bs.batched_velocity
                 steps(calls)
                 row = measured(lambda: steps(calls))
         out.append(row)
     return out
+
+
+def graph_input_bytes(model, steps, calls) -> int:
+    """Bytes a step pass copies into the inputs of its CUDA graphs (ECHO_CUDA_GRAPHS), counted on the
+    meta device: inductor's graph trees copy every input of a replayed graph that is neither a
+    parameter nor the output of the graph replayed before it. With one graph per decoder block that
+    is, per block, its AdaLN rows, RoPE angles, key mask and the layer's stacked prefix, text and
+    speaker keys/values (issue 20 item 1 asks for none)."""
+    from functools import partial
+
+    copied, previous = [0], [None]
+    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+
+    def recording(block, h, *args):
+        for t in (h, *args):
+            layer = t if isinstance(t, (list, tuple)) else [t]
+            for x in layer:
+                if isinstance(x, torch.Tensor) and id(x) not in params and x is not previous[0]:
+                    copied[0] += x.numel() * x.element_size()
+        previous[0] = h  # (the block is not run: shapes stay, the next block's input counts as its output)
+        return h
+
+    steps._velocity = partial(model.velocity, run_block=recording)
+    steps(calls)
+    return copied[0]
 
 
 def count_tree(tree: str) -> list[dict]:

@@ -120,3 +120,17 @@ def test_a_static_step_runs_few_eager_ops_outside_the_decoder_blocks():
     one, four = (sim.count_runner("static", [[(32, 3, 0, sim.TEXT_TOKENS, sim.VOICE_PATCHES)] * n])[0]["outside_ops"]
                  for n in (1, 4))
     assert one <= 40 and four - one <= 5 * 3, (one, four)  # 2026-12-06: 35 and 48 (was 60 for one)
+
+
+def test_a_static_step_with_cuda_graphs_copies_its_stacked_keys_into_the_graphs_every_step():
+    """What issue 20 item 1 is to remove, counted at full size (meta device): with one graph per
+    decoder block, every step pass copies each layer's padded prefix, text and speaker keys/values
+    (and its AdaLN rows, RoPE angles and key mask) into the replayed graph's inputs."""
+    from batched_steps import StaticShapes, row_buckets
+
+    model = sim.full_model()
+    stacked = StaticShapes((32, 128, 480, 640), row_buckets(48), 160, 768, (1600,)).stacked_bytes(model, 3)
+    one, four = (sim.count_runner("static", [[(32, 3, 0, sim.TEXT_TOKENS, sim.VOICE_PATCHES)] * n])[0]
+                 ["graph_input_bytes"] for n in (1, 4))
+    assert stacked < one < 1.02 * stacked  # 2026-12-06: 1.49 GB a step pass for one generation (3 rows)
+    assert 4 * stacked < four < 1.02 * 4 * stacked
