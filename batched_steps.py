@@ -475,10 +475,11 @@ class CompiledBlocks:
     """
 
     def __init__(self, shapes: int, backend: str | Callable = "inductor", mode: str | None = None):
-        allow_graphs(2 * shapes + 2)
+        self.graphs = 2 * shapes + 2
         self._block = torch.compile(call_block, backend=backend, mode=mode, dynamic=False)
 
     def __call__(self, block, h: Tensor, *args) -> Tensor:
+        allow_graphs(self.graphs)
         if h.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(args[0], 1)  # modulation (2, B, 1, 3C)
             for tensor in (h, *args[1:4]):  # cos, sin, key_mask; the caches are marked when stacked
@@ -487,12 +488,13 @@ class CompiledBlocks:
 
 
 def allow_graphs(limit: int) -> None:
-    """Let torch.compile keep at least `limit` graphs of one function (one per planned shape)."""
+    """Let torch.compile keep at least `limit` graphs of one function (one per planned shape) on this
+    thread: dynamo's settings are per thread (torch 2.13), so each compiled part calls this where it
+    runs; past the limit, dynamo would run the remaining shapes eager, silently."""
     config = torch._dynamo.config
-    if hasattr(config, "recompile_limit"):  # torch >= 2.7; cache_size_limit before
-        config.recompile_limit = max(config.recompile_limit, limit)
-    else:
-        config.cache_size_limit = max(config.cache_size_limit, limit)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
+    if getattr(config, name) < limit:  # (set only when lower: each setting invalidates dynamo's config hash)
+        setattr(config, name, limit)
 
 
 def compiled_graphs() -> int:

@@ -474,12 +474,12 @@ class CompiledTextEncoder:
 
     def __init__(self, model: EchoDiT, backend: str | Callable = "inductor"):
         self.model = model
-        allow_graphs(2 * len(TEXT_BUCKETS) + 2)
         self._encode = torch.compile(model.get_kv_cache_text, backend=backend, dynamic=False)
         self._warmed_up = False
         self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
 
     def __call__(self, ids: Tensor, mask: Tensor) -> KVCache:
+        allow_graphs(2 * len(TEXT_BUCKETS) + 2)
         if ids.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(ids, 0)
             torch._dynamo.maybe_mark_dynamic(mask, 0)
@@ -520,7 +520,6 @@ class CompiledStreamDecoder:
     def __init__(self, frames: int = 32, backend: str | Callable = "inductor", cuda_graphs: bool = False):
         self.frames = frames
         self.cuda_graphs = cuda_graphs
-        allow_graphs(2)
         self._one = torch.compile(_decode_one, backend=backend, dynamic=False,
                                   mode="reduce-overhead" if cuda_graphs else None)
         self._many = torch.compile(_decode_several, backend=backend, dynamic=False)
