@@ -9,7 +9,9 @@ on the generation thread of every step shape and block shape the server uses.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,22 +37,27 @@ log = logging.getLogger(__name__)
 
 class LoadProgress:
     """What loading is doing now, for /ready and the log: a stage, counted where it has parts
-    (step shapes to compile, warm-up generations), how long its remaining parts should take at the
-    pace of those done, and the seconds since loading began. Written by the threads that load and
-    warm up, read by any: the state is one tuple, replaced whole."""
+    (step shapes to compile, warm-up generations), how long the rest of it should take (at the pace
+    of its parts done, else as long as the stage took at the last start: `history`), and the seconds
+    since loading began. Written by the threads that load and warm up, read by any: the state is
+    one tuple, replaced whole. `took` holds each stage's seconds, for the next start."""
 
     LOG_EVERY = 10.0  # seconds between progress lines within a counted stage
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, history: dict[str, float] | None = None):
         self.clock = clock
+        self.history = history or {}
+        self.took: dict[str, float] = {}
         self.started = clock()
         self._state = ("starting", 0, 0, self.started)  # stage, parts done, parts in all (0: not counted), begun
         self._logged = self.started
 
     def enter(self, stage: str, total: int = 0) -> None:
+        self._close_stage()
         self._state = (stage, 0, total, self.clock())
         self._logged = self.clock()
-        log.info("%s%s (%.0f s since start)", stage, f": {total} to do" if total else "", self.elapsed)
+        last = f", {self.history[stage]:.0f} s at the last start" if stage in self.history else ""
+        log.info("%s%s (%.0f s since start%s)", stage, f": {total} to do" if total else "", self.elapsed, last)
 
     def advance(self) -> None:
         stage, done, total, begun = self._state
@@ -59,16 +66,31 @@ class LoadProgress:
             self._logged = self.clock()
             log.info("%s", self.describe())
 
+    def finish(self) -> dict[str, float]:
+        """Seconds each stage took, the last one closed now."""
+        self._close_stage()
+        self._state = ("ready", 0, 0, self.clock())
+        return dict(self.took)
+
+    def _close_stage(self) -> None:
+        stage, _, _, begun = self._state
+        if stage != "starting":
+            self.took[stage] = self.clock() - begun
+
     @property
     def elapsed(self) -> float:
         return self.clock() - self.started
 
     def remaining(self, state: tuple | None = None) -> float | None:
-        """Seconds the stage's remaining parts should take at the pace of its parts done so far."""
+        """Seconds the stage's remaining parts should take at the pace of its parts done so far, or
+        what is left of its time at the last start (None: nothing to go by)."""
         stage, done, total, begun = state or self._state
-        if not total or not done:
-            return None
-        return (self.clock() - begun) / done * (total - done)
+        spent = self.clock() - begun
+        if total and done:
+            return spent / done * (total - done)
+        if stage in self.history:
+            return max(self.history[stage] - spent, 0.0)
+        return None
 
     def describe(self) -> str:
         """e.g. 'compiling step shapes, 12 of 40, about 80 s left, 35 s since start'."""
@@ -76,8 +98,35 @@ class LoadProgress:
         stage, done, total, _ = state
         left = self.remaining(state)
         return (f"{stage}{f', {done} of {total}' if total else ''}"
-                f"{f', about {left:.0f} s left' if left is not None and done < total else ''}, "
+                f"{f', about {left:.0f} s left' if left is not None and (not total or done < total) else ''}, "
                 f"{self.elapsed:.0f} s since start")
+
+
+def load_times_path(settings: Settings) -> Path:
+    """Where each start keeps how long its loading stages took (ECHO_CACHE_DIR, with the compile cache)."""
+    return settings.cache_dir / f"echo_tts_load_times_{settings.cache_version}.json"
+
+
+def read_load_times(path: Path) -> dict[str, float]:
+    """The stages' seconds at the last start; none when there was none (or the file is unreadable)."""
+    try:
+        times = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in times.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        log.warning("ignoring %s: %s", path, e)
+        return {}
+
+
+def save_load_times(path: Path, times: dict[str, float]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")  # replaced whole: a reader sees one start's times
+        partial.write_text(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
+        os.replace(partial, path)
+    except OSError as e:  # a read-only cache only costs the next start its estimates
+        log.warning("could not save the loading times to %s: %s", path, e)
 
 
 @dataclass(frozen=True)
@@ -115,6 +164,7 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
     except BaseException:
         worker.close()
         raise
+    save_load_times(load_times_path(settings), progress.finish())
     return Runtime(engine, worker)
 
 

@@ -23,7 +23,7 @@ import torch
 import inference as inf
 import weights
 from engine import SpeechEngine, SpeechJob, VoiceUnusable
-from runtime import LoadProgress, MemoryTooSmall, Runtime, load_runtime
+from runtime import LoadProgress, MemoryTooSmall, Runtime, load_runtime, load_times_path, read_load_times
 from settings import Settings
 from errors import RequestError
 from speech_request import GenerationOptions
@@ -59,7 +59,7 @@ class SpeechService:
         self.voices = VoiceCatalog(settings)
         self.ready = threading.Event()  # set once the runtime is loaded and warmed up
         self.load_error: BaseException | None = None
-        self.progress = LoadProgress()  # what loading is doing (/ready says it while it loads)
+        self.progress = LoadProgress(history=read_load_times(load_times_path(settings)))  # (for /ready)
         self._runtime: Runtime | None = None
         self._closed = False  # close() came: a load that ends later lets go of what it loaded
 
@@ -67,7 +67,7 @@ class SpeechService:
 
     def start_loading(self) -> threading.Thread:
         """Load models and warm up on a background thread, so /health answers meanwhile."""
-        self.progress = LoadProgress()
+        self.progress = LoadProgress(history=self.progress.history)
         thread = threading.Thread(target=self._load, name="echo-loader", daemon=True)
         thread.start()
         return thread

@@ -1,6 +1,7 @@
 """Configuration from the environment, start-up behaviour of the app (in process: conftest.AppServer) and
 of the real process."""
 
+import logging
 import re
 import subprocess
 import sys
@@ -257,3 +258,42 @@ def test_loading_progress_says_how_long_the_rest_of_a_stage_should_take():
     assert progress.describe() == "compiling step shapes, 40 of 40, 20 s since start"
     progress.enter("warming up generation (streamed, then whole)", 2)
     assert progress.remaining() is None
+
+
+def test_a_stage_not_yet_counted_is_expected_to_take_what_it_took_at_the_last_start(caplog):
+    """A cold compile says how long it expects before its first part is done: as long as at the last
+    start (ECHO_CACHE_DIR keeps each stage's seconds)."""
+    from runtime import LoadProgress
+
+    now = [0.0]
+    progress = LoadProgress(clock=lambda: now[0], history={"compiling step shapes": 70.0})
+    with caplog.at_level(logging.INFO, logger="runtime"):
+        progress.enter("compiling step shapes", 16)
+    assert "compiling step shapes: 16 to do (0 s since start, 70 s at the last start)" in caplog.text
+    now[0] += 20
+    assert progress.describe() == "compiling step shapes, 0 of 16, about 50 s left, 20 s since start"
+    progress.enter("warming up generation (streamed, then whole)", 2)  # never timed before: no estimate
+    assert progress.remaining() is None
+    now[0] += 5
+    assert progress.finish() == {"compiling step shapes": 20.0, "warming up generation (streamed, then whole)": 5.0}
+
+
+def test_a_start_keeps_its_stage_times_for_the_next_one(tiny_echo_dir, tiny_fish_dir, tmp_path, caplog):
+    import service as svc
+    from runtime import load_times_path, read_load_times
+
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cpu",
+                             model_dtype="float32", voice_dirs=[tmp_path / "voices"], warmup=True,
+                             cache_dir=tmp_path / "cache", performance_preset="low", num_steps_nonstream=1)
+    first = svc.SpeechService(settings)
+    assert first.progress.history == {}  # nothing kept yet
+    first.start_loading().join()
+    first.close()
+    kept = read_load_times(load_times_path(settings))
+    assert {"loading the models", "warming up generation (streamed, then whole)"} <= set(kept)
+    second = svc.SpeechService(settings)
+    assert second.progress.history == kept
+    load_times_path(settings).write_text("not json")
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        assert svc.SpeechService(settings).progress.history == {}  # an unreadable file costs only the estimates
+    assert "ignoring" in caplog.text
