@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -308,14 +309,17 @@ class StaticSteps:
         self.shapes = shapes
         self.cuda_graphs = cuda_graphs
         self._velocity = model.velocity
+        self._compiled: CompiledPart | None = None
         if compile:
-            graphs = len(shapes.frame_buckets) * len(shapes.speaker_buckets)  # each for one row and for several
-            self._velocity = partial(model.velocity, run_block=CompiledBlocks(graphs, backend,
+            shapes_compiled = len(shapes.frame_buckets) * len(shapes.speaker_buckets)  # each for one row and several
+            self._compiled = CompiledPart("step", 2 * shapes_compiled + 2)
+            self._velocity = partial(model.velocity, run_block=CompiledBlocks(backend,
                                                                               "reduce-overhead" if cuda_graphs else None))
-        self._compiled = compile
         self._batches: dict[tuple[int, int], _Batch] = {}  # (frame bucket, pack) -> the last batch there
-        self._warmed_up = False
-        self.compiles_after_warm_up = 0  # graphs built while serving: shapes warm-up missed
+
+    @property
+    def compiles_after_warm_up(self) -> int:
+        return self._compiled.compiles_after_warm_up if self._compiled else 0
 
     def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(calls)
@@ -379,13 +383,9 @@ class StaticSteps:
     def _run(self, x: Tensor, t: Tensor | None, batch: _Batch, modulation: Tensor | None = None) -> Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        graphs = compiled_graphs() if self._compiled else 0
-        v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker, batch.kv_latent,
-                           modulation=modulation)
-        if self._compiled and self._warmed_up and (new := compiled_graphs() - graphs):
-            self.compiles_after_warm_up += new
-            log.warning("compiled %d new graph(s) while serving, for x of shape %s: warm-up missed this shape",
-                        new, tuple(x.shape))
+        with self._compiled.call(x.shape) if self._compiled else nullcontext():
+            v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker,
+                               batch.kv_latent, modulation=modulation)
         return v.clone() if self.cuda_graphs else v  # a CUDA graph's output is overwritten by its next replay
 
     def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, speakers: int, pack: int) -> _Batch:
@@ -450,7 +450,8 @@ class StaticSteps:
                 self([self._zero_call(frames, rows, speakers)])
             on_shape()
         self._batches.clear()
-        self._warmed_up = True
+        if self._compiled:
+            self._compiled.warmed_up = True
 
     def _zero_call(self, frames: int, rows: int, speakers: int) -> ModelCall:
         """A step of exactly this shape (zeros; new tensors, as a new generation's would be)."""
@@ -474,12 +475,10 @@ class CompiledBlocks:
     projections, RoPE angles, output norm) are a few small kernels and stay eager.
     """
 
-    def __init__(self, shapes: int, backend: str | Callable = "inductor", mode: str | None = None):
-        self.graphs = 2 * shapes + 2
+    def __init__(self, backend: str | Callable = "inductor", mode: str | None = None):
         self._block = torch.compile(call_block, backend=backend, mode=mode, dynamic=False)
 
     def __call__(self, block, h: Tensor, *args) -> Tensor:
-        allow_graphs(self.graphs)
         if h.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(args[0], 1)  # modulation (2, B, 1, 3C)
             for tensor in (h, *args[1:4]):  # cos, sin, key_mask; the caches are marked when stacked
@@ -487,14 +486,30 @@ class CompiledBlocks:
         return self._block(block, h, *args)
 
 
-def allow_graphs(limit: int) -> None:
-    """Let torch.compile keep at least `limit` graphs of one function (one per planned shape) on this
-    thread: dynamo's settings are per thread (torch 2.13), so each compiled part calls this where it
-    runs; past the limit, dynamo would run the remaining shapes eager, silently."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
-    if getattr(config, name) < limit:  # (set only when lower: each setting invalidates dynamo's config hash)
-        setattr(config, name, limit)
+class CompiledPart:
+    """What every compiled part of the server (steps, text encoder, streaming decoder) does around a
+    call: let dynamo keep the part's planned graphs per function on the calling thread (its settings
+    are per thread in torch 2.13, and past the limit it would run the remaining shapes eager,
+    silently), and count the graphs built once `warmed_up`, each a shape the warm-up missed (logged,
+    and in /metrics)."""
+
+    def __init__(self, what: str, graphs: int):
+        self.what, self.graphs = what, graphs
+        self.warmed_up = False
+        self.compiles_after_warm_up = 0
+
+    @contextmanager
+    def call(self, shape: Sequence[int]) -> Iterator[None]:
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
+        if getattr(config, name) < self.graphs:  # (set only when lower: a setting invalidates dynamo's config hash)
+            setattr(config, name, self.graphs)
+        before = compiled_graphs()
+        yield
+        if self.warmed_up and (new := compiled_graphs() - before):
+            self.compiles_after_warm_up += new
+            log.warning("compiled %d new %s graph(s) while serving, for an input of shape %s: warm-up missed it",
+                        new, self.what, tuple(shape))
 
 
 def compiled_graphs() -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from autoencoder import DAC, StreamingDecoder, StreamState, decode_streams
-from batched_steps import ExactSteps, StepRunner, allow_graphs, compiled_graphs
+from batched_steps import CompiledPart, ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, flattening_frame, get_speaker_latent_and_mask,
                        get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
@@ -475,21 +475,18 @@ class CompiledTextEncoder:
     def __init__(self, model: EchoDiT, backend: str | Callable = "inductor"):
         self.model = model
         self._encode = torch.compile(model.get_kv_cache_text, backend=backend, dynamic=False)
-        self._warmed_up = False
-        self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
+        self._compiled = CompiledPart("text-encoder", 2 * len(TEXT_BUCKETS) + 2)
+
+    @property
+    def compiles_after_warm_up(self) -> int:
+        return self._compiled.compiles_after_warm_up
 
     def __call__(self, ids: Tensor, mask: Tensor) -> KVCache:
-        allow_graphs(2 * len(TEXT_BUCKETS) + 2)
         if ids.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(ids, 0)
             torch._dynamo.maybe_mark_dynamic(mask, 0)
-        graphs = compiled_graphs()
-        kv = self._encode(ids, mask)
-        if self._warmed_up and (new := compiled_graphs() - graphs):
-            self.compiles_after_warm_up += new
-            log.warning("compiled %d new text-encoder graph(s) while serving, for ids of shape %s", new,
-                        tuple(ids.shape))
-        return kv
+        with self._compiled.call(ids.shape):
+            return self._encode(ids, mask)
 
     @torch.inference_mode()
     def warm_up(self, on_bucket: Callable[[], None] = lambda: None) -> None:
@@ -499,7 +496,7 @@ class CompiledTextEncoder:
                 self(torch.zeros(batch, length, dtype=torch.int32, device=self.model.device),  # as TextCall.of pads
                      torch.ones(batch, length, dtype=torch.bool, device=self.model.device))
             on_bucket()
-        self._warmed_up = True
+        self._compiled.warmed_up = True
 
 
 class CompiledStreamDecoder:
@@ -523,8 +520,11 @@ class CompiledStreamDecoder:
         self._one = torch.compile(_decode_one, backend=backend, dynamic=False,
                                   mode="reduce-overhead" if cuda_graphs else None)
         self._many = torch.compile(_decode_several, backend=backend, dynamic=False)
-        self._warmed_up = False
-        self.compiles_after_warm_up = 0  # graphs built while serving: a shape the warm-up missed
+        self._compiled = CompiledPart("decoder", 2)
+
+    @property
+    def compiles_after_warm_up(self) -> int:
+        return self._compiled.compiles_after_warm_up
 
     def __call__(self, dac: DAC, piece: Tensor, decoder: StreamingDecoder) -> Tensor:
         """piece (B, latent_dim, frames) through decoder's state (replaced) -> audio (B, 1, frames * 2048)."""
@@ -538,12 +538,8 @@ class CompiledStreamDecoder:
         graphs_replayed = single and self.cuda_graphs
         if graphs_replayed:
             torch.compiler.cudagraph_mark_step_begin()
-        graphs = compiled_graphs()
-        audio = (self._one if single else self._many)(dac, piece, state)
-        if self._warmed_up and (new := compiled_graphs() - graphs):
-            self.compiles_after_warm_up += new
-            log.warning("compiled %d new decoder graph(s) while serving, for a piece of shape %s", new,
-                        tuple(piece.shape))
+        with self._compiled.call(piece.shape):
+            audio = (self._one if single else self._many)(dac, piece, state)
         if graphs_replayed:
             decoder.state, audio = state.cloned(), audio.clone()
         return audio
@@ -558,7 +554,7 @@ class CompiledStreamDecoder:
             decoder = dac.streaming_decoder(batch, compiled=self)
             for _ in range(3 if self.cuda_graphs else 1):
                 decoder.decode(torch.zeros(batch, dac.latent_dim, self.frames, device=dac.device, dtype=dac.dtype))
-        self._warmed_up = True
+        self._compiled.warmed_up = True
 
 
 def _decode_one(dac: DAC, piece: Tensor, state: StreamState) -> Tensor:
