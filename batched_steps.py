@@ -11,12 +11,14 @@ velocities, in order. Two runners share that interface:
   keys/values: inference.repeat_kv makes views, not copies). Shapes change with every batch,
   which suits eager execution only.
 - `StaticSteps` (ECHO_COMPILE, or ECHO_STATIC_SHAPES=1): every input is padded to a small fixed set of shapes, so
-  torch.compile builds one graph per block size and speaker bucket (plus a single-row one) that
-  CUDA graphs can replay: frames round up to a block-size bucket, rows to a row bucket, speaker
-  keys to ~30 s of voice or to the longest voice, prefix and text keys to their maxima. Padded
-  keys are masked, so results equal the exact path up to float rounding. The stacked key/value
-  caches and masks are rebuilt only when the batch changes (a generation joins or leaves, starts a
-  block or leaves its CFG interval), not on every step.
+  torch.compile builds one graph per block size and speaker bucket (plus a single-row one), and a
+  whole step pass can be captured as one CUDA graph per shape: frames round up to a block-size
+  bucket, rows to a row bucket, speaker keys to ~30 s of voice or to the longest voice, prefix
+  and text keys to their maxima. Padded keys are masked, so results equal the exact path up to
+  float rounding. Every input lives at a fixed address: the keys/values in a row pool written
+  once per generation, block and CFG phase (not per step), each frame bucket's row indices and
+  masks rewritten only when its members change, the latents and AdaLN rows written per step. A
+  graph's replay therefore copies nothing into its inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from inference import (LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall,
@@ -258,30 +259,108 @@ class StaticShapes:
         return [(f, r, p) for f in self.frame_buckets for r in self.row_buckets for p in self.speaker_buckets]
 
     def stacked_bytes(self, model: EchoDiT, rows: int) -> int:
-        """Bytes of the padded prefix, text and speaker keys and values StaticSteps stacks for `rows`
+        """Bytes of the padded prefix, text and speaker keys and values StaticSteps pools for `rows`
         rows at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and values."""
-        attention = model.blocks[0].attention
-        itemsize = torch.empty((), dtype=model.dtype).element_size()
-        return (rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * attention.num_heads
-                * model.head_dim * itemsize)
+        return rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
+
+    def joined_bytes(self, model: EchoDiT, rows: int) -> int:
+        """Bytes a pass of `rows` rows at the largest frame and speaker buckets holds for a moment
+        per layer: its keys and values gathered from the pool and joined behind its self keys, each
+        (rows, S + Q + T + P, H, D) (compiled, the gather and the join are one kernel; eager, two)."""
+        return rows * 2 * 2 * (self.frame_buckets[-1] + self.key_length(self.speaker_patches)) * _token_bytes(model)
 
 
-@dataclass
-class _Batch:
-    """The parts of a padded batch that stay the same from step to step while its members do."""
+def _token_bytes(model: EchoDiT) -> int:
+    """One key (or value) of every head: H * D elements."""
+    return model.blocks[0].attention.num_heads * model.head_dim * torch.empty((), dtype=model.dtype).element_size()
 
-    members: _Members
-    positions: Tensor  # (R, S)
-    key_mask: Tensor  # (R, S + Q + T + P)
-    kv_text: KVCache  # (R, T, H, D) per layer
-    kv_speaker: KVCache  # (R, P, H, D)
-    kv_latent: KVCache | None  # (R, Q, H, D)
+
+@dataclass(eq=False)
+class _Member:
+    """A call's conditioning in the pool: its rows there, and its sources, kept alive so ids stay theirs."""
+
+    sources: tuple  # kv_text, kv_speaker, kv_latent
+    rows: list[int]
+
+
+class _Pool:
+    """The prefix, text and speaker keys/values of every generation the static passes run, written
+    once into persistent row pools, (L, 2, N, Q | T | P, H, D) per kind, N the largest row bucket.
+
+    A call's conditioning (the same objects from step to step while its generation stays in one
+    block and CFG phase) gets rows when it first appears and keeps them until the first step
+    without it; a pass reads each of its rows' keys where they lie (EchoDiT.velocity's `rows`), so
+    no step copies keys into a pass's inputs. Rows past the conditioning's own keys are zero and
+    masked. At most N rows are placed: a call that finds too few free rows takes the exact path."""
+
+    def __init__(self, model: EchoDiT, shapes: StaticShapes, like: Tensor):
+        attention, self.size = model.blocks[0].attention, shapes.row_buckets[-1]
+        new = lambda length: like.new_zeros(len(model.blocks), 2, self.size, length, attention.num_heads,  # noqa: E731
+                                            model.head_dim)
+        self.text, self.speaker = new(shapes.text_tokens), new(shapes.speaker_patches)
+        self.latent = new(shapes.prefix_patches) if shapes.prefix_patches else None
+        self.free = list(range(self.size))
+        self.members: dict[tuple, _Member] = {}
+        self._caches: dict[int, tuple] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.untyped_storage().nbytes() for p in (self.text, self.speaker, self.latent) if p is not None)
+
+    def caches(self, speakers: int) -> tuple[KVCache, KVCache, KVCache | None]:
+        """Per layer (N, length, H, D) views of the pools: text, speaker (its first `speakers` keys), prefix."""
+        if speakers not in self._caches:
+            layers = lambda pool: [(k, v) for k, v in pool.unbind(0)]  # noqa: E731
+            self._caches[speakers] = (layers(self.text), layers(self.speaker[:, :, :, :speakers]),
+                                      None if self.latent is None else layers(self.latent))
+        return self._caches[speakers]
+
+    def place(self, model: EchoDiT, calls: Sequence[ModelCall]) -> list[list[int] | None]:
+        """Each call's pool rows (None: no room), writing the conditionings seen for the first time
+        after freeing the rows of those the calls no longer have."""
+        keys = [(id(c.kv_text), id(c.kv_speaker), id(c.kv_latent), c.x.shape[0]) for c in calls]
+        for stale in self.members.keys() - set(keys):
+            self.free += self.members.pop(stale).rows
+        self.free.sort()
+        out = []
+        for call, key in zip(calls, keys):
+            member = self.members.get(key)
+            if member is None and len(self.free) >= call.x.shape[0]:
+                rows, self.free = self.free[:call.x.shape[0]], self.free[call.x.shape[0]:]
+                member = self.members[key] = _Member((call.kv_text, call.kv_speaker, call.kv_latent), rows)
+                self._write(model, call, rows)
+            out.append(None if member is None else member.rows)
+        return out
+
+    def _write(self, model: EchoDiT, call: ModelCall, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.text.device)
+        kinds = [(self.text, call.kv_text), (self.speaker, call.kv_speaker)]
+        if self.latent is not None:
+            kinds.append((self.latent, latent_kv_or_empty(model, call)))
+        for pool, cache in kinds:
+            block = pool.new_zeros(pool.shape[0], 2, len(rows), *pool.shape[3:])
+            for layer, pair in enumerate(cache):
+                for j, part in enumerate(pair):
+                    block[layer, j, :, :part.shape[1]] = part
+            pool.index_copy_(2, index, block)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One frame bucket's pass inputs that change only with its members (see _Members): each row's
+    pool row, frame positions and key mask, in storage allocated once, so every pass of the bucket
+    reads them at the same addresses (what a CUDA graph replays)."""
+
+    frames: int
+    storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (N,), positions (N * S), key mask (N * (S + K))
+    members: _Members | None = None
+    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (R,), positions (R, S), key mask (R, S + K)
 
 
 @dataclass(frozen=True)
 class _Members:
-    """What a padded batch is made of: the calls' conditioning objects (the same objects from step
-    to step while a generation stays in one block and CFG phase) and their sizes."""
+    """What a pass is made of: the calls' conditioning objects (the same objects from step to step
+    while a generation stays in one block and CFG phase) and their sizes."""
 
     conditioning: tuple
     sizes: tuple[tuple[int, int, int], ...]  # per call: rows, frames, start position
@@ -295,12 +374,28 @@ class _Members:
         return self.sizes == other.sizes and all(a is b for a, b in zip(self.conditioning, other.conditioning))
 
 
+@dataclass(frozen=True)
+class _Graph:
+    """A CUDA graph of one whole step pass, and the output its replays write."""
+
+    graph: object  # torch.cuda.CUDAGraph
+    out: Tensor
+
+
+def _view(flat: Tensor, *shape: int) -> Tensor:
+    """The first elements of `flat`, as a contiguous tensor of `shape` (its address is flat's)."""
+    return flat[:math.prod(shape)].view(shape)
+
+
 class StaticSteps:
     """The static-shape runner (see the module docstring).
 
-    `compile` compiles the decoder blocks (CompiledBlocks; `backend`, inductor by default).
-    `cuda_graphs` uses inductor's CUDA-graph mode ("reduce-overhead"). `warm_up` runs every shape,
-    so no request waits for a compile.
+    Everything a pass reads lives at addresses fixed for the runner's life: the keys/values in a
+    row pool (_Pool), each frame bucket's row indices, positions and key mask (_Lane), and one
+    buffer each for the latents and the AdaLN rows, written per step. `compile` compiles the
+    decoder blocks (CompiledBlocks; `backend`, inductor by default); `cuda_graphs` captures one CUDA
+    graph per pass shape, the whole step (24 blocks and all), whose replay copies nothing.
+    `warm_up` runs every shape, so no request waits for a compile or a capture.
     """
 
     def __init__(self, model: EchoDiT, shapes: StaticShapes, compile: bool = False, cuda_graphs: bool = False,
@@ -313,143 +408,166 @@ class StaticSteps:
         if compile:
             shapes_compiled = len(shapes.frame_buckets) * len(shapes.speaker_buckets)  # each for one row and several
             self._compiled = CompiledPart("step", 2 * shapes_compiled + 2)
-            self._velocity = partial(model.velocity, run_block=CompiledBlocks(backend,
-                                                                              "reduce-overhead" if cuda_graphs else None))
-        self._batches: dict[tuple[int, int], _Batch] = {}  # (frame bucket, pack) -> the last batch there
+            self._velocity = partial(model.velocity, run_block=CompiledBlocks(backend))
+        self._pool: _Pool | None = None
+        self._lanes: dict[int, _Lane] = {}
+        self._step_inputs: tuple[Tensor, Tensor] | None = None  # flat: latents (N * S_max * 80), AdaLN rows
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._graph_memory = None
+        self.last_inputs: tuple = ()  # (what the last pass read: for the benchmarks' counts)
 
     @property
     def compiles_after_warm_up(self) -> int:
         return self._compiled.compiles_after_warm_up if self._compiled else 0
 
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured (one per pass shape warm-up ran)."""
+        return len(self._graphs)
+
     def __call__(self, calls: Sequence[ModelCall]) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(calls)
-        odd = [i for i, c in enumerate(calls) if not self.shapes.fits(c)]
+        fitting = [i for i, c in enumerate(calls) if self.shapes.fits(c)]
+        placed = self._place([calls[i] for i in fitting])
+        pool_rows: dict[int, list[int]] = {i: rows for i, rows in zip(fitting, placed) if rows is not None}
+        by_frames: dict[int, list[int]] = {}
+        for i in pool_rows:
+            by_frames.setdefault(self.shapes.frames_for(calls[i].x.shape[1]), []).append(i)
+        for frames, members in sorted(by_frames.items()):
+            for i, v in zip(members, self._forward([calls[i] for i in members], [pool_rows[i] for i in members],
+                                                   frames)):
+                out[i] = v
+        odd = [i for i, v in enumerate(out) if v is None]
         if odd:
-            log.debug("%d steps outside the static shapes run on the exact path", len(odd))
+            log.debug("%d steps outside the static shapes (or the pool) run on the exact path", len(odd))
             for i, v in zip(odd, batched_velocity(self.model, [calls[i] for i in odd])):
                 out[i] = v
-        by_frames: dict[int, list[int]] = {}
-        for i, call in enumerate(calls):
-            if out[i] is None:
-                by_frames.setdefault(self.shapes.frames_for(call.x.shape[1]), []).append(i)
-        used = set()
-        for frames, members in sorted(by_frames.items()):
-            for pack, indices in enumerate(self._packs(members, calls)):
-                used.add((frames, pack))
-                for i, v in zip(indices, self._forward([calls[i] for i in indices], frames, pack)):
-                    out[i] = v
-        for stale in self._batches.keys() - used:  # batches that ended: free their stacked caches
-            del self._batches[stale]
+        for stale in self._lanes.keys() - by_frames.keys():  # buckets no pass used: rebuilt when used again
+            self._lanes[stale].members = None
         return out
 
     @property
     def stacked_bytes(self) -> int:
-        """Bytes of the stacked key/value caches held now (the batches of the last call)."""
-        return sum(t.untyped_storage().nbytes() for batch in self._batches.values()
-                   for cache in (batch.kv_text, batch.kv_speaker, batch.kv_latent or []) for pair in cache
-                   for t in pair)
+        """Bytes of the pooled prefix, text and speaker keys/values (allocated at the first step)."""
+        return self._pool.nbytes if self._pool is not None else 0
 
-    def _packs(self, members: list[int], calls: Sequence[ModelCall]) -> list[list[int]]:
-        """Split into runs of at most the largest row bucket."""
-        packs, rows = [[]], 0
-        for i in members:
-            n = calls[i].x.shape[0]
-            if rows + n > self.shapes.row_buckets[-1]:
-                packs.append([])
-                rows = 0
-            packs[-1].append(i)
-            rows += n
-        return packs
+    def _place(self, calls: Sequence[ModelCall]) -> list[list[int] | None]:
+        if self._pool is None:
+            if not calls:
+                return []
+            self._pool_for(calls[0])
+        return self._pool.place(self.model, calls)
 
-    def _forward(self, calls: Sequence[ModelCall], frames: int, pack: int) -> list[Tensor]:
-        rows = sum(c.x.shape[0] for c in calls)
-        padded_rows = self.shapes.rows_for(rows)
+    def _pool_for(self, like: ModelCall) -> _Pool:
+        if self._pool is None:
+            self._pool = _Pool(self.model, self.shapes, like.kv_text[0][0])
+            rows, frames = self.shapes.row_buckets[-1], self.shapes.frame_buckets[-1]
+            self._step_inputs = (like.x.new_zeros(rows * frames * LATENT_SIZE),
+                                 self._pool.text.new_zeros(len(self.model.blocks) * 2 * rows * self._modulation_size))
+        return self._pool
+
+    @property
+    def _modulation_size(self) -> int:
+        attention = self.model.blocks[0].attention
+        return 3 * attention.num_heads * attention.head_dim  # (2, B, 1, 3C) per block
+
+    def _forward(self, calls: Sequence[ModelCall], pool_rows: list[list[int]], frames: int) -> list[Tensor]:
+        n = sum(c.x.shape[0] for c in calls)
+        padded_rows = self.shapes.rows_for(n)
         speakers = self.shapes.speakers_for(max(c.kv_speaker[0][0].shape[1] for c in calls))
-        batch = self._batch(calls, frames, padded_rows, speakers, pack)
-        x = calls[0].x.new_zeros(padded_rows, frames, LATENT_SIZE)
-        slices = row_slices(calls)
-        for c, rows in zip(calls, slices):
-            x[rows, :c.x.shape[1]] = c.x
-        modulation, t = timed_modulations(self.model, calls), None
-        if modulation is not None:  # padding rows: zero modulation (their outputs are dropped)
-            modulation = F.pad(modulation, (0, 0, 0, 0, 0, padded_rows - modulation.shape[2]))
-        else:  # a call without its time: the model computes the modulations from t
-            t = calls[0].t.new_zeros(padded_rows)
-            for c, rows in zip(calls, slices):
-                t[rows] = c.t
-        v = self._run(x, t, batch, modulation)
-        return [v[rows, :c.x.shape[1]] for c, rows in zip(calls, slices)]
+        rows, positions, key_mask = self._lane_inputs(calls, pool_rows, frames, padded_rows, speakers)
+        flat_x, flat_modulation = self._step_inputs
+        x = _view(flat_x, padded_rows, frames, LATENT_SIZE)
+        if all(c.x.shape[1] == frames for c in calls):
+            torch.cat([c.x for c in calls], out=x[:n])
+        else:
+            for c, rows_of in zip(calls, row_slices(calls)):
+                x[rows_of, :c.x.shape[1]] = c.x
+        modulation = _view(flat_modulation, len(self.model.blocks), 2, padded_rows, 1, self._modulation_size)
+        if timed_modulations(self.model, calls, out=modulation[:, :, :n]) is None:  # a call without its time
+            modulation[:, :, :n] = self.model.modulations(torch.cat([c.t for c in calls]))
+        args = self.last_inputs = (x, modulation, positions, key_mask, self._pool.caches(speakers), rows)
+        v = self._run((frames, padded_rows, speakers), args)
+        parts = v[:n].split([c.x.shape[0] for c in calls])
+        return [p if c.x.shape[1] == frames else p[:, :c.x.shape[1]] for c, p in zip(calls, parts)]
 
-    def _run(self, x: Tensor, t: Tensor | None, batch: _Batch, modulation: Tensor | None = None) -> Tensor:
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with self._compiled.call(x.shape) if self._compiled else nullcontext():
-            v = self._velocity(x, t, batch.positions, batch.key_mask, batch.kv_text, batch.kv_speaker,
-                               batch.kv_latent, modulation=modulation)
-        return v.clone() if self.cuda_graphs else v  # a CUDA graph's output is overwritten by its next replay
+    def _body(self, x: Tensor, modulation: Tensor, positions: Tensor, key_mask: Tensor, caches: tuple,
+              rows: Tensor) -> Tensor:
+        """One step pass: what a CUDA graph captures."""
+        return self._velocity(x, None, positions, key_mask, *caches, modulation=modulation, rows=rows)
 
-    def _batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, speakers: int, pack: int) -> _Batch:
-        """The batch's positions, masks and stacked caches: reused while its members are the same."""
+    def _run(self, shape: tuple[int, int, int], args: tuple) -> Tensor:
+        with self._compiled.call(args[0].shape) if self._compiled else nullcontext():
+            if not self.cuda_graphs:
+                return self._body(*args)
+            graph = self._graphs.get(shape)
+            if graph is None:
+                if self._compiled and self._compiled.warmed_up:
+                    log.warning("capturing a CUDA graph while serving, for a step of shape %s: warm-up missed it",
+                                shape)
+                graph = self._graphs[shape] = self._capture(args)
+            graph.graph.replay()
+            return graph.out.clone()  # (the next replay of any graph may overwrite it)
+
+    def _capture(self, args: tuple) -> _Graph:
+        """A CUDA graph of _body(*args), after running it twice on a side stream (compiling it, and
+        letting kernels set up their workspaces outside the capture). All graphs share one memory
+        pool: they never run at the same time."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_memory is None:
+            self._graph_memory = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_memory):
+            out = self._body(*args)
+        return _Graph(graph, out)
+
+    def _lane_inputs(self, calls: Sequence[ModelCall], pool_rows: list[list[int]], frames: int, padded_rows: int,
+                     speakers: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The bucket's pool rows, positions and key mask: rewritten only when its members change."""
+        lane = self._lanes.get(frames)
+        if lane is None:
+            s, size, device = self.shapes, self.shapes.row_buckets[-1], calls[0].x.device
+            lane = self._lanes[frames] = _Lane(frames, (
+                torch.zeros(size, dtype=torch.long, device=device),
+                torch.zeros(size * frames, dtype=torch.long, device=device),
+                torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))
         members = _Members.of(calls)
-        previous = self._batches.get((frames, pack))
-        if previous is not None and previous.members.same_as(members):
-            return previous
-        self._batches.pop((frames, pack), None)  # let the old stacks go before the new ones are made
-        batch = self._new_batch(calls, frames, padded_rows, speakers, members)
-        self._batches[(frames, pack)] = batch
-        return batch
-
-    def _new_batch(self, calls: Sequence[ModelCall], frames: int, padded_rows: int, speakers: int,
-                   members: _Members) -> _Batch:
-        s, device = self.shapes, calls[0].x.device
+        if lane.members is not None and lane.members.same_as(members):
+            return lane.inputs
+        s = self.shapes
+        flat_rows, flat_positions, flat_mask = lane.storage
+        rows, positions = _view(flat_rows, padded_rows), _view(flat_positions, padded_rows, frames)
+        key_mask = _view(flat_mask, padded_rows, frames + s.key_length(speakers))
         q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
-        positions = torch.arange(frames, device=device).repeat(padded_rows, 1)
-        key_mask = torch.zeros(padded_rows, frames + s.key_length(speakers), dtype=torch.bool, device=device)
+        every = [r for rows_of_call in pool_rows for r in rows_of_call]
+        rows.copy_(torch.tensor(every + [every[0]] * (padded_rows - len(every)), device=rows.device))
+        positions.copy_(torch.arange(frames, device=positions.device).expand(padded_rows, frames))
+        key_mask.zero_()
         key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
-        slices = row_slices(calls)
-        for c, rows in zip(calls, slices):
-            positions[rows] += c.start_pos
-            key_mask[rows, :c.x.shape[1]] = True
+        for c, rows_of in zip(calls, row_slices(calls)):
+            positions[rows_of] += c.start_pos
+            key_mask[rows_of, :c.x.shape[1]] = True
             if c.kv_latent is not None:  # every patch of the prefix precedes the block
-                key_mask[rows, frames:frames + c.kv_latent[0][0].shape[1]] = True
-            key_mask[rows, q0:q0 + c.text_mask.shape[1]] = c.text_mask
+                key_mask[rows_of, frames:frames + c.kv_latent[0][0].shape[1]] = True
+            key_mask[rows_of, q0:q0 + c.text_mask.shape[1]] = c.text_mask
             speaker = c.speaker_mask[:, ::self.model.speaker_patch_size]
-            key_mask[rows, t0:t0 + speaker.shape[1]] = speaker
-        kv_latent = None
-        if s.prefix_patches:
-            kv_latent = self._stack([latent_kv_or_empty(self.model, c) for c in calls], slices, s.prefix_patches,
-                                    padded_rows)
-        return _Batch(members, positions, key_mask,
-                      self._stack([c.kv_text for c in calls], slices, s.text_tokens, padded_rows),
-                      self._stack([c.kv_speaker for c in calls], slices, speakers, padded_rows), kv_latent)
-
-    def _stack(self, caches: list[KVCache], slices: list[slice], length: int, padded_rows: int) -> KVCache:
-        """Per layer, the calls' keys and values at their rows, zero-padded to (R, length, H, D)."""
-        stacked = []
-        for layer in range(len(self.model.blocks)):
-            pair = []
-            for j in (0, 1):
-                parts = [cache[layer][j] for cache in caches]
-                out = parts[0].new_zeros(padded_rows, length, *parts[0].shape[2:])
-                for part, rows in zip(parts, slices):
-                    out[rows, :part.shape[1]] = part
-                if self._compiled:
-                    torch._dynamo.maybe_mark_dynamic(out, 0)
-                pair.append(out)
-            stacked.append(tuple(pair))
-        return stacked
+            key_mask[rows_of, t0:t0 + speaker.shape[1]] = speaker
+        lane.members, lane.inputs = members, (rows, positions, key_mask)
+        return lane.inputs
 
     @torch.inference_mode()
     def warm_up(self, on_shape: Callable[[], None] = lambda: None) -> None:
-        """Every shape, so compilation and CUDA-graph capture happen now: once, or with CUDA graphs
-        three times (inductor runs a new shape eagerly, records it on the second call and replays
-        from the third); `on_shape()` after each shape. Call it on the thread that will serve: CUDA
-        graphs are kept per thread."""
+        """Every shape, so compilation (and with CUDA graphs, capture) happens now; `on_shape()` after
+        each shape. Call it on the thread that will serve: dynamo's settings are per thread."""
         for frames, rows, speakers in self.shapes.all_shapes():
-            for _ in range(3 if self.cuda_graphs else 1):
-                self([self._zero_call(frames, rows, speakers)])
+            self([self._zero_call(frames, rows, speakers)])
             on_shape()
-        self._batches.clear()
+        self([])  # (frees the warm-up's pool rows)
         if self._compiled:
             self._compiled.warmed_up = True
 
@@ -475,13 +593,13 @@ class CompiledBlocks:
     projections, RoPE angles, output norm) are a few small kernels and stay eager.
     """
 
-    def __init__(self, backend: str | Callable = "inductor", mode: str | None = None):
-        self._block = torch.compile(call_block, backend=backend, mode=mode, dynamic=False)
+    def __init__(self, backend: str | Callable = "inductor"):
+        self._block = torch.compile(call_block, backend=backend, dynamic=False)
 
     def __call__(self, block, h: Tensor, *args) -> Tensor:
         if h.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(args[0], 1)  # modulation (2, B, 1, 3C)
-            for tensor in (h, *args[1:4]):  # cos, sin, key_mask; the caches are marked when stacked
+            for tensor in (h, *args[1:4], args[-1]):  # cos, sin, key_mask, pool rows (the pools are fixed)
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self._block(block, h, *args)
 

@@ -612,12 +612,12 @@ class ModelCall:
         return torch.cat(masks, dim=1)
 
 
-def timed_modulations(model: EchoDiT, calls: Sequence[ModelCall]) -> Tensor | None:
+def timed_modulations(model: EchoDiT, calls: Sequence[ModelCall], out: Tensor | None = None) -> Tensor | None:
     """The AdaLN modulations of the calls' rows, in order, from the model's table by time (None when
-    a call does not say its time: the model then computes them from t)."""
+    a call does not say its time: the model then computes them from t); written into `out` if given."""
     if any(c.time is None for c in calls):
         return None
-    return model.timed_modulations([c.time for c in calls], [c.x.shape[0] for c in calls])
+    return model.timed_modulations([c.time for c in calls], [c.x.shape[0] for c in calls], out)
 
 
 Steps = Generator[ModelCall, Tensor, Tensor]

@@ -397,19 +397,24 @@ class JointAttention(Projections):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
                 kv_text: tuple[Tensor, Tensor] | None, kv_speaker: tuple[Tensor, Tensor] | None,
-                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
+                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None,
+                rows: Tensor | None = None) -> Tensor:
         """x (B, S, C); key_mask (B, S + Q + T + P) in the key order [self, prefix, text, speaker].
 
         With `groups` (this layer's groups, covering the rows in order), each group attends over
         exactly its own keys, as it would alone (see RowGroup); key_mask and the kv arguments are
-        then unused.
+        then unused. With `rows` (B,), the kv arguments are a pool of rows (N, L, H, D) and row b of
+        x reads pool row rows[b] (gathered as the keys are joined: one copy, as without a pool).
         """
         q, k_self, v_self, gate = self.project("qkvg", x)
         q = apply_rope_half_heads(self.q_norm(self._heads(q)), cos, sin)
         k_self = apply_rope_half_heads(self.k_norm(self._heads(k_self)), cos, sin)
         v_self = self._heads(v_self)
         if groups is None:
-            segments = [(k_self, v_self)] + ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
+            cached = ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
+            if rows is not None:
+                cached = [(k[rows], v[rows]) for k, v in cached]
+            segments = [(k_self, v_self)] + cached
             keys, values = (torch.cat([segment[j] for segment in segments], dim=1) for j in (0, 1))
             out = attend(q, keys, values, row_mask(key_mask))
         else:
@@ -459,10 +464,11 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, modulation: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
                 kv_text: tuple[Tensor, Tensor] | None, kv_speaker: tuple[Tensor, Tensor] | None,
-                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None) -> Tensor:
+                kv_latent: tuple[Tensor, Tensor] | None, groups: Sequence[RowGroup] | None = None,
+                rows: Tensor | None = None) -> Tensor:
         """modulation (2, B, 1, 3C): this block's AdaLN modulations (attention, MLP); EchoDiT.modulations."""
         h, gate = self.attention_adaln(x, modulation[0])
-        x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)
+        x = x + gate * self.attention(h, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups, rows)
         h, gate = self.mlp_adaln(x, modulation[1])
         return x + gate * self.mlp(h)
 
@@ -567,23 +573,25 @@ class EchoDiT(nn.Module):
     def velocity(self, x: Tensor, t: Tensor | None, positions: Tensor, key_mask: Tensor | None,
                  kv_text: KVCache | None, kv_speaker: KVCache | None, kv_latent: KVCache | None = None,
                  groups: Sequence[Sequence[RowGroup]] | None = None,
-                 run_block: Callable[..., Tensor] | None = None, modulation: Tensor | None = None) -> Tensor:
+                 run_block: Callable[..., Tensor] | None = None, modulation: Tensor | None = None,
+                 rows: Tensor | None = None) -> Tensor:
         """The decoder proper. positions (S,) or (B, S) are the frame indices of x's rows; key_mask
         (B, S + Q + T + P) marks visible keys in the order [self, prefix, text, speaker patches].
         Padded rows of x (masked as self keys) may hold anything; their outputs are meaningless.
         `groups` (one list per layer) makes attention per generation, over keys the groups hold
         (for batches of several; see RowGroup); key_mask and the caches are then None.
-        `run_block(block, h, modulation, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups)`
+        `run_block(block, h, modulation, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups, rows)`
         runs each decoder block (a compiled one: the blocks are alike, so one graph serves all 24).
         `modulation` (L, 2, B, 1, 3C), when given, is `modulations(t)` computed earlier (from the
-        table: `timed_modulations`); t is then not read."""
+        table: `timed_modulations`); t is then not read. `rows` (B,): the caches are row pools and
+        row b of x reads their row rows[b] (JointAttention)."""
         run_block = run_block or call_block
         cos, sin = rope_angles(positions, self.head_dim)
         per_block = (self.modulations(t) if modulation is None else modulation).unbind(0)  # one op, not one per block
         h = self.in_proj(x)
         for i, block in enumerate(self.blocks):
             h = run_block(block, h, per_block[i], cos, sin, key_mask, layer_of(kv_text, i),
-                          layer_of(kv_speaker, i), layer_of(kv_latent, i), layer_of(groups, i))
+                          layer_of(kv_speaker, i), layer_of(kv_latent, i), layer_of(groups, i), rows)
         return self.out_proj(self.out_norm(h)).float()
 
     def modulations(self, t: Tensor) -> Tensor:
@@ -591,12 +599,14 @@ class EchoDiT(nn.Module):
         cond = in_fixed_row_blocks(self.cond_module, timestep_embedding(t, self.timestep_embed_size))[:, None]
         return torch.stack([block.modulations(cond) for block in self.blocks])
 
-    def timed_modulations(self, times: Sequence[float], rows: Sequence[int]) -> Tensor:
+    def timed_modulations(self, times: Sequence[float], rows: Sequence[int], out: Tensor | None = None) -> Tensor:
         """`modulations` for `rows[i]` rows at time `times[i]` each, (L, 2, sum(rows), 1, 3C), from a
         table of each time's modulations (bit for bit what `modulations` gives that row, COND_ROWS
         making rows independent): a step pass costs one op per generation and one to join them,
-        instead of ~16 per block. The times are the samplers' host values: no host sync."""
-        return torch.cat([self._timed(time).expand(-1, -1, n, -1, -1) for time, n in zip(times, rows)], dim=2)
+        instead of ~16 per block. The times are the samplers' host values: no host sync. `out`: a
+        tensor of that shape to write them into (a static input of a step graph)."""
+        parts = [self._timed(time).expand(-1, -1, n, -1, -1) for time, n in zip(times, rows)]
+        return torch.cat(parts, dim=2) if out is None else torch.cat(parts, dim=2, out=out)
 
     def _timed(self, time: float) -> Tensor:
         """(L, 2, 1, 1, 3C) at `time`, as a sampler's t tensor holds it (float32, then the model dtype)."""

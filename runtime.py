@@ -218,9 +218,8 @@ def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
 
 
 GIB = 1 << 30
-STEP_WORKSPACE = 1 * GIB  # a step pass's activations and the allocator's slack
+STEP_WORKSPACE = 1 * GIB  # a step pass's activations besides its joined keys, and the allocator's slack
 DECODE_WORKSPACE = 6 * GIB  # the batched decoder's largest activation (engine.MAX_DECODE_BATCH_FRAMES)
-ROW_PADDING = 1.5  # each frame bucket's rows round up to a row bucket: at most 1.5x (row_buckets)
 
 
 class MemoryTooSmall(ValueError):
@@ -230,20 +229,20 @@ class MemoryTooSmall(ValueError):
 @dataclass(frozen=True)
 class MemoryPlan:
     """What the static-shape path holds on the model's device at ECHO_MAX_ACTIVE, known before warm-up
-    allocates it. The padded prefix, text and speaker keys/values of every row (3 per stream: the
-    guidance rows; StaticShapes.stacked_bytes) dominate. With CUDA graphs they are held twice:
-    inductor's recorded graphs keep their own copy of every input that is not a parameter.
+    allocates it. StaticSteps' row pool dominates: the prefix, text and speaker keys/values of every
+    row (3 per stream: the guidance rows) at the largest speaker bucket, allocated once
+    (StaticShapes.stacked_bytes); CUDA graphs read it where it lies, so it is held once.
 
-    `need` is the least it takes (every row in a full row bucket, a small decoder batch); `worst`
-    pads every row to the next row bucket and adds the decoder's largest batch. Against the one
-    measurement (H100, 2026-11-22, tests/test_memory_plan.py): 16 streams peaked at 52 GiB, `need`
-    says 52.1; 24 did not fit in 79 GiB, `need` says 74.4 and `worst` 114: so loading refuses what
-    cannot fit and warns about what may not."""
+    `need` is what it takes with small passes (the pool, 1 GiB of step activations); `worst` adds
+    the largest pass's joined keys/values (every row at the largest frame bucket) and the decoder's
+    largest batch. Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the
+    runner of that day held the same bytes twice (stacked, and again in inductor's graph inputs):
+    16 streams peaked at 52 GiB, the plan at twice the pool says 52.1."""
 
     loaded: int  # bytes the loaded models take
-    per_stream: int  # one stream's padded keys/values, as held
+    per_stream: int  # one stream's rows of the key/value pool
     streams: int  # ECHO_MAX_ACTIVE
-    cuda_graphs: bool = False  # (per_stream counts their copy)
+    pass_per_stream: int = 0  # one stream's share of the largest pass's joined keys/values (worst case)
 
     @property
     def need(self) -> int:
@@ -251,40 +250,37 @@ class MemoryPlan:
 
     @property
     def worst(self) -> int:
-        return self.loaded + round(self.streams * self.per_stream * ROW_PADDING) + STEP_WORKSPACE + DECODE_WORKSPACE
+        return self.need + self.streams * self.pass_per_stream + DECODE_WORKSPACE
 
     def streams_that_fit(self, capacity: int, worst: bool = False) -> int:
         fixed = self.loaded + STEP_WORKSPACE + (DECODE_WORKSPACE if worst else 0)
-        return max(0, int((capacity - fixed) // (self.per_stream * (ROW_PADDING if worst else 1))))
+        return max(0, int((capacity - fixed) // (self.per_stream + (self.pass_per_stream if worst else 0))))
 
 
 def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | None = None) -> MemoryPlan:
     """The plan of `steps` at s.max_active; `loaded`: what the device holds now (measured on CUDA)."""
     loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
-    copies = 2 if steps.cuda_graphs else 1
-    return MemoryPlan(loaded, steps.shapes.stacked_bytes(model, 3) * copies, s.max_active, steps.cuda_graphs)
+    return MemoryPlan(loaded, steps.shapes.stacked_bytes(model, 3), s.max_active, steps.shapes.joined_bytes(model, 3))
 
 
 def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = None) -> None:
-    """Raise MemoryTooSmall, naming the setting and what would fit, unless the plan's least need fits
+    """Raise MemoryTooSmall, naming the setting and what would fit, unless the plan's need fits
     `capacity` (default: the device's free memory plus what this process holds); warn when its worst
     case does not."""
     if capacity is None:
         free, _ = torch.cuda.mem_get_info(device)
         capacity = free + torch.cuda.memory_reserved(device)
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
-    detail = (f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of padded keys and "
-              f"values{' (held twice with CUDA graphs)' if plan.cuda_graphs else ''}")
+    detail = f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of pooled keys and values"
     safe = plan.streams_that_fit(capacity, worst=True)
-    safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (rows padded to their row buckets, "
-              f"the decoder's largest batch: {gib(plan.worst)} as set)")
+    safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (every row in one pass of the largest "
+              f"frame bucket, the decoder's largest batch: {gib(plan.worst)} as set)")
     if plan.need > capacity:
         fit = plan.streams_that_fit(capacity)
         advice = (f"set ECHO_MAX_ACTIVE={fit} or lower; {safely}" if fit else
                   "even one stream does not fit: use ECHO_STATIC_SHAPES=0")
-        levers = ", or lower ECHO_MAX_SPEAKER_LATENT_LENGTH" + (", or set ECHO_CUDA_GRAPHS=0" if plan.cuda_graphs else "")
         raise MemoryTooSmall(f"ECHO_MAX_ACTIVE={plan.streams} needs at least {gib(plan.need)} on {device} ({detail}) "
-                             f"and it has {gib(capacity)}: {advice}{levers}")
+                             f"and it has {gib(capacity)}: {advice}, or lower ECHO_MAX_SPEAKER_LATENT_LENGTH")
     if plan.worst > capacity:
         log.warning("memory plan: ECHO_MAX_ACTIVE=%d needs %s to %s of the %s on %s (%s); it may run out of memory "
                     "under load: %s", plan.streams, gib(plan.need), gib(plan.worst), gib(capacity), device, detail,

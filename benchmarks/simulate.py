@@ -25,8 +25,10 @@ advance the clock by the cost model. A call costs
     max(bytes / bandwidth, FLOPs / achieved FLOP/s) + eager ops x per-op overhead (+ graph replays
     x per-replay overhead with CUDA graphs)
 
-and with static shapes (graphs) each new batch StaticSteps builds when a pack's members change
-(another job, block or CFG phase) costs its meta-counted eager ops and bytes (restack_work).
+and with static shapes (graphs) each new batch the static runner of 2026-11-22 built when a pack's
+members changed (another job, block or CFG phase) costs its meta-counted eager ops and bytes
+(restack_work). That runner, the one measured, is what the static cost model stands for; today's
+(a row pool written once per generation, one graph per step) is not calibrated until a GPU runs it.
 
 with bandwidth and peak FLOP/s from the H100 SXM data sheet, and the achieved FLOP fraction, the
 per-op and per-replay overheads and a fixed per-request overhead (HTTP) fitted ONCE to the
@@ -178,14 +180,14 @@ def count_runner(kind: str, mixes: Sequence[Sequence[tuple]]) -> list[dict]:
             if kind == "static":
                 shapes = StaticShapes((32, 128, 480, 640), row_buckets(48), 160, 768, (1600,))
                 steps = StaticSteps(model, shapes)
-                first = measured(lambda: steps(calls))  # a new batch: positions, key mask, stacked caches
-                row = measured(lambda: steps(calls))  # the same members: the batch is reused
+                first = measured(lambda: steps(calls))  # new members: pool rows and the bucket's masks written
+                row = measured(lambda: steps(calls))  # the same members: only the step's own inputs written
                 row["restack_ops"] = first["ops"] - row["ops"]
                 row["restack_touched"] = first["touched"] - row["touched"]
-                from functools import partial
-                steps._velocity = partial(model.velocity, run_block=lambda block, h, *a: h)  # outside the blocks
+                velocities = steps._body(*steps.last_inputs)
+                steps._body = lambda *args: velocities  # what a CUDA graph's replay stands for
                 row["outside_ops"] = measured(lambda: steps(calls))["ops"]
-                row["graph_input_bytes"] = graph_input_bytes(model, steps, calls)
+                row["input_writes"] = input_writes(steps, calls)
             else:
                 steps = bs.ExactSteps(model) if hasattr(bs, "ExactSteps") else bs.batched_velocity
                 steps(calls)
@@ -194,29 +196,37 @@ def count_runner(kind: str, mixes: Sequence[Sequence[tuple]]) -> list[dict]:
     return out
 
 
-def graph_input_bytes(model, steps, calls) -> int:
-    """Bytes a step pass copies into the inputs of its CUDA graphs (ECHO_CUDA_GRAPHS), counted on the
-    meta device: inductor's graph trees copy every input of a replayed graph that is neither a
-    parameter nor the output of the graph replayed before it. With one graph per decoder block that
-    is, per block, its AdaLN rows, RoPE angles, key mask and the layer's stacked prefix, text and
-    speaker keys/values (issue 20 item 1 asks for none)."""
-    from functools import partial
+def input_writes(steps, calls) -> dict[str, int]:
+    """Bytes a step pass of StaticSteps writes into what its step graphs read, by buffer, once its
+    members are placed (counted on the meta device, outside the pass itself): 'keys' (the row pool),
+    'lanes' (each frame bucket's row indices, positions and key mask), 'step' (the latents and AdaLN
+    rows, the step's own inputs) and 'other'. Issue 20 item 1 asks for no keys: with one graph per
+    decoder block, the runner measured on 2026-11-22 copied each layer's padded prefix, text and
+    speaker keys/values into the replayed graph's inputs, 1.49 GB a step pass for one generation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    copied, previous = [0], [None]
-    params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
-
-    def recording(block, h, *args):
-        for t in (h, *args):
-            layer = t if isinstance(t, (list, tuple)) else [t]
-            for x in layer:
-                if isinstance(x, torch.Tensor) and id(x) not in params and x is not previous[0]:
-                    copied[0] += x.numel() * x.element_size()
-        previous[0] = h  # (the block is not run: shapes stay, the next block's input counts as its output)
-        return h
-
-    steps._velocity = partial(model.velocity, run_block=recording)
     steps(calls)
-    return copied[0]
+    pool = steps._pool
+    owners = {t.untyped_storage()._cdata: "keys" for t in (pool.text, pool.speaker, pool.latent) if t is not None}
+    owners |= {t.untyped_storage()._cdata: "lanes" for lane in steps._lanes.values() for t in lane.storage}
+    owners |= {t.untyped_storage()._cdata: "step" for t in steps._step_inputs}
+    written = dict.fromkeys(("keys", "lanes", "step", "other"), 0)
+
+    class Writes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            values = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+            for arg in func._schema.arguments:
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    value = values.get(arg.name)
+                    for t in value if isinstance(value, (list, tuple)) else [value]:
+                        if isinstance(t, torch.Tensor):
+                            written[owners.get(t.untyped_storage()._cdata, "other")] += t.numel() * t.element_size()
+            return func(*args, **kwargs)
+
+    with Writes():
+        steps(calls)
+    return written
 
 
 def count_tree(tree: str) -> list[dict]:
@@ -255,7 +265,7 @@ def fit_step_costs(kind: str, counts: list[dict] | None = None) -> dict:
 
 
 def restack_features(mix: Sequence[tuple], max_rows: int = 48) -> dict:
-    """What a new static batch (StaticSteps._new_batch: positions, key mask, every member's text,
+    """What a new static batch (the 2026-11-22 StaticSteps._new_batch: positions, key mask, every member's text,
     speaker and prefix keys/values copied per layer into zeroed (R, 768 / 1600 / 160, H, D) stacks)
     costs is linear in: its generations and its padded rows (and padded rows x frame bucket)."""
     rows = sum(g[1] for g in mix)
@@ -547,7 +557,7 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
 
 
 def restack_work(pack: Sequence[tuple], max_rows: int) -> Work:
-    """A static batch built anew (StaticSteps._batch found other members at its (frame bucket, pack)):
+    """A static batch built anew (the 2026-11-22 StaticSteps._batch found other members at its (frame bucket, pack)):
     eager ops and bytes counted on the meta device (`count_runner('static')`: first call less second)."""
     fit, feats = PROXY_FIT["static"], restack_features(pack, max_rows)
     return Work(ops=_lin(fit["restack_ops"], feats), flops=0.0, bytes=_lin(fit["restack_touched"], feats))
@@ -760,7 +770,7 @@ class SimSteps:
 
 class SimStaticSteps(StaticSteps, SimSteps):
     """With static shapes the worker groups steps by frame bucket (GenerationWorker._group_of). As
-    StaticSteps does, it keeps the last batch of each (frame bucket, pack) and pays for a new one
+    the StaticSteps of 2026-11-22 did, it keeps the last batch of each (frame bucket, pack) and pays for a new one
     (restack_work) when the members differ: another job, another block or CFG phase of one."""
 
     def __init__(self, sim: Simulation):

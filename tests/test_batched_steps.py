@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import batched_steps as bwd
 import engine as eng
 import inference as inf
 import worker as wk
@@ -98,7 +99,7 @@ def test_a_voice_longer_than_30_s_pads_its_batch_to_the_long_speaker_bucket(engi
     assert max(c.kv_speaker[0][0].shape[1] for c in calls) > SHORT_VOICE_PATCHES
     for e, p in zip(batched_velocity(tiny_model, calls), steps(calls), strict=True):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
-    widths = {frames: batch.key_mask.shape[1] - frames for (frames, _), batch in steps._batches.items()}
+    widths = {frames: lane.inputs[2].shape[1] - frames for frames, lane in steps._lanes.items()}  # key masks
     assert widths == {4: 160 + 768 + SHORT_VOICE_PATCHES, 8: 160 + 768 + 1600}  # only the long voice's batch
 
 
@@ -200,18 +201,75 @@ def test_guidance_rows_share_the_conditionings_keys_and_values(tiny_model):
             assert k.untyped_storage().data_ptr() == k1.untyped_storage().data_ptr() and k.stride(0) == 0
 
 
-def test_calls_outside_the_static_shapes_take_the_exact_path(engine, tiny_model):
-    calls = first_calls(engine, mixed_jobs(load_clip()))
-    narrow = StaticSteps(tiny_model, StaticShapes.covering((4,), max_rows=3, max_speaker_latent_length=8))
-    exact = batched_velocity(tiny_model, calls)
-    for e, p in zip(exact, narrow(calls), strict=True):
+def test_keys_are_written_into_the_pool_once_and_their_rows_freed_when_the_generation_moves_on(
+        engine, tiny_model, monkeypatch):
+    """A generation's keys go into the row pool at its first step of a block and CFG phase; later
+    steps with the same conditioning write none; a conditioning no step has any more gives its rows
+    back (and new conditioning of the same generation is written anew)."""
+    calls = first_calls(engine, mixed_jobs(load_clip()), skip_blocks=1)
+    steps = static_steps(tiny_model, max_rows=24)
+    written = []
+    real = bwd._Pool._write
+    monkeypatch.setattr(bwd._Pool, "_write", lambda pool, model, call, rows: written.append(rows) or
+                        real(pool, model, call, rows))
+    steps(calls)
+    assert len(written) == len(calls) and len({r for rows in written for r in rows}) == sum(c.x.shape[0] for c in calls)
+    later = [next_step(c, seed) for seed, c in enumerate(calls)]
+    for e, p in zip(batched_velocity(tiny_model, later), steps(later), strict=True):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+    assert len(written) == len(calls)  # the same conditioning: nothing written
+    free = len(steps._pool.free)
+    steps(later[1:])
+    assert len(steps._pool.free) == free + calls[0].x.shape[0] and len(written) == len(calls)
+    moved_on = dataclasses.replace(later[0], kv_text=[(k.clone(), v.clone()) for k, v in later[0].kv_text])
+    steps([moved_on, *later[1:]])
+    assert len(written) == len(calls) + 1
 
 
-def test_batched_static_jobs_give_the_audio_of_solo_exact_jobs(engine, tiny_model, tiny_fish, tiny_pca):
+def test_calls_outside_the_static_shapes_or_the_pool_take_the_exact_path(engine, tiny_model):
+    """Voices longer than the shapes' speaker keys, and more rows than the pool has (3 here)."""
+    calls = first_calls(engine, mixed_jobs(load_clip()))
+    assert sum(c.x.shape[0] for c in calls) > 3
+    exact = batched_velocity(tiny_model, calls)
+    for steps in (StaticSteps(tiny_model, StaticShapes.covering((4,), max_rows=12, max_speaker_latent_length=8)),
+                  static_steps(tiny_model, max_rows=3)):
+        for e, p in zip(exact, steps(calls), strict=True):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+        assert len(steps._pool.members) < len(calls)
+
+
+class ReplayedOnTheCpu:
+    """A CUDA graph as the CPU can have one: capture keeps the step body and the very tensors it was
+    given; a replay runs the body again on those tensors and writes into the captured output. As
+    on a GPU, a replay sees only what was written into the captured inputs' memory: a runner that
+    handed a later step new tensors would get the captured step's answer back."""
+
+    def __init__(self, body, args):
+        self.body, self.args = body, args
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.body(*self.args))
+
+    @classmethod
+    def capture(cls, steps: StaticSteps, args) -> bwd._Graph:
+        graph = cls(steps._body, args)
+        graph.out = steps._body(*args)
+        return bwd._Graph(graph, graph.out)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["static", "graph-replays"])
+def test_batched_static_jobs_give_the_audio_of_solo_exact_jobs(engine, tiny_model, tiny_fish, tiny_pca, graphs,
+                                                              monkeypatch):
     jobs = mixed_jobs(load_clip())
     solo = [np.concatenate(list(engine.generate(job))) for job in jobs]
-    static = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=static_steps(tiny_model))
+    steps = static_steps(tiny_model, cuda_graphs=graphs)
+    if graphs:
+        monkeypatch.setattr(steps, "_capture", lambda args: ReplayedOnTheCpu.capture(steps, args))
+        steps.warm_up()
+        assert steps.graphs == len(steps.shapes.all_shapes())
+    static = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), steps=steps)
     worker = wk.GenerationWorker(static, max_waiting=8, max_active=4)
     try:
         together = asyncio.run(_collect(worker, jobs))
@@ -220,6 +278,9 @@ def test_batched_static_jobs_give_the_audio_of_solo_exact_jobs(engine, tiny_mode
     for alone, batched in zip(solo, together, strict=True):
         assert alone.shape == batched.shape
         assert np.abs(alone - batched).max() <= 1e-4
+    if graphs:  # every pass was a replay: no shape was missed, none captured while serving
+        assert steps.graphs == len(steps.shapes.all_shapes())
+        assert sum(g.graph.replays for g in steps._graphs.values()) > len(steps._graphs)
 
 
 class CountingBackend:

@@ -18,7 +18,7 @@ import engine as eng
 import inference as inf
 from batched_steps import StaticShapes, StaticSteps, batched_velocity
 from conftest import REF, live_server, server_env
-from test_batched_steps import assert_compile_artifacts_reload, first_calls
+from test_batched_steps import assert_compile_artifacts_reload, first_calls, on_another_thread
 from test_engine import assert_compiled_decoder_matches_one_shot, load_clip, mixed_jobs
 from test_server import FAST, decode, speech
 from voices import SpeakerCache
@@ -121,7 +121,19 @@ def test_cuda_graphs_replay_what_eager_computes(cuda_engine):
     torch._dynamo.reset()
     steps = StaticSteps(cuda_engine.model, StaticShapes.covering((8, 16), max_rows=12), compile=True,
                         cuda_graphs=True)
-    _assert_steps_match_eager(steps, cuda_engine, repeats=4)  # eager run, recording, then replays
+    _assert_steps_match_eager(steps, cuda_engine, repeats=4)  # captured at the first step of a shape, then replayed
+
+
+def test_warm_up_captures_one_graph_per_step_shape_and_serving_captures_none(cuda_engine):
+    """One CUDA graph per (frames, rows, speaker keys), each a whole step pass, captured on the thread
+    that warms up; serving mixed batches then only replays them (and matches eager)."""
+    torch._dynamo.reset()
+    steps = StaticSteps(cuda_engine.model, StaticShapes.covering((8, 16), max_rows=12), compile=True,
+                        cuda_graphs=True)
+    on_another_thread(steps.warm_up)
+    assert steps.graphs == len(steps.shapes.all_shapes())
+    _assert_steps_match_eager(steps, cuda_engine, repeats=2)
+    assert steps.graphs == len(steps.shapes.all_shapes()) and steps.compiles_after_warm_up == 0
 
 
 def test_the_compiled_streaming_decoder_replays_what_eager_decodes_on_cuda_graphs(cuda_engine):

@@ -410,8 +410,8 @@ def test_cuda_service_loads_warms_up_and_serves_mixed_requests_on_the_device(
 
 
 def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulated_cuda, tiny_echo_dir):
-    """The plan's padded keys/values for a full batch equal, byte for byte, what StaticSteps stacks on
-    the (emulated) device for the most rows of the largest speaker bucket."""
+    """The plan's padded keys/values for every stream equal, byte for byte, the row pool StaticSteps
+    allocates on the (emulated) device at its first step."""
     import inference as inf
     from batched_steps import StaticShapes
     from runtime import memory_plan
@@ -424,8 +424,8 @@ def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulate
         plan = memory_plan(load_settings(max_active=max_active), model, steps, loaded=0)
         with torch.inference_mode():
             steps([steps._zero_call(16, 3 * max_active, shapes.speaker_patches)])
-        stacked = {t.device for b in steps._batches.values() for pair in b.kv_text for t in pair}
-    assert stacked == {CUDA}
+        pooled = {t.device for cache in steps._pool.caches(shapes.speaker_patches) for pair in cache for t in pair}
+    assert pooled == {CUDA}
     assert steps.stacked_bytes == plan.per_stream * max_active > 0
 
 
