@@ -153,31 +153,88 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
     """Load the models, start the worker and warm up (slow: seconds to minutes), reporting each
     stage to `progress`. On failure nothing is left running."""
     progress = progress or LoadProgress()
-    engine = _load_engine(settings, voices, progress)
+    settings = _fast_path_or_eager(settings)
+    engine, settings = _load_engine(settings, voices, progress)
     worker = GenerationWorker(engine, max_waiting=settings.max_queue, max_active=settings.max_active,
                               debug_sink=debug_sink,
                               max_ahead_samples=int(settings.max_ahead_seconds * inf.SAMPLE_RATE),
                               send_timeout=settings.send_timeout,
                               step_budget=StepBudget() if settings.adaptive_steps else None)
     try:
-        worker.call(lambda: _warm_up(settings, voices, engine, progress))  # on the serving thread: CUDA graphs are per thread
+        try:
+            worker.call(lambda: _warm_up(settings, voices, engine, progress))  # on the serving thread, as it serves
+        except Exception as e:
+            if not settings.fast_path_by_default:
+                raise
+            settings = _give_way_to_eager(settings, engine, f"failed to warm up: {type(e).__name__}: {e}")
+            worker.call(lambda: _warm_up(settings, voices, engine, progress))
     except BaseException:
         worker.close()
         raise
+    if settings.compiles:
+        fast_path_failure_path(settings).unlink(missing_ok=True)
     save_load_times(load_times_path(settings), progress.finish())
     return Runtime(engine, worker)
 
 
 def uses_compile(settings: Settings) -> bool:
     """torch.compile is used: the decoder with ECHO_COMPILE, the autoencoder with ECHO_COMPILE_AE on CUDA."""
-    return settings.compile or (settings.compile_ae and settings.fish_device_name.startswith("cuda"))
+    return settings.compiles or (settings.compile_ae and settings.fish_device_name.startswith("cuda"))
+
+
+def fast_path_failure_path(settings: Settings) -> Path:
+    """Where a start that could not use the default fast path says why (ECHO_CACHE_DIR), so the next
+    starts with the same torch go straight to the eager path instead of failing again."""
+    return settings.cache_dir / f"echo_tts_fast_path_failed_{settings.cache_version}.json"
+
+
+def _fast_path_or_eager(settings: Settings) -> Settings:
+    """The settings to start with: eager when the default fast path failed at an earlier start with
+    this torch (ECHO_COMPILE=1 tries it again)."""
+    if not settings.fast_path_by_default:
+        return settings
+    try:
+        failed = json.loads(fast_path_failure_path(settings).read_text())
+    except FileNotFoundError:
+        return settings
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: %s", fast_path_failure_path(settings), e)
+        return settings
+    if not isinstance(failed, dict) or failed.get("torch") != torch.__version__:
+        return settings
+    log.warning("serving on the eager path: the compiled fast path failed at an earlier start (%s); set "
+                "ECHO_COMPILE=1 to try it again, ECHO_COMPILE=0 to silence this", failed.get("why"))
+    return _eager(settings)
+
+
+def _eager(settings: Settings) -> Settings:
+    return settings.model_copy(update={"compile": False, "cuda_graphs": False})
+
+
+def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str) -> Settings:
+    """The default fast path cannot start: log why, remember it for the next starts, and serve
+    eager (exact batching, nothing compiled) rather than not at all."""
+    log.warning("the compiled fast path (the default on CUDA) %s; serving on the eager path instead. Set "
+                "ECHO_COMPILE=0 to skip it, ECHO_COMPILE=1 to make this an error", why)
+    path = fast_path_failure_path(settings)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"torch": torch.__version__, "why": why}))
+    except OSError as e:
+        log.warning("could not save %s: %s", path, e)
+    if engine is not None:
+        engine.steps, engine.text_encoder, engine.stream_decoder = ExactSteps(engine.model), None, None
+        if engine.model.device.type == "cuda":
+            torch.cuda.empty_cache()  # (the static runner's pool and graphs)
+    return _eager(settings)
 
 
 def compile_cache_path(settings: Settings) -> Path:
     return settings.cache_dir / f"echo_tts_compile_cache_{settings.cache_version}.bin"
 
 
-def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> SpeechEngine:
+def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> tuple[SpeechEngine, Settings]:
+    """The engine, and the settings it runs (eager when the default fast path cannot fit)."""
     started = time.perf_counter()
     if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
@@ -200,21 +257,27 @@ def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> S
              s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
     steps = _step_runner(s, model)
     if isinstance(steps, StaticSteps) and model.device.type == "cuda":
-        check_memory(memory_plan(s, model, steps), model.device)
+        try:
+            check_memory(memory_plan(s, model, steps), model.device)
+        except MemoryTooSmall as e:
+            if not s.fast_path_by_default:
+                raise
+            s = _give_way_to_eager(s, None, f"does not fit: {e}")
+            steps = _step_runner(s, model)
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
                         steps=steps, reroll=_vad_reroll(s), step_floor=_step_floor(s),
-                        text_encoder=CompiledTextEncoder(model) if s.compile else None,
-                        stream_decoder=_stream_decoder(s, fish))
+                        text_encoder=CompiledTextEncoder(model) if s.compiles else None,
+                        stream_decoder=_stream_decoder(s, fish)), s
 
 
 def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
     """With ECHO_COMPILE, the streaming decoder compiled in pieces of the first block's frames (with
     CUDA graphs as the steps have them)."""
-    if not s.compile:
+    if not s.compiles:
         return None
     return CompiledStreamDecoder(frames=min(s.stream_preset[0]),
-                                 cuda_graphs=s.cuda_graphs and fish.device.type == "cuda")
+                                 cuda_graphs=s.replays_graphs and fish.device.type == "cuda")
 
 
 GIB = 1 << 30
@@ -314,12 +377,12 @@ def _step_runner(s: Settings, model: EchoDiT) -> StepRunner:
     shapes = StaticShapes.covering(blocks, max_rows=3 * s.max_active, patch_size=model.speaker_patch_size,
                                    max_speaker_latent_length=s.max_speaker_latent_length,
                                    latent_prefix=model.has_latent_prefix)
-    cuda_graphs = s.cuda_graphs and s.compile and model.device.type == "cuda"
+    cuda_graphs = s.replays_graphs and s.compiles and model.device.type == "cuda"
     if s.cuda_graphs and not cuda_graphs:
         log.info("ECHO_CUDA_GRAPHS ignored: it needs ECHO_COMPILE and a CUDA device")
     log.info("static step shapes: frames %s, rows %s%s", shapes.frame_buckets, shapes.row_buckets,
-             " (compiled" + (", CUDA graphs)" if cuda_graphs else ")") if s.compile else "")
-    return StaticSteps(model, shapes, compile=s.compile, cuda_graphs=cuda_graphs)
+             " (compiled" + (", CUDA graphs)" if cuda_graphs else ")") if s.compiles else "")
+    return StaticSteps(model, shapes, compile=s.compiles, cuda_graphs=cuda_graphs)
 
 
 def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: LoadProgress) -> None:
@@ -339,7 +402,7 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
         engine.stream_decoder.warm_up(engine.fish_ae)
     if isinstance(engine.steps, StaticSteps):
         shapes = len(engine.steps.shapes.all_shapes())
-        progress.enter("compiling step shapes" if s.compile else "warming up step shapes", shapes)
+        progress.enter("compiling step shapes" if s.compiles else "warming up step shapes", shapes)
         engine.steps.warm_up(on_shape=progress.advance)
         log.info("%d step shapes warmed up in %.1f s", shapes, time.perf_counter() - started)
     voice = s.warmup_voice or "none"

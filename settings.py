@@ -47,9 +47,9 @@ class Settings(BaseSettings):
     fish_device: str | None = None  # defaults to `device`
     model_dtype: str = "bfloat16"
     fish_dtype: str = "float32"
-    compile: bool = False
+    compile: bool | None = None  # unset: on when the model runs on CUDA (eager if it fails there), off on the CPU
     static_shapes: bool | None = None  # pad steps to fixed shapes; unset: on with ECHO_COMPILE
-    cuda_graphs: bool = False  # replay compiled steps as CUDA graphs (needs ECHO_COMPILE on CUDA)
+    cuda_graphs: bool | None = None  # replay compiled steps as CUDA graphs; unset: on when compiling on CUDA
     compile_ae: bool = True
     compile_lora_only: bool = False  # accepted for compatibility; there is no LoRA support
     cache_dir: Path = Path("/tmp")
@@ -207,12 +207,34 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def compiles(self) -> bool:
+        """Whether the decoder, text encoder and streaming decoder are compiled: ECHO_COMPILE, or
+        unset, the fast path on CUDA (unless ECHO_STATIC_SHAPES=0 asks for exact eager batching)."""
+        if self.compile is None:
+            return self.torch_device.type == "cuda" and self.static_shapes is not False
+        return self.compile
+
+    @property
+    def fast_path_by_default(self) -> bool:
+        """Compiling because ECHO_COMPILE is unset on CUDA: a fast path that fails to start gives way
+        to the eager one (runtime.load_runtime) instead of stopping the server."""
+        return self.compile is None and self.compiles
+
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether compiled steps (and a lone stream's decoder pieces) replay as CUDA graphs:
+        ECHO_CUDA_GRAPHS, or unset, whenever they are compiled on CUDA."""
+        if self.cuda_graphs is None:
+            return self.compiles and self.torch_device.type == "cuda"
+        return self.cuda_graphs
+
+    @property
     def use_static_shapes(self) -> bool:
         """Whether diffusion steps run at fixed, padded shapes (batched_steps.StaticSteps): what
         compiled graphs need, and only they. Eager, padding only costs memory and time (measured on
         an H100, 2026-11-22: 64 streams' padded caches did not fit in 80 GB)."""
         if self.static_shapes is None:
-            return self.compile
+            return self.compiles
         return self.static_shapes
 
     @property

@@ -69,11 +69,17 @@ from synthetic import write_synthetic_repos  # noqa: E402
 
 # Server configurations of the matrix: ECHO_* settings on top of the device's defaults.
 CONFIGS: dict[str, dict[str, str]] = {
-    "eager": {},  # the default: exact eager batching, compiled autoencoder
-    "static": {"ECHO_STATIC_SHAPES": "1"},  # padded to static shapes, eager (what compiled graphs run)
-    "compile": {"ECHO_COMPILE": "1"},
-    "compile+graphs": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "1"},
+    "eager": {"ECHO_COMPILE": "0"},  # exact eager batching, compiled autoencoder (the default before 2026-12-06)
+    "static": {"ECHO_COMPILE": "0", "ECHO_STATIC_SHAPES": "1"},  # padded to static shapes, eager (what graphs run)
+    "compile": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "0"},
+    "compile+graphs": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "1"},  # the default on CUDA
 }
+
+
+def compiled(name: str) -> bool:
+    return CONFIGS[name].get("ECHO_COMPILE") == "1"
+
+
 # Poisson arrival rates (requests/s) of the benchmark text (29.7 s of audio on the random synthetic model):
 # the H100's eager default served ~38 audio-s/s at any load (~1.3 requests/s), compiled with CUDA graphs ~61
 EAGER_RATES = [0.5, 1.0, 2.0]
@@ -228,7 +234,7 @@ def start_estimate(name: str, tiny: bool) -> float:
     eager 27 s, compiled 94 s)."""
     if tiny:
         return 15
-    return 130 if CONFIGS[name].get("ECHO_COMPILE") else 50
+    return 130 if compiled(name) else 50
 
 
 def burst_estimate(name: str, tiny: bool) -> float:
@@ -631,7 +637,7 @@ def rates_for(args: argparse.Namespace, name: str) -> list[float]:
         return args.rates
     if args.tiny:
         return TINY_RATES
-    return COMPILED_RATES if CONFIGS[name].get("ECHO_COMPILE") else EAGER_RATES
+    return COMPILED_RATES if compiled(name) else EAGER_RATES
 
 
 class Interrupted(SystemExit):
@@ -694,7 +700,7 @@ def _stages(run: Run, work: Path) -> None:
     run.record("environment and weights", "done", time.monotonic() - t0)
 
     def config_env(name: str) -> tuple[dict[str, str], list[int], list[int]]:
-        if CONFIGS[name].get("ECHO_COMPILE") or CONFIGS[name].get("ECHO_STATIC_SHAPES"):
+        if compiled(name) or CONFIGS[name].get("ECHO_STATIC_SHAPES") == "1":
             cap = args.static_max_active
             return ({**base_env, "ECHO_MAX_ACTIVE": str(min(cap, max(args.levels)))},
                     [n for n in args.levels if n <= cap], [n for n in args.levels if n > cap])

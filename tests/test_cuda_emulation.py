@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import sys
 import threading
 import weakref
@@ -444,3 +445,69 @@ def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_
             service.close()
     reason = service.unready_reason()
     assert "ECHO_MAX_ACTIVE=8 needs at least" in reason and "use ECHO_STATIC_SHAPES=0" in reason, reason
+
+
+# ---- the fast path by default (issue 20 item 5) ---------------------------------------------------
+
+
+def _start(settings, emulated_cuda, serve: bool = False) -> tuple[svc.SpeechService, eng.SpeechEngine | None,
+                                                                  list[np.ndarray]]:
+    """Load (and with `serve`, answer one request), then close: the service, its engine, the audio."""
+    service, engine, audio = svc.SpeechService(settings), None, []
+    with emulated_cuda:
+        try:
+            service.start_loading().join()
+            if service.load_error is None:
+                engine = service.engine
+            if serve and engine is not None:
+                audio = asyncio.run(_serve(service, [{"voice": "alice", "stream": True, "seed": 1,
+                                                      "block_sizes": [8, 8], "num_steps": [2, 2]}]))
+        finally:
+            service.close()
+    return service, engine, audio
+
+
+def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_starts_skip_it(
+        emulated_cuda, monkeypatch, caplog, tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    """Unset, ECHO_COMPILE means the compiled fast path on CUDA. When it cannot warm up, the server
+    still starts, eager, says why, and the next start (same torch) goes straight to eager; asked
+    for with ECHO_COMPILE=1, the same failure stops loading."""
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=True, max_active=3,
+                             compile_ae=False, cache_dir=tmp_path)
+    assert settings.fast_path_by_default
+    tried = []
+
+    def fails(*args, **kwargs):
+        tried.append(1)
+        raise RuntimeError("inductor fell over")
+
+    monkeypatch.setattr(eng.CompiledTextEncoder, "warm_up", fails)  # the first part warm-up compiles
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        service, engine, audio = _start(settings, emulated_cuda, serve=True)
+    assert service.load_error is None and tried == [1]
+    assert isinstance(engine.steps, ExactSteps) and engine.text_encoder is None and engine.stream_decoder is None
+    assert len(audio) == 1 and audio[0].size > 0 and np.isfinite(audio[0]).all()
+    assert ("the compiled fast path (the default on CUDA) failed to warm up: RuntimeError: inductor fell over; "
+            "serving on the eager path") in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        again, engine, _ = _start(settings, emulated_cuda)
+    assert again.load_error is None and tried == [1] and isinstance(engine.steps, ExactSteps)
+    assert "the compiled fast path failed at an earlier start (failed to warm up: RuntimeError" in caplog.text
+
+    asked, _, _ = _start(settings.model_copy(update={"compile": True}), emulated_cuda)
+    assert tried == [1, 1] and "inductor fell over" in asked.unready_reason()
+
+
+def test_a_default_fast_path_that_does_not_fit_gives_way_to_eager(emulated_cuda, caplog, tiny_echo_dir,
+                                                                  tiny_fish_dir, voice_dir, tmp_path):
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=False, max_active=8,
+                             compile_ae=False, cache_dir=tmp_path)
+    emulated_cuda.free_memory = 1 << 30  # 1 GiB: not even the planned workspace
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        service, engine, _ = _start(settings, emulated_cuda)
+    assert service.load_error is None and isinstance(engine.steps, ExactSteps)
+    assert "does not fit: ECHO_MAX_ACTIVE=8 needs at least" in caplog.text

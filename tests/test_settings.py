@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, AppServer, server_env
 from settings import PERFORMANCE_PRESETS, ConfigError, load_settings
@@ -18,7 +19,7 @@ def test_defaults_match_the_fork(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     s = load_settings()
     assert (s.port, s.host, s.device, s.model_dtype, s.fish_dtype) == (8000, "0.0.0.0", "cpu", "bfloat16", "float32")
-    assert (s.compile, s.compile_ae, s.chunking, s.folder_support) == (False, True, True, True)
+    assert (s.compiles, s.compile_ae, s.chunking, s.folder_support) == (False, True, True, True)  # (on the CPU)
     assert (s.chunk_chars_per_second, s.chunk_words_per_second, s.max_speaker_latent_length) == (14, 2.7, 6400)
     assert (s.num_steps_nonstream, s.output_sample_rate, s.max_input_chars) == (20, None, 4096)
     assert s.stream_preset == ([32, 128, 480], [8, 15, 20])
@@ -89,7 +90,7 @@ def test_explicit_cuda_without_cuda_is_a_start_up_error_naming_the_variable(monk
 def test_static_shapes_follow_compile(monkeypatch):
     for name in ("ECHO_DEVICE", "ECHO_COMPILE", "ECHO_STATIC_SHAPES", "ECHO_CUDA_GRAPHS"):
         monkeypatch.delenv(name, raising=False)
-    assert not load_settings().use_static_shapes and not load_settings().cuda_graphs  # eager: exact batching
+    assert not load_settings().use_static_shapes and not load_settings().replays_graphs  # CPU: exact batching
     assert not load_settings(device="cpu").use_static_shapes  # CPU: exact, bit-identical batching
     assert load_settings(compile=True).use_static_shapes  # compiled graphs need fixed shapes
     assert load_settings(device="cpu", compile=True).use_static_shapes  # compiled graphs need fixed shapes
@@ -99,6 +100,24 @@ def test_static_shapes_follow_compile(monkeypatch):
     monkeypatch.setenv("ECHO_STATIC_SHAPES", "0")
     with pytest.raises(ConfigError, match="ECHO_COMPILE needs static shapes"):
         load_settings()
+
+
+def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the_cpu(monkeypatch):
+    """Issue 20 item 5: unset, ECHO_COMPILE and ECHO_CUDA_GRAPHS mean compiled with CUDA graphs on a
+    GPU (giving way to eager if that cannot start) and eager on the CPU; each can be set either way."""
+    for name in ("ECHO_DEVICE", "ECHO_COMPILE", "ECHO_STATIC_SHAPES", "ECHO_CUDA_GRAPHS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = load_settings()
+    assert gpu.device == "cuda" and gpu.compiles and gpu.replays_graphs and gpu.use_static_shapes
+    assert gpu.fast_path_by_default
+    asked = load_settings(compile=True)
+    assert asked.compiles and asked.replays_graphs and not asked.fast_path_by_default  # asked for: failing is an error
+    for eager in (load_settings(compile=False), load_settings(static_shapes=False), load_settings(device="cpu")):
+        assert not any((eager.compiles, eager.replays_graphs, eager.use_static_shapes, eager.fast_path_by_default))
+    assert load_settings(cuda_graphs=False).compiles and not load_settings(cuda_graphs=False).replays_graphs
+    monkeypatch.setenv("ECHO_COMPILE", "0")
+    assert not load_settings().compiles
 
 
 @pytest.mark.parametrize("name, value", [("ECHO_COMPILE", "maybe"), ("PORT", "eighty"), ("ECHO_DEVICE", "gpu"),
