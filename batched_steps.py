@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from inference import (LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall,
@@ -337,12 +338,9 @@ class _Pool:
         kinds = [(self.text, call.kv_text), (self.speaker, call.kv_speaker)]
         if self.latent is not None:
             kinds.append((self.latent, latent_kv_or_empty(model, call)))
-        for pool, cache in kinds:
-            block = pool.new_zeros(pool.shape[0], 2, len(rows), *pool.shape[3:])
-            for layer, pair in enumerate(cache):
-                for j, part in enumerate(pair):
-                    block[layer, j, :, :part.shape[1]] = part
-            pool.index_copy_(2, index, block)
+        for pool, cache in kinds:  # each kind in a few ops, whatever the layers: (L, 2, n, length, H, D)
+            block = torch.stack([t for pair in cache for t in pair]).unflatten(0, (pool.shape[0], 2))
+            pool.index_copy_(2, index, F.pad(block, (0, 0, 0, 0, 0, pool.shape[3] - block.shape[3])))
 
 
 @dataclass(eq=False)

@@ -464,6 +464,13 @@ PROXY_FIT = {
     "job_ops_per_step": 37.4,  # eager ops of a job's own code per diffusion step (sampler; tiny model, engine.job_steps)
 }
 GRAPH_REPLAYS_PER_PASS = 24  # CompiledBlocks: one graph (replay) per decoder block
+# StaticSteps since 2026-12-06 ('pooled'): one graph per pass; outside it (count_runner('static')["outside_ops"],
+# counted 2026-12-06: 11, 14, 26 at 1, 4, 16 generations); a bucket's masks and row indices rebuilt when its members
+# change; a new member's keys stacked, padded and copied into the row pool (3 copies of its rows' keys)
+POOLED_OUTSIDE_OPS = {"one": 10.0, "gens": 1.0}
+POOLED_LANE_OPS = {"one": 10.0, "gens": 8.0}
+POOLED_WRITE_OPS = 15.0
+POOLED_SPEAKER_BUCKETS = (160, 1600)  # voices up to ~30 s, then up to 5 min
 KV_BYTES_PER_ROWKEY = 24 * 2 * 2048 * 2  # layers x (key, value) x H*D x bf16
 ACTIVATION_BYTES_PER_TOKEN = 24 * 8 * 2048 * 2  # a fused layer reads/writes ~8 activations of H*D per token
 GAP_TOLERANCE = 0.01  # s, as bench_server: an arrival later than this after the audio ran out is a gap
@@ -518,15 +525,17 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
     """The passes one runner call makes for these generations (frames, rows, prefix patches, text
     tokens, speaker patches): 'exact' one pass per frame count; 'padded' one pass padded to the
     longest frames and keys (a10f983); 'static' one pass per frame bucket and pack of at most
-    max_rows rows, rows padded to a row bucket, keys to the 2026-11-22 static shapes (S + 2528)."""
-    fit = PROXY_FIT[runner]
+    max_rows rows, rows padded to a row bucket, keys to the 2026-11-22 static shapes (S + 2528), a
+    graph replay per block; 'pooled' (StaticSteps since 2026-12-06) the same passes with speaker keys
+    bucketed (S + 928 + 160 for voices up to ~30 s) and one graph replay per pass."""
+    fit = PROXY_FIT["static" if runner == "pooled" else runner]
     job_ops = PROXY_FIT["job_ops_per_step"] * len(gens)
     if runner == "padded":
         groups = [list(gens)]
     else:
         by: dict[int, list] = {}
         for g in gens:
-            by.setdefault(_frame_bucket(g[0]) if runner == "static" else g[0], []).append(g)
+            by.setdefault(_frame_bucket(g[0]) if runner in ("static", "pooled") else g[0], []).append(g)
         groups = list(by.values())
     out = []
     for group in groups:
@@ -548,9 +557,12 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
             buckets = row_buckets(max_rows)
             for pack in packs:
                 padded_rows = next(b for b in buckets if b >= sum(g[1] for g in pack))
-                feats = step_features([(frames, padded_rows, 0, 0, 0)], frames, keys_pad=frames + 2528)
-                ops = _lin(fit["outside_ops"], dict(gens=len(pack))) + job_ops * len(pack) / len(gens)
-                out.append(Work(ops=ops, replays=GRAPH_REPLAYS_PER_PASS, flops=_lin(fit["flops"], feats),
+                keys, outside, replays = 2528, fit["outside_ops"], GRAPH_REPLAYS_PER_PASS
+                if runner == "pooled":
+                    keys, outside, replays = 928 + _speaker_bucket(pack), POOLED_OUTSIDE_OPS, 1
+                feats = step_features([(frames, padded_rows, 0, 0, 0)], frames, keys_pad=frames + keys)
+                ops = _lin(outside, dict(gens=len(pack))) + job_ops * len(pack) / len(gens)
+                out.append(Work(ops=ops, replays=replays, flops=_lin(fit["flops"], feats),
                                 bytes=PROXY_FIT["weight_bytes"] + feats["rowkeys"] * KV_BYTES_PER_ROWKEY
                                 + feats["tokens"] * ACTIVATION_BYTES_PER_TOKEN, compiled=True))
     return out
@@ -561,6 +573,21 @@ def restack_work(pack: Sequence[tuple], max_rows: int) -> Work:
     eager ops and bytes counted on the meta device (`count_runner('static')`: first call less second)."""
     fit, feats = PROXY_FIT["static"], restack_features(pack, max_rows)
     return Work(ops=_lin(fit["restack_ops"], feats), flops=0.0, bytes=_lin(fit["restack_touched"], feats))
+
+
+def _speaker_bucket(pack: Sequence[tuple]) -> int:
+    return next(b for b in POOLED_SPEAKER_BUCKETS if b >= max(g[4] for g in pack))
+
+
+def pool_write_work(gen: tuple) -> Work:
+    """A new member's keys into StaticSteps' row pool (frames, rows, prefix, text, speaker patches)."""
+    keys = 160 + 768 + _speaker_bucket([gen])
+    return Work(ops=POOLED_WRITE_OPS, flops=0.0, bytes=3 * gen[1] * keys * KV_BYTES_PER_ROWKEY)
+
+
+def lane_work(pack: Sequence[tuple]) -> Work:
+    """A frame bucket's row indices, positions and key mask rebuilt for new members."""
+    return Work(ops=_lin(POOLED_LANE_OPS, dict(gens=len(pack))), flops=0.0, bytes=0.0)
 
 
 def _pass_work(fit: dict, group: Sequence[tuple], frames: int, keys_pad: int | None, job_ops: float) -> Work:
@@ -777,6 +804,7 @@ class SimStaticSteps(StaticSteps, SimSteps):
         SimSteps.__init__(self, sim)
         self.shapes = StaticShapes(STATIC_FRAMES, row_buckets(sim.max_rows), 160, 768, (1600,))
         self._members: dict[tuple[int, int], tuple] = {}
+        self._pooled: set = set()  # ('pooled') members whose keys are in the pool
 
     def __call__(self, calls: Sequence[ModelCall]) -> list[None]:
         sim, used = self.sim, set()
@@ -796,9 +824,14 @@ class SimStaticSteps(StaticSteps, SimSteps):
                 members = tuple(c.member for c in pack)
                 if self._members.get((frames, index)) != members:
                     self._members[(frames, index)] = members
-                    sim.spend(restack_work([c.gen for c in pack], sim.max_rows))
+                    if sim.runner == "pooled":
+                        sim.spend([pool_write_work(c.gen) for c in pack if c.member not in self._pooled])
+                        sim.spend(lane_work([c.gen for c in pack]))
+                    else:
+                        sim.spend(restack_work([c.gen for c in pack], sim.max_rows))
         for stale in self._members.keys() - used:
             del self._members[stale]
+        self._pooled = {c.member for c in calls}
         return SimSteps.__call__(self, calls)
 
 
@@ -807,7 +840,7 @@ class SimEngine:
 
     def __init__(self, sim: Simulation):
         self.sim = sim
-        self.steps = SimStaticSteps(sim) if sim.runner == "static" else SimSteps(sim)
+        self.steps = SimStaticSteps(sim) if sim.runner in ("static", "pooled") else SimSteps(sim)
         self._audio: dict[int, np.ndarray] = {}
 
     def job_steps(self, job: SimJob):
@@ -1105,6 +1138,8 @@ def main() -> None:
     parser.add_argument("--policy", choices=("deadline", "lockstep"), default="deadline")
     parser.add_argument("--config", choices=("eager", "graphs"), default="eager")
     parser.add_argument("--max-active", type=int, default=64)
+    parser.add_argument("--runner", choices=("exact", "padded", "static", "pooled"),
+                        help="the step runner costed (default: static with graphs, else exact; lockstep: padded)")
     parser.add_argument("--realtime", action="store_true", help="also search the largest burst without underruns")
     parser.add_argument("--proxy", action="store_true", help="proxy metrics per stage (meta device; ~1 min)")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -1122,7 +1157,7 @@ def main() -> None:
         print(f"\ncalibration (lockstep, as run on 2026-11-22), constants {k}")
         print(fmt_table([dict(r, error=f"{100 * r['error']:+.0f} %", fitted="fit" if r["fitted"] else "predicted")
                          for r in rows], ("config", "what", "measured", "simulated", "error", "fitted")))
-    options = dict(max_active=args.max_active)
+    options = dict(max_active=args.max_active, runner=args.runner)
     if args.burst:
         rows = [burst(k, int(n), args.config, args.policy, **options) for n in args.burst.split(",")]
         result["burst"] = rows
