@@ -520,7 +520,7 @@ class StaticSteps:
         if self._graph_memory is None:
             self._graph_memory = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_memory):
+        with torch.cuda.graph(graph, pool=self._graph_memory, capture_error_mode="thread_local"):  # (other threads: CUDA)
             out = self._body(*args)
         return _Graph(graph, out)
 
