@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     fish_dtype: str = "float32"
     compile: bool | None = None  # unset: on when the model runs on CUDA (eager if it fails there), off on the CPU
     static_shapes: bool | None = None  # pad steps to fixed shapes; unset: on with ECHO_COMPILE
-    cuda_graphs: bool | None = None  # replay compiled steps as CUDA graphs; unset: on when compiling on CUDA
+    cuda_graphs: bool | None = None  # replay static steps as CUDA graphs; unset: on when compiling on CUDA
     compile_ae: bool = True
     compile_lora_only: bool = False  # accepted for compatibility; there is no LoRA support
     cache_dir: Path = Path("/tmp")
@@ -222,8 +222,8 @@ class Settings(BaseSettings):
 
     @property
     def replays_graphs(self) -> bool:
-        """Whether compiled steps (and a lone stream's decoder pieces) replay as CUDA graphs:
-        ECHO_CUDA_GRAPHS, or unset, whenever they are compiled on CUDA."""
+        """Whether static-shape steps replay as CUDA graphs, and (compiled) a lone stream's decoder
+        pieces: ECHO_CUDA_GRAPHS, or unset, whenever they are compiled on CUDA."""
         if self.cuda_graphs is None:
             return self.compiles and self.torch_device.type == "cuda"
         return self.cuda_graphs

@@ -12,7 +12,7 @@ written after every stage, so a run cut short (SIGTERM from `timeout` too) keeps
 1. the environment (torch, CUDA, GPU name and memory), the carried wheels (`--wheels`, see
    benchmarks/wheelhouse.sh; `pip --no-index`) and the full-size synthetic checkpoints
    (benchmarks/synthetic.py) in `--weights`;
-2. for each server configuration (`--configs`, in that order; default eager, then compile+graphs),
+2. for each server configuration (`--configs`, in that order; default compile+graphs (the default on CUDA), eager, static+graphs),
    one `api_server.py` through the real HTTP stack:
    a. burst levels (`--levels`, default 1,4,16,24; static-shape configurations stop at
       `--static-max-active`): that many streams started at once; time to first audio byte p50/p95,
@@ -73,6 +73,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "static": {"ECHO_COMPILE": "0", "ECHO_STATIC_SHAPES": "1"},  # padded to static shapes, eager (what graphs run)
     "compile": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "0"},
     "compile+graphs": {"ECHO_COMPILE": "1", "ECHO_CUDA_GRAPHS": "1"},  # the default on CUDA
+    "static+graphs": {"ECHO_COMPILE": "0", "ECHO_STATIC_SHAPES": "1", "ECHO_CUDA_GRAPHS": "1"},  # eager steps captured
 }
 
 
@@ -588,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wheels", type=Path, help="install these wheels offline first (benchmarks/wheelhouse.sh)")
     parser.add_argument("--weights", type=Path, default=Path("/tmp/echo-synthetic"), help="synthetic weights dir")
     parser.add_argument("--configs", help=f"comma-separated, from {', '.join(CONFIGS)}, in the order to run them, or "
-                                          "none (default: eager,compile+graphs on CUDA; eager,static with --tiny)")
+                                          "none (default: compile+graphs,eager,static+graphs on CUDA; eager,static with --tiny)")
     parser.add_argument("--levels", help="burst levels: streams started at once (default 1,4,16,24; 1,2,4 with --tiny)")
     parser.add_argument("--rates", help="Poisson arrival rates, requests per second, lowest first (default "
                                         f"{','.join(map(format, EAGER_RATES))} for eager and static, "
@@ -618,7 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "in process (ttfb_breakdown.py), after every configuration's server "
                                             "stage (default: the configs run, on CUDA; none with --tiny)")
     args = parser.parse_args(argv)
-    configs = args.configs or ("eager,static" if args.tiny else "eager,compile+graphs")
+    configs = args.configs or ("eager,static" if args.tiny else "compile+graphs,eager,static+graphs")
     args.configs = [] if configs == "none" else configs.split(",")
     breakdown = args.breakdown if args.breakdown is not None else ("" if args.tiny else ",".join(args.configs))
     args.breakdown = [name for name in breakdown.split(",") if name]

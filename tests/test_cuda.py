@@ -117,9 +117,10 @@ def test_static_steps_match_exact_steps_on_cuda(cuda_engine, compile):
     _assert_steps_match_eager(steps, cuda_engine)
 
 
-def test_cuda_graphs_replay_what_eager_computes(cuda_engine):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-captured", "compiled-captured"])
+def test_cuda_graphs_replay_what_eager_computes(cuda_engine, compile):
     torch._dynamo.reset()
-    steps = StaticSteps(cuda_engine.model, StaticShapes.covering((8, 16), max_rows=12), compile=True,
+    steps = StaticSteps(cuda_engine.model, StaticShapes.covering((8, 16), max_rows=12), compile=compile,
                         cuda_graphs=True)
     _assert_steps_match_eager(steps, cuda_engine, repeats=4)  # captured at the first step of a shape, then replayed
 
