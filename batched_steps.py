@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from inference import (LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall,
@@ -205,6 +205,7 @@ def _bucket(buckets: Sequence[int], n: int) -> int | None:
 
 
 SHORT_VOICE_PATCHES = MAX_SEQUENCE_LENGTH // 4  # speaker patches of a voice up to ~30 s (640 latent frames)
+PASS_TOKENS = 16384  # rows x frames of a static pass at most: beyond ~8k tokens an H100 pass is compute-bound
 
 
 @dataclass(frozen=True)
@@ -216,19 +217,30 @@ class StaticShapes:
     prefix_patches: int  # Q: latent-prefix keys
     text_tokens: int  # T: text keys
     speaker_buckets: tuple[int, ...]  # ascending; P: a batch's speaker keys round up to one of these
+    max_tokens: int | None = None  # rows x frames of one pass at most (3 rows always): more run as several passes
 
     @classmethod
     def covering(cls, block_sizes: Iterable[int], max_rows: int, patch_size: int = 4,
                  max_speaker_latent_length: int = MAX_SPEAKER_LATENT_LENGTH,
-                 latent_prefix: bool = True) -> StaticShapes:
+                 latent_prefix: bool = True, max_tokens: int | None = PASS_TOKENS) -> StaticShapes:
         """Shapes for the given block sizes (the 640-frame whole generation is always one), up to
-        `max_rows` rows per forward pass (3 CFG rows per generation at most), and speaker keys of
-        voices up to ~30 s or up to the longest voice: typical voices then pad to 160 speaker keys,
-        not 1600, which takes the padded key/value caches from 2528 to 1088 keys a row."""
+        `max_rows` rows (3 CFG rows per generation at most) and `max_tokens` tokens per forward pass,
+        and speaker keys of voices up to ~30 s or up to the longest voice: typical voices then pad to
+        160 speaker keys, not 1600, which takes the padded key/value caches from 2528 to 1088 keys a row."""
         frames = tuple(sorted(set(block_sizes) | {MAX_SEQUENCE_LENGTH}))
         speakers = math.ceil(max_speaker_latent_length / patch_size)
         return cls(frames, row_buckets(max_rows), MAX_SEQUENCE_LENGTH // patch_size if latent_prefix else 0,
-                   MAX_TEXT_LENGTH, tuple(sorted({min(SHORT_VOICE_PATCHES, speakers), speakers})))
+                   MAX_TEXT_LENGTH, tuple(sorted({min(SHORT_VOICE_PATCHES, speakers), speakers})), max_tokens)
+
+    def rows_at(self, frames: int) -> int:
+        """The most rows of a pass of this frame bucket: `max_tokens` of them (but a guided generation's 3)."""
+        if self.max_tokens is None:
+            return self.row_buckets[-1]
+        return min(self.row_buckets[-1], max(3, self.max_tokens // frames))
+
+    def row_buckets_at(self, frames: int) -> tuple[int, ...]:
+        cap = self.rows_at(frames)
+        return tuple(b for b in self.row_buckets if b < cap) + (cap,)
 
     @property
     def speaker_patches(self) -> int:
@@ -242,33 +254,45 @@ class StaticShapes:
     def fits(self, call: ModelCall) -> bool:
         """Whether the call's step can run at these shapes (else it takes the exact path)."""
         prefix = 0 if call.kv_latent is None else call.kv_latent[0][0].shape[1]
-        return (call.x.shape[1] <= self.frame_buckets[-1] and call.x.shape[0] <= self.row_buckets[-1]
-                and prefix <= self.prefix_patches and call.text_mask.shape[1] <= self.text_tokens
+        return (call.x.shape[1] <= self.frame_buckets[-1]
+                and call.x.shape[0] <= self.rows_at(self.frames_for(call.x.shape[1])) and prefix <= self.prefix_patches and call.text_mask.shape[1] <= self.text_tokens
                 and call.kv_speaker[0][0].shape[1] <= self.speaker_patches)
 
     def frames_for(self, frames: int) -> int:
         return _bucket(self.frame_buckets, frames)
 
-    def rows_for(self, rows: int) -> int:
-        return _bucket(self.row_buckets, rows)
+    def rows_for(self, rows: int, frames: int) -> int:
+        return _bucket(self.row_buckets_at(frames), rows)
 
     def speakers_for(self, patches: int) -> int:
         return _bucket(self.speaker_buckets, patches)
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         """Every (frames, rows, speaker keys) a forward pass can have."""
-        return [(f, r, p) for f in self.frame_buckets for r in self.row_buckets for p in self.speaker_buckets]
+        return [(f, r, p) for f in self.frame_buckets for r in self.row_buckets_at(f) for p in self.speaker_buckets]
 
     def stacked_bytes(self, model: EchoDiT, rows: int) -> int:
         """Bytes of the padded prefix, text and speaker keys and values StaticSteps pools for `rows`
         rows at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and values."""
         return rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
 
-    def joined_bytes(self, model: EchoDiT, rows: int) -> int:
-        """Bytes a pass of `rows` rows at the largest frame and speaker buckets holds for a moment
-        per layer: its keys and values gathered from the pool and joined behind its self keys, each
-        (rows, S + Q + T + P, H, D) (compiled, the gather and the join are one kernel; eager, two)."""
-        return rows * 2 * 2 * (self.frame_buckets[-1] + self.key_length(self.speaker_patches)) * _token_bytes(model)
+    def own_bytes(self, model: EchoDiT) -> int:
+        """A generation's own prefix and text keys and values at most (one row: its guidance rows are
+        views), which it keeps while it runs beside their copy in the pool."""
+        return len(model.blocks) * 2 * (self.prefix_patches + self.text_tokens) * _token_bytes(model)
+
+    def pass_bytes(self, model: EchoDiT, rows: int) -> int:
+        """What the largest pass holds at its peak when at most `rows` rows run (the pool's rows, or
+        ECHO_MAX_ACTIVE's): per token a layer's activations (~12 of C and 3 of the MLP's width live
+        at once), per row its keys and values gathered from the pool and joined behind its self keys,
+        (rows, S + Q + T + P, H, D) each (compiled, the gather and the join are one kernel; eager, two).
+        With CUDA graphs, the graphs' memory pool keeps it."""
+        mlp = model.blocks[0].mlp.w2.in_features
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        per_token = (12 * model.blocks[0].attention.num_heads * model.head_dim + 3 * mlp) * itemsize
+        keys = self.key_length(self.speaker_patches)
+        return max(r * (f * per_token + 2 * 2 * (f + keys) * _token_bytes(model))
+                   for f in self.frame_buckets for r in [min(rows, self.rows_at(f))])
 
 
 def _token_bytes(model: EchoDiT) -> int:
@@ -278,10 +302,24 @@ def _token_bytes(model: EchoDiT) -> int:
 
 @dataclass(eq=False)
 class _Member:
-    """A call's conditioning in the pool: its rows there, and its sources, kept alive so ids stay theirs."""
+    """A call's conditioning in the pool: its rows there, weak references to the tensors that name it
+    (a member whose tensors are gone is stale: its rows are free again), and when it was last used."""
 
-    sources: tuple  # kv_text, kv_speaker, kv_latent
+    sources: tuple  # weakref.ref of kv_text[0][0], kv_speaker[0][0], kv_latent[0][0] (or None), the two masks
     rows: list[int]
+    used: int = 0
+
+    @staticmethod
+    def named_by(call: ModelCall) -> tuple:
+        latent = call.kv_latent[0][0] if call.kv_latent is not None else None
+        return call.kv_text[0][0], call.kv_speaker[0][0], latent, call.text_mask, call.speaker_mask
+
+    def is_for(self, call: ModelCall) -> bool:
+        return all((ref() if ref is not None else None) is t for ref, t in zip(self.sources, self.named_by(call)))
+
+    @property
+    def stale(self) -> bool:
+        return any(ref is not None and ref() is None for ref in self.sources)
 
 
 class _Pool:
@@ -289,10 +327,11 @@ class _Pool:
     once into persistent row pools, (L, 2, N, Q | T | P, H, D) per kind, N the largest row bucket.
 
     A call's conditioning (the same objects from step to step while its generation stays in one
-    block and CFG phase) gets rows when it first appears and keeps them until the first step
-    without it; a pass reads each of its rows' keys where they lie (EchoDiT.velocity's `rows`), so
-    no step copies keys into a pass's inputs. Rows past the conditioning's own keys are zero and
-    masked. At most N rows are placed: a call that finds too few free rows takes the exact path."""
+    block and CFG phase) gets rows when it first appears and keeps them until its tensors are gone
+    (the generation moved on) or, when rows run short, until it is the longest unused; a pass reads
+    each of its rows' keys where they lie (EchoDiT.velocity's `rows`), so no step copies keys into
+    a pass's inputs. The worker runs one frame bucket at a time: the others' members stay. Rows past
+    the conditioning's own keys are zeroed and masked. A call that finds no room takes the exact path."""
 
     def __init__(self, model: EchoDiT, shapes: StaticShapes, like: Tensor):
         attention, self.size = model.blocks[0].attention, shapes.row_buckets[-1]
@@ -302,6 +341,8 @@ class _Pool:
         self.latent = new(shapes.prefix_patches) if shapes.prefix_patches else None
         self.free = list(range(self.size))
         self.members: dict[tuple, _Member] = {}
+        self.writes = 0  # conditionings written so far
+        self._calls = 0
         self._caches: dict[int, tuple] = {}
 
     @property
@@ -316,60 +357,84 @@ class _Pool:
                                       None if self.latent is None else layers(self.latent))
         return self._caches[speakers]
 
-    def place(self, model: EchoDiT, calls: Sequence[ModelCall]) -> list[list[int] | None]:
-        """Each call's pool rows (None: no room), writing the conditionings seen for the first time
-        after freeing the rows of those the calls no longer have."""
-        keys = [(id(c.kv_text), id(c.kv_speaker), id(c.kv_latent), c.x.shape[0]) for c in calls]
-        for stale in self.members.keys() - set(keys):
-            self.free += self.members.pop(stale).rows
-        self.free.sort()
+    def place(self, model: EchoDiT, calls: Sequence[ModelCall]) -> list[_Member | None]:
+        """Each call's member (None: no room), writing the conditionings seen for the first time."""
+        self._calls += 1
+        for key in [k for k, m in self.members.items() if m.stale]:
+            self._release(key)
+        keys = [tuple(map(id, _Member.named_by(c))) + (c.x.shape[0],) for c in calls]
         out = []
         for call, key in zip(calls, keys):
             member = self.members.get(key)
-            if member is None and len(self.free) >= call.x.shape[0]:
-                rows, self.free = self.free[:call.x.shape[0]], self.free[call.x.shape[0]:]
-                member = self.members[key] = _Member((call.kv_text, call.kv_speaker, call.kv_latent), rows)
-                self._write(model, call, rows)
-            out.append(None if member is None else member.rows)
+            if member is not None and not member.is_for(call):  # (ids of dead tensors, taken again)
+                self._release(key)
+                member = None
+            if member is None:
+                rows = self._rows(call.x.shape[0], set(keys))
+                if rows is not None:
+                    try:
+                        self._write(model, call, rows)
+                    except BaseException:
+                        self.free += rows
+                        raise
+                    named = _Member.named_by(call)
+                    member = self.members[key] = _Member(tuple(None if t is None else weakref.ref(t) for t in named),
+                                                         rows)
+            if member is not None:
+                member.used = self._calls
+            out.append(member)
         return out
 
+    def _rows(self, n: int, keep: set) -> list[int] | None:
+        """n free rows, letting the longest-unused members not in this call go if there are too few."""
+        idle = sorted((m.used, key) for key, m in self.members.items() if key not in keep)
+        while len(self.free) < n and idle:
+            self._release(idle.pop(0)[1])
+        if len(self.free) < n:
+            return None
+        self.free.sort()
+        rows, self.free = self.free[:n], self.free[n:]
+        return rows
+
+    def _release(self, key: tuple) -> None:
+        self.free += self.members.pop(key).rows
+
     def _write(self, model: EchoDiT, call: ModelCall, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.text.device)
+        self.writes += 1
+        index = to_device(rows, self.text.device)
         kinds = [(self.text, call.kv_text), (self.speaker, call.kv_speaker)]
         if self.latent is not None:
             kinds.append((self.latent, latent_kv_or_empty(model, call)))
         for pool, cache in kinds:  # each kind in a few ops, whatever the layers: (L, 2, n, length, H, D)
             block = torch.stack([t for pair in cache for t in pair]).unflatten(0, (pool.shape[0], 2))
-            pool.index_copy_(2, index, F.pad(block, (0, 0, 0, 0, 0, pool.shape[3] - block.shape[3])))
+            pool[:, :, :, :block.shape[3]].index_copy_(2, index, block)
+            if block.shape[3] < pool.shape[3]:  # (what a former member left there: masked, but zeroed)
+                pool[:, :, :, block.shape[3]:].index_fill_(2, index, 0)
+
+
+def to_device(values: list[int], device: torch.device) -> Tensor:
+    """Host integers as a long tensor on `device`, without waiting for the device: through pinned
+    memory on CUDA (the caching host allocator keeps the buffer until the copy has run)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    try:
+        pinned = host.pin_memory()
+    except RuntimeError:  # (no pinned memory to be had: a plain copy)
+        return host.to(device)
+    return pinned.to(device, non_blocking=True)
 
 
 @dataclass(eq=False)
 class _Lane:
-    """One frame bucket's pass inputs that change only with its members (see _Members): each row's
-    pool row, frame positions and key mask, in storage allocated once, so every pass of the bucket
-    reads them at the same addresses (what a CUDA graph replays)."""
+    """One frame bucket's pass inputs that change only with its members: each row's pool row, frame
+    positions and key mask, in storage allocated once, so every pass of the bucket reads them at the
+    same addresses (what a CUDA graph replays)."""
 
     frames: int
     storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (N,), positions (N * S), key mask (N * (S + K))
-    members: _Members | None = None
+    members: tuple | None = None  # the pool members and sizes of the calls the inputs were written for
     inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (R,), positions (R, S), key mask (R, S + K)
-
-
-@dataclass(frozen=True)
-class _Members:
-    """What a pass is made of: the calls' conditioning objects (the same objects from step to step
-    while a generation stays in one block and CFG phase) and their sizes."""
-
-    conditioning: tuple
-    sizes: tuple[tuple[int, int, int], ...]  # per call: rows, frames, start position
-
-    @classmethod
-    def of(cls, calls: Sequence[ModelCall]) -> _Members:
-        return cls(tuple(o for c in calls for o in (c.kv_text, c.kv_speaker, c.kv_latent, c.text_mask, c.speaker_mask)),
-                   tuple((*c.x.shape[:2], c.start_pos) for c in calls))
-
-    def same_as(self, other: _Members) -> bool:
-        return self.sizes == other.sizes and all(a is b for a, b in zip(self.conditioning, other.conditioning))
 
 
 @dataclass(frozen=True)
@@ -427,29 +492,39 @@ class StaticSteps:
         out: list[Tensor | None] = [None] * len(calls)
         fitting = [i for i, c in enumerate(calls) if self.shapes.fits(c)]
         placed = self._place([calls[i] for i in fitting])
-        pool_rows: dict[int, list[int]] = {i: rows for i, rows in zip(fitting, placed) if rows is not None}
+        pooled: dict[int, _Member] = {i: member for i, member in zip(fitting, placed) if member is not None}
         by_frames: dict[int, list[int]] = {}
-        for i in pool_rows:
+        for i in pooled:
             by_frames.setdefault(self.shapes.frames_for(calls[i].x.shape[1]), []).append(i)
-        for frames, members in sorted(by_frames.items()):
-            for i, v in zip(members, self._forward([calls[i] for i in members], [pool_rows[i] for i in members],
-                                                   frames)):
-                out[i] = v
+        for frames, indices in sorted(by_frames.items()):
+            for pack in self._packs(indices, calls, self.shapes.rows_at(frames)):
+                for i, v in zip(pack, self._forward([calls[i] for i in pack], [pooled[i] for i in pack], frames)):
+                    out[i] = v
         odd = [i for i, v in enumerate(out) if v is None]
         if odd:
             log.debug("%d steps outside the static shapes (or the pool) run on the exact path", len(odd))
             for i, v in zip(odd, batched_velocity(self.model, [calls[i] for i in odd])):
                 out[i] = v
-        for stale in self._lanes.keys() - by_frames.keys():  # buckets no pass used: rebuilt when used again
-            self._lanes[stale].members = None
         return out
+
+    @staticmethod
+    def _packs(indices: list[int], calls: Sequence[ModelCall], rows: int) -> list[list[int]]:
+        """The calls in runs of at most `rows` rows (the bucket's pass size), in order."""
+        packs, n = [[]], 0
+        for i in indices:
+            if n + calls[i].x.shape[0] > rows:
+                packs.append([])
+                n = 0
+            packs[-1].append(i)
+            n += calls[i].x.shape[0]
+        return packs
 
     @property
     def stacked_bytes(self) -> int:
         """Bytes of the pooled prefix, text and speaker keys/values (allocated at the first step)."""
         return self._pool.nbytes if self._pool is not None else 0
 
-    def _place(self, calls: Sequence[ModelCall]) -> list[list[int] | None]:
+    def _place(self, calls: Sequence[ModelCall]) -> list[_Member | None]:
         if self._pool is None:
             if not calls:
                 return []
@@ -459,8 +534,10 @@ class StaticSteps:
     def _pool_for(self, like: ModelCall) -> _Pool:
         if self._pool is None:
             self._pool = _Pool(self.model, self.shapes, like.kv_text[0][0])
-            rows, frames = self.shapes.row_buckets[-1], self.shapes.frame_buckets[-1]
-            self._step_inputs = (like.x.new_zeros(rows * frames * LATENT_SIZE),
+            s = self.shapes
+            tokens = max(s.rows_at(f) * f for f in s.frame_buckets)
+            rows = max(s.rows_at(f) for f in s.frame_buckets)
+            self._step_inputs = (like.x.new_zeros(tokens * LATENT_SIZE),
                                  self._pool.text.new_zeros(len(self.model.blocks) * 2 * rows * self._modulation_size))
         return self._pool
 
@@ -469,11 +546,11 @@ class StaticSteps:
         attention = self.model.blocks[0].attention
         return 3 * attention.num_heads * attention.head_dim  # (2, B, 1, 3C) per block
 
-    def _forward(self, calls: Sequence[ModelCall], pool_rows: list[list[int]], frames: int) -> list[Tensor]:
+    def _forward(self, calls: Sequence[ModelCall], members: list[_Member], frames: int) -> list[Tensor]:
         n = sum(c.x.shape[0] for c in calls)
-        padded_rows = self.shapes.rows_for(n)
+        padded_rows = self.shapes.rows_for(n, frames)
         speakers = self.shapes.speakers_for(max(c.kv_speaker[0][0].shape[1] for c in calls))
-        rows, positions, key_mask = self._lane_inputs(calls, pool_rows, frames, padded_rows, speakers)
+        rows, positions, key_mask = self._lane_inputs(calls, members, frames, padded_rows, speakers)
         flat_x, flat_modulation = self._step_inputs
         x = _view(flat_x, padded_rows, frames, LATENT_SIZE)
         if all(c.x.shape[1] == frames for c in calls):
@@ -524,26 +601,27 @@ class StaticSteps:
             out = self._body(*args)
         return _Graph(graph, out)
 
-    def _lane_inputs(self, calls: Sequence[ModelCall], pool_rows: list[list[int]], frames: int, padded_rows: int,
+    def _lane_inputs(self, calls: Sequence[ModelCall], members: list[_Member], frames: int, padded_rows: int,
                      speakers: int) -> tuple[Tensor, Tensor, Tensor]:
         """The bucket's pool rows, positions and key mask: rewritten only when its members change."""
         lane = self._lanes.get(frames)
         if lane is None:
-            s, size, device = self.shapes, self.shapes.row_buckets[-1], calls[0].x.device
+            s, size, device = self.shapes, self.shapes.rows_at(frames), calls[0].x.device
             lane = self._lanes[frames] = _Lane(frames, (
                 torch.zeros(size, dtype=torch.long, device=device),
                 torch.zeros(size * frames, dtype=torch.long, device=device),
                 torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))
-        members = _Members.of(calls)
-        if lane.members is not None and lane.members.same_as(members):
+        who = (tuple(members), tuple((*c.x.shape[:2], c.start_pos) for c in calls))
+        if lane.members == who:  # (the same member objects, in order, at the same sizes)
             return lane.inputs
+        lane.members = None  # (until rewritten whole)
         s = self.shapes
         flat_rows, flat_positions, flat_mask = lane.storage
         rows, positions = _view(flat_rows, padded_rows), _view(flat_positions, padded_rows, frames)
         key_mask = _view(flat_mask, padded_rows, frames + s.key_length(speakers))
         q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
-        every = [r for rows_of_call in pool_rows for r in rows_of_call]
-        rows.copy_(torch.tensor(every + [every[0]] * (padded_rows - len(every)), device=rows.device))
+        every = [r for member in members for r in member.rows]
+        rows.copy_(to_device(every + [every[0]] * (padded_rows - len(every)), rows.device))
         positions.copy_(torch.arange(frames, device=positions.device).expand(padded_rows, frames))
         key_mask.zero_()
         key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
@@ -555,7 +633,7 @@ class StaticSteps:
             key_mask[rows_of, q0:q0 + c.text_mask.shape[1]] = c.text_mask
             speaker = c.speaker_mask[:, ::self.model.speaker_patch_size]
             key_mask[rows_of, t0:t0 + speaker.shape[1]] = speaker
-        lane.members, lane.inputs = members, (rows, positions, key_mask)
+        lane.members, lane.inputs = who, (rows, positions, key_mask)
         return lane.inputs
 
     @torch.inference_mode()

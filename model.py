@@ -404,7 +404,8 @@ class JointAttention(Projections):
         With `groups` (this layer's groups, covering the rows in order), each group attends over
         exactly its own keys, as it would alone (see RowGroup); key_mask and the kv arguments are
         then unused. With `rows` (B,), the kv arguments are a pool of rows (N, L, H, D) and row b of
-        x reads pool row rows[b] (gathered as the keys are joined: one copy, as without a pool).
+        x reads pool row rows[b] (gathered as the keys are joined: compiled, one kernel as without a
+        pool; eager, one more copy).
         """
         q, k_self, v_self, gate = self.project("qkvg", x)
         q = apply_rope_half_heads(self.q_norm(self._heads(q)), cos, sin)

@@ -9,6 +9,7 @@ on the generation thread of every step shape and block shape the server uses.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -161,13 +162,17 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
                               send_timeout=settings.send_timeout,
                               step_budget=StepBudget() if settings.adaptive_steps else None)
     try:
+        failed = None
         try:
             worker.call(lambda: _warm_up(settings, voices, engine, progress))  # on the serving thread, as it serves
         except Exception as e:
             if not settings.fast_path_by_default:
                 raise
-            settings = _give_way_to_eager(settings, engine, f"failed to warm up: {type(e).__name__}: {e}")
+            failed = f"failed to warm up: {type(e).__name__}: {e}"
+        if failed is not None:  # (out of the handler: the failed parts' frames go with the exception)
+            settings = _give_way_to_eager(settings, engine, failed)
             worker.call(lambda: _warm_up(settings, voices, engine, progress))
+            _remember_failure(settings, failed)  # the eager path started: it was the fast path that failed
     except BaseException:
         worker.close()
         raise
@@ -183,14 +188,26 @@ def uses_compile(settings: Settings) -> bool:
 
 
 def fast_path_failure_path(settings: Settings) -> Path:
-    """Where a start that could not use the default fast path says why (ECHO_CACHE_DIR), so the next
-    starts with the same torch go straight to the eager path instead of failing again."""
+    """Where a start whose default fast path failed to warm up says why (ECHO_CACHE_DIR), so later
+    starts of the same setup go straight to the eager path instead of failing again."""
     return settings.cache_dir / f"echo_tts_fast_path_failed_{settings.cache_version}.json"
 
 
+def _setup(settings: Settings) -> dict:
+    """What a fast-path failure is remembered for: the torch, the GPU and the settings that shape
+    the compiled parts (a replica with another GPU, or another setting, tries again)."""
+    try:
+        gpu = torch.cuda.get_device_name(settings.torch_device)
+    except Exception:  # noqa: BLE001 - no GPU to name (or none that answers): the rest still tells setups apart
+        gpu = None
+    return {"torch": torch.__version__, "gpu": gpu, "model": settings.model_repo, "dtype": settings.model_dtype,
+            "preset": settings.performance_preset, "max_active": settings.max_active,
+            "max_speaker_latent_length": settings.max_speaker_latent_length}
+
+
 def _fast_path_or_eager(settings: Settings) -> Settings:
-    """The settings to start with: eager when the default fast path failed at an earlier start with
-    this torch (ECHO_COMPILE=1 tries it again)."""
+    """The settings to start with: eager when the default fast path failed to warm up at an earlier
+    start of the same setup (ECHO_COMPILE=1 tries it again)."""
     if not settings.fast_path_by_default:
         return settings
     try:
@@ -200,7 +217,7 @@ def _fast_path_or_eager(settings: Settings) -> Settings:
     except (OSError, ValueError) as e:
         log.warning("ignoring %s: %s", fast_path_failure_path(settings), e)
         return settings
-    if not isinstance(failed, dict) or failed.get("torch") != torch.__version__:
+    if not isinstance(failed, dict) or failed.get("setup") != _setup(settings):
         return settings
     log.warning("serving on the eager path: the compiled fast path failed at an earlier start (%s); set "
                 "ECHO_COMPILE=1 to try it again, ECHO_COMPILE=0 to silence this", failed.get("why"))
@@ -212,21 +229,25 @@ def _eager(settings: Settings) -> Settings:
 
 
 def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str) -> Settings:
-    """The default fast path cannot start: log why, remember it for the next starts, and serve
-    eager (exact batching, nothing compiled) rather than not at all."""
+    """The default fast path cannot start: log why and serve eager (exact batching, nothing
+    compiled) rather than not at all; the engine's compiled parts and their memory are let go."""
     log.warning("the compiled fast path (the default on CUDA) %s; serving on the eager path instead. Set "
                 "ECHO_COMPILE=0 to skip it, ECHO_COMPILE=1 to make this an error", why)
+    if engine is not None:
+        engine.steps, engine.text_encoder, engine.stream_decoder = ExactSteps(engine.model), None, None
+        gc.collect()  # (an exception's traceback may hold them in a cycle)
+        if engine.model.device.type == "cuda":
+            torch.cuda.empty_cache()  # the static runner's pool and graphs
+    return _eager(settings)
+
+
+def _remember_failure(settings: Settings, why: str) -> None:
     path = fast_path_failure_path(settings)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"torch": torch.__version__, "why": why}))
+        path.write_text(json.dumps({"setup": _setup(settings), "why": why}))
     except OSError as e:
         log.warning("could not save %s: %s", path, e)
-    if engine is not None:
-        engine.steps, engine.text_encoder, engine.stream_decoder = ExactSteps(engine.model), None, None
-        if engine.model.device.type == "cuda":
-            torch.cuda.empty_cache()  # (the static runner's pool and graphs)
-    return _eager(settings)
 
 
 def compile_cache_path(settings: Settings) -> Path:
@@ -294,36 +315,43 @@ class MemoryPlan:
     """What the static-shape path holds on the model's device at ECHO_MAX_ACTIVE, known before warm-up
     allocates it. StaticSteps' row pool dominates: the prefix, text and speaker keys/values of every
     row (3 per stream: the guidance rows) at the largest speaker bucket, allocated once
-    (StaticShapes.stacked_bytes); CUDA graphs read it where it lies, so it is held once.
+    (StaticShapes.stacked_bytes), and each stream keeps its own unpadded keys beside them
+    (StaticShapes.own_bytes). A pass's peak (StaticShapes.pass_bytes: activations and joined keys of
+    the largest pass, at most PASS_TOKENS tokens) is held for good by the CUDA graphs' memory pool;
+    without graphs it comes and goes.
 
-    `need` is what it takes with small passes (the pool, 1 GiB of step activations); `worst` adds
-    the largest pass's joined keys/values (every row at the largest frame bucket) and the decoder's
-    largest batch. Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the
-    runner of that day held the same bytes twice (stacked, and again in inductor's graph inputs):
-    16 streams peaked at 52 GiB, the plan at twice the pool says 52.1."""
+    `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
+    without graphs, and the decoder's largest batch. Against the one measurement (H100, 2026-11-22,
+    tests/test_memory_plan.py), the runner of that day held the padded keys twice (stacked, and
+    again in inductor's graph inputs): 16 streams peaked at 52 GiB, the pool at twice its bytes
+    says 52.1."""
 
     loaded: int  # bytes the loaded models take
-    per_stream: int  # one stream's rows of the key/value pool
+    per_stream: int  # one stream's rows of the key/value pool, and its own keys
     streams: int  # ECHO_MAX_ACTIVE
-    pass_per_stream: int = 0  # one stream's share of the largest pass's joined keys/values (worst case)
+    pass_peak: int = 0  # the largest pass's activations and joined keys
+    cuda_graphs: bool = False  # (their memory pool keeps pass_peak)
 
     @property
     def need(self) -> int:
-        return self.loaded + self.streams * self.per_stream + STEP_WORKSPACE
+        return self.loaded + self.streams * self.per_stream + STEP_WORKSPACE + (self.pass_peak if self.cuda_graphs else 0)
 
     @property
     def worst(self) -> int:
-        return self.need + self.streams * self.pass_per_stream + DECODE_WORKSPACE
+        return self.need + (0 if self.cuda_graphs else self.pass_peak) + DECODE_WORKSPACE
 
     def streams_that_fit(self, capacity: int, worst: bool = False) -> int:
-        fixed = self.loaded + STEP_WORKSPACE + (DECODE_WORKSPACE if worst else 0)
-        return max(0, int((capacity - fixed) // (self.per_stream + (self.pass_per_stream if worst else 0))))
+        fixed = (self.loaded + STEP_WORKSPACE + (self.pass_peak if worst or self.cuda_graphs else 0)
+                 + (DECODE_WORKSPACE if worst else 0))
+        return max(0, int((capacity - fixed) // self.per_stream))
 
 
 def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | None = None) -> MemoryPlan:
     """The plan of `steps` at s.max_active; `loaded`: what the device holds now (measured on CUDA)."""
     loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
-    return MemoryPlan(loaded, steps.shapes.stacked_bytes(model, 3), s.max_active, steps.shapes.joined_bytes(model, 3))
+    shapes = steps.shapes
+    return MemoryPlan(loaded, shapes.stacked_bytes(model, 3) + shapes.own_bytes(model), s.max_active,
+                      shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs)
 
 
 def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = None) -> None:
@@ -336,12 +364,12 @@ def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = 
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
     detail = f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of pooled keys and values"
     safe = plan.streams_that_fit(capacity, worst=True)
-    safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (every row in one pass of the largest "
-              f"frame bucket, the decoder's largest batch: {gib(plan.worst)} as set)")
+    safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (the largest pass, the decoder's "
+              f"largest batch: {gib(plan.worst)} as set)")
     if plan.need > capacity:
         fit = plan.streams_that_fit(capacity)
         advice = (f"set ECHO_MAX_ACTIVE={fit} or lower; {safely}" if fit else
-                  "even one stream does not fit: use ECHO_STATIC_SHAPES=0")
+                  "even one stream does not fit: use the eager path, ECHO_COMPILE=0 and ECHO_STATIC_SHAPES=0")
         raise MemoryTooSmall(f"ECHO_MAX_ACTIVE={plan.streams} needs at least {gib(plan.need)} on {device} ({detail}) "
                              f"and it has {gib(capacity)}: {advice}, or lower ECHO_MAX_SPEAKER_LATENT_LENGTH")
     if plan.worst > capacity:

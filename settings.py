@@ -209,16 +209,18 @@ class Settings(BaseSettings):
     @property
     def compiles(self) -> bool:
         """Whether the decoder, text encoder and streaming decoder are compiled: ECHO_COMPILE, or
-        unset, the fast path on CUDA (unless ECHO_STATIC_SHAPES=0 asks for exact eager batching)."""
+        unset, the fast path on CUDA when the warm-up runs (it compiles and captures every shape
+        before the first request) and ECHO_STATIC_SHAPES=0 does not ask for exact eager batching."""
         if self.compile is None:
-            return self.torch_device.type == "cuda" and self.static_shapes is not False
+            return self.torch_device.type == "cuda" and self.static_shapes is not False and self.warmup
         return self.compile
 
     @property
     def fast_path_by_default(self) -> bool:
-        """Compiling because ECHO_COMPILE is unset on CUDA: a fast path that fails to start gives way
-        to the eager one (runtime.load_runtime) instead of stopping the server."""
-        return self.compile is None and self.compiles
+        """Compiling with none of ECHO_COMPILE, ECHO_CUDA_GRAPHS and ECHO_STATIC_SHAPES set: a fast
+        path that fails to start gives way to the eager one (runtime.load_runtime) instead of
+        stopping the server. A fast path asked for fails loudly."""
+        return self.compile is None and self.cuda_graphs is None and self.static_shapes is None and self.compiles
 
     @property
     def replays_graphs(self) -> bool:

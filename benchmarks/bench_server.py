@@ -9,9 +9,10 @@ audio-seconds produced per wall-second; then one non-streaming 30 s generation.
     python benchmarks/bench_server.py --model-repo /tmp/echo-synthetic/echo-tts-base \\
         --fish-repo /tmp/echo-synthetic/fish-s1-dac-min --device cuda   # GPU, full-size synthetic weights
 
-The server inherits the environment: prefix `ECHO_COMPILE=1` (and `ECHO_CUDA_GRAPHS=1`) to measure
-the compiled static-shape path (`ECHO_STATIC_SHAPES=1` alone: static shapes, eager). benchmarks/gpu_check.py
-runs the whole matrix.
+The server inherits the environment. On CUDA it compiles with CUDA graphs unless told otherwise:
+prefix `ECHO_COMPILE=0` to measure the eager path, `ECHO_COMPILE=0 ECHO_STATIC_SHAPES=1` static
+shapes eager (add `ECHO_CUDA_GRAPHS=1` to replay them as graphs). benchmarks/gpu_check.py runs the
+whole matrix.
 
 Also measures, in-process, the streaming decoder's cost for the third block of the default preset
 (480 new frames) against re-decoding the whole 640-frame prefix, as servers without decoder state do.

@@ -62,7 +62,7 @@ if __name__ == "__main__" and "--count-tree" in sys.argv:  # child: count anothe
 
 import engine as eng  # noqa: E402
 import worker as wk  # noqa: E402
-from batched_steps import StaticShapes, StaticSteps, row_buckets  # noqa: E402
+from batched_steps import PASS_TOKENS, StaticShapes, StaticSteps, row_buckets  # noqa: E402
 from inference import SAMPLE_RATE, ModelCall  # noqa: E402
 from inference_blockwise import PrefixCall  # noqa: E402
 # the GPU kit's arrivals: a simulated load curve replays the requests the measured one sends
@@ -547,14 +547,15 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
             out.append(_pass_work(fit, [(frames, g[1], *pads) for g in group], frames, None, job_ops))
         else:
             frames = _frame_bucket(group[0][0])
+            cap = max_rows if runner == "static" else min(max_rows, max(3, PASS_TOKENS // frames))  # (StaticShapes.rows_at)
             packs, rows = [[]], 0
             for g in group:
-                if rows + g[1] > max_rows:
+                if rows + g[1] > cap:
                     packs.append([])
                     rows = 0
                 packs[-1].append(g)
                 rows += g[1]
-            buckets = row_buckets(max_rows)
+            buckets = row_buckets(max_rows) if runner == "static" else tuple(b for b in row_buckets(max_rows) if b < cap) + (cap,)
             for pack in packs:
                 padded_rows = next(b for b in buckets if b >= sum(g[1] for g in pack))
                 keys, outside, replays = 2528, fit["outside_ops"], GRAPH_REPLAYS_PER_PASS
@@ -580,9 +581,11 @@ def _speaker_bucket(pack: Sequence[tuple]) -> int:
 
 
 def pool_write_work(gen: tuple) -> Work:
-    """A new member's keys into StaticSteps' row pool (frames, rows, prefix, text, speaker patches)."""
-    keys = 160 + 768 + _speaker_bucket([gen])
-    return Work(ops=POOLED_WRITE_OPS, flops=0.0, bytes=3 * gen[1] * keys * KV_BYTES_PER_ROWKEY)
+    """A new member's keys into StaticSteps' row pool (frames, rows, prefix, text, speaker patches):
+    its own keys stacked and copied in (read and written twice), the rest of its rows up to the
+    pool's width (the largest speaker bucket) zeroed."""
+    own, width = gen[2] + gen[3] + gen[4], 160 + 768 + POOLED_SPEAKER_BUCKETS[-1]
+    return Work(ops=POOLED_WRITE_OPS, flops=0.0, bytes=gen[1] * (4 * own + width - own) * KV_BYTES_PER_ROWKEY)
 
 
 def lane_work(pack: Sequence[tuple]) -> Work:
@@ -812,9 +815,10 @@ class SimStaticSteps(StaticSteps, SimSteps):
         for c in calls:
             by.setdefault(_frame_bucket(c.x.shape[1]), []).append(c)
         for frames, group in sorted(by.items()):
+            cap = sim.max_rows if sim.runner == "static" else min(sim.max_rows, max(3, PASS_TOKENS // frames))
             packs, rows = [[]], 0  # StaticSteps._packs
             for c in group:
-                if rows + c.x.shape[0] > sim.max_rows:
+                if rows + c.x.shape[0] > cap:
                     packs.append([])
                     rows = 0
                 packs[-1].append(c)
@@ -831,7 +835,7 @@ class SimStaticSteps(StaticSteps, SimSteps):
                         sim.spend(restack_work([c.gen for c in pack], sim.max_rows))
         for stale in self._members.keys() - used:
             del self._members[stale]
-        self._pooled = {c.member for c in calls}
+        self._pooled |= {c.member for c in calls}  # (kept until the job moves on: a member is never seen again)
         return SimSteps.__call__(self, calls)
 
 

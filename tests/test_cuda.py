@@ -18,7 +18,7 @@ import engine as eng
 import inference as inf
 from batched_steps import StaticShapes, StaticSteps, batched_velocity
 from conftest import REF, live_server, server_env
-from test_batched_steps import assert_compile_artifacts_reload, first_calls, on_another_thread
+from test_batched_steps import assert_compile_artifacts_reload, first_calls, next_step, on_another_thread
 from test_engine import assert_compiled_decoder_matches_one_shot, load_clip, mixed_jobs
 from test_server import FAST, decode, speech
 from voices import SpeakerCache
@@ -102,11 +102,13 @@ def _mixed_calls(engine, skip_blocks=1):
 
 
 def _assert_steps_match_eager(steps, engine, repeats=1):
+    """Each repeat a step later (new latents) and, from the second on, without the first generation
+    and then with it back: a replay must read what this step wrote, not what its capture saw."""
     calls = _mixed_calls(engine)
     with torch.inference_mode():
-        exact = batched_velocity(engine.model, calls)
-        for _ in range(repeats):
-            for e, p in zip(exact, steps(calls), strict=True):
+        for repeat in range(repeats):
+            now = [next_step(c, repeat) for c in calls][(repeat % 2):]
+            for e, p in zip(batched_velocity(engine.model, now), steps(now), strict=True):
                 torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-4)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import engine as eng
+import runtime
 import service as svc
 from speech_request import SpeechRequest
 from batched_steps import ExactSteps, StaticSteps
@@ -427,7 +428,8 @@ def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulate
             steps([steps._zero_call(16, 3 * max_active, shapes.speaker_patches)])
         pooled = {t.device for cache in steps._pool.caches(shapes.speaker_patches) for pair in cache for t in pair}
     assert pooled == {CUDA}
-    assert steps.stacked_bytes == plan.per_stream * max_active > 0
+    assert steps.stacked_bytes == shapes.stacked_bytes(model, 3) * max_active > 0
+    assert plan.per_stream == shapes.stacked_bytes(model, 3) + shapes.own_bytes(model)
 
 
 def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_cuda, tiny_echo_dir, tiny_fish_dir):
@@ -444,7 +446,7 @@ def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_
         finally:
             service.close()
     reason = service.unready_reason()
-    assert "ECHO_MAX_ACTIVE=8 needs at least" in reason and "use ECHO_STATIC_SHAPES=0" in reason, reason
+    assert "ECHO_MAX_ACTIVE=8 needs at least" in reason and "use the eager path, ECHO_COMPILE=0 and ECHO_STATIC_SHAPES=0" in reason, reason
 
 
 # ---- the fast path by default (issue 20 item 5) ---------------------------------------------------
@@ -499,15 +501,18 @@ def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_
 
     asked, _, _ = _start(settings.model_copy(update={"compile": True}), emulated_cuda)
     assert tried == [1, 1] and "inductor fell over" in asked.unready_reason()
+    elsewhere, engine, _ = _start(settings.model_copy(update={"max_active": 2}), emulated_cuda)  # another setup
+    assert tried == [1, 1, 1] and isinstance(engine.steps, ExactSteps)
 
 
 def test_a_default_fast_path_that_does_not_fit_gives_way_to_eager(emulated_cuda, caplog, tiny_echo_dir,
                                                                   tiny_fish_dir, voice_dir, tmp_path):
     settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
-                             model_dtype="float32", voice_dirs=[voice_dir], warmup=False, max_active=8,
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=True, max_active=8,
                              compile_ae=False, cache_dir=tmp_path)
     emulated_cuda.free_memory = 1 << 30  # 1 GiB: not even the planned workspace
     with caplog.at_level(logging.WARNING, logger="runtime"):
         service, engine, _ = _start(settings, emulated_cuda)
     assert service.load_error is None and isinstance(engine.steps, ExactSteps)
     assert "does not fit: ECHO_MAX_ACTIVE=8 needs at least" in caplog.text
+    assert not runtime.fast_path_failure_path(settings).exists()  # (checked again at every start: not remembered)

@@ -115,7 +115,10 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     assert asked.compiles and asked.replays_graphs and not asked.fast_path_by_default  # asked for: failing is an error
     for eager in (load_settings(compile=False), load_settings(static_shapes=False), load_settings(device="cpu")):
         assert not any((eager.compiles, eager.replays_graphs, eager.use_static_shapes, eager.fast_path_by_default))
-    assert load_settings(cuda_graphs=False).compiles and not load_settings(cuda_graphs=False).replays_graphs
+    no_graphs = load_settings(cuda_graphs=False)
+    assert no_graphs.compiles and not no_graphs.replays_graphs and not no_graphs.fast_path_by_default  # (asked for)
+    assert not load_settings(static_shapes=True).fast_path_by_default
+    assert not load_settings(warmup=False).compiles  # nothing would compile before the first requests
     monkeypatch.setenv("ECHO_COMPILE", "0")
     assert not load_settings().compiles
 
