@@ -305,14 +305,14 @@ class _Member:
     """A call's conditioning in the pool: its rows there, weak references to the tensors that name it
     (a member whose tensors are gone is stale: its rows are free again), and when it was last used."""
 
-    sources: tuple  # weakref.ref of kv_text[0][0], kv_speaker[0][0], kv_latent[0][0] (or None), the two masks
+    sources: tuple  # weakref.ref of kv_text[0][0], kv_speaker[0][0], kv_latent[0][0] (or None)
     rows: list[int]
     used: int = 0
 
     @staticmethod
     def named_by(call: ModelCall) -> tuple:
         latent = call.kv_latent[0][0] if call.kv_latent is not None else None
-        return call.kv_text[0][0], call.kv_speaker[0][0], latent, call.text_mask, call.speaker_mask
+        return call.kv_text[0][0], call.kv_speaker[0][0], latent  # (the masks matter to a lane, not to the pool)
 
     def is_for(self, call: ModelCall) -> bool:
         return all((ref() if ref is not None else None) is t for ref, t in zip(self.sources, self.named_by(call)))
@@ -433,8 +433,33 @@ class _Lane:
 
     frames: int
     storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (N,), positions (N * S), key mask (N * (S + K))
-    members: tuple | None = None  # the pool members and sizes of the calls the inputs were written for
+    members: _LaneMembers | None = None  # what the inputs were written for
     inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (R,), positions (R, S), key mask (R, S + K)
+
+
+@dataclass(frozen=True)
+class _LaneMembers:
+    """The calls a lane's inputs were written for: their pool members, sizes and masks (weakly)."""
+
+    members: tuple[_Member, ...]
+    sizes: tuple[tuple[int, int, int], ...]  # per call: rows, frames, start position
+    masks: tuple  # weakref.ref of each call's text and speaker masks
+
+    @classmethod
+    def of(cls, members: Sequence[_Member], calls: Sequence[ModelCall]) -> _LaneMembers:
+        return cls(tuple(members), _sizes(calls), tuple(weakref.ref(m) for c in calls for m in (c.text_mask,
+                                                                                               c.speaker_mask)))
+
+    def same(self, members: Sequence[_Member], calls: Sequence[ModelCall]) -> bool:
+        """The same member objects, in order, at the same sizes, with the same mask tensors."""
+        return (len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+                and self.sizes == _sizes(calls)
+                and all(ref() is m for ref, m in zip(self.masks, (m for c in calls for m in (c.text_mask,
+                                                                                               c.speaker_mask)))))
+
+
+def _sizes(calls: Sequence[ModelCall]) -> tuple[tuple[int, int, int], ...]:
+    return tuple((*c.x.shape[:2], c.start_pos) for c in calls)
 
 
 @dataclass(frozen=True)
@@ -478,6 +503,7 @@ class StaticSteps:
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._graph_memory = None
         self.last_inputs: tuple = ()  # (what the last pass read: for the benchmarks' counts)
+        self._warmed_up = False
 
     @property
     def compiles_after_warm_up(self) -> int:
@@ -531,6 +557,7 @@ class StaticSteps:
             self._pool_for(calls[0])
         return self._pool.place(self.model, calls)
 
+    @torch.inference_mode(False)  # (the runner's buffers outlive any one call: written in and out of inference mode)
     def _pool_for(self, like: ModelCall) -> _Pool:
         if self._pool is None:
             self._pool = _Pool(self.model, self.shapes, like.kv_text[0][0])
@@ -577,7 +604,7 @@ class StaticSteps:
                 return self._body(*args)
             graph = self._graphs.get(shape)
             if graph is None:
-                if self._compiled and self._compiled.warmed_up:
+                if self._warmed_up:
                     log.warning("capturing a CUDA graph while serving, for a step of shape %s: warm-up missed it",
                                 shape)
                 graph = self._graphs[shape] = self._capture(args)
@@ -607,12 +634,12 @@ class StaticSteps:
         lane = self._lanes.get(frames)
         if lane is None:
             s, size, device = self.shapes, self.shapes.rows_at(frames), calls[0].x.device
-            lane = self._lanes[frames] = _Lane(frames, (
-                torch.zeros(size, dtype=torch.long, device=device),
-                torch.zeros(size * frames, dtype=torch.long, device=device),
-                torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))
-        who = (tuple(members), tuple((*c.x.shape[:2], c.start_pos) for c in calls))
-        if lane.members == who:  # (the same member objects, in order, at the same sizes)
+            with torch.inference_mode(False):  # (as the pool)
+                lane = self._lanes[frames] = _Lane(frames, (
+                    torch.zeros(size, dtype=torch.long, device=device),
+                    torch.zeros(size * frames, dtype=torch.long, device=device),
+                    torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))
+        if lane.members is not None and lane.members.same(members, calls):
             return lane.inputs
         lane.members = None  # (until rewritten whole)
         s = self.shapes
@@ -633,7 +660,7 @@ class StaticSteps:
             key_mask[rows_of, q0:q0 + c.text_mask.shape[1]] = c.text_mask
             speaker = c.speaker_mask[:, ::self.model.speaker_patch_size]
             key_mask[rows_of, t0:t0 + speaker.shape[1]] = speaker
-        lane.members, lane.inputs = who, (rows, positions, key_mask)
+        lane.members, lane.inputs = _LaneMembers.of(members, calls), (rows, positions, key_mask)
         return lane.inputs
 
     @torch.inference_mode()
@@ -644,6 +671,7 @@ class StaticSteps:
             self([self._zero_call(frames, rows, speakers)])
             on_shape()
         self([])  # (frees the warm-up's pool rows)
+        self._warmed_up = True
         if self._compiled:
             self._compiled.warmed_up = True
 

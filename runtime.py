@@ -10,6 +10,7 @@ on the generation thread of every step shape and block shape the server uses.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -162,22 +163,24 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
                               send_timeout=settings.send_timeout,
                               step_budget=StepBudget() if settings.adaptive_steps else None)
     try:
-        failed = None
+        failed, transient = None, False
         try:
             worker.call(lambda: _warm_up(settings, voices, engine, progress))  # on the serving thread, as it serves
         except Exception as e:
             if not settings.fast_path_by_default:
                 raise
             failed = f"failed to warm up: {type(e).__name__}: {e}"
+            transient = isinstance(e, torch.cuda.OutOfMemoryError)  # (memory someone else held: try again next time)
         if failed is not None:  # (out of the handler: the failed parts' frames go with the exception)
+            if not transient:
+                _remember_failure(settings, failed)  # (before the retry: a fast path that broke the GPU is skipped next)
             settings = _give_way_to_eager(settings, engine, failed)
             worker.call(lambda: _warm_up(settings, voices, engine, progress))
-            _remember_failure(settings, failed)  # the eager path started: it was the fast path that failed
     except BaseException:
         worker.close()
         raise
     if settings.compiles:
-        fast_path_failure_path(settings).unlink(missing_ok=True)
+        _forget_failure(settings)
     save_load_times(load_times_path(settings), progress.finish())
     return Runtime(engine, worker)
 
@@ -188,9 +191,11 @@ def uses_compile(settings: Settings) -> bool:
 
 
 def fast_path_failure_path(settings: Settings) -> Path:
-    """Where a start whose default fast path failed to warm up says why (ECHO_CACHE_DIR), so later
-    starts of the same setup go straight to the eager path instead of failing again."""
-    return settings.cache_dir / f"echo_tts_fast_path_failed_{settings.cache_version}.json"
+    """Where a start whose default fast path failed to warm up says why (ECHO_CACHE_DIR, one file per
+    setup: replicas of other setups sharing the directory keep their own), so later starts of the
+    same setup go straight to the eager path instead of failing again."""
+    digest = hashlib.sha256(json.dumps(_setup(settings), sort_keys=True).encode()).hexdigest()[:16]
+    return settings.cache_dir / f"echo_tts_fast_path_failed_{settings.cache_version}_{digest}.json"
 
 
 def _setup(settings: Settings) -> dict:
@@ -248,6 +253,14 @@ def _remember_failure(settings: Settings, why: str) -> None:
         path.write_text(json.dumps({"setup": _setup(settings), "why": why}))
     except OSError as e:
         log.warning("could not save %s: %s", path, e)
+
+
+def _forget_failure(settings: Settings) -> None:
+    """The fast path started: an earlier failure of this setup no longer holds."""
+    try:
+        fast_path_failure_path(settings).unlink(missing_ok=True)
+    except OSError as e:  # (a read-only cache: nothing was remembered there either)
+        log.debug("could not remove %s: %s", fast_path_failure_path(settings), e)
 
 
 def compile_cache_path(settings: Settings) -> Path:

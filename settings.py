@@ -235,8 +235,8 @@ class Settings(BaseSettings):
         """Whether diffusion steps run at fixed, padded shapes (batched_steps.StaticSteps): what
         compiled graphs need, and only they. Eager, padding only costs memory and time (measured on
         an H100, 2026-11-22: 64 streams' padded caches did not fit in 80 GB)."""
-        if self.static_shapes is None:
-            return self.compiles
+        if self.static_shapes is None:  # (CUDA graphs asked for on CUDA replay static shapes: they imply them)
+            return self.compiles or (self.cuda_graphs is True and self.torch_device.type == "cuda")
         return self.static_shapes
 
     @property

@@ -362,8 +362,9 @@ class GenerationWorker:
         done = _ThreadCall(fn)
         self._jobs.put(done)
         done.finished.wait()
-        if done.error is not None:
-            raise done.error
+        error, done.error = done.error, None  # (nothing here keeps the failed frames alive once it is handled)
+        if error is not None:
+            raise error
         return done.result
 
     def close(self) -> None:
@@ -410,6 +411,7 @@ class GenerationWorker:
                 continue
             if isinstance(ticket, _ThreadCall):
                 ticket.run()
+                ticket = None  # (its result or error belongs to the caller now)
                 continue
             if ticket is not None and ticket.cancelled.is_set():  # its client left while it waited
                 _notify(ticket, _DONE)

@@ -503,6 +503,22 @@ def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_
     assert tried == [1, 1] and "inductor fell over" in asked.unready_reason()
     elsewhere, engine, _ = _start(settings.model_copy(update={"max_active": 2}), emulated_cuda)  # another setup
     assert tried == [1, 1, 1] and isinstance(engine.steps, ExactSteps)
+    _start(settings, emulated_cuda)
+    assert tried == [1, 1, 1]  # (each setup keeps its own record)
+
+
+def test_a_fast_path_that_starts_forgets_its_setups_failure_and_only_that(monkeypatch, tmp_path, caplog):
+    one, other = (load_settings(cache_dir=tmp_path, max_active=n) for n in (4, 8))
+    runtime._remember_failure(one, "failed to warm up: X")
+    runtime._remember_failure(other, "failed to warm up: Y")
+    runtime._forget_failure(one)
+    assert not runtime.fast_path_failure_path(one).exists() and runtime.fast_path_failure_path(other).exists()
+
+    def read_only(self, missing_ok=False):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    runtime._forget_failure(other)  # a read-only cache does not stop a start
 
 
 def test_a_default_fast_path_that_does_not_fit_gives_way_to_eager(emulated_cuda, caplog, tiny_echo_dir,

@@ -119,6 +119,8 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     assert no_graphs.compiles and not no_graphs.replays_graphs and not no_graphs.fast_path_by_default  # (asked for)
     assert not load_settings(static_shapes=True).fast_path_by_default
     assert not load_settings(warmup=False).compiles  # nothing would compile before the first requests
+    graphs_only = load_settings(warmup=False, cuda_graphs=True)  # asked for: static shapes, captured as they come
+    assert graphs_only.use_static_shapes and graphs_only.replays_graphs and not graphs_only.compiles
     monkeypatch.setenv("ECHO_COMPILE", "0")
     assert not load_settings().compiles
 
