@@ -255,7 +255,8 @@ class StaticShapes:
         """Whether the call's step can run at these shapes (else it takes the exact path)."""
         prefix = 0 if call.kv_latent is None else call.kv_latent[0][0].shape[1]
         return (call.x.shape[1] <= self.frame_buckets[-1]
-                and call.x.shape[0] <= self.rows_at(self.frames_for(call.x.shape[1])) and prefix <= self.prefix_patches and call.text_mask.shape[1] <= self.text_tokens
+                and call.x.shape[0] <= self.rows_at(self.frames_for(call.x.shape[1]))
+                and prefix <= self.prefix_patches and call.text_mask.shape[1] <= self.text_tokens
                 and call.kv_speaker[0][0].shape[1] <= self.speaker_patches)
 
     def frames_for(self, frames: int) -> int:
@@ -314,9 +315,6 @@ class _Member:
         latent = call.kv_latent[0][0] if call.kv_latent is not None else None
         return call.kv_text[0][0], call.kv_speaker[0][0], latent  # (the masks matter to a lane, not to the pool)
 
-    def is_for(self, call: ModelCall) -> bool:
-        return all((ref() if ref is not None else None) is t for ref, t in zip(self.sources, self.named_by(call)))
-
     @property
     def stale(self) -> bool:
         return any(ref is not None and ref() is None for ref in self.sources)
@@ -365,10 +363,7 @@ class _Pool:
         keys = [tuple(map(id, _Member.named_by(c))) + (c.x.shape[0],) for c in calls]
         out = []
         for call, key in zip(calls, keys):
-            member = self.members.get(key)
-            if member is not None and not member.is_for(call):  # (ids of dead tensors, taken again)
-                self._release(key)
-                member = None
+            member = self.members.get(key)  # (a live member's ids are its live tensors': stale ones went above)
             if member is None:
                 rows = self._rows(call.x.shape[0], set(keys))
                 if rows is not None:
@@ -431,7 +426,6 @@ class _Lane:
     positions and key mask, in storage allocated once, so every pass of the bucket reads them at the
     same addresses (what a CUDA graph replays)."""
 
-    frames: int
     storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (N,), positions (N * S), key mask (N * (S + K))
     members: _LaneMembers | None = None  # what the inputs were written for
     inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (R,), positions (R, S), key mask (R, S + K)
@@ -635,7 +629,7 @@ class StaticSteps:
         if lane is None:
             s, size, device = self.shapes, self.shapes.rows_at(frames), calls[0].x.device
             with torch.inference_mode(False):  # (as the pool)
-                lane = self._lanes[frames] = _Lane(frames, (
+                lane = self._lanes[frames] = _Lane((
                     torch.zeros(size, dtype=torch.long, device=device),
                     torch.zeros(size * frames, dtype=torch.long, device=device),
                     torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))

@@ -122,13 +122,19 @@ def read_load_times(path: Path) -> dict[str, float]:
 
 
 def save_load_times(path: Path, times: dict[str, float]) -> None:
+    save_to_cache(path, {k: round(v, 1) for k, v in times.items()}, "the loading times")
+
+
+def save_to_cache(path: Path, data: object, what: str) -> None:
+    """`data` as JSON at `path` in ECHO_CACHE_DIR, replaced whole (a reader sees one start's); a cache
+    that cannot be written (read-only) only costs the next start what it would have read there."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")  # replaced whole: a reader sees one start's times
-        partial.write_text(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(data, indent=1))
         os.replace(partial, path)
-    except OSError as e:  # a read-only cache only costs the next start its estimates
-        log.warning("could not save the loading times to %s: %s", path, e)
+    except OSError as e:
+        log.warning("could not save %s to %s: %s", what, path, e)
 
 
 @dataclass(frozen=True)
@@ -215,12 +221,13 @@ def _fast_path_or_eager(settings: Settings) -> Settings:
     start of the same setup (ECHO_COMPILE=1 tries it again)."""
     if not settings.fast_path_by_default:
         return settings
+    path = fast_path_failure_path(settings)
     try:
-        failed = json.loads(fast_path_failure_path(settings).read_text())
+        failed = json.loads(path.read_text())
     except FileNotFoundError:
         return settings
     except (OSError, ValueError) as e:
-        log.warning("ignoring %s: %s", fast_path_failure_path(settings), e)
+        log.warning("ignoring %s: %s", path, e)
         return settings
     if not isinstance(failed, dict) or failed.get("setup") != _setup(settings):
         return settings
@@ -247,20 +254,16 @@ def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str
 
 
 def _remember_failure(settings: Settings, why: str) -> None:
-    path = fast_path_failure_path(settings)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"setup": _setup(settings), "why": why}))
-    except OSError as e:
-        log.warning("could not save %s: %s", path, e)
+    save_to_cache(fast_path_failure_path(settings), {"setup": _setup(settings), "why": why}, "why the fast path failed")
 
 
 def _forget_failure(settings: Settings) -> None:
     """The fast path started: an earlier failure of this setup no longer holds."""
+    path = fast_path_failure_path(settings)
     try:
-        fast_path_failure_path(settings).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     except OSError as e:  # (a read-only cache: nothing was remembered there either)
-        log.debug("could not remove %s: %s", fast_path_failure_path(settings), e)
+        log.debug("could not remove %s: %s", path, e)
 
 
 def compile_cache_path(settings: Settings) -> Path:
