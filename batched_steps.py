@@ -15,10 +15,11 @@ velocities, in order. Two runners share that interface:
   whole step pass can be captured as one CUDA graph per shape: frames round up to a block-size
   bucket, rows to a row bucket, speaker keys to ~30 s of voice or to the longest voice, prefix
   and text keys to their maxima. Padded keys are masked, so results equal the exact path up to
-  float rounding. Every input lives at a fixed address: the keys/values in a row pool written
-  once per generation, block and CFG phase (not per step), each frame bucket's row indices and
-  masks rewritten only when its members change, the latents and AdaLN rows written per step. A
-  graph's replay therefore copies nothing into its inputs.
+  float rounding. Every input lives at a fixed address: the keys/values in a row pool that holds
+  a generation's text and speaker keys once and its prefix once per block (its CFG rows and phases
+  share them, and so do the streams of one voice), each frame bucket's row indices and masks
+  rewritten only when its members change, the latents and AdaLN rows written per step. A graph's
+  replay therefore copies nothing into its inputs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from inference import (LATENT_SIZE, MAX_SEQUENCE_LENGTH, MAX_SPEAKER_LATENT_LENGTH, MAX_TEXT_LENGTH, ModelCall,
-                       timed_modulations)
+                       repeat_kv, timed_modulations)
 from model import EchoDiT, KVCache, RowGroup, call_block, grouped
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class StaticShapes:
     text_tokens: int  # T: text keys
     speaker_buckets: tuple[int, ...]  # ascending; P: a batch's speaker keys round up to one of these
     max_tokens: int | None = None  # rows x frames of one pass at most (3 rows always): more run as several passes
+    pool_size: int | None = None  # rows of each kind of conditioning pooled (None: a third of the most rows)
 
     @classmethod
     def covering(cls, block_sizes: Iterable[int], max_rows: int, patch_size: int = 4,
@@ -241,6 +243,12 @@ class StaticShapes:
     def row_buckets_at(self, frames: int) -> tuple[int, ...]:
         cap = self.rows_at(frames)
         return tuple(b for b in self.row_buckets if b < cap) + (cap,)
+
+    @property
+    def pool_rows(self) -> int:
+        """Rows of each kind the pool holds: one per generation (a third of the most rows, 3 CFG rows
+        to a generation) unless set."""
+        return self.pool_size or math.ceil(self.row_buckets[-1] / 3)
 
     @property
     def speaker_patches(self) -> int:
@@ -274,7 +282,8 @@ class StaticShapes:
 
     def stacked_bytes(self, model: EchoDiT, rows: int) -> int:
         """Bytes of the padded prefix, text and speaker keys and values StaticSteps pools for `rows`
-        rows at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and values."""
+        rows of each kind at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and
+        values. A generation takes one row of each kind (its CFG rows share it)."""
         return rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
 
     def own_bytes(self, model: EchoDiT) -> int:
@@ -302,112 +311,205 @@ def _token_bytes(model: EchoDiT) -> int:
 
 
 @dataclass(eq=False)
-class _Member:
-    """A call's conditioning in the pool: its rows there, weak references to the tensors that name it
-    (a member whose tensors are gone is stale: its rows are free again), and when it was last used."""
+class _Entry:
+    """One row of conditioning (one kind: prefix, text or speaker) in its pool: the pool row it was
+    written to, weak references to the tensors seen holding it (it is stale once all are gone), and
+    when it was last used. A released entry's row may hold another's keys."""
 
-    sources: tuple  # weakref.ref of kv_text[0][0], kv_speaker[0][0], kv_latent[0][0] (or None)
-    rows: list[int]
+    row: int
+    refs: dict[int, weakref.ref]  # id -> a tensor seen holding it (a cache's first layer's keys)
     used: int = 0
+    released: bool = False
+
+    @property
+    def stale(self) -> bool:
+        return all(ref() is None for ref in self.refs.values())
+
+    def hold(self, tensor: Tensor) -> None:
+        """Count `tensor` among its holders (forgetting those gone)."""
+        self.refs = {i: ref for i, ref in self.refs.items() if ref() is not None}
+        self.refs[id(tensor)] = weakref.ref(tensor)
+
+
+@dataclass(eq=False)
+class _Member:
+    """A call's conditioning in the pool: per kind (the pool's order: prefix, text, speaker) its
+    entries and each call row's pool row. Valid while the call's tensors live and no entry of it
+    has been released."""
+
+    sources: tuple  # weakref.ref of kv_latent[0][0] (or None), kv_text[0][0], kv_speaker[0][0]
+    rows: tuple[tuple[int, ...], ...]  # per kind, per call row: its pool row
+    entries: tuple[_Entry, ...]
 
     @staticmethod
     def named_by(call: ModelCall) -> tuple:
         latent = call.kv_latent[0][0] if call.kv_latent is not None else None
-        return call.kv_text[0][0], call.kv_speaker[0][0], latent  # (the masks matter to a lane, not to the pool)
+        return latent, call.kv_text[0][0], call.kv_speaker[0][0]  # (the masks matter to a lane, not to the pool)
 
     @property
-    def stale(self) -> bool:
-        return any(ref is not None and ref() is None for ref in self.sources)
+    def valid(self) -> bool:
+        return (all(ref is None or ref() is not None for ref in self.sources)
+                and not any(e.released for e in self.entries))
+
+
+class _Kind:
+    """One kind's pool, (L, 2, N, length, H, D), and the entries written into it, by where their
+    data lies (a row of the first layer's keys: its storage and offset there, and its length)."""
+
+    def __init__(self, pool: Tensor):
+        self.pool = pool
+        self.free = list(range(pool.shape[2]))
+        self.entries: dict[tuple[int, int, int], _Entry] = {}
+
+    def release(self, key: tuple[int, int, int]) -> None:
+        entry = self.entries.pop(key)
+        entry.released = True
+        self.free.append(entry.row)
 
 
 class _Pool:
-    """The prefix, text and speaker keys/values of every generation the static passes run, written
-    once into persistent row pools, (L, 2, N, Q | T | P, H, D) per kind, N the largest row bucket.
+    """The prefix, text and speaker keys/values of the generations the static passes run, written
+    once into persistent pools, (L, 2, N, Q | T | P, H, D) per kind, N the most generations at once.
 
-    A call's conditioning (the same objects from step to step while its generation stays in one
-    block and CFG phase) gets rows when it first appears and keeps them until its tensors are gone
-    (the generation moved on) or, when rows run short, until it is the longest unused; a pass reads
-    each of its rows' keys where they lie (EchoDiT.velocity's `rows`), so no step copies keys into
-    a pass's inputs. The worker runs one frame bucket at a time: the others' members stay. Rows past
-    the conditioning's own keys are zeroed and masked. A call that finds no room takes the exact path."""
+    Each distinct row of conditioning has one entry, whoever holds it: a generation's CFG rows are
+    views of its one row (inference.repeat_kv), its guided and unguided calls hold the same text and
+    speaker keys, and streams of one voice hold the same speaker keys (the engine caches them per
+    voice); so a generation takes one row of each kind, written once (its prefix once per block). An
+    entry keeps its row until the tensors seen holding it are gone (the generation moved on) or,
+    when rows run short, until it is the longest unused; a pass reads each of its rows' keys where
+    they lie (EchoDiT.velocity's `rows`), so no step copies keys into a pass's inputs. The worker
+    runs one frame bucket at a time: the others' entries stay. A row past its entry's own keys is
+    zeroed and masked. A call that finds no room takes the exact path.
+
+    Entries are named by where their data lies, which is sound while it lives: the caches are never
+    written in place (each block's prefix, a scaled speaker cache are new tensors)."""
 
     def __init__(self, model: EchoDiT, shapes: StaticShapes, like: Tensor):
-        attention, self.size = model.blocks[0].attention, shapes.row_buckets[-1]
-        new = lambda length: like.new_zeros(len(model.blocks), 2, self.size, length, attention.num_heads,  # noqa: E731
-                                            model.head_dim)
-        self.text, self.speaker = new(shapes.text_tokens), new(shapes.speaker_patches)
-        self.latent = new(shapes.prefix_patches) if shapes.prefix_patches else None
-        self.free = list(range(self.size))
+        attention, self.size = model.blocks[0].attention, shapes.pool_rows
+        new = lambda length: _Kind(like.new_zeros(len(model.blocks), 2, self.size, length,  # noqa: E731
+                                                  attention.num_heads, model.head_dim))
+        self.kinds = ([new(shapes.prefix_patches)] if shapes.prefix_patches else []) + \
+            [new(shapes.text_tokens), new(shapes.speaker_patches)]
         self.members: dict[tuple, _Member] = {}
-        self.writes = 0  # conditionings written so far
+        self.writes = 0  # entries written so far
         self._calls = 0
         self._caches: dict[int, tuple] = {}
 
     @property
+    def text(self) -> Tensor:
+        return self.kinds[-2].pool
+
+    @property
+    def pools(self) -> list[Tensor]:
+        return [kind.pool for kind in self.kinds]
+
+    @property
     def nbytes(self) -> int:
-        return sum(p.untyped_storage().nbytes() for p in (self.text, self.speaker, self.latent) if p is not None)
+        return sum(p.untyped_storage().nbytes() for p in self.pools)
+
+    def entries(self) -> int:
+        return sum(len(kind.entries) for kind in self.kinds)
 
     def caches(self, speakers: int) -> tuple[KVCache, KVCache, KVCache | None]:
         """Per layer (N, length, H, D) views of the pools: text, speaker (its first `speakers` keys), prefix."""
         if speakers not in self._caches:
             layers = lambda pool: [(k, v) for k, v in pool.unbind(0)]  # noqa: E731
-            self._caches[speakers] = (layers(self.text), layers(self.speaker[:, :, :, :speakers]),
-                                      None if self.latent is None else layers(self.latent))
+            *latent, text, speaker = self.pools
+            self._caches[speakers] = (layers(text), layers(speaker[:, :, :, :speakers]),
+                                      layers(latent[0]) if latent else None)
         return self._caches[speakers]
 
     def place(self, model: EchoDiT, calls: Sequence[ModelCall]) -> list[_Member | None]:
-        """Each call's member (None: no room), writing the conditionings seen for the first time."""
+        """Each call's member (None: no room), writing the rows of conditioning seen for the first time."""
         self._calls += 1
-        for key in [k for k, m in self.members.items() if m.stale]:
-            self._release(key)
-        keys = [tuple(map(id, _Member.named_by(c))) + (c.x.shape[0],) for c in calls]
+        for key in [k for k, m in self.members.items() if not m.valid]:
+            del self.members[key]
+        for kind in self.kinds:
+            for key in [k for k, e in kind.entries.items() if e.stale]:
+                kind.release(key)
         out = []
-        for call, key in zip(calls, keys):
-            member = self.members.get(key)  # (a live member's ids are its live tensors': stale ones went above)
+        for call in calls:
+            key = tuple(id(t) for t in _Member.named_by(call)) + (call.x.shape[0],)
+            member = self.members.get(key)  # (a valid member's ids are its live tensors')
             if member is None:
-                rows = self._rows(call.x.shape[0], set(keys))
-                if rows is not None:
-                    try:
-                        self._write(model, call, rows)
-                    except BaseException:
-                        self.free += rows
-                        raise
-                    named = _Member.named_by(call)
-                    member = self.members[key] = _Member(tuple(None if t is None else weakref.ref(t) for t in named),
-                                                         rows)
+                member = self._member(model, call)
+                if member is not None:
+                    self.members[key] = member
             if member is not None:
-                member.used = self._calls
+                for entry in member.entries:
+                    entry.used = self._calls
             out.append(member)
         return out
 
-    def _rows(self, n: int, keep: set) -> list[int] | None:
-        """n free rows, letting the longest-unused members not in this call go if there are too few."""
-        idle = sorted((m.used, key) for key, m in self.members.items() if key not in keep)
-        while len(self.free) < n and idle:
-            self._release(idle.pop(0)[1])
-        if len(self.free) < n:
+    def _member(self, model: EchoDiT, call: ModelCall) -> _Member | None:
+        """The call's entries, found or written; None when a kind has no room for them."""
+        caches = ([latent_kv_or_empty(model, call)] if len(self.kinds) == 3 else []) + [call.kv_text, call.kv_speaker]
+        plans = []
+        for kind, cache in zip(self.kinds, caches):
+            first = cache[0][0]  # (n, length, H, D): where row i's data lies names it
+            if first.shape[1] == 0:  # (no keys: every row is masked; any row of finite numbers will do)
+                plans.append((kind, cache, first, [], {}))
+                continue
+            storage = first.untyped_storage()._cdata  # (the storage itself: also on the meta device, for counts)
+            keys = [(storage, first.storage_offset() + i * first.stride(0), first.shape[1]) for i in range(first.shape[0])]
+            for key in keys:
+                if key in kind.entries:
+                    kind.entries[key].used = self._calls  # (kept while this call finds room)
+            fresh = {key: i for i, key in reversed(list(enumerate(keys))) if key not in kind.entries}
+            plans.append((kind, cache, first, keys, fresh))
+        taken = []
+        for kind, _, _, _, fresh in plans:
+            room = self._rows(kind, len(fresh))
+            if room is None:
+                for earlier, rows in taken:
+                    earlier.free += rows
+                return None
+            taken.append((kind, room))
+        rows, entries = [], []
+        for (kind, cache, first, keys, fresh), (_, room) in zip(plans, taken):
+            for key, row in zip(fresh, room):
+                kind.entries[key] = _Entry(row, {}, used=self._calls)
+            if fresh:
+                self._write(kind, cache, [(i, row) for i, row in zip(fresh.values(), room)])
+            held = [kind.entries[key] for key in keys]
+            for entry in held:
+                entry.hold(first)
+            rows.append(tuple(e.row for e in held) if held else (0,) * first.shape[0])
+            entries += dict.fromkeys(held)  # (distinct, in order)
+        sources = tuple(None if t is None else weakref.ref(t) for t in _Member.named_by(call))
+        return _Member(sources, tuple(rows), tuple(entries))
+
+    def _rows(self, kind: _Kind, n: int) -> list[int] | None:
+        """n free rows of `kind`, letting its longest-unused entries not used by this call go if
+        there are too few."""
+        if len(kind.free) < n:
+            idle = sorted((e.used, key) for key, e in kind.entries.items() if e.used < self._calls)
+            while len(kind.free) < n and idle:
+                kind.release(idle.pop(0)[1])
+        if len(kind.free) < n:
             return None
-        self.free.sort()
-        rows, self.free = self.free[:n], self.free[n:]
+        kind.free.sort()
+        rows, kind.free = kind.free[:n], kind.free[n:]
         return rows
 
-    def _release(self, key: tuple) -> None:
-        self.free += self.members.pop(key).rows
+    def _write(self, kind: _Kind, cache: KVCache, written: list[tuple[int, int]]) -> None:
+        """Rows of `cache` into the kind's pool: (call row, pool row) pairs. A few ops, whatever the layers."""
+        self.writes += len(written)
+        pool = kind.pool
+        rows = [i for i, _ in written]
+        if rows == list(range(cache[0][0].shape[0])):  # (every row: no views to take; an unguided step's)
+            tensors = [t for pair in cache for t in pair]
+        else:  # (a view of each: a guided step's rows share one)
+            pick = slice(rows[0], rows[0] + 1) if len(rows) == 1 else to_device(rows, pool.device)
+            tensors = [t[pick] for pair in cache for t in pair]
+        block = torch.stack(tensors).unflatten(0, (pool.shape[0], 2))
+        index = to_device([row for _, row in written], pool.device)
+        pool[:, :, :, :block.shape[3]].index_copy_(2, index, block)  # (L, 2, n, length, H, D)
+        if block.shape[3] < pool.shape[3]:  # (what a former entry left there: masked, but zeroed)
+            pool[:, :, :, block.shape[3]:].index_fill_(2, index, 0)
 
-    def _write(self, model: EchoDiT, call: ModelCall, rows: list[int]) -> None:
-        self.writes += 1
-        index = to_device(rows, self.text.device)
-        kinds = [(self.text, call.kv_text), (self.speaker, call.kv_speaker)]
-        if self.latent is not None:
-            kinds.append((self.latent, latent_kv_or_empty(model, call)))
-        for pool, cache in kinds:  # each kind in a few ops, whatever the layers: (L, 2, n, length, H, D)
-            block = torch.stack([t for pair in cache for t in pair]).unflatten(0, (pool.shape[0], 2))
-            pool[:, :, :, :block.shape[3]].index_copy_(2, index, block)
-            if block.shape[3] < pool.shape[3]:  # (what a former member left there: masked, but zeroed)
-                pool[:, :, :, block.shape[3]:].index_fill_(2, index, 0)
 
-
-def to_device(values: list[int], device: torch.device) -> Tensor:
+def to_device(values: list, device: torch.device) -> Tensor:
     """Host integers as a long tensor on `device`, without waiting for the device: through pinned
     memory on CUDA (the caching host allocator keeps the buffer until the copy has run)."""
     host = torch.tensor(values, dtype=torch.long)
@@ -426,9 +528,9 @@ class _Lane:
     positions and key mask, in storage allocated once, so every pass of the bucket reads them at the
     same addresses (what a CUDA graph replays)."""
 
-    storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (N,), positions (N * S), key mask (N * (S + K))
+    storage: tuple[Tensor, Tensor, Tensor]  # flat: pool rows (kinds * N), positions (N * S), key mask (N * (S + K))
     members: _LaneMembers | None = None  # what the inputs were written for
-    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (R,), positions (R, S), key mask (R, S + K)
+    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # rows (kinds, R), positions (R, S), key mask (R, S + K)
 
 
 @dataclass(frozen=True)
@@ -630,7 +732,7 @@ class StaticSteps:
             s, size, device = self.shapes, self.shapes.rows_at(frames), calls[0].x.device
             with torch.inference_mode(False):  # (as the pool)
                 lane = self._lanes[frames] = _Lane((
-                    torch.zeros(size, dtype=torch.long, device=device),
+                    torch.zeros(len(self._pool.kinds) * size, dtype=torch.long, device=device),
                     torch.zeros(size * frames, dtype=torch.long, device=device),
                     torch.zeros(size * (frames + s.key_length(s.speaker_patches)), dtype=torch.bool, device=device)))
         if lane.members is not None and lane.members.same(members, calls):
@@ -638,11 +740,12 @@ class StaticSteps:
         lane.members = None  # (until rewritten whole)
         s = self.shapes
         flat_rows, flat_positions, flat_mask = lane.storage
-        rows, positions = _view(flat_rows, padded_rows), _view(flat_positions, padded_rows, frames)
+        kinds = len(self._pool.kinds)
+        rows, positions = _view(flat_rows, kinds, padded_rows), _view(flat_positions, padded_rows, frames)
         key_mask = _view(flat_mask, padded_rows, frames + s.key_length(speakers))
         q0, t0 = frames + s.prefix_patches, frames + s.prefix_patches + s.text_tokens
-        every = [r for member in members for r in member.rows]
-        rows.copy_(to_device(every + [every[0]] * (padded_rows - len(every)), rows.device))
+        every = [[r for member in members for r in member.rows[k]] for k in range(kinds)]
+        rows.copy_(to_device([of_kind + of_kind[:1] * (padded_rows - len(of_kind)) for of_kind in every], rows.device))
         positions.copy_(torch.arange(frames, device=positions.device).expand(padded_rows, frames))
         key_mask.zero_()
         key_mask[:, 0] = True  # padding rows see one key (no row may see none: that gives NaN)
@@ -670,15 +773,17 @@ class StaticSteps:
             self._compiled.warmed_up = True
 
     def _zero_call(self, frames: int, rows: int, speakers: int) -> ModelCall:
-        """A step of exactly this shape (zeros; new tensors, as a new generation's would be)."""
+        """A step of exactly this shape (zeros; new tensors, as a new generation's would be, its rows
+        sharing one row of conditioning, as a generation's CFG rows do)."""
         m, s = self.model, self.shapes
         x = torch.zeros(rows, frames, LATENT_SIZE, device=m.device, dtype=m.dtype)
         return ModelCall(x=x, t=x.new_full((rows,), 0.5), start_pos=0, time=0.5,
                          text_mask=torch.ones(rows, s.text_tokens, dtype=torch.bool, device=m.device),
                          speaker_mask=torch.ones(rows, speakers * m.speaker_patch_size, dtype=torch.bool,
                                                  device=m.device),
-                         kv_text=zero_kv(m, rows, s.text_tokens, x), kv_speaker=zero_kv(m, rows, speakers, x),
-                         kv_latent=zero_kv(m, rows, s.prefix_patches, x) if s.prefix_patches else None)
+                         kv_text=repeat_kv(zero_kv(m, 1, s.text_tokens, x), rows),
+                         kv_speaker=repeat_kv(zero_kv(m, 1, speakers, x), rows),
+                         kv_latent=repeat_kv(zero_kv(m, 1, s.prefix_patches, x), rows) if s.prefix_patches else None)
 
 
 class CompiledBlocks:
@@ -697,8 +802,10 @@ class CompiledBlocks:
     def __call__(self, block, h: Tensor, *args) -> Tensor:
         if h.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(args[0], 1)  # modulation (2, B, 1, 3C)
-            for tensor in (h, *args[1:4], args[-1]):  # cos, sin, key_mask, pool rows (the pools are fixed)
+            for tensor in (h, *args[1:4]):  # cos, sin, key_mask (the pools are fixed)
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            if args[-1] is not None:
+                torch._dynamo.maybe_mark_dynamic(args[-1], 1)  # pool rows (kinds, B)
         return self._block(block, h, *args)
 
 

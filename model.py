@@ -403,9 +403,9 @@ class JointAttention(Projections):
 
         With `groups` (this layer's groups, covering the rows in order), each group attends over
         exactly its own keys, as it would alone (see RowGroup); key_mask and the kv arguments are
-        then unused. With `rows` (B,), the kv arguments are a pool of rows (N, L, H, D) and row b of
-        x reads pool row rows[b] (gathered as the keys are joined: compiled, one kernel as without a
-        pool; eager, one more copy).
+        then unused. With `rows` (K, B), the kv arguments are pools of rows (N, L, H, D) and row b of
+        x reads row rows[k, b] of the k-th pool in the key order (prefix if given, text, speaker),
+        gathered as the keys are joined (compiled, one kernel as without a pool; eager, one more copy).
         """
         q, k_self, v_self, gate = self.project("qkvg", x)
         q = apply_rope_half_heads(self.q_norm(self._heads(q)), cos, sin)
@@ -414,7 +414,7 @@ class JointAttention(Projections):
         if groups is None:
             cached = ([kv_latent] if kv_latent is not None else []) + [kv_text, kv_speaker]
             if rows is not None:
-                cached = [(k[rows], v[rows]) for k, v in cached]
+                cached = [(k[r], v[r]) for (k, v), r in zip(cached, rows)]
             segments = [(k_self, v_self)] + cached
             keys, values = (torch.cat([segment[j] for segment in segments], dim=1) for j in (0, 1))
             out = attend(q, keys, values, row_mask(key_mask))
@@ -584,8 +584,8 @@ class EchoDiT(nn.Module):
         `run_block(block, h, modulation, cos, sin, key_mask, kv_text, kv_speaker, kv_latent, groups, rows)`
         runs each decoder block (a compiled one: the blocks are alike, so one graph serves all 24).
         `modulation` (L, 2, B, 1, 3C), when given, is `modulations(t)` computed earlier (from the
-        table: `timed_modulations`); t is then not read. `rows` (B,): the caches are row pools and
-        row b of x reads their row rows[b] (JointAttention)."""
+        table: `timed_modulations`); t is then not read. `rows` (K, B): the caches are row pools and
+        row b of x reads row rows[k, b] of the k-th (JointAttention)."""
         run_block = run_block or call_block
         cos, sin = rope_angles(positions, self.head_dim)
         per_block = (self.modulations(t) if modulation is None else modulation).unbind(0)  # one op, not one per block

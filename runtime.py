@@ -329,8 +329,8 @@ class MemoryTooSmall(ValueError):
 @dataclass(frozen=True)
 class MemoryPlan:
     """What the static-shape path holds on the model's device at ECHO_MAX_ACTIVE, known before warm-up
-    allocates it. StaticSteps' row pool dominates: the prefix, text and speaker keys/values of every
-    row (3 per stream: the guidance rows) at the largest speaker bucket, allocated once
+    allocates it. StaticSteps' row pool dominates: a row of prefix, text and speaker keys/values per
+    stream (its guidance rows share them) at the largest speaker bucket, allocated once
     (StaticShapes.stacked_bytes), and each stream keeps its own unpadded keys beside them
     (StaticShapes.own_bytes). A pass's peak (StaticShapes.pass_bytes: activations and joined keys of
     the largest pass, at most PASS_TOKENS tokens) is held for good by the CUDA graphs' memory pool;
@@ -338,9 +338,9 @@ class MemoryPlan:
 
     `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
     without graphs, and the decoder's largest batch. Against the one measurement (H100, 2026-11-22,
-    tests/test_memory_plan.py), the runner of that day held the padded keys twice (stacked, and
-    again in inductor's graph inputs): 16 streams peaked at 52 GiB, the pool at twice its bytes
-    says 52.1."""
+    tests/test_memory_plan.py), the runner of that day held the padded keys of every guidance row
+    twice (stacked, and again in inductor's graph inputs): 16 streams peaked at 52 GiB, and 3 rows
+    a stream at twice their bytes say 52.1."""
 
     loaded: int  # bytes the loaded models take
     per_stream: int  # one stream's rows of the key/value pool, and its own keys
@@ -366,7 +366,7 @@ def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | N
     """The plan of `steps` at s.max_active; `loaded`: what the device holds now (measured on CUDA)."""
     loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
     shapes = steps.shapes
-    return MemoryPlan(loaded, shapes.stacked_bytes(model, 3) + shapes.own_bytes(model), s.max_active,
+    return MemoryPlan(loaded, shapes.stacked_bytes(model, 1) + shapes.own_bytes(model), s.max_active,
                       shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs)
 
 

@@ -207,7 +207,7 @@ def input_writes(steps, calls) -> dict[str, int]:
 
     steps(calls)
     pool = steps._pool
-    owners = {t.untyped_storage()._cdata: "keys" for t in (pool.text, pool.speaker, pool.latent) if t is not None}
+    owners = {t.untyped_storage()._cdata: "keys" for t in pool.pools}
     owners |= {t.untyped_storage()._cdata: "lanes" for lane in steps._lanes.values() for t in lane.storage}
     owners |= {t.untyped_storage()._cdata: "step" for t in steps._step_inputs}
     written = dict.fromkeys(("keys", "lanes", "step", "other"), 0)
@@ -466,10 +466,12 @@ PROXY_FIT = {
 GRAPH_REPLAYS_PER_PASS = 24  # CompiledBlocks: one graph (replay) per decoder block
 # StaticSteps since 2026-12-06 ('pooled'): one graph per pass; outside it (count_runner('static')["outside_ops"],
 # counted 2026-12-06: 11, 14, 26 at 1, 4, 16 generations); a bucket's masks and row indices rebuilt when its members
-# change; a new member's keys stacked, padded and copied into the row pool (3 copies of its rows' keys)
+# change; a new row of conditioning (a generation's text and speaker keys once, its prefix once per block; its CFG
+# rows and phases share them) stacked and copied into its kind's pool: 56 eager ops when a guided step brings it
+# (a view of each layer's keys taken), 8 when an unguided one does (counted on the meta device, 2026-12-06)
 POOLED_OUTSIDE_OPS = {"one": 10.0, "gens": 1.0}
 POOLED_LANE_OPS = {"one": 10.0, "gens": 8.0}
-POOLED_WRITE_OPS = 15.0
+POOLED_WRITE_OPS = 56.0
 POOLED_SPEAKER_BUCKETS = (160, 1600)  # voices up to ~30 s, then up to 5 min
 KV_BYTES_PER_ROWKEY = 24 * 2 * 2048 * 2  # layers x (key, value) x H*D x bf16
 ACTIVATION_BYTES_PER_TOKEN = 24 * 8 * 2048 * 2  # a fused layer reads/writes ~8 activations of H*D per token
@@ -580,12 +582,10 @@ def _speaker_bucket(pack: Sequence[tuple]) -> int:
     return next(b for b in POOLED_SPEAKER_BUCKETS if b >= max(g[4] for g in pack))
 
 
-def pool_write_work(gen: tuple) -> Work:
-    """A new member's keys into StaticSteps' row pool (frames, rows, prefix, text, speaker patches):
-    its own keys stacked and copied in (read and written twice), the rest of its rows up to the
-    pool's width (the largest speaker bucket) zeroed."""
-    own, width = gen[2] + gen[3] + gen[4], 160 + 768 + POOLED_SPEAKER_BUCKETS[-1]
-    return Work(ops=POOLED_WRITE_OPS, flops=0.0, bytes=gen[1] * (4 * own + width - own) * KV_BYTES_PER_ROWKEY)
+def pool_write_work(own: int, width: int) -> Work:
+    """A new row of conditioning into its kind's pool in StaticSteps: its `own` keys stacked and
+    copied in (read and written twice), the rest of the row up to the pool's `width` zeroed."""
+    return Work(ops=POOLED_WRITE_OPS, flops=0.0, bytes=(4 * own + width - own) * KV_BYTES_PER_ROWKEY)
 
 
 def lane_work(pack: Sequence[tuple]) -> Work:
@@ -807,7 +807,7 @@ class SimStaticSteps(StaticSteps, SimSteps):
         SimSteps.__init__(self, sim)
         self.shapes = StaticShapes(STATIC_FRAMES, row_buckets(sim.max_rows), 160, 768, (1600,))
         self._members: dict[tuple[int, int], tuple] = {}
-        self._pooled: set = set()  # ('pooled') members whose keys are in the pool
+        self._pooled: set = set()  # ('pooled') rows of conditioning in the pool
 
     def __call__(self, calls: Sequence[ModelCall]) -> list[None]:
         sim, used = self.sim, set()
@@ -829,13 +829,14 @@ class SimStaticSteps(StaticSteps, SimSteps):
                 if self._members.get((frames, index)) != members:
                     self._members[(frames, index)] = members
                     if sim.runner == "pooled":
-                        sim.spend([pool_write_work(c.gen) for c in pack if c.member not in self._pooled])
+                        new = {row: size for c in pack for row, *size in c.pool_rows if row not in self._pooled}
+                        sim.spend([pool_write_work(own, width) for own, width in new.values()])
+                        self._pooled |= new.keys()
                         sim.spend(lane_work([c.gen for c in pack]))
                     else:
                         sim.spend(restack_work([c.gen for c in pack], sim.max_rows))
         for stale in self._members.keys() - used:
             del self._members[stale]
-        self._pooled |= {c.member for c in calls}  # (kept until the job moves on: a member is never seen again)
         return SimSteps.__call__(self, calls)
 
 
@@ -860,7 +861,7 @@ class SimEngine:
                                torch.empty(1, bucket, dtype=torch.bool, device="meta"), job.tokens)
         else:
             sim.spend(admission_work(job.tokens))
-        decoder, done = SimDecoder(), 0
+        decoder, done, me = SimDecoder(), 0, object()  # (me: this generation, whatever job object it runs)
         phases: dict[tuple[int, int], object] = {}  # (block, rows) -> the conditioning its calls carry
         for index, (frames, steps) in enumerate(job.blocks):
             if index and sim.batched_admission:
@@ -875,6 +876,10 @@ class SimEngine:
                                  kv_text=[], kv_speaker=[])
                 call.gen = (frames, rows, math.ceil(done / 4), job.tokens, job.speaker_patches)
                 call.member = (phases.setdefault((index, rows), object()), rows, done)
+                call.pool_rows = [(("text", me), job.tokens, 768), (("speaker", me), job.speaker_patches,
+                                                                    POOLED_SPEAKER_BUCKETS[-1])]
+                if done:  # (the first block has no prefix)
+                    call.pool_rows.append((("prefix", me, index), math.ceil(done / 4), 160))
                 yield call
             yield eng.DecodeCall(decoder, torch.empty(1, 1024, frames, device="meta"))
             if frames not in self._audio:

@@ -205,14 +205,20 @@ def test_guidance_rows_share_the_conditionings_keys_and_values(tiny_model):
             assert k.untyped_storage().data_ptr() == k1.untyped_storage().data_ptr() and k.stride(0) == 0
 
 
+def distinct(calls, kind):
+    """How many distinct rows of conditioning of `kind` the calls hold (by where the data lies)."""
+    return len({(getattr(c, kind)[0][0][i].data_ptr(), getattr(c, kind)[0][0].shape[1])
+                for c in calls if getattr(c, kind) is not None for i in range(c.x.shape[0])})
+
+
 def test_keys_are_written_into_the_pool_once_and_their_rows_freed_when_the_generation_moves_on(engine, tiny_model):
-    """As the worker runs them, one frame bucket at a time: a generation's keys go into the row pool
-    at its first step of a block and CFG phase, and the other buckets' steps leave them there; a
-    conditioning whose tensors are gone (its generation moved on) gives its rows back."""
+    """As the worker runs them, one frame bucket at a time: a generation's keys go into the pool at
+    its first step, one row of each kind (its CFG rows share it), and the other buckets' steps leave
+    them there; keys whose tensors are gone (their generation moved on) give their rows back."""
     calls = first_calls(engine, mixed_jobs(load_clip()), skip_blocks=1)
     steps = static_steps(tiny_model, max_rows=24)
     buckets = {steps.shapes.frames_for(c.x.shape[1]) for c in calls}
-    assert len(buckets) > 1
+    assert len(buckets) > 1 and any(c.x.shape[0] == 3 for c in calls)
     for seed in range(3):
         calls = [next_step(c, seed) for c in calls]
         for bucket in sorted(buckets):
@@ -220,21 +226,59 @@ def test_keys_are_written_into_the_pool_once_and_their_rows_freed_when_the_gener
             for e, p in zip(batched_velocity(tiny_model, mine), steps(mine), strict=True):
                 torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
     pool = steps._pool
-    assert pool.writes == len(calls) and len(pool.free) == pool.size - sum(c.x.shape[0] for c in calls)
-    free = len(pool.free)
-    moved_on = dataclasses.replace(calls[0], kv_text=[(k.clone(), v.clone()) for k, v in calls[0].kv_text])
+    held = [distinct(calls, kind) for kind in ("kv_latent", "kv_text", "kv_speaker")]
+    assert held[0] == held[1] == len(calls)  # one row each, whatever the CFG rows
+    assert [len(k.entries) for k in pool.kinds] == held and pool.writes == sum(held)
+    assert [len(k.free) for k in pool.kinds] == [pool.size - n for n in held]
+    moved_on = dataclasses.replace(calls[0], kv_text=[(k[:1].clone().expand(k.shape), v[:1].clone().expand(v.shape))
+                                                      for k, v in calls[0].kv_text])  # (as inference.repeat_kv)
     calls[0] = mine = None  # the last references to the generation's old text keys
     steps([moved_on])
-    assert pool.writes == len(calls) + 1 and len(pool.free) == free  # its old rows back, as many taken
-    assert len(pool.members) == len(calls)
+    assert pool.writes == sum(held) + 1  # its new text keys alone
+    assert [len(k.free) for k in pool.kinds] == [pool.size - n for n in held]  # its old row back, one taken
+
+
+def test_a_generations_guided_and_unguided_steps_and_one_voices_streams_share_their_rows(tiny_model, tiny_fish,
+                                                                                         tiny_pca):
+    """Per generation: its text keys written once, its prefix once per block, whatever the CFG phase;
+    streams of one voice hold one row of its speaker keys (the server's engine keeps them per voice)."""
+    engine = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4), speaker_kv_cache=SpeakerCache(2))
+    voice = speaker_of(load_clip(), "a")
+    shape = eng.BlockShape((8, 8), (4, 4))
+    jobs = [eng.SpeechJob((text,), voice, seed, shape, shape, SETTINGS)
+            for seed, text in enumerate(("[S1] One voice.", "[S1] Two streams of it."))]
+    steps = static_steps(tiny_model, max_rows=6)
+    gens, written, rows = [engine.job_steps(job) for job in jobs], [], set()
+    items = [first_step(g) for g in gens]
+    while any(item is not None for item in items):
+        calls = [item for item in items if isinstance(item, eng.ModelCall)]
+        velocities = dict(zip(map(id, calls), steps(calls))) if calls else {}
+        rows |= {c.x.shape[0] for c in calls}
+        written.append(steps._pool.writes)
+        for i, (g, item) in enumerate(zip(gens, items)):
+            if item is None:
+                continue
+            try:
+                if isinstance(item, eng.ModelCall):
+                    items[i] = g.send(velocities[id(item)])
+                else:
+                    items[i] = g.send(item.run() if isinstance(item, PrefixCall) else
+                                      torch.zeros(1, 1, item.z.shape[-1] * 2048) if isinstance(item, eng.DecodeCall)
+                                      else None)
+            except StopIteration:
+                items[i] = None
+    assert rows == {1, 3}  # guided and unguided steps in both blocks
+    # first block: both texts and the voice once; second block: both prefixes once
+    assert sorted(set(written)) == [3, 5]
 
 
 def test_a_full_pool_lets_the_longest_unused_conditioning_go(engine, tiny_model):
     one, two = first_calls(engine, mixed_jobs(load_clip()))[:2]
-    steps = static_steps(tiny_model, max_rows=one.x.shape[0])  # room for one at a time
+    steps = static_steps(tiny_model, max_rows=3)  # room for one generation at a time
     for call in (one, two, one):
         torch.testing.assert_close(steps([call])[0], batched_velocity(tiny_model, [call])[0], rtol=1e-5, atol=1e-5)
-    assert steps._pool.writes == 3 and len(steps._pool.members) == 1
+    assert steps._pool.writes == 3 * 2  # its text and speaker keys, each time
+    assert [len(kind.entries) for kind in steps._pool.kinds] == [0, 1, 1]  # (no prefix in a first block)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["static", "graph-replays"])
@@ -264,7 +308,7 @@ def test_a_bucket_with_more_tokens_than_a_pass_holds_runs_as_several_passes(engi
 
 
 def test_calls_outside_the_static_shapes_or_the_pool_take_the_exact_path(engine, tiny_model):
-    """Voices longer than the shapes' speaker keys, and more rows than the pool has (3 here)."""
+    """Voices longer than the shapes' speaker keys, and more generations than the pool has (1 here)."""
     calls = first_calls(engine, mixed_jobs(load_clip()))
     assert sum(c.x.shape[0] for c in calls) > 3
     exact = batched_velocity(tiny_model, calls)

@@ -428,8 +428,8 @@ def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulate
             steps([steps._zero_call(16, 3 * max_active, shapes.speaker_patches)])
         pooled = {t.device for cache in steps._pool.caches(shapes.speaker_patches) for pair in cache for t in pair}
     assert pooled == {CUDA}
-    assert steps.stacked_bytes == shapes.stacked_bytes(model, 3) * max_active > 0
-    assert plan.per_stream == shapes.stacked_bytes(model, 3) + shapes.own_bytes(model)
+    assert steps.stacked_bytes == shapes.stacked_bytes(model, 1) * max_active > 0
+    assert plan.per_stream == shapes.stacked_bytes(model, 1) + shapes.own_bytes(model)
 
 
 def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_cuda, tiny_echo_dir, tiny_fish_dir):

@@ -71,18 +71,19 @@ def test_a_static_batch_is_built_anew_only_when_its_members_change():
     assert built == [2] * 6  # 3 blocks x (guided, unguided), both jobs in one batch
 
 
-def test_the_pooled_runner_writes_each_members_keys_once_and_replays_one_graph_a_pass():
-    """StaticSteps since 2026-12-06, as simulated: each job's keys go into the pool once per block and
-    CFG phase; a pass is one graph replay; and (predicted, same constants) first audio of a burst of
-    16 comes sooner than with the runner measured on 2026-11-22."""
+def test_the_pooled_runner_writes_each_generations_keys_once_and_replays_one_graph_a_pass():
+    """StaticSteps since 2026-12-06, as simulated: a job's text and speaker keys go into the pool once,
+    its prefix once per later block, whatever its CFG phase; a pass is one graph replay; and
+    (predicted, same constants) first audio of a burst of 16 comes sooner than with the runner
+    measured on 2026-11-22."""
     simulation = sim.Simulation(K, "graphs", "deadline", max_active=4, runner="pooled")  # (a unit per frame group)
     written, real = [], sim.pool_write_work
     try:
-        sim.pool_write_work = lambda gen: written.append(gen[1]) or real(gen)
+        sim.pool_write_work = lambda own, width: written.append(width) or real(own, width)
         simulation.run([(0.0, sim.SimJob()), (0.4, sim.SimJob())])  # (in different blocks at times)
     finally:
         sim.pool_write_work = real
-    assert sorted(written) == [1] * 6 + [3] * 6  # 3 blocks x (guided, unguided) x 2 jobs, each once
+    assert sorted(written) == [160] * 4 + [768] * 2 + [1600] * 2  # 2 jobs x (2 later blocks' prefixes, text, voice)
     assert all(w.replays == 1 for w in sim.step_work("pooled", [(32, 3, 0, 177, 54)] * 4))
     pooled, static = (sim.burst(K, 16, "graphs", "deadline", max_active=16, runner=r)["ttfb_p95_ms"]
                       for r in ("pooled", "static"))
