@@ -473,6 +473,7 @@ POOLED_OUTSIDE_OPS = {"one": 10.0, "gens": 1.0}
 POOLED_LANE_OPS = {"one": 10.0, "gens": 8.0}
 POOLED_WRITE_OPS = 56.0
 POOLED_SPEAKER_BUCKETS = (160, 1600)  # voices up to ~30 s, then up to 5 min
+POOLED_TEXT_KEYS = 768  # a pass's text keys (every text padded to MAX_TEXT_LENGTH)
 KV_BYTES_PER_ROWKEY = 24 * 2 * 2048 * 2  # layers x (key, value) x H*D x bf16
 ACTIVATION_BYTES_PER_TOKEN = 24 * 8 * 2048 * 2  # a fused layer reads/writes ~8 activations of H*D per token
 GAP_TOLERANCE = 0.01  # s, as bench_server: an arrival later than this after the audio ran out is a gap
@@ -562,7 +563,7 @@ def step_work(runner: str, gens: Sequence[tuple[int, int, int, int, int]], max_r
                 padded_rows = next(b for b in buckets if b >= sum(g[1] for g in pack))
                 keys, outside, replays = 2528, fit["outside_ops"], GRAPH_REPLAYS_PER_PASS
                 if runner == "pooled":
-                    keys, outside, replays = 928 + _speaker_bucket(pack), POOLED_OUTSIDE_OPS, 1
+                    keys, outside, replays = 160 + POOLED_TEXT_KEYS + _speaker_bucket(pack), POOLED_OUTSIDE_OPS, 1
                 feats = step_features([(frames, padded_rows, 0, 0, 0)], frames, keys_pad=frames + keys)
                 ops = _lin(outside, dict(gens=len(pack))) + job_ops * len(pack) / len(gens)
                 out.append(Work(ops=ops, replays=replays, flops=_lin(fit["flops"], feats),
@@ -1137,6 +1138,7 @@ def fmt_table(rows: list[dict], keys: Sequence[str]) -> str:
 
 
 def main() -> None:
+    global POOLED_TEXT_KEYS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrate", action="store_true", help="measured vs simulated (lockstep), side by side")
     parser.add_argument("--refit", action="store_true", help="fit the constants again (else CONSTANTS)")
@@ -1150,9 +1152,12 @@ def main() -> None:
     parser.add_argument("--runner", choices=("exact", "padded", "static", "pooled"),
                         help="the step runner costed (default: static with graphs, else exact; lockstep: padded)")
     parser.add_argument("--realtime", action="store_true", help="also search the largest burst without underruns")
+    parser.add_argument("--pooled-text-keys", type=int, default=768,
+                        help="what if a pooled pass had this many text keys (text in length buckets)")
     parser.add_argument("--proxy", action="store_true", help="proxy metrics per stage (meta device; ~1 min)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    POOLED_TEXT_KEYS = args.pooled_text_keys
     k = calibrate() if args.refit else CONSTANTS
     result: dict = {"constants": k.__dict__}
     if args.refit:
