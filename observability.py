@@ -290,7 +290,8 @@ class _TimedBody:
         if self.complete:
             return await self._receive()
         try:
-            message = await asyncio.wait_for(self._receive(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # (not wait_for: on Python 3.11 it can swallow a cancellation)
+                message = await self._receive()
         except TimeoutError:
             self.timed_out = True
             log.info("request body stalled for %g s (ECHO_READ_TIMEOUT): answered 408", self.timeout)

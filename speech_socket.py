@@ -120,7 +120,8 @@ class Session:
         send buffer blocks the send)."""
         timeout = self.service.settings.send_timeout
         try:
-            await asyncio.wait_for(sending, timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: on Python 3.11 it can swallow a cancellation)
+                await sending
         except TimeoutError:
             raise SendTimeout(f"the client took nothing for {timeout:g} s (ECHO_SEND_TIMEOUT)") from None
 
@@ -182,7 +183,10 @@ async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) 
             session.cancel_all()
             session.closing = True
             session.wake.set()
-        await asyncio.gather(reader, writer, return_exceptions=True)
+        await asyncio.wait({reader, writer})  # (not gather: a cancellation must reach us with its message)
+        for task in (reader, writer):
+            if not task.cancelled():
+                task.exception()  # (retrieved: how the socket ended is settled above)
     finally:
         stop_watching()
         session.cancel_all()

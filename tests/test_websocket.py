@@ -107,6 +107,26 @@ def test_a_bad_segment_gets_the_http_error_and_the_socket_stays_usable(app):
     assert got[-1]["type"] == "end" and not got[-1]["cancelled"]
 
 
+def test_a_socket_closes_cleanly_when_its_writer_ends_as_the_handler_is_cancelled(app, monkeypatch):
+    """The cancellation that stops a socket's handler (the server's, or here the test client's at
+    close) reaches it as sent, even when the handler waits for a writer that ends as it is
+    cancelled: anyio recognises its own cancellation by its message, which asyncio.gather drops
+    (Python 3.11), and an unrecognised one tears the test client down (a CancelledError at close)."""
+    import speech_socket
+
+    async def writer_that_ends_when_cancelled(session):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return  # (a writer that was finishing anyway)
+
+    monkeypatch.setattr(speech_socket, "_answer", writer_that_ends_when_cancelled)
+    ws = socket(app)
+    ws.session.close(1000)  # the client leaves: the handler waits for its writer
+    time.sleep(0.3)
+    ws.close()  # then the test client cancels the handler
+
+
 def test_cancel_stops_the_running_segment_and_drops_a_queued_one(app):
     with socket(app) as ws:
         ws.send(segment("long", **LONG))
