@@ -287,9 +287,11 @@ class StaticShapes:
         return rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
 
     def own_bytes(self, model: EchoDiT) -> int:
-        """A generation's own prefix and text keys and values at most (one row: its guidance rows are
-        views), which it keeps while it runs beside their copy in the pool."""
-        return len(model.blocks) * 2 * (self.prefix_patches + self.text_tokens) * _token_bytes(model)
+        """A generation's own prefix, text and speaker keys and values at most (one row: its guidance
+        rows are views), which it keeps while it runs beside their copy in the pool (the speaker's as
+        if every stream had a voice of its own; a request's speaker_kv_scale adds a scaled copy of the
+        first layers, not counted)."""
+        return len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
 
     def pass_bytes(self, model: EchoDiT, rows: int) -> int:
         """What the largest pass holds at its peak when at most `rows` rows run (the pool's rows, or
@@ -420,62 +422,80 @@ class _Pool:
         return self._caches[speakers]
 
     def place(self, model: EchoDiT, calls: Sequence[ModelCall]) -> list[_Member | None]:
-        """Each call's member (None: no room), writing the rows of conditioning seen for the first time."""
+        """Each call's member (None: no room), writing the rows of conditioning seen for the first time.
+        Every entry some call holds already is marked used first, so that no call's new rows evict
+        what a later call in the list reads."""
         self._calls += 1
         for key in [k for k, m in self.members.items() if not m.valid]:
             del self.members[key]
         for kind in self.kinds:
             for key in [k for k, e in kind.entries.items() if e.stale]:
                 kind.release(key)
-        out = []
-        for call in calls:
-            key = tuple(id(t) for t in _Member.named_by(call)) + (call.x.shape[0],)
+        keys = [tuple(id(t) for t in _Member.named_by(c)) + (c.x.shape[0],) for c in calls]
+        for call, key in zip(calls, keys):
             member = self.members.get(key)  # (a valid member's ids are its live tensors')
-            if member is None:
+            held = member.entries if member is not None else \
+                [kind.entries[k] for kind, cache in zip(self.kinds, self._caches_of(model, call))
+                 for k in self._names(cache) if k in kind.entries]
+            for entry in held:
+                entry.used = self._calls
+        out = []
+        for call, key in zip(calls, keys):
+            member = self.members.get(key)
+            if member is None or not member.valid:  # (an entry of it may have made way for an earlier call's)
+                self.members.pop(key, None)
                 member = self._member(model, call)
                 if member is not None:
                     self.members[key] = member
-            if member is not None:
-                for entry in member.entries:
-                    entry.used = self._calls
             out.append(member)
         return out
 
+    def _caches_of(self, model: EchoDiT, call: ModelCall) -> list[KVCache]:
+        """The call's caches, one per kind of the pool."""
+        return ([latent_kv_or_empty(model, call)] if len(self.kinds) == 3 else []) + [call.kv_text, call.kv_speaker]
+
+    @staticmethod
+    def _names(cache: KVCache) -> list[tuple[int, int, int]]:
+        """What names each row of the cache's data: where its first layer's keys lie (their storage,
+        offset there and length); none for a cache without keys."""
+        first = cache[0][0]  # (n, length, H, D)
+        if first.shape[1] == 0:  # (no keys: every row is masked; any row of finite numbers will do)
+            return []
+        storage = first.untyped_storage()._cdata  # (the storage itself: also on the meta device, for counts)
+        return [(storage, first.storage_offset() + i * first.stride(0), first.shape[1]) for i in range(first.shape[0])]
+
     def _member(self, model: EchoDiT, call: ModelCall) -> _Member | None:
         """The call's entries, found or written; None when a kind has no room for them."""
-        caches = ([latent_kv_or_empty(model, call)] if len(self.kinds) == 3 else []) + [call.kv_text, call.kv_speaker]
         plans = []
-        for kind, cache in zip(self.kinds, caches):
-            first = cache[0][0]  # (n, length, H, D): where row i's data lies names it
-            if first.shape[1] == 0:  # (no keys: every row is masked; any row of finite numbers will do)
-                plans.append((kind, cache, first, [], {}))
-                continue
-            storage = first.untyped_storage()._cdata  # (the storage itself: also on the meta device, for counts)
-            keys = [(storage, first.storage_offset() + i * first.stride(0), first.shape[1]) for i in range(first.shape[0])]
-            for key in keys:
-                if key in kind.entries:
-                    kind.entries[key].used = self._calls  # (kept while this call finds room)
-            fresh = {key: i for i, key in reversed(list(enumerate(keys))) if key not in kind.entries}
-            plans.append((kind, cache, first, keys, fresh))
+        for kind, cache in zip(self.kinds, self._caches_of(model, call)):
+            names = self._names(cache)
+            fresh = {name: i for i, name in reversed(list(enumerate(names))) if name not in kind.entries}
+            plans.append((kind, cache, names, fresh))
         taken = []
-        for kind, _, _, _, fresh in plans:
+        for kind, _, _, fresh in plans:
             room = self._rows(kind, len(fresh))
             if room is None:
                 for earlier, rows in taken:
                     earlier.free += rows
                 return None
             taken.append((kind, room))
-        rows, entries = [], []
-        for (kind, cache, first, keys, fresh), (_, room) in zip(plans, taken):
-            for key, row in zip(fresh, room):
-                kind.entries[key] = _Entry(row, {}, used=self._calls)
-            if fresh:
-                self._write(kind, cache, [(i, row) for i, row in zip(fresh.values(), room)])
-            held = [kind.entries[key] for key in keys]
-            for entry in held:
-                entry.hold(first)
-            rows.append(tuple(e.row for e in held) if held else (0,) * first.shape[0])
-            entries += dict.fromkeys(held)  # (distinct, in order)
+        rows, entries, written = [], [], 0
+        try:
+            for (kind, cache, names, fresh), (_, room) in zip(plans, taken):
+                if fresh:
+                    self._write(kind, cache, [(i, row) for i, row in zip(fresh.values(), room)])
+                for name, row in zip(fresh, room):
+                    kind.entries[name] = _Entry(row, {}, used=self._calls)
+                written += 1
+                held = [kind.entries[name] for name in names]
+                for entry in held:
+                    entry.hold(cache[0][0])
+                rows.append(tuple(e.row for e in held) if held else (0,) * call.x.shape[0])
+                entries += dict.fromkeys(held)  # (distinct, in order)
+        except BaseException:  # (a failed write: its rows and the later kinds' go back)
+            for kind, room in taken[written:]:
+                kind.free += room
+            raise
         sources = tuple(None if t is None else weakref.ref(t) for t in _Member.named_by(call))
         return _Member(sources, tuple(rows), tuple(entries))
 

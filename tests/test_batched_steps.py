@@ -253,6 +253,8 @@ def test_a_generations_guided_and_unguided_steps_and_one_voices_streams_share_th
     while any(item is not None for item in items):
         calls = [item for item in items if isinstance(item, eng.ModelCall)]
         velocities = dict(zip(map(id, calls), steps(calls))) if calls else {}
+        for p, e in zip(velocities.values(), batched_velocity(tiny_model, calls) if calls else [], strict=True):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
         rows |= {c.x.shape[0] for c in calls}
         written.append(steps._pool.writes)
         for i, (g, item) in enumerate(zip(gens, items)):
@@ -279,6 +281,103 @@ def test_a_full_pool_lets_the_longest_unused_conditioning_go(engine, tiny_model)
         torch.testing.assert_close(steps([call])[0], batched_velocity(tiny_model, [call])[0], rtol=1e-5, atol=1e-5)
     assert steps._pool.writes == 3 * 2  # its text and speaker keys, each time
     assert [len(kind.entries) for kind in steps._pool.kinds] == [0, 1, 1]  # (no prefix in a first block)
+
+
+def random_kv(model, length: int, g: torch.Generator) -> list:
+    """A one-row key/value cache of random numbers, (1, length, H, D) per layer."""
+    shape = (1, length, model.blocks[0].attention.num_heads, model.head_dim)
+    return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in model.blocks]
+
+
+def conditioned_call(model, frames: int, rows: int, text, speaker, prefix=None, g=None, time=0.5) -> eng.ModelCall:
+    """A step of a generation with these one-row caches, its `rows` CFG rows views of them (as
+    inference.repeat_kv makes them); the second row drops the text, the third the voice."""
+    text_mask = torch.ones(rows, text[0][0].shape[1], dtype=torch.bool)
+    speaker_mask = torch.ones(rows, speaker[0][0].shape[1] * model.speaker_patch_size, dtype=torch.bool)
+    text_mask[1:2] = False
+    speaker_mask[2:3] = False
+    return eng.ModelCall(x=torch.randn(rows, frames, inf.LATENT_SIZE, generator=g), t=torch.full((rows,), time),
+                         start_pos=0, text_mask=text_mask, speaker_mask=speaker_mask, time=time,
+                         kv_text=inf.repeat_kv(text, rows), kv_speaker=inf.repeat_kv(speaker, rows),
+                         kv_latent=None if prefix is None else inf.repeat_kv(prefix, rows))
+
+
+def test_no_call_reads_rows_that_an_earlier_call_of_the_same_step_took(tiny_model):
+    """Rows of two generations: B's are the longest unused when C arrives in the same step as B, so
+    C's new rows must come from elsewhere (here: A's), not from under B."""
+    g = torch.Generator().manual_seed(0)
+    shapes = dataclasses.replace(StaticShapes.covering((4,), max_rows=6, max_speaker_latent_length=64), pool_size=2)
+    steps = StaticSteps(tiny_model, shapes)
+    a, b, c = (conditioned_call(tiny_model, 4, 3, random_kv(tiny_model, 10, g), random_kv(tiny_model, 8, g), g=g)
+               for _ in range(3))
+    with torch.inference_mode():
+        steps([b])
+        steps([a])
+        for p, e in zip(steps([c, b]), batched_velocity(tiny_model, [c, b]), strict=True):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_write_gives_its_rows_back(tiny_model, monkeypatch):
+    """A write that fails (out of memory, say) leaves the pool as it was: every row free again."""
+    g = torch.Generator().manual_seed(0)
+    shapes = dataclasses.replace(StaticShapes.covering((4,), max_rows=6, max_speaker_latent_length=64), pool_size=2)
+    steps = StaticSteps(tiny_model, shapes)
+    real = bwd._Pool._write
+
+    def fails_once(pool, kind, cache, written):
+        monkeypatch.setattr(bwd._Pool, "_write", real)
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(bwd._Pool, "_write", fails_once)
+    call = conditioned_call(tiny_model, 4, 3, random_kv(tiny_model, 10, g), random_kv(tiny_model, 8, g),
+                            random_kv(tiny_model, 5, g), g=g)
+    with torch.inference_mode(), pytest.raises(torch.OutOfMemoryError):
+        steps([call])
+    call = None
+    with torch.inference_mode():
+        steps([])
+    assert [len(kind.free) for kind in steps._pool.kinds] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_static_steps_equal_the_exact_path_whatever_generations_share_and_the_pool_lets_go(tiny_model, seed):
+    """Random generations (voices shared, speaker keys scaled for some steps, prefixes renewed,
+    generations replaced), random subsets and orders of them a step, pools of 1-3 generations (so
+    rows are let go and taken back) and passes of a few rows (several packs a bucket)."""
+    import random
+
+    rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    shapes = dataclasses.replace(
+        StaticShapes.covering((4, 8), max_rows=rnd.choice([6, 9]), max_speaker_latent_length=64,
+                              max_tokens=rnd.choice([None, 24])), pool_size=rnd.choice([1, 2, 3]))
+    steps = StaticSteps(tiny_model, shapes)
+    voices = [random_kv(tiny_model, rnd.randint(1, 16), g) for _ in range(3)]
+
+    def generation() -> dict:
+        voice = rnd.choice(voices)
+        return dict(text=random_kv(tiny_model, rnd.randint(1, 12), g), voice=voice, frames=rnd.choice([3, 4, 8]),
+                    scaled=inf.scale_speaker_kv(voice, 1.3, None), prefix=random_kv(tiny_model, rnd.randint(1, 6), g)
+                    if rnd.random() < 0.7 else None, views={})
+
+    def step(gen: dict) -> eng.ModelCall:
+        rows, voice = rnd.choice([1, 3]), rnd.choice(["voice", "scaled"])
+        views = gen["views"]  # (a generation keeps its CFG views, as inference.Conditioning does)
+        caches = [views.setdefault((name, rows), gen[name] if gen[name] is None else inf.repeat_kv(gen[name], rows))
+                  for name in ("text", voice, "prefix")]
+        call = conditioned_call(tiny_model, gen["frames"], rows, gen["text"], gen[voice], gen["prefix"], g=g)
+        return dataclasses.replace(call, kv_text=caches[0], kv_speaker=caches[1], kv_latent=caches[2])
+
+    gens = [generation() for _ in range(rnd.randint(2, 5))]
+    for _ in range(12):
+        for i, gen in enumerate(gens):
+            if rnd.random() < 0.1:
+                gens[i] = generation()
+            elif rnd.random() < 0.1 and gen["prefix"] is not None:
+                gen["prefix"], gen["views"] = random_kv(tiny_model, rnd.randint(1, 6), g), {}
+        calls = [step(gen) for gen in rnd.sample(gens, rnd.randint(1, len(gens)))]
+        with torch.inference_mode():
+            for p, e in zip(steps(calls), batched_velocity(tiny_model, calls), strict=True):
+                torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["static", "graph-replays"])
