@@ -124,7 +124,9 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                                 gpu=settings.torch_device,
                                 compiles_after_warm_up=lambda: service.observe(lambda r: r.compiles_after_warm_up, 0),
                                 vad_rerolls=lambda: service.observe(lambda r: r.engine.rerolls, 0),
-                                adaptive_steps=service.adaptive_steps)
+                                adaptive_steps=service.adaptive_steps,
+                                memory_plan=lambda: service.observe(lambda r: r.plan and (r.plan.need, r.plan.worst),
+                                                                    None))
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -105,7 +105,8 @@ class Metrics:
     def __init__(self, queue_length: Callable[[], int], active_streams: Callable[[], int],
                  gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0,
                  vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0,
-                 adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0)):
+                 adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0),
+                 memory_plan: Callable[[], tuple[int, int] | None] = lambda: None):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -141,6 +142,14 @@ class Metrics:
                     ("echo_gpu_memory_peak_bytes", "Most CUDA memory held by tensors at once since start",
                      torch.cuda.max_memory_allocated)):
                 Gauge(name, doc, registry=self.registry).set_function(lambda read=read: read(gpu))
+            # the memory plan of the static-shape path (runtime.MemoryPlan): beside the peak, what it predicted
+            for index, (name, doc) in enumerate((
+                    ("echo_memory_plan_need_bytes", "CUDA memory the static-shape path was planned to need at "
+                     "ECHO_MAX_ACTIVE (0: no plan, as on the eager path)"),
+                    ("echo_memory_plan_worst_bytes", "CUDA memory the static-shape path was planned to hold at worst "
+                     "(0: no plan)"))):
+                Gauge(name, doc, registry=self.registry).set_function(
+                    lambda index=index: (memory_plan() or (0, 0))[index])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -143,6 +143,7 @@ class Runtime:
 
     engine: SpeechEngine
     worker: GenerationWorker
+    plan: MemoryPlan | None = None  # what the static-shape path was planned to hold on CUDA (None: no plan)
 
     @property
     def compiles_after_warm_up(self) -> int:
@@ -162,7 +163,7 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
     stage to `progress`. On failure nothing is left running."""
     progress = progress or LoadProgress()
     settings = _fast_path_or_eager(settings)
-    engine, settings = _load_engine(settings, voices, progress)
+    engine, settings, plan = _load_engine(settings, voices, progress)
     worker = GenerationWorker(engine, max_waiting=settings.max_queue, max_active=settings.max_active,
                               debug_sink=debug_sink,
                               max_ahead_samples=int(settings.max_ahead_seconds * inf.SAMPLE_RATE),
@@ -180,7 +181,7 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
         if failed is not None:  # (out of the handler: the failed parts' frames go with the exception)
             if not transient:
                 _remember_failure(settings, failed)  # (before the retry: a fast path that broke the GPU is skipped next)
-            settings = _give_way_to_eager(settings, engine, failed)
+            settings, plan = _give_way_to_eager(settings, engine, failed), None
             worker.call(lambda: _warm_up(settings, voices, engine, progress))
     except BaseException:
         worker.close()
@@ -188,7 +189,7 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
     if settings.compiles:
         _forget_failure(settings)
     save_load_times(load_times_path(settings), progress.finish())
-    return Runtime(engine, worker)
+    return Runtime(engine, worker, plan)
 
 
 def uses_compile(settings: Settings) -> bool:
@@ -270,8 +271,10 @@ def compile_cache_path(settings: Settings) -> Path:
     return settings.cache_dir / f"echo_tts_compile_cache_{settings.cache_version}.bin"
 
 
-def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> tuple[SpeechEngine, Settings]:
-    """The engine, and the settings it runs (eager when the default fast path cannot fit)."""
+def _load_engine(s: Settings, voices: VoiceCatalog,
+                 progress: LoadProgress) -> tuple[SpeechEngine, Settings, MemoryPlan | None]:
+    """The engine, the settings it runs (eager when the default fast path cannot fit) and its
+    memory plan (static shapes on CUDA)."""
     started = time.perf_counter()
     if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
@@ -293,19 +296,21 @@ def _load_engine(s: Settings, voices: VoiceCatalog, progress: LoadProgress) -> t
     log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
              s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
     steps = _step_runner(s, model)
+    plan = None
     if isinstance(steps, StaticSteps) and model.device.type == "cuda":
+        plan = memory_plan(s, model, steps)
         try:
-            check_memory(memory_plan(s, model, steps), model.device)
+            check_memory(plan, model.device)
         except MemoryTooSmall as e:
             if not s.fast_path_by_default:
                 raise
-            s = _give_way_to_eager(s, None, f"does not fit: {e}")
+            s, plan = _give_way_to_eager(s, None, f"does not fit: {e}"), None
             steps = _step_runner(s, model)
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
                         steps=steps, reroll=_vad_reroll(s), step_floor=_step_floor(s),
                         text_encoder=CompiledTextEncoder(model) if s.compiles else None,
-                        stream_decoder=_stream_decoder(s, fish)), s
+                        stream_decoder=_stream_decoder(s, fish)), s, plan
 
 
 def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:

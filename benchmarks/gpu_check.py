@@ -23,7 +23,8 @@ written after every stage, so a run cut short (SIGTERM from `timeout` too) keeps
       as PCM: TTFB p50/p95, underruns and gap seconds per stream, the streams in flight at peak (and
       the server's own peak of active and queued ones) and requests refused (429). Rates that would
       not fit are skipped, keeping time for the later configurations' burst levels;
-   then peak GPU memory and compiles after warm-up;
+   then peak GPU memory (beside the memory plan's need and worst case, on the static-shape path)
+   and compiles after warm-up;
 3. for the configurations in `--breakdown` (default: those run, on CUDA), one stream's first block
    timed stage by stage in process (benchmarks/ttfb_breakdown.py: request code, diffusion steps,
    decoder);
@@ -412,6 +413,8 @@ def run_config(run: Run, name: str, env: dict[str, str], levels: list[int], skip
     finally:
         with contextlib.suppress(httpx.HTTPError):
             result["peak_gpu_memory_gib"] = _gib(metric(server.url, "echo_gpu_memory_peak_bytes"))
+            for key in ("need", "worst"):  # the static-shape path's memory plan (runtime.MemoryPlan), to check it
+                result[f"planned_{key}_gib"] = _gib(metric(server.url, f"echo_memory_plan_{key}_bytes") or None)
         result["exit_code"] = server.stop(timeout=60)
         result["log_errors"] = [line for line in server.log().splitlines() if " ERROR " in line][:20]
         result["seconds"] = round(time.monotonic() - started, 1)
@@ -523,14 +526,15 @@ def markdown(report: dict) -> str:
                          f"{entry['ttfb_p95_ms']:.0f} ms | {entry['rtf_p50']:.2f} | {entry['rtf_max']:.2f} | "
                          f"{entry['audio_s_per_wall_s']:.1f} | {entry.get('gaps_per_stream', '')} |")
     lines += ["", "| config | 30 s non-streaming, 20 steps | 30 steps | real-time streams | peak GPU memory | "
-                  "compiles after warm-up |", "|---|---|---|---|---|---|"]
+                  "planned: need - worst | compiles after warm-up |", "|---|---|---|---|---|---|---|"]
     for name, c in report["configs"].items():
         if "levels" in c:
             lines.append(f"| {name} | {c.get('nonstream_30s_20steps_s')} s | {c.get('nonstream_30s_30steps_s')} s | "
                          f"{c.get('realtime_streams')} | {c.get('peak_gpu_memory_gib')} GiB | "
+                         f"{c.get('planned_need_gib')} - {c.get('planned_worst_gib')} GiB | "
                          f"{c.get('compiles_after_warm_up')} |")
         if c.get("error"):
-            lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | |")
+            lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | | |")
     curves = {name: c["poisson"] for name, c in report["configs"].items() if c.get("poisson")}
     if curves:
         lines += ["", f"Poisson arrivals: {report.get('poisson_seconds')} s at each rate, each request the benchmark "

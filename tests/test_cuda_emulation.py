@@ -432,6 +432,32 @@ def test_the_memory_plan_is_what_the_static_steps_allocate_on_the_device(emulate
     assert plan.per_stream == shapes.stacked_bytes(model, 1) + shapes.own_bytes(model)
 
 
+def test_the_memory_plan_is_in_the_metrics_beside_the_peak(emulated_cuda, tiny_echo_dir, tiny_fish_dir, voice_dir):
+    """/metrics says what the static-shape path was planned to need and hold at worst, beside the
+    peak the GPU measured, so a GPU run checks the plan (the GPU kit records both)."""
+    import re
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api_server import create_app
+
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=False, max_active=2,
+                             compile=False, compile_ae=False, static_shapes=True)
+    app = create_app(settings)
+    with emulated_cuda, TestClient(app) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = client.get("/metrics").text
+        plan = app.state.service.observe(lambda r: r.plan, None)
+    value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    assert plan is not None and 0 < plan.need < plan.worst
+    assert value("echo_memory_plan_need_bytes") == plan.need and value("echo_memory_plan_worst_bytes") == plan.worst
+    assert "echo_gpu_memory_peak_bytes" in text
+
+
 def test_a_service_whose_plan_does_not_fit_says_which_setting_to_lower(emulated_cuda, tiny_echo_dir, tiny_fish_dir):
     """Static shapes on a device too small for ECHO_MAX_ACTIVE: loading stops before warm-up, and
     /ready's reason names the setting and what would fit."""
