@@ -442,7 +442,7 @@ class _Pool:
         out = []
         for call, key in zip(calls, keys):
             member = self.members.get(key)
-            if member is None or not member.valid:  # (an entry of it may have made way for an earlier call's)
+            if member is None or not member.valid:  # (valid still: nothing this step holds was let go; defensive)
                 self.members.pop(key, None)
                 member = self._member(model, call)
                 if member is not None:
