@@ -398,19 +398,12 @@ class _Pool:
         self._caches: dict[int, tuple] = {}
 
     @property
-    def text(self) -> Tensor:
-        return self.kinds[-2].pool
-
-    @property
     def pools(self) -> list[Tensor]:
         return [kind.pool for kind in self.kinds]
 
     @property
     def nbytes(self) -> int:
         return sum(p.untyped_storage().nbytes() for p in self.pools)
-
-    def entries(self) -> int:
-        return sum(len(kind.entries) for kind in self.kinds)
 
     def caches(self, speakers: int) -> tuple[KVCache, KVCache, KVCache | None]:
         """Per layer (N, length, H, D) views of the pools: text, speaker (its first `speakers` keys), prefix."""
@@ -681,7 +674,7 @@ class StaticSteps:
             tokens = max(s.rows_at(f) * f for f in s.frame_buckets)
             rows = max(s.rows_at(f) for f in s.frame_buckets)
             self._step_inputs = (like.x.new_zeros(tokens * LATENT_SIZE),
-                                 self._pool.text.new_zeros(len(self.model.blocks) * 2 * rows * self._modulation_size))
+                                 self._pool.pools[0].new_zeros(len(self.model.blocks) * 2 * rows * self._modulation_size))
         return self._pool
 
     @property
