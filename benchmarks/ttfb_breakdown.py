@@ -11,7 +11,12 @@ request's steps by hand until its first audio, with the device synchronised arou
 - silence check: VAD reroll's, when it is on.
 
 The HTTP time to first byte (gpu_check.py, bench_server.py) minus this total is the serving
-overhead. Synchronising costs a little; the stages add up to the total.
+overhead. Synchronising costs a little; the stages add up to the total. Two more figures say
+whether the host or the device sets the pace: the host's part of each diffusion step (until the
+call returns, before the device is synchronised: what queueing the step's work costs the host) and
+the first block run again without the per-stage synchronisations (`unsynchronised_ms`). A step
+whose host part is well below its time leaves the host free to run ahead; capturing more of the
+block in one graph would then save little.
 
     python benchmarks/ttfb_breakdown.py --tiny
     ECHO_COMPILE=1 ECHO_CUDA_GRAPHS=1 python benchmarks/ttfb_breakdown.py --model-repo DIR --fish-repo DIR \\
@@ -50,11 +55,20 @@ TEXT = "[S1] The first words of a reply should reach the listener before they no
 STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "prefix extension", DecodeCall: "decode", SilenceCheck: "silence check"}
 
 
-def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
-    """Seconds of each stage until the job's first audio (and "total"), the device synchronised."""
+def first_block(engine: SpeechEngine, job: SpeechJob, synchronised: bool = True,
+                host: list[float] | None = None) -> dict[str, list[float]]:
+    """Seconds of each stage until the job's first audio (and "total"), the device synchronised
+    around each (else only "total", the device left to run ahead). `host` collects each diffusion
+    step's host part: seconds until its call returned, before the device was synchronised."""
     device = engine.model.device
-    def answer(item):  # as the worker computes a unit of one call (worker.COMPUTE); a silence check runs
-        return item.run() if isinstance(item, SilenceCheck) else getattr(engine, COMPUTE[type(item)])([item])[0]
+    if not synchronised:
+        started = time.perf_counter()
+        steps = engine.job_steps(job)
+        item = next(steps)
+        while not isinstance(item, np.ndarray):  # (its first audio: on the host, so the device has finished)
+            item = steps.send(answer_of(engine, item))
+        steps.close()
+        return {"total": [time.perf_counter() - started]}
 
     times: dict[str, list[float]] = defaultdict(list)
 
@@ -62,6 +76,8 @@ def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
         synchronize(device)
         start = time.perf_counter()
         out = fn()
+        if host is not None and stage == "diffusion step":
+            host.append(time.perf_counter() - start)
         synchronize(device)
         times[stage].append(time.perf_counter() - start)
         return out
@@ -70,11 +86,16 @@ def first_block(engine: SpeechEngine, job: SpeechJob) -> dict[str, list[float]]:
     steps = engine.job_steps(job)
     item = timed("job", lambda: next(steps))
     while not isinstance(item, np.ndarray):
-        reply = timed(STAGES[type(item)], lambda: answer(item))
+        reply = timed(STAGES[type(item)], lambda: answer_of(engine, item))
         item = timed("job", lambda: steps.send(reply))
     steps.close()
     times["total"].append(time.perf_counter() - started)
     return dict(times)
+
+
+def answer_of(engine: SpeechEngine, item):
+    """What the worker sends back for one call (a unit of one: worker.COMPUTE); a silence check runs."""
+    return item.run() if isinstance(item, SilenceCheck) else getattr(engine, COMPUTE[type(item)])([item])[0]
 
 
 def synchronize(device: torch.device) -> None:
@@ -115,14 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(reason)
     try:
         job = service.build_job(SpeechRequest(input=TEXT, voice=args.voice, seed=0).generation_options())
-        runs = [service.runtime.worker.call(lambda: first_block(service.engine, job)) for _ in range(args.repeat + 1)][1:]
+        host: list[float] = []
+        runs = [service.runtime.worker.call(lambda: first_block(service.engine, job, host=host))
+                for _ in range(args.repeat + 1)][1:]
+        free = [service.runtime.worker.call(lambda: first_block(service.engine, job, synchronised=False))["total"][0]
+                for _ in range(args.repeat)]
     finally:
         service.close()
     rows = summary(runs)
+    per_step = host[len(host) // (args.repeat + 1):]  # (the untimed first run's steps left out)
+    step_host_ms = round(statistics.median(per_step) * 1000, 3) if per_step else None
+    unsynchronised_ms = round(statistics.median(free) * 1000, 2) if free else None
     print(table(rows))
+    print(f"host part of a diffusion step: {step_host_ms} ms (median); first block unsynchronised: "
+          f"{unsynchronised_ms} ms (median)")
     settings = {k: v for k, v in os.environ.items() if k.startswith("ECHO_") and k != "ECHO_API_KEY"}
     result = {"device": str(service.settings.torch_device), "settings": settings, "voice": args.voice,
-              "repeat": args.repeat, "stages": rows}
+              "repeat": args.repeat, "stages": rows, "step_host_ms": step_host_ms,
+              "unsynchronised_ms": unsynchronised_ms}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -226,6 +226,9 @@ def test_the_first_audio_breakdown_accounts_for_every_stage(tmp_path):
     parts = sum(row["ms"] for stage, row in stages.items() if stage != "total")
     assert 0.5 * stages["total"]["ms"] <= parts <= stages["total"]["ms"]
     assert "diffusion step" in done.stdout and "total" in done.stdout
+    result = json.loads((tmp_path / "stages.json").read_text())
+    assert 0 < result["step_host_ms"] <= stages["diffusion step"]["ms"]  # (a step's host part: within the steps)
+    assert 0 < result["unsynchronised_ms"]
 
 
 def test_gpu_kit_rejects_unknown_configurations():
