@@ -343,18 +343,24 @@ def test_a_failed_write_gives_its_rows_back(tiny_model, monkeypatch, failing):
     assert [sorted(kind.free) for kind in steps._pool.kinds] == [[0, 1]] * 3
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_static_steps_equal_the_exact_path_whatever_generations_share_and_the_pool_lets_go(tiny_model, seed):
+@pytest.mark.parametrize("seed, graphs", [(seed, False) for seed in range(6)] + [(seed, True) for seed in range(6, 9)])
+def test_static_steps_equal_the_exact_path_whatever_generations_share_and_the_pool_lets_go(tiny_model, seed, graphs,
+                                                                                           monkeypatch):
     """Random generations (voices shared, speaker keys scaled for some steps, prefixes renewed,
     generations replaced), random subsets and orders of them a step, pools of 1-3 generations (so
-    rows are let go and taken back) and passes of a few rows (several packs a bucket)."""
+    rows are let go and taken back) and passes of a few rows (several packs a bucket); with graphs,
+    every pass a replay of what warm-up captured."""
     import random
 
     rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
     shapes = dataclasses.replace(
         StaticShapes.covering((4, 8), max_rows=rnd.choice([6, 9]), max_speaker_latent_length=64,
                               max_tokens=rnd.choice([None, 24])), pool_size=rnd.choice([1, 2, 3]))
-    steps = StaticSteps(tiny_model, shapes)
+    steps = StaticSteps(tiny_model, shapes, cuda_graphs=graphs)
+    if graphs:
+        monkeypatch.setattr(steps, "_capture", lambda args: ReplayedOnTheCpu.capture(steps, args))
+        with torch.inference_mode():
+            steps.warm_up()
     voices = [random_kv(tiny_model, rnd.randint(1, 16), g) for _ in range(3)]
 
     def generation() -> dict:
@@ -382,6 +388,7 @@ def test_static_steps_equal_the_exact_path_whatever_generations_share_and_the_po
         with torch.inference_mode():
             for p, e in zip(steps(calls), batched_velocity(tiny_model, calls), strict=True):
                 torch.testing.assert_close(p, e, rtol=1e-4, atol=1e-4)
+    assert steps.graphs == (len(shapes.all_shapes()) if graphs else 0)  # (none captured while serving)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["static", "graph-replays"])
