@@ -425,19 +425,22 @@ class _Pool:
             for key in [k for k, e in kind.entries.items() if e.stale]:
                 kind.release(key)
         keys = [tuple(id(t) for t in _Member.named_by(c)) + (c.x.shape[0],) for c in calls]
+        found = []  # per call: its member, or per kind its cache and the names of the cache's rows
         for call, key in zip(calls, keys):
             member = self.members.get(key)  # (a valid member's ids are its live tensors')
-            held = member.entries if member is not None else \
-                [kind.entries[k] for kind, cache in zip(self.kinds, self._caches_of(model, call))
-                 for k in self._names(cache) if k in kind.entries]
+            if member is not None:
+                found.append(member)
+                held = member.entries
+            else:
+                named = [(kind, cache, self._names(cache)) for kind, cache in zip(self.kinds, self._caches_of(model, call))]
+                found.append(named)
+                held = [kind.entries[name] for kind, _, names in named for name in names if name in kind.entries]
             for entry in held:
                 entry.used = self._calls
         out = []
-        for call, key in zip(calls, keys):
-            member = self.members.get(key)
-            if member is None or not member.valid:  # (valid still: nothing this step holds was let go; defensive)
-                self.members.pop(key, None)
-                member = self._member(model, call)
+        for call, key, member in zip(calls, keys, found):
+            if not isinstance(member, _Member):
+                member = self._member(call, member)
                 if member is not None:
                     self.members[key] = member
             out.append(member)
@@ -457,11 +460,11 @@ class _Pool:
         storage = first.untyped_storage()._cdata  # (the storage itself: also on the meta device, for counts)
         return [(storage, first.storage_offset() + i * first.stride(0), first.shape[1]) for i in range(first.shape[0])]
 
-    def _member(self, model: EchoDiT, call: ModelCall) -> _Member | None:
-        """The call's entries, found or written; None when a kind has no room for them."""
+    def _member(self, call: ModelCall, named: list[tuple[_Kind, KVCache, list]]) -> _Member | None:
+        """The call's entries, found or written (`named`: per kind, the call's cache and its rows'
+        names); None when a kind has no room for them."""
         plans = []
-        for kind, cache in zip(self.kinds, self._caches_of(model, call)):
-            names = self._names(cache)
+        for kind, cache, names in named:
             fresh = {name: i for i, name in reversed(list(enumerate(names))) if name not in kind.entries}
             plans.append((kind, cache, names, fresh))
         taken = []

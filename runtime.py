@@ -383,7 +383,7 @@ def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = 
         free, _ = torch.cuda.mem_get_info(device)
         capacity = free + torch.cuda.memory_reserved(device)
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
-    detail = f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of pooled keys and values"
+    detail = f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of keys and values (pooled, and its own)"
     safe = plan.streams_that_fit(capacity, worst=True)
     safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (the largest pass, the decoder's "
               f"largest batch: {gib(plan.worst)} as set)")

@@ -58,27 +58,19 @@ STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "pr
 def first_block(engine: SpeechEngine, job: SpeechJob, synchronised: bool = True,
                 host: list[float] | None = None) -> dict[str, list[float]]:
     """Seconds of each stage until the job's first audio (and "total"), the device synchronised
-    around each (else only "total", the device left to run ahead). `host` collects each diffusion
-    step's host part: seconds until its call returned, before the device was synchronised."""
-    device = engine.model.device
-    if not synchronised:
-        started = time.perf_counter()
-        steps = engine.job_steps(job)
-        item = next(steps)
-        while not isinstance(item, np.ndarray):  # (its first audio: on the host, so the device has finished)
-            item = steps.send(answer_of(engine, item))
-        steps.close()
-        return {"total": [time.perf_counter() - started]}
-
+    around each (else left to run ahead: then only "total" means what it says; the first audio is
+    on the host, so the device has finished). `host` collects each diffusion step's host part:
+    seconds until its call returned, before the device was synchronised."""
+    sync = (lambda: synchronize(engine.model.device)) if synchronised else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
 
     def timed(stage: str, fn: Callable):
-        synchronize(device)
+        sync()
         start = time.perf_counter()
         out = fn()
         if host is not None and stage == "diffusion step":
             host.append(time.perf_counter() - start)
-        synchronize(device)
+        sync()
         times[stage].append(time.perf_counter() - start)
         return out
 
