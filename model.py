@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KVCache = list[tuple[Tensor, Tensor]]  # one (keys, values) pair per decoder block, each (B, N, H, D)
+# EchoDiT.extend_patches' signature: (whole-patch frames, encoder keys/values, DiT keys/values) -> both extended
+PatchEncoding = Callable[[Tensor, KVCache, KVCache], tuple[KVCache, KVCache]]
 
 
 def cat_kv(first: KVCache, second: KVCache) -> KVCache:
@@ -668,6 +670,16 @@ class EchoDiT(nn.Module):
         self._require_latent_prefix()
         return self.latent_prefix_kv(self.latent_encoder(prefix_latent), first_patch=0)
 
+    def extend_patches(self, frames: Tensor, encoder_kv: list[tuple[Tensor, Tensor]],
+                       complete: KVCache) -> tuple[list[tuple[Tensor, Tensor]], KVCache]:
+        """Whole patches of latent frames (B, 4N, 80) after a prefix's complete patches: the latent
+        encoder's per-layer keys/values (`encoder_kv`, [] for none yet) and the DiT's (`complete`,
+        per layer (B, Q, H, D)), each extended by the N new patches. What LatentPrefix.extend runs
+        for a block; engine.CompiledPrefixEncoder runs it as one compiled graph."""
+        encoded, kv = self.latent_encoder.extend(frames, encoder_kv)
+        first = complete[0][0].shape[1]
+        return (cat_kv(encoder_kv, kv) if encoder_kv else kv), cat_kv(complete, self.latent_prefix_kv(encoded, first))
+
     def latent_prefix_kv(self, encoded: Tensor, first_patch: int) -> KVCache:
         """Per-layer keys/values of latent-encoder output (B, N, C) for patches first_patch..+N."""
         state = self.latent_norm(encoded)
@@ -706,16 +718,15 @@ class LatentPrefix:
     def num_patches(self) -> int:
         return self.kv[0][0].shape[1]
 
-    def extend(self, latents: Tensor) -> None:
-        """Append frames (B, n, 80) to the prefix."""
+    def extend(self, latents: Tensor, encode: PatchEncoding | None = None) -> None:
+        """Append frames (B, n, 80) to the prefix; `encode` encodes its whole patches (by default
+        EchoDiT.extend_patches; a compiled one)."""
         frames = torch.cat([self._tail, latents.to(self._tail.dtype)], dim=1)
         self.frames += latents.shape[1]
         whole = frames.shape[1] // self.patch * self.patch
         if whole:
-            first = self._complete[0][0].shape[1]
-            encoded, kv = self.model.latent_encoder.extend(frames[:, :whole], self._encoder_kv)
-            self._encoder_kv = cat_kv(self._encoder_kv, kv) if self._encoder_kv else kv
-            self._complete = cat_kv(self._complete, self.model.latent_prefix_kv(encoded, first))
+            encode = encode or self.model.extend_patches
+            self._encoder_kv, self._complete = encode(frames[:, :whole], self._encoder_kv, self._complete)
         self._tail = frames[:, whole:]
         self.kv = self._complete
         if self._tail.shape[1]:
@@ -753,20 +764,21 @@ def grouped(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
     return groups
 
 
-def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor]) -> None:
-    """`prefixes[i].extend(latents[i])` for every i, the prefixes at the same frame count that get
-    the same number of frames stacked into one encoder call (generations that started together
+def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor],
+                    encode: PatchEncoding | None = None) -> None:
+    """`prefixes[i].extend(latents[i], encode)` for every i, the prefixes at the same frame count that
+    get the same number of frames stacked into one encoder call (generations that started together
     finish their blocks together). Rows do not interact, so each prefix ends bit for bit as its own
     extend leaves it; extensions whose products would change kernel run alone (_stacks_exactly)."""
     groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
                      for i, (prefix, new) in enumerate(zip(prefixes, latents)))
     for members in groups.values():
         if len(members) == 1:
-            prefixes[members[0]].extend(latents[members[0]])
+            prefixes[members[0]].extend(latents[members[0]], encode)
             continue
         parts = [prefixes[i] for i in members]
         merged = LatentPrefix.stacked(parts)
-        merged.extend(torch.cat([latents[i].to(merged._tail.dtype) for i in members]))
+        merged.extend(torch.cat([latents[i].to(merged._tail.dtype) for i in members]), encode)
         merged.split_into(parts)
 
 

@@ -26,7 +26,8 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from autoencoder import DAC
-from engine import TEXT_BUCKETS, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll
+from engine import (TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine,
+                    StepFloor, VadReroll)
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
 from errors import RequestError
@@ -148,7 +149,8 @@ class Runtime:
     @property
     def compiles_after_warm_up(self) -> int:
         """Graphs torch.compile built while serving: each one a shape the warm-up missed."""
-        steps, compiled = self.engine.steps, (self.engine.text_encoder, self.engine.stream_decoder)
+        e = self.engine
+        steps, compiled = e.steps, (e.text_encoder, e.stream_decoder, e.prefix_encoder)
         return ((steps.compiles_after_warm_up if isinstance(steps, StaticSteps) else 0)
                 + sum(part.compiles_after_warm_up for part in compiled if part is not None))
 
@@ -247,7 +249,8 @@ def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str
     log.warning("the compiled fast path (the default on CUDA) %s; serving on the eager path instead. Set "
                 "ECHO_COMPILE=0 to skip it, ECHO_COMPILE=1 to make this an error", why)
     if engine is not None:
-        engine.steps, engine.text_encoder, engine.stream_decoder = ExactSteps(engine.model), None, None
+        engine.steps, engine.text_encoder, engine.stream_decoder, engine.prefix_encoder = \
+            ExactSteps(engine.model), None, None, None
         gc.collect()  # (an exception's traceback may hold them in a cycle)
         if engine.model.device.type == "cuda":
             torch.cuda.empty_cache()  # the static runner's pool and graphs
@@ -310,7 +313,18 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
                         steps=steps, reroll=_vad_reroll(s), step_floor=_step_floor(s),
                         text_encoder=CompiledTextEncoder(model) if s.compiles else None,
-                        stream_decoder=_stream_decoder(s, fish)), s, plan
+                        stream_decoder=_stream_decoder(s, fish), prefix_encoder=_prefix_encoder(s, model)), s, plan
+
+
+def _prefix_encoder(s: Settings, model: EchoDiT) -> CompiledPrefixEncoder | None:
+    """With ECHO_COMPILE, the latent-prefix encoder compiled for the extensions of the streaming
+    preset's blocks (a model without the blockwise modules has none)."""
+    if not s.compiles or not model.has_latent_prefix:
+        return None
+    blocks = s.stream_preset[0]
+    if not CompiledPrefixEncoder.extensions(blocks, model.speaker_patch_size):
+        return None
+    return CompiledPrefixEncoder(model, blocks)
 
 
 def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
@@ -450,6 +464,9 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     if engine.stream_decoder is not None:
         progress.enter("compiling the streaming decoder")
         engine.stream_decoder.warm_up(engine.fish_ae)
+    if engine.prefix_encoder is not None:
+        progress.enter("compiling the latent-prefix encoder (one generation, then several)", 2)
+        engine.prefix_encoder.warm_up(on_pass=progress.advance)
     if isinstance(engine.steps, StaticSteps):
         shapes = len(engine.steps.shapes.all_shapes())
         progress.enter("compiling step shapes" if s.compiles else "warming up step shapes", shapes)

@@ -26,7 +26,7 @@ from batched_steps import (SHORT_VOICE_PATCHES, ExactSteps, StaticShapes, Static
                            row_buckets)
 from conftest import ROOT
 from inference_blockwise import PrefixCall
-from model import EchoDiT
+from model import EchoDiT, LatentPrefix, extend_prefixes
 from test_engine import SETTINGS, _collect, first_step, load_clip, mixed_jobs, speaker_of
 from voices import SpeakerCache
 
@@ -616,6 +616,70 @@ def test_the_compiled_text_encoder_is_built_at_warm_up_and_never_while_serving(t
                 torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
     assert len(backend.graphs) == 2 * len(eng.TEXT_BUCKETS) and encoder.compiles_after_warm_up == 0
+    torch._dynamo.reset()
+
+
+def extended(prefixes: list[LatentPrefix], block: torch.Tensor, encode=None) -> list[LatentPrefix]:
+    """The prefixes extended by the rows of block (n, frames, 80) together (engine.extend_prefixes
+    stacks those that line up), as the worker runs it."""
+    with torch.inference_mode():
+        extend_prefixes(prefixes, list(block.split(1)), encode)
+    return prefixes
+
+
+def new_prefixes(model: EchoDiT, n: int) -> list[LatentPrefix]:
+    with torch.inference_mode():  # (as the worker runs: its tensors are inference tensors)
+        return [LatentPrefix(model, 1) for _ in range(n)]
+
+
+def assert_prefixes_close(mine: list[LatentPrefix], theirs: list[LatentPrefix], tolerance: float) -> None:
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.frames == b.frames
+        for cache, reference in ((a.kv, b.kv), (a._encoder_kv, b._encoder_kv)):
+            for (k, v), (k0, v0) in zip(cache, reference, strict=True):
+                torch.testing.assert_close(k, k0, rtol=tolerance, atol=tolerance)
+                torch.testing.assert_close(v, v0, rtol=tolerance, atol=tolerance)
+
+
+def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving(tiny_model):
+    """ECHO_COMPILE: one graph per extension of the streaming blocks (each block but the last, after
+    the ones before it), for one generation and one for several stacked, all at warm-up. Then
+    generations extend their prefixes alone, three together, and one of those alone again (its
+    caches views into the stacked ones), compiling nothing and getting the eager keys/values; an
+    extension of another shape (a request's own blocks) runs eager."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    encoder = eng.CompiledPrefixEncoder(tiny_model, [16, 32, 48], backend=backend)
+    assert encoder.chain == [(16, 0), (32, 16)]
+    assert eng.CompiledPrefixEncoder.extensions([16, 6, 32, 48], 4) == [(16, 0)]  # (then partial patches: eager)
+    on_another_thread(encoder.warm_up)
+    assert len(backend.graphs) == 2 * len(encoder.chain)
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.randn(3, 16, 80, generator=gen), torch.randn(3, 32, 80, generator=gen)
+    for rows in (1, 3):
+        mine = extended(extended(new_prefixes(tiny_model, rows), first, encoder), second, encoder)
+        theirs = extended(extended(new_prefixes(tiny_model, rows), first), second)
+        assert_prefixes_close(mine, theirs, 1e-6)
+    mine = extended(new_prefixes(tiny_model, 3), first, encoder)[2:]
+    theirs = extended(new_prefixes(tiny_model, 3), first)[2:]
+    assert_prefixes_close(extended(mine, second[2:], encoder), extended(theirs, second[2:]), 1e-6)
+    other = extended(new_prefixes(tiny_model, 1), torch.randn(1, 24, 80, generator=gen), encoder)
+    assert other[0].frames == 24
+    assert len(backend.graphs) == 2 * len(encoder.chain) and encoder.compiles_after_warm_up == 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_compiled_prefix_encoder_matches_eager_on_inductor(tiny_model):
+    """Inductor's CPU code for the latent-prefix extensions against eager, float32: within 1e-4."""
+    torch._dynamo.reset()
+    encoder = eng.CompiledPrefixEncoder(tiny_model, [16, 32, 48])
+    on_another_thread(encoder.warm_up)
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randn(2, 16, 80, generator=gen), torch.randn(2, 32, 80, generator=gen)
+    mine = extended(extended(new_prefixes(tiny_model, 2), first, encoder), second, encoder)
+    assert_prefixes_close(mine, extended(extended(new_prefixes(tiny_model, 2), first), second), 1e-4)
+    assert encoder.compiles_after_warm_up == 0
     torch._dynamo.reset()
 
 

@@ -514,7 +514,8 @@ def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_
     with caplog.at_level(logging.WARNING, logger="runtime"):
         service, engine, audio = _start(settings, emulated_cuda, serve=True)
     assert service.load_error is None and tried == [1]
-    assert isinstance(engine.steps, ExactSteps) and engine.text_encoder is None and engine.stream_decoder is None
+    assert isinstance(engine.steps, ExactSteps)
+    assert (engine.text_encoder, engine.stream_decoder, engine.prefix_encoder) == (None, None, None)
     assert len(audio) == 1 and audio[0].size > 0 and np.isfinite(audio[0]).all()
     assert ("the compiled fast path (the default on CUDA) failed to warm up: RuntimeError: inductor fell over; "
             "serving on the eager path") in caplog.text

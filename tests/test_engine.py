@@ -1,6 +1,7 @@
 """The engine's block handling: early stop, cropping at the end of speech, and joins between chunks."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -170,6 +171,35 @@ def test_batched_jobs_equal_solo_jobs(engine):
             # 6-frame blocks: an unguided step is a 6-row matrix product alone, which MKL computes
             # with its small-matrix kernel (rows 1-3, 5-7, 9-11), rounding differently
             assert np.abs(alone - batched).max() <= 1e-6
+
+
+def test_the_worker_extends_latent_prefixes_through_the_compiled_prefix_encoder(engine, tiny_model):
+    """ECHO_COMPILE: streams served together put their finished blocks into their latent prefixes
+    through the engine's compiled prefix encoder (its graphs, built at warm-up, stacked across the
+    streams whose blocks finish together), compiling nothing more, and sound as the eager engine's."""
+    from test_batched_steps import CountingBackend, on_another_thread
+
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    encoder = eng.CompiledPrefixEncoder(tiny_model, (16, 16, 8), backend=backend)
+    on_another_thread(encoder.warm_up)
+    batches = []
+    encode = encoder._encode
+    encoder._encode = lambda frames, *caches: batches.append(tuple(frames.shape[:2])) or encode(frames, *caches)
+    fast = eng.SpeechEngine(tiny_model, engine.fish_ae, engine.pca_state, SpeakerCache(4), prefix_encoder=encoder)
+    jobs = [job(blocks=(16, 16, 8), early_stop=eng.EarlyStop(enabled=False)) for _ in range(3)]
+    jobs = [dataclasses.replace(j, seed=seed) for seed, j in enumerate(jobs)]
+    worker = wk.GenerationWorker(fast, max_waiting=8, max_active=8)
+    try:
+        together = asyncio.run(_collect(worker, jobs))
+    finally:
+        worker.close()
+    for alone, batched in zip([np.concatenate(list(engine.generate(j))) for j in jobs], together, strict=True):
+        np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert batches and all(shape in {(b, 16) for b in (1, 2, 3)} for shape in batches)  # (16 then 16: 2 each)
+    assert sum(b for b, _ in batches) == 2 * len(jobs)
+    assert len(backend.graphs) == 4 and encoder.compiles_after_warm_up == 0
+    torch._dynamo.reset()
 
 
 def test_batched_forward_equals_separate_forwards(engine, tiny_model):
