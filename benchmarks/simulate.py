@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -346,6 +347,62 @@ def count_decode(streams: int = 2) -> dict[int, dict]:
     return out
 
 
+def compiled_launches(code: str) -> int:
+    """Kernel launches per call of inductor's generated wrapper (its `call`): generated kernels (C++
+    here; Triton on a GPU), extern kernels (matrix products) and aten fallbacks (attention)."""
+    body = code[code.index("def call(args)"):] if "def call(args)" in code else code
+    body = body.split("\ndef benchmark_compiled_module")[0]
+    return (len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"extern_kernels\.\w+\(", body))
+            + len(re.findall(r"torch\.ops\.\w+\.\w+(?:\.\w+)?\(", body)))
+
+
+def count_compiled_launches() -> dict:
+    """What the ECHO_COMPILE stages outside the step graphs launch per call, counted on inductor's CPU
+    code (a proxy for its GPU code: the same fusion, C++ kernels in place of Triton ones) of
+    full-depth models at 1/8 width (launches do not depend on width): the latent-prefix extension
+    of each streaming block but the last (engine.CompiledPrefixEncoder), the text encoder at the
+    bucket of TEXT_TOKENS (engine.CompiledTextEncoder) and one 32-frame piece of the streaming Fish
+    decoder, for one stream and for several (engine.CompiledStreamDecoder). ~5 min on 2 cores."""
+    import engine as eng
+    import inference as inf
+    from autoencoder import build_ae
+    from model import EchoDiT, LatentPrefix
+    from torch._inductor.utils import run_and_get_code
+
+    def launched(fn, *args) -> int:
+        torch._dynamo.reset()
+        return compiled_launches("\n".join(run_and_get_code(fn, *args)[1]))
+
+    narrow = {k: v // 8 if k in ("model_size", "intermediate_size", "text_model_size", "text_intermediate_size",
+                                 "speaker_model_size", "speaker_intermediate_size", "timestep_embed_size",
+                                 "adaln_rank") else v for k, v in inf.ECHO_DIT_CONFIG.items()}
+    torch.manual_seed(0)
+    model = EchoDiT(**narrow).eval().requires_grad_(False).fuse_projections()
+    out: dict = {"prefix": {}}
+    with torch.inference_mode():
+        prefix = LatentPrefix(model, 1)
+        for frames, _ in STREAM_BLOCKS[:-1]:
+            block = torch.zeros(1, frames, 80)
+            out["prefix"][frames] = launched(torch.compile(model.extend_patches, dynamic=False), block,
+                                             prefix._encoder_kv, prefix._complete)
+            prefix.extend(block)
+        bucket = next(b for b in eng.TEXT_BUCKETS if b >= TEXT_TOKENS)
+        out["admission"] = launched(torch.compile(model.get_kv_cache_text, dynamic=False),
+                                    torch.zeros(1, bucket, dtype=torch.int32), torch.ones(1, bucket, dtype=torch.bool))
+        dac = build_ae(decoder_dim=192, latent_dim=128, quantizer_transformer=dict(dim=128, intermediate_size=384,
+                                                                                   head_dim=8)).eval()
+        dac.requires_grad_(False).quantizer.post_module.rope_rows(1024)
+        out["decode_piece"] = {}
+        for streams in (1, 2):
+            torch._dynamo.reset()
+            decoder = dac.streaming_decoder(streams, compiled=eng.CompiledStreamDecoder(DECODE_PIECE))
+            piece = torch.zeros(streams, 128, DECODE_PIECE)
+            out["decode_piece"][streams] = compiled_launches("\n".join(
+                run_and_get_code(lambda: decoder.decode(piece))[1]))
+    torch._dynamo.reset()
+    return out
+
+
 def fit_decode(counts: dict[int, dict], streams: int = 2) -> dict[int, dict]:
     """Per block size: cost of a batched decode call = base + per stream (ops, flops, touched)."""
     fit = {}
@@ -463,6 +520,12 @@ PROXY_FIT = {
     "weight_bytes": 3.83714e9,  # the decoder's weights (blocks, projections, conditioning) in bf16
     "job_ops_per_step": 37.4,  # eager ops of a job's own code per diffusion step (sampler; tiny model, engine.job_steps)
 }
+# ECHO_COMPILE's stages outside the step graphs: kernel launches per call (count_compiled_launches: inductor's
+# CPU code of full-depth models at 1/8 width, 2026-12-06), against the eager ops above (prefix 2,940 and 2,996,
+# admission 2,557, a 32-frame decode 1,077 + 200 a stream); the single stream's decoder pieces replay a CUDA graph
+COMPILED_LAUNCHES = {"prefix": {32: 190, 128: 191}, "admission": 166, "decode_piece": {1: 165, 2: 165}}
+COMPILED_STAGES = frozenset({"admission", "prefix", "decode"})
+DECODE_PIECE = 32  # frames of a compiled decoder piece (the default preset's first block: runtime._stream_decoder)
 GRAPH_REPLAYS_PER_PASS = 24  # CompiledBlocks: one graph (replay) per decoder block
 # StaticSteps since 2026-12-06 ('pooled'): one graph per pass; outside it (count_runner('static')["outside_ops"],
 # counted 2026-12-06: 11, 14, 26 at 1, 4, 16 generations); a bucket's masks and row indices rebuilt when its members
@@ -608,27 +671,40 @@ def _frame_bucket(frames: int) -> int:
     return next(b for b in STATIC_FRAMES if b >= frames)
 
 
-def admission_work(tokens: int) -> Work:
-    """Text encoder + text keys/values of one job (eager in every configuration), linear in tokens."""
+def admission_work(tokens: int, compiled: bool = False) -> Work:
+    """Text encoder + text keys/values of one job, linear in tokens: eager ops, or with `compiled`
+    (ECHO_COMPILE's text encoder) its kernel launches; FLOPs and bytes as eager (fusion only saves bytes)."""
     a, b = PROXY_FIT["admission"][TEXT_TOKENS], PROXY_FIT["admission"][NONSTREAM_TOKENS]
     w = (tokens - TEXT_TOKENS) / (NONSTREAM_TOKENS - TEXT_TOKENS)
-    return Work(ops=a["ops"], flops=a["flops"] + w * (b["flops"] - a["flops"]),
+    return Work(ops=COMPILED_LAUNCHES["admission"] if compiled else a["ops"], flops=a["flops"] + w * (b["flops"] - a["flops"]),
                 bytes=a["touched"] + w * (b["touched"] - a["touched"]))
 
 
-def prefix_work(frames: int) -> Work:
-    """The latent-prefix keys/values of a finished block (eager), scaled by frames from the counts."""
-    base = PROXY_FIT["prefix"][32 if frames <= 32 else 128]
-    scale = frames / (32 if frames <= 32 else 128)
-    return Work(ops=base["ops"], flops=base["flops"] * scale, bytes=base["touched"] * scale)
+def prefix_work(frames: int, compiled: bool = False) -> Work:
+    """The latent-prefix keys/values of a finished block, scaled by frames from the counts: eager ops,
+    or with `compiled` (ECHO_COMPILE's prefix encoder) its kernel launches."""
+    key = 32 if frames <= 32 else 128
+    base, scale = PROXY_FIT["prefix"][key], frames / key
+    ops = COMPILED_LAUNCHES["prefix"][key] if compiled else base["ops"]
+    return Work(ops=ops, flops=base["flops"] * scale, bytes=base["touched"] * scale)
 
 
-def decode_work(frames: int, streams: int) -> Work:
-    """One batched call of the streaming Fish decoder (float32/TF32, eager) for `streams` blocks of `frames`."""
+def decode_work(frames: int, streams: int, compiled: bool = False, graphs: bool = False) -> Work:
+    """One batched call of the streaming Fish decoder (float32/TF32) for `streams` blocks of `frames`:
+    eager ops, or with `compiled` (ECHO_COMPILE's decoder) the launches of its 32-frame pieces (with
+    `graphs`, a lone stream's piece is one CUDA-graph replay); leftover frames as eager."""
     key = min(PROXY_FIT["decode"], key=lambda f: abs(f - frames))
     d = PROXY_FIT["decode"][key]
     scale = streams * frames / key
-    return Work(ops=d["one_ops"] + streams * d["ops"], flops=d["flops"] * scale, bytes=d["touched"] * scale, tf32=True)
+    ops, replays = d["one_ops"] + streams * d["ops"], 0
+    if compiled:
+        pieces, leftover = divmod(frames, DECODE_PIECE)
+        if graphs and streams == 1:
+            ops, replays = 0, pieces
+        else:
+            ops = pieces * COMPILED_LAUNCHES["decode_piece"][min(streams, 2)]
+        ops += (d["one_ops"] + streams * d["ops"]) if leftover else 0
+    return Work(ops=ops, replays=replays, flops=d["flops"] * scale, bytes=d["touched"] * scale, tf32=True)
 
 
 
@@ -703,8 +779,12 @@ class Simulation:
 
     def __init__(self, constants: Constants, config: str = "eager", policy: str = "deadline", max_active: int = 64,
                  max_waiting: int = 1024, decode_cap: int | None = 8192, runner: str | None = None,
-                 batched_admission: bool | None = None):
+                 batched_admission: bool | None = None, compiled_stages: Iterable[str] = ()):
         self.k = constants
+        # which of ECHO_COMPILE's admission (text encoder), prefix (encoder) and decode (streaming decoder)
+        # stages, built after 2026-11-22, are priced by their kernel launches (COMPILED_LAUNCHES), not eager ops
+        self.compiled_stages = frozenset(compiled_stages)
+        assert self.compiled_stages <= COMPILED_STAGES, self.compiled_stages
         self.config, self.policy = config, policy
         # today's engine batches admission and prefix extension; the 2026-11-22 (lockstep) one did not
         self.batched_admission = policy == "deadline" if batched_admission is None else batched_admission
@@ -861,14 +941,14 @@ class SimEngine:
             yield eng.TextCall(None, torch.empty(1, bucket, dtype=torch.int32, device="meta"),
                                torch.empty(1, bucket, dtype=torch.bool, device="meta"), job.tokens)
         else:
-            sim.spend(admission_work(job.tokens))
+            sim.spend(admission_work(job.tokens, "admission" in sim.compiled_stages))
         decoder, done, me = SimDecoder(), 0, object()  # (me: this generation, whatever job object it runs)
         phases: dict[tuple[int, int], object] = {}  # (block, rows) -> the conditioning its calls carry
         for index, (frames, steps) in enumerate(job.blocks):
             if index and sim.batched_admission:
                 yield PrefixCall(done, torch.empty(1, job.blocks[index - 1][0], 80, device="meta"))
             elif index:
-                sim.spend(prefix_work(job.blocks[index - 1][0]))
+                sim.spend(prefix_work(job.blocks[index - 1][0], "prefix" in sim.compiled_stages))
             for guided in guided_steps(steps):
                 rows = 3 if guided else 1
                 call = ModelCall(x=torch.empty(rows, frames, 80, device="meta"), t=torch.empty(rows, device="meta"),
@@ -898,7 +978,7 @@ class SimEngine:
         for c in calls:
             groups.setdefault(c.ids.shape[1], []).append(c)
         for bucket, members in groups.items():
-            one = admission_work(bucket)
+            one = admission_work(bucket, "admission" in sim.compiled_stages)
             sim.spend(Work(ops=one.ops, flops=one.flops * len(members), bytes=one.bytes))
         return [None] * len(calls)
 
@@ -912,7 +992,7 @@ class SimEngine:
             key = (c.prefix, c.latents.shape[1])
             groups[key] = groups.get(key, 0) + 1
         for (_, frames), rows in groups.items():
-            one = prefix_work(frames)
+            one = prefix_work(frames, "prefix" in sim.compiled_stages)
             sim.spend(Work(ops=one.ops, flops=one.flops * rows, bytes=one.bytes))
         return [None] * len(calls)
 
@@ -927,7 +1007,8 @@ class SimEngine:
         for (_, frames), members in groups.items():
             size = max(1, sim.decode_cap // frames) if sim.decode_cap else len(members)
             for start in range(0, len(members), size):
-                sim.spend(decode_work(frames, len(members[start:start + size])))
+                sim.spend(decode_work(frames, len(members[start:start + size]), "decode" in sim.compiled_stages,
+                                      sim.config == "graphs"))
         for c in calls:
             c.decoder.frames += c.z.shape[-1]
         return [None] * len(calls)
@@ -1154,6 +1235,10 @@ def main() -> None:
     parser.add_argument("--realtime", action="store_true", help="also search the largest burst without underruns")
     parser.add_argument("--pooled-text-keys", type=int, default=768,
                         help="what if a pooled pass had this many text keys (text in length buckets)")
+    parser.add_argument("--compiled-stages", default="",
+                        help="price these of admission,prefix,decode as ECHO_COMPILE runs them (kernel launches)")
+    parser.add_argument("--count-compiled", action="store_true",
+                        help="count those stages' kernel launches (inductor's CPU code; ~5 min)")
     parser.add_argument("--proxy", action="store_true", help="proxy metrics per stage (meta device; ~1 min)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
@@ -1162,6 +1247,9 @@ def main() -> None:
     result: dict = {"constants": k.__dict__}
     if args.refit:
         print(f"fitted: {k}")
+    if args.count_compiled:
+        result["compiled_launches"] = count_compiled_launches()
+        print(f"kernel launches per call of the compiled stages: {result['compiled_launches']}")
     if args.proxy:
         result["proxy"] = proxy_metrics()
         print_proxy(result["proxy"])
@@ -1171,7 +1259,7 @@ def main() -> None:
         print(f"\ncalibration (lockstep, as run on 2026-11-22), constants {k}")
         print(fmt_table([dict(r, error=f"{100 * r['error']:+.0f} %", fitted="fit" if r["fitted"] else "predicted")
                          for r in rows], ("config", "what", "measured", "simulated", "error", "fitted")))
-    options = dict(max_active=args.max_active, runner=args.runner)
+    options = dict(max_active=args.max_active, runner=args.runner, compiled_stages=[x for x in args.compiled_stages.split(",") if x])
     if args.burst:
         rows = [burst(k, int(n), args.config, args.policy, **options) for n in args.burst.split(",")]
         result["burst"] = rows

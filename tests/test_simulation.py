@@ -149,3 +149,43 @@ def test_a_static_step_copies_no_keys_into_its_graphs_inputs():
     for written, rows in ((one, 3), (four, 12)):
         latents, adaln = rows * 32 * 80 * 2, 24 * 2 * rows * 3 * 2048 * 2  # bf16
         assert written == {"keys": 0, "lanes": 0, "step": latents + adaln, "other": 0}, written
+
+
+def test_compiled_launches_counts_the_kernels_a_compiled_call_runs():
+    """The count behind COMPILED_LAUNCHES: inductor's wrapper for a product then a fused ReLU and sum
+    launches two kernels (one extern matrix product, one generated)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, w: torch.relu(x @ w).sum(-1), dynamic=False)
+    _, code = run_and_get_code(fn, torch.randn(8, 16), torch.randn(16, 4))
+    assert sim.compiled_launches("\n".join(code)) == 2
+    torch._dynamo.reset()
+
+
+def test_compiled_stages_are_priced_by_their_kernel_launches():
+    """ECHO_COMPILE's stages outside the step graphs: the prefix extension and the text encoder cost
+    their launches, not ~2,500-3,000 eager ops; the decoder its 32-frame pieces (a lone stream's
+    each one CUDA-graph replay with graphs), its leftover frames eager."""
+    assert sim.prefix_work(128, compiled=True).ops == sim.COMPILED_LAUNCHES["prefix"][128] < sim.prefix_work(128).ops / 10
+    assert sim.admission_work(sim.TEXT_TOKENS, compiled=True).ops < sim.admission_work(sim.TEXT_TOKENS).ops / 10
+    assert sim.prefix_work(128, compiled=True).flops == sim.prefix_work(128).flops
+    lone = sim.decode_work(480, 1, compiled=True, graphs=True)
+    assert (lone.ops, lone.replays) == (0, 15)
+    assert sim.decode_work(128, 4, compiled=True).ops == 4 * sim.COMPILED_LAUNCHES["decode_piece"][2]
+    assert sim.decode_work(40, 1, compiled=True).ops == sim.COMPILED_LAUNCHES["decode_piece"][1] + sim.decode_work(40, 1).ops
+
+
+def test_with_its_stages_compiled_the_fast_path_is_predicted_to_play_64_poisson_streams_without_gaps():
+    """Issue 20 item 7 and issue 19 item 7, PREDICTED (the calibrated model, pooled runner, CUDA graphs):
+    ~65 concurrent streams under Poisson arrivals play without underruns and with p95 first audio
+    under 250 ms once the latent-prefix encoder is compiled as well; with only the text encoder and
+    the decoder compiled, some streams run dry."""
+    def at(stages):
+        return sim.poisson(K, 2.5, duration=120.0, seed=0, config="graphs", runner="pooled", compiled_stages=stages)
+
+    every = at(("admission", "prefix", "decode"))
+    assert every["mean_concurrent"] >= 64 and every["underruns_per_stream"] == 0  # 2026-12-06: 65, none
+    assert every["ttfb_p95_ms"] <= 250  # 2026-12-06: 183 ms
+    assert at(("admission", "decode"))["streams_with_underruns"] > 0  # 2026-12-06: 10 of 263
