@@ -26,7 +26,7 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from autoencoder import DAC
-from engine import (TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine,
+from engine import (MAX_DECODE_BATCH_FRAMES, TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine,
                     StepFloor, VadReroll)
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
@@ -327,18 +327,25 @@ def _prefix_encoder(s: Settings, model: EchoDiT) -> CompiledPrefixEncoder | None
     return CompiledPrefixEncoder(model, blocks)
 
 
+def _decode_piece(s: Settings) -> int:
+    """Latent frames of the compiled streaming decoder's pieces: the streaming preset's first block."""
+    return min(s.stream_preset[0])
+
+
 def _stream_decoder(s: Settings, fish: DAC) -> CompiledStreamDecoder | None:
     """With ECHO_COMPILE, the streaming decoder compiled in pieces of the first block's frames (with
     CUDA graphs as the steps have them)."""
     if not s.compiles:
         return None
-    return CompiledStreamDecoder(frames=min(s.stream_preset[0]),
+    return CompiledStreamDecoder(frames=_decode_piece(s),
                                  cuda_graphs=s.replays_graphs and fish.device.type == "cuda")
 
 
 GIB = 1 << 30
 STEP_WORKSPACE = 1 * GIB  # a step pass's activations besides its joined keys, and the allocator's slack
-DECODE_WORKSPACE = 6 * GIB  # the batched decoder's largest activation (engine.MAX_DECODE_BATCH_FRAMES)
+# the batched decoder's largest activation per latent frame of a call: 6 GiB at engine.MAX_DECODE_BATCH_FRAMES (one
+# call of 64 streams' 480-frame blocks, 30,720 frames, wanted a 22.5 GiB tensor on an H100)
+DECODE_BYTES_PER_FRAME = 6 * GIB // MAX_DECODE_BATCH_FRAMES
 
 
 class MemoryTooSmall(ValueError):
@@ -356,7 +363,7 @@ class MemoryPlan:
     without graphs it comes and goes.
 
     `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
-    without graphs, and the decoder's largest batch. Against the one measurement (H100, 2026-11-22,
+    without graphs, and the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a stream). Against the one measurement (H100, 2026-11-22,
     tests/test_memory_plan.py), the runner of that day held the padded keys of every guidance row
     twice (stacked, and again in inductor's graph inputs): 16 streams peaked at 52 GiB, and 3 rows
     a stream at twice their bytes say 52.1."""
@@ -366,6 +373,7 @@ class MemoryPlan:
     streams: int  # ECHO_MAX_ACTIVE
     pass_peak: int = 0  # the largest pass's activations and joined keys
     cuda_graphs: bool = False  # (their memory pool keeps pass_peak)
+    decode_peak: int = MAX_DECODE_BATCH_FRAMES * DECODE_BYTES_PER_FRAME  # the decoder's largest call (decode_peak)
 
     @property
     def need(self) -> int:
@@ -373,11 +381,11 @@ class MemoryPlan:
 
     @property
     def worst(self) -> int:
-        return self.need + (0 if self.cuda_graphs else self.pass_peak) + DECODE_WORKSPACE
+        return self.need + (0 if self.cuda_graphs else self.pass_peak) + self.decode_peak
 
     def streams_that_fit(self, capacity: int, worst: bool = False) -> int:
         fixed = (self.loaded + STEP_WORKSPACE + (self.pass_peak if worst or self.cuda_graphs else 0)
-                 + (DECODE_WORKSPACE if worst else 0))
+                 + (self.decode_peak if worst else 0))
         return max(0, int((capacity - fixed) // self.per_stream))
 
 
@@ -386,7 +394,17 @@ def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | N
     loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
     shapes = steps.shapes
     return MemoryPlan(loaded, shapes.stacked_bytes(model, 1) + shapes.own_bytes(model), s.max_active,
-                      shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs)
+                      shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs, decode_peak(s))
+
+
+def decode_peak(s: Settings) -> int:
+    """The decoder's largest activation: a call of MAX_DECODE_BATCH_FRAMES latent frames eager; with
+    ECHO_COMPILE every block is decoded in pieces of the first block's frames (leftovers, and smaller
+    blocks, are smaller still), so a call holds one piece of each stream, ECHO_MAX_ACTIVE at most."""
+    frames = MAX_DECODE_BATCH_FRAMES
+    if s.compiles:
+        frames = min(frames, s.max_active * _decode_piece(s))
+    return frames * DECODE_BYTES_PER_FRAME
 
 
 def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = None) -> None:
