@@ -826,11 +826,11 @@ class CompiledBlocks:
 
 
 class CompiledPart:
-    """What every compiled part of the server (steps, text encoder, streaming decoder) does around a
-    call: let dynamo keep the part's planned graphs per function on the calling thread (its settings
-    are per thread in torch 2.13, and past the limit it would run the remaining shapes eager,
-    silently), and count the graphs built once `warmed_up`, each a shape the warm-up missed (logged,
-    and in /metrics)."""
+    """What every compiled part of the server (steps, text encoder, prefix encoder, streaming decoder)
+    does around a call: let dynamo keep the part's planned graphs per function on the calling thread
+    (its settings are per thread in torch 2.13, and past the limit it would run the remaining shapes
+    eager, silently), and count the graphs built once `warmed_up`, each a shape the warm-up missed
+    (logged, and in /metrics)."""
 
     def __init__(self, what: str, graphs: int):
         self.what, self.graphs = what, graphs

@@ -506,10 +506,11 @@ class CompiledPrefixEncoder:
     the latent encoder, then every layer's prefix keys/values) through torch.compile, for the
     extensions a generation in `block_sizes` (the streaming preset's) makes: one graph per extension
     for a single generation and one for several stacked (the batch dimension dynamic), all built by
-    `warm_up`. Other extensions (a request's own block sizes, a continuation) run eager, so nothing
-    compiles while serving. Eager, an extension is ~2,900 small ops on the generation thread between
-    two blocks of a stream. Compiled results are close to eager, not equal bit for bit (as the
-    compiled decoder blocks)."""
+    `warm_up`. An extension of the same sizes reached another way (a request's own blocks, a
+    continuation, a prefix with a partial patch) runs the same graph, its inputs first copied to the
+    layout the graph was built for; any other runs eager, so nothing compiles while serving. Eager,
+    an extension is ~2,900 small ops on the generation thread between two blocks of a stream.
+    Compiled results are close to eager, not equal bit for bit (as the compiled decoder blocks)."""
 
     def __init__(self, model: EchoDiT, block_sizes: Sequence[int], backend: str | Callable = "inductor"):
         self.model = model
@@ -536,10 +537,15 @@ class CompiledPrefixEncoder:
         return self._compiled.compiles_after_warm_up
 
     def __call__(self, frames: Tensor, encoder_kv: KVCache, complete: KVCache) -> tuple[KVCache, KVCache]:
-        """EchoDiT.extend_patches: compiled for a planned shape, else eager."""
+        """EchoDiT.extend_patches: compiled for planned sizes (whole frames to encode, frames in the
+        complete patches before them), else eager. The graphs guard on strides, those of size-1
+        dimensions too: a slice after a partial patch, or caches an eager extension joined, are
+        copied to the dense layout the warm-up's inputs had, so they run the planned graph."""
         before = complete[0][0].shape[1] * self.model.speaker_patch_size
         if (frames.shape[1], before) not in self.shapes:
             return self.model.extend_patches(frames, encoder_kv, complete)
+        frames = dense(frames)
+        encoder_kv, complete = ([(dense(k), dense(v)) for k, v in cache] for cache in (encoder_kv, complete))
         if frames.shape[0] > 1:
             for tensor in (frames, *(t for pair in (*encoder_kv, *complete) for t in pair)):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
@@ -559,6 +565,16 @@ class CompiledPrefixEncoder:
                 extend_prefixes(prefixes, [block] * count, self)
             on_pass()
         self._compiled.warmed_up = True
+
+
+def dense(tensor: Tensor) -> Tensor:
+    """The tensor itself if its strides are a new tensor's of its shape (size-1 dimensions included,
+    which `contiguous()` ignores), else a copy that has them: what a compiled graph guards on."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tensor if tensor.stride() == tuple(reversed(strides)) else tensor.clone(memory_format=torch.contiguous_format)
 
 
 class CompiledStreamDecoder:

@@ -670,8 +670,7 @@ class EchoDiT(nn.Module):
         self._require_latent_prefix()
         return self.latent_prefix_kv(self.latent_encoder(prefix_latent), first_patch=0)
 
-    def extend_patches(self, frames: Tensor, encoder_kv: list[tuple[Tensor, Tensor]],
-                       complete: KVCache) -> tuple[list[tuple[Tensor, Tensor]], KVCache]:
+    def extend_patches(self, frames: Tensor, encoder_kv: KVCache, complete: KVCache) -> tuple[KVCache, KVCache]:
         """Whole patches of latent frames (B, 4N, 80) after a prefix's complete patches: the latent
         encoder's per-layer keys/values (`encoder_kv`, [] for none yet) and the DiT's (`complete`,
         per layer (B, Q, H, D)), each extended by the N new patches. What LatentPrefix.extend runs
@@ -769,7 +768,8 @@ def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor],
     """`prefixes[i].extend(latents[i], encode)` for every i, the prefixes at the same frame count that
     get the same number of frames stacked into one encoder call (generations that started together
     finish their blocks together). Rows do not interact, so each prefix ends bit for bit as its own
-    extend leaves it; extensions whose products would change kernel run alone (_stacks_exactly)."""
+    extend leaves it (with the eager encoder; a compiled one's graphs for one row and for several
+    are close, not equal); extensions whose products would change kernel run alone (_stacks_exactly)."""
     groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
                      for i, (prefix, new) in enumerate(zip(prefixes, latents)))
     for members in groups.values():

@@ -208,9 +208,10 @@ class Settings(BaseSettings):
 
     @property
     def compiles(self) -> bool:
-        """Whether the decoder, text encoder and streaming decoder are compiled: ECHO_COMPILE, or
-        unset, the fast path on CUDA when the warm-up runs (it compiles and captures every shape
-        before the first request) and ECHO_STATIC_SHAPES=0 does not ask for exact eager batching."""
+        """Whether the decoder, text encoder, latent-prefix encoder and streaming decoder are
+        compiled: ECHO_COMPILE, or unset, the fast path on CUDA when the warm-up runs (it compiles
+        and captures every shape before the first request) and ECHO_STATIC_SHAPES=0 does not ask
+        for exact eager batching."""
         if self.compile is None:
             return self.torch_device.type == "cuda" and self.static_shapes is not False and self.warmup
         return self.compile

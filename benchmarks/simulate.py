@@ -347,13 +347,18 @@ def count_decode(streams: int = 2) -> dict[int, dict]:
     return out
 
 
-def compiled_launches(code: str) -> int:
-    """Kernel launches per call of inductor's generated wrapper (its `call`): generated kernels (C++
-    here; Triton on a GPU), extern kernels (matrix products) and aten fallbacks (attention)."""
-    body = code[code.index("def call(args)"):] if "def call(args)" in code else code
-    body = body.split("\ndef benchmark_compiled_module")[0]
-    return (len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"extern_kernels\.\w+\(", body))
-            + len(re.findall(r"torch\.ops\.\w+\.\w+(?:\.\w+)?\(", body)))
+def compiled_launches(codes: Sequence[str]) -> int:
+    """Kernel launches per call of the graphs inductor generated (`run_and_get_code`'s sources, one
+    per graph): in each wrapper's `call`, its generated kernels (C++ `cpp_fused_*` on the CPU, Triton
+    `triton_*.run` on a GPU), extern kernels (matrix products) and aten fallbacks (attention)."""
+    launches = 0
+    for code in codes:
+        body = code[code.index("def call("):] if "def call(" in code else code
+        body = body.split("\ndef benchmark_compiled_module")[0]
+        launches += (len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"triton_\w+\.run\(", body))
+                     + len(re.findall(r"extern_kernels\.\w+\(", body))
+                     + len(re.findall(r"torch\.ops\.\w+\.\w+(?:\.\w+)?\(", body)))
+    return launches
 
 
 def count_compiled_launches() -> dict:
@@ -371,7 +376,7 @@ def count_compiled_launches() -> dict:
 
     def launched(fn, *args) -> int:
         torch._dynamo.reset()
-        return compiled_launches("\n".join(run_and_get_code(fn, *args)[1]))
+        return compiled_launches(run_and_get_code(fn, *args)[1])
 
     narrow = {k: v // 8 if k in ("model_size", "intermediate_size", "text_model_size", "text_intermediate_size",
                                  "speaker_model_size", "speaker_intermediate_size", "timestep_embed_size",
@@ -397,8 +402,7 @@ def count_compiled_launches() -> dict:
             torch._dynamo.reset()
             decoder = dac.streaming_decoder(streams, compiled=eng.CompiledStreamDecoder(DECODE_PIECE))
             piece = torch.zeros(streams, 128, DECODE_PIECE)
-            out["decode_piece"][streams] = compiled_launches("\n".join(
-                run_and_get_code(lambda: decoder.decode(piece))[1]))
+            out["decode_piece"][streams] = compiled_launches(run_and_get_code(lambda: decoder.decode(piece))[1])
     torch._dynamo.reset()
     return out
 
@@ -525,6 +529,9 @@ PROXY_FIT = {
 # admission 2,557, a 32-frame decode 1,077 + 200 a stream); the single stream's decoder pieces replay a CUDA graph
 COMPILED_LAUNCHES = {"prefix": {32: 190, 128: 191}, "admission": 166, "decode_piece": {1: 165, 2: 165}}
 COMPILED_STAGES = frozenset({"admission", "prefix", "decode"})
+# eager ops around a compiled decoder piece (engine.CompiledStreamDecoder): its input's clone; replayed as a CUDA
+# graph (a lone stream), also the stream's 37 state tensors and its audio cloned out of the graph's memory
+DECODE_PIECE_HOST_OPS = {"compiled": 1, "replayed": 39}
 DECODE_PIECE = 32  # frames of a compiled decoder piece (the default preset's first block: runtime._stream_decoder)
 GRAPH_REPLAYS_PER_PASS = 24  # CompiledBlocks: one graph (replay) per decoder block
 # StaticSteps since 2026-12-06 ('pooled'): one graph per pass; outside it (count_runner('static')["outside_ops"],
@@ -676,7 +683,8 @@ def admission_work(tokens: int, compiled: bool = False) -> Work:
     (ECHO_COMPILE's text encoder) its kernel launches; FLOPs and bytes as eager (fusion only saves bytes)."""
     a, b = PROXY_FIT["admission"][TEXT_TOKENS], PROXY_FIT["admission"][NONSTREAM_TOKENS]
     w = (tokens - TEXT_TOKENS) / (NONSTREAM_TOKENS - TEXT_TOKENS)
-    return Work(ops=COMPILED_LAUNCHES["admission"] if compiled else a["ops"], flops=a["flops"] + w * (b["flops"] - a["flops"]),
+    return Work(ops=COMPILED_LAUNCHES["admission"] if compiled else a["ops"],
+                flops=a["flops"] + w * (b["flops"] - a["flops"]),
                 bytes=a["touched"] + w * (b["touched"] - a["touched"]))
 
 
@@ -685,7 +693,7 @@ def prefix_work(frames: int, compiled: bool = False) -> Work:
     or with `compiled` (ECHO_COMPILE's prefix encoder) its kernel launches."""
     key = 32 if frames <= 32 else 128
     base, scale = PROXY_FIT["prefix"][key], frames / key
-    ops = COMPILED_LAUNCHES["prefix"][key] if compiled else base["ops"]
+    ops = COMPILED_LAUNCHES["prefix"][frames] if compiled else base["ops"]  # (counted for the preset's blocks only)
     return Work(ops=ops, flops=base["flops"] * scale, bytes=base["touched"] * scale)
 
 
@@ -700,9 +708,9 @@ def decode_work(frames: int, streams: int, compiled: bool = False, graphs: bool 
     if compiled:
         pieces, leftover = divmod(frames, DECODE_PIECE)
         if graphs and streams == 1:
-            ops, replays = 0, pieces
+            ops, replays = pieces * DECODE_PIECE_HOST_OPS["replayed"], pieces
         else:
-            ops = pieces * COMPILED_LAUNCHES["decode_piece"][min(streams, 2)]
+            ops = pieces * (COMPILED_LAUNCHES["decode_piece"][min(streams, 2)] + DECODE_PIECE_HOST_OPS["compiled"])
         ops += (d["one_ops"] + streams * d["ops"]) if leftover else 0
     return Work(ops=ops, replays=replays, flops=d["flops"] * scale, bytes=d["touched"] * scale, tf32=True)
 
@@ -784,7 +792,9 @@ class Simulation:
         # which of ECHO_COMPILE's admission (text encoder), prefix (encoder) and decode (streaming decoder)
         # stages, built after 2026-11-22, are priced by their kernel launches (COMPILED_LAUNCHES), not eager ops
         self.compiled_stages = frozenset(compiled_stages)
-        assert self.compiled_stages <= COMPILED_STAGES, self.compiled_stages
+        if not self.compiled_stages <= COMPILED_STAGES:
+            raise ValueError(f"compiled stages {sorted(self.compiled_stages - COMPILED_STAGES)}: expected some of "
+                             f"{sorted(COMPILED_STAGES)}")
         self.config, self.policy = config, policy
         # today's engine batches admission and prefix extension; the 2026-11-22 (lockstep) one did not
         self.batched_admission = policy == "deadline" if batched_admission is None else batched_admission
@@ -1259,7 +1269,8 @@ def main() -> None:
         print(f"\ncalibration (lockstep, as run on 2026-11-22), constants {k}")
         print(fmt_table([dict(r, error=f"{100 * r['error']:+.0f} %", fitted="fit" if r["fitted"] else "predicted")
                          for r in rows], ("config", "what", "measured", "simulated", "error", "fitted")))
-    options = dict(max_active=args.max_active, runner=args.runner, compiled_stages=[x for x in args.compiled_stages.split(",") if x])
+    options = dict(max_active=args.max_active, runner=args.runner,
+                   compiled_stages=[stage for stage in args.compiled_stages.split(",") if stage])
     if args.burst:
         rows = [burst(k, int(n), args.config, args.policy, **options) for n in args.burst.split(",")]
         result["burst"] = rows

@@ -645,8 +645,9 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
     """ECHO_COMPILE: one graph per extension of the streaming blocks (each block but the last, after
     the ones before it), for one generation and one for several stacked, all at warm-up. Then
     generations extend their prefixes alone, three together, and one of those alone again (its
-    caches views into the stacked ones), compiling nothing and getting the eager keys/values; an
-    extension of another shape (a request's own blocks) runs eager."""
+    caches views into the stacked ones), compiling nothing and getting the eager keys/values. An
+    extension of other sizes runs eager; the planned sizes reached with other layouts (after a
+    partial patch, after eager extensions) run the planned graphs."""
     torch._dynamo.reset()
     backend = CountingBackend()
     encoder = eng.CompiledPrefixEncoder(tiny_model, [16, 32, 48], backend=backend)
@@ -665,6 +666,13 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
     assert_prefixes_close(extended(mine, second[2:], encoder), extended(theirs, second[2:]), 1e-6)
     other = extended(new_prefixes(tiny_model, 1), torch.randn(1, 24, 80, generator=gen), encoder)
     assert other[0].frames == 24
+    # the planned sizes reached another way run the planned graphs: a request's own blocks leaving a
+    # partial patch (17 then 31 frames), a continuation of 18 frames then a block, eager extensions first
+    for blocks in ([17, 31], [18, 32], [8, 8, 32]):
+        mine, theirs = new_prefixes(tiny_model, 1), new_prefixes(tiny_model, 1)
+        for part in [torch.randn(1, n, 80, generator=gen) for n in blocks]:
+            extended(mine, part, encoder), extended(theirs, part)
+        assert_prefixes_close(mine, theirs, 1e-6)
     assert len(backend.graphs) == 2 * len(encoder.chain) and encoder.compiles_after_warm_up == 0
     torch._dynamo.reset()
 

@@ -178,11 +178,15 @@ def test_cuda_server_streams_what_it_returns_whole(cuda_server):
 def test_cuda_server_compiles_nothing_after_warm_up(cuda_server):
     bodies = [{"seed": 1}, {"seed": 2, "voice": "none"}, {"seed": 3, "voice": "duo", "block_sizes": [4, 12],
                                                           "num_steps": [2, 3]}, {"seed": 4, "stream": False}]
+    preset = {"input": "Hello there. This is a test.", "voice": "alice", "response_format": "pcm"}
 
     async def together():
         async with httpx.AsyncClient(base_url=cuda_server.url, timeout=300) as client:
             payload = {"input": "Hello there. This is a test.", "voice": "alice", "response_format": "pcm", **FAST}
-            return await asyncio.gather(*(client.post("/v1/audio/speech", json={**payload, **b}) for b in bodies))
+            posts = [client.post("/v1/audio/speech", json={**payload, **b}) for b in bodies]
+            # two streams of the default preset: their blocks go into their prefixes, stacked, compiled
+            posts += [client.post("/v1/audio/speech", json={**preset, "seed": seed}) for seed in (5, 6)]
+            return await asyncio.gather(*posts)
 
     assert all(r.status_code == 200 for r in asyncio.run(together()))
     assert _metric(cuda_server, "echo_compiles_after_warm_up") == 0

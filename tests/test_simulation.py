@@ -160,7 +160,16 @@ def test_compiled_launches_counts_the_kernels_a_compiled_call_runs():
     torch._dynamo.reset()
     fn = torch.compile(lambda x, w: torch.relu(x @ w).sum(-1), dynamic=False)
     _, code = run_and_get_code(fn, torch.randn(8, 16), torch.randn(16, 4))
-    assert sim.compiled_launches("\n".join(code)) == 2
+    assert sim.compiled_launches(code) == 2
+
+    def broken(x, w):  # two graphs (a graph break between them): each graph's launches count
+        y = torch.relu(x @ w)
+        torch._dynamo.graph_break()
+        return (y @ w.T).sum(-1)
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(broken, dynamic=False), torch.randn(8, 16), torch.randn(16, 4))
+    assert len(code) == 2 and sim.compiled_launches(code) == 2 + 2
     torch._dynamo.reset()
 
 
@@ -172,9 +181,12 @@ def test_compiled_stages_are_priced_by_their_kernel_launches():
     assert sim.admission_work(sim.TEXT_TOKENS, compiled=True).ops < sim.admission_work(sim.TEXT_TOKENS).ops / 10
     assert sim.prefix_work(128, compiled=True).flops == sim.prefix_work(128).flops
     lone = sim.decode_work(480, 1, compiled=True, graphs=True)
-    assert (lone.ops, lone.replays) == (0, 15)
-    assert sim.decode_work(128, 4, compiled=True).ops == 4 * sim.COMPILED_LAUNCHES["decode_piece"][2]
-    assert sim.decode_work(40, 1, compiled=True).ops == sim.COMPILED_LAUNCHES["decode_piece"][1] + sim.decode_work(40, 1).ops
+    assert (lone.ops, lone.replays) == (15 * sim.DECODE_PIECE_HOST_OPS["replayed"], 15)
+    piece = {n: sim.COMPILED_LAUNCHES["decode_piece"][n] + sim.DECODE_PIECE_HOST_OPS["compiled"] for n in (1, 2)}
+    assert sim.decode_work(128, 4, compiled=True).ops == 4 * piece[2]
+    assert sim.decode_work(40, 1, compiled=True).ops == piece[1] + sim.decode_work(40, 1).ops
+    with pytest.raises(KeyError):  # (counted for the preset's blocks only)
+        sim.prefix_work(64, compiled=True)
 
 
 def test_with_its_stages_compiled_the_fast_path_is_predicted_to_play_64_poisson_streams_without_gaps():
