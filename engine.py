@@ -507,9 +507,12 @@ class CompiledPrefixEncoder:
     extensions a generation in `block_sizes` (the streaming preset's) makes: one graph per extension
     for a single generation and one for several stacked (the batch dimension dynamic), all built by
     `warm_up`. An extension of the same sizes reached another way (a request's own blocks, a
-    continuation, a prefix with a partial patch) runs the same graph, its inputs first copied to the
-    layout the graph was built for; any other runs eager, so nothing compiles while serving. Eager,
-    an extension is ~2,900 small ops on the generation thread between two blocks of a stream.
+    continuation, a prefix with a partial patch) runs the same graph, its inputs first brought to
+    the layout the graph was built for (a view, or a copy); any other runs eager. So nothing
+    compiles while serving, for prefixes as the engine makes them: one generation each, made and
+    extended in inference mode, as the warm-up's were (dynamo also guards on those, and on which
+    inputs are the same tensor). Eager, an extension is ~2,900 small ops on the generation thread
+    between two blocks of a stream.
     Compiled results are close to eager, not equal bit for bit (as the compiled decoder blocks)."""
 
     def __init__(self, model: EchoDiT, block_sizes: Sequence[int], backend: str | Callable = "inductor"):
@@ -568,13 +571,19 @@ class CompiledPrefixEncoder:
 
 
 def dense(tensor: Tensor) -> Tensor:
-    """The tensor itself if its strides are a new tensor's of its shape (size-1 dimensions included,
-    which `contiguous()` ignores), else a copy that has them: what a compiled graph guards on."""
+    """The tensor with the strides a new tensor of its shape has, size-1 dimensions included (which
+    `contiguous()` ignores), what a compiled graph guards on: itself, a view when only those differ,
+    else a copy."""
     strides, step = [], 1
     for size in reversed(tensor.shape):
         strides.append(step)
         step *= max(size, 1)
-    return tensor if tensor.stride() == tuple(reversed(strides)) else tensor.clone(memory_format=torch.contiguous_format)
+    strides = tuple(reversed(strides))
+    if tensor.stride() == strides:
+        return tensor
+    if tensor.is_contiguous():  # (the same elements at the same places: a view)
+        return tensor.as_strided(tensor.shape, strides)
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 class CompiledStreamDecoder:

@@ -184,7 +184,7 @@ def test_cuda_server_compiles_nothing_after_warm_up(cuda_server):
         async with httpx.AsyncClient(base_url=cuda_server.url, timeout=300) as client:
             payload = {"input": "Hello there. This is a test.", "voice": "alice", "response_format": "pcm", **FAST}
             posts = [client.post("/v1/audio/speech", json={**payload, **b}) for b in bodies]
-            # two streams of the default preset: their blocks go into their prefixes, stacked, compiled
+            # two streams of the default preset: their blocks go into their prefixes through the compiled encoder
             posts += [client.post("/v1/audio/speech", json={**preset, "seed": seed}) for seed in (5, 6)]
             return await asyncio.gather(*posts)
 
