@@ -25,7 +25,9 @@ advance the clock by the cost model. A call costs
     max(bytes / bandwidth, FLOPs / achieved FLOP/s) + eager ops x per-op overhead (+ graph replays
     x per-replay overhead with CUDA graphs)
 
-and with static shapes (graphs) each new batch the static runner of 2026-11-22 built when a pack's
+(`--compiled-stages`: the text encoder, prefix encoder and streaming decoder, compiled since, priced
+by the kernel launches counted with `--count-compiled` instead of eager ops), and with static
+shapes (graphs) each new batch the static runner of 2026-11-22 built when a pack's
 members changed (another job, block or CFG phase) costs its meta-counted eager ops and bytes
 (restack_work). That runner, the one measured, is what the static cost model stands for; today's
 (a row pool written once per generation, one graph per step) is not calibrated until a GPU runs it.
@@ -355,15 +357,15 @@ def compiled_launches(codes: Sequence[str]) -> int:
     for code in codes:
         body = code[code.index("def call("):] if "def call(" in code else code
         body = body.split("\ndef benchmark_compiled_module")[0]
-        launches += (len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"triton_\w+\.run\(", body))
-                     + len(re.findall(r"extern_kernels\.\w+\(", body))
+        kernels = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"triton_\w+\.run\(", body))
+        launches += (kernels + len(re.findall(r"extern_kernels\.\w+\(", body))
                      + len(re.findall(r"torch\.ops\.\w+\.\w+(?:\.\w+)?\(", body)))
     return launches
 
 
 def count_compiled_launches() -> dict:
     """What the ECHO_COMPILE stages outside the step graphs launch per call, counted on inductor's CPU
-    code (a proxy for its GPU code: the same fusion, C++ kernels in place of Triton ones) of
+    code (a proxy for its GPU code, whose Triton backend fuses alike but not identically) of
     full-depth models at 1/8 width (launches do not depend on width): the latent-prefix extension
     of each streaming block but the last (engine.CompiledPrefixEncoder), the text encoder at the
     bucket of TEXT_TOKENS (engine.CompiledTextEncoder) and one 32-frame piece of the streaming Fish
