@@ -476,6 +476,7 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     progress.enter("warming up the voice encoder")
     engine.warm_up_encoder()
     log.info("voice encoder warmed up in %.1f s", time.perf_counter() - started)
+    parts_started = time.perf_counter()
     if engine.text_encoder is not None:
         progress.enter("compiling the text encoder (text lengths)", len(TEXT_BUCKETS))
         engine.text_encoder.warm_up(on_bucket=progress.advance)
@@ -485,11 +486,16 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     if engine.prefix_encoder is not None:
         progress.enter("compiling the latent-prefix encoder (one generation, then several)", 2)
         engine.prefix_encoder.warm_up(on_pass=progress.advance)
+    parts = [name for name, part in (("text encoder", engine.text_encoder), ("streaming decoder", engine.stream_decoder),
+                                     ("latent-prefix encoder", engine.prefix_encoder)) if part is not None]
+    if parts:
+        log.info("%s compiled in %.1f s", ", ".join(parts), time.perf_counter() - parts_started)
     if isinstance(engine.steps, StaticSteps):
         shapes = len(engine.steps.shapes.all_shapes())
         progress.enter("compiling step shapes" if s.compiles else "warming up step shapes", shapes)
+        steps_started = time.perf_counter()
         engine.steps.warm_up(on_shape=progress.advance)
-        log.info("%d step shapes warmed up in %.1f s", shapes, time.perf_counter() - started)
+        log.info("%d step shapes warmed up in %.1f s", shapes, time.perf_counter() - steps_started)
     voice = s.warmup_voice or "none"
     try:
         speaker = voices.reference(voice)

@@ -677,6 +677,19 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
     torch._dynamo.reset()
 
 
+def test_the_server_compiles_the_prefix_encoder_for_its_streaming_preset_with_echo_compile(tiny_model):
+    """runtime builds the encoder for the preset's extensions when it compiles, and none otherwise
+    (eager, or a preset whose first block leaves a partial patch)."""
+    from runtime import _prefix_encoder
+    from settings import load_settings
+
+    assert _prefix_encoder(load_settings(compile=True), tiny_model).chain == [(32, 0), (128, 32)]  # 32, 128, 480
+    low = _prefix_encoder(load_settings(compile=True, performance_preset="low"), tiny_model)  # 32, 64, 272, 272
+    assert low.chain == [(32, 0), (64, 32), (272, 96)]
+    assert _prefix_encoder(load_settings(compile=True, performance_preset="equal"), tiny_model) is None  # 213: partial
+    assert _prefix_encoder(load_settings(compile=False), tiny_model) is None
+
+
 @pytest.mark.slow
 def test_the_compiled_prefix_encoder_matches_eager_on_inductor(tiny_model):
     """Inductor's CPU code for the latent-prefix extensions against eager, float32: within 1e-4."""
