@@ -432,7 +432,8 @@ class _Pool:
                 found.append(member)
                 held = member.entries
             else:
-                named = [(kind, cache, self._names(cache)) for kind, cache in zip(self.kinds, self._caches_of(model, call))]
+                caches = self._caches_of(model, call)
+                named = [(kind, cache, self._names(cache)) for kind, cache in zip(self.kinds, caches)]
                 found.append(named)
                 held = [kind.entries[name] for kind, _, names in named for name in names if name in kind.entries]
             for entry in held:
@@ -677,7 +678,8 @@ class StaticSteps:
             tokens = max(s.rows_at(f) * f for f in s.frame_buckets)
             rows = max(s.rows_at(f) for f in s.frame_buckets)
             self._step_inputs = (like.x.new_zeros(tokens * LATENT_SIZE),
-                                 self._pool.pools[0].new_zeros(len(self.model.blocks) * 2 * rows * self._modulation_size))
+                                 self._pool.pools[0].new_zeros(len(self.model.blocks) * 2 * rows
+                                                               * self._modulation_size))
         return self._pool
 
     @property

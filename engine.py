@@ -512,15 +512,14 @@ class CompiledPrefixEncoder:
     compiles while serving, for prefixes as the engine makes them: one generation each, made and
     extended in inference mode, as the warm-up's were (dynamo also guards on those, and on which
     inputs are the same tensor). Eager, an extension is ~2,900 small ops on the generation thread
-    between two blocks of a stream.
-    Compiled results are close to eager, not equal bit for bit (as the compiled decoder blocks)."""
+    between two blocks of a stream. Compiled results are close to eager, not equal bit for bit (as
+    the compiled decoder blocks)."""
 
     def __init__(self, model: EchoDiT, block_sizes: Sequence[int], backend: str | Callable = "inductor"):
         self.model = model
-        self.chain = self.extensions(block_sizes, model.speaker_patch_size)
-        self.shapes = frozenset(self.chain)
+        self.chain = self.extensions(block_sizes, model.speaker_patch_size)  # (distinct: `before` grows)
         self._encode = torch.compile(model.extend_patches, backend=backend, dynamic=False)
-        self._compiled = CompiledPart("prefix-encoder", 2 * len(self.shapes) + 2)
+        self._compiled = CompiledPart("prefix-encoder", 2 * len(self.chain) + 2)
 
     @staticmethod
     def extensions(block_sizes: Sequence[int], patch: int) -> list[tuple[int, int]]:
@@ -543,9 +542,9 @@ class CompiledPrefixEncoder:
         """EchoDiT.extend_patches: compiled for planned sizes (whole frames to encode, frames in the
         complete patches before them), else eager. The graphs guard on strides, those of size-1
         dimensions too: a slice after a partial patch, or caches an eager extension joined, are
-        copied to the dense layout the warm-up's inputs had, so they run the planned graph."""
+        brought to the dense layout the warm-up's inputs had (`dense`), so they run the planned graph."""
         before = complete[0][0].shape[1] * self.model.speaker_patch_size
-        if (frames.shape[1], before) not in self.shapes:
+        if (frames.shape[1], before) not in self.chain:
             return self.model.extend_patches(frames, encoder_kv, complete)
         frames = dense(frames)
         encoder_kv, complete = ([(dense(k), dense(v)) for k, v in cache] for cache in (encoder_kv, complete))

@@ -26,8 +26,8 @@ import inference as inf
 import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from autoencoder import DAC
-from engine import (MAX_DECODE_BATCH_FRAMES, TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder, CompiledTextEncoder, SpeechEngine,
-                    StepFloor, VadReroll)
+from engine import (MAX_DECODE_BATCH_FRAMES, TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder,
+                    CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll)
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
 from errors import RequestError
@@ -321,10 +321,8 @@ def _prefix_encoder(s: Settings, model: EchoDiT) -> CompiledPrefixEncoder | None
     preset's blocks (a model without the blockwise modules has none)."""
     if not s.compiles or not model.has_latent_prefix:
         return None
-    blocks = s.stream_preset[0]
-    if not CompiledPrefixEncoder.extensions(blocks, model.speaker_patch_size):
-        return None
-    return CompiledPrefixEncoder(model, blocks)
+    encoder = CompiledPrefixEncoder(model, s.stream_preset[0])
+    return encoder if encoder.chain else None
 
 
 def _decode_piece(s: Settings) -> int:
@@ -363,10 +361,10 @@ class MemoryPlan:
     without graphs it comes and goes.
 
     `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
-    without graphs, and the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a stream). Against the one measurement (H100, 2026-11-22,
-    tests/test_memory_plan.py), the runner of that day held the padded keys of every guidance row
-    twice (stacked, and again in inductor's graph inputs): 16 streams peaked at 52 GiB, and 3 rows
-    a stream at twice their bytes say 52.1."""
+    without graphs, and the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a
+    stream). Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the runner
+    of that day held the padded keys of every guidance row twice (stacked, and again in inductor's
+    graph inputs): 16 streams peaked at 52 GiB, and 3 rows a stream at twice their bytes say 52.1."""
 
     loaded: int  # bytes the loaded models take
     per_stream: int  # one stream's rows of the key/value pool, and its own keys
@@ -415,7 +413,8 @@ def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = 
         free, _ = torch.cuda.mem_get_info(device)
         capacity = free + torch.cuda.memory_reserved(device)
     gib = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
-    detail = f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of keys and values (pooled, and its own)"
+    detail = (f"{gib(plan.loaded)} of models, {plan.streams} streams x {gib(plan.per_stream)} of keys and values "
+              "(pooled, and its own)")
     safe = plan.streams_that_fit(capacity, worst=True)
     safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (the largest pass, the decoder's "
               f"largest batch: {gib(plan.worst)} as set)")
@@ -486,7 +485,8 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
     if engine.prefix_encoder is not None:
         progress.enter("compiling the latent-prefix encoder (one generation, then several)", 2)
         engine.prefix_encoder.warm_up(on_pass=progress.advance)
-    parts = [name for name, part in (("text encoder", engine.text_encoder), ("streaming decoder", engine.stream_decoder),
+    parts = [name for name, part in (("text encoder", engine.text_encoder),
+                                     ("streaming decoder", engine.stream_decoder),
                                      ("latent-prefix encoder", engine.prefix_encoder)) if part is not None]
     if parts:
         log.info("%s compiled in %.1f s", ", ".join(parts), time.perf_counter() - parts_started)

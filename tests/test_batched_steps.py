@@ -671,7 +671,8 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
     for blocks in ([17, 31], [18, 32], [8, 8, 32]):
         mine, theirs = new_prefixes(tiny_model, 1), new_prefixes(tiny_model, 1)
         for part in [torch.randn(1, n, 80, generator=gen) for n in blocks]:
-            extended(mine, part, encoder), extended(theirs, part)
+            extended(mine, part, encoder)
+            extended(theirs, part)
         assert_prefixes_close(mine, theirs, 1e-6)
     assert len(backend.graphs) == 2 * len(encoder.chain) and encoder.compiles_after_warm_up == 0
     torch._dynamo.reset()
