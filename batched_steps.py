@@ -289,9 +289,13 @@ class StaticShapes:
     def own_bytes(self, model: EchoDiT) -> int:
         """A generation's own prefix, text and speaker keys and values at most (one row: its guidance
         rows are views), which it keeps while it runs beside their copy in the pool (the speaker's as
-        if every stream had a voice of its own; a request's speaker_kv_scale adds a scaled copy of the
-        first layers, not counted)."""
+        if every stream had a voice of its own; a request's speaker_kv_scale adds scaled_speaker_bytes)."""
         return len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
+
+    def scaled_speaker_bytes(self, model: EchoDiT) -> int:
+        """The scaled copy of its voice's keys and values that a request with speaker_kv_scale holds
+        beside the voice's own (inference.scale_speaker_kv), at most: every layer, the longest voice."""
+        return len(model.blocks) * 2 * self.speaker_patches * _token_bytes(model)
 
     def pass_bytes(self, model: EchoDiT, rows: int) -> int:
         """What the largest pass holds at its peak when at most `rows` rows run (the pool's rows, or

@@ -361,8 +361,9 @@ class MemoryPlan:
     without graphs it comes and goes.
 
     `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
-    without graphs, and the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a
-    stream). Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the runner
+    without graphs, the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a
+    stream) and, per stream, the scaled copy of a voice's keys that a request with speaker_kv_scale
+    holds (StaticShapes.scaled_speaker_bytes). Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the runner
     of that day held the padded keys of every guidance row twice (stacked, and again in inductor's
     graph inputs): 16 streams peaked at 52 GiB, and 3 rows a stream at twice their bytes say 52.1."""
 
@@ -372,6 +373,7 @@ class MemoryPlan:
     pass_peak: int = 0  # the largest pass's activations and joined keys
     cuda_graphs: bool = False  # (their memory pool keeps pass_peak)
     decode_peak: int = MAX_DECODE_BATCH_FRAMES * DECODE_BYTES_PER_FRAME  # the decoder's largest call (decode_peak)
+    scaled_speaker: int = 0  # per stream: a speaker_kv_scale request's scaled copy of its voice's keys, at most
 
     @property
     def need(self) -> int:
@@ -379,12 +381,13 @@ class MemoryPlan:
 
     @property
     def worst(self) -> int:
-        return self.need + (0 if self.cuda_graphs else self.pass_peak) + self.decode_peak
+        return (self.need + (0 if self.cuda_graphs else self.pass_peak) + self.decode_peak
+                + self.streams * self.scaled_speaker)
 
     def streams_that_fit(self, capacity: int, worst: bool = False) -> int:
         fixed = (self.loaded + STEP_WORKSPACE + (self.pass_peak if worst or self.cuda_graphs else 0)
                  + (self.decode_peak if worst else 0))
-        return max(0, int((capacity - fixed) // self.per_stream))
+        return max(0, int((capacity - fixed) // (self.per_stream + (self.scaled_speaker if worst else 0))))
 
 
 def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | None = None) -> MemoryPlan:
@@ -392,7 +395,8 @@ def memory_plan(s: Settings, model: EchoDiT, steps: StaticSteps, loaded: int | N
     loaded = torch.cuda.memory_allocated(model.device) if loaded is None else loaded
     shapes = steps.shapes
     return MemoryPlan(loaded, shapes.stacked_bytes(model, 1) + shapes.own_bytes(model), s.max_active,
-                      shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs, decode_peak(s))
+                      shapes.pass_bytes(model, shapes.row_buckets[-1]), steps.cuda_graphs, decode_peak(s),
+                      shapes.scaled_speaker_bytes(model))
 
 
 def decode_peak(s: Settings) -> int:
@@ -417,7 +421,8 @@ def check_memory(plan: MemoryPlan, device: torch.device, capacity: int | None = 
               "(pooled, and its own)")
     safe = plan.streams_that_fit(capacity, worst=True)
     safely = (f"ECHO_MAX_ACTIVE={safe} or lower stays within the worst case (the largest pass, the decoder's "
-              f"largest batch: {gib(plan.worst)} as set)")
+              f"largest batch, every stream scaling a voice of its own with speaker_kv_scale: {gib(plan.worst)} "
+              "as set)")
     if plan.need > capacity:
         fit = plan.streams_that_fit(capacity)
         advice = (f"set ECHO_MAX_ACTIVE={fit} or lower; {safely}" if fit else
