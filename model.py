@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -717,6 +718,14 @@ class LatentPrefix:
     def num_patches(self) -> int:
         return self.kv[0][0].shape[1]
 
+    def snapshot(self) -> tuple:
+        """The prefix as it is now (extending replaces its tensors and lists, never writes into them)."""
+        return self.frames, self._encoder_kv, self._complete, self._tail, self.kv
+
+    def restore(self, snapshot: tuple) -> None:
+        """Back to a snapshot of this prefix."""
+        self.frames, self._encoder_kv, self._complete, self._tail, self.kv = snapshot
+
     def extend(self, latents: Tensor, encode: PatchEncoding | None = None) -> None:
         """Append frames (B, n, 80) to the prefix; `encode` encodes its whole patches (by default
         EchoDiT.extend_patches; a compiled one)."""
@@ -766,31 +775,67 @@ def grouped(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
 def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor],
                     encode: PatchEncoding | None = None) -> None:
     """`prefixes[i].extend(latents[i], encode)` for every i, the prefixes at the same frame count that
-    get the same number of frames stacked into one encoder call (generations that started together
-    finish their blocks together). Rows do not interact, so each prefix ends bit for bit as its own
-    extend leaves it (with the eager encoder; a compiled one's graphs for one row and for several
-    are close, not equal); extensions whose products would change kernel run alone (_stacks_exactly)."""
-    groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _stacks_exactly(prefix, new) else i
+    get the same number of whole patches stacked into one encoder call (generations that started
+    together finish their blocks together). Rows do not interact, so each prefix ends as its own
+    extend leaves it: bit for bit with the eager encoder, which stacks only where that is measured to
+    hold on this device (_stacks_exactly; elsewhere the prefixes run alone), close with a compiled one
+    (its graphs for one row and for several are close, not equal).
+    All or nothing: if one fails (out of device memory), every prefix is left as it was."""
+    groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _whole_patches(prefix, new) else i
                      for i, (prefix, new) in enumerate(zip(prefixes, latents)))
-    for members in groups.values():
-        if len(members) == 1:
-            prefixes[members[0]].extend(latents[members[0]], encode)
-            continue
-        parts = [prefixes[i] for i in members]
-        merged = LatentPrefix.stacked(parts)
-        merged.extend(torch.cat([latents[i].to(merged._tail.dtype) for i in members]), encode)
-        merged.split_into(parts)
+    before = [prefix.snapshot() for prefix in prefixes]
+    try:
+        for members in groups.values():
+            first = prefixes[members[0]]
+            patches = (first._tail.shape[1] + latents[members[0]].shape[1]) // first.patch
+            if len(members) == 1 or (encode is None and not _stacks_exactly(first.model, patches, len(members))):
+                for i in members:
+                    prefixes[i].extend(latents[i], encode)
+                continue
+            parts = [prefixes[i] for i in members]
+            merged = LatentPrefix.stacked(parts)
+            merged.extend(torch.cat([latents[i].to(merged._tail.dtype) for i in members]), encode)
+            merged.split_into(parts)
+    except BaseException:
+        for prefix, snapshot in zip(prefixes, before):
+            prefix.restore(snapshot)
+        raise
 
 
-def _stacks_exactly(prefix: LatentPrefix, new: Tensor) -> bool:
-    """Whether extending `prefix` by `new` (1, n, 80) stacked with others gives its own result bit for
-    bit: its encoder then multiplies matrices of whole patches only, and of a row count (patches)
-    that keeps its kernel when rows are added. CPU BLAS (MKL) computes products of 1-3, 5-7 and 9-11
-    rows with a small-matrix kernel that rounds differently, so 4-11-frame blocks and partial
-    patches are extended alone (the default presets' blocks are 8 or more whole patches)."""
-    frames = prefix._tail.shape[1] + new.shape[1]
-    patches = frames // prefix.patch
-    return new.shape[0] == 1 and frames % prefix.patch == 0 and (patches % 4 == 0 or patches >= 12)
+def _whole_patches(prefix: LatentPrefix, new: Tensor) -> bool:
+    """Whether extending `prefix` by `new` (1, n, 80) leaves no partial patch (its tail and the new
+    frames fill whole patches), so that it can be stacked with others."""
+    return new.shape[0] == 1 and (prefix._tail.shape[1] + new.shape[1]) % prefix.patch == 0
+
+
+_STACKS_EXACTLY: weakref.WeakKeyDictionary[EchoDiT, dict[tuple[int, int], bool]] = weakref.WeakKeyDictionary()
+
+
+def _stacks_exactly(model: EchoDiT, patches: int, rows: int) -> bool:
+    """Whether `rows` extensions by `patches` whole patches, stacked, give each the result it gets alone
+    bit for bit on the model's device, at its dtype: measured the first time (random frames, alone
+    and stacked), since BLAS libraries choose a matrix product's kernel by its rows and the kernels
+    round differently (MKL on one CPU computes products of 1-3, 5-7 and 9-11 rows with another
+    kernel, on another those of under 16 rows with a 320-wide input: the latent encoder's)."""
+    measured = _STACKS_EXACTLY.setdefault(model, {})
+    if (patches, rows) not in measured:
+        measured[(patches, rows)] = _measure_stacking(model, patches, rows)
+    return measured[(patches, rows)]
+
+
+@torch.inference_mode()
+def _measure_stacking(model: EchoDiT, patches: int, rows: int) -> bool:
+    gen = torch.Generator().manual_seed(patches)
+    frames = torch.randn(rows, patches * model.speaker_patch_size, model.latent_size, generator=gen)
+    frames = frames.to(device=model.device, dtype=model.dtype)
+    stacked = model.extend_patches(frames, [], LatentPrefix(model, rows)._complete)
+    for row in range(rows):
+        alone = model.extend_patches(frames[row:row + 1], [], LatentPrefix(model, 1)._complete)
+        for cache, reference in zip(alone, stacked):
+            if not all(torch.equal(t, t0[row:row + 1]) for pair, pair0 in zip(cache, reference)
+                       for t, t0 in zip(pair, pair0)):
+                return False
+    return True
 
 
 def _cat_rows(caches: Sequence[KVCache]) -> KVCache:

@@ -641,6 +641,11 @@ def assert_prefixes_close(mine: list[LatentPrefix], theirs: list[LatentPrefix], 
                 torch.testing.assert_close(v, v0, rtol=tolerance, atol=tolerance)
 
 
+# the graph's rows stacked against the eager extension, which stacks only where this CPU's BLAS keeps each row's
+# bits (model._stacks_exactly): within rounding
+STACKED_BOUND = 1e-5
+
+
 def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving(tiny_model):
     """ECHO_COMPILE: one graph per extension of the streaming blocks (each block but the last, after
     the ones before it), for one generation and one for several stacked, all at warm-up. Then
@@ -660,10 +665,10 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
     for rows in (1, 3):
         mine = extended(extended(new_prefixes(tiny_model, rows), first, encoder), second, encoder)
         theirs = extended(extended(new_prefixes(tiny_model, rows), first), second)
-        assert_prefixes_close(mine, theirs, 1e-6)
+        assert_prefixes_close(mine, theirs, STACKED_BOUND)
     mine = extended(new_prefixes(tiny_model, 3), first, encoder)[2:]
     theirs = extended(new_prefixes(tiny_model, 3), first)[2:]
-    assert_prefixes_close(extended(mine, second[2:], encoder), extended(theirs, second[2:]), 1e-6)
+    assert_prefixes_close(extended(mine, second[2:], encoder), extended(theirs, second[2:]), STACKED_BOUND)
     other = extended(new_prefixes(tiny_model, 1), torch.randn(1, 24, 80, generator=gen), encoder)
     assert other[0].frames == 24
     # the planned sizes reached another way run the planned graphs: a request's own blocks leaving a
@@ -673,7 +678,7 @@ def test_the_compiled_prefix_encoder_is_built_at_warm_up_and_never_while_serving
         for part in [torch.randn(1, n, 80, generator=gen) for n in blocks]:
             extended(mine, part, encoder)
             extended(theirs, part)
-        assert_prefixes_close(mine, theirs, 1e-6)
+        assert_prefixes_close(mine, theirs, STACKED_BOUND)
     assert len(backend.graphs) == 2 * len(encoder.chain) and encoder.compiles_after_warm_up == 0
     torch._dynamo.reset()
 

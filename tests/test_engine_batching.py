@@ -65,13 +65,17 @@ def test_bucket_padding_moves_text_keys_by_rounding_only(tiny_echo_dir, dtype):
                     assert (a.float() - b.float()).abs().max() <= PADDING_BOUND[dtype] * b.float().abs().max()
 
 
-def test_prefixes_that_line_up_extend_in_one_call_like_each_alone(tiny_model):
+def test_prefixes_that_line_up_extend_in_one_call_like_each_alone(tiny_model, monkeypatch):
+    import model
     gen = torch.Generator().manual_seed(0)
-    # 8, 32 and 12 patches: extensions that stack exactly (model._stacks_exactly)
+    # 8, 32 and 12 patches: 32 stack exactly on every CPU met so far, 8 and 12 on some (model._stacks_exactly)
     blocks = [[torch.randn(1, n, 80, generator=gen) for n in (32, 128, 48)] for _ in range(3)]
     alone = [LatentPrefix(tiny_model, 1) for _ in blocks]
     together = [LatentPrefix(tiny_model, 1) for _ in blocks]
     odd = LatentPrefix(tiny_model, 1)  # at another frame count: extended on its own, in the same call
+    stacked, real = [], model.LatentPrefix.stacked.__func__
+    monkeypatch.setattr(model.LatentPrefix, "stacked",
+                        classmethod(lambda cls, parts: (stacked.append(len(parts)), real(cls, parts))[1]))
     with torch.inference_mode():
         odd.extend(blocks[0][0])
         for index in range(3):
@@ -81,19 +85,49 @@ def test_prefixes_that_line_up_extend_in_one_call_like_each_alone(tiny_model):
             for a, b in zip(alone, together):
                 assert a.frames == b.frames and equal_kv(a.kv, b.kv)
     assert odd.frames == 32 + 32 + 128 + 48
+    assert 3 in stacked  # (the 32 patches at least)
 
 
-def test_prefix_extensions_whose_products_would_change_kernel_run_alone(tiny_model, monkeypatch):
+def test_prefixes_stack_only_where_stacking_is_measured_exact_on_this_device(tiny_model, monkeypatch):
+    """BLAS kernels are chosen by a product's rows and round differently, by CPU: whether a stack of
+    extensions gives each its own result is measured once per (patches, rows) on the model's device,
+    and those that would not run alone, as do extensions that leave a partial patch."""
     import model
     stacked = []
-    monkeypatch.setattr(model.LatentPrefix, "stacked", classmethod(lambda cls, parts: stacked.append(len(parts))))
+    real = model.LatentPrefix.stacked.__func__
+    monkeypatch.setattr(model.LatentPrefix, "stacked",
+                        classmethod(lambda cls, parts: (stacked.append(len(parts)), real(cls, parts))[1]))
     gen = torch.Generator().manual_seed(1)
-    for frames in (8, 6, 40):  # 2 patches, a partial patch, 10 patches: each would round differently stacked
+
+    def extend_three(frames: int) -> None:
         prefixes = [LatentPrefix(tiny_model, 1) for _ in range(3)]
         with torch.inference_mode():
             extend_prefixes(prefixes, [torch.randn(1, frames, 80, generator=gen) for _ in prefixes])
         assert all(p.frames == frames for p in prefixes)
-    assert stacked == []
+
+    for verdict in (False, True):
+        model._STACKS_EXACTLY.pop(tiny_model, None)
+        monkeypatch.setattr(model, "_measure_stacking", lambda m, patches, rows, verdict=verdict: verdict)
+        stacked.clear()
+        for frames in (8, 6, 40, 128):  # 2 patches, a partial patch, 10 and 32 patches
+            extend_three(frames)
+        assert stacked == ([3, 3, 3] if verdict else [])  # (never the partial patch)
+        assert model._STACKS_EXACTLY[tiny_model] == {(2, 3): verdict, (10, 3): verdict, (32, 3): verdict}
+    model._STACKS_EXACTLY.pop(tiny_model, None)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        for patches in (2, 8, 32):
+            rows = 3
+            measured = model._stacks_exactly(tiny_model, patches, rows)
+            # the measurement is what stacking does: stacked rows equal to their own extension, or not
+            frames = torch.randn(rows, 4 * patches, 80, generator=gen)
+            one, both = ([LatentPrefix(tiny_model, 1) for _ in range(rows)] for _ in range(2))
+            for prefix, row in zip(one, frames.split(1)):
+                prefix.extend(row)
+            merged = LatentPrefix.stacked(both)
+            merged.extend(frames)
+            merged.split_into(both)
+            assert measured == all(equal_kv(a.kv, b.kv) for a, b in zip(one, both)), patches
 
 
 def test_jobs_started_together_encode_their_text_and_extend_their_prefixes_in_one_call(engine):

@@ -225,17 +225,23 @@ def _weight_bytes(model: EchoDiT) -> int:
     return sum(storages.values())
 
 
+FUSED_BOUND = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # of the largest magnitude (measured: 4e-7 and 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_projections_compute_the_same_bits_and_store_nothing_twice(tiny_echo_dir, dtype):
-    """q, k, v and gate (and w1|w3, and each key/value pair) as one product: on the CPU each output
-    column is the same dot product, so every cache and the velocity keep their bits; the stacked
-    weights are the parameters' storage, not a copy, and the checkpoint's names stay."""
+def test_fused_projections_compute_the_same_values_and_store_nothing_twice(tiny_echo_dir, dtype):
+    """q, k, v and gate (and w1|w3, and each key/value pair) as one product: each output column is
+    the same dot product, so every cache and the velocity keep their values up to the order a BLAS
+    kernel sums them in, which depends on the product's width on some CPUs (float32: a few units in
+    the last place on one with AVX-512 FP16; the same bits on the others met, and in bfloat16); the
+    stacked weights are the parameters' storage, not a copy, and the checkpoint's names stay."""
     separate = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype, fuse_projections=False)
     fused = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=dtype)
     assert fused.projections_fused and not separate.projections_fused
     assert fused.blocks[0].attention.fused_groups == ("qkvg", "kv_text", "kv_speaker", "kv_latent")
     for a, b in zip(_outputs(separate), _outputs(fused), strict=True):
-        assert torch.equal(a, b)
+        assert a.shape == b.shape
+        assert (a.float() - b.float()).abs().max() <= FUSED_BOUND[dtype] * a.float().abs().max()
     assert _weight_bytes(fused) == _weight_bytes(separate)
     assert fused.state_dict().keys() == separate.state_dict().keys()
     qkvg = fused.blocks[0].attention.qkvg
@@ -244,8 +250,7 @@ def test_fused_projections_compute_the_same_bits_and_store_nothing_twice(tiny_ec
 
 def test_fused_projections_stay_fused_through_conversion_and_reloading(tiny_echo_dir):
     model = load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.float32)
-    reference = _outputs(load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.bfloat16,
-                                            fuse_projections=False))
+    reference = _outputs(load_model_from_hf(str(tiny_echo_dir), device="cpu", dtype=torch.bfloat16))  # (fused)
     model.to(torch.bfloat16)  # converted weight by weight, stacked again: still one storage each
     mlp = model.blocks[1].mlp
     assert mlp.w13.dtype == torch.bfloat16 and mlp.w3.weight.data_ptr() == mlp.w13[mlp.w1.out_features:].data_ptr()
