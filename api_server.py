@@ -126,7 +126,8 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                                 vad_rerolls=lambda: service.observe(lambda r: r.engine.rerolls, 0),
                                 adaptive_steps=service.adaptive_steps,
                                 memory_plan=lambda: service.observe(lambda r: r.plan and (r.plan.need, r.plan.worst),
-                                                                    None))
+                                                                    None),
+                                out_of_memory=service.out_of_memory)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -926,7 +926,19 @@ def decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor
     compute bound and larger tensors only cost cache misses). ``max_batch_frames`` caps the latent
     frames of one call (streams x block length): the decoder's activations at the audio rate grow
     with it (64 streams' 480-frame blocks in one call wanted a 22.5 GiB tensor on an H100).
+    All or nothing: if a call fails (out of device memory), every stream's decoder is left as it was.
     """
+    before = [decoder.snapshot() for decoder in decoders]
+    try:
+        return _decode_streams(decoders, blocks, batch, max_batch_frames)
+    except BaseException:
+        for decoder, snapshot in zip(decoders, before):
+            decoder.restore(snapshot)
+        raise
+
+
+def _decode_streams(decoders: Sequence[StreamingDecoder], blocks: Sequence[Tensor], batch: bool,
+                    max_batch_frames: int | None) -> list[Tensor]:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (decoder, block) in enumerate(zip(decoders, blocks)):  # (same frames: same RoPE rows to make)
         groups.setdefault((decoder.frames, block.shape[-1]) if batch else (i,), []).append(i)

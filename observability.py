@@ -106,7 +106,8 @@ class Metrics:
                  gpu: torch.device | None = None, compiles_after_warm_up: Callable[[], int] = lambda: 0,
                  vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0,
                  adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0),
-                 memory_plan: Callable[[], tuple[int, int] | None] = lambda: None):
+                 memory_plan: Callable[[], tuple[int, int] | None] = lambda: None,
+                 out_of_memory: Callable[[], tuple[int, int]] = lambda: (0, 0)):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -134,6 +135,13 @@ class Metrics:
                 ("echo_adaptive_steps_saved", "Diffusion steps the reduced blocks did not take (ECHO_ADAPTIVE_STEPS; "
                  "counts up since start)"))):
             Gauge(name, doc, registry=self.registry).set_function(lambda index=index: adaptive_steps()[index])
+        # out_of_memory() is (units split, jobs failed): the worker's answer to a device out of memory
+        for index, (name, doc) in enumerate((
+                ("echo_out_of_memory_splits", "Units of work (several streams' steps, decodes, texts or prefixes) "
+                 "that ran out of device memory and were computed again in halves (counts up since start)"),
+                ("echo_out_of_memory_failures", "Requests that failed (503) because their own work did not fit in "
+                 "device memory (counts up since start; lower ECHO_MAX_ACTIVE if it grows)"))):
+            Gauge(name, doc, registry=self.registry).set_function(lambda index=index: out_of_memory()[index])
         if gpu is not None and gpu.type == "cuda":
             for name, doc, read in (
                     ("echo_gpu_memory_allocated_bytes", "CUDA memory held by tensors", torch.cuda.memory_allocated),

@@ -122,6 +122,11 @@ class SpeechService:
         take) since start: (1, 0, 0) without ECHO_ADAPTIVE_STEPS."""
         return self.observe(lambda r: (r.worker.budget, r.worker.reduced_blocks, r.worker.steps_saved), (1.0, 0, 0))
 
+    def out_of_memory(self) -> tuple[int, int]:
+        """(units of work computed again in halves for want of device memory, requests that failed
+        for it) since start."""
+        return self.observe(lambda r: (r.worker.memory_splits, r.worker.memory_failures), (0, 0))
+
     def _save_debug_audio(self, audio: np.ndarray) -> None:
         """ECHO_DEBUG_LOGS: keep the last generation exactly as generated (float samples at 44.1 kHz)."""
         sf.write(DEBUG_WAV, audio, inf.SAMPLE_RATE, subtype="FLOAT")
@@ -174,7 +179,10 @@ class SpeechService:
 def generation_failure(error: Exception) -> RequestError:
     """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
     WebSocket: an unusable voice is the request's fault (400), a client that stopped taking audio 408,
-    a timeout 504, anything else 500."""
+    a timeout 504, a device out of memory 503 (a busy server: try again), anything else 500."""
+    if isinstance(error, torch.OutOfMemoryError):  # (the worker logged it)
+        return RequestError("the server ran out of GPU memory for this request: try again later", status=503,
+                            code="out_of_memory")
     if isinstance(error, VoiceUnusable):
         return RequestError(str(error), "voice")
     if isinstance(error, GenerationTimeout):

@@ -25,7 +25,9 @@ a stream with seconds buffered yields to one about to run dry. Starvation-free: 
 changes only when it delivers audio, so a job that waits keeps its deadline while every other
 job's moves later as it is served, and it becomes the earliest after finitely many units.
 Between units the worker admits new jobs, parks jobs that ran ahead of their client
-(`max_ahead_samples`) and drops cancelled, timed-out and stalled ones.
+(`max_ahead_samples`) and drops cancelled, timed-out and stalled ones. A unit that runs out of
+device memory is computed again in halves (every unit is all or nothing); a job whose own work
+does not fit fails (the client gets 503), the others carry on.
 
 Adaptive steps (ECHO_ADAPTIVE_STEPS, `StepBudget`). Before each unit the worker predicts how close
 the schedule runs to an underrun (`predicted_load`: the work before each job's next audio, at the
@@ -286,6 +288,8 @@ class GenerationWorker:
         self.unit_seconds = 0.0  # with adaptive steps: the measured cost of a unit (moving average; 0 before one ran)
         self.reduced_blocks = 0  # blocks started with fewer steps than requested, since start
         self.steps_saved = 0  # diffusion steps those blocks did not take, since start
+        self.memory_splits = 0  # units that ran out of device memory and were computed again in halves, since start
+        self.memory_failures = 0  # jobs that failed for want of device memory, since start
         self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
         self._active = 0
@@ -572,11 +576,29 @@ class GenerationWorker:
 
     def _run_together(self, active: list[_Running], members: list[_Running], compute: Callable[[list], list]) -> None:
         """Compute the pending calls of `members` in one go and hand each job its reply; if the
-        shared computation fails, only the jobs that were part of it fail."""
+        shared computation fails, only the jobs that were part of it fail. Every unit is all or
+        nothing (texts and steps change no job's state; decodes and prefix extensions put theirs
+        back when they fail), so one that runs out of device memory is computed again in halves,
+        down to one job: a batch too large for the memory left costs time, not its listeners' audio."""
+        kind = type(members[0].pending).__name__
         try:
             replies = compute([r.pending for r in members])
+        except torch.OutOfMemoryError as e:
+            if len(members) > 1:
+                log.warning("out of device memory for %d jobs' %s together: computing them in halves (lower "
+                            "ECHO_MAX_ACTIVE if this recurs)", len(members), kind)
+                self.memory_splits += 1
+                half = len(members) // 2
+                for part in (members[:half], members[half:]):
+                    self._run_together(active, part, compute)
+                return
+            log.error("out of device memory for one job's %s alone: it fails (lower ECHO_MAX_ACTIVE if this recurs): "
+                      "%s", kind, e, extra={"request_id": members[0].ticket.request_id})
+            self.memory_failures += 1
+            self._stop(active, members[0], e)
+            return
         except Exception as e:  # noqa: BLE001
-            log.exception("%s for %d jobs failed", type(members[0].pending).__name__, len(members))
+            log.exception("%s for %d jobs failed", kind, len(members))
             for running in members:
                 self._stop(active, running, e)
             return
@@ -602,6 +624,8 @@ class GenerationWorker:
             running.finish(self._debug_sink)
             return False
         except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
+            if isinstance(e, torch.OutOfMemoryError):
+                self.memory_failures += 1
             log.exception("generation failed", extra={"request_id": running.ticket.request_id})
             running.send(e)
             return False

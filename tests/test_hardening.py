@@ -172,13 +172,30 @@ def sabotage(monkeypatch, live, error, after_calls):
     monkeypatch.setattr(model, "velocity", failing)
 
 
-@pytest.mark.parametrize("error", [RuntimeError("injected failure"), torch.OutOfMemoryError("CUDA out of memory")],
-                         ids=["exception", "oom"])
-def test_failure_before_streaming_is_a_500_and_the_next_request_succeeds(sabotaged, monkeypatch, error):
-    sabotage(monkeypatch, sabotaged, error, after_calls=0)
+def test_failure_before_streaming_is_a_500_and_the_next_request_succeeds(sabotaged, monkeypatch):
+    sabotage(monkeypatch, sabotaged, RuntimeError("injected failure"), after_calls=0)
     r = post(sabotaged)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert r.json()["error"]["code"] == "generation_failed"
+    r = post(sabotaged)
+    assert r.status_code == 200 and len(r.content) == 16 * 2048 * 2
+
+
+def test_a_request_the_gpu_has_no_memory_for_is_a_503_to_retry_and_counted(sabotaged, monkeypatch):
+    """Out of device memory is the server's load, not a bug: 503 with Retry-After (the OpenAI SDKs
+    retry it), a message without the allocator's report, and a count in /metrics."""
+    def failures() -> float:
+        return next(float(line.split()[1]) for line in sabotaged.get("/metrics").text.splitlines()
+                    if line.startswith("echo_out_of_memory_failures "))
+
+    before = failures()
+    sabotage(monkeypatch, sabotaged, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+             after_calls=0)
+    r = post(sabotaged)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "out_of_memory" and r.json()["error"]["type"] == "server_error"
+    assert "GPU memory" in r.json()["error"]["message"] and "Tried to allocate" not in r.json()["error"]["message"]
+    assert failures() == before + 1
     r = post(sabotaged)
     assert r.status_code == 200 and len(r.content) == 16 * 2048 * 2
 
