@@ -777,9 +777,9 @@ def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor],
     """`prefixes[i].extend(latents[i], encode)` for every i, the prefixes at the same frame count that
     get the same number of whole patches stacked into one encoder call (generations that started
     together finish their blocks together). Rows do not interact, so each prefix ends as its own
-    extend leaves it: bit for bit with the eager encoder, which stacks only where that is measured to
-    hold on this device (_stacks_exactly; elsewhere the prefixes run alone), close with a compiled one
-    (its graphs for one row and for several are close, not equal).
+    extend leaves it: on a CPU bit for bit with the eager encoder, which stacks there only where that
+    is measured to hold (_stacks_exactly; elsewhere the prefixes run alone); close on a GPU, and with
+    a compiled encoder (its graphs for one row and for several are close, not equal).
     All or nothing: if one fails (out of device memory), every prefix is left as it was."""
     groups = grouped((id(prefix.model), prefix.frames, new.shape[1]) if _whole_patches(prefix, new) else i
                      for i, (prefix, new) in enumerate(zip(prefixes, latents)))
@@ -788,7 +788,8 @@ def extend_prefixes(prefixes: Sequence[LatentPrefix], latents: Sequence[Tensor],
         for members in groups.values():
             first = prefixes[members[0]]
             patches = (first._tail.shape[1] + latents[members[0]].shape[1]) // first.patch
-            if len(members) == 1 or (encode is None and not _stacks_exactly(first.model, patches, len(members))):
+            if len(members) == 1 or (encode is None and not _stacks_exactly(
+                    first.model, patches, first._complete[0][0].shape[1] > 0, len(members))):
                 for i in members:
                     prefixes[i].extend(latents[i], encode)
                 continue
@@ -808,32 +809,44 @@ def _whole_patches(prefix: LatentPrefix, new: Tensor) -> bool:
     return new.shape[0] == 1 and (prefix._tail.shape[1] + new.shape[1]) % prefix.patch == 0
 
 
-_STACKS_EXACTLY: weakref.WeakKeyDictionary[EchoDiT, dict[tuple[int, int], bool]] = weakref.WeakKeyDictionary()
+_STACKS_EXACTLY: weakref.WeakKeyDictionary[EchoDiT, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
-def _stacks_exactly(model: EchoDiT, patches: int, rows: int) -> bool:
-    """Whether `rows` extensions by `patches` whole patches, stacked, give each the result it gets alone
-    bit for bit on the model's device, at its dtype: measured the first time (random frames, alone
-    and stacked), since BLAS libraries choose a matrix product's kernel by its rows and the kernels
-    round differently (MKL on one CPU computes products of 1-3, 5-7 and 9-11 rows with another
-    kernel, on another those of under 16 rows with a 320-wide input: the latent encoder's)."""
+def _stacks_exactly(model: EchoDiT, patches: int, past: bool, rows: int) -> bool:
+    """Whether `rows` extensions by `patches` whole patches (after complete patches, if `past`),
+    stacked, give each the bits it gets alone. On a CPU that is measured the first time (random
+    frames, stacked and alone, at the model's dtype), since its BLAS library chooses a matrix
+    product's kernel by its rows and the kernels round differently: MKL on one CPU computes products
+    of 1-3, 5-7 and 9-11 rows with another kernel, on another those of under 16 rows with a 320-wide
+    input (the latent encoder's). Elsewhere True: a GPU's libraries promise no bits across batch
+    sizes for any product (the step runner's batched steps are close there, not equal, too)."""
+    if model.device.type != "cpu":
+        return True
     measured = _STACKS_EXACTLY.setdefault(model, {})
-    if (patches, rows) not in measured:
-        measured[(patches, rows)] = _measure_stacking(model, patches, rows)
-    return measured[(patches, rows)]
+    key = (patches, past, rows, model.dtype)
+    if key not in measured:
+        measured[key] = _measure_stacking(model, patches, past, rows)
+    return measured[key]
 
 
 @torch.inference_mode()
-def _measure_stacking(model: EchoDiT, patches: int, rows: int) -> bool:
+def _measure_stacking(model: EchoDiT, patches: int, past: bool, rows: int) -> bool:
+    """Rows stacked against the first and last row alone (a kernel is chosen by the shapes, not the
+    values): an extension by `patches` patches, from none or after as many (attention then takes
+    its masked path)."""
     gen = torch.Generator().manual_seed(patches)
-    frames = torch.randn(rows, patches * model.speaker_patch_size, model.latent_size, generator=gen)
-    frames = frames.to(device=model.device, dtype=model.dtype)
-    stacked = model.extend_patches(frames, [], LatentPrefix(model, rows)._complete)
-    for row in range(rows):
-        alone = model.extend_patches(frames[row:row + 1], [], LatentPrefix(model, 1)._complete)
+    frames = torch.randn((1 + past) * rows, patches * model.speaker_patch_size, model.latent_size, generator=gen)
+    frames = frames.to(model.dtype).split(rows)
+    encoder_kv, complete = [], LatentPrefix(model, rows)._complete
+    if past:
+        encoder_kv, complete = model.extend_patches(frames[1], encoder_kv, complete)
+    stacked = model.extend_patches(frames[0], encoder_kv, complete)
+    for row in sorted({0, rows - 1}):
+        pick = slice(row, row + 1)
+        alone = model.extend_patches(frames[0][pick], [(k[pick], v[pick]) for k, v in encoder_kv],
+                                     [(k[pick], v[pick]) for k, v in complete])
         for cache, reference in zip(alone, stacked):
-            if not all(torch.equal(t, t0[row:row + 1]) for pair, pair0 in zip(cache, reference)
-                       for t, t0 in zip(pair, pair0)):
+            if not all(torch.equal(t, t0[pick]) for pair, pair0 in zip(cache, reference) for t, t0 in zip(pair, pair0)):
                 return False
     return True
 

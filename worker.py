@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
 UNIT_COST_SMOOTHING = 0.2  # weight of the latest unit in the measured seconds per unit (a moving average)
+MEMORY_CAP_RELAX_UNITS = 64  # units of a kind run within its out-of-memory cap before the cap doubles
 
 
 # the engine's method that computes a unit of each kind of call, the calls of the unit in one go
@@ -290,6 +291,7 @@ class GenerationWorker:
         self.steps_saved = 0  # diffusion steps those blocks did not take, since start
         self.memory_splits = 0  # units that ran out of device memory and were computed again in halves, since start
         self.memory_failures = 0  # jobs that failed for want of device memory, since start
+        self._memory_caps: dict[type, list[int]] = {}  # kind of unit -> [most jobs a unit of it runs, units since]
         self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
         self._active = 0
@@ -579,29 +581,48 @@ class GenerationWorker:
         shared computation fails, only the jobs that were part of it fail. Every unit is all or
         nothing (texts and steps change no job's state; decodes and prefix extensions put theirs
         back when they fail), so one that runs out of device memory is computed again in halves,
-        down to one job: a batch too large for the memory left costs time, not its listeners' audio."""
-        kind = type(members[0].pending).__name__
+        down to one job: a batch too large for the memory left costs time, not its listeners' audio.
+        The size that fitted then caps that kind's units (run in parts of at most that many jobs),
+        so lasting pressure costs no failed attempt a unit; it doubles after MEMORY_CAP_RELAX_UNITS."""
+        kind = type(members[0].pending)
+        cap = self._memory_caps.get(kind)
+        if cap is not None and len(members) > cap[0]:
+            for start in range(0, len(members), cap[0]):
+                self._run_together(active, members[start:start + cap[0]], compute)
+            return
+        out_of_memory = None
         try:
             replies = compute([r.pending for r in members])
         except torch.OutOfMemoryError as e:
+            e.__traceback__ = None  # (its frames hold the failed attempt's tensors: let them go before trying again)
+            out_of_memory = e
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s for %d jobs failed", kind.__name__, len(members))
+            for running in members:
+                self._stop(active, running, e)
+            return
+        if out_of_memory is not None:  # (outside the except clause, which would keep the failed attempt alive)
             if len(members) > 1:
                 log.warning("out of device memory for %d jobs' %s together: computing them in halves (lower "
-                            "ECHO_MAX_ACTIVE if this recurs)", len(members), kind)
+                            "ECHO_MAX_ACTIVE if this recurs)", len(members), kind.__name__)
                 self.memory_splits += 1
                 half = len(members) // 2
+                self._memory_caps[kind] = [min(half, cap[0]) if cap else half, 0]
                 for part in (members[:half], members[half:]):
                     self._run_together(active, part, compute)
                 return
             log.error("out of device memory for one job's %s alone: it fails (lower ECHO_MAX_ACTIVE if this recurs): "
-                      "%s", kind, e, extra={"request_id": members[0].ticket.request_id})
+                      "%s", kind.__name__, out_of_memory, extra={"request_id": members[0].ticket.request_id})
             self.memory_failures += 1
-            self._stop(active, members[0], e)
+            self._stop(active, members[0], out_of_memory)
             return
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s for %d jobs failed", kind, len(members))
-            for running in members:
-                self._stop(active, running, e)
-            return
+        if cap is not None:  # (a unit within its kind's cap fitted: after enough of them, try twice as many)
+            cap[1] += 1
+            if cap[1] >= MEMORY_CAP_RELAX_UNITS:
+                if 2 * cap[0] >= self.max_active:
+                    del self._memory_caps[kind]
+                else:
+                    cap[:] = [2 * cap[0], 0]
         for running, reply in zip(members, replies):
             if isinstance(running.pending, ModelCall):
                 running.steps_left = max(running.steps_left - 1, 0)

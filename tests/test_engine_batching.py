@@ -107,27 +107,34 @@ def test_prefixes_stack_only_where_stacking_is_measured_exact_on_this_device(tin
 
     for verdict in (False, True):
         model._STACKS_EXACTLY.pop(tiny_model, None)
-        monkeypatch.setattr(model, "_measure_stacking", lambda m, patches, rows, verdict=verdict: verdict)
+        monkeypatch.setattr(model, "_measure_stacking", lambda m, patches, past, rows, verdict=verdict: verdict)
         stacked.clear()
         for frames in (8, 6, 40, 128):  # 2 patches, a partial patch, 10 and 32 patches
             extend_three(frames)
         assert stacked == ([3, 3, 3] if verdict else [])  # (never the partial patch)
-        assert model._STACKS_EXACTLY[tiny_model] == {(2, 3): verdict, (10, 3): verdict, (32, 3): verdict}
+        assert model._STACKS_EXACTLY[tiny_model] == {(patches, False, 3, torch.float32): verdict
+                                                     for patches in (2, 10, 32)}
     model._STACKS_EXACTLY.pop(tiny_model, None)
     monkeypatch.undo()
     with torch.inference_mode():
-        for patches in (2, 8, 32):
+        for patches, past in ((2, False), (8, False), (32, False), (8, True), (32, True)):
             rows = 3
-            measured = model._stacks_exactly(tiny_model, patches, rows)
+            measured = model._stacks_exactly(tiny_model, patches, past, rows)
             # the measurement is what stacking does: stacked rows equal to their own extension, or not
+            one = [LatentPrefix(tiny_model, 1) for _ in range(rows)]
+            if past:
+                for prefix, row in zip(one, torch.randn(rows, 4 * patches, 80, generator=gen).split(1)):
+                    prefix.extend(row)
+            both = [LatentPrefix(tiny_model, 1) for _ in range(rows)]
+            for prefix, twin in zip(both, one):
+                prefix.restore(twin.snapshot())  # the same past
             frames = torch.randn(rows, 4 * patches, 80, generator=gen)
-            one, both = ([LatentPrefix(tiny_model, 1) for _ in range(rows)] for _ in range(2))
             for prefix, row in zip(one, frames.split(1)):
                 prefix.extend(row)
             merged = LatentPrefix.stacked(both)
             merged.extend(frames)
             merged.split_into(both)
-            assert measured == all(equal_kv(a.kv, b.kv) for a, b in zip(one, both)), patches
+            assert measured == all(equal_kv(a.kv, b.kv) for a, b in zip(one, both)), (patches, past)
 
 
 def test_jobs_started_together_encode_their_text_and_extend_their_prefixes_in_one_call(engine):

@@ -6,6 +6,7 @@ has no device memory to run out of."""
 
 import asyncio
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ from test_engine_batching import TEXTS, equal_kv
 from voices import SpeakerCache
 
 SHAPE = eng.BlockShape((32, 32), (2, 2))
-OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def out_of_memory() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 @pytest.fixture()
@@ -58,15 +62,21 @@ def run_together(engine: eng.SpeechEngine, jobs: list[eng.SpeechJob]) -> tuple[l
         worker.close()
 
 
-def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]]) -> None:
-    """Every unit of several jobs runs out of memory: texts, steps, prefix extensions, decodes."""
+def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]], held: list[int]) -> None:
+    """Every unit of several jobs runs out of memory (texts, steps, prefix extensions, decodes) after
+    allocating its activations; `held` gets, at each later attempt, how many of those still live."""
+    failed = []  # weak references to each failed attempt's activations
+
     for name in ("encode_texts", "steps", "extend_prefixes", "decode"):
         real = getattr(engine, name)
 
         def unit(calls, real=real, name=name):
             tried.setdefault(name, []).append(len(calls))
+            held.append(sum(ref() is not None for ref in failed))
             if len(calls) > 1:
-                raise OOM
+                activations = torch.empty(1 << 16)
+                failed.append(weakref.ref(activations))
+                raise out_of_memory()
             return real(calls)
 
         setattr(engine, name, unit)
@@ -75,13 +85,26 @@ def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]]) -> 
 def test_units_that_run_out_of_memory_together_run_in_halves_and_every_job_sounds_as_alone(engine):
     alone = [np.concatenate(list(engine.generate(job))) for job in jobs()]
     tried: dict[str, list[int]] = {}
-    fit_one_at_a_time(engine, tried)
+    held: list[int] = []
+    fit_one_at_a_time(engine, tried, held)
     together, worker = run_together(engine, jobs())
     for solo, batched in zip(alone, together):
         assert isinstance(batched, np.ndarray) and np.array_equal(solo, batched)
     for name in ("encode_texts", "steps", "extend_prefixes", "decode"):
         assert 3 in tried[name] and 1 in tried[name], name  # tried together first, then in halves
-    assert worker.memory_splits >= 8 and worker.memory_failures == 0  # (3 -> 1 + 2 -> 1 + 1, each kind)
+    assert worker.memory_splits == 4 and worker.memory_failures == 0  # (3 -> 1 + 2, then parts of 1: each kind)
+    assert held and not any(held)  # a failed attempt's memory is let go before its halves run
+    for name in ("encode_texts", "steps", "extend_prefixes", "decode"):  # then the size that fitted is the cap
+        assert sum(n > 1 for n in tried[name]) == 1, name
+
+
+def test_a_kind_of_unit_tries_more_jobs_again_once_enough_units_fit(engine, monkeypatch):
+    monkeypatch.setattr(wk, "MEMORY_CAP_RELAX_UNITS", 1)  # (doubling the cap after every unit that fits)
+    tried: dict[str, list[int]] = {}
+    fit_one_at_a_time(engine, tried, [])
+    together, worker = run_together(engine, jobs())
+    assert all(isinstance(audio, np.ndarray) for audio in together)
+    assert sum(n > 1 for n in tried["steps"]) > 1  # tried together again, ran out again, split again
 
 
 def test_a_job_whose_own_step_does_not_fit_fails_and_the_others_sound_as_alone(engine, tiny_model):
@@ -91,7 +114,7 @@ def test_a_job_whose_own_step_does_not_fit_fails_and_the_others_sound_as_alone(e
 
     def without_room_for_the_third(calls):
         if any(c.text_mask.shape[1] == too_long for c in calls):
-            raise OOM
+            raise out_of_memory()
         return steps(calls)
 
     engine.steps = without_room_for_the_third
@@ -127,7 +150,7 @@ def test_a_decode_that_fails_part_way_leaves_every_stream_as_it_was(tiny_fish, m
         def third_fails(self, block):
             calls.append(self.batch_size)
             if len(calls) == (2 if batch else 3):
-                raise OOM
+                raise out_of_memory()
             return real(self, block)
 
         monkeypatch.setattr(type(decoders[0]), "decode", third_fails)
@@ -155,7 +178,7 @@ def test_a_prefix_extension_that_fails_part_way_leaves_every_prefix_as_it_was(ti
         def second_fails(frames, encoder_kv, complete):
             calls.append(frames.shape[0])
             if len(calls) == 2:
-                raise OOM
+                raise out_of_memory()
             return tiny_model.extend_patches(frames, encoder_kv, complete)
 
         odd = [LatentPrefix(tiny_model, 1), LatentPrefix(tiny_model, 1)]  # 8 frames further: a group of their own
