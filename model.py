@@ -833,7 +833,7 @@ def _stacks_exactly(model: EchoDiT, patches: int, past: bool, rows: int) -> bool
 def _measure_stacking(model: EchoDiT, patches: int, past: bool, rows: int) -> bool:
     """Rows stacked against the first and last row alone (a kernel is chosen by the shapes, not the
     values): an extension by `patches` patches, from none or after as many (attention then takes
-    its masked path)."""
+    its masked path; one past length stands for all, as the products' rows are the new patches')."""
     gen = torch.Generator().manual_seed(patches)
     frames = torch.randn((1 + past) * rows, patches * model.speaker_patch_size, model.latent_size, generator=gen)
     frames = frames.to(model.dtype).split(rows)

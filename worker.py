@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
 UNIT_COST_SMOOTHING = 0.2  # weight of the latest unit in the measured seconds per unit (a moving average)
-MEMORY_CAP_RELAX_UNITS = 64  # units of a kind run within its out-of-memory cap before the cap doubles
+MEMORY_CAP_RELAX_UNITS = 64  # parts of a kind's units run within its out-of-memory cap before it doubles
 
 
 # the engine's method that computes a unit of each kind of call, the calls of the unit in one go
@@ -291,7 +291,7 @@ class GenerationWorker:
         self.steps_saved = 0  # diffusion steps those blocks did not take, since start
         self.memory_splits = 0  # units that ran out of device memory and were computed again in halves, since start
         self.memory_failures = 0  # jobs that failed for want of device memory, since start
-        self._memory_caps: dict[type, list[int]] = {}  # kind of unit -> [most jobs a unit of it runs, units since]
+        self._memory_caps: dict = {}  # kind of unit (steps: and frame group) -> [most jobs a part runs, parts since]
         self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
         self._active = 0
@@ -582,20 +582,22 @@ class GenerationWorker:
         nothing (texts and steps change no job's state; decodes and prefix extensions put theirs
         back when they fail), so one that runs out of device memory is computed again in halves,
         down to one job: a batch too large for the memory left costs time, not its listeners' audio.
-        The size that fitted then caps that kind's units (run in parts of at most that many jobs),
-        so lasting pressure costs no failed attempt a unit; it doubles after MEMORY_CAP_RELAX_UNITS."""
+        The size that fitted then caps that kind's units (steps: of that frame group), run in parts of
+        at most that many jobs, so lasting pressure costs no failed attempt a unit; the cap doubles
+        after MEMORY_CAP_RELAX_UNITS parts that fit."""
         kind = type(members[0].pending)
-        cap = self._memory_caps.get(kind)
+        capped = (kind, self._group_of(members[0].pending)) if kind is ModelCall else kind  # (steps: by frame group)
+        cap = self._memory_caps.get(capped)
         if cap is not None and len(members) > cap[0]:
-            for start in range(0, len(members), cap[0]):
-                self._run_together(active, members[start:start + cap[0]], compute)
+            size = cap[0]  # (a part that fits may raise the cap meanwhile: the parts stay as cut)
+            for start in range(0, len(members), size):
+                self._run_together(active, members[start:start + size], compute)
             return
         out_of_memory = None
         try:
             replies = compute([r.pending for r in members])
         except torch.OutOfMemoryError as e:
-            e.__traceback__ = None  # (its frames hold the failed attempt's tensors: let them go before trying again)
-            out_of_memory = e
+            out_of_memory = _without_frames(e)  # (they hold the failed attempt's tensors: let go before trying again)
         except Exception as e:  # noqa: BLE001
             log.exception("%s for %d jobs failed", kind.__name__, len(members))
             for running in members:
@@ -607,7 +609,7 @@ class GenerationWorker:
                             "ECHO_MAX_ACTIVE if this recurs)", len(members), kind.__name__)
                 self.memory_splits += 1
                 half = len(members) // 2
-                self._memory_caps[kind] = [min(half, cap[0]) if cap else half, 0]
+                self._memory_caps[capped] = [min(half, cap[0]) if cap else half, 0]
                 for part in (members[:half], members[half:]):
                     self._run_together(active, part, compute)
                 return
@@ -616,13 +618,13 @@ class GenerationWorker:
             self.memory_failures += 1
             self._stop(active, members[0], out_of_memory)
             return
-        if cap is not None:  # (a unit within its kind's cap fitted: after enough of them, try twice as many)
-            cap[1] += 1
+        if cap is not None and self._memory_caps.get(capped) is cap:  # (a part within the cap fitted: after
+            cap[1] += 1  # enough of them, try twice as many)
             if cap[1] >= MEMORY_CAP_RELAX_UNITS:
                 if 2 * cap[0] >= self.max_active:
-                    del self._memory_caps[kind]
+                    del self._memory_caps[capped]
                 else:
-                    cap[:] = [2 * cap[0], 0]
+                    self._memory_caps[capped] = [2 * cap[0], 0]
         for running, reply in zip(members, replies):
             if isinstance(running.pending, ModelCall):
                 running.steps_left = max(running.steps_left - 1, 0)
@@ -698,6 +700,16 @@ def predicted_load(active: list[_Running], now: float, unit_seconds: float, grou
         work = (sum(steps_left.values()) + 1) * unit_seconds
         load = max(load, work / seconds if seconds > 0 else math.inf)
     return load
+
+
+def _without_frames(error: BaseException) -> BaseException:
+    """The error with its traceback and those of the errors it chains dropped (their frames' locals freed)."""
+    seen, chained = set(), error
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
 
 
 def _notify(ticket: _Ticket, item) -> None:

@@ -98,13 +98,28 @@ def test_units_that_run_out_of_memory_together_run_in_halves_and_every_job_sound
         assert sum(n > 1 for n in tried[name]) == 1, name
 
 
-def test_a_kind_of_unit_tries_more_jobs_again_once_enough_units_fit(engine, monkeypatch):
-    monkeypatch.setattr(wk, "MEMORY_CAP_RELAX_UNITS", 1)  # (doubling the cap after every unit that fits)
-    tried: dict[str, list[int]] = {}
-    fit_one_at_a_time(engine, tried, [])
-    together, worker = run_together(engine, jobs())
-    assert all(isinstance(audio, np.ndarray) for audio in together)
-    assert sum(n > 1 for n in tried["steps"]) > 1  # tried together again, ran out again, split again
+def test_a_capped_kind_tries_more_jobs_again_once_parts_fit_and_computes_each_job_once(engine, monkeypatch):
+    """Steps of more than two jobs never fit; the cap doubles after six parts that fit, also
+    while a unit's parts run: each job's step is still computed once, as alone."""
+    monkeypatch.setattr(wk, "MEMORY_CAP_RELAX_UNITS", 6)  # (a unit of 8 in parts of 2 raises it on its 2nd part)
+    eight = [eng.SpeechJob((TEXTS[i % 3],), None, i, SHAPE, SHAPE, SETTINGS) for i in range(8)]
+    alone = [np.concatenate(list(engine.generate(job))) for job in eight]
+    computed, sizes = [], []
+    steps = engine.steps
+
+    def two_at_most(calls):
+        sizes.append(len(calls))
+        if len(calls) > 2:
+            raise out_of_memory()
+        computed.extend(calls)  # (kept alive: their ids stay distinct)
+        return steps(calls)
+
+    engine.steps = two_at_most
+    together, worker = run_together(engine, eight)
+    for solo, batched in zip(alone, together):
+        assert isinstance(batched, np.ndarray) and np.array_equal(solo, batched)
+    assert len({id(call) for call in computed}) == len(computed)  # no step computed twice
+    assert sum(n > 2 for n in sizes) > 1  # tried with more jobs again after parts fitted, split again
 
 
 def test_a_job_whose_own_step_does_not_fit_fails_and_the_others_sound_as_alone(engine, tiny_model):
