@@ -28,7 +28,7 @@ from settings import Settings
 from errors import RequestError
 from speech_request import GenerationOptions
 from voice_catalog import VoiceCatalog
-from worker import ClientStalled, GenerationTimeout, JobStream, QueueFull
+from worker import ClientStalled, GenerationTimeout, JobStream, QueueFull, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def generation_failure(error: Exception) -> RequestError:
     """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
     WebSocket: an unusable voice is the request's fault (400), a client that stopped taking audio 408,
     a timeout 504, a device out of memory 503 (a busy server: try again), anything else 500."""
-    if isinstance(error, torch.OutOfMemoryError):  # (the worker logged it)
-        return RequestError("the server ran out of GPU memory for this request: try again later", status=503,
+    if is_out_of_memory(error):  # (the worker logged it)
+        return RequestError("the server ran out of memory for this request: try again later", status=503,
                             code="out_of_memory")
     if isinstance(error, VoiceUnusable):
         return RequestError(str(error), "voice")

@@ -596,13 +596,14 @@ class GenerationWorker:
         out_of_memory = None
         try:
             replies = compute([r.pending for r in members])
-        except torch.OutOfMemoryError as e:
-            out_of_memory = _without_frames(e)  # (they hold the failed attempt's tensors: let go before trying again)
         except Exception as e:  # noqa: BLE001
-            log.exception("%s for %d jobs failed", kind.__name__, len(members))
-            for running in members:
-                self._stop(active, running, e)
-            return
+            if is_out_of_memory(e):
+                out_of_memory = _without_frames(e)  # (they hold the failed attempt's tensors: let go before retrying)
+            else:
+                log.exception("%s for %d jobs failed", kind.__name__, len(members))
+                for running in members:
+                    self._stop(active, running, e)
+                return
         if out_of_memory is not None:  # (outside the except clause, which would keep the failed attempt alive)
             if len(members) > 1:
                 log.warning("out of device memory for %d jobs' %s together: computing them in halves (lower "
@@ -647,7 +648,7 @@ class GenerationWorker:
             running.finish(self._debug_sink)
             return False
         except Exception as e:  # noqa: BLE001 - the request fails; the others carry on
-            if isinstance(e, torch.OutOfMemoryError):
+            if is_out_of_memory(e):
                 self.memory_failures += 1
             log.exception("generation failed", extra={"request_id": running.ticket.request_id})
             running.send(e)
@@ -700,6 +701,16 @@ def predicted_load(active: list[_Running], now: float, unit_seconds: float, grou
         work = (sum(steps_left.values()) + 1) * unit_seconds
         load = max(load, work / seconds if seconds > 0 else math.inf)
     return load
+
+
+# what PyTorch raises as a plain RuntimeError when memory runs out outside its caching allocator
+OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether the error says a device (or the host) ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES))
 
 
 def _without_frames(error: BaseException) -> BaseException:

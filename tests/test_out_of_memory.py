@@ -27,6 +27,18 @@ def out_of_memory() -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def cublas_out_of_memory() -> RuntimeError:  # (what cuBLAS running out of workspace raises)
+    return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+def test_what_counts_as_running_out_of_memory():
+    assert wk.is_out_of_memory(out_of_memory()) and wk.is_out_of_memory(cublas_out_of_memory())
+    assert wk.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
+                                            "allocate memory: you tried to allocate 8589934592 bytes."))
+    assert not wk.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not wk.is_out_of_memory(ValueError("CUBLAS_STATUS_ALLOC_FAILED"))
+
+
 @pytest.fixture()
 def engine(tiny_model, tiny_fish, tiny_pca):
     return eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4))
@@ -62,7 +74,8 @@ def run_together(engine: eng.SpeechEngine, jobs: list[eng.SpeechJob]) -> tuple[l
         worker.close()
 
 
-def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]], held: list[int]) -> None:
+def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]], held: list[int],
+                      error=out_of_memory) -> None:
     """Every unit of several jobs runs out of memory (texts, steps, prefix extensions, decodes) after
     allocating its activations; `held` gets, at each later attempt, how many of those still live."""
     failed = []  # weak references to each failed attempt's activations
@@ -76,17 +89,18 @@ def fit_one_at_a_time(engine: eng.SpeechEngine, tried: dict[str, list[int]], hel
             if len(calls) > 1:
                 activations = torch.empty(1 << 16)
                 failed.append(weakref.ref(activations))
-                raise out_of_memory()
+                raise error()
             return real(calls)
 
         setattr(engine, name, unit)
 
 
-def test_units_that_run_out_of_memory_together_run_in_halves_and_every_job_sounds_as_alone(engine):
+@pytest.mark.parametrize("error", [out_of_memory, cublas_out_of_memory], ids=["allocator", "cublas"])
+def test_units_that_run_out_of_memory_together_run_in_halves_and_every_job_sounds_as_alone(engine, error):
     alone = [np.concatenate(list(engine.generate(job))) for job in jobs()]
     tried: dict[str, list[int]] = {}
     held: list[int] = []
-    fit_one_at_a_time(engine, tried, held)
+    fit_one_at_a_time(engine, tried, held, error)
     together, worker = run_together(engine, jobs())
     for solo, batched in zip(alone, together):
         assert isinstance(batched, np.ndarray) and np.array_equal(solo, batched)
