@@ -415,6 +415,8 @@ def run_config(run: Run, name: str, env: dict[str, str], levels: list[int], skip
             result["peak_gpu_memory_gib"] = _gib(metric(server.url, "echo_gpu_memory_peak_bytes"))
             for key in ("need", "worst"):  # the static-shape path's memory plan (runtime.MemoryPlan), to check it
                 result[f"planned_{key}_gib"] = _gib(metric(server.url, f"echo_memory_plan_{key}_bytes") or None)
+            for key in ("splits", "failures"):  # units that ran out of memory: split in halves, or requests failed
+                result[f"out_of_memory_{key}"] = metric(server.url, f"echo_out_of_memory_{key}")
         result["exit_code"] = server.stop(timeout=60)
         result["log_errors"] = [line for line in server.log().splitlines() if " ERROR " in line][:20]
         result["seconds"] = round(time.monotonic() - started, 1)
@@ -527,15 +529,17 @@ def markdown(report: dict) -> str:
                          f"{entry['ttfb_p95_ms']:.0f} ms | {entry['rtf_p50']:.2f} | {entry['rtf_max']:.2f} | "
                          f"{entry['audio_s_per_wall_s']:.1f} | {entry.get('gaps_per_stream', '')} |")
     lines += ["", "| config | 30 s non-streaming, 20 steps | 30 steps | real-time streams | peak GPU memory | "
-                  "planned: need - worst | compiles after warm-up |", "|---|---|---|---|---|---|---|"]
+                  "planned: need - worst | out of memory: splits, failures | compiles after warm-up |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, c in report["configs"].items():
         if "levels" in c:
             lines.append(f"| {name} | {c.get('nonstream_30s_20steps_s')} s | {c.get('nonstream_30s_30steps_s')} s | "
                          f"{c.get('realtime_streams')} | {c.get('peak_gpu_memory_gib')} GiB | "
                          f"{c.get('planned_need_gib')} - {c.get('planned_worst_gib')} GiB | "
+                         f"{c.get('out_of_memory_splits')}, {c.get('out_of_memory_failures')} | "
                          f"{c.get('compiles_after_warm_up')} |")
         if c.get("error"):
-            lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | | |")
+            lines.append(f"| {name} | error: {c['error'].splitlines()[-1][:200]} | | | | | | |")
     curves = {name: c["poisson"] for name, c in report["configs"].items() if c.get("poisson")}
     if curves:
         lines += ["", f"Poisson arrivals: {report.get('poisson_seconds')} s at each rate, each request the benchmark "

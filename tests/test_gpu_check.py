@@ -32,6 +32,7 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
         assert config["nonstream_audio_seconds"] > 29 and config["compiles_after_warm_up"] == 0
         assert config["exit_code"] == 0 and config["log_errors"] == []
         assert config["planned_need_gib"] is None and config["planned_worst_gib"] is None  # (no memory plan off CUDA)
+        assert config["out_of_memory_splits"] == config["out_of_memory_failures"] == 0
         [curve] = config["poisson"]  # one rate: requests of the benchmark text arriving at 0.5/s for 3 s
         assert curve["rate"] == 0.5 and curve["requests"] == len(gpu_check.arrivals(0.5, 3)) > 0
         assert curve["finished"] + curve["refused_429"] + curve["cut"] == curve["requests"] and curve["failed"] == 0
