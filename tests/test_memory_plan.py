@@ -8,7 +8,9 @@ of 64 streams is a prediction until a GPU measures it. The plan against the actu
 emulated CUDA path (tests/test_cuda_emulation.py)."""
 
 import dataclasses
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -127,6 +129,31 @@ def test_the_plan_holds_the_scaled_copy_a_speaker_kv_scale_request_makes():
     settings = load_settings(max_active=64, compile=True)
     plan = memory_plan(settings, model, StaticSteps(model, shapes, cuda_graphs=True), loaded=0)
     assert plan.worst - dataclasses.replace(plan, scaled_speaker=0).worst == 64 * shapes.scaled_speaker_bytes(model)
+
+
+def test_generations_of_one_voice_and_scaling_hold_one_scaled_copy_while_any_needs_it():
+    """The plan's worst case is every stream a voice of its own; streams (and a stream's text
+    chunks) of one voice and one speaker_kv_scale share one copy, which goes with its last holder."""
+    model = sim.full_model()
+    like = torch.empty(0, device=model.device, dtype=model.dtype)
+    voice, other_voice, text = (zero_kv(model, 1, n, like) for n in (160, 160, 64))
+    masks = (torch.ones(1, 640, dtype=torch.bool, device=model.device),
+             torch.ones(1, 64, dtype=torch.bool, device=model.device))
+
+    def scaled(of: list, scale: float) -> list:
+        settings = SamplerSettings(num_steps=8, cfg_scale_text=3.0, cfg_scale_speaker=8.0, cfg_min_t=0.5,
+                                   cfg_max_t=1.0, speaker_kv_scale=scale)
+        conditioning = Conditioning(model, None, masks[0], None, masks[1], settings, kv_speaker=of, kv_text=text)
+        return conditioning.kv_speaker[True]
+
+    first = scaled(voice, 1.5)
+    assert scaled(voice, 1.5) is first
+    assert scaled(voice, 2.0) is not first and scaled(other_voice, 1.5) is not first
+    assert scaled(voice, 1.5)[0][0] is not voice[0][0]  # (a copy: the voice's own keys stay as they are)
+    gone = weakref.ref(first[0][0])
+    del first
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_setting_that_cannot_fit_stops_loading_naming_what_would(h100_plans):
