@@ -500,11 +500,7 @@ def temporal_score_rescale(v: Tensor, x_t: Tensor, t: float, rescale_k: float, r
     return (ratio * ((1 - t) * v + x_t) - x_t) / (1 - t)
 
 
-class _ScaledKV(list):
-    """A scaled speaker cache (a list, as every KVCache, that a weak reference can point to)."""
-
-
-_SCALED: dict[tuple, tuple[list[weakref.ref], weakref.ref]] = {}  # see scale_speaker_kv
+_SCALED: dict[tuple, tuple[list[weakref.ref], list[weakref.ref]]] = {}  # see scale_speaker_kv
 _SCALED_LOCK = threading.Lock()
 
 
@@ -512,23 +508,25 @@ def scale_speaker_kv(kv: KVCache, scale: float | None, max_layers: int | None) -
     """A copy of the speaker cache with the first `max_layers` layers (all when None) scaled.
 
     Shared while any holder keeps it: the generations of one voice with the same scaling (streams at
-    once, or a stream's text chunks) get the same copy, so they hold it once, and the static-shape
-    runner's pool writes it once (caches are never written in place, so the copy stays right)."""
+    once, or a stream's text chunks) get the same tensors, so they hold them once, and the
+    static-shape runner's pool writes them once (caches are never written in place, so the copy
+    stays right). Only weak references are kept here."""
     if scale is None:
         return kv
     tensors = [t for pair in kv for t in pair]
     key = (tuple(id(t) for t in tensors), scale, max_layers)
+    alive = lambda refs: [ref() for ref in refs]  # noqa: E731
     with _SCALED_LOCK:
-        for dead in [k for k, (sources, copy) in _SCALED.items() if copy() is None or sources[0]() is None]:
+        for dead in [k for k, (sources, copy) in _SCALED.items() if any(t is None for t in alive(sources + copy))]:
             del _SCALED[dead]
         if key in _SCALED:
             sources, copy = _SCALED[key]
-            scaled = copy()
-            if scaled is not None and all(ref() is t for ref, t in zip(sources, tensors)):
-                return scaled
+            if all(a is b for a, b in zip(alive(sources), tensors)):
+                scaled = alive(copy)
+                return [(scaled[i], scaled[i + 1]) for i in range(0, len(scaled), 2)]
         n = len(kv) if max_layers is None else min(max_layers, len(kv))
-        scaled = _ScaledKV((k * scale, v * scale) if i < n else (k, v) for i, (k, v) in enumerate(kv))
-        _SCALED[key] = ([weakref.ref(t) for t in tensors], weakref.ref(scaled))
+        scaled = [(k * scale, v * scale) if i < n else (k, v) for i, (k, v) in enumerate(kv)]
+        _SCALED[key] = ([weakref.ref(t) for t in tensors], [weakref.ref(t) for pair in scaled for t in pair])
         return scaled
 
 
