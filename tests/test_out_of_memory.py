@@ -1,8 +1,8 @@
 """A device out of memory costs time, not audio: every unit of the worker's work is all or nothing
 (texts and steps change no job's state; decodes and prefix extensions put theirs back when they
 fail), so a unit that runs out of memory is computed again in halves, and only a job whose own work
-does not fit fails (its client gets 503: tests/test_hardening.py). The failures are injected: a CPU
-has no device memory to run out of."""
+does not fit fails (its client gets 503: tests/test_hardening.py); the size that fitted then caps
+that kind of unit for a while. The failures are injected: a CPU has no device memory to run out of."""
 
 import asyncio
 import threading
