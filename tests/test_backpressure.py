@@ -228,8 +228,11 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
     50 s in, growing until the connections were given up at 51 s; with 1 s ahead, +2.9 MB, all six
     parked from 18 s on. (The warm-up's freed memory is reused before RSS grows: the growth
     without the limit understates what waited.) What the server allocates to run six streams at
-    once depends on how the scheduler interleaves them (+20 to +77 MB within 3 s of their start,
-    2026-12-06); from the moment all six are parked it stays flat, which is what is asserted."""
+    once depends on how the scheduler interleaves them and on the CPU (+20 to +77 MB within 3 s of
+    their start, 2026-12-06; +77 to +108 MB alone and once +170 MB in a full run on another CPU,
+    2026-12-07, before and after that day's changes alike); from the moment all six are parked it
+    stays flat, which with their parking is what shows the limit works (the bound on the whole
+    growth only catches a gross leak)."""
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_AHEAD_SECONDS="1", ECHO_SEND_TIMEOUT="10")
     with live_server(tmp_path_factory, "never-read", env) as live:
         warm = {**LONG, "input": "[S1] Warm up."}  # the batch's own memory, before measuring
@@ -269,7 +272,7 @@ def test_clients_that_never_read_hold_bounded_memory_and_are_dropped(tiny_echo_d
                 client.close()
     assert parked, "the jobs ran on for clients that read nothing"
     assert while_parked - at_parking < 4, f"the server grew by {while_parked - at_parking:.1f} MB while parked"
-    assert peak - base < 120, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
+    assert peak - base < 300, f"the server grew by {peak - base:.0f} MB for clients that read nothing"
 
 
 def test_a_stalled_client_is_reported_as_a_408_in_one_log_line(caplog):
