@@ -284,18 +284,18 @@ class StaticShapes:
         """Bytes of the padded prefix, text and speaker keys and values StaticSteps pools for `rows`
         rows of each kind at the largest speaker bucket: every layer's (rows, Q + T + P, H, D) keys and
         values. A generation takes one row of each kind (its CFG rows share it)."""
-        return rows * len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
+        return rows * _cache_bytes(model, self.key_length(self.speaker_patches))
 
     def own_bytes(self, model: EchoDiT) -> int:
         """A generation's own prefix, text and speaker keys and values at most (one row: its guidance
         rows are views), which it keeps while it runs beside their copy in the pool (the speaker's as
         if every stream had a voice of its own; a request's speaker_kv_scale adds scaled_speaker_bytes)."""
-        return len(model.blocks) * 2 * self.key_length(self.speaker_patches) * _token_bytes(model)
+        return _cache_bytes(model, self.key_length(self.speaker_patches))
 
     def scaled_speaker_bytes(self, model: EchoDiT) -> int:
         """The scaled copy of its voice's keys and values that a request with speaker_kv_scale holds
         beside the voice's own (inference.scale_speaker_kv), at most: every layer, the longest voice."""
-        return len(model.blocks) * 2 * self.speaker_patches * _token_bytes(model)
+        return _cache_bytes(model, self.speaker_patches)
 
     def pass_bytes(self, model: EchoDiT, rows: int) -> int:
         """What the largest pass holds at its peak when at most `rows` rows run (the pool's rows, or
@@ -309,6 +309,11 @@ class StaticShapes:
         keys = self.key_length(self.speaker_patches)
         return max(r * (f * per_token + 2 * 2 * (f + keys) * _token_bytes(model))
                    for f in self.frame_buckets for r in [min(rows, self.rows_at(f))])
+
+
+def _cache_bytes(model: EchoDiT, keys: int) -> int:
+    """One row's keys and values of every layer, `keys` of them: (L, 2, keys, H, D)."""
+    return len(model.blocks) * 2 * keys * _token_bytes(model)
 
 
 def _token_bytes(model: EchoDiT) -> int:

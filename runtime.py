@@ -363,9 +363,10 @@ class MemoryPlan:
     `need` is what it takes (with graphs, their pass peak included); `worst` adds the pass peak
     without graphs, the decoder's largest call (decode_peak: with ECHO_COMPILE, one piece a
     stream) and, per stream, the scaled copy of a voice's keys that a request with speaker_kv_scale
-    holds (StaticShapes.scaled_speaker_bytes). Against the one measurement (H100, 2026-11-22, tests/test_memory_plan.py), the runner
-    of that day held the padded keys of every guidance row twice (stacked, and again in inductor's
-    graph inputs): 16 streams peaked at 52 GiB, and 3 rows a stream at twice their bytes say 52.1."""
+    holds (StaticShapes.scaled_speaker_bytes). Against the one measurement (H100, 2026-11-22,
+    tests/test_memory_plan.py), the runner of that day held the padded keys of every guidance row
+    twice (stacked, and again in inductor's graph inputs): 16 streams peaked at 52 GiB, and 3 rows a
+    stream at twice their bytes say 52.1."""
 
     loaded: int  # bytes the loaded models take
     per_stream: int  # one stream's rows of the key/value pool, and its own keys

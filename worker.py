@@ -619,8 +619,8 @@ class GenerationWorker:
             self.memory_failures += 1
             self._stop(active, members[0], out_of_memory)
             return
-        if cap is not None and self._memory_caps.get(capped) is cap:  # (a part within the cap fitted: after
-            cap[1] += 1  # enough of them, try twice as many)
+        if cap is not None:  # (a part within the cap fitted: after enough of them, try twice as many)
+            cap[1] += 1
             if cap[1] >= MEMORY_CAP_RELAX_UNITS:
                 if 2 * cap[0] >= self.max_active:
                     del self._memory_caps[capped]
