@@ -487,7 +487,8 @@ def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) ->
     if done.returncode != 0 or not out.is_file():
         return {"error": f"exit status {done.returncode}; see {out.with_suffix('.log').name}"}
     result = json.loads(out.read_text())
-    return {**result["stages"], "step_host_ms": result["step_host_ms"], "unsynchronised_ms": result["unsynchronised_ms"]}
+    return {**result["stages"], **{key: result[key] for key in ("step_host_ms", "unsynchronised_ms", "mp3_first_bytes_ms",
+                                                                "mp3_whole_block_ms")}}
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -558,15 +559,17 @@ def markdown(report: dict) -> str:
     breakdowns = {name: c["first_block"] for name, c in report["configs"].items() if "first_block" in c}
     if breakdowns:
         lines += ["", "First audio of one stream, in process (ms, median; `ttfb_breakdown.py`):", "",
-                  "| config | job | diffusion steps | a step's host part | decode | total | total, unsynchronised |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| config | job | diffusion steps | a step's host part | decode | total | total, unsynchronised "
+                  "| then mp3's first bytes (sliced / whole block) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, stages in breakdowns.items():
             if "error" in stages:
-                lines.append(f"| {name} | failed: {stages['error']} | | | | | |")
+                lines.append(f"| {name} | failed: {stages['error']} | | | | | | |")
                 continue
             cell = lambda stage: (f"{stages[stage]['ms']:.1f} ({stages[stage]['calls']})" if stage in stages else "")
             lines.append(f"| {name} | {cell('job')} | {cell('diffusion step')} | {stages.get('step_host_ms')} | "
-                         f"{cell('decode')} | {stages['total']['ms']:.1f} | {stages.get('unsynchronised_ms')} |")
+                         f"{cell('decode')} | {stages['total']['ms']:.1f} | {stages.get('unsynchronised_ms')} | "
+                         f"{stages.get('mp3_first_bytes_ms')} / {stages.get('mp3_whole_block_ms')} |")
     lines += ["", f"Best: TTFB p50 {report.get('ttfb_p50_ms')} ms / p95 {report.get('ttfb_p95_ms')} ms, "
                   f"30 s non-streaming at 30 steps {report.get('nonstream_30s_30steps_s')} s, "
                   f"{report.get('realtime_streams')} real-time streams ({report.get('best')})."]

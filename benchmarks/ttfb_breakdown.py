@@ -16,7 +16,9 @@ whether the host or the device sets the pace: the host's part of each diffusion 
 call returns, before the device is synchronised: what queueing the step's work costs the host) and
 the first block run again without the per-stage synchronisations (`unsynchronised_ms`). A step
 whose host part is well below its time leaves the host free to run ahead; capturing more of the
-block in one graph would then save little.
+block in one graph would then save little. Last, what mp3 (OpenAI's default format) adds before the
+first bytes: the encoder's time until it returns bytes for the first block, fed slices as the
+pipeline does (`mp3_first_bytes_ms`), against the whole block in one call (`mp3_whole_block_ms`).
 
     python benchmarks/ttfb_breakdown.py --tiny
     ECHO_COMPILE=1 ECHO_CUDA_GRAPHS=1 python benchmarks/ttfb_breakdown.py --model-repo DIR --fish-repo DIR \\
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from engine import DecodeCall, SilenceCheck, SpeechEngine, SpeechJob, TextCall  # noqa: E402
 from inference import ModelCall  # noqa: E402
 from inference_blockwise import PrefixCall  # noqa: E402
+from pipeline import request_encoder, slices  # noqa: E402
 from service import SpeechService  # noqa: E402
 from settings import load_settings  # noqa: E402
 from speech_request import SpeechRequest  # noqa: E402
@@ -56,11 +59,11 @@ STAGES = {TextCall: "text encoder", ModelCall: "diffusion step", PrefixCall: "pr
 
 
 def first_block(engine: SpeechEngine, job: SpeechJob, synchronised: bool = True,
-                host: list[float] | None = None) -> dict[str, list[float]]:
+                host: list[float] | None = None, audio: list[np.ndarray] | None = None) -> dict[str, list[float]]:
     """Seconds of each stage until the job's first audio (and "total"), the device synchronised
     around each (else left to run ahead: then only "total" means what it says; the first audio is
     on the host, so the device has finished). `host` collects each diffusion step's host part:
-    seconds until its call returned, before the device was synchronised."""
+    seconds until its call returned, before the device was synchronised; `audio` the first audio."""
     sync = (lambda: synchronize(engine.model.device)) if synchronised else (lambda: None)
     times: dict[str, list[float]] = defaultdict(list)
 
@@ -81,6 +84,8 @@ def first_block(engine: SpeechEngine, job: SpeechJob, synchronised: bool = True,
         reply = timed(STAGES[type(item)], lambda: answer_of(engine, item))
         item = timed("job", lambda: steps.send(reply))
     steps.close()
+    if audio is not None:
+        audio.append(item)
     times["total"].append(time.perf_counter() - started)
     return dict(times)
 
@@ -88,6 +93,20 @@ def first_block(engine: SpeechEngine, job: SpeechJob, synchronised: bool = True,
 def answer_of(engine: SpeechEngine, item):
     """What the worker sends back for one call (a unit of one: worker.COMPUTE); a silence check runs."""
     return item.run() if isinstance(item, SilenceCheck) else getattr(engine, COMPUTE[type(item)])([item])[0]
+
+
+def first_bytes(open_encoder: Callable, block: np.ndarray, sliced: bool) -> float:
+    """Seconds from opening an encoder until it returns bytes for `block` (fed in the pipeline's
+    slices, or whole)."""
+    start = time.perf_counter()
+    encoder = open_encoder()
+    try:
+        for part in slices(block) if sliced else (block,):
+            if encoder.encode(part):
+                return time.perf_counter() - start
+        return time.perf_counter() - start  # (bytes only at the end: never for a block this long)
+    finally:
+        encoder.close()
 
 
 def synchronize(device: torch.device) -> None:
@@ -129,10 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         job = service.build_job(SpeechRequest(input=TEXT, voice=args.voice, seed=0).generation_options())
         host: list[float] = []
-        runs = [service.runtime.worker.call(lambda: first_block(service.engine, job, host=host))
+        audio: list[np.ndarray] = []
+        runs = [service.runtime.worker.call(lambda: first_block(service.engine, job, host=host, audio=audio))
                 for _ in range(args.repeat + 1)][1:]
         free = [service.runtime.worker.call(lambda: first_block(service.engine, job, synchronised=False))["total"][0]
                 for _ in range(args.repeat)]
+        mp3 = SpeechRequest(input=TEXT, voice=args.voice, response_format="mp3")
+        open_mp3 = lambda: request_encoder(mp3, service.settings, streaming=True)  # noqa: E731
+        mp3_ms = {sliced: round(statistics.median(first_bytes(open_mp3, audio[-1], sliced)
+                                                  for _ in range(args.repeat + 1)) * 1000, 2)
+                  for sliced in (True, False)}
     finally:
         service.close()
     rows = summary(runs)
@@ -142,10 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(rows))
     print(f"host part of a diffusion step: {step_host_ms} ms (median); first block unsynchronised: "
           f"{unsynchronised_ms} ms (median)")
+    print(f"mp3's first bytes after the first audio: {mp3_ms[True]} ms in slices, {mp3_ms[False]} ms the block whole "
+          f"({audio[-1].size} samples; median)")
     settings = {k: v for k, v in os.environ.items() if k.startswith("ECHO_") and k != "ECHO_API_KEY"}
     result = {"device": str(service.settings.torch_device), "settings": settings, "voice": args.voice,
               "repeat": args.repeat, "stages": rows, "step_host_ms": step_host_ms,
-              "unsynchronised_ms": unsynchronised_ms}
+              "unsynchronised_ms": unsynchronised_ms, "mp3_first_bytes_ms": mp3_ms[True],
+              "mp3_whole_block_ms": mp3_ms[False]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

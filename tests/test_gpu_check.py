@@ -44,6 +44,7 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
     assert "| eager | " in out.read_text() and (tmp_path / "logs" / "server-eager.log").is_file()
     stages = report["configs"]["eager"]["first_block"]
     assert stages["diffusion step"]["calls"] == 8 and stages["decode"]["calls"] == 1  # the default first block
+    assert stages["mp3_first_bytes_ms"] > 0 and stages["mp3_whole_block_ms"] > 0
     assert "first_block" not in report["configs"]["static"] and "| eager | " in out.read_text().split("First audio")[1]
     assert "| static | 0.5 | " in out.read_text().split("Poisson arrivals")[1]
     order = [stage["stage"] for stage in report["stages"]]  # the most important first
@@ -222,6 +223,7 @@ def test_the_first_audio_breakdown_accounts_for_every_stage(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     stages = json.loads((tmp_path / "stages.json").read_text())["stages"]
     assert stages["diffusion step"]["calls"] == 8 and stages["decode"]["calls"] == 1  # the default first block
+    assert stages["mp3_first_bytes_ms"] > 0 and stages["mp3_whole_block_ms"] > 0
     assert stages["text encoder"]["calls"] == 1
     assert stages["job"]["calls"] == 1 + 8 + 1 + 1  # before the first call, and after each answer
     parts = sum(row["ms"] for stage, row in stages.items() if stage != "total")

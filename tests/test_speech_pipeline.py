@@ -6,6 +6,7 @@ import asyncio
 import io
 import time
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -154,3 +155,46 @@ def test_pcm_pieces_decode_to_the_blocks_the_worker_made(tiny_service):
 
     pieces, samples = asyncio.run(pieces_and_blocks())
     assert sum(p.size for p in pieces) == samples == 16 * 2048
+
+
+def test_a_streamed_blocks_first_bytes_wait_for_one_small_slice_and_the_bytes_are_the_whole_encodings(tiny_service):
+    """mp3, OpenAI's default: the encoder gets each block in growing slices, so the first bytes leave
+    once 8192 samples are encoded, not a whole block; the stream is byte for byte the encoding of the
+    same audio in one call, and plays as long as the audio made. A whole file is encoded block by block."""
+    async def encoded(streaming: bool) -> tuple:
+        speech = await open_speech(tiny_service, request(response_format="mp3", block_sizes=[24], num_steps=[2],
+                                                         stream=streaming), streaming=streaming)
+        sizes, audio, real = [], [], speech.encoder.encode
+
+        def spy(block: np.ndarray) -> bytes:
+            sizes.append(block.size)
+            audio.append(block.copy())
+            return real(block)
+
+        speech.encoder.encode = spy
+        pieces, calls_before = [], []
+        async for data in speech.pieces():
+            pieces.append(data)
+            calls_before.append(len(sizes))
+        return pieces, sizes, calls_before, speech, np.concatenate(audio)
+
+    pieces, sizes, calls_before, speech, audio = asyncio.run(encoded(streaming=True))
+    assert sizes[:2] == [8192, 16384] and calls_before[0] == 1 and sum(sizes) == speech.samples == audio.size
+    whole = pipeline.open_encoder("mp3", input_rate=44100, output_rate=speech.encoder.sample_rate, speed=1.0,
+                                  streaming=True)
+    assert b"".join(pieces) == whole.encode(audio) + whole.finish()
+    whole.close()
+    with av.open(io.BytesIO(b"".join(pieces))) as container:
+        heard = sum(frame.samples for frame in container.decode(audio=0)) / speech.encoder.sample_rate
+    assert heard == pytest.approx(audio.size / 44100, abs=0.06)  # (+ the mp3 priming and padding)
+    _, file_sizes, _, _, file_audio = asyncio.run(encoded(streaming=False))
+    assert len(file_sizes) < len(sizes) and np.array_equal(file_audio, audio) and idle(tiny_service)
+
+
+def test_slices_cover_a_block_in_order_doubling_to_the_largest():
+    block = np.arange(480 * 2048, dtype=np.float32)
+    parts = list(pipeline.slices(block))
+    assert [p.size for p in parts[:5]] == [8192, 16384, 32768, 65536, 65536]
+    assert all(p.size == 65536 for p in parts[3:-1]) and 0 < parts[-1].size <= 65536
+    assert np.array_equal(np.concatenate(parts), block) and all(p.base is block for p in parts)  # views, not copies
+    assert [p.size for p in pipeline.slices(block[:5000])] == [5000] and list(pipeline.slices(block[:0])) == []
