@@ -8,11 +8,13 @@ closes itself when its pieces run out or fail, and is idempotent, so a transport
 more wherever it stops early.
 
 `Speech.pieces()` yields the encoded bytes of each decoded block as soon as they exist, then the
-encoder's tail. A streaming encoder gets each block in slices (`slices`): the first 8192 samples,
-then twice as many each time, up to 65536. So a block's first bytes wait for one small slice's
-encoding, not the whole block's (mp3, OpenAI's default format: ~3 ms against ~23 ms for the first
-32-frame block on 2 CPU cores), and a block costs a few thread hops, not one per 8192 samples. The
-bytes are the same however a block is sliced (audio_encoding keeps codec state across calls). The transports only frame them: HTTP streams them as the body, SSE wraps each in an
+encoder's tail. A streaming mp3, opus or aac encoder gets each block in slices (`slices`): the
+first 8192 samples, then twice as many each time, up to 262144 (~6 s). So a block's first bytes
+wait for one small slice's encoding, not the whole block's (mp3, OpenAI's default format: ~3 ms
+against ~23 ms for the first 32-frame block on 2 CPU cores), each slice's encoding takes less time
+than the audio sent before it plays, and a block costs a few thread hops (8 for 480 frames). The
+bytes are the same however a block is sliced (audio_encoding keeps codec state across calls).
+Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks. The transports only frame them: HTTP streams them as the body, SSE wraps each in an
 event, a whole-file response joins them, the WebSocket cuts them into frames. A new transport
 (a realtime protocol, say) is framing only.
 
@@ -40,7 +42,7 @@ from speech_request import SpeechRequest
 
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
 FIRST_SLICE = 8192  # samples (186 ms): every format's encoder returns bytes for a slice this long (audio_encoding)
-LARGEST_SLICE = 65536  # samples (1.5 s)
+LARGEST_SLICE = 262144  # samples (5.9 s)
 
 
 class ClientGone(Exception):
@@ -113,7 +115,7 @@ class Speech:
             await self.first_audio()
             block, self._first = self._first, None
             while block is not None and not self._stopped:
-                for part in slices(block) if self.encoder.streaming else (block,):  # (whole files: bytes at the end)
+                for part in slices(block) if self.encoder.slices_pay else (block,):
                     self.samples += part.size
                     if data := await self._encode(self.encoder.encode, part):
                         yield data
