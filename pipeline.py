@@ -41,7 +41,7 @@ from errors import RequestError
 from speech_request import SpeechRequest
 
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
-FIRST_SLICE = 8192  # samples (186 ms): every format's encoder returns bytes for a slice this long (audio_encoding)
+FIRST_SLICE = 8192  # samples (186 ms): bytes from 16 kHz up at speed 1 (other rates and speeds: the next slice)
 LARGEST_SLICE = 262144  # samples (5.9 s)
 
 

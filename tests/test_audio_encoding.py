@@ -559,6 +559,21 @@ def test_lossless_bytes_do_not_depend_on_block_sizes(fmt, rate):
     assert one == uneven == tiny
 
 
+@pytest.mark.parametrize("speed", [1.0, 1.5])
+@pytest.mark.parametrize("rate", [44100, 24000])
+@pytest.mark.parametrize("fmt", ["mp3", "aac", "opus"])
+def test_lossy_codecs_code_the_same_however_the_input_is_cut(fmt, rate, speed):
+    """What lets pipeline.Speech feed them slices: the same frames whatever the calls' sizes (opus's
+    Ogg pages carry a random serial number, so its decoded samples are compared)."""
+    cuts = [[N], BLOCKS, [8192, 16384, 32768, 30720], [2048, 1, 4096, 333, 17]]
+    coded = [feed(open_encoder(fmt, output_rate=rate, speed=speed), SIGNAL, blocks)[0] for blocks in cuts]
+    if fmt == "opus":
+        decoded = [decode(data, fmt)[2] for data in coded]
+        assert all(np.array_equal(decoded[0], other) for other in decoded[1:]) and decoded[0].size > 0
+    else:
+        assert all(data == coded[0] for data in coded[1:]) and len(coded[0]) > 0
+
+
 def test_resampling_across_blocks_equals_whole_signal():
     enc = open_encoder("pcm", output_rate=24000)
     blockwise = np.frombuffer(feed(enc, SIGNAL)[0], "<i2")
