@@ -14,8 +14,10 @@ wait for one small slice's encoding, not the whole block's (mp3, OpenAI's defaul
 against ~23 ms for the first 32-frame block on 2 CPU cores), each slice's encoding takes less time
 than the audio sent before it plays, and a block costs a few thread hops (8 for 480 frames). The
 bytes are the same however a block is sliced (audio_encoding keeps codec state across calls).
-Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks. The transports only frame them: HTTP streams them as the body, SSE wraps each in an
-event, a whole-file response joins them, the WebSocket cuts them into frames. A new transport
+Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks.
+
+The transports only frame the pieces: HTTP streams them as the body, SSE wraps each in an event, a
+whole-file response joins them, the WebSocket cuts them into frames. A new transport
 (a realtime protocol, say) is framing only.
 
 Every failure below the transports is a RequestError: refused before anything started (settings,

@@ -487,8 +487,8 @@ def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) ->
     if done.returncode != 0 or not out.is_file():
         return {"error": f"exit status {done.returncode}; see {out.with_suffix('.log').name}"}
     result = json.loads(out.read_text())
-    return {**result["stages"], **{key: result[key] for key in ("step_host_ms", "unsynchronised_ms", "mp3_first_bytes_ms",
-                                                                "mp3_whole_block_ms")}}
+    figures = ("step_host_ms", "unsynchronised_ms", "mp3_first_bytes_ms", "mp3_whole_block_ms")
+    return {**result["stages"], **{key: result[key] for key in figures}}
 
 
 # ---- the report ----------------------------------------------------------------------------------------
