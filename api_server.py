@@ -177,22 +177,24 @@ def _body_too_large(limit: int) -> JSONResponse:
                                        status=413))
 
 
-def get_service(request: Request) -> SpeechService:
+# The dependencies are coroutines: they do no I/O, and FastAPI runs a plain function in the thread
+# pool, where under load a request's key check would queue behind other responses' audio encoding.
+async def get_service(request: Request) -> SpeechService:
     return request.app.state.service
 
 
-def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
+async def ready_service(service: Annotated[SpeechService, Depends(get_service)]) -> SpeechService:
     if reason := service.unready_reason():
         raise RequestError(reason, status=503)
     return service
 
 
-def check_api_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
+async def check_api_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
     """With ECHO_API_KEY set, require `Authorization: Bearer <one of the keys>` (compared in constant time)."""
     _require_key(service, bearer_token(request.headers))
 
 
-def check_docs_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
+async def check_docs_key(request: Request, service: Annotated[SpeechService, Depends(get_service)]) -> None:
     """check_api_key, or `?api_key=` for pages a browser opens (the API docs)."""
     token = bearer_token(request.headers)
     _require_key(service, token if token is not None else request.query_params.get("api_key"))

@@ -386,6 +386,26 @@ def test_api_key_required_when_configured(keyed_app, headers):
     assert r.status_code == 401
 
 
+def test_key_and_readiness_checks_never_wait_for_the_thread_pool(keyed_app, monkeypatch):
+    """Under load the thread pool is busy encoding audio; a request's key and readiness checks run on
+    the event loop, so a refusal (or the speech route's start) never queues behind those encodes."""
+    import fastapi.dependencies.utils as dependency_utils
+
+    pooled = []
+    real = dependency_utils.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        pooled.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(dependency_utils, "run_in_threadpool", counted)
+    refused = keyed_app.post("/v1/audio/speech", json={"input": "Hi", "voice": "none"},
+                             headers={"Authorization": "Bearer wrong"})
+    served = keyed_app.post("/v1/audio/speech", json={"input": "Hi.", "voice": "none", **FAST},
+                            headers={"Authorization": "Bearer first-key"}, timeout=60)
+    assert refused.status_code == 401 and served.status_code == 200 and pooled == []
+
+
 def test_any_configured_key_is_accepted_and_health_is_open(keyed_app):
     assert keyed_app.get("/health").status_code == 200
     for key in ("first-key", "second-key"):
