@@ -592,6 +592,19 @@ class _Graph:
     out: Tensor
 
 
+@contextmanager
+def current_stream_kept() -> Iterator[None]:
+    """The thread's current CUDA stream is the same after the block, also when it raises:
+    torch.cuda.graph's exit ends the capture before it restores the stream, so a capture that CUDA
+    refuses would leave the thread on the capture's side stream (and what ran there next, unordered
+    with the other threads' work on the default stream)."""
+    stream = torch.cuda.current_stream()
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(stream)
+
+
 def _view(flat: Tensor, *shape: int) -> Tensor:
     """The first elements of `flat`, as a contiguous tensor of `shape` (its address is flat's)."""
     return flat[:math.prod(shape)].view(shape)
@@ -747,8 +760,9 @@ class StaticSteps:
         if self._graph_memory is None:
             self._graph_memory = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_memory, capture_error_mode="thread_local"):  # (other threads: CUDA)
-            out = self._body(*args)
+        with current_stream_kept():
+            with torch.cuda.graph(graph, pool=self._graph_memory, capture_error_mode="thread_local"):  # (other threads)
+                out = self._body(*args)
         return _Graph(graph, out)
 
     def _lane_inputs(self, calls: Sequence[ModelCall], members: list[_Member], frames: int, padded_rows: int,

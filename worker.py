@@ -703,14 +703,23 @@ def predicted_load(active: list[_Running], now: float, unit_seconds: float, grou
     return load
 
 
-# what PyTorch raises as a plain RuntimeError when memory runs out outside its caching allocator
-OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate")
+# what PyTorch raises as a RuntimeError (AcceleratorError among them) when memory runs out outside its caching
+# allocator: cuBLAS, cuDNN, the CUDA runtime (instantiating a graph, loading a kernel), the host
+OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
+                          "CUDA_ERROR_OUT_OF_MEMORY", "DefaultCPUAllocator: can't allocate")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether the error says a device (or the host) ran out of memory."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES))
+    """Whether the error, or one it was raised from (a compiler's error wrapping it), says a device (or
+    the host) ran out of memory."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError) or (
+                isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _without_frames(error: BaseException) -> BaseException:

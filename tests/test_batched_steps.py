@@ -109,7 +109,7 @@ def test_a_voice_longer_than_30_s_pads_its_batch_to_the_long_speaker_bucket(engi
 
 def next_step(call: eng.ModelCall, seed: int) -> eng.ModelCall:
     """The call's generation one step on: new latents, the same conditioning objects."""
-    x = torch.randn(call.x.shape, generator=torch.Generator().manual_seed(seed)).to(call.x.dtype)
+    x = torch.randn(call.x.shape, generator=torch.Generator().manual_seed(seed)).to(call.x.device, call.x.dtype)
     return dataclasses.replace(call, x=x)
 
 

@@ -16,7 +16,7 @@ import torch
 
 import engine as eng
 import inference as inf
-from batched_steps import StaticShapes, StaticSteps, batched_velocity
+from batched_steps import StaticShapes, StaticSteps, batched_velocity, current_stream_kept
 from conftest import REF, live_server, server_env
 from test_batched_steps import assert_compile_artifacts_reload, first_calls, next_step, on_another_thread
 from test_engine import assert_compiled_decoder_matches_one_shot, load_clip, mixed_jobs
@@ -25,12 +25,13 @@ from voices import SpeakerCache
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# Full-size forward on CUDA vs CPU float32, as max |cuda - cpu| / max |cpu|. fp32 runs its matmuls
-# in TF32 (10-bit mantissa), as the server does: within 1e-2. bf16 keeps 8 bits through 24 layers of
-# random synthetic weights, which costs 0.176 on the CPU too (measured 2026-11-22); the criterion is
-# that CUDA adds nothing beyond that: its bf16 error is at most 1.25x the CPU's bf16 error.
-FP32_TOLERANCE = 1e-2
+# Full-size forward on CUDA vs CPU float32, as max |cuda - cpu| / max |cpu|. bf16 keeps 8 bits through
+# 24 layers of random synthetic weights, which costs 0.176 on the CPU too (measured 2026-11-22); the
+# criterion is that CUDA adds nothing beyond that: its bf16 error is at most 1.25x the CPU's bf16 error.
+# fp32 runs its matmuls in TF32 (11 bits), as the server does: 3 bits more than bf16, so ~1/8 of its
+# error; at most 1/4 (not yet measured on a GPU: the test prints it).
 BF16_VS_CPU_BF16 = 1.25
+FP32_VS_CPU_BF16 = 0.25
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -67,8 +68,9 @@ def _forward(model, g, device) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_fullsize_forward_on_cuda_matches_cpu_float32(synthetic_repos, golden_inputs, cpu_fullsize_outputs, dtype):
-    torch.backends.cuda.matmul.allow_tf32 = True
+def test_fullsize_forward_on_cuda_matches_cpu_float32(synthetic_repos, golden_inputs, cpu_fullsize_outputs, dtype,
+                                                      monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # (as the server runs; put back after)
     model = inf.load_model_from_hf(str(synthetic_repos["echo-tts-base"]), device="cuda", dtype=dtype)
     try:
         out = _forward(model, golden_inputs, "cuda")
@@ -80,10 +82,8 @@ def test_fullsize_forward_on_cuda_matches_cpu_float32(synthetic_repos, golden_in
     cpu_error = _relative_error(cpu_fullsize_outputs[dtype], cpu_fullsize_outputs[torch.float32])
     print(f"full-size forward, {dtype}: max error {error:.2e} of the output's scale (CPU {dtype}: {cpu_error:.2e}; "
           f"CUDA vs CPU {dtype}: {_relative_error(out, cpu_fullsize_outputs[dtype]):.2e})")
-    if dtype == torch.float32:
-        assert error <= FP32_TOLERANCE
-    else:
-        assert error <= BF16_VS_CPU_BF16 * cpu_error
+    cpu_bf16_error = _relative_error(cpu_fullsize_outputs[torch.bfloat16], cpu_fullsize_outputs[torch.float32])
+    assert error <= (FP32_VS_CPU_BF16 if dtype == torch.float32 else BF16_VS_CPU_BF16) * cpu_bf16_error
 
 
 # ---- the step runners on CUDA (tiny model) ---------------------------------------------------------------
@@ -139,9 +139,13 @@ def test_warm_up_captures_one_graph_per_step_shape_and_serving_captures_none(cud
     assert steps.graphs == len(steps.shapes.all_shapes()) and steps.compiles_after_warm_up == 0
 
 
-def test_the_compiled_streaming_decoder_replays_what_eager_decodes_on_cuda_graphs(cuda_engine):
+def test_the_compiled_streaming_decoder_replays_what_eager_decodes_on_cuda_graphs(cuda_engine, monkeypatch):
     """ECHO_COMPILE with ECHO_CUDA_GRAPHS: a single stream's decoder graph replays as a CUDA graph; the
-    audio and the state are copied out before the next replay, so streams keep their own state."""
+    audio and the state are copied out before the next replay, so streams keep their own state. Compared
+    in float32 without TF32 (which rounds each convolution's inputs to 11 bits, differently for
+    differently shaped calls): the bound is the compiled code's, not TF32's."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert_compiled_decoder_matches_one_shot(cuda_engine.fish_ae, cuda_graphs=True, repeats=4)
 
 
@@ -204,3 +208,18 @@ def test_cuda_server_memory_does_not_grow_over_200_requests(cuda_server):
     requests(180)
     after = _metric(cuda_server, "echo_gpu_memory_allocated_bytes")
     assert after - before <= 1 << 20, f"GPU memory grew by {(after - before) / 2 ** 20:.1f} MiB over 180 requests"
+
+
+# ---- last: a capture that CUDA refuses (whatever state it leaves, no later test depends on it) ----------
+
+
+def test_a_capture_that_cuda_refuses_leaves_the_thread_on_its_own_stream():
+    """torch.cuda.graph restores the thread's stream only after the capture ends well; StaticSteps'
+    captures keep it whatever happens, so a failed capture (and the eager path that follows) cannot
+    leave the generation thread on the capture's side stream."""
+    before = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError):
+        with current_stream_kept():
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+                torch.ones(1, device="cuda").item()  # a host sync: not allowed while capturing
+    assert torch.cuda.current_stream() == before

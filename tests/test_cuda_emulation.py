@@ -534,6 +534,34 @@ def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_
     assert tried == [1, 1, 1]  # (each setup keeps its own record)
 
 
+def test_a_fast_path_out_of_memory_while_warming_up_serves_eager_and_is_tried_again_at_the_next_start(
+        emulated_cuda, monkeypatch, tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    """Memory someone else held is no reason to skip the fast path for good: running out of memory
+    while warming up (also wrapped in a compiler's error) gives way to eager without being remembered.
+    The compiled code, with the CUDA graphs inductor recorded per thread, is let go on the generation
+    thread, before the eager warm-up."""
+    settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
+                             model_dtype="float32", voice_dirs=[voice_dir], warmup=True, max_active=3,
+                             compile_ae=False, cache_dir=tmp_path)
+    tried, resets = [], []
+
+    def runs_out_of_memory(*args, **kwargs):
+        tried.append(1)
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("backend='inductor' raised: see above") from e
+
+    monkeypatch.setattr(eng.CompiledTextEncoder, "warm_up", runs_out_of_memory)
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(threading.current_thread().name), reset()))
+    service, engine, _ = _start(settings, emulated_cuda)
+    assert service.load_error is None and isinstance(engine.steps, ExactSteps) and resets == ["echo-generation"]
+    assert not runtime.fast_path_failure_path(settings).exists()
+    _start(settings, emulated_cuda)
+    assert tried == [1, 1]  # (the next start tried the fast path again)
+
+
 def test_a_fast_path_that_starts_forgets_its_setups_failure_and_only_that(monkeypatch, tmp_path, caplog):
     one, other = (load_settings(cache_dir=tmp_path, max_active=n) for n in (4, 8))
     runtime._remember_failure(one, "failed to warm up: X")

@@ -35,7 +35,17 @@ def test_what_counts_as_running_out_of_memory():
     assert wk.is_out_of_memory(out_of_memory()) and wk.is_out_of_memory(cublas_out_of_memory())
     assert wk.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                                             "allocate memory: you tried to allocate 8589934592 bytes."))
+    assert wk.is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
+                                            "reported"))  # (the CUDA runtime's, e.g. instantiating a graph)
+    try:  # a compiler's error wrapping one (inductor's BackendCompilerFailed, Triton loading a kernel)
+        try:
+            raise out_of_memory()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("backend='inductor' raised: see above") from e
+    except RuntimeError as wrapped:
+        assert wk.is_out_of_memory(wrapped)
     assert not wk.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not wk.is_out_of_memory(RuntimeError("backend='inductor' raised", ValueError("a shape")))
     assert not wk.is_out_of_memory(ValueError("CUBLAS_STATUS_ALLOC_FAILED"))
 
 
