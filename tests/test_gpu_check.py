@@ -238,3 +238,18 @@ def test_gpu_kit_rejects_unknown_configurations():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--configs", "turbo"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown configs ['turbo']" in done.stderr
+
+
+def test_every_locked_package_is_carried_to_the_gpu_machine_or_said_to_be_there_or_not_needed():
+    """The lent GPU machines reach no package index: the kit's server starts only if what it imports
+    travels as wheels (benchmarks/wheelhouse.sh) or is on the machine's image. Twice a dependency
+    added after the wheelhouse was written (websockets for the HTTP server, python-multipart for voice
+    uploads) would have stopped the first GPU run at its server's start: a new one must be placed."""
+    lists = subprocess.run(["bash", str(ROOT / "benchmarks" / "wheelhouse.sh"), "--lists"], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    carried, there, not_needed = (set(line.lower().split()) for line in lists)
+    locked = {line.split("==")[0].lower() for line in (ROOT / "requirements.lock").read_text().splitlines()
+              if "==" in line and not line.startswith((" ", "#"))}
+    assert not carried & there and not carried & not_needed and not there & not_needed
+    assert locked - (carried | there | not_needed) == set(), "place these in benchmarks/wheelhouse.sh"
+    assert (carried | there | not_needed) - locked == set(), "no longer locked: drop them from the lists"
