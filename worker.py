@@ -718,7 +718,8 @@ def is_out_of_memory(error: BaseException) -> bool:
         if isinstance(error, torch.OutOfMemoryError) or (
                 isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)):
             return True
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ if error.__cause__ is not None else (  # (the chain a traceback shows)
+            None if error.__suppress_context__ else error.__context__)
     return False
 
 

@@ -47,6 +47,13 @@ def test_what_counts_as_running_out_of_memory():
     assert not wk.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not wk.is_out_of_memory(RuntimeError("backend='inductor' raised", ValueError("a shape")))
     assert not wk.is_out_of_memory(ValueError("CUBLAS_STATUS_ALLOC_FAILED"))
+    try:  # an answer chosen on purpose after one ran out ("from None"): that answer's error is what counts
+        try:
+            raise out_of_memory()
+        except torch.OutOfMemoryError:
+            raise RuntimeError("the voice is too long for this server") from None
+    except RuntimeError as answer:
+        assert not wk.is_out_of_memory(answer)
 
 
 @pytest.fixture()
