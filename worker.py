@@ -48,7 +48,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -712,25 +712,29 @@ OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAIL
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether the error, or one it was raised from (a compiler's error wrapping it), says a device (or
     the host) ran out of memory."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, torch.OutOfMemoryError) or (
-                isinstance(error, RuntimeError) and any(message in str(error) for message in OUT_OF_MEMORY_MESSAGES)):
-            return True
-        error = error.__cause__ if error.__cause__ is not None else (  # (the chain a traceback shows)
-            None if error.__suppress_context__ else error.__context__)
-    return False
+    return any(isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(message in str(e) for message in OUT_OF_MEMORY_MESSAGES))
+        for e in _chain(error, shown=True))
 
 
 def _without_frames(error: BaseException) -> BaseException:
     """The error with its traceback and those of the errors it chains dropped (their frames' locals freed)."""
-    seen, chained = set(), error
-    while chained is not None and id(chained) not in seen:
-        seen.add(id(chained))
+    for chained in _chain(error):
         chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
     return error
+
+
+def _chain(error: BaseException | None, shown: bool = False) -> Iterator[BaseException]:
+    """The error and those it chains: its __cause__, else its __context__ (with `shown`, only as a
+    traceback shows them: not a context that "raise ... from None" suppressed), each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        if error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            error = None if shown and error.__suppress_context__ else error.__context__
 
 
 def _notify(ticket: _Ticket, item) -> None:
