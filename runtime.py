@@ -183,8 +183,8 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
         if failed is not None:  # (out of the handler: the failed parts' frames go with the exception)
             if not transient:
                 _remember_failure(settings, failed)  # (before the retry: a fast path that broke the GPU is skipped next)
+            worker.call(torch._dynamo.reset)  # (inductor's CUDA graphs, the decoder's, live per thread: this one's)
             settings, plan = _give_way_to_eager(settings, engine, failed), None
-            worker.call(_forget_compiled_code)
             worker.call(lambda: _warm_up(settings, voices, engine, progress))
     except BaseException:
         worker.close()
@@ -256,16 +256,6 @@ def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str
         if engine.model.device.type == "cuda":
             torch.cuda.empty_cache()  # the static runner's pool and graphs
     return _eager(settings)
-
-
-def _forget_compiled_code() -> None:
-    """Let go of every compiled graph and of the CUDA graphs inductor recorded (the streaming
-    decoder's, kept per thread: call it on the generation thread), with their memory, for the eager
-    path that follows."""
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _remember_failure(settings: Settings, why: str) -> None:
