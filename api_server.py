@@ -39,7 +39,7 @@ from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming,
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
 from errors import RequestError
-from speech_request import MODEL_ID, SpeechRequest, request_error
+from speech_request import MODEL_ID, OPENAI_SPEECH_MODELS, SpeechRequest, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import http_server
 import runtime
@@ -230,11 +230,15 @@ def _routes():
 
     @protected.get("/v1/models", responses=_errors(401))
     def models() -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "echo-tts"}]}
+        """Echo-TTS under its own name (the fork's defaults) and under OpenAI's (OpenAI's defaults)."""
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "echo-tts"}
+                                           for name in (MODEL_ID, *OPENAI_SPEECH_MODELS)]}
 
     @protected.get("/v1/audio/models", responses=_errors(401))
     def audio_models() -> dict:
-        return {"models": [{"id": MODEL_ID, "name": "Echo-TTS"}]}
+        """Open WebUI's model suggestions. It never sends `response_format` and saves the body as .mp3,
+        so only OpenAI's names, which default to mp3, are offered: `echo-tts` would stream pcm."""
+        return {"models": [{"id": name, "name": f"Echo-TTS ({name})"} for name in OPENAI_SPEECH_MODELS]}
 
     @protected.get("/v1/audio/presets", responses=_errors(401))
     def presets(service: Annotated[SpeechService, Depends(get_service)]) -> dict:

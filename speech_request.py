@@ -28,7 +28,8 @@ from text_chunking import (ChunkMode, ChunkSettings, ChunkSettingsError, fits_in
 MODEL_ID = "echo-tts"
 # OpenAI's speech models and their dated variants (tts-1-1106, gpt-4o-mini-tts-2025-03-20): a request
 # naming one comes from a client built for OpenAI, and gets OpenAI's defaults where it is silent
-OPENAI_SPEECH_MODEL = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)(-[0-9]+)*")
+OPENAI_SPEECH_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+OPENAI_SPEECH_MODEL = re.compile(f"({'|'.join(map(re.escape, OPENAI_SPEECH_MODELS))})(-[0-9]+)*")
 OPENAI_SAMPLE_RATE = 24_000  # OpenAI's audio (its pcm is 24 kHz 16-bit mono, and clients assume it)
 # What one text chunk may cost (issue 17: `block_sizes: [1]*640, num_steps: 1` took 13 s against
 # 0.1 s): blocks of at least MIN_BLOCK_FRAMES frames (~0.19 s), at most MAX_BLOCKS of them, and at

@@ -70,6 +70,19 @@ def test_an_openai_model_gets_mp3_at_24_khz_and_pcm_at_24_khz(app):
     assert explicit.headers["x-audio-sample-rate"] == "44100" and explicit.content == echo.content
 
 
+def test_every_model_open_webui_is_offered_gives_it_a_playable_mp3(app):
+    """Open WebUI suggests the names GET /v1/audio/models lists, sends {model, input, voice} without a
+    response_format and saves the body as .mp3: whichever it offers must answer mp3, not pcm."""
+    offered = [m["id"] for m in app.get("/v1/audio/models").json()["models"]]
+    assert offered and "echo-tts" not in offered
+    for model in offered:
+        r = speech(app, model=model)
+        assert r.headers["content-type"] == "audio/mpeg"
+        assert decode(r.content, "mp3")[0] == 24000
+    listed = {m["id"] for m in app.get("/v1/models").json()["data"]}
+    assert {"echo-tts", *offered} <= listed
+
+
 def test_the_operators_format_and_rate_win_over_the_model_defaults(openai_app):
     r = speech(openai_app, model="tts-1")
     assert r.content[:4] == b"RIFF" and decode(r.content, "wav")[0] == 16000

@@ -48,7 +48,7 @@ def test_health_ready_and_models(app):
     assert app.get("/ready").status_code == 200
     models = app.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "echo-tts"
-    assert app.get("/v1/audio/models").json()["models"][0]["id"] == "echo-tts"
+    assert app.get("/v1/audio/models").json()["models"][0]["id"] == "tts-1"
 
 
 def test_voice_lists_include_files_and_folders_sorted(app):
