@@ -78,8 +78,10 @@ class QueueFull(Exception):
 
 @dataclass
 class _Ticket:
-    """A submitted job as both sides see it: the worker writes `resume_at`, the JobStream `taken`
-    and `taken_at` (plain attributes: each has one writer, and the reader only compares them)."""
+    """A submitted job as both sides see it: the worker writes `resume_at`, the JobStream `taken`,
+    `taken_at` and `caught_up_at` (plain attributes: each has one writer, and the reader only compares
+    them). Whoever `claim`s it first owns its slot: the worker taking it in, or its stream cancelled
+    while it waited (which then gives the slot back and ends itself)."""
 
     job: SpeechJob
     loop: asyncio.AbstractEventLoop
@@ -88,18 +90,31 @@ class _Ticket:
     deadline: float | None = None  # clock() after which the job is abandoned (moved on by parking)
     cancelled: threading.Event = field(default_factory=threading.Event)
     wake: Callable[[], None] = lambda: None  # wakes the worker (from any thread)
+    release: Callable[[], None] = lambda: None  # gives its slot back (from any thread)
     taken: int = 0  # samples the client has taken from its JobStream
     taken_at: float = 0.0  # clock() of its last take
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
+    caught_up_at: float | None = None  # while parked: clock() when `taken` reached `resume_at`
     arrived: float = field(default_factory=lambda: clock())  # when it was submitted
     steps_used: list[int] | None = None  # with adaptive steps: the diffusion steps of each block started, in order
+    _claim: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """True for the first caller only (any thread)."""
+        return self._claim.acquire(blocking=False)
 
     def took(self, samples: int) -> None:
         """The client took a block (event loop): wake the worker if that lets its parked job go on."""
         self.taken += samples
         self.taken_at = clock()
         if (at := self.resume_at) is not None and self.taken >= at:
+            if self.caught_up_at is None:
+                self.caught_up_at = self.taken_at
             self.wake()
+
+    def caught_up(self) -> bool:
+        """While parked: whether its client has taken enough for it to go on (it waits for a slot)."""
+        return (at := self.resume_at) is not None and self.taken >= at
 
 
 class _ThreadCall:
@@ -168,9 +183,14 @@ class JobStream:
         return None if steps is None else list(steps)
 
     def cancel(self) -> None:
-        self._ticket.cancelled.set()
-        if self._ticket.resume_at is not None:  # parked: the worker may be asleep
-            self._ticket.wake()
+        """Stop the job within one step; one still waiting for a slot ends now and gives its slot back."""
+        ticket = self._ticket
+        ticket.cancelled.set()
+        if ticket.claim():  # the worker never took it in (and now never will)
+            ticket.release()
+            _notify(ticket, _DONE)
+        elif ticket.resume_at is not None:  # parked: the worker may be asleep
+            ticket.wake()
 
 
 class Reservation:
@@ -263,13 +283,15 @@ class GenerationWorker:
     one frame count in one forward pass (the engine's step runner: batched_steps.py), the
     pending decodes, text chunks or prefix extensions together. At most
     `max_active` jobs run at once; up to `max_waiting` more wait for a slot or are parked; beyond
-    that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step.
+    that, submit() and reserve() raise QueueFull. A cancelled job is dropped before its next step; one
+    still waiting for a slot ends at once and gives its slot back.
 
     Back-pressure: a job whose audio is more than `max_ahead_samples` ahead of what its client has
     taken is parked before its next model step: out of the batch, its slot free for another job,
     its deadline stopped, until the client catches up. A job parked while its client takes nothing
     for `send_timeout` seconds is stopped (ClientStalled) and the audio queued for it dropped, so a
-    client that never reads holds at most about `max_ahead_samples` of audio, and only that long.
+    client that never reads holds at most about `max_ahead_samples` of audio, and only that long. Once
+    its client has caught up, a parked job waits for a slot with no such clock: the wait is ours.
 
     With a `step_budget` (ECHO_ADAPTIVE_STEPS), blocks that start under a predicted underrun take
     fewer diffusion steps (the module's docstring); None: every block takes its requested steps.
@@ -356,6 +378,7 @@ class GenerationWorker:
     def _enqueue(self, ticket: _Ticket) -> JobStream:
         """Hand a job whose slot is already counted in `pending` to the worker thread."""
         ticket.wake = lambda: self._jobs.put(_WAKE)
+        ticket.release = self._release
         self._jobs.put(ticket)
         return JobStream(ticket)
 
@@ -386,7 +409,13 @@ class GenerationWorker:
         parked: list[_Running] = []  # ahead of their client: out of the batch, in the order they left it
         with torch.inference_mode():
             while self._admit(active, parked):
-                self.iterate(active, parked)
+                try:
+                    self.iterate(active, parked)
+                except Exception as e:  # noqa: BLE001 - a bug: its jobs fail, the server goes on serving
+                    log.exception("the generation worker failed: its %d jobs fail", len(active) + len(parked))
+                    for jobs in (active, parked):
+                        for running in list(jobs):
+                            self._stop(jobs, running, e)
         self._active = self._parked = 0
 
     def iterate(self, active: list[_Running], parked: list[_Running]) -> None:
@@ -419,7 +448,9 @@ class GenerationWorker:
                 ticket.run()
                 ticket = None  # (its result or error belongs to the caller now)
                 continue
-            if ticket is not None and ticket.cancelled.is_set():  # its client left while it waited
+            if ticket is not None and not ticket.claim():  # its stream was cancelled while it waited: ended then
+                continue
+            if ticket is not None and ticket.cancelled.is_set():  # cancelled as it was taken in
                 _notify(ticket, _DONE)
                 self._release()
                 continue
@@ -464,6 +495,7 @@ class GenerationWorker:
         now = clock()
         for running in [r for r in active if isinstance(r.pending, ModelCall)]:
             ticket = running.ticket
+            ticket.caught_up_at = None  # (before resume_at: a take from now on may set it)
             ticket.resume_at = running.samples - self.max_ahead_samples
             # read after resume_at is set: a later take or cancel wakes us; an earlier cancel is seen here
             if ticket.taken >= ticket.resume_at or ticket.cancelled.is_set():
@@ -476,24 +508,29 @@ class GenerationWorker:
                       (running.samples - ticket.taken) / SAMPLE_RATE, extra={"request_id": ticket.request_id})
 
     def _resume(self, active: list[_Running], parked: list[_Running]) -> None:
-        """Parked jobs whose client has caught up go back into free slots, before new jobs; the time
-        they were parked moves their deadline on (a slow listener is no slow generation)."""
+        """Parked jobs whose client has caught up go back into free slots, before new jobs. The time
+        they were parked moves their time limit on (a slow listener is no slow generation), and the
+        time their client was behind moves their playback deadline on (its listener paused), not the
+        time it then waited for a slot (its listener waits for us: it keeps its place)."""
         now = clock()
-        for running in [r for r in parked if r.ticket.taken >= r.ticket.resume_at][:self.max_active - len(active)]:
+        for running in [r for r in parked if r.ticket.caught_up()][:self.max_active - len(active)]:
             ticket = running.ticket
-            ticket.resume_at = None
+            caught_up_at = min(ticket.caught_up_at if ticket.caught_up_at is not None else now, now)
+            ticket.resume_at = ticket.caught_up_at = None
             if ticket.deadline is not None:
                 ticket.deadline += now - running.parked_at
-            if running.first_audio_at is not None:  # its listener paused too: playback resumes now
-                running.first_audio_at += now - running.parked_at
+            if running.first_audio_at is not None:
+                running.first_audio_at += max(caught_up_at - running.parked_at, 0.0)
             parked.remove(running)
             active.append(running)
 
     def _until_stalled(self, parked: list[_Running]) -> float | None:
-        """Seconds until the first parked job's client has taken nothing for the send timeout (None: never)."""
-        if self.send_timeout is None or not parked:
+        """Seconds until the first parked job's client has taken nothing for the send timeout (None: never;
+        a client that caught up waits for a slot, not the other way round)."""
+        behind = [r for r in parked if not r.ticket.caught_up()]
+        if self.send_timeout is None or not behind:
             return None
-        return max(min(r.idle_since() for r in parked) + self.send_timeout - clock(), 0.0)
+        return max(min(r.idle_since() for r in behind) + self.send_timeout - clock(), 0.0)
 
     def _drop_cancelled(self, active: list[_Running], parked: list[_Running]) -> None:
         """Stop jobs whose client left or whose time is up, before their next step, and parked jobs
@@ -518,7 +555,8 @@ class GenerationWorker:
         if not parked and ticket.deadline is not None and now > ticket.deadline:
             return (logging.WARNING, "stopped: over its time limit",
                     GenerationTimeout("generation took longer than the server's time limit"))
-        if parked and self.send_timeout is not None and now - running.idle_since() > self.send_timeout:
+        if (parked and self.send_timeout is not None and not ticket.caught_up()
+                and now - running.idle_since() > self.send_timeout):
             return (logging.WARNING, f"stopped: its client took no audio for {self.send_timeout:g} s",
                     ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))
         return None
@@ -659,7 +697,10 @@ class GenerationWorker:
     def _stop(self, jobs: list[_Running], running: _Running, last: Exception | object) -> None:
         """End a job before its next step: its step generator closed (its tensors freed), `last`
         (an error or _DONE) to its client, its slot free."""
-        running.steps.close()
+        try:
+            running.steps.close()
+        except Exception:  # noqa: BLE001 - (a generator that fails to close is ended all the same)
+            log.exception("closing a generation failed", extra={"request_id": running.ticket.request_id})
         running.send(last)
         jobs.remove(running)
         self._release()
@@ -801,5 +842,9 @@ class _Running:
         log.debug("generated %.2f s of audio in %.2f s", self.samples / SAMPLE_RATE, time.perf_counter() - self.started_at,
                   extra={"request_id": self.ticket.request_id})
         if debug_sink is not None and self.kept:
-            debug_sink(np.concatenate(self.kept))  # before the response ends, so it is there when it has
+            try:  # before the response ends, so it is there when it has; failing it fails nothing else
+                debug_sink(np.concatenate(self.kept))
+            except Exception:  # noqa: BLE001 - a debugging aid: the listener has its audio
+                log.exception("saving the generated audio for debugging failed",
+                              extra={"request_id": self.ticket.request_id})
         self.send(_DONE)

@@ -156,6 +156,122 @@ def test_time_parked_does_not_count_toward_the_request_deadline(engine):
     assert run(worker, scenario) == 6 * BLOCK
 
 
+def slowed(engine, monkeypatch, seconds: float = 0.02) -> None:
+    """Every diffusion step takes at least `seconds` (the worker's loop keeps turning meanwhile)."""
+    steps = engine.steps
+    monkeypatch.setattr(engine, "steps", lambda calls: (time.sleep(seconds), steps(calls))[1])
+
+
+def test_a_client_that_caught_up_waits_for_a_slot_and_is_not_dropped_as_stalled(engine, monkeypatch):
+    """Its parked job has no slot (another stream, whose client keeps up, holds the only one): that
+    is the server's wait, not the client's stall, so the send timeout does not end it."""
+    slowed(engine, monkeypatch)
+    worker = wk.GenerationWorker(engine, max_active=1, max_ahead_samples=BLOCK, send_timeout=0.3)
+
+    async def scenario():
+        early = worker.submit(long_job(seed=1, blocks=10), "early")
+        blocks = [await anext(early)]
+        await until(lambda: worker.parked == 1)
+        busy = worker.submit(long_job(seed=2, blocks=200), "busy")  # takes the slot; read as it comes
+        reader = asyncio.create_task(_drain(busy))
+        await until(lambda: worker.active == 1)
+        while early._ticket.output.qsize():  # the early client takes all it was given, and waits
+            blocks.append(await anext(early))
+        await asyncio.sleep(1.0)  # over three send timeouts
+        still_waiting = (worker.parked, worker.active, reader.done())
+        busy.cancel()  # its slot frees: the early job goes on
+        blocks += [b async for b in early]
+        await reader
+        return still_waiting, sum(b.size for b in blocks)
+
+    still_waiting, samples = run(worker, scenario)
+    assert still_waiting == (1, 1, False)  # parked all along, while the busy stream ran
+    assert samples == 10 * BLOCK and worker.pending == 0
+
+
+async def _drain(stream) -> int:
+    return sum([b.size async for b in stream])
+
+
+def test_a_client_that_waited_for_a_slot_keeps_its_place(engine, monkeypatch):
+    """On resuming, a parked job's playback deadline moves on by the time its client was behind (its
+    listener paused), not by the time it then waited for a slot: it does not lose priority for that."""
+    now = [100.0]
+    monkeypatch.setattr(wk, "clock", lambda: now[0])
+    worker = wk.GenerationWorker(engine, max_active=1, thread=False)
+    ticket = wk._Ticket(job=None, loop=None, output=None)
+    running = wk._Running(ticket, None, keep_audio=False)
+    running.first_audio_at, running.samples, running.parked_at = 90.0, 10 * inf.SAMPLE_RATE, 95.0
+    ticket.resume_at = 0
+    ticket.took(1)  # at 100.0: caught up, 5 s after it was parked
+    now[0] = 130.0  # resumed 30 s later, when a slot freed
+    active, parked = [], [running]
+    worker._resume(active, parked)
+    assert active == [running] and parked == [] and ticket.resume_at is None
+    assert running.first_audio_at == 95.0  # moved on by the 5 s its client was behind
+    assert running.deadline(wk.FIRST_AUDIO_BUDGET) == 105.0  # overdue: the most urgent when the scheduler looks
+
+
+def test_a_job_cancelled_while_it_waits_for_a_slot_ends_and_frees_the_slot_at_once(engine):
+    go = __import__("threading").Event()
+    steps = engine.steps
+    engine.steps = lambda calls: (go.wait(30), steps(calls))[1]  # the running job holds the worker
+    worker = wk.GenerationWorker(engine, max_waiting=2, max_active=1)
+
+    async def scenario():
+        running = worker.submit(long_job(seed=1, blocks=3), "running")
+        await until(lambda: worker.active == 1)
+        waiting = [worker.submit(long_job(seed=s), f"waiting {s}") for s in (2, 3)]
+        with pytest.raises(wk.QueueFull):
+            worker.reserve()
+        for stream in waiting:
+            stream.cancel()
+            assert [b async for b in stream] == []  # ended now, not when the slot frees
+        worker.reserve().release()  # their slots are free again
+        state = (worker.pending, worker.active, worker.waiting)
+        go.set()
+        return state, sum(b.size for b in [b async for b in running])
+
+    state, samples = run(worker, scenario)
+    assert state == (1, 1, 0) and samples == 3 * BLOCK and worker.pending == 0
+
+
+def test_a_failing_debug_sink_fails_nothing(engine, caplog):
+    def sink(audio):
+        raise PermissionError("api_generation.wav: permission denied")
+
+    worker = wk.GenerationWorker(engine, max_active=1, debug_sink=sink)
+
+    async def scenario():
+        first = [b async for b in worker.submit(long_job(seed=1, blocks=2))]
+        second = [b async for b in worker.submit(long_job(seed=2, blocks=2))]
+        return sum(b.size for b in first), sum(b.size for b in second), worker.alive
+
+    assert run(worker, scenario) == (2 * BLOCK, 2 * BLOCK, True)
+    assert "saving the generated audio for debugging failed" in caplog.text
+
+
+def test_an_unexpected_error_in_the_worker_fails_its_jobs_and_the_worker_goes_on(engine, monkeypatch):
+    worker = wk.GenerationWorker(engine, max_active=2)
+    check = worker._check_silences
+    failures = [RuntimeError("a bug in the scheduler")]
+
+    def broken(active):
+        if failures and active:
+            raise failures.pop()
+        check(active)
+
+    monkeypatch.setattr(worker, "_check_silences", broken)
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="a bug in the scheduler"):
+            [b async for b in worker.submit(long_job(seed=1, blocks=2))]
+        return sum(b.size for b in [b async for b in worker.submit(long_job(seed=2, blocks=2))]), worker.alive
+
+    assert run(worker, scenario) == (2 * BLOCK, True)
+    assert worker.pending == 0
+
+
 # ---- slots reserved before the job is built ---------------------------------------------------------
 
 
