@@ -199,6 +199,8 @@ class AudioTooLong(AudioDecodeError):
 # protocol is allowed for anything the data names (the data itself is read through Python).
 AUDIO_CONTAINERS = ("wav", "w64", "flac", "mp3", "ogg", "mov", "matroska", "aac", "aiff", "caf", "au", "wv")
 MAX_SOURCE_RATE = 192_000  # Hz; higher rates are refused before decoding
+MIN_SOURCE_RATE = 8_000  # Hz (telephone audio); lower ones are refused: a 1 Hz header would make every sample 44,100
+MAX_FRAME_SECONDS = 30  # a decoded frame holding more is refused before it is resampled (real ones hold < 1 s)
 MAX_SOURCE_CHANNELS = 8
 DECODE_BUDGET_PER_SECOND = 96_000  # raw samples (all channels) decoded per second of max_duration: 48 kHz stereo
 _SAFE_CONTAINER_OPTIONS = {"format_whitelist": ",".join(AUDIO_CONTAINERS), "protocol_whitelist": "none"}
@@ -224,8 +226,9 @@ def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None 
     """Decode a clip in one of AUDIO_CONTAINERS (a path or a binary file object such as io.BytesIO
     of an upload); multi-channel audio is down-mixed, audio beyond `max_duration` seconds dropped.
 
-    Built for untrusted bytes: other containers are refused, a source over MAX_SOURCE_RATE or
-    MAX_SOURCE_CHANNELS is refused from its header, decoding stops (refused) once it has produced
+    Built for untrusted bytes: other containers are refused, a source outside MIN_SOURCE_RATE to
+    MAX_SOURCE_RATE or over MAX_SOURCE_CHANNELS is refused from its header (and from any frame that
+    says so), a frame over MAX_FRAME_SECONDS is refused, decoding stops (refused) once it has produced
     more raw samples than `max_duration` seconds of 48 kHz stereo, and a clip with a NaN or
     infinite sample is refused. Every refusal is an AudioDecodeError. With `refuse_over`, a clip
     longer than that many seconds is refused (AudioTooLong) instead of cut: from its declared
@@ -246,15 +249,19 @@ def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None 
                 raise AudioDecodeError(f"cannot decode {name}: it has no audio stream")
             stream = container.streams.audio[0]
             rate, channels = stream.rate or 0, stream.channels or 0
-            if rate > MAX_SOURCE_RATE or channels > MAX_SOURCE_CHANNELS:
-                raise AudioDecodeError(f"cannot decode {name}: {channels} channels at {rate} Hz; at most "
-                                       f"{MAX_SOURCE_CHANNELS} channels at {MAX_SOURCE_RATE} Hz are accepted")
+            if channels > MAX_SOURCE_CHANNELS or rate and not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
+                raise _refused_source(name, channels, rate)
             if refuse_over is not None and _declared_seconds(container, stream) > max_duration:
                 raise AudioTooLong(f"{name} is longer than {refuse_over:g} s")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in _with_flush(container.decode(stream)):
                 if frame is not None:
-                    decoded += frame.samples * max(frame.layout.nb_channels, 1)
+                    frame_rate, frame_channels = frame.sample_rate or 0, max(frame.layout.nb_channels, 1)
+                    if frame_channels > MAX_SOURCE_CHANNELS or not MIN_SOURCE_RATE <= frame_rate <= MAX_SOURCE_RATE:
+                        raise _refused_source(name, frame_channels, frame_rate)  # (a frame may differ from the header)
+                    if frame.samples > MAX_FRAME_SECONDS * frame_rate:  # resampled at once: bounded before
+                        raise AudioDecodeError(f"cannot decode {name}: a frame holds more than {MAX_FRAME_SECONDS} s")
+                    decoded += frame.samples * frame_channels
                     if budget is not None and decoded > budget:
                         raise AudioDecodeError(
                             f"cannot decode {name}: it holds more samples than {max_duration:g} s of 48 kHz "
@@ -282,6 +289,11 @@ def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None 
     tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
     peak = tensor.abs().max()
     return DecodedAudio(tensor / peak if normalize and peak > 0 else tensor, rate, channels)
+
+
+def _refused_source(name: str, channels: int, rate: int) -> AudioDecodeError:
+    return AudioDecodeError(f"cannot decode {name}: {channels} channels at {rate} Hz; at most {MAX_SOURCE_CHANNELS} "
+                            f"channels at {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz are accepted")
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float:

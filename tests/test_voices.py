@@ -463,6 +463,57 @@ def test_a_clip_over_the_rate_or_channel_limit_is_refused_from_its_header(monkey
     assert decoded == []
 
 
+def matroska_pcm(seconds: float, rate: int = 8000, declared_rate: float | None = None) -> bytes:
+    """A Matroska clip of 16-bit PCM in one block; its header's SamplingFrequency rewritten if asked."""
+    import struct
+
+    import av
+
+    buf = io.BytesIO()
+    samples = (np.sin(np.arange(int(seconds * rate)) * 0.05) * 8000).astype("<i2")[None]
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    data = bytearray(buf.getvalue())
+    if declared_rate is not None:
+        at = data.find(b"\xb5\x88" + struct.pack(">d", float(rate)))  # EBML SamplingFrequency, an 8-byte float
+        data[at + 2:at + 10] = struct.pack(">d", declared_rate)
+    return bytes(data)
+
+
+def test_a_clip_claiming_a_tiny_sample_rate_is_refused_before_it_is_resampled(monkeypatch):
+    """A 5 KB clip whose header says 1 Hz would turn each sample into 44,100 (gigabytes, before any
+    duration limit looked); a source under 8 kHz is refused, and 8 kHz telephone audio still decodes."""
+    import av
+
+    from inference import AudioDecodeError, load_audio_bytes
+
+    resampled = []
+    resample = av.AudioResampler.resample
+    monkeypatch.setattr(av.AudioResampler, "resample", lambda self, f: resampled.append(f) or resample(self, f))
+    bomb = matroska_pcm(0.25, declared_rate=1.0)
+    assert len(bomb) < 5000
+    with pytest.raises(AudioDecodeError, match="1 Hz"):
+        load_audio_bytes(bomb, refuse_over=300)
+    assert resampled == []
+    low = io.BytesIO()
+    sf.write(low, np.zeros(4000, np.float32), 4000, format="WAV")
+    with pytest.raises(InvalidVoiceError, match="4000 Hz.*8000-192000 Hz"):
+        inline_voice(base64.b64encode(low.getvalue()).decode(), 10**6, 30)
+    phone = load_audio_bytes(matroska_pcm(0.5), refuse_over=300)
+    assert phone.shape[1] == pytest.approx(0.5 * SAMPLE_RATE, abs=64)
+
+
+def test_a_frame_too_long_to_resample_at_once_is_refused():
+    from inference import MAX_FRAME_SECONDS, AudioDecodeError, load_audio_bytes
+
+    with pytest.raises(AudioDecodeError, match=f"a frame holds more than {MAX_FRAME_SECONDS} s"):
+        load_audio_bytes(matroska_pcm(MAX_FRAME_SECONDS + 1), refuse_over=300)
+
+
 def test_decoding_stops_once_a_clip_holds_more_than_its_duration_budget():
     """Eight channels at 48 kHz pass the header checks, but 2 s of them is more raw samples than
     3 s of 48 kHz stereo: decoding is abandoned, not finished."""
