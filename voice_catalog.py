@@ -19,7 +19,7 @@ import inference as inf
 from engine import SpeakerReference, VoiceUnusable
 from errors import RequestError
 from settings import Settings
-from voice_library import VoiceLibrary
+from voice_library import VoiceLibrary, writable
 from voices import (NO_VOICE, SpeakerCache, VoiceRegistry, VoiceSource, decode_inline_voice, inline_cache_key,
                     inline_voice_audio, is_no_voice, load_voice_audio, looks_like_inline_audio)
 
@@ -41,6 +41,10 @@ class VoiceCatalog:
         self.registry = VoiceRegistry(dirs, folder_support=settings.folder_support)
         self.library = VoiceLibrary(settings.upload_dir, self.registry, settings.max_voice_bytes,
                                     settings.max_voice_seconds)
+        if settings.uploads_enabled and not writable(settings.upload_dir):
+            log.warning("voice uploads are on but this process cannot write to %s: uploads will fail until it "
+                        "can (set ECHO_VOICE_UPLOAD_DIR to a writable directory, or ECHO_VOICE_UPLOADS=0)",
+                        settings.upload_dir)
         self.latents = SpeakerCache(settings.speaker_cache_size)  # speaker latents, by voice version
         self.keys = SpeakerCache(settings.speaker_kv_cache_size)  # speaker keys/values, by voice version
         self._openai_names_logged: set[str] = set()

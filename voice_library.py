@@ -107,7 +107,11 @@ class VoiceLibrary:
     def store(self, upload: Upload, overwrite: bool,
               latents: tuple[torch.Tensor, torch.Tensor] | None = None) -> VoiceSource:
         """Store a checked upload (exactly one of several concurrent uploads of a name wins unless
-        `overwrite`) and, if given, its speaker latents, tied to the stored version."""
+        `overwrite`) and, if given, its speaker latents, tied to the stored version.
+
+        The audio's rename is the commit: its metadata goes first, so however the store is cut short
+        (a full disk, a crash) no audio is left without the metadata that makes it an upload, which
+        would make it an operator's voice that cannot be deleted or replaced here."""
         name = upload.name
         with _no_space():
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -117,8 +121,15 @@ class VoiceLibrary:
                 audio = temps.write(upload.flac)
                 metadata = temps.write(json.dumps(upload.metadata, indent=2).encode())
                 self._path(name, LATENTS_SUFFIX).unlink(missing_ok=True)  # the replaced version's
-                os.replace(audio, self._path(name, AUDIO_SUFFIX))
-                os.replace(metadata, self._path(name, METADATA_SUFFIX))
+                replacing = self._path(name, AUDIO_SUFFIX).exists()
+                with _no_space():
+                    os.replace(metadata, self._path(name, METADATA_SUFFIX))
+                    try:
+                        os.replace(audio, self._path(name, AUDIO_SUFFIX))
+                    except OSError:
+                        if not replacing:  # (a replaced voice keeps the new metadata: still an upload)
+                            self._path(name, METADATA_SUFFIX).unlink(missing_ok=True)
+                        raise
             source = self.registry.resolve(name)
             if latents is not None:
                 self._store_latents(source, *latents)
@@ -163,8 +174,8 @@ class VoiceLibrary:
         if not self.is_uploaded(source.name):
             raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
                                "voice_id", status=403)
-        with self._locked():
-            for suffix in (METADATA_SUFFIX, AUDIO_SUFFIX, LATENTS_SUFFIX):
+        with self._locked():  # the audio first: cut short, what is left is no voice (or still an upload)
+            for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):
                 self._path(source.name, suffix).unlink(missing_ok=True)
         return source
 
@@ -250,12 +261,31 @@ class _TempFiles:
                 os.unlink(path)
 
 
+class StorageNotWritable(RequestError):
+    """The server may not write to its upload directory (permissions, a read-only mount): HTTP 500
+    that says so, for the operator to fix."""
+
+    def __init__(self):
+        super().__init__("this server cannot write to its voice directory (ECHO_VOICE_UPLOAD_DIR); nothing was "
+                         "stored", status=500, code="voice_storage_not_writable")
+
+
+def writable(directory: Path) -> bool:
+    """Whether this process could store voices in `directory` (or create it, if it does not exist yet)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
 @contextlib.contextmanager
 def _no_space() -> Iterator[None]:
-    """A full file system (or quota) inside the block is InsufficientStorage; other errors pass."""
+    """A full file system (or quota) inside the block is InsufficientStorage, a directory this process
+    may not write StorageNotWritable; other errors pass."""
     try:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage() from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise StorageNotWritable() from None
         raise

@@ -213,6 +213,8 @@ def test_compose_reserves_a_gpu_and_outwaits_the_shutdown_grace():
     assert float(server["stop_grace_period"].rstrip("s")) > grace
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert server["ports"] == ["8000:8000"] and "echo-data:/data" in server["volumes"]
+    # uploads land in the volume the image's user owns, not in the host's bind-mounted checkout
+    assert server["environment"]["ECHO_VOICE_UPLOAD_DIR"].startswith("/data/")
     assert compose["services"]["download"]["command"] == ["python", "api_server.py", "download"]
 
 

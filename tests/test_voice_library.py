@@ -148,6 +148,84 @@ def test_concurrent_overwrites_leave_a_voice_whose_files_belong_together(library
     assert not any(name.endswith(".tmp") for name in stored_files(library.uploads))
 
 
+def cut_short(monkeypatch, failing_suffix: str) -> None:
+    """Renaming a file into the voice directory whose name ends with the suffix fails: a full disk (a
+    rename can need room) or, for what is left behind, a crash at that moment."""
+    import errno
+    import os
+
+    replace = os.replace
+
+    def failing(source, target):
+        if str(target).endswith(failing_suffix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
+@pytest.mark.parametrize("failing", [".voice.json", ".flac"])
+def test_an_upload_cut_short_at_either_rename_leaves_nothing_or_a_voice_that_can_be_deleted(library, monkeypatch,
+                                                                                           failing):
+    name = f"cut{failing.replace('.', '-')}"
+    with monkeypatch.context() as patch:
+        cut_short(patch, failing)
+        r = upload(library, name, clip())
+        assert r.status_code == 507, r.text
+        assert not any(p.startswith(f"{name}.") for p in stored_files(library.uploads))  # a new name: nothing
+        assert library.get(f"/v1/voices/{name}", headers=KEY).status_code == 404
+    assert upload(library, name, clip()).status_code == 200
+    with monkeypatch.context() as patch:
+        cut_short(patch, failing)
+        assert upload(library, name, clip(seconds=7.0), overwrite="true").status_code == 507
+    assert library.get(f"/v1/voices/{name}", headers=KEY).json()["uploaded"] is True  # still an upload
+    assert upload(library, name, clip(seconds=8.0), overwrite="true").status_code == 200
+    assert library.delete(f"/v1/audio/voices/{name}", headers=KEY).status_code == 200
+
+
+def test_an_upload_directory_the_server_cannot_write_is_a_clear_error_and_a_warning_at_start(library, monkeypatch,
+                                                                                              caplog):
+    import errno
+    import tempfile
+
+    from settings import load_settings
+    from voice_catalog import VoiceCatalog
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with monkeypatch.context() as patch:  # (as root, permissions do not stop a write: the refusal is simulated)
+        patch.setattr(tempfile, "mkstemp", refused)
+        r = upload(library, "unwritable", clip())
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["code"] == "voice_storage_not_writable"
+    assert "ECHO_VOICE_UPLOAD_DIR" in error["message"] and "nothing was stored" in error["message"]
+    assert library.get("/v1/voices/unwritable", headers=KEY).status_code == 404
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    for name, value in library.env.items():
+        monkeypatch.setenv(name, value)
+    VoiceCatalog(load_settings(device="cpu"))
+    assert "voice uploads are on but this process cannot write to" in caplog.text
+
+
+def test_a_delete_cut_short_leaves_the_voice_deletable(library, monkeypatch):
+    import pathlib
+
+    assert upload(library, "undeleted", clip()).status_code == 200
+    unlink = pathlib.Path.unlink
+
+    def failing(path, missing_ok=False):
+        if path.name == "undeleted.flac":
+            raise PermissionError(13, "Permission denied")
+        return unlink(path, missing_ok=missing_ok)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "unlink", failing)
+        assert library.delete("/v1/audio/voices/undeleted", headers=KEY).status_code == 500
+    assert library.get("/v1/voices/undeleted", headers=KEY).json()["uploaded"] is True  # not an operator's voice now
+    assert library.delete("/v1/audio/voices/undeleted", headers=KEY).status_code == 200
+
+
 def test_a_wav_with_a_nan_sample_is_400_and_stores_nothing(library):
     data = io.BytesIO()
     tone = 0.3 * np.sin(np.arange(6 * 22050) / 7).astype(np.float32)
