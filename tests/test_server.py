@@ -98,12 +98,39 @@ def test_every_format_decodes_with_the_right_rate_and_length(app, fmt, stream):
                      "aac": "audio/aac", "flac": "audio/flac"}[fmt]
     assert r.headers["content-type"] == expected_type
     if not stream:
-        assert int(r.headers["content-length"]) == len(r.content)
+        assert int(r.headers["content-length"]) == len(r.content) and "transfer-encoding" not in r.headers
     rate, channels, samples = decode(r.content, fmt)
     assert channels == 1
     assert rate == (48000 if fmt == "opus" else 44100)
     seconds = len(samples) / rate
     assert abs(seconds - FAST_SAMPLES / 44100) < 0.1, seconds
+
+
+def test_a_whole_file_is_sent_as_its_pieces_without_a_joined_copy():
+    """stream=false holds the whole file for its Content-Length, once: the encoder's pieces are sent
+    as they are (a 4 KB request can ask for minutes of 48 kHz audio)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import api_server
+
+    pieces = [bytes([i]) * 1_000_000 for i in range(4)]
+
+    async def produce(watched):
+        for piece in pieces:
+            yield piece
+
+    speech = SimpleNamespace(pieces=produce, audio_seconds=1.0, encoder=SimpleNamespace(content_type="audio/wav"),
+                             started=SimpleNamespace(stream=SimpleNamespace(steps_used=None)))
+    timing = SimpleNamespace(sent=lambda: None, finished=lambda seconds: None)
+
+    async def send():
+        response = await api_server._whole_file(speech, {}, timing)
+        return response, [chunk async for chunk in response.body_iterator]
+
+    response, sent = asyncio.run(send())
+    assert response.headers["content-length"] == str(4_000_000)
+    assert len(sent) == 4 and all(a is b for a, b in zip(sent, pieces))  # the same objects: nothing copied
 
 
 def test_non_streaming_default_is_mp3(app):
