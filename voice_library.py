@@ -40,10 +40,10 @@ SHORT_SECONDS, LONG_SECONDS = 5.0, 60.0  # Echo clones best from 10-30 s of clea
 
 
 def check_name(name: str) -> str:
-    """An uploaded voice's name: 1-64 of [A-Za-z0-9 _.-], no leading dot or space, not `none`."""
+    """An uploaded voice's name: 1-64 of [A-Za-z0-9 _.-], no leading dot or space, no trailing space, not `none`."""
     if not NAME_RE.fullmatch(name or "") or name[0] in ". " or name.endswith(" ") or is_no_voice(name):
         raise RequestError("name must be 1-64 characters of A-Z a-z 0-9 space _ . - , not start with a dot "
-                           "or a space, and not be 'none'", "name")
+                           "or a space, not end with a space, and not be 'none'", "name")
     return name
 
 
