@@ -25,7 +25,9 @@ a stream with seconds buffered yields to one about to run dry. Starvation-free: 
 changes only when it delivers audio, so a job that waits keeps its deadline while every other
 job's moves later as it is served, and it becomes the earliest after finitely many units.
 Between units the worker admits new jobs, parks jobs that ran ahead of their client
-(`max_ahead_samples`) and drops cancelled, timed-out and stalled ones. A unit that runs out of
+(`max_ahead_samples`) and drops cancelled, timed-out and stalled ones. A parked job whose client has
+caught up goes back before any new job: into a free slot, or into the slot of the running job with
+the latest deadline when its own is earlier by more than SWAP_MARGIN (that one waits parked). A unit that runs out of
 device memory is computed again in halves (every unit is all or nothing); a job whose own work
 does not fit fails (the client gets 503), the others carry on.
 
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 
 clock = time.monotonic  # the clock of deadlines, parking and timeouts (a simulation replaces it: benchmarks/)
 FIRST_AUDIO_BUDGET = 0.5  # seconds from arrival a new stream's first audio may take before it counts as late
+SWAP_MARGIN = 1.0  # seconds by which a waiting job's deadline must precede a running one's to take its slot
 UNIT_COST_SMOOTHING = 0.2  # weight of the latest unit in the measured seconds per unit (a moving average)
 MEMORY_CAP_RELAX_UNITS = 64  # parts of a kind's units run within its out-of-memory cap before it doubles
 
@@ -501,28 +504,62 @@ class GenerationWorker:
             if ticket.taken >= ticket.resume_at or ticket.cancelled.is_set():
                 ticket.resume_at = None
                 continue
-            running.parked_at = now
-            active.remove(running)
-            parked.append(running)
+            self._park_one(running, active, parked, now, ticket.resume_at)
             log.debug("generation parked %.2f s of audio ahead of its client",
                       (running.samples - ticket.taken) / SAMPLE_RATE, extra={"request_id": ticket.request_id})
 
+    @staticmethod
+    def _park_one(running: _Running, active: list[_Running], parked: list[_Running], now: float,
+                  resume_at: int) -> None:
+        """Out of the batch until its client has taken `resume_at` samples (already: it waits for a slot)."""
+        ticket = running.ticket
+        if ticket.resume_at != resume_at:
+            ticket.caught_up_at = None
+            ticket.resume_at = resume_at
+        if ticket.taken >= resume_at and ticket.caught_up_at is None:
+            ticket.caught_up_at = now
+        running.parked_at = now
+        active.remove(running)
+        parked.append(running)
+
     def _resume(self, active: list[_Running], parked: list[_Running]) -> None:
-        """Parked jobs whose client has caught up go back into free slots, before new jobs. The time
-        they were parked moves their time limit on (a slow listener is no slow generation), and the
-        time their client was behind moves their playback deadline on (its listener paused), not the
-        time it then waited for a slot (its listener waits for us: it keeps its place)."""
+        """Parked jobs whose client has caught up go back into free slots, before new jobs, the most
+        urgent first. With no slot free, one takes the slot of the running job with the latest
+        deadline if its own is earlier by more than SWAP_MARGIN (that job waits parked, with no
+        stall clock, until a slot frees or its deadline is the earlier one): under a load that keeps
+        every slot busy, a listener who caught up is not left silent until another stream ends."""
         now = clock()
-        for running in [r for r in parked if r.ticket.caught_up()][:self.max_active - len(active)]:
-            ticket = running.ticket
-            caught_up_at = min(ticket.caught_up_at if ticket.caught_up_at is not None else now, now)
-            ticket.resume_at = ticket.caught_up_at = None
-            if ticket.deadline is not None:
-                ticket.deadline += now - running.parked_at
-            if running.first_audio_at is not None:
-                running.first_audio_at += max(caught_up_at - running.parked_at, 0.0)
-            parked.remove(running)
-            active.append(running)
+        budget = self.first_audio_budget
+        for running in sorted((r for r in parked if r.ticket.caught_up()), key=lambda r: self._resumed(r, now)):
+            if len(active) >= self.max_active:
+                swappable = [r for r in active if isinstance(r.pending, ModelCall)]
+                latest = max(swappable, key=lambda r: r.deadline(budget), default=None)
+                if latest is None or latest.deadline(budget) - self._resumed(running, now) <= SWAP_MARGIN:
+                    break
+                self._park_one(latest, active, parked, now, resume_at=latest.ticket.taken)
+            self._resume_one(running, active, parked, now)
+
+    def _resumed(self, running: _Running, now: float) -> float:
+        """The deadline a parked job would have if it resumed now: the time its client was behind
+        moves it on (its listener paused), not the time it then waited for a slot (the listener
+        waits for us: it keeps its place)."""
+        ticket = running.ticket
+        caught_up_at = min(ticket.caught_up_at if ticket.caught_up_at is not None else now, now)
+        if running.first_audio_at is None:
+            return running.deadline(self.first_audio_budget)
+        return running.first_audio_at + max(caught_up_at - running.parked_at, 0.0) + running.samples / SAMPLE_RATE
+
+    def _resume_one(self, running: _Running, active: list[_Running], parked: list[_Running], now: float) -> None:
+        """Back into the batch; the time it was parked moves its time limit on (a slow listener is no
+        slow generation)."""
+        ticket = running.ticket
+        if running.first_audio_at is not None:
+            running.first_audio_at = self._resumed(running, now) - running.samples / SAMPLE_RATE
+        ticket.resume_at = ticket.caught_up_at = None
+        if ticket.deadline is not None:
+            ticket.deadline += now - running.parked_at
+        parked.remove(running)
+        active.append(running)
 
     def _until_stalled(self, parked: list[_Running]) -> float | None:
         """Seconds until the first parked job's client has taken nothing for the send timeout (None: never;

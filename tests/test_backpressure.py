@@ -163,9 +163,11 @@ def slowed(engine, monkeypatch, seconds: float = 0.02) -> None:
 
 
 def test_a_client_that_caught_up_waits_for_a_slot_and_is_not_dropped_as_stalled(engine, monkeypatch):
-    """Its parked job has no slot (another stream, whose client keeps up, holds the only one): that
-    is the server's wait, not the client's stall, so the send timeout does not end it."""
+    """Its parked job has no slot (another stream, whose client keeps up, holds the only one, and
+    here never yields it): that is the server's wait, not the client's stall, so the send timeout
+    does not end it."""
     slowed(engine, monkeypatch)
+    monkeypatch.setattr(wk, "SWAP_MARGIN", float("inf"))
     worker = wk.GenerationWorker(engine, max_active=1, max_ahead_samples=BLOCK, send_timeout=0.3)
 
     async def scenario():
@@ -187,6 +189,29 @@ def test_a_client_that_caught_up_waits_for_a_slot_and_is_not_dropped_as_stalled(
     still_waiting, samples = run(worker, scenario)
     assert still_waiting == (1, 1, False)  # parked all along, while the busy stream ran
     assert samples == 10 * BLOCK and worker.pending == 0
+
+
+def test_a_client_that_caught_up_takes_the_slot_of_a_stream_with_audio_to_spare(engine, monkeypatch):
+    """Every slot is busy with a stream far ahead of its deadline (its client reads as fast as it
+    can): the parked job whose client caught up takes that slot, and finishes while the other waits,
+    instead of staying silent until the other stream ends."""
+    slowed(engine, monkeypatch)
+    worker = wk.GenerationWorker(engine, max_active=1, max_ahead_samples=BLOCK, send_timeout=0.3)
+
+    async def scenario():
+        early = worker.submit(long_job(seed=1, blocks=10), "early")
+        blocks = [await anext(early)]
+        await until(lambda: worker.parked == 1)
+        busy = worker.submit(long_job(seed=2, blocks=200), "busy")
+        reader = asyncio.create_task(_drain(busy))
+        await until(lambda: worker.active == 1)
+        blocks += [b async for b in early]  # its client reads on: it gets its slot back, and ends
+        busy_running = not reader.done()
+        return busy_running, sum(b.size for b in blocks), await reader
+
+    busy_running, samples, busy_samples = run(worker, scenario)
+    assert busy_running and samples == 10 * BLOCK and busy_samples == 200 * BLOCK
+    assert worker.pending == 0
 
 
 async def _drain(stream) -> int:
