@@ -199,8 +199,8 @@ class AudioTooLong(AudioDecodeError):
 # protocol is allowed for anything the data names (the data itself is read through Python).
 AUDIO_CONTAINERS = ("wav", "w64", "flac", "mp3", "ogg", "mov", "matroska", "aac", "aiff", "caf", "au", "wv")
 MAX_SOURCE_RATE = 192_000  # Hz; higher rates are refused before decoding
-MIN_SOURCE_RATE = 8_000  # Hz (telephone audio); lower ones are refused: a 1 Hz header would make every sample 44,100
-MAX_FRAME_SECONDS = 30  # a decoded frame holding more is refused before it is resampled (real ones hold < 1 s)
+MIN_SOURCE_RATE = 4_000  # Hz (old formats go down to 5,512); lower is refused: at 1 Hz each sample would become 44,100
+MAX_FRAME_SECONDS = 30  # a decoded frame holding more is refused before it is resampled (real ones hold < 2 s)
 MAX_SOURCE_CHANNELS = 8
 DECODE_BUDGET_PER_SECOND = 96_000  # raw samples (all channels) decoded per second of max_duration: 48 kHz stereo
 _SAFE_CONTAINER_OPTIONS = {"format_whitelist": ",".join(AUDIO_CONTAINERS), "protocol_whitelist": "none"}

@@ -121,14 +121,17 @@ class VoiceLibrary:
                 audio = temps.write(upload.flac)
                 metadata = temps.write(json.dumps(upload.metadata, indent=2).encode())
                 self._path(name, LATENTS_SUFFIX).unlink(missing_ok=True)  # the replaced version's
-                replacing = self._path(name, AUDIO_SUFFIX).exists()
+                meta_path = self._path(name, METADATA_SUFFIX)
+                replaced = temps.write(meta_path.read_bytes()) if self.is_uploaded(name) else None
                 with _no_space():
-                    os.replace(metadata, self._path(name, METADATA_SUFFIX))
+                    os.replace(metadata, meta_path)
                     try:
                         os.replace(audio, self._path(name, AUDIO_SUFFIX))
-                    except OSError:
-                        if not replacing:  # (a replaced voice keeps the new metadata: still an upload)
-                            self._path(name, METADATA_SUFFIX).unlink(missing_ok=True)
+                    except OSError:  # the replaced version's metadata back; a new name's gone
+                        if replaced is not None:
+                            os.replace(replaced, meta_path)
+                        else:
+                            meta_path.unlink(missing_ok=True)
                         raise
             source = self.registry.resolve(name)
             if latents is not None:
@@ -174,8 +177,8 @@ class VoiceLibrary:
         if not self.is_uploaded(source.name):
             raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
                                "voice_id", status=403)
-        with self._locked():  # the audio first: cut short, what is left is no voice (or still an upload)
-            for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):
+        with self._locked(), _no_space("deleted"):  # the audio first: cut short, what is left is no voice
+            for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):  # (or still an upload)
                 self._path(source.name, suffix).unlink(missing_ok=True)
         return source
 
@@ -265,9 +268,9 @@ class StorageNotWritable(RequestError):
     """The server may not write to its upload directory (permissions, a read-only mount): HTTP 500
     that says so, for the operator to fix."""
 
-    def __init__(self):
-        super().__init__("this server cannot write to its voice directory (ECHO_VOICE_UPLOAD_DIR); nothing was "
-                         "stored", status=500, code="voice_storage_not_writable")
+    def __init__(self, what: str = "stored"):
+        super().__init__(f"this server cannot write to its voice directory (ECHO_VOICE_UPLOAD_DIR); nothing was "
+                         f"{what}", status=500, code="voice_storage_not_writable")
 
 
 def writable(directory: Path) -> bool:
@@ -278,14 +281,14 @@ def writable(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _no_space() -> Iterator[None]:
+def _no_space(what: str = "stored") -> Iterator[None]:
     """A full file system (or quota) inside the block is InsufficientStorage, a directory this process
-    may not write StorageNotWritable; other errors pass."""
+    may not write StorageNotWritable (nothing was `what`); other errors pass."""
     try:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientStorage() from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise StorageNotWritable() from None
+            raise StorageNotWritable(what) from None
         raise

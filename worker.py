@@ -82,9 +82,11 @@ class QueueFull(Exception):
 @dataclass
 class _Ticket:
     """A submitted job as both sides see it: the worker writes `resume_at`, the JobStream `taken`,
-    `taken_at` and `caught_up_at` (plain attributes: each has one writer, and the reader only compares
-    them). Whoever `claim`s it first owns its slot: the worker taking it in, or its stream cancelled
-    while it waited (which then gives the slot back and ends itself)."""
+    `taken_at` and `caught_up` (plain attributes: each has one writer, and the reader only compares
+    them; the worker also writes `caught_up` when it parks a job whose client is already there, and
+    every write names the `resume_at` it is for, so a late one is ignored). Whoever `claim`s it
+    first owns its slot: the worker taking it in, or its stream cancelled while it waited (which
+    then gives the slot back and ends itself)."""
 
     job: SpeechJob
     loop: asyncio.AbstractEventLoop
@@ -97,7 +99,7 @@ class _Ticket:
     taken: int = 0  # samples the client has taken from its JobStream
     taken_at: float = 0.0  # clock() of its last take
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
-    caught_up_at: float | None = None  # while parked: clock() when `taken` reached `resume_at`
+    caught_up: tuple[int, float] | None = None  # (resume_at, clock()) when `taken` reached that resume_at
     arrived: float = field(default_factory=lambda: clock())  # when it was submitted
     steps_used: list[int] | None = None  # with adaptive steps: the diffusion steps of each block started, in order
     _claim: threading.Lock = field(default_factory=threading.Lock)
@@ -111,13 +113,18 @@ class _Ticket:
         self.taken += samples
         self.taken_at = clock()
         if (at := self.resume_at) is not None and self.taken >= at:
-            if self.caught_up_at is None:
-                self.caught_up_at = self.taken_at
+            if self.caught_up is None or self.caught_up[0] != at:  # (one tuple: a late write names its resume_at)
+                self.caught_up = (at, self.taken_at)
             self.wake()
 
-    def caught_up(self) -> bool:
+    def is_caught_up(self) -> bool:
         """While parked: whether its client has taken enough for it to go on (it waits for a slot)."""
         return (at := self.resume_at) is not None and self.taken >= at
+
+    def caught_up_at(self) -> float | None:
+        """While parked: when its client caught up with this parking's `resume_at` (None: not yet seen)."""
+        caught_up, at = self.caught_up, self.resume_at
+        return caught_up[1] if caught_up is not None and caught_up[0] == at else None
 
 
 class _ThreadCall:
@@ -419,6 +426,7 @@ class GenerationWorker:
                     for jobs in (active, parked):
                         for running in list(jobs):
                             self._stop(jobs, running, e)
+                    self._count(active, parked)
         self._active = self._parked = 0
 
     def iterate(self, active: list[_Running], parked: list[_Running]) -> None:
@@ -498,7 +506,6 @@ class GenerationWorker:
         now = clock()
         for running in [r for r in active if isinstance(r.pending, ModelCall)]:
             ticket = running.ticket
-            ticket.caught_up_at = None  # (before resume_at: a take from now on may set it)
             ticket.resume_at = running.samples - self.max_ahead_samples
             # read after resume_at is set: a later take or cancel wakes us; an earlier cancel is seen here
             if ticket.taken >= ticket.resume_at or ticket.cancelled.is_set():
@@ -513,11 +520,9 @@ class GenerationWorker:
                   resume_at: int) -> None:
         """Out of the batch until its client has taken `resume_at` samples (already: it waits for a slot)."""
         ticket = running.ticket
-        if ticket.resume_at != resume_at:
-            ticket.caught_up_at = None
-            ticket.resume_at = resume_at
-        if ticket.taken >= resume_at and ticket.caught_up_at is None:
-            ticket.caught_up_at = now
+        ticket.resume_at = resume_at
+        if ticket.taken >= resume_at and ticket.caught_up_at() is None:
+            ticket.caught_up = (resume_at, now)
         running.parked_at = now
         active.remove(running)
         parked.append(running)
@@ -530,7 +535,7 @@ class GenerationWorker:
         every slot busy, a listener who caught up is not left silent until another stream ends."""
         now = clock()
         budget = self.first_audio_budget
-        for running in sorted((r for r in parked if r.ticket.caught_up()), key=lambda r: self._resumed(r, now)):
+        for running in sorted((r for r in parked if r.ticket.is_caught_up()), key=lambda r: self._resumed(r, now)):
             if len(active) >= self.max_active:
                 swappable = [r for r in active if isinstance(r.pending, ModelCall)]
                 latest = max(swappable, key=lambda r: r.deadline(budget), default=None)
@@ -544,7 +549,7 @@ class GenerationWorker:
         moves it on (its listener paused), not the time it then waited for a slot (the listener
         waits for us: it keeps its place)."""
         ticket = running.ticket
-        caught_up_at = min(ticket.caught_up_at if ticket.caught_up_at is not None else now, now)
+        caught_up_at = min(at if (at := ticket.caught_up_at()) is not None else now, now)
         if running.first_audio_at is None:
             return running.deadline(self.first_audio_budget)
         return running.first_audio_at + max(caught_up_at - running.parked_at, 0.0) + running.samples / SAMPLE_RATE
@@ -555,7 +560,7 @@ class GenerationWorker:
         ticket = running.ticket
         if running.first_audio_at is not None:
             running.first_audio_at = self._resumed(running, now) - running.samples / SAMPLE_RATE
-        ticket.resume_at = ticket.caught_up_at = None
+        ticket.resume_at = None
         if ticket.deadline is not None:
             ticket.deadline += now - running.parked_at
         parked.remove(running)
@@ -564,7 +569,7 @@ class GenerationWorker:
     def _until_stalled(self, parked: list[_Running]) -> float | None:
         """Seconds until the first parked job's client has taken nothing for the send timeout (None: never;
         a client that caught up waits for a slot, not the other way round)."""
-        behind = [r for r in parked if not r.ticket.caught_up()]
+        behind = [r for r in parked if not r.ticket.is_caught_up()]
         if self.send_timeout is None or not behind:
             return None
         return max(min(r.idle_since() for r in behind) + self.send_timeout - clock(), 0.0)
@@ -592,7 +597,7 @@ class GenerationWorker:
         if not parked and ticket.deadline is not None and now > ticket.deadline:
             return (logging.WARNING, "stopped: over its time limit",
                     GenerationTimeout("generation took longer than the server's time limit"))
-        if (parked and self.send_timeout is not None and not ticket.caught_up()
+        if (parked and self.send_timeout is not None and not ticket.is_caught_up()
                 and now - running.idle_since() > self.send_timeout):
             return (logging.WARNING, f"stopped: its client took no audio for {self.send_timeout:g} s",
                     ClientStalled(f"the client took no audio for {self.send_timeout:g} s"))

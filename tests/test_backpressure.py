@@ -237,6 +237,22 @@ def test_a_client_that_waited_for_a_slot_keeps_its_place(engine, monkeypatch):
     assert running.deadline(wk.FIRST_AUDIO_BUDGET) == 105.0  # overdue: the most urgent when the scheduler looks
 
 
+def test_a_late_catch_up_time_from_an_earlier_parking_is_ignored(engine, monkeypatch):
+    """The client's thread read an old `resume_at` and wrote its time after the job had resumed and
+    parked again: that time belongs to the old parking and must not move the new one's deadline."""
+    now = [130.0]
+    monkeypatch.setattr(wk, "clock", lambda: now[0])
+    worker = wk.GenerationWorker(engine, max_active=1, thread=False)
+    ticket = wk._Ticket(job=None, loop=None, output=None)
+    running = wk._Running(ticket, None, keep_audio=False)
+    running.first_audio_at, running.samples, running.parked_at = 90.0, 10 * inf.SAMPLE_RATE, 120.0
+    ticket.resume_at, ticket.taken = 2000, 2000  # parked at 120, its client there by now
+    ticket.caught_up = (1000, 101.0)  # the late write, for the parking before
+    assert ticket.caught_up_at() is None
+    worker._resume(active := [], [running])
+    assert active == [running] and running.first_audio_at == 100.0  # behind 120 -> 130: moved on 10 s
+
+
 def test_a_job_cancelled_while_it_waits_for_a_slot_ends_and_frees_the_slot_at_once(engine):
     go = __import__("threading").Event()
     steps = engine.steps
@@ -291,6 +307,8 @@ def test_an_unexpected_error_in_the_worker_fails_its_jobs_and_the_worker_goes_on
     async def scenario():
         with pytest.raises(RuntimeError, match="a bug in the scheduler"):
             [b async for b in worker.submit(long_job(seed=1, blocks=2))]
+        await until(lambda: worker.pending == 0)
+        assert (worker.active, worker.parked) == (0, 0)  # the gauges say so too
         return sum(b.size for b in [b async for b in worker.submit(long_job(seed=2, blocks=2))]), worker.alive
 
     assert run(worker, scenario) == (2 * BLOCK, True)

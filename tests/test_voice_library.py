@@ -174,11 +174,14 @@ def test_an_upload_cut_short_at_either_rename_leaves_nothing_or_a_voice_that_can
         assert r.status_code == 507, r.text
         assert not any(p.startswith(f"{name}.") for p in stored_files(library.uploads))  # a new name: nothing
         assert library.get(f"/v1/voices/{name}", headers=KEY).status_code == 404
-    assert upload(library, name, clip()).status_code == 200
+    assert upload(library, name, clip(), consent="the first").status_code == 200
     with monkeypatch.context() as patch:
         cut_short(patch, failing)
-        assert upload(library, name, clip(seconds=7.0), overwrite="true").status_code == 507
-    assert library.get(f"/v1/voices/{name}", headers=KEY).json()["uploaded"] is True  # still an upload
+        r = upload(library, name, clip(seconds=7.0), overwrite="true", consent="the second")
+        assert r.status_code == 507 and "nothing was stored" in r.text
+    kept = library.get(f"/v1/voices/{name}", headers=KEY).json()  # the first version, whole
+    assert (kept["uploaded"], kept["consent"], kept["quality"]["duration_seconds"]) == (True, "the first", 6.0)
+    assert sf.info(library.uploads / f"{name}.flac").duration == pytest.approx(6.0, abs=0.01)
     assert upload(library, name, clip(seconds=8.0), overwrite="true").status_code == 200
     assert library.delete(f"/v1/audio/voices/{name}", headers=KEY).status_code == 200
 
@@ -221,7 +224,9 @@ def test_a_delete_cut_short_leaves_the_voice_deletable(library, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(pathlib.Path, "unlink", failing)
-        assert library.delete("/v1/audio/voices/undeleted", headers=KEY).status_code == 500
+        r = library.delete("/v1/audio/voices/undeleted", headers=KEY)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "voice_storage_not_writable"
+        assert "nothing was deleted" in r.json()["error"]["message"]
     assert library.get("/v1/voices/undeleted", headers=KEY).json()["uploaded"] is True  # not an operator's voice now
     assert library.delete("/v1/audio/voices/undeleted", headers=KEY).status_code == 200
 

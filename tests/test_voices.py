@@ -486,7 +486,7 @@ def matroska_pcm(seconds: float, rate: int = 8000, declared_rate: float | None =
 
 def test_a_clip_claiming_a_tiny_sample_rate_is_refused_before_it_is_resampled(monkeypatch):
     """A 5 KB clip whose header says 1 Hz would turn each sample into 44,100 (gigabytes, before any
-    duration limit looked); a source under 8 kHz is refused, and 8 kHz telephone audio still decodes."""
+    duration limit looked); a source under 4 kHz is refused; 5,512 Hz and 8 kHz telephone audio still decode."""
     import av
 
     from inference import AudioDecodeError, load_audio_bytes
@@ -500,11 +500,14 @@ def test_a_clip_claiming_a_tiny_sample_rate_is_refused_before_it_is_resampled(mo
         load_audio_bytes(bomb, refuse_over=300)
     assert resampled == []
     low = io.BytesIO()
-    sf.write(low, np.zeros(4000, np.float32), 4000, format="WAV")
-    with pytest.raises(InvalidVoiceError, match="4000 Hz.*8000-192000 Hz"):
+    sf.write(low, np.zeros(3000, np.float32), 3000, format="WAV")
+    with pytest.raises(InvalidVoiceError, match="3000 Hz.*4000-192000 Hz"):
         inline_voice(base64.b64encode(low.getvalue()).decode(), 10**6, 30)
     phone = load_audio_bytes(matroska_pcm(0.5), refuse_over=300)
     assert phone.shape[1] == pytest.approx(0.5 * SAMPLE_RATE, abs=64)
+    old = io.BytesIO()
+    sf.write(old, 0.1 * np.ones(5512, np.float32), 5512, format="WAV")
+    assert load_audio_bytes(old.getvalue(), refuse_over=300).shape[1] == pytest.approx(SAMPLE_RATE, abs=64)
 
 
 def test_a_frame_too_long_to_resample_at_once_is_refused():
