@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +15,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from audio_encoding import MAX_OUTPUT_RATE, MIN_OUTPUT_RATE, AudioFormat
-from text_chunking import ChunkMode
+from text_chunking import CHARS_PER_SECOND_RANGE, WORDS_PER_SECOND_RANGE, ChunkMode
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ class Settings(BaseSettings):
     vad_reroll_enabled: bool = False  # sample a block again while its audio holds a long silence
     vad_silence_threshold_ms: float = Field(1000.0, gt=0)
     vad_max_rerolls: int = Field(3, ge=0, le=20)
-    chunk_chars_per_second: float = Field(14.0, gt=0)
-    chunk_words_per_second: float = Field(2.7, gt=0)
+    chunk_chars_per_second: float = Field(14.0, ge=CHARS_PER_SECOND_RANGE[0], le=CHARS_PER_SECOND_RANGE[1])
+    chunk_words_per_second: float = Field(2.7, ge=WORDS_PER_SECOND_RANGE[0], le=WORDS_PER_SECOND_RANGE[1])
     max_speaker_latent_length: int = Field(6400, ge=4, le=6400)
     folder_support: bool = True
     voice_dirs: Annotated[list[Path], NoDecode] = [Path("audio_prompts")]  # ':'-separated
@@ -103,7 +105,7 @@ class Settings(BaseSettings):
     # its client has taken, then waits outside the batch
     read_timeout: float = Field(15.0, gt=0)
     max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)  # request line + headers; larger: 431
-    send_timeout: float = Field(30.0, gt=0)
+    send_timeout: float = Field(30.0, ge=0.1)
     max_ahead_seconds: float = Field(8.0, gt=0)
     public_docs: bool | None = None  # /docs and /openapi.json without a key; unset: only when no ECHO_API_KEY
     api_key: str | None = None
@@ -144,13 +146,28 @@ class Settings(BaseSettings):
     @field_validator("device", "fish_device")
     @classmethod
     def _known_device(cls, value: str | None) -> str | None:
-        if value is not None and value.strip().lower() == "auto":
-            return "auto"
-        if value is not None:
-            try:
-                torch.device(value)
-            except RuntimeError:
-                raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        """auto, cpu, cuda or cuda:N (the devices this server runs on), spaces and case aside."""
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
+            return value
+        raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @field_validator("cache_dir", "voice_upload_dir", mode="before")
+    @classmethod
+    def _blank_path_is_unset(cls, value, info):
+        """A blank path is the default, not the working directory (Path('') is '.')."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _holds_a_key(cls, value: str | None) -> str | None:
+        """A set ECHO_API_KEY that names no key (",") must not leave the server open."""
+        if value is not None and not [k for k in value.split(",") if k.strip()]:
+            raise ValueError("names no key: give one or more keys separated by commas, or leave it unset")
         return value
 
     @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
@@ -293,7 +310,14 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as e:
-        raise config_error(e, lambda field: "PORT" if field == "port" else f"ECHO_{field.upper()}") from None
+        raise config_error(e, _variable) from None
+
+
+def _variable(field: str) -> str:
+    """The environment variable of a settings field (PORT wins over ECHO_PORT, as pydantic reads them)."""
+    if field.lower() in ("port", "echo_port"):
+        return "PORT" if "PORT" in os.environ else "ECHO_PORT"
+    return f"ECHO_{field.upper()}"
 
 
 def config_error(error: ValidationError, variable: Callable[[str], str]) -> ConfigError:

@@ -22,7 +22,8 @@ from errors import RequestError
 from inference import GUIDANCE_MODES, MAX_SEQUENCE_LENGTH, SAMPLE_RATE, SamplerSettings
 from inference_blockwise import steps_per_block
 from settings import Settings
-from text_chunking import (ChunkMode, ChunkSettings, ChunkSettingsError, fits_in_one_generation,
+from text_chunking import (CHARS_PER_SECOND_RANGE, WORDS_PER_SECOND_RANGE, ChunkMode, ChunkSettings,
+                           ChunkSettingsError, fits_in_one_generation,
                            normalize_exclamations, prepare_text, split_into_chunks)
 
 MODEL_ID = "echo-tts"
@@ -96,8 +97,10 @@ class GenerationOptions(BaseModel):
     chunk_min_seconds: Annotated[float, Into("chunking", "min_seconds")] = Field(20.0, gt=0, le=40)
     chunk_max_seconds: Annotated[float, Into("chunking", "max_seconds")] = Field(40.0, gt=0, le=40)
     # None: ECHO_CHUNK_CHARS_PER_SECOND / ECHO_CHUNK_WORDS_PER_SECOND
-    chunk_chars_per_second: Annotated[float | None, Into("chunking", "chars_per_second")] = Field(None, gt=0, le=1000)
-    chunk_words_per_second: Annotated[float | None, Into("chunking", "words_per_second")] = Field(None, gt=0, le=100)
+    chunk_chars_per_second: Annotated[float | None, Into("chunking", "chars_per_second")] = Field(
+        None, ge=CHARS_PER_SECOND_RANGE[0], le=CHARS_PER_SECOND_RANGE[1])
+    chunk_words_per_second: Annotated[float | None, Into("chunking", "words_per_second")] = Field(
+        None, ge=WORDS_PER_SECOND_RANGE[0], le=WORDS_PER_SECOND_RANGE[1])
     normalize: bool = True
 
     @field_validator("block_sizes")

@@ -59,6 +59,7 @@ from service import SpeechService
 from settings import Settings
 from errors import RequestError
 from speech_request import SpeechRequest, request_error
+from text_chunking import prepare_text
 
 log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
@@ -355,7 +356,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     if segment.cancelled:  # while it was queued (the shutdown grace ended)
         await session.send(_dropped(segment))
         return
-    if not str(segment.message.get("input", "")).strip():
+    if not prepare_text(str(segment.message.get("input", ""))):  # as HTTP sees it: BOMs, controls, spaces
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
     timing = StreamTiming(session.metrics, time.perf_counter())  # from its turn: not the client's own queue

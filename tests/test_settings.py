@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,12 +126,25 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     assert not load_settings().compiles
 
 
-@pytest.mark.parametrize("name, value", [("ECHO_COMPILE", "maybe"), ("PORT", "eighty"), ("ECHO_DEVICE", "gpu"),
-                                         ("ECHO_MODEL_DTYPE", "float8"), ("ECHO_NUM_STEPS_NONSTREAM", "0")])
+@pytest.mark.parametrize("name, value", [
+    ("ECHO_COMPILE", "maybe"), ("PORT", "eighty"), ("ECHO_PORT", "0"), ("ECHO_DEVICE", "gpu"), ("ECHO_DEVICE", "meta"),
+    ("ECHO_FISH_DEVICE", "mps"), ("ECHO_MODEL_DTYPE", "float8"), ("ECHO_NUM_STEPS_NONSTREAM", "0"),
+    ("ECHO_CHUNK_CHARS_PER_SECOND", "inf"), ("ECHO_CHUNK_CHARS_PER_SECOND", "1e-320"),
+    ("ECHO_CHUNK_WORDS_PER_SECOND", "nan"), ("ECHO_API_KEY", " , "), ("ECHO_SEND_TIMEOUT", "1e-300")])
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.delenv("PORT" if name == "ECHO_PORT" else "ECHO_PORT", raising=False)
     monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=rf"\s{name}: "):  # that variable, not one whose name ends with it
         load_settings()
+
+
+def test_blank_paths_and_spaced_devices_mean_what_they_say(monkeypatch):
+    for name in ("ECHO_CACHE_DIR", "ECHO_VOICE_UPLOAD_DIR"):
+        monkeypatch.setenv(name, " ")
+    monkeypatch.setenv("ECHO_DEVICE", " CPU ")
+    settings = load_settings()
+    assert settings.cache_dir == Path("/tmp") and settings.voice_upload_dir is None  # not the working directory
+    assert settings.device == "cpu"
 
 
 @pytest.mark.slow

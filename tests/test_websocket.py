@@ -358,6 +358,16 @@ def test_a_segment_that_fails_after_start_gets_its_error_then_its_end(timeout_ap
     assert rest == [{"type": "no_op", "reason": "empty_input", "segment_id": "final"}]
 
 
+def test_input_that_is_empty_once_cleaned_is_a_no_op_as_over_http(app):
+    """A byte-order mark and control characters are removed before chunking (as over HTTP, where such
+    an input is a 400 "input is empty"): on the socket that is nothing to say, not a failed segment."""
+    with socket(app) as ws:
+        ws.send(json.dumps({"input": "\ufeff\x00\x01 \n", "continue": False, "segment_id": "blank"}))
+        rest = messages(ws)
+        assert ws.close_code == 1000
+    assert rest == [{"type": "no_op", "reason": "empty_input", "segment_id": "blank"}]
+
+
 def test_the_end_names_the_voice_used(app):
     """As X-Echo-Voice does over HTTP: an OpenAI name with no alias speaks with the library's first
     voice (alice), `none` with no reference."""
