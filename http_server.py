@@ -7,7 +7,9 @@ Each piece answers an attack or a failure seen against the plain `uvicorn.run` (
   408 and closed ECHO_READ_TIMEOUT after it connected or began the request (bodies are timed where
   the app reads them, in observability.BodySizeLimit);
 - a client that stops reading holds its connection and its stream forever: a connection whose send
-  buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect;
+  buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect; a
+  WebSocket is not read meanwhile (pongs to a ping flood would pile up), and its messages are not
+  compressed (a small compressed message could inflate to the size limit on the event loop);
 - on SIGTERM, WebSocket sessions drain as HTTP streams do: `Drain` tells the app to take nothing new
   and finish what is in flight, then, when ECHO_SHUTDOWN_GRACE is over, to stop and say why;
   HTTP responses still running then are cut with one log line each.
@@ -195,8 +197,31 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
 
 
 class DrainingWebSocketProtocol(_SendTimeout, WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, except that shutdown leaves an open socket to the app, which
-    drains it (Drain) and closes it; sockets still in their handshake are refused as before."""
+    """uvicorn's WebSocket protocol, except that:
+    - shutdown leaves an open socket to the app, which drains it (Drain) and closes it; sockets still
+      in their handshake are refused as before;
+    - it reads nothing while the client takes nothing (its send buffer full): uvicorn answers every
+      ping with a pong written at once, so a client flooding pings and reading none grew the
+      server's memory by the size of its pings (858 MB in 30 s) until the send timeout."""
+
+    _write_paused = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        super().resume_writing()
+        if not self.read_paused:  # (uvicorn's own pause, while a message waits for the app, stays)
+            self.transport.resume_reading()
+
+    async def receive(self):
+        message = await super().receive()  # (which resumes reading once the app has taken every message)
+        if self._write_paused:
+            self.transport.pause_reading()
+        return message
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.disconnected:
@@ -234,6 +259,9 @@ def serve(app, settings: Settings, drain: Drain) -> None:
                     http=BoundedH11Protocol, ws=DrainingWebSocketProtocol,
                     h11_max_incomplete_event_size=settings.max_header_bytes,
                     timeout_graceful_shutdown=settings.shutdown_grace + CUT_WRAP_UP_S,
+                    # no per-message compression: a 29 KB compressed message inflated to 30 MB on the event loop
+                    # (every stream stalled), and audio gains ~13% from it for 3 ms of the loop a second
+                    ws_per_message_deflate=False,
                     ws_max_size=2 * settings.max_body_bytes)  # speech_socket answers messages over the limit
     server = Server(config, drain, settings.shutdown_grace)
     server.run()

@@ -223,14 +223,7 @@ def ws_frame(text: str) -> bytes:
 
 def test_a_socket_client_that_stops_reading_is_dropped_and_its_segments_cancelled(guarded):
     before, dropped_before = guarded.log().count("generation cancelled"), guarded.log().count("ECHO_SEND_TIMEOUT")
-    sock = raw(guarded, rcvbuf=4096)
-    sock.sendall(b"GET /v1/audio/speech/stream/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
-    handshake = b""
-    while b"\r\n\r\n" not in handshake:
-        handshake += sock.recv(1)
-    assert handshake.startswith(b"HTTP/1.1 101")
+    sock = socket_handshake(guarded, rcvbuf=4096)
     segment = {"input": "Hello there.", "voice": "alice", "segment_id": "s", **UNREAD}
     sock.sendall(ws_frame(json.dumps(segment)) + ws_frame(json.dumps({**segment, "segment_id": "t"})))
     wait_for_log(guarded, "ECHO_SEND_TIMEOUT", timeout=60, seen=dropped_before)
@@ -239,6 +232,49 @@ def test_a_socket_client_that_stops_reading_is_dropped_and_its_segments_cancelle
         assert time.monotonic() - dropped < 3, guarded.log()[-3000:]
         time.sleep(0.05)
     sock.close()
+
+
+def socket_handshake(server, rcvbuf: int | None = None) -> socket.socket:
+    """A raw WebSocket, its handshake done (with the key)."""
+    sock = raw(server, rcvbuf)
+    sock.sendall(b"GET /v1/audio/speech/stream/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    handshake = b""
+    while b"\r\n\r\n" not in handshake:
+        handshake += sock.recv(1)
+    assert handshake.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_ping_flood_from_a_client_that_reads_nothing_holds_no_memory(guarded):
+    """Every ping is answered with a pong; a client that reads none of them is no longer read either,
+    so its pings wait in its own buffers, not as pongs in the server's memory (30 MB a second before)."""
+    sock = socket_handshake(guarded, rcvbuf=4096)
+    ping = b"\x89" + bytes([0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked (all-zero mask), 125 bytes
+    before, peak, sent = rss_bytes(guarded), 0, 0
+    sock.settimeout(1.0)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 10:
+            sock.sendall(ping * 2000)
+            sent += len(ping) * 2000
+            peak = max(peak, rss_bytes(guarded) - before)
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):  # held back, or dropped at the send timeout
+        pass
+    peak = max(peak, rss_bytes(guarded) - before)
+    sock.close()
+    assert sent < 32 * 2**20, f"the server took {sent / 2**20:.0f} MB of pings from a client reading nothing"
+    assert peak < 32 * 2**20, f"server memory grew {peak / 2**20:.0f} MB"
+    assert httpx.get(guarded.url + "/health", timeout=5).status_code == 200
+
+
+def test_websocket_messages_are_not_compressed(guarded):
+    """A client's default offer of permessage-deflate is declined: a small compressed message could
+    inflate to the message limit on the event loop, stalling every stream."""
+    url = guarded.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws"
+    with connect(url, additional_headers=AUTH) as ws:  # the websockets library's defaults: it offers deflate
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
 
 
 # ---- item 11: an unhandled error is a 500 with an id, counted, logged once ----------------------
