@@ -4,7 +4,7 @@ Client -> server, JSON text messages:
 - a segment: `{"input", "voice", "segment_id", "seed", "extra_body": {...}, "continue": true}`, with
   any setting of `POST /v1/audio/speech` at the top level or in `extra_body` (same validation, same
   messages). Segments are queued and answered in order; `"continue": false` closes the socket once
-  the queued segments are done.
+  the queued segments are done (cancels still apply meanwhile; later segments get an `error`).
 - `{"type": "cancel", "segment_id"}`: stops that segment within one diffusion step, or drops it
   while it is still queued.
 
@@ -178,12 +178,13 @@ async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) 
     reader = asyncio.create_task(_read(session))
     writer = asyncio.create_task(_answer(session))
     try:
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        if writer in done or _client_left(reader):  # nothing it queued is wanted any more
-            reader.cancel()
-            session.cancel_all()
-            session.closing = True
-            session.wake.set()
+        # the writer closed the socket (its queue answered after "continue": false, or it failed), or the
+        # reader saw the client leave: either way nothing it queued is wanted any more
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        reader.cancel()
+        session.cancel_all()
+        session.closing = True
+        session.wake.set()
         await asyncio.wait({reader, writer})  # (not gather: a cancellation must reach us with its message)
         for task in (reader, writer):
             if not task.cancelled():
@@ -193,11 +194,6 @@ async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) 
         session.cancel_all()
         reader.cancel()
         writer.cancel()
-
-
-def _client_left(reader: asyncio.Task) -> bool:
-    """Whether the finished reader saw the client leave (its send failing counts as leaving)."""
-    return reader.cancelled() or reader.exception() is not None or reader.result()
 
 
 def _watch_drain(session: Session) -> Callable[[], None]:
@@ -216,14 +212,15 @@ def _watch_drain(session: Session) -> Callable[[], None]:
     return drain.watch(changed)
 
 
-async def _read(session: Session) -> bool:
-    """Queue segments and apply cancels until the client leaves (True) or asks to close once its
-    segments are answered (False)."""
+async def _read(session: Session) -> None:
+    """Queue segments and apply cancels until the client leaves. After `"continue": false` it
+    still reads: cancels (a voice agent interrupting the last segment) and the client's leaving count
+    until the socket closes, and so do the pongs of keepalive pings; new segments are refused."""
     limit, max_queued = session.service.settings.max_body_bytes, session.service.settings.ws_max_queue
     while True:
         received = await session.websocket.receive()
         if received["type"] == "websocket.disconnect":
-            return True
+            return
         text = received.get("text")
         try:
             if text is None:
@@ -241,6 +238,10 @@ async def _read(session: Session) -> bool:
         if session.draining:
             await session.error(message.get("segment_id"), RequestError(
                 "the server is shutting down: it takes no new segments", status=503, code="shutting_down"))
+        elif session.closing:
+            await session.error(message.get("segment_id"), RequestError(
+                'this socket closes once its queued segments are answered ("continue": false came): it takes no '
+                "new segments", code="socket_closing"))
         elif len(session.queue) >= max_queued:
             await session.error(message.get("segment_id"), RequestError(
                 f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)", status=429))
@@ -253,8 +254,6 @@ async def _read(session: Session) -> bool:
         if message.get("continue") is False:  # even when refused: the socket closes once the queue is done
             session.closing = True
         session.wake.set()
-        if session.closing:
-            return False
 
 
 class _NotJson(ValueError):

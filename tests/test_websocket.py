@@ -261,6 +261,22 @@ def test_a_refused_final_segment_still_closes_the_socket_once_the_queue_is_done(
     assert sorted(m["segment_id"] for m in rest if isinstance(m, dict) and m["type"] == "end") == ["one", "three", "two"]
 
 
+def test_after_the_last_segment_a_cancel_still_stops_it_and_a_new_segment_is_refused(app):
+    """A voice agent sends its last segment with "continue": false, then the user interrupts: the
+    cancel must stop it (the socket is still read), and a segment sent after it gets an error."""
+    with socket(app) as ws:
+        ws.send(segment("last", **LONG, **{"continue": False}))
+        got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "start")
+        ws.send(segment("late"))
+        ws.send(json.dumps({"type": "cancel", "segment_id": "last"}))
+        got += messages(ws, timeout=20)  # until the server closes the socket
+        assert ws.close_code == 1000
+    events = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] in ("end", "error")}
+    assert events["late"]["type"] == "error" and events["late"]["error"]["code"] == "socket_closing"
+    assert events["last"]["type"] == "end" and events["last"]["cancelled"] is True
+    assert events["last"]["audio_seconds"] < 20  # stopped: all of it is ~28 s
+
+
 # ---- frames any client can read (issue 18, item 3) ----------------------------------------------
 
 BIG_BLOCKS = {"block_sizes": [32, 64], "num_steps": [2, 2], "early_stop_on_zero": False}  # 128 KiB, 256 KiB of pcm
