@@ -161,9 +161,17 @@ class Speech:
 
     @staticmethod
     async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
-        """One encoder step off the event loop; a failure is the request's (500)."""
+        """One encoder step off the event loop; a failure is the request's (500). Cancelled meanwhile,
+        it waits for the step's thread before it lets the cancellation go on: `close()` follows, and
+        freeing a codec under its running thread crashes the process (encoder calls never overlap)."""
+        encoding = asyncio.ensure_future(run_in_threadpool(step, *block))
         try:
-            return await run_in_threadpool(step, *block)
+            return await asyncio.shield(encoding)
+        except asyncio.CancelledError:
+            await asyncio.wait({encoding})
+            if not encoding.cancelled():
+                encoding.exception()  # (retrieved: the cancellation is what goes on)
+            raise
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
 

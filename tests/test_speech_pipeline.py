@@ -200,3 +200,58 @@ def test_slices_cover_a_block_in_order_doubling_to_the_largest():
     assert [p.size for p in parts] == [8192, 16384, 32768, 65536, 131072, 262144, 262144, 204800]
     assert np.array_equal(np.concatenate(parts), block) and all(p.base is block for p in parts)  # views, not copies
     assert [p.size for p in pipeline.slices(block[:5000])] == [5000] and list(pipeline.slices(block[:0])) == []
+
+
+def test_a_cancelled_consumer_frees_the_codec_only_after_its_running_encode_returns():
+    """Cancelling the task that reads the pieces (Ray Serve does, on a client's disconnect) while an
+    encode runs on its thread: close() must wait for it; freeing the codec under it crashed the process."""
+    import threading
+
+    events, entered = [], threading.Event()
+
+    class Encoder:  # records the order of what runs: an encode that takes a while, and the close
+        slices_pay = False
+
+        def encode(self, block):
+            events.append("encode started")
+            entered.set()
+            time.sleep(0.3)
+            events.append("encode returned")
+            return b"x"
+
+        def finish(self):
+            return b""
+
+        def close(self):
+            events.append("closed")
+
+    class Stream:
+        steps_used = None
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            return np.zeros(4096, np.float32)
+
+        def cancel(self):
+            pass
+
+    class Started:
+        stream, voice = Stream(), "v"
+
+    async def scenario():
+        speech = pipeline.Speech(Started(), Encoder())
+
+        async def consume():
+            async for _ in speech.pieces():
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert events[:3] == ["encode started", "encode returned", "closed"]
