@@ -4,10 +4,12 @@
 const RATE = 44100; // the PCM the playground asks for: 16-bit little-endian mono at 44.1 kHz
 let presets = {}; // the server's streaming presets (GET /v1/audio/presets): name -> block_sizes, num_steps
 const $ = (id) => document.getElementById(id);
-// State the browser tests read: samples handed to the audio graph, whether a request streams.
-const state = (window.echoPlayground = { samplesScheduled: 0, streaming: false, takes: [] });
+// State the browser tests read: samples handed to the audio graph, whether a request streams, the
+// sounds scheduled and not ended, the settings of each take.
+const state = (window.echoPlayground = { samplesScheduled: 0, streaming: false, playing: 0, takes: [] });
 let controller = null;
 let audio = null;
+const sources = new Set(); // every scheduled sound not ended yet: Stop, Generate and Play silence them all
 
 function headers(extra = {}) {
   const key = $("key").value.trim();
@@ -31,23 +33,29 @@ function describeText() {
 
 // ---- voices ----------------------------------------------------------------------------------
 
+// A list reloaded (a key entered, a voice added or deleted) keeps what the user chose when it still exists.
+function fill(select, names, chosen) {
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
+  if (names.includes(chosen)) select.value = chosen;
+}
+
 async function loadVoices(select) {
+  const chosen = select ?? $("voice").value;
   const response = await fetch("/v1/voices", { headers: headers() });
   if (!response.ok) { say(`Voices: ${await apiError(response)}`); return; }
   const names = (await response.json()).data.map((v) => v.id);
-  if ($("status").textContent.startsWith("This server needs")) say("");
-  const voice = $("voice");
-  voice.replaceChildren(...["none", ...names].map((name) => new Option(name, name)));
-  if (select && names.includes(select)) voice.value = select;
+  const status = $("status").textContent;
+  if (status.startsWith("This server needs") || status.startsWith("Voices:")) say(""); // (a key that works now)
+  fill($("voice"), ["none", ...names], chosen);
 }
 
 async function loadPresets() {
+  const chosen = $("preset").value;
   const response = await fetch("/v1/audio/presets", { headers: headers() });
   if (!response.ok) return; // requests then take the server's default blocks and steps
   const body = await response.json();
   presets = body.presets;
-  $("preset").replaceChildren(...Object.keys(presets).map((name) => new Option(name, name)));
-  $("preset").value = body.default;
+  fill($("preset"), Object.keys(presets), chosen in presets ? chosen : body.default);
 }
 
 async function uploadVoice(blob, fileName) {
@@ -56,6 +64,7 @@ async function uploadVoice(blob, fileName) {
   form.append("name", name);
   form.append("audio_sample", blob, fileName);
   if ($("consent").checked) form.append("consent", "confirmed in the playground");
+  if ($("overwrite").checked) form.append("overwrite", "true");
   $("quality").textContent = "Uploading…";
   const response = await fetch("/v1/audio/voices", { method: "POST", headers: headers(), body: form });
   if (!response.ok) { $("quality").textContent = `Upload failed: ${await apiError(response)}`; return; }
@@ -66,6 +75,14 @@ async function uploadVoice(blob, fileName) {
     `${Math.round(q.silence_fraction * 100)} % silence` +
     (q.warnings.length ? `\nWarnings: ${q.warnings.join("; ")}` : "");
   await loadVoices(voice.id);
+}
+
+async function deleteVoice() {
+  const name = $("voice").value;
+  if (name === "none") { $("quality").textContent = "Choose the voice to delete above."; return; }
+  const response = await fetch(`/v1/audio/voices/${encodeURIComponent(name)}`, { method: "DELETE", headers: headers() });
+  $("quality").textContent = response.ok ? `Voice "${name}" deleted.` : `Delete failed: ${await apiError(response)}`;
+  if (response.ok) await loadVoices("none");
 }
 
 let recorder = null;
@@ -87,12 +104,13 @@ async function toggleRecording() {
 
 // ---- speech ----------------------------------------------------------------------------------
 
+const NUMBERS = ["steps", "cfg-text", "cfg-speaker", "kv-scale", "seed"];
+
+// The settings as the server takes them; an empty field is left to the server's default.
 function requestBody() {
-  const body = {
-    input: $("text").value, voice: $("voice").value, response_format: "pcm", sample_rate: RATE,
-    seed: Number($("seed").value || 0),
-    cfg_scale_text: Number($("cfg-text").value), cfg_scale_speaker: Number($("cfg-speaker").value),
-  };
+  const body = { input: $("text").value, voice: $("voice").value, response_format: "pcm", sample_rate: RATE };
+  if ($("cfg-text").value) body.cfg_scale_text = Number($("cfg-text").value);
+  if ($("cfg-speaker").value) body.cfg_scale_speaker = Number($("cfg-speaker").value);
   const preset = presets[$("preset").value];
   if (preset) {
     body.block_sizes = preset.block_sizes;
@@ -102,12 +120,21 @@ function requestBody() {
   return body;
 }
 
+// JSON with the seed's digits as typed: a 64-bit seed is more than a JavaScript number holds exactly.
+function requestJson(body) {
+  const seed = $("seed").value.trim() || "0";
+  return JSON.stringify({ seed: 0, ...body }).replace(/^\{"seed":0/, `{"seed":${/^-?\d+$/.test(seed) ? seed : 0}`);
+}
+
 async function generate() {
+  if (controller) return; // (a second activation before the first one's request started)
+  if (!NUMBERS.every((id) => $(id).reportValidity())) return; // the field says what it takes
+  controller = new AbortController();
+  stopPlayback();
+  setBusy(true);
   audio = audio || new AudioContext({ sampleRate: RATE });
   await audio.resume();
   const body = requestBody();
-  controller = new AbortController();
-  setBusy(true);
   const started = performance.now();
   let firstAudio = null;
   let playAt = audio.currentTime + 0.05;
@@ -116,7 +143,7 @@ async function generate() {
   try {
     const response = await fetch("/v1/audio/speech", {
       method: "POST", headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify(body), signal: controller.signal,
+      body: requestJson(body), signal: controller.signal,
     });
     if (!response.ok) { say(`Failed: ${await apiError(response)}`); return; }
     const seed = response.headers.get("X-Echo-Seed");
@@ -142,7 +169,7 @@ async function generate() {
     const wall = (performance.now() - started) / 1000;
     say(`Done: ${seconds.toFixed(1)} s of audio, first audio after ${Math.round(firstAudio)} ms, ` +
         `real-time factor ${(wall / seconds).toFixed(2)}, seed ${seed}`);
-    addTake(take, { ...body, seed: Number(seed), ttfb_ms: Math.round(firstAudio) });
+    addTake(take, { ...body, seed, ttfb_ms: Math.round(firstAudio) }); // (the seed as its digits)
   } catch (error) {
     say(error.name === "AbortError" ? "Stopped." : `Failed: ${error.message}`);
   } finally {
@@ -159,10 +186,25 @@ function schedule(samples, playAt) {
   const source = audio.createBufferSource();
   source.buffer = buffer;
   source.connect(audio.destination);
+  source.onended = () => { sources.delete(source); showPlaying(); };
+  sources.add(source);
   const at = Math.max(playAt, audio.currentTime);
   source.start(at);
   state.samplesScheduled += samples.length;
+  showPlaying();
   return at + buffer.duration;
+}
+
+function stopPlayback() {
+  for (const source of sources) source.stop();
+  sources.clear();
+  showPlaying();
+}
+
+// Stop works while a request streams or sound is still to be heard.
+function showPlaying() {
+  state.playing = sources.size;
+  $("stop").disabled = !controller && !sources.size;
 }
 
 function joined(pieces) {
@@ -174,7 +216,7 @@ function joined(pieces) {
 
 function setBusy(busy) {
   $("generate").disabled = busy;
-  $("stop").disabled = !busy;
+  showPlaying();
 }
 
 // ---- takes -----------------------------------------------------------------------------------
@@ -214,7 +256,12 @@ function addTake(samples, settings) {
   play.type = "button";
   play.textContent = "Play";
   play.setAttribute("aria-label", `Play take: ${label}`);
-  play.onclick = async () => { audio = audio || new AudioContext({ sampleRate: RATE }); await audio.resume(); schedule(samples, audio.currentTime); };
+  play.onclick = async () => {
+    audio = audio || new AudioContext({ sampleRate: RATE });
+    await audio.resume();
+    stopPlayback();
+    schedule(samples, audio.currentTime);
+  };
   const download = document.createElement("a");
   download.href = URL.createObjectURL(wavBlob(samples));
   download.download = `echo-take-${state.takes.length}-seed-${settings.seed}.wav`;
@@ -239,7 +286,8 @@ $("key").addEventListener("change", () => {
 $("text").addEventListener("input", describeText);
 $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
 $("generate").addEventListener("click", generate);
-$("stop").addEventListener("click", () => controller && controller.abort());
+$("stop").addEventListener("click", () => { if (controller) controller.abort(); stopPlayback(); });
+$("delete-voice").addEventListener("click", deleteVoice);
 $("upload").addEventListener("click", () => {
   const file = $("file").files[0];
   if (file) uploadVoice(file, file.name); else $("quality").textContent = "Choose or drop a file first.";

@@ -80,7 +80,99 @@ def test_generate_plays_the_audio_while_it_arrives(page):
     assert during[0] > 0 and during[1] is True  # samples reached the audio graph before the request ended
     assert "seed 7" in page.text_content("#status") and "real-time factor" in page.text_content("#status")
     assert page.locator("#takes li").count() == 1 and page.locator("#takes a[download]").count() == 1
+    take = page.evaluate("window.echoPlayground.takes[0]")  # what was asked for is what was chosen
+    assert (take["voice"], take["block_sizes"], take["seed"]) == ("alice", PERFORMANCE_PRESETS["low"][0], "7")
     assert page.errors == []
+
+
+def speech_requests(page) -> list:
+    """The speech requests the page sends from now on."""
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/audio/speech") and sent.append(r))
+    return sent
+
+
+def test_one_take_at_a_time_is_heard_and_stop_silences_it(page):
+    """A double activation sends one request; a random seed (-1) keeps all its digits; once the take
+    is generated its sound still plays and Stop silences it; a take's Play starts it alone."""
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    page.select_option("#preset", "low")
+    page.fill("#steps", "1")
+    page.fill("#seed", "-1")
+    sent, seeds = speech_requests(page), []
+    page.on("response", lambda r: r.url.endswith("/v1/audio/speech") and seeds.append(r.headers.get("x-echo-seed")))
+    page.evaluate("() => { const g = document.querySelector('#generate'); g.click(); g.click(); }")
+    page.wait_for_function("window.echoPlayground.takes.length === 1", timeout=120000)
+    assert len(sent) == 1
+    seed = page.evaluate("window.echoPlayground.takes[0].seed")
+    assert seed == seeds[0] and int(seed) >= 0 and f"seed {seed}," in page.text_content("#takes li")
+    assert page.get_attribute("#takes a[download]", "download").endswith(f"seed-{seed}.wav")
+    assert page.evaluate("window.echoPlayground.playing") > 0 and page.is_enabled("#stop")  # still to be heard
+    page.click("#stop")
+    assert page.evaluate("window.echoPlayground.playing") == 0 and page.is_disabled("#stop")
+    play = page.locator("#takes li button", has_text="Play")
+    play.click()
+    page.wait_for_function("window.echoPlayground.playing === 1")
+    play.click()  # again: the first playing is stopped, not doubled
+    page.wait_for_function("window.echoPlayground.playing === 1")
+    page.click("#stop")
+    assert page.evaluate("window.echoPlayground.playing") == 0 and page.errors == []
+
+
+def test_settings_out_of_range_are_caught_by_the_page_and_nothing_is_sent(page):
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    sent = speech_requests(page)
+    page.fill("#steps", "0")
+    page.click("#generate")
+    assert page.evaluate("document.querySelector('#steps').validity.valid") is False
+    page.fill("#steps", "")
+    page.fill("#cfg-text", "")  # empty: the server's default, not 0
+    page.fill("#text", "")  # (the server refuses it: a request is sent)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('input is empty')")
+    assert len(sent) == 1 and "cfg_scale_text" not in sent[0].post_data_json
+
+
+def test_a_wrong_key_then_the_right_one_leaves_no_stale_error_and_keeps_the_choices(page):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.select_option("#voice", "bob")
+    page.select_option("#preset", "low")
+    page.fill("#key", "wrong")
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Voices:')")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelector('#status').textContent === ''")
+    page.wait_for_load_state("networkidle")
+    assert (page.input_value("#voice"), page.input_value("#preset")) == ("bob", "low")
+
+
+def test_a_voice_can_be_replaced_and_deleted_from_the_page(page, tmp_path):
+    t = np.arange(6 * 22050) / 22050
+    path = tmp_path / "dora.wav"
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 150 * t) * np.sin(2 * np.pi * 4 * t) ** 2).astype(np.float32), 22050)
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.set_input_files("#file", str(path))
+    page.fill("#voice-name", "dora")
+    for overwrite in (False, True):  # a second upload of the name needs "Replace"
+        page.click("#upload")
+        page.wait_for_function("!document.querySelector('#quality').textContent.startsWith('Uploading')")
+        assert "added" in page.text_content("#quality"), page.text_content("#quality")
+        page.check("#overwrite")
+    page.uncheck("#overwrite")
+    page.click("#upload")
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('failed')")
+    assert "overwrite" in page.text_content("#quality")
+    page.select_option("#voice", "alice")
+    page.click("#delete-voice")  # an operator's voice stays
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('Delete failed')")
+    page.select_option("#voice", "dora")
+    page.click("#delete-voice")
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('deleted')")
+    page.wait_for_function("![...document.querySelectorAll('#voice option')].some(o => o.value === 'dora')")
+    voices = page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert "alice" in voices
+    assert [e for e in page.errors if not e.startswith("Failed to load resource")] == []  # (the 409, the 403)
 
 
 def test_uploading_a_wav_adds_a_voice_with_its_quality_report(page, tmp_path):
