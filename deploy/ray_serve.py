@@ -19,8 +19,11 @@ have room for.)
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -46,7 +49,11 @@ APP_NAME = "echo-tts"
 DEPLOYMENT_NAME = "EchoTTS"
 CONSTRUCTOR_RETRIES = 3  # a replica that cannot load its models fails the deployment after this many tries
 METRICS_MIRROR_SECONDS = 5.0
-FORWARDED_ENV = ("HF_TOKEN", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "TORCHINDUCTOR_CACHE_DIR")
+FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "TORCHINDUCTOR_CACHE_DIR")
+# never in a runtime_env, which Ray writes to its logs (served by its dashboard): replicas read them from
+# their own environment (a new local instance's workers inherit this process's; a cluster's nodes: a Secret)
+SECRET_ENV = ("ECHO_API_KEY", "HF_TOKEN")
+KEY_CHECK_ENV = "ECHO_RAY_API_KEY_CHECK"  # salt:sha256(salt + ECHO_API_KEY): replicas prove they have the key
 PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deploy.proxy_errors:middlewares")
 
 
@@ -60,6 +67,9 @@ class RaySettings(BaseSettings):
     max_replicas: int | None = Field(None, ge=1)
     gpus_per_replica: float | None = Field(None, ge=0)  # unset: 1 when the cluster has GPUs, else 0
     cpus_per_replica: float = Field(1.0, gt=0)  # also torch's thread count on the CPU (Ray sets OMP_NUM_THREADS)
+    # Ray counts an open WebSocket as an ongoing request for its whole life: room for this many beside the
+    # HTTP requests a replica holds, so idle voice-agent sockets do not stop its HTTP routes (/ready among them)
+    sockets_per_replica: int = Field(32, ge=0)
     metrics_export_port: int | None = Field(None, ge=1, le=65535)  # a new local instance's Prometheus port
     dashboard: bool = True  # a new local instance's Ray dashboard (port 8265)
 
@@ -94,6 +104,7 @@ class EchoReplica:
         replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.settings = load_settings(replica_name=replica)
         configure_logging(self.settings.debug_logs, self.settings.log_json)
+        check_api_key(self.settings, os.environ.get(KEY_CHECK_ENV))
         self._mirror = asyncio.get_running_loop().create_task(self._mirror_metrics())
 
     def __serve_build_asgi_app__(self):
@@ -145,13 +156,14 @@ def deployment_options(scale: RaySettings, echo: Settings, cluster_gpus: float) 
     gpus = scale.gpus_per_replica if scale.gpus_per_replica is not None else (1.0 if cluster_gpus else 0.0)
     replicas = scale.replicas or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
     per_replica = echo.max_active + echo.max_queue
+    ongoing = per_replica + scale.sockets_per_replica
     options = {
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": scale.cpus_per_replica,
                               "runtime_env": {"env_vars": replica_env()}},
         # Ray enforces this per replica (it retries a refused request on another): no replica queues more
-        # than one server would, and none answers 429 while another has room
-        "max_ongoing_requests": per_replica,
-        "max_queued_requests": per_replica * (scale.max_replicas or replicas),  # per proxy
+        # than one server would (and its open WebSockets), and none answers 429 while another has room
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": ongoing * (scale.max_replicas or replicas),  # per proxy
         "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_FULL_S},
         "graceful_shutdown_timeout_s": echo.shutdown_grace,  # streams in flight may finish, as on SIGTERM
         "graceful_shutdown_wait_loop_s": 1.0,
@@ -181,10 +193,31 @@ def unplaceable(options: dict, resources: dict[str, float]) -> str | None:
 
 
 def replica_env() -> dict[str, str]:
-    """What replicas see of this process's environment: every ECHO_* variable, the Hugging Face ones,
-    and the repository on PYTHONPATH (the replicas import the server's modules from it)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("ECHO_") or k in FORWARDED_ENV}
+    """What replicas see of this process's environment: every ECHO_* variable and the Hugging Face
+    ones but the secrets (SECRET_ENV), a check that their own ECHO_API_KEY is this one, and the
+    repository on PYTHONPATH (the replicas import the server's modules from it)."""
+    env = {k: v for k, v in os.environ.items()
+           if (k.startswith("ECHO_") or k in FORWARDED_ENV) and k not in SECRET_ENV}
+    if key := os.environ.get("ECHO_API_KEY", "").strip():
+        salt = secrets.token_hex(8)
+        env[KEY_CHECK_ENV] = f"{salt}:{_digest(salt, key)}"
     return env | {"PYTHONPATH": python_path()}
+
+
+def check_api_key(settings: Settings, check: str | None) -> None:
+    """A replica's ECHO_API_KEY must be the driver's (`check`, from replica_env): a replica on a node
+    without it would serve everyone."""
+    if not check:
+        return
+    salt, digest = check.split(":", 1)
+    if not hmac.compare_digest(_digest(salt, (settings.api_key or "").strip()), digest):
+        raise ConfigError("invalid configuration:\n  ECHO_API_KEY: this replica's differs from the one the "
+                          "deployment was started with, or is unset: set it on every node (a Secret), not only "
+                          "where the application is built")
+
+
+def _digest(salt: str, key: str) -> str:
+    return hashlib.sha256((salt + key).encode()).hexdigest()
 
 
 def python_path() -> str:

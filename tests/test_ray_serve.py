@@ -70,7 +70,8 @@ def test_autoscaling_targets_the_generation_slots_of_a_replica(monkeypatch):
     options = ray_serve.deployment_options(ray_settings(monkeypatch, max_replicas=8), echo, cluster_gpus=8)
     assert "num_replicas" not in options
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 6}
-    assert options["max_ongoing_requests"] == 6 + 10 and options["max_queued_requests"] == (6 + 10) * 8
+    ongoing = 6 + 10 + 32  # the HTTP requests one server holds, and room for the sockets open beside them
+    assert options["max_ongoing_requests"] == ongoing and options["max_queued_requests"] == ongoing * 8
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 2}
     assert options["graceful_shutdown_timeout_s"] == echo.shutdown_grace
 
@@ -94,13 +95,23 @@ def test_replicas_that_fit_or_may_scale_from_zero_are_placeable(monkeypatch):
     assert ray_serve.unplaceable(from_zero, {"CPU": 1.0}) is None
 
 
-def test_every_echo_variable_and_the_hugging_face_ones_reach_the_replicas(monkeypatch):
+def test_every_echo_variable_and_the_hugging_face_ones_but_the_secrets_reach_the_replicas(monkeypatch):
+    """Ray writes a runtime_env to its logs, which its dashboard serves: the key and the token stay out."""
     monkeypatch.setenv("ECHO_VOICE_DIRS", "/voices")
+    monkeypatch.setenv("HF_HOME", "/data/hf")
     monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("ECHO_API_KEY", "k-secret")
     monkeypatch.setenv("UNRELATED", "1")
     env = ray_serve.replica_env()
-    assert env["ECHO_VOICE_DIRS"] == "/voices" and env["HF_TOKEN"] == "hf_x" and "UNRELATED" not in env
+    assert env["ECHO_VOICE_DIRS"] == "/voices" and env["HF_HOME"] == "/data/hf" and "UNRELATED" not in env
+    assert "HF_TOKEN" not in env and "ECHO_API_KEY" not in env and "k-secret" not in str(env)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    check = env[ray_serve.KEY_CHECK_ENV]  # what a replica proves its own key against
+    ray_serve.check_api_key(load_settings(device="cpu"), check)  # (the same key: this environment's)
+    for other in ("k-other", ""):
+        monkeypatch.setenv("ECHO_API_KEY", other)
+        with pytest.raises(ConfigError, match="ECHO_API_KEY: this replica's differs"):
+            ray_serve.check_api_key(load_settings(device="cpu"), check)
 
 
 def test_the_config_file_builder_takes_its_settings_from_the_environment_only():
@@ -132,7 +143,9 @@ def test_the_kuberay_workers_have_a_gpu_the_model_cache_and_probes():
     import yaml
 
     cluster = yaml.safe_load((ROOT / "deploy" / "kuberay.yaml").read_text())["spec"]["rayClusterConfig"]
-    (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    pod = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == 1000  # the image's user (Dockerfile) may write the volumes
+    (worker,) = pod["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     env = {item["name"]: item.get("value") for item in worker["env"]}
     mounts = {mount["mountPath"] for mount in worker["volumeMounts"]}
@@ -374,6 +387,27 @@ def finish(streams: list[Stream]) -> list[Stream]:
     for stream in streams:
         stream.join(timeout=120)
     return streams
+
+
+def test_no_file_ray_writes_holds_the_api_key(ray_app):
+    """The replicas get the key from their environment, not from a runtime_env that Ray logs."""
+    leaked = [str(path) for path in ray_app.ray_dir.rglob("*")
+              if path.is_file() and not path.is_symlink() and path.stat().st_size < 50 * 2**20
+              and KEY.encode() in path.read_bytes()]
+    assert leaked == []
+
+
+def test_idle_sockets_leave_the_http_routes_free(ray_app):
+    """Ray counts an open WebSocket as an ongoing request for its whole life: more idle sockets than
+    both replicas hold HTTP requests must not leave /ready and speech requests unanswered."""
+    from contextlib import ExitStack
+
+    url = ray_app.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws"
+    with ExitStack() as sockets:
+        for _ in range(2 * (MAX_ACTIVE + MAX_QUEUE) + 1):
+            sockets.enter_context(connect(url, additional_headers=AUTH))
+        assert httpx.get(ray_app.url + "/ready", headers=AUTH, timeout=20).status_code == 200
+        assert speech(ray_app, timeout=60).status_code == 200
 
 
 def test_both_replicas_serve_concurrent_streams_with_identical_audio(ray_app):
