@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES
-from inference import AE_DOWNSAMPLE_FACTOR, SAMPLE_RATE
+from inference import AE_DOWNSAMPLE_FACTOR
 from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
                            error_response)
 from pipeline import ClientGone, Speech, open_speech
@@ -332,19 +332,20 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
         async for data in _streamed(speech, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         yield _sse({"type": "speech.audio.done", "seed": speech.seed, "voice": speech.voice,
-                    "usage": _usage(speech.started.job.chunks, speech.audio_seconds), **speech.steps_report()})
+                    "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
         yield _sse({"type": "error", "error": e.detail()})
 
 
-def _usage(chunks: tuple[str, ...], audio_seconds: float) -> dict:
+def _usage(speech: Speech) -> dict:
     """OpenAI's usage object in Echo's units: input tokens are the UTF-8 bytes of the text (Echo's
     tokenizer reads bytes), output tokens the latent frames of audio generated (2048 samples each);
-    plus the plain counts, input characters and seconds of audio."""
+    plus the plain counts, input characters and seconds of audio delivered (at the request's speed)."""
+    chunks = speech.started.job.chunks
     input_tokens = sum(len(text.encode()) for text in chunks)
-    output_tokens = round(audio_seconds * SAMPLE_RATE / AE_DOWNSAMPLE_FACTOR)
+    output_tokens = round(speech.samples / AE_DOWNSAMPLE_FACTOR)
     return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
-            "input_characters": sum(len(text) for text in chunks), "audio_seconds": round(audio_seconds, 3)}
+            "input_characters": sum(len(text) for text in chunks), "audio_seconds": round(speech.audio_seconds, 3)}
 
 
 def _header_safe(value: str) -> str:

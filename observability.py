@@ -115,7 +115,8 @@ class Metrics:
                               buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30), registry=self.registry)
         self.rtf = Histogram("echo_real_time_factor", "Request wall time / seconds of audio returned",
                              buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5), registry=self.registry)
-        self.audio_seconds = Counter("echo_audio_seconds", "Seconds of audio generated", registry=self.registry)
+        self.audio_seconds = Counter("echo_audio_seconds", "Seconds of audio returned (at the requests' speed)",
+                                     registry=self.registry)
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)

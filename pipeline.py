@@ -95,7 +95,8 @@ class Speech:
 
     @property
     def audio_seconds(self) -> float:
-        return self.samples / SAMPLE_RATE
+        """Seconds of audio the listener gets so far: generated, at the request's speed."""
+        return self.samples / SAMPLE_RATE / self.encoder.speed
 
     def steps_report(self) -> dict:
         return self.started.steps_report()

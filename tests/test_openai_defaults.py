@@ -104,6 +104,21 @@ def test_sse_done_reports_the_voice_seed_and_meaningful_usage(app):
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
 
 
+def test_audio_seconds_are_what_the_listener_hears_at_the_requests_speed(app):
+    """At speed 2 the listener gets half the generated audio: usage, the end of a stream and the
+    metrics count that; output tokens stay the latent frames generated."""
+    from test_server import _metric
+
+    before = _metric(app, "echo_audio_seconds_total")
+    r = speech(app, stream_format="sse", response_format="pcm", speed=2.0)
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    heard = sum(len(base64.b64decode(e["audio"])) for e in events if e["type"] == "speech.audio.delta") / 2 / 44100
+    usage = events[-1]["usage"]
+    assert usage["audio_seconds"] == pytest.approx(heard, abs=0.02)
+    assert usage["output_tokens"] == pytest.approx(2 * heard * 44100 / 2048, abs=1)
+    assert _metric(app, "echo_audio_seconds_total") - before == pytest.approx(heard, abs=0.02)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_request_without_response_format_gets_the_configured_default(openai_app, app, stream):
     assert speech(openai_app, stream=stream).content[:4] == b"RIFF"
