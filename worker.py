@@ -45,6 +45,7 @@ event loop; a full server refuses at `reserve` or `submit` (QueueFull).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import queue
@@ -358,8 +359,15 @@ class GenerationWorker:
     @property
     def budget(self) -> float:
         """The share of their requested steps (above their floor) that blocks starting now get: 1
-        without adaptive steps."""
-        return self.step_budget.value if self.step_budget is not None else 1.0
+        without adaptive steps. With nothing running the budget is not moved (it moves before units),
+        so this says what it becomes when the next unit starts on an idle worker."""
+        if self.step_budget is None:
+            return 1.0
+        if self._active or self._parked:
+            return self.step_budget.value
+        idle = copy.copy(self.step_budget)
+        idle.update(0.0, clock())
+        return idle.value
 
     @property
     def alive(self) -> bool:

@@ -274,3 +274,17 @@ def test_metrics_expose_the_budget_and_the_blocks_generated_with_fewer_steps(ada
               if line.startswith("echo_adaptive_")}
     assert values["echo_adaptive_steps_budget"] == 0.0
     assert values["echo_adaptive_reduced_blocks"] >= 2 and values["echo_adaptive_steps_saved"] >= 2
+
+
+def test_an_idle_worker_reports_the_budget_its_next_block_gets(engine, monkeypatch):
+    """The budget moves before each unit; an idle worker runs none. Its gauge must not stay at the
+    floor it reached under load: after the hold with nothing running, the next block gets all its steps."""
+    now = [101.5]
+    monkeypatch.setattr(wk, "clock", lambda: now[0])
+    budget = wk.StepBudget(levels=4, hold=0.5)
+    for moment in (100.0, 100.5, 101.0, 101.5):
+        budget.update(2.0, moment)  # under load: down to the floor
+    worker = wk.GenerationWorker(engine, step_budget=budget, thread=False)
+    assert budget.value == 0.0 and worker.budget == 0.0  # just now: still the floor
+    now[0] = 110.0
+    assert worker.budget == 1.0 and budget.level == 0  # reported, not moved (the worker's thread moves it)
