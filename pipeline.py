@@ -166,13 +166,18 @@ class Speech:
         it waits for the step's thread before it lets the cancellation go on: `close()` follows, and
         freeing a codec under its running thread crashes the process (encoder calls never overlap)."""
         encoding = asyncio.ensure_future(run_in_threadpool(step, *block))
-        try:
-            return await asyncio.shield(encoding)
-        except asyncio.CancelledError:
-            await asyncio.wait({encoding})
+        cancelled = None
+        while not encoding.done():
+            try:
+                await asyncio.wait({encoding})
+            except asyncio.CancelledError as e:  # (anyio cancels again every turn of the loop: each is held)
+                cancelled = e
+        if cancelled is not None:
             if not encoding.cancelled():
                 encoding.exception()  # (retrieved: the cancellation is what goes on)
-            raise
+            raise cancelled
+        try:
+            return encoding.result()
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
 

@@ -352,6 +352,29 @@ def test_a_client_leaving_before_its_first_audio_frees_the_generator_at_once(ser
     assert speech(server).status_code == 200
 
 
+def test_clients_cutting_mp3_streams_mid_encode_leave_the_server_running(server):
+    """A client closing an mp3 stream while a block is being encoded: Starlette cancels the response
+    again every turn of the loop; the codec must not be freed under its running encode (the process
+    crashed with SIGSEGV on the first or second cut when it was)."""
+    import random
+    import socket
+
+    body = json.dumps({"input": "Hello there. This is a long test.", "voice": "alice", "stream": True,
+                       "response_format": "mp3", "block_sizes": [4] + [64] * 9, "num_steps": [1] + [2] * 9,
+                       "speed": 0.25, "sample_rate": 48000, "early_stop_on_zero": False}).encode()
+    cuts = random.Random(1)
+    for _ in range(8):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            until = time.monotonic() + cuts.uniform(0.05, 1.0)
+            while time.monotonic() < until and sock.recv(65536):
+                pass
+        assert server.process.poll() is None, server.log()[-3000:]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert server.process.poll() is None
+
+
 def _longest_gap(server, body: dict, during=None) -> float:
     """The longest wait between two chunks of a streamed response; `during` runs once it streams."""
     import threading
