@@ -8,7 +8,7 @@ Each piece answers an attack or a failure seen against the plain `uvicorn.run` (
   the app reads them, in observability.BodySizeLimit);
 - a client that stops reading holds its connection and its stream forever: a connection whose send
   buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect; a
-  WebSocket is not read meanwhile (pongs to a ping flood would pile up), and its messages are not
+  WebSocket's pings get no pong meanwhile (they would pile up in memory), and its messages are not
   compressed (a small compressed message could inflate to the size limit on the event loop);
 - on SIGTERM, WebSocket sessions drain as HTTP streams do: `Drain` tells the app to take nothing new
   and finish what is in flight, then, when ECHO_SHUTDOWN_GRACE is over, to stop and say why;
@@ -200,28 +200,25 @@ class DrainingWebSocketProtocol(_SendTimeout, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, except that:
     - shutdown leaves an open socket to the app, which drains it (Drain) and closes it; sockets still
       in their handshake are refused as before;
-    - it reads nothing while the client takes nothing (its send buffer full): uvicorn answers every
-      ping with a pong written at once, so a client flooding pings and reading none grew the
-      server's memory by the size of its pings (858 MB in 30 s) until the send timeout."""
+    - while the client takes nothing (its send buffer full) pings get no pong: uvicorn wrote one for
+      every ping at once, so a client flooding pings and reading none grew the server's memory by
+      the size of its pings (858 MB in 30 s) until the send timeout. (Reading goes on: a slow client's
+      pongs to the server's own keepalive pings are still seen in time.)"""
 
     _write_paused = False
 
     def pause_writing(self) -> None:
         super().pause_writing()
         self._write_paused = True
-        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         super().resume_writing()
-        if not self.read_paused:  # (uvicorn's own pause, while a message waits for the app, stays)
-            self.transport.resume_reading()
 
-    async def receive(self):
-        message = await super().receive()  # (which resumes reading once the app has taken every message)
-        if self._write_paused:
-            self.transport.pause_reading()
-        return message
+    def handle_ping(self) -> None:
+        pong = self.conn.data_to_send()
+        if not self._write_paused:  # (a client that reads nothing would not see it anyway)
+            self.transport.write(b"".join(pong))
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.disconnected:

@@ -248,8 +248,8 @@ def socket_handshake(server, rcvbuf: int | None = None) -> socket.socket:
 
 
 def test_a_ping_flood_from_a_client_that_reads_nothing_holds_no_memory(guarded):
-    """Every ping is answered with a pong; a client that reads none of them is no longer read either,
-    so its pings wait in its own buffers, not as pongs in the server's memory (30 MB a second before)."""
+    """Every ping is answered with a pong, but not while the client takes nothing: the pongs would
+    pile up in the server's memory (30 MB a second before) until the send timeout drops it."""
     sock = socket_handshake(guarded, rcvbuf=4096)
     ping = b"\x89" + bytes([0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked (all-zero mask), 125 bytes
     before, peak, sent = rss_bytes(guarded), 0, 0
@@ -260,12 +260,12 @@ def test_a_ping_flood_from_a_client_that_reads_nothing_holds_no_memory(guarded):
             sock.sendall(ping * 2000)
             sent += len(ping) * 2000
             peak = max(peak, rss_bytes(guarded) - before)
-    except (TimeoutError, ConnectionResetError, BrokenPipeError):  # held back, or dropped at the send timeout
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):  # dropped at the send timeout
         pass
     peak = max(peak, rss_bytes(guarded) - before)
     sock.close()
-    assert sent < 32 * 2**20, f"the server took {sent / 2**20:.0f} MB of pings from a client reading nothing"
-    assert peak < 32 * 2**20, f"server memory grew {peak / 2**20:.0f} MB"
+    assert sent > 32 * 2**20, "the flood should outgrow the bound below"
+    assert peak < 32 * 2**20, f"server memory grew {peak / 2**20:.0f} MB under {sent / 2**20:.0f} MB of pings"
     assert httpx.get(guarded.url + "/health", timeout=5).status_code == 200
 
 
