@@ -150,7 +150,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
+        if value == "auto" or re.fullmatch(r"(cpu|cuda)(:[0-9]+)?", value):
             return value
         raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 

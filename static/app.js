@@ -120,14 +120,20 @@ function requestBody() {
   return body;
 }
 
-// JSON with the seed's digits as typed: a 64-bit seed is more than a JavaScript number holds exactly.
-function requestJson(body) {
-  const seed = $("seed").value.trim() || "0";
-  return JSON.stringify({ seed: 0, ...body }).replace(/^\{"seed":0/, `{"seed":${/^-?\d+$/.test(seed) ? seed : 0}`);
+// The seed as the digits of a whole number (a 64-bit seed is more than a JavaScript number holds
+// exactly), or null when the field holds something else (1e3, 5.0).
+function seedDigits() {
+  try { return BigInt($("seed").value.trim() || "0").toString(); } catch { return null; }
+}
+
+function requestJson(body, seed) {
+  return JSON.stringify({ seed: 0, ...body }).replace(/^\{"seed":0/, `{"seed":${seed}`);
 }
 
 async function generate() {
   if (controller) return; // (a second activation before the first one's request started)
+  const seed = seedDigits();
+  $("seed").setCustomValidity(seed === null ? "a whole number (-1: a random one)" : "");
   if (!NUMBERS.every((id) => $(id).reportValidity())) return; // the field says what it takes
   controller = new AbortController();
   stopPlayback();
@@ -143,10 +149,10 @@ async function generate() {
   try {
     const response = await fetch("/v1/audio/speech", {
       method: "POST", headers: headers({ "Content-Type": "application/json" }),
-      body: requestJson(body), signal: controller.signal,
+      body: requestJson(body, seed), signal: controller.signal,
     });
     if (!response.ok) { say(`Failed: ${await apiError(response)}`); return; }
-    const seed = response.headers.get("X-Echo-Seed");
+    const used = response.headers.get("X-Echo-Seed"); // (the one drawn for -1)
     state.streaming = true;
     const reader = response.body.getReader();
     for (;;) {
@@ -168,8 +174,8 @@ async function generate() {
     const seconds = take.length / RATE;
     const wall = (performance.now() - started) / 1000;
     say(`Done: ${seconds.toFixed(1)} s of audio, first audio after ${Math.round(firstAudio)} ms, ` +
-        `real-time factor ${(wall / seconds).toFixed(2)}, seed ${seed}`);
-    addTake(take, { ...body, seed, ttfb_ms: Math.round(firstAudio) }); // (the seed as its digits)
+        `real-time factor ${(wall / seconds).toFixed(2)}, seed ${used}`);
+    addTake(take, { ...body, seed: used, ttfb_ms: Math.round(firstAudio) }); // (the seed as its digits)
   } catch (error) {
     say(error.name === "AbortError" ? "Stopped." : `Failed: ${error.message}`);
   } finally {
@@ -216,6 +222,7 @@ function joined(pieces) {
 
 function setBusy(busy) {
   $("generate").disabled = busy;
+  for (const play of document.querySelectorAll("#takes button")) play.disabled = busy; // one take heard at a time
   showPlaying();
 }
 

@@ -115,8 +115,12 @@ def test_one_take_at_a_time_is_heard_and_stop_silences_it(page):
     page.wait_for_function("window.echoPlayground.playing === 1")
     play.click()  # again: the first playing is stopped, not doubled
     page.wait_for_function("window.echoPlayground.playing === 1")
+    page.click("#generate")  # a new take streams: the old one cannot be played over it
+    page.wait_for_function("window.echoPlayground.streaming")
+    assert play.is_disabled()
     page.click("#stop")
-    assert page.evaluate("window.echoPlayground.playing") == 0 and page.errors == []
+    page.wait_for_function("!window.echoPlayground.streaming")
+    assert page.evaluate("window.echoPlayground.playing") == 0 and play.is_enabled() and page.errors == []
 
 
 def test_settings_out_of_range_are_caught_by_the_page_and_nothing_is_sent(page):
@@ -126,11 +130,26 @@ def test_settings_out_of_range_are_caught_by_the_page_and_nothing_is_sent(page):
     page.click("#generate")
     assert page.evaluate("document.querySelector('#steps').validity.valid") is False
     page.fill("#steps", "")
+    for seed in ("1e3", "5.0"):  # numbers the field takes, but no seed
+        page.fill("#seed", seed)
+        page.click("#generate")
+        assert page.evaluate("document.querySelector('#seed').validity.valid") is False
+    assert sent == []
+    page.fill("#seed", "007")  # a whole number, however written: 7
+    page.fill("#text", "")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('input is empty')")
+    assert sent[0].post_data_json["seed"] == 7
+    page.fill("#seed", "0")
+    page.fill("#steps", "")
     page.fill("#cfg-text", "")  # empty: the server's default, not 0
     page.fill("#text", "")  # (the server refuses it: a request is sent)
     page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').textContent.includes('input is empty')")
-    assert len(sent) == 1 and "cfg_scale_text" not in sent[0].post_data_json
+    deadline = time.monotonic() + 30
+    while len(sent) < 2:
+        assert time.monotonic() < deadline, "the second request was not sent"
+        page.wait_for_timeout(50)
+    assert "cfg_scale_text" not in sent[1].post_data_json
 
 
 def test_a_wrong_key_then_the_right_one_leaves_no_stale_error_and_keeps_the_choices(page):
