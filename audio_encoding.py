@@ -68,6 +68,7 @@ import io
 import math
 import operator
 import struct
+import threading
 from collections.abc import Mapping
 from fractions import Fraction
 from types import MappingProxyType
@@ -560,8 +561,10 @@ class _ContainerWriter:
 class AudioEncoder:
     """Encodes one response: :meth:`encode` per block, then :meth:`finish` exactly once.
 
-    Not thread-safe: use one encoder from one thread at a time (calls may move between
-    threads, e.g. a thread pool, as long as they do not overlap).
+    Use one encoder from one thread at a time (calls may move between threads, e.g. a thread
+    pool). The one exception: :meth:`close` may come from another thread while a step runs (a
+    request cancelled on the event loop while its thread encodes); it waits for that step, since
+    freeing a codec under its running thread crashes the process.
     """
 
     def __init__(
@@ -601,6 +604,7 @@ class AudioEncoder:
         else:
             self._writer = _ContainerWriter(self.format, self.sample_rate, self.streaming)
         self._state = "open"  # -> "finished" | "closed"
+        self._busy = threading.Lock()  # held by each step: close() waits for the one running
 
     def __repr__(self) -> str:
         return (
@@ -622,12 +626,17 @@ class AudioEncoder:
 
     def encode(self, block) -> bytes:
         """Feed one block (float32 1-D numpy array or torch tensor); return bytes ready now."""
-        self._check_open("encode")
-        x = _as_mono_float32(block)
-        return self._writer.write(self._transform(x) if x.size else _EMPTY)
+        with self._busy:
+            self._check_open("encode")
+            x = _as_mono_float32(block)
+            return self._writer.write(self._transform(x) if x.size else _EMPTY)
 
     def finish(self) -> bytes:
         """Flush everything and return the remaining bytes. Must be called exactly once."""
+        with self._busy:
+            return self._finish()
+
+    def _finish(self) -> bytes:
         self._check_open("finish")
         self._state = "finished"
         try:
@@ -648,9 +657,10 @@ class AudioEncoder:
 
         Does nothing after :meth:`finish`.
         """
-        if self._state == "open":
-            self._state = "closed"
-            self._writer.close()
+        with self._busy:
+            if self._state == "open":
+                self._state = "closed"
+                self._writer.close()
 
     def __enter__(self) -> "AudioEncoder":
         return self

@@ -8,8 +8,9 @@ Each piece answers an attack or a failure seen against the plain `uvicorn.run` (
   the app reads them, in observability.BodySizeLimit);
 - a client that stops reading holds its connection and its stream forever: a connection whose send
   buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect; a
-  WebSocket's pings get no pong meanwhile (they would pile up in memory), and its messages are not
-  compressed (a small compressed message could inflate to the size limit on the event loop);
+  WebSocket answers only its latest ping meanwhile, once the client reads (pongs would pile up in
+  memory), and its messages are not compressed (a small compressed message could inflate to the size
+  limit on the event loop);
 - on SIGTERM, WebSocket sessions drain as HTTP streams do: `Drain` tells the app to take nothing new
   and finish what is in flight, then, when ECHO_SHUTDOWN_GRACE is over, to stop and say why;
   HTTP responses still running then are cut with one log line each.
@@ -200,12 +201,14 @@ class DrainingWebSocketProtocol(_SendTimeout, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, except that:
     - shutdown leaves an open socket to the app, which drains it (Drain) and closes it; sockets still
       in their handshake are refused as before;
-    - while the client takes nothing (its send buffer full) pings get no pong: uvicorn wrote one for
-      every ping at once, so a client flooding pings and reading none grew the server's memory by
-      the size of its pings (858 MB in 30 s) until the send timeout. (Reading goes on: a slow client's
-      pongs to the server's own keepalive pings are still seen in time.)"""
+    - while the client takes nothing (its send buffer full) pongs wait, only those of the latest
+      read that held pings (RFC 6455 allows answering the latest ping only): uvicorn wrote one for
+      every ping at once, so a client flooding pings and reading none grew the server's memory by the
+      size of its pings (858 MB in 30 s) until the send timeout. They go out once the client reads
+      again (a slow reader's keepalive stays answered), or before a close reply that came with them."""
 
     _write_paused = False
+    _held: list[bytes] | None = None  # the pongs of the latest read with pings, while writing is paused
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -213,12 +216,26 @@ class DrainingWebSocketProtocol(_SendTimeout, WebSocketsSansIOProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._write_held()
         super().resume_writing()
 
     def handle_ping(self) -> None:
-        pong = self.conn.data_to_send()
-        if not self._write_paused:  # (a client that reads nothing would not see it anyway)
-            self.transport.write(b"".join(pong))
+        reply = self.conn.data_to_send()  # (empty for the later pings of one read: the first took every pong)
+        if self._write_paused:
+            if reply:
+                self._held = reply
+        else:
+            self._write_held()
+            self.transport.write(b"".join(reply))
+
+    def handle_close(self, event) -> None:
+        self._write_held()  # (a close that came in the same read as a held ping: its reply goes after)
+        super().handle_close(event)
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(held))
 
     def shutdown(self) -> None:
         if self.handshake_complete and not self.close_sent and not self.disconnected:

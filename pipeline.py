@@ -162,22 +162,10 @@ class Speech:
 
     @staticmethod
     async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
-        """One encoder step off the event loop; a failure is the request's (500). Cancelled meanwhile,
-        it waits for the step's thread before it lets the cancellation go on: `close()` follows, and
-        freeing a codec under its running thread crashes the process (encoder calls never overlap)."""
-        encoding = asyncio.ensure_future(run_in_threadpool(step, *block))
-        cancelled = None
-        while not encoding.done():
-            try:
-                await asyncio.wait({encoding})
-            except asyncio.CancelledError as e:  # (anyio cancels again every turn of the loop: each is held)
-                cancelled = e
-        if cancelled is not None:
-            if not encoding.cancelled():
-                encoding.exception()  # (retrieved: the cancellation is what goes on)
-            raise cancelled
+        """One encoder step off the event loop; a failure is the request's (500). (Cancelled meanwhile,
+        `close()` may follow at once: the encoder waits for its running step before it frees the codec.)"""
         try:
-            return encoding.result()
+            return await run_in_threadpool(step, *block)
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
 

@@ -269,6 +269,80 @@ def test_a_ping_flood_from_a_client_that_reads_nothing_holds_no_memory(guarded):
     assert httpx.get(guarded.url + "/health", timeout=5).status_code == 200
 
 
+class _Transport:
+    """What a WebSocket protocol writes, as a transport would take it."""
+
+    def __init__(self):
+        self.out, self.closed = bytearray(), False
+
+    def write(self, data):
+        self.out += data
+
+    def close(self):
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self):
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def pause_reading(self):
+        pass
+
+    resume_reading = pause_reading
+
+
+def test_a_slow_reader_gets_the_pong_of_its_latest_ping_once_it_reads_and_a_close_reply_always():
+    """While the client's send buffer is full a ping's pong waits (only the latest ping's: a flood
+    holds no memory); once the client reads, it goes out, so a keepalive over a slow link is still
+    answered; a close that comes with a ping still gets its reply."""
+    import asyncio
+
+    from uvicorn.server import ServerState
+
+    from http_server import Config, DrainingWebSocketProtocol
+
+    def frame(opcode, payload=b""):
+        return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload  # masked, zero mask
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await asyncio.sleep(3600)
+
+    async def connected() -> tuple[DrainingWebSocketProtocol, _Transport]:
+        config = Config(app, read_timeout=30, send_timeout=30, ws_ping_interval=None, ws_per_message_deflate=False)
+        config.load()
+        protocol, transport = DrainingWebSocketProtocol(config, ServerState(), {}), _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        await asyncio.sleep(0.05)
+        transport.out.clear()
+        protocol.pause_writing()  # the client takes nothing for now
+        return protocol, transport
+
+    async def scenario():
+        protocol, transport = await connected()
+        protocol.data_received(frame(0x9, b"one"))
+        protocol.data_received(frame(0x9, b"two"))
+        held = bytes(transport.out)
+        protocol.resume_writing()  # the client reads again
+        answered = bytes(transport.out)
+        closing, closed_transport = await connected()
+        closing.data_received(frame(0x9, b"p") + frame(0x8, b"\x03\xe8bye"))
+        for task in [*protocol.tasks, *closing.tasks]:
+            task.cancel()
+        return held, answered, bytes(closed_transport.out), closed_transport.closed
+
+    held, answered, at_close, closed = asyncio.run(scenario())
+    assert held == b"" and answered == b"\x8a\x03two"  # one pong, the latest ping's, once it reads
+    assert at_close == b"\x8a\x01p\x88\x05\x03\xe8bye" and closed  # the pong, then the close reply
+
+
 def test_websocket_messages_are_not_compressed(guarded):
     """A client's default offer of permessage-deflate is declined: a small compressed message could
     inflate to the message limit on the event loop, stalling every stream."""
