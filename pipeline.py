@@ -157,8 +157,8 @@ class Speech:
             return None
         except (asyncio.CancelledError, ClientGone):
             raise
-        except Exception as e:  # noqa: BLE001 - what the client is told (and the log, for a 500)
-            raise generation_failure(e) from None
+        except Exception as e:  # noqa: BLE001 - what the client is told (the worker logged it)
+            raise generation_failure(e, logged=True) from None
 
     @staticmethod
     async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:

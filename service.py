@@ -176,10 +176,11 @@ class SpeechService:
         return self.voices.add(name, data, consent, overwrite, encode=self.engine.speaker_latents)
 
 
-def generation_failure(error: Exception) -> RequestError:
+def generation_failure(error: Exception, logged: bool = False) -> RequestError:
     """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
     WebSocket: an unusable voice is the request's fault (400), a client that stopped taking audio 408,
-    a timeout 504, a device out of memory 503 (a busy server: try again), anything else 500."""
+    a timeout 504, a device out of memory 503 (a busy server: try again), anything else 500, its
+    traceback logged here unless it was already (`logged`: the worker logs what fails on its thread)."""
     if is_out_of_memory(error):  # (the worker logged it)
         return RequestError("the server ran out of memory for this request: try again later", status=503,
                             code="out_of_memory")
@@ -190,5 +191,6 @@ def generation_failure(error: Exception) -> RequestError:
     if isinstance(error, ClientStalled):  # nobody is listening: a line in the log, no traceback
         log.info("generation stopped: %s", error)
         return RequestError(str(error), status=408)
-    log.error("generation failed", exc_info=error)
+    if not logged:
+        log.error("generation failed", exc_info=error)
     return RequestError(f"generation failed: {error}", status=500)

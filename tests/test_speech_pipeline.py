@@ -130,7 +130,8 @@ def test_stop_ends_the_pieces_after_the_encoders_tail_in_whole_samples(tiny_serv
     assert heard == pytest.approx(samples * 24000 / 44100, abs=2) and idle(tiny_service)
 
 
-def test_a_generation_failure_is_the_requests_error(tiny_service, monkeypatch):
+def test_a_generation_failure_is_the_requests_error_with_its_traceback_logged_once(tiny_service, monkeypatch,
+                                                                                   caplog):
     def broken(calls):
         raise RuntimeError("the GPU caught fire")
 
@@ -146,6 +147,7 @@ def test_a_generation_failure_is_the_requests_error(tiny_service, monkeypatch):
     error = asyncio.run(failing())
     assert error.status == 500 and "GPU caught fire" in str(error) and error.detail()["type"] == "server_error"
     assert idle(tiny_service)
+    assert sum(r.exc_info is not None and "GPU caught fire" in str(r.exc_info[1]) for r in caplog.records) == 1
 
 
 def test_pcm_pieces_decode_to_the_blocks_the_worker_made(tiny_service):
