@@ -323,6 +323,7 @@ async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[by
         async for data in _streamed(speech, timing):
             yield data
     except RequestError as e:
+        timing.failed("http", e)
         log.warning("generation failed while streaming; ending the stream: %s", e)
 
 
@@ -334,6 +335,7 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
         yield _sse({"type": "speech.audio.done", "seed": speech.seed, "voice": speech.voice,
                     "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
+        timing.failed("sse", e)
         yield _sse({"type": "error", "error": e.detail()})
 
 

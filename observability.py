@@ -117,6 +117,10 @@ class Metrics:
                              buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5), registry=self.registry)
         self.audio_seconds = Counter("echo_audio_seconds", "Seconds of audio returned (at the requests' speed)",
                                      registry=self.registry)
+        self.stream_failures = Counter(
+            "echo_stream_failures", "Streams that failed after they began (an HTTP stream's status was already "
+            "200; a WebSocket segment after its start), by transport and error code", ["transport", "code"],
+            registry=self.registry)
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)
@@ -179,6 +183,10 @@ class StreamTiming:
         if audio_seconds > 0:
             self.metrics.audio_seconds.inc(audio_seconds)
             self.metrics.rtf.observe((time.perf_counter() - self.started) / audio_seconds)
+
+    def failed(self, transport: str, error: RequestError) -> None:
+        """The stream failed after it began (`transport`: http, sse or websocket)."""
+        self.metrics.stream_failures.labels(transport, error.code).inc()
 
 
 # ---- ASGI middleware ------------------------------------------------------------------------------

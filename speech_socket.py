@@ -377,6 +377,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
                 timing.sent()
         except RequestError as e:  # the segment fails; the socket stays usable
             failure = e
+            timing.failed("websocket", e)
             await session.error(segment.segment_id, e)
         await session.send(_ended(segment, speech, failure))
         if failure is None:  # as over HTTP: a failed stream reports no audio seconds

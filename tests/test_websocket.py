@@ -384,6 +384,29 @@ def test_input_that_is_empty_once_cleaned_is_a_no_op_as_over_http(app):
     assert rest == [{"type": "no_op", "reason": "empty_input", "segment_id": "blank"}]
 
 
+def test_streams_that_fail_after_they_began_are_counted_by_transport(timeout_app):
+    """An HTTP stream that fails after its first bytes was counted as a 200 and nothing else:
+    echo_stream_failures_total says how many streams of each transport failed, and why."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def failures(transport: str) -> float:
+        families = text_string_to_metric_families(timeout_app.get("/metrics").text)
+        return sum(sample.value for family in families if family.name == "echo_stream_failures"
+                   for sample in family.samples if sample.name == "echo_stream_failures_total"
+                   and sample.labels == {"transport": transport, "code": "timeout"})
+
+    before = {transport: failures(transport) for transport in ("http", "sse", "websocket")}
+    body = {"input": "Hello there. This is a test.", "voice": "alice", "seed": 0, "response_format": "pcm", **LONG}
+    assert timeout_app.post("/v1/audio/speech", json=body, timeout=120).status_code == 200  # then cut short
+    sse = timeout_app.post("/v1/audio/speech", json={**body, "stream_format": "sse"}, timeout=120)
+    assert '"type": "error"' in sse.text or '"type":"error"' in sse.text
+    with socket(timeout_app) as ws:
+        ws.send(segment("long", **LONG))
+        messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
+    assert {transport: failures(transport) - before[transport] for transport in before} == \
+        {"http": 1, "sse": 1, "websocket": 1}
+
+
 def test_the_end_names_the_voice_used(app):
     """As X-Echo-Voice does over HTTP: an OpenAI name with no alias speaks with the library's first
     voice (alice), `none` with no reference."""
