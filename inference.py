@@ -249,16 +249,14 @@ def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None 
                 raise AudioDecodeError(f"cannot decode {name}: it has no audio stream")
             stream = container.streams.audio[0]
             rate, channels = stream.rate or 0, stream.channels or 0
-            if channels > MAX_SOURCE_CHANNELS or rate and not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
-                raise _refused_source(name, channels, rate)
+            _check_source(name, channels, rate or None)  # (a header may not say its rate: its frames do)
             if refuse_over is not None and _declared_seconds(container, stream) > max_duration:
                 raise AudioTooLong(f"{name} is longer than {refuse_over:g} s")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in _with_flush(container.decode(stream)):
                 if frame is not None:
                     frame_rate, frame_channels = frame.sample_rate or 0, max(frame.layout.nb_channels, 1)
-                    if frame_channels > MAX_SOURCE_CHANNELS or not MIN_SOURCE_RATE <= frame_rate <= MAX_SOURCE_RATE:
-                        raise _refused_source(name, frame_channels, frame_rate)  # (a frame may differ from the header)
+                    _check_source(name, frame_channels, frame_rate)  # (a frame may differ from the header)
                     if frame.samples > MAX_FRAME_SECONDS * frame_rate:  # resampled at once: bounded before
                         raise AudioDecodeError(f"cannot decode {name}: a frame holds more than {MAX_FRAME_SECONDS} s")
                     decoded += frame.samples * frame_channels
@@ -291,9 +289,11 @@ def decode_audio(path: str | os.PathLike | BinaryIO, max_duration: float | None 
     return DecodedAudio(tensor / peak if normalize and peak > 0 else tensor, rate, channels)
 
 
-def _refused_source(name: str, channels: int, rate: int) -> AudioDecodeError:
-    return AudioDecodeError(f"cannot decode {name}: {channels} channels at {rate} Hz; at most {MAX_SOURCE_CHANNELS} "
-                            f"channels at {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz are accepted")
+def _check_source(name: str, channels: int, rate: int | None) -> None:
+    """Refuse a source (its header, or a frame) outside the channel and rate bounds; None: rate unknown."""
+    if channels > MAX_SOURCE_CHANNELS or rate is not None and not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
+        raise AudioDecodeError(f"cannot decode {name}: {channels} channels at {rate} Hz; at most "
+                               f"{MAX_SOURCE_CHANNELS} channels at {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz are accepted")
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float:

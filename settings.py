@@ -154,14 +154,6 @@ class Settings(BaseSettings):
             return value
         raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
-    @field_validator("cache_dir", "voice_upload_dir", mode="before")
-    @classmethod
-    def _blank_path_is_unset(cls, value, info):
-        """A blank path is the default, not the working directory (Path('') is '.')."""
-        if isinstance(value, str) and not value.strip():
-            return cls.model_fields[info.field_name].default
-        return value
-
     @field_validator("api_key")
     @classmethod
     def _holds_a_key(cls, value: str | None) -> str | None:
@@ -171,10 +163,11 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
-                     mode="before")
+                     "cache_dir", "voice_upload_dir", mode="before")
     @classmethod
-    def _blank_is_unset(cls, value):
-        return None if isinstance(value, str) and not value.strip() else value
+    def _blank_is_unset(cls, value, info):
+        """A blank value is the default (for a path, not the working directory: Path('') is '.')."""
+        return cls.model_fields[info.field_name].default if isinstance(value, str) and not value.strip() else value
 
     @field_validator("adaptive_steps_floor")
     @classmethod

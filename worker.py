@@ -467,17 +467,17 @@ class GenerationWorker:
                 ticket.run()
                 ticket = None  # (its result or error belongs to the caller now)
                 continue
-            if ticket is not None and not ticket.claim():  # its stream was cancelled while it waited: ended then
-                continue
-            if ticket is not None and ticket.cancelled.is_set():  # cancelled as it was taken in
-                _notify(ticket, _DONE)
-                self._release()
-                continue
             if ticket is None:
                 for running in active + parked:
                     running.ticket.cancelled.set()
                 self._drop_cancelled(active, parked)
                 return False
+            if not ticket.claim():  # its stream was cancelled while it waited: it ended then
+                continue
+            if ticket.cancelled.is_set():  # cancelled as it was taken in
+                _notify(ticket, _DONE)
+                self._release()
+                continue
             running = self._running(ticket)
             if self._advance(running, None):
                 active.append(running)

@@ -218,15 +218,22 @@ async def _drain(stream) -> int:
     return sum([b.size async for b in stream])
 
 
-def test_a_client_that_waited_for_a_slot_keeps_its_place(engine, monkeypatch):
-    """On resuming, a parked job's playback deadline moves on by the time its client was behind (its
-    listener paused), not by the time it then waited for a slot: it does not lose priority for that."""
-    now = [100.0]
+def parked_job(engine, monkeypatch, now: list[float], parked_at: float):
+    """A worker without its thread on a scripted clock, and a job that first played at 90 s, has
+    delivered 10 s of audio and was parked at `parked_at`: (worker, ticket, running)."""
     monkeypatch.setattr(wk, "clock", lambda: now[0])
     worker = wk.GenerationWorker(engine, max_active=1, thread=False)
     ticket = wk._Ticket(job=None, loop=None, output=None)
     running = wk._Running(ticket, None, keep_audio=False)
-    running.first_audio_at, running.samples, running.parked_at = 90.0, 10 * inf.SAMPLE_RATE, 95.0
+    running.first_audio_at, running.samples, running.parked_at = 90.0, 10 * inf.SAMPLE_RATE, parked_at
+    return worker, ticket, running
+
+
+def test_a_client_that_waited_for_a_slot_keeps_its_place(engine, monkeypatch):
+    """On resuming, a parked job's playback deadline moves on by the time its client was behind (its
+    listener paused), not by the time it then waited for a slot: it does not lose priority for that."""
+    now = [100.0]
+    worker, ticket, running = parked_job(engine, monkeypatch, now, parked_at=95.0)
     ticket.resume_at = 0
     ticket.took(1)  # at 100.0: caught up, 5 s after it was parked
     now[0] = 130.0  # resumed 30 s later, when a slot freed
@@ -240,12 +247,7 @@ def test_a_client_that_waited_for_a_slot_keeps_its_place(engine, monkeypatch):
 def test_a_late_catch_up_time_from_an_earlier_parking_is_ignored(engine, monkeypatch):
     """The client's thread read an old `resume_at` and wrote its time after the job had resumed and
     parked again: that time belongs to the old parking and must not move the new one's deadline."""
-    now = [130.0]
-    monkeypatch.setattr(wk, "clock", lambda: now[0])
-    worker = wk.GenerationWorker(engine, max_active=1, thread=False)
-    ticket = wk._Ticket(job=None, loop=None, output=None)
-    running = wk._Running(ticket, None, keep_audio=False)
-    running.first_audio_at, running.samples, running.parked_at = 90.0, 10 * inf.SAMPLE_RATE, 120.0
+    worker, ticket, running = parked_job(engine, monkeypatch, [130.0], parked_at=120.0)
     ticket.resume_at, ticket.taken = 2000, 2000  # parked at 120, its client there by now
     ticket.caught_up = (1000, 101.0)  # the late write, for the parking before
     assert ticket.caught_up_at() is None
