@@ -121,6 +121,10 @@ class Metrics:
             "echo_stream_failures", "Streams that failed after they began (an HTTP stream's status was already "
             "200; a WebSocket segment after its start), by transport and error code", ["transport", "code"],
             registry=self.registry)
+        self.segments = Counter(
+            "echo_websocket_segments", "WebSocket messages that asked for speech, by the status an HTTP request "
+            "would have got: 200 for a segment that started, else why it was refused before its start", ["status"],
+            registry=self.registry)
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)

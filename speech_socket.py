@@ -99,6 +99,7 @@ class Session:
     closing: bool = False  # "continue": false was received
     draining: bool = False  # the server shuts down: no new segments, close after the queued ones
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    socket_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in its log lines, before segment ids
 
     async def send(self, message: dict) -> None:
         """A JSON message, strictly JSON (no NaN or Infinity)."""
@@ -109,6 +110,11 @@ class Session:
         is cut: one block whole (2 MB for a 480-frame block) is over most clients' message limits."""
         for frame in frames(data, self.service.settings.ws_max_frame_bytes):
             await self._in_time(self.websocket.send_bytes(frame))
+
+    async def refuse(self, segment_id: Any, error: RequestError) -> None:
+        """A message refused before any segment started from it: its error, counted by status."""
+        self.metrics.segments.labels(str(error.status)).inc()
+        await self.error(segment_id, error)
 
     async def error(self, segment_id: Any, error: RequestError) -> None:
         await self.send({"type": "error", "error": error.detail(), "message": str(error), "segment_id": segment_id})
@@ -165,8 +171,8 @@ async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) 
         await refuse_key(websocket)
         return
     await websocket.accept()
-    request_id.set(uuid.uuid4().hex)
     session = Session(websocket, service, metrics)
+    request_id.set(session.socket_id)
     if reason := service.unready_reason():
         try:
             await session.error(None, RequestError(reason, status=503))
@@ -230,23 +236,23 @@ async def _read(session: Session) -> None:
                 raise RequestError(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)", status=413)
             message = _parse(text)
         except RequestError as e:
-            await session.error(None, e)
+            await session.refuse(None, e)
             continue
         if message.get("type") == "cancel":
             await _cancel_id(session, message.get("segment_id"))
             continue
         if session.draining:
-            await session.error(message.get("segment_id"), RequestError(
+            await session.refuse(message.get("segment_id"), RequestError(
                 "the server is shutting down: it takes no new segments", status=503, code="shutting_down"))
         elif session.closing:
-            await session.error(message.get("segment_id"), RequestError(
+            await session.refuse(message.get("segment_id"), RequestError(
                 'this socket closes once its queued segments are answered ("continue": false came): it takes no '
                 "new segments", code="socket_closing"))
         elif len(session.queue) >= max_queued:
-            await session.error(message.get("segment_id"), RequestError(
+            await session.refuse(message.get("segment_id"), RequestError(
                 f"more than {max_queued} segments are queued on this socket (ECHO_WS_MAX_QUEUE)", status=429))
         elif sum(q.size for q in session.queue) + len(text) > limit:  # memory: one body's worth per socket
-            await session.error(message.get("segment_id"), RequestError(
+            await session.refuse(message.get("segment_id"), RequestError(
                 f"the segments queued on this socket would hold more than {limit} bytes (ECHO_MAX_BODY_BYTES); "
                 f"wait for their audio", status=429))
         else:
@@ -327,10 +333,13 @@ async def _answer(session: Session) -> None:
                 session.wake.clear()
                 await session.wake.wait()
             session.current = session.queue.pop(0)
+            # the segment's log lines (the worker's among them) carry the socket's id and the segment's
+            logged_as = request_id.set(f"{session.socket_id}/{_loggable(session.current.segment_id)}")
             try:
                 await _answer_one(session, session.current)
             finally:
                 session.current = None
+                request_id.reset(logged_as)
     except SendTimeout as e:
         log.info("%s: dropping it and its segments", e)
     except WebSocketDisconnect:  # the client left while we were writing
@@ -362,7 +371,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     try:  # everything that may refuse a segment is checked here, before its `start`
         segment.speech = speech = await open_speech(session.service, _speech_request(segment.message), streaming=True)
     except RequestError as e:
-        await session.error(segment.segment_id, e)
+        await session.refuse(segment.segment_id, e)
         return
     try:
         if segment.cancelled:  # while its voice was being prepared: it never started
@@ -370,6 +379,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
             return
         await session.send({"type": "start", "segment_id": segment.segment_id,
                             "sample_rate": speech.encoder.sample_rate})
+        session.metrics.segments.labels("200").inc()
         failure = None
         try:
             async for data in speech.pieces():
@@ -384,6 +394,13 @@ async def _answer_one(session: Session, segment: Segment) -> None:
             timing.finished(speech.audio_seconds)
     finally:
         speech.close()
+
+
+def _loggable(segment_id: Any) -> str:
+    """A client's segment id as a log line may hold it: printable, at most 64 characters."""
+    text = segment_id if isinstance(segment_id, str) else json.dumps(segment_id)
+    text = "".join(c if c.isprintable() and c != " " else "_" for c in text)
+    return text if len(text) <= 64 else text[:63] + "…"
 
 
 def _ended(segment: Segment, speech: Speech, failure: RequestError | None) -> dict:

@@ -407,6 +407,43 @@ def test_streams_that_fail_after_they_began_are_counted_by_transport(timeout_app
         {"http": 1, "sse": 1, "websocket": 1}
 
 
+def test_a_segments_log_lines_name_its_socket_and_segment(timeout_app):
+    """Many segments share one socket: the worker's line about a segment that failed says which one
+    (the socket's id, then the segment's, made printable), as an HTTP request's lines carry its id."""
+    with socket(timeout_app) as ws:
+        ws.send(segment("slow one\n", **LONG))
+        messages(ws, lambda m: isinstance(m, dict) and m["type"] == "end")
+    line = next(line for line in reversed(timeout_app.log().splitlines()) if "over its time limit" in line)
+    assert re.search(r"\[[0-9a-f]{32}/slow_one_\]", line), line
+
+
+def test_socket_segments_are_counted_by_the_status_http_would_answer(app):
+    """/metrics counts what voice agents asked of the socket: started segments as 200, refused ones
+    (an unknown voice, a message that is not JSON) by the status an HTTP request would have got."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[str, float]:
+        families = text_string_to_metric_families(app.get("/metrics").text)
+        return {sample.labels["status"]: sample.value for family in families
+                if family.name == "echo_websocket_segments" for sample in family.samples
+                if sample.name == "echo_websocket_segments_total"}
+
+    before = counts()
+    unknown = app.post("/v1/audio/speech", json={"input": "Hi.", "voice": "nobody"}).status_code
+    bad_json = app.post("/v1/audio/speech", content=b"not json", headers={"content-type": "application/json"})
+    with socket(app) as ws:
+        ws.send(segment("ok"))
+        ws.send(segment("unknown", voice="nobody"))
+        ws.send("not json")
+        ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
+        messages(ws)
+    after = counts()
+    change = {status: after[status] - before.get(status, 0.0) for status in after}
+    expected = {"200": 1.0, str(unknown): 1.0}
+    expected[str(bad_json.status_code)] = expected.get(str(bad_json.status_code), 0.0) + 1.0
+    assert {status: n for status, n in change.items() if n} == expected
+
+
 def test_the_end_names_the_voice_used(app):
     """As X-Echo-Voice does over HTTP: an OpenAI name with no alias speaks with the library's first
     voice (alice), `none` with no reference."""
