@@ -129,6 +129,7 @@ _LEGAL_RATES: Mapping[str, tuple[int, ...]] = MappingProxyType(
 # atempo accepts one factor in [0.5, 100]; slower speeds are split into equal stages.
 _ATEMPO_MIN = 0.5
 _ATEMPO_FRAME = 1024  # samples per frame pushed into atempo (bounds its output lag)
+_STRETCH_TAIL_S = 0.2  # silence pushed through atempo at the end, so that it releases all of the audio
 _RESAMPLE_QUALITY = "HQ"  # lower delay than VHQ, far below 16-bit noise
 _STREAM_OGG_PAGE_US = 20_000
 
@@ -343,12 +344,15 @@ def _atempo_stages(speed: float) -> list[float]:
 
 
 class _TimeStretch:
-    """Pitch-preserving tempo change through FFmpeg's atempo filter (streaming)."""
+    """Pitch-preserving tempo change through FFmpeg's atempo filter (streaming). Its output is
+    exactly round(samples in / speed) long: atempo drops part of its last window at the end of its
+    input, so `flush` first pushes silence past that window and then cuts the output to length."""
 
     def __init__(self, rate: int, speed: float):
-        self._rate = rate
+        self._rate, self._speed = rate, speed
         self._time_base = Fraction(1, rate)
         self._pts = 0
+        self._taken = self._given = 0  # samples in, samples out
         graph = av.filter.Graph()
         nodes = [
             graph.add_abuffer(
@@ -375,6 +379,12 @@ class _TimeStretch:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def process(self, x: np.ndarray) -> np.ndarray:
+        self._taken += x.size
+        y = self._stretch(x)
+        self._given += y.size
+        return y
+
+    def _stretch(self, x: np.ndarray) -> np.ndarray:
         # atempo sizes each output buffer from its input frame and releases it only when
         # full, so output lags one whole input frame: push short frames to bound that lag.
         out = []
@@ -394,8 +404,15 @@ class _TimeStretch:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def flush(self) -> np.ndarray:
+        # silence past the last window of every atempo stage (each window is tens of ms)
+        padding = np.zeros(round(_STRETCH_TAIL_S * self._rate * max(1.0, self._speed)), np.float32)
+        tail = self._stretch(padding)
         self._graph.push(None)
-        return self._drain()
+        tail = np.concatenate([tail, self._drain()])
+        want = max(0, round(self._taken / self._speed) - self._given)
+        tail = tail[:want] if tail.size >= want else np.concatenate([tail, np.zeros(want - tail.size, np.float32)])
+        self._given += tail.size
+        return tail
 
 
 # --------------------------------------------------------------------------- writers
