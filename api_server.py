@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR
-from observability import (BodySizeLimit, Metrics, RequestContext, StreamTiming, bearer_token, configure_logging,
-                           error_response)
+from observability import (BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming, bearer_token,
+                           configure_logging, error_response)
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
 from errors import RequestError
@@ -318,13 +318,14 @@ async def _streamed(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes
 
 
 async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
-    """The HTTP body of a streamed response: a failure after the first byte can only end it."""
+    """The HTTP body of a streamed response: a failure after the first byte cuts it (StreamCut)."""
     try:
         async for data in _streamed(speech, timing):
             yield data
     except RequestError as e:
         timing.failed("http", e)
-        log.warning("generation failed while streaming; ending the stream: %s", e)
+        log.warning("generation failed while streaming; the response is cut short: %s", e)
+        raise StreamCut() from e
 
 
 async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:

@@ -31,12 +31,13 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from errors import RequestError
-from observability import error_response, read_timed_out
+from observability import error_response, read_timed_out, stream_cut
 from settings import Settings
 
 log = logging.getLogger("echo_tts.http")
 # after the grace: time for sockets to send their last `end` and close before uvicorn cancels the rest
 CUT_WRAP_UP_S = 3.0
+INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."  # uvicorn's line (h11_impl)
 
 
 class Drain:
@@ -266,8 +267,15 @@ class Server(uvicorn.Server):
                 connection.cut()
 
 
+def _not_a_cut_stream(record: logging.LogRecord) -> bool:
+    """uvicorn's error for a response the app left incomplete on purpose (observability.StreamCut,
+    whose cause the app logged) is left out; every other line passes."""
+    return not (stream_cut.get() and record.msg == INCOMPLETE_RESPONSE)
+
+
 def serve(app, settings: Settings, drain: Drain) -> None:
     """Serve `app` on ECHO_HOST:PORT until SIGTERM or SIGINT, then drain for ECHO_SHUTDOWN_GRACE."""
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cut_stream)
     config = Config(app, read_timeout=settings.read_timeout, send_timeout=settings.send_timeout,
                     host=settings.host, port=settings.port, log_config=None,
                     http=BoundedH11Protocol, ws=DrainingWebSocketProtocol,

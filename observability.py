@@ -26,6 +26,14 @@ REQUEST_ID_HEADER = "x-request-id"
 REPLICA_HEADER = "x-echo-replica"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# set when RequestContext ended a response as cut (StreamCut): the server's own line about it is expected
+stream_cut: contextvars.ContextVar[bool] = contextvars.ContextVar("stream_cut", default=False)
+
+
+class StreamCut(Exception):
+    """A streamed response failed after its status was sent (its failure is logged where it was
+    raised). The response ends without its body's normal end, so that clients see it incomplete and
+    raise, as they would not for a short file that ends like a whole one."""
 log = logging.getLogger("echo_tts.requests")
 
 
@@ -246,7 +254,10 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
+        except Exception as e:
+            if started and isinstance(e, StreamCut):  # never completed: the server closes the connection
+                stream_cut.set(True)
+                return
             if started:  # too late for an error response: the server logs it and closes the connection
                 raise
             log.exception("unhandled error; answered 500")

@@ -40,7 +40,7 @@ from livekit.agents import tts as livekit_tts
 from livekit.plugins import openai as livekit_openai
 from openai import AsyncOpenAI, OpenAI
 
-from conftest import ROOT
+from conftest import ROOT, live_server, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +138,32 @@ def test_openai_async_sdk_streams_every_format_at_the_right_length(server, pcm_s
 
     for fmt, data in zip(FORMATS, asyncio.run(asyncio.wait_for(every_format(), 120))):
         assert_plays(data, fmt, pcm_seconds)
+
+
+def test_a_stream_that_fails_after_its_first_audio_is_an_error_to_the_client_not_a_short_file(
+        tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    """A streamed response that failed after its 200 (here: ECHO_REQUEST_TIMEOUT) ended with the
+    body's normal end, so the SDK, httpx and curl saved a cut-short file as a whole one. It now ends
+    without it: the client raises. The server logs the cause once, and no traceback."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1")
+    long = {"block_sizes": [4, 636], "num_steps": [1, 100]}  # audio at once, then seconds of work (tiny models)
+    with live_server(tmp_path_factory, "cut", env) as live:
+        client = OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        received = []
+        with pytest.raises(Exception, match="incomplete chunked read"):  # the SDK's httpx(2) RemoteProtocolError
+            with client.audio.speech.with_streaming_response.create(
+                    model="echo-tts", voice="alice", input=TEXT, response_format="pcm", extra_body=long) as response:
+                assert response.status_code == 200
+                for chunk in response.iter_bytes():
+                    received.append(chunk)
+        assert received  # audio had begun
+        with pytest.raises(httpx.RemoteProtocolError):  # as curl reports "transfer closed" (exit 18)
+            httpx.post(live.url + "/v1/audio/speech", json={"input": TEXT, "voice": "alice", **long}, timeout=60)
+        whole = client.audio.speech.create(model="echo-tts", voice="alice", input=TEXT, response_format="wav")
+        assert decode(io.BytesIO(whole.content))[4] > 0  # the server serves on after the cut response
+        log = live.log()
+    assert log.count("the response is cut short") == 2
+    assert "Exception in ASGI application" not in log and "without completing response" not in log
 
 
 # ---- request shapes of clients that cannot run here ---------------------------------------------
