@@ -80,8 +80,18 @@ async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    if exc.errors()[0].get("type") == "json_invalid":
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
         return error_response(RequestError("the request body is not valid JSON", code="invalid_json"))
+    if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: none, or not JSON
+        content_type = request.headers.get("content-type", "")
+        if content_type and "json" not in content_type.lower():  # e.g. `curl -d` without -H
+            return error_response(RequestError(f"the request body must be JSON, sent with 'Content-Type: "
+                                               f"application/json' (this one is {content_type[:80]!r})",
+                                               code="invalid_json"))
+        if first.get("type") == "missing":
+            return error_response(RequestError("the request has no body: send a JSON object (with `input` and "
+                                               "`voice` for speech)", code="invalid_json"))
     return error_response(request_error(exc.errors()))
 
 
@@ -136,13 +146,13 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     if not public_docs and settings.api_keys:  # ECHO_PUBLIC_DOCS=0 without a key: no docs at all
         app.include_router(_docs_routes(app))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["*"],
-                           expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Request-ID", "X-Echo-Replica",
-                                           "X-Echo-Steps"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
                        read_timeout=settings.read_timeout)
+    if settings.cors_origins:  # outside BodySizeLimit: a browser can read its 413 and 408 too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"],
+                           expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Echo-Voice", "X-Request-ID",
+                                           "X-Echo-Replica", "X-Echo-Steps"])
     app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
                        replica=settings.replica_name, id_header=not ray_replica)
     return app
@@ -211,16 +221,16 @@ def _routes():
     public = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_api_key)])
 
-    @public.get("/", include_in_schema=False)
+    @public.api_route("/", include_in_schema=False, methods=["GET", "HEAD"])
     def playground() -> FileResponse:
         """The web playground (static files of this repository; the key is entered on the page)."""
         return FileResponse(STATIC / "index.html")
 
-    @public.get("/health")
+    @public.api_route("/health", methods=["GET", "HEAD"])
     def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"status": "ok", "ready": service.ready.is_set(), "auth": bool(service.settings.api_keys)}
 
-    @protected.get("/ready", responses=_errors(401, 503))
+    @protected.api_route("/ready", methods=["GET", "HEAD"], responses=_errors(401, 503))
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
         return {"status": "ready"}
 

@@ -267,7 +267,10 @@ def request_error(errors: list[dict]) -> RequestError:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, RequestError):
         return cause
-    parts = [str(p) for p in first.get("loc", ()) if p not in ("body", "extra_body") and not isinstance(p, int)]
+    loc = tuple(first.get("loc", ()))
+    # extra_body's fields are the request's own (a field inside it is named as itself), except extra_body itself
+    parts = [str(p) for i, p in enumerate(loc) if p != "body" and not isinstance(p, int)
+             and not (p == "extra_body" and i < len(loc) - 1)]
     param = parts[0] if parts else None
     message = first.get("msg", "invalid request")
     return RequestError(f"{param}: {message}" if param else message, param)

@@ -231,6 +231,9 @@ class _ByPath:
     def options(self, path: str, **kwargs):
         return self.request("OPTIONS", path, **kwargs)
 
+    def head(self, path: str, **kwargs):
+        return self.request("HEAD", path, **kwargs)
+
 
 class AppServer(_ByPath):
     """create_app(settings) in this process, its lifespan run and its models loaded, with the

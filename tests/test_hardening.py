@@ -116,6 +116,17 @@ def test_cors_only_for_configured_origins(hardened, app):
     assert "access-control-allow-origin" not in r.headers  # off by default
 
 
+def test_a_browser_on_an_allowed_origin_can_read_every_answer_and_its_headers(hardened):
+    """The playground on another origin reads X-Echo-Voice (which was not exposed), and the 413 for
+    an oversized body (answered outside CORS, so the browser saw only a network error)."""
+    origin = {"Origin": "https://app.example"}
+    r = hardened.post("/v1/audio/speech", json={"input": "Hello.", "voice": "alice", **SMALL}, headers=origin)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "X-Echo-Voice" in r.headers["access-control-expose-headers"].split(", ")
+    r = hardened.post("/v1/audio/speech", content=b"x" * 70000, headers={**origin, "content-type": "application/json"})
+    assert r.status_code == 413 and r.headers["access-control-allow-origin"] == "https://app.example"
+
+
 # ---- time limits and cancellation ---------------------------------------------------------------
 
 

@@ -290,6 +290,8 @@ def test_instructions_and_model_are_accepted(app):
     ({"block_sizes": [2, 2]}, "block_sizes"),
     ({"block_sizes": [4] * 64, "num_steps": 7}, "num_steps"),
     ({"block_sizes": [4] * 40}, "num_steps"),  # 20 steps each by default
+    ({"extra_body": [1]}, "extra_body"),  # not an object: extra_body itself is named
+    ({"extra_body": {"cfg_scale_text": "abc"}}, "cfg_scale_text"),  # a field inside it is named as itself
 ])
 def test_invalid_fields_are_400_naming_the_param(app, change, param):
     r = speech(app, **change)
@@ -305,6 +307,25 @@ def test_missing_fields_and_malformed_json_are_400(app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = app.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):
+    """`curl -d '{...}'` without `-H 'Content-Type: application/json'` sends a form's content type:
+    the answer was "Input should be a valid dictionary or object to extract fields from"; an empty
+    body got "Field required" with no field named."""
+    body = b'{"input": "Hi.", "voice": "alice"}'
+    r = app.post("/v1/audio/speech", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = app.post("/v1/audio/speech", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "no body" in r.json()["error"]["message"]
+    assert app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_uptime_checks_may_probe_with_head(app):
+    for path in ("/health", "/ready", "/"):
+        r = app.head(path)
+        assert r.status_code == 200 and r.content == b"", path
 
 
 def test_oversized_base64_voice_is_400(app):
