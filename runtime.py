@@ -27,7 +27,7 @@ import weights
 from batched_steps import ExactSteps, StaticShapes, StaticSteps, StepRunner
 from autoencoder import DAC
 from engine import (MAX_DECODE_BATCH_FRAMES, TEXT_BUCKETS, CompiledPrefixEncoder, CompiledStreamDecoder,
-                    CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll)
+                    CompiledTextEncoder, SpeechEngine, StepFloor, VadReroll, VoiceUnusable)
 from model import EchoDiT
 from settings import PERFORMANCE_PRESETS, Settings
 from errors import RequestError
@@ -504,11 +504,12 @@ def _warm_up(s: Settings, voices: VoiceCatalog, engine: SpeechEngine, progress: 
         engine.steps.warm_up(on_shape=progress.advance)
         log.info("%d step shapes warmed up in %.1f s", shapes, time.perf_counter() - steps_started)
     voice = s.warmup_voice or "none"
-    try:
+    try:  # a voice that is missing or unusable costs the warm-up its voice, not the start (nor the fast path)
         speaker = voices.reference(voice)
-    except RequestError as e:
+        engine.prepare_voice(speaker)
+    except (RequestError, VoiceUnusable) as e:
         log.warning("ECHO_WARMUP_VOICE: %s; warming up without a voice", e)
-        speaker = None
+        voice, speaker = "none", None
     progress.enter("warming up generation (streamed, then whole)", 2)
     for stream in (True, False):
         job = GenerationOptions(input=s.warmup_text, voice=voice, stream=stream).to_job(s, speaker, (s.warmup_text,))

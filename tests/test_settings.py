@@ -172,6 +172,27 @@ def test_ready_only_after_warm_up(tiny_echo_dir, tiny_fish_dir, voice_dir):
 
 
 @pytest.mark.slow
+def test_an_unusable_warm_up_voice_costs_the_warm_up_its_voice_not_the_start(tiny_echo_dir, tiny_fish_dir,
+                                                                              tmp_path):
+    """A missing ECHO_WARMUP_VOICE only warned, but one that exists and cannot be used (undecodable,
+    too short) failed the whole load (503 for good; on CUDA it also turned the fast path off for
+    later starts). It now warms up without a voice, with a warning."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "short.wav", np.zeros(2205, np.float32) + 0.1, 44100)  # 0.05 s: too short to clone
+    (tmp_path / "broken.mp3").write_bytes(b"not audio at all" * 10)
+    for voice in ("short", "broken"):
+        live = AppServer(server_env(tiny_echo_dir, tiny_fish_dir, tmp_path, ECHO_WARMUP="1", ECHO_WARMUP_VOICE=voice,
+                                    ECHO_PERFORMANCE_PRESET="low", ECHO_NUM_STEPS_NONSTREAM="1"))
+        try:
+            assert live.get("/ready").status_code == 200
+            assert "ECHO_WARMUP_VOICE" in live.log() and "warming up without a voice" in live.log()
+        finally:
+            live.stop()
+
+
+@pytest.mark.slow
 def test_debug_logs_keep_the_last_generation_and_streamed_bytes_match_it(tiny_echo_dir, tiny_fish_dir, voice_dir,
                                                                         tmp_path, monkeypatch):
     import numpy as np
