@@ -126,6 +126,7 @@ class SpeakerReference:
     load_audio: Callable[[], Tensor]
     name: str | None = None  # a newer version of the same named voice evicts the older cache entry
     load_latents: Callable[[], tuple[Tensor, Tensor] | None] | None = None  # latents saved earlier, if any
+    save_latents: Callable[[Tensor, Tensor], None] | None = None  # keeps latents encoded because none were saved
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,10 @@ class SpeechEngine:
             audio = speaker.load_audio()
         except ValueError as e:  # unreadable, vanished or undecodable voice audio
             raise VoiceUnusable(str(e)) from e
-        return self._encode_audio(audio)
+        latent, mask = self._encode_audio(audio)
+        if speaker.save_latents is not None:
+            speaker.save_latents(latent, mask)
+        return latent, mask
 
     def _encode_audio(self, audio: Tensor) -> tuple[Tensor, Tensor]:
         """(1, samples) at 44.1 kHz -> speaker latents (1, frames, 80) and mask, kept where configured."""

@@ -10,6 +10,7 @@ with is what the response reports. Errors are the domain's (`RequestError`, nami
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 
@@ -32,6 +33,13 @@ OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "cedar", "coral", "echo", "
 EncodeVoice = Callable[[SpeakerReference], tuple[Tensor, Tensor]]
 
 
+def latents_encoding(settings: Settings) -> str:
+    """What a voice's speaker latents depend on besides its audio: the weights (by the settings that
+    name them) and the longest reference read."""
+    return json.dumps({"model": settings.model_repo, "fish": settings.fish_repo, "fish_dtype": settings.fish_dtype,
+                       "max_speaker_latent_length": settings.max_speaker_latent_length}, sort_keys=True)
+
+
 class VoiceCatalog:
     """The voices of a server with `settings`, and the caches derived from them."""
 
@@ -40,7 +48,7 @@ class VoiceCatalog:
         dirs = settings.voice_dirs + ([settings.upload_dir] if settings.upload_dir not in settings.voice_dirs else [])
         self.registry = VoiceRegistry(dirs, folder_support=settings.folder_support)
         self.library = VoiceLibrary(settings.upload_dir, self.registry, settings.max_voice_bytes,
-                                    settings.max_voice_seconds)
+                                    settings.max_voice_seconds, encoding=latents_encoding(settings))
         if settings.uploads_enabled and not writable(settings.upload_dir):
             log.warning("voice uploads are on but this process cannot write to %s: uploads will fail until it "
                         "can (set ECHO_VOICE_UPLOAD_DIR to a writable directory, or ECHO_VOICE_UPLOADS=0)",
@@ -99,7 +107,8 @@ class VoiceCatalog:
     def _registered(self, source: VoiceSource) -> SpeakerReference:
         """A file or folder voice, its saved latents (an uploaded voice's) used when they are current."""
         return SpeakerReference(source.cache_key, lambda: load_voice_audio(source, self.max_reference_seconds),
-                                name=source.cache_name, load_latents=lambda: self.library.stored_latents(source))
+                                name=source.cache_name, load_latents=lambda: self.library.stored_latents(source),
+                                save_latents=lambda latent, mask: self.library.restore_latents(source, latent, mask))
 
     def _inline(self, voice: str) -> SpeakerReference:
         """A base64 / data: URL voice within ECHO_MAX_VOICE_BYTES and ECHO_MAX_VOICE_SECONDS. Its
@@ -118,6 +127,9 @@ class VoiceCatalog:
         if not self.settings.uploads_enabled:
             raise RequestError("voice uploads are off on this server: set ECHO_VOICE_UPLOADS=1 (they are on by "
                                "default when ECHO_API_KEY is set)", status=403)
+        if name in self.settings.voice_aliases:  # requests for it would speak with the alias's voice
+            raise RequestError(f"{name!r} is an alias of voice {self.settings.voice_aliases[name]!r} "
+                               "(ECHO_VOICE_ALIASES): choose another name", "name", status=409)
         upload = self.library.check(name, data, consent, overwrite)
         # encoded from the stored FLAC's bytes, exactly as the voice is read back from its file
         clip = SpeakerReference(f"upload:{hashlib.sha256(upload.flac).hexdigest()}",

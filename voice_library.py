@@ -2,8 +2,10 @@
 
 An uploaded voice `NAME` is three files in the upload directory: `NAME.flac` (the clip, mono,
 44.1 kHz, as decoded), `NAME.voice.json` (its metadata and quality report) and
-`NAME.latents.safetensors` (its speaker latents, tied to the clip's version, so a restart does
-not encode it again). Files an operator placed in a voice directory are read-only here.
+`NAME.latents.safetensors` (its speaker latents, tied to the clip's version and to what encoded
+them, so a restart does not encode it again, and a server with other weights or another
+ECHO_MAX_SPEAKER_LATENT_LENGTH does). Files an operator placed in a voice directory are read-only
+here, and so is an upload that a voice of the same name in an earlier voice directory hides.
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ class VoiceLibrary:
     metadata last. A full disk leaves the library as it was and is an `InsufficientStorage` (507).
     """
 
-    def __init__(self, directory: Path, registry: VoiceRegistry, max_bytes: int, max_seconds: float):
+    def __init__(self, directory: Path, registry: VoiceRegistry, max_bytes: int, max_seconds: float,
+                 encoding: str = ""):
         self.directory, self.registry = Path(directory), registry
         self.max_bytes, self.max_seconds = max_bytes, max_seconds
+        self.encoding = encoding  # what stored latents were encoded with: others are not used
 
     def check(self, name: str, data: bytes, consent: str | None = None, overwrite: bool = False) -> Upload:
         """Check a name and a clip (a conflict first, before any decoding); nothing is written.
@@ -139,10 +143,14 @@ class VoiceLibrary:
         return source
 
     def _check_replaceable(self, name: str, overwrite: bool) -> None:
-        if not overwrite and name in self.registry:
+        try:
+            source = self.registry.resolve(name)
+        except ValueError:
+            return  # a new name
+        if not overwrite:
             raise RequestError(f"a voice named {name!r} exists; send overwrite=true to replace it", "name",
                                status=409)
-        if name in self.registry and not self.is_uploaded(name):
+        if not self._is_upload(source):
             raise RequestError(f"voice {name!r} was placed by the operator and cannot be replaced", "name", status=403)
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int, int]:
@@ -166,7 +174,7 @@ class VoiceLibrary:
     def metadata(self, name: str) -> dict:
         """An uploaded voice's stored metadata, or what is known of an operator's voice; 404 if unknown."""
         source = self._source(name)
-        if self.is_uploaded(source.name):
+        if self._is_upload(source):
             return json.loads(self._path(source.name, METADATA_SUFFIX).read_text())
         return {"object": "audio.voice", "id": source.name, "name": source.name, "uploaded": False,
                 "kind": source.kind}
@@ -174,7 +182,7 @@ class VoiceLibrary:
     def delete(self, name: str) -> VoiceSource:
         """Remove an uploaded voice's files; returns what it was (for the caller's caches)."""
         source = self._source(name)
-        if not self.is_uploaded(source.name):
+        if not self._is_upload(source):
             raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
                                "voice_id", status=403)
         with self._locked(), _no_space("deleted"):  # the audio first: cut short, what is left is no voice
@@ -185,17 +193,37 @@ class VoiceLibrary:
     def is_uploaded(self, name: str) -> bool:
         return self._path(name, METADATA_SUFFIX).is_file() and self._path(name, AUDIO_SUFFIX).is_file()
 
+    def _is_upload(self, source: VoiceSource) -> bool:
+        """Whether the voice a name resolves to is this library's upload (not an operator's voice of
+        the same name in an earlier directory, which hides the upload)."""
+        audio = self._path(source.name, AUDIO_SUFFIX)
+        return (source.kind == "file" and os.path.realpath(source.path) == os.path.realpath(audio)
+                and self.is_uploaded(source.name))
+
     # -- speaker latents ---------------------------------------------------------------------------
 
     def stored_latents(self, source: VoiceSource) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The latents saved for exactly this version of an uploaded voice, if any."""
+        """The latents saved for exactly this version of an uploaded voice by this server's encoding, if any."""
         path = self._path(source.name, LATENTS_SUFFIX)
-        if not self.is_uploaded(source.name) or not path.is_file():
+        if not self._is_upload(source) or not path.is_file():
             return None
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("cache_key") != source.cache_key:
+            metadata = f.metadata() or {}
+            if metadata.get("cache_key") != source.cache_key or metadata.get("encoding") != self.encoding:
                 return None
             return f.get_tensor("latent"), f.get_tensor("mask")
+
+    def restore_latents(self, source: VoiceSource, latent: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep the latents of an upload encoded afresh (its stored ones were another encoding's or
+        missing), so that the next restart loads them. Not an upload's: nothing to keep."""
+        if not self._is_upload(source):
+            return
+        try:
+            with self._locked():  # (not over a newer version's, nor beside a deleted voice)
+                if self._is_upload(source) and self.registry.resolve(source.name).cache_key == source.cache_key:
+                    self._store_latents(source, latent, mask)
+        except (OSError, ValueError, RequestError) as e:  # a cache: the voice is encoded again at the next start
+            log.warning("could not keep the speaker latents of voice %r: %s", source.name, e)
 
     def _store_latents(self, source: VoiceSource, latent: torch.Tensor, mask: torch.Tensor) -> None:
         """Keep a voice's latents beside it (a cache: with no room for it, the voice is encoded again
@@ -203,7 +231,7 @@ class VoiceLibrary:
         tensors = {"latent": latent.detach().float().cpu().contiguous(), "mask": mask.detach().cpu().contiguous()}
         try:
             with _TempFiles(self.directory) as temps:
-                path = temps.write(save(tensors, metadata={"cache_key": source.cache_key}))
+                path = temps.write(save(tensors, metadata={"cache_key": source.cache_key, "encoding": self.encoding}))
                 os.replace(path, self._path(source.name, LATENTS_SUFFIX))
         except InsufficientStorage:
             log.warning("no room to store the speaker latents of voice %r; they are encoded again after a restart",

@@ -69,6 +69,56 @@ def test_a_restarted_server_uses_the_stored_latents(library, tmp_path):
         again.stop()
 
 
+def test_stored_latents_are_not_used_by_a_server_that_encodes_voices_differently(library):
+    """The latents were checked against the clip only: after a change of weights or of
+    ECHO_MAX_SPEAKER_LATENT_LENGTH (which the out-of-memory advice suggests), an uploaded voice
+    spoke with latents the server would no longer make."""
+    assert upload(library, "re-encoded", clip()).status_code == 200
+    body = {"input": "Hello.", "voice": "re-encoded", "block_sizes": [4], "num_steps": [1], "seed": 1}
+    # encoded afresh, they are kept for the next start of the same set-up
+    for change, loaded in (({"ECHO_MAX_SPEAKER_LATENT_LENGTH": "100"}, False),
+                           ({"ECHO_MAX_SPEAKER_LATENT_LENGTH": "100"}, True), ({}, False), ({}, True)):
+        again = AppServer(library.env | change)
+        try:
+            assert again.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+            assert ("loaded, not encoded" in again.log()) is loaded, change
+        finally:
+            again.stop()
+
+
+def test_an_upload_hidden_by_an_operator_voice_of_its_name_is_left_alone(library, tmp_path):
+    """An operator's voice added later in an earlier directory hides an upload of the same name.
+    Replacing "it" wrote the upload's latents under the operator's voice's key, so requests for the
+    operator's voice spoke with the upload, across restarts, and it was reported as uploaded."""
+    operator_dir = library.settings.voice_dirs[0]
+    assert upload(library, "hidden", clip()).status_code == 200
+    shutil.copy(operator_dir / "alice.wav", operator_dir / "hidden.wav")
+    try:
+        assert upload(library, "hidden", clip(seconds=7.0), overwrite="true").status_code == 403
+        assert library.get("/v1/voices/hidden", headers=KEY).json()["uploaded"] is False
+        assert library.delete("/v1/audio/voices/hidden", headers=KEY).status_code == 403
+        again = AppServer(library.env)
+        try:
+            body = {"input": "Hello.", "voice": "hidden", "block_sizes": [4], "num_steps": [1], "seed": 1}
+            assert again.post("/v1/audio/speech", json=body, headers=KEY, timeout=60).status_code == 200
+            assert "loaded, not encoded" not in again.log()  # the operator's clip, encoded: not the upload's latents
+        finally:
+            again.stop()
+    finally:
+        (operator_dir / "hidden.wav").unlink()
+
+
+def test_an_upload_may_not_take_the_name_of_an_alias(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    """An upload named like an alias was stored and listed, and every request for it spoke with the
+    alias's voice."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="lib-key",
+                     ECHO_VOICE_UPLOAD_DIR=str(tmp_path), ECHO_VOICE_ALIASES="narrator=alice")
+    with app_server(env) as app:
+        r = upload(app, "narrator", clip())
+        assert r.status_code == 409 and r.json()["error"]["param"] == "name" and "alias" in r.json()["error"]["message"]
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_quality_warnings_name_what_is_wrong(library):
     short = upload(library, "short", clip(seconds=2.0, amplitude=1.5)).json()["quality"]  # clipped and short
     assert any(w.startswith("short") for w in short["warnings"]) and any(w.startswith("clipped")
