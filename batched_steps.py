@@ -718,9 +718,11 @@ class StaticSteps:
         x = _view(flat_x, padded_rows, frames, LATENT_SIZE)
         if all(c.x.shape[1] == frames for c in calls):
             torch.cat([c.x for c in calls], out=x[:n])
-        else:
-            for c, rows_of in zip(calls, row_slices(calls)):
+        else:  # the frames past a short block's end zeroed: masked as keys, but a stale NaN there (another
+            for c, rows_of in zip(calls, row_slices(calls)):  # request's divergence) times weight 0 is NaN
                 x[rows_of, :c.x.shape[1]] = c.x
+                if c.x.shape[1] < frames:
+                    x[rows_of, c.x.shape[1]:] = 0
         modulation = _view(flat_modulation, len(self.model.blocks), 2, padded_rows, 1, self._modulation_size)
         if timed_modulations(self.model, calls, out=modulation[:, :, :n]) is None:  # a call without its time
             modulation[:, :, :n] = self.model.modulations(torch.cat([c.t for c in calls]))

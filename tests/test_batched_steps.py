@@ -93,6 +93,24 @@ def test_static_forward_equals_exact_forward(engine, tiny_model, skip_blocks):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-5)
 
 
+def test_a_diverged_generation_leaves_nothing_in_the_step_buffer_that_a_shorter_block_reads(engine, tiny_model):
+    """A block shorter than its frame bucket is written into the shared step input: the frames past
+    its end kept what an earlier step left there. They are masked as keys, yet their values are
+    weighted by 0, and 0 x NaN is NaN: one request whose latents went non-finite (float16 with
+    extreme guidance) made every later request of shorter blocks in its rows all NaN."""
+    import dataclasses
+
+    calls = first_calls(engine, mixed_jobs(load_clip()))
+    short = next(c for c in calls if c.x.shape[1] < 16)  # padded to the one 16-frame bucket
+    full = next(c for c in calls if c.x.shape[1] == 16)
+    steps = StaticSteps(tiny_model, StaticShapes.covering((16,), max_rows=12))
+    with torch.inference_mode():
+        before = steps([short])[0]
+        steps([dataclasses.replace(full, x=torch.full_like(full.x, float("nan")))])  # a diverged generation
+        after = steps([short])[0]
+    assert torch.isfinite(before).all() and torch.equal(after, before)
+
+
 def test_a_voice_longer_than_30_s_pads_its_batch_to_the_long_speaker_bucket(engine, tiny_model):
     clip = load_clip()
     long_clip = clip.repeat(1, -(-35 * 44100 // clip.shape[1]))[:, :35 * 44100]  # 35 s: 753 frames, 189 patches
