@@ -182,6 +182,10 @@ class ExactSteps:
         p.used = self._calls
         return p
 
+    def forget(self) -> None:
+        """Let every layout and pass go (the worker has nothing to step): their generations' keys with them."""
+        self._layouts, self._passes = {}, {}
+
     def _forget_stale(self) -> None:
         oldest = self._calls - self.keep_for
         self._passes = {k: p for k, p in self._passes.items() if p.used > oldest}
@@ -643,6 +647,7 @@ class StaticSteps:
     @property
     def compiles_after_warm_up(self) -> int:
         return self._compiled.compiles_after_warm_up if self._compiled else 0
+
 
     @property
     def graphs(self) -> int:

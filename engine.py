@@ -262,6 +262,14 @@ class SpeechEngine:
         return decode_streams([c.decoder for c in calls], [c.z for c in calls],
                               batch=self.fish_ae.device.type != "cpu", max_batch_frames=MAX_DECODE_BATCH_FRAMES)
 
+    def release_idle(self) -> None:
+        """Nothing is being generated: the step runner lets go of what it kept for the next step
+        (ExactSteps: laid-out keys/values, which hold finished generations' conditioning). A runner
+        without `forget` (a test's or benchmark's wrapper) keeps nothing."""
+        forget = getattr(self.steps, "forget", None)
+        if forget is not None:
+            forget()
+
     def prepare_voice(self, speaker: SpeakerReference | None) -> PreparedVoice:
         """Decode, encode and key a voice (cached per voice version; concurrent callers of one voice
         share one preparation). Slow for a new voice: call it before handing the job to the worker,

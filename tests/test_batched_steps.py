@@ -194,6 +194,24 @@ def test_exact_steps_pad_nothing(engine, tiny_model):
     assert sorted(passes) == sorted((rows, frames) for frames, rows in rows_per_frames.items())
 
 
+def test_an_idle_worker_keeps_no_finished_generations_keys(engine):
+    """ExactSteps let layouts go only as later steps ran: once the server went idle, the last batch's
+    layouts kept every finished (or cancelled) job's text, speaker and prefix keys/values, about
+    660 MiB per job at full size, until traffic came back, and the next burst started above them."""
+    worker = wk.GenerationWorker(engine, max_waiting=8, max_active=8)
+
+    async def run():
+        streams = [worker.submit(job) for job in mixed_jobs(load_clip())]
+        return [[block async for block in stream] for stream in streams]
+
+    try:
+        asyncio.run(run())
+        assert engine.steps.layouts_built > 0
+        assert worker.call(lambda: engine.steps.layouts_kept) == 0  # (run once the worker has nothing to do)
+    finally:
+        worker.close()
+
+
 def test_exact_steps_keep_keys_until_membership_changes(engine, tiny_model):
     calls = first_calls(engine, mixed_jobs(load_clip()))
     steps = ExactSteps(tiny_model, keep_for=2)
