@@ -53,6 +53,14 @@ class VoiceCatalog:
             log.warning("voice uploads are on but this process cannot write to %s: uploads will fail until it "
                         "can (set ECHO_VOICE_UPLOAD_DIR to a writable directory, or ECHO_VOICE_UPLOADS=0)",
                         settings.upload_dir)
+        for directory in settings.voice_dirs:  # (the upload directory is made by the first upload)
+            if not directory.is_dir():
+                log.warning("voice directory %s (ECHO_VOICE_DIRS) does not exist or is not a directory: it holds no "
+                            "voices", directory.resolve())
+        for alias in settings.voice_aliases:
+            if not self._speaks(alias):
+                log.warning("alias %r (ECHO_VOICE_ALIASES) names no voice (%r): it is not listed, and requests for "
+                            "it get 400 until that voice exists", alias, self._target(alias))
         self.latents = SpeakerCache(settings.speaker_cache_size)  # speaker latents, by voice version
         self.keys = SpeakerCache(settings.speaker_kv_cache_size)  # speaker keys/values, by voice version
         self._openai_names_logged: set[str] = set()
@@ -63,19 +71,34 @@ class VoiceCatalog:
         return self.settings.max_speaker_latent_length * inf.AE_DOWNSAMPLE_FACTOR / inf.SAMPLE_RATE
 
     def names(self) -> list[str]:
-        """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES)."""
-        return sorted(set(self.registry.list()) | set(self.settings.voice_aliases))
+        """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES) whose voice
+        exists now."""
+        return sorted(set(self.registry.list()) | {a for a in self.settings.voice_aliases if self._speaks(a)})
+
+    def _target(self, name: str) -> str:
+        """What a name speaks with through the aliases (an alias of an alias too): itself if no alias."""
+        aliases, seen = self.settings.voice_aliases, set()
+        while name in aliases and name not in seen:  # (a loop of aliases ends where it started)
+            seen.add(name)
+            name = aliases[name]
+        return name
+
+    def _speaks(self, alias: str) -> bool:
+        """Whether an alias leads to a voice a request can use."""
+        target = self._target(alias)
+        return is_no_voice(target) or (target not in self.settings.voice_aliases and target in self.registry)
 
     def used(self, voice: str) -> str:
         """The voice a request's `voice` speaks with (what X-Echo-Voice reports): an alias's voice; for
         an OpenAI built-in name that is no voice here, ECHO_DEFAULT_VOICE, else the library's first
         voice by name, else `none`; `inline` for inline audio; else the name as given."""
         if voice in self.settings.voice_aliases:
-            return self.settings.voice_aliases[voice]
+            return self._target(voice)
         if looks_like_inline_audio(voice):
             return "inline"
         if voice.lower() in OPENAI_VOICES and voice not in self.registry:
-            used = self.settings.default_voice or next(iter(self.registry.list()), NO_VOICE)
+            default = self.settings.default_voice
+            used = self._target(default) if default else next(iter(self.registry.list()), NO_VOICE)
             if voice not in self._openai_names_logged:
                 self._openai_names_logged.add(voice)
                 log.info("OpenAI voice %r speaks with voice %r (set ECHO_VOICE_ALIASES or ECHO_DEFAULT_VOICE "

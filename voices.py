@@ -11,7 +11,9 @@ Safety: a name is only ever looked up in the directory listing, never joined ont
 with a path separator, a NUL byte, `.`/`..`, a leading dot (hidden entries are not voices) or
 longer than 255 characters are refused, and an entry (file, folder, or a file inside a folder
 voice) whose real path, symlinks resolved, lies outside its voice directory is not a voice.
-All of these give `UnknownVoiceError`.
+All of these give `UnknownVoiceError`. An entry whose name is not UTF-8 is no voice (a warning
+says so once), and a file whose id is `none` (any case) is known by its file name only: `none`
+means no reference.
 
 Inline voices: a `data:` URL (`data:audio/wav;base64,...`) or bare base64 audio. See
 `looks_like_inline_audio` for the rule that tells them from names.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -39,6 +42,8 @@ import torch
 from torch import Tensor
 
 from inference import SAMPLE_RATE, AudioDecodeError, AudioTooLong, load_audio, load_audio_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -143,6 +148,7 @@ class VoiceRegistry:
             dirs = [dirs]
         self.dirs: tuple[Path, ...] = tuple(Path(d) for d in dirs)
         self.folder_support = folder_support
+        self._unnamed: set[str] = set()  # entries left out for their names (warned about once)
 
     def list(self) -> list[str]:
         """Sorted voice ids (for GET /v1/voices)."""
@@ -198,7 +204,7 @@ class VoiceRegistry:
                 continue
             folders, files = [], []
             for item in dir_entries:
-                if item.name.startswith("."):
+                if item.name.startswith(".") or not self._nameable(item):
                     continue
                 try:
                     is_dir, is_file = item.is_dir(), item.is_file()
@@ -211,10 +217,23 @@ class VoiceRegistry:
                 elif is_dir and self.folder_support and self._folder_files(Path(item.path), Path(root)):
                     folders.append(_Entry(item.name, "folder", Path(item.path), Path(root)))
             for entry in folders + files:
-                by_id.setdefault(entry.name, entry)
+                if not is_no_voice(entry.name):  # `none` is no voice: a file called so is known by its file name
+                    by_id.setdefault(entry.name, entry)
                 if entry.kind == "file":
                     by_file_name.setdefault(entry.path.name, entry)
         return by_id, by_file_name
+
+    def _nameable(self, item: os.DirEntry) -> bool:
+        """Whether an entry's name is text a response can carry: a name in no UTF-8 (a file unpacked
+        from an old archive) would fail every voice list; it is left out, with a warning once."""
+        try:
+            item.name.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            if item.path not in self._unnamed:
+                self._unnamed.add(item.path)
+                log.warning("%r is not a voice: its name is not UTF-8 (rename it)", item.path)
+            return False
 
     @staticmethod
     def _folder_files(folder: Path, root: Path) -> list[Path]:

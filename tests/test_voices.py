@@ -78,6 +78,53 @@ def test_list_files_and_folders_sorted(voice_dir):
     assert VoiceRegistry([voice_dir / "missing"]).list() == []
 
 
+def test_a_file_whose_name_is_not_utf8_is_no_voice_and_the_list_still_answers(voice_dir, caplog):
+    """A Latin-1 `José.wav` unpacked from an old archive made GET /v1/voices a 500 for everyone
+    (its surrogate-escaped name cannot be encoded in the JSON answer)."""
+    with open(os.path.join(os.fsencode(voice_dir), b"Jos\xe9.wav"), "wb") as f:
+        f.write(wav_bytes(0.1))
+    registry = VoiceRegistry([voice_dir])
+    assert registry.list() == ["Bob", "alice", "band", "carol", "fmt"]
+    registry.list()
+    assert caplog.text.count("its name is not UTF-8") == 1  # once, not at every listing
+
+
+def test_a_file_called_none_is_no_voice_by_that_id(voice_dir):
+    """`none` means no reference: a `None.wav` was listed as a voice that then spoke with none."""
+    write_wav(voice_dir / "None.wav")
+    registry = VoiceRegistry([voice_dir])
+    assert "None" not in registry.list() and "None" not in registry
+    assert registry.resolve("None.wav").path == voice_dir / "None.wav"  # by its file name
+
+
+def catalog(voice_dir, **settings):
+    from settings import load_settings
+    from voice_catalog import VoiceCatalog
+
+    return VoiceCatalog(load_settings(device="cpu", voice_dirs=[voice_dir], upload_dir=voice_dir / "uploads",
+                                      **settings))
+
+
+def test_the_voice_list_offers_only_aliases_that_speak_and_aliases_may_chain(voice_dir, caplog):
+    """Aliases were listed whatever they named: one naming a missing voice, or another alias, was
+    offered and then answered 400 'Unknown voice ... GET /v1/voices lists the available voices'."""
+    voices = catalog(voice_dir, voice_aliases={"host": "narrator", "narrator": "alice", "ghost": "nobody",
+                                               "silent": "none", "loop": "loop2", "loop2": "loop"},
+                     default_voice="host")
+    assert voices.names() == ["Bob", "alice", "band", "carol", "fmt", "host", "narrator", "silent"]
+    assert [voices.used(name) for name in ("host", "narrator", "silent", "alloy")] == ["alice", "alice", "none",
+                                                                                      "alice"]
+    assert voices.resolve("host")[1] is not None
+    warned = [line for line in caplog.text.splitlines() if "ECHO_VOICE_ALIASES" in line]
+    assert len(warned) == 3 and all(name in " ".join(warned) for name in ("'ghost'", "'loop'", "'loop2'"))
+
+
+def test_a_missing_voice_directory_is_named_in_a_warning(voice_dir, caplog):
+    """A typo or an unmounted volume in ECHO_VOICE_DIRS gave an empty voice list and no log line."""
+    catalog(voice_dir / "typo")
+    assert "typo" in caplog.text and "ECHO_VOICE_DIRS" in caplog.text
+
+
 def test_lookup_by_stem_file_name_and_folder(voice_dir):
     reg = VoiceRegistry([voice_dir])
     a = reg.resolve("alice")
