@@ -179,8 +179,9 @@ class VoiceRegistry:
                 st = os.stat(path)
             except OSError:
                 raise UnknownVoiceError(name) from None  # removed while we looked
-            digest.update(f"\0{path}\0{os.path.realpath(path)}\0{st.st_mtime_ns}\0{st.st_size}".encode(
-                "utf-8", "surrogateescape"))
+            # ctime and inode too: a same-length clip copied over with its old mtime kept (cp -p, rsync -a)
+            digest.update(f"\0{path}\0{os.path.realpath(path)}\0{st.st_mtime_ns}\0{st.st_size}\0{st.st_ctime_ns}"
+                          f"\0{st.st_ino}\0{st.st_dev}".encode("utf-8", "surrogateescape"))
         return VoiceSource(name=entry.name, kind=entry.kind, path=entry.path, files=tuple(files),
                            cache_key=f"voice:{entry.name}:{digest.hexdigest()[:40]}")
 

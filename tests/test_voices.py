@@ -206,6 +206,22 @@ def test_cache_key_follows_file_changes(voice_dir):
     assert reg.resolve("band").cache_key != folder_key
 
 
+def test_a_clip_copied_over_with_its_size_and_old_mtime_is_a_new_version(voice_dir):
+    """`cp -p`, `rsync -a` or an image with fixed timestamps replaces a WAV of the same length and
+    keeps the old mtime: path, mtime and size were all the key looked at, so the old voice's latents
+    were served for the new clip."""
+    reg = VoiceRegistry([voice_dir])
+    path = voice_dir / "alice.wav"
+    before = reg.resolve("alice").cache_key
+    st = path.stat()
+    replacement = voice_dir / "other.tmp"
+    replacement.write_bytes(wav_bytes(0.1, freq=440.0))  # the same length as alice's clip, another sound
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, path)
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert reg.resolve("alice").cache_key != before
+
+
 # -- loading ------------------------------------------------------------------------------------------
 
 
