@@ -28,6 +28,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 import safetensors.torch as st
+from safetensors import SafetensorError
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from autoencoder import DEFAULT_CONFIG as FISH_DAC_CONFIG
 from autoencoder import DAC, build_ae
-from checkpoint import verify_state_dict
+from checkpoint import CheckpointError, verify_state_dict
 from model import EchoDiT, KVCache, is_blockwise_parameter
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,12 @@ def _config_overrides(repo_id: str, defaults: dict, token: str | None) -> dict:
         path = _resolve_file(repo_id, "config.json", token)
     except (FileNotFoundError, EntryNotFoundError, LocalEntryNotFoundError):
         return {}
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or remove it (the published hyperparameters "
+                              "apply without it)") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object of hyperparameters")
     unknown = sorted(set(config) - set(defaults))
@@ -89,11 +94,21 @@ def _load_tensors(path: str, dtype: torch.dtype | None) -> dict[str, Tensor]:
     """All tensors of a safetensors file on the CPU, floating ones cast to `dtype` one at a time
     (so a bfloat16 file loaded as float32 never needs both copies in memory at once)."""
     state = {}
-    with st.safe_open(path, framework="pt", device="cpu") as f:
+    with _named_on_failure(path), st.safe_open(path, framework="pt", device="cpu") as f:
         for name in f.keys():
             tensor = f.get_tensor(name)
             state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return state
+
+
+@contextlib.contextmanager
+def _named_on_failure(path: str) -> Iterator[None]:
+    """A file safetensors cannot read (an interrupted copy or download) is a CheckpointError naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated: copy or "
+                              "download it again") from None
 
 
 def load_model_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cuda",
@@ -143,7 +158,7 @@ def load_fish_ae_from_hf(repo_id: str = "jordand/fish-s1-dac-min", device: str =
     path = _resolve_file(repo_id, "pytorch_model.safetensors", token)
     with torch.device("meta"):
         fish_ae = build_ae(**overrides)
-    fish_ae.load_checkpoint(st.load_file(path, device="cpu"), source=path)
+    fish_ae.load_checkpoint(_load_tensors(path, None), source=path)
     fish_ae = fish_ae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if compile:
         fish_ae = compile_fish_ae(fish_ae)
@@ -169,7 +184,7 @@ class PCAState:
 def load_pca_state_from_hf(repo_id: str = "jordand/echo-tts-base", device: str = "cuda",
                            filename: str = "pca_state.safetensors", token: str | None = None) -> PCAState:
     path = _resolve_file(repo_id, filename, token)
-    tensors = st.load_file(path, device="cpu")
+    tensors = _load_tensors(path, None)
     missing = {"pca_components", "pca_mean", "latent_scale"} - set(tensors)
     if missing:
         raise ValueError(f"{path}: missing tensors {sorted(missing)}")

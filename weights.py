@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
 MODEL_FILES = ("pytorch_model.safetensors", "pca_state.safetensors")
 FISH_FILES = ("pytorch_model.safetensors",)
@@ -40,6 +40,11 @@ def sources(model_repo: str, fish_repo: str) -> list[WeightSource]:
 def fetch(model_repo: str, fish_repo: str) -> tuple[Path, Path]:
     """Local directories holding every file of the two weight sets (Hub repos: their cache snapshot)."""
     weight_sets = sources(model_repo, fish_repo)
+    for source in weight_sets:  # (before asking whether the Hub answers: a mistyped path is not a Hub question)
+        if not os.path.isdir(source.repo) and looks_like_a_path(source.repo):
+            problem = "is a file, not a directory" if os.path.exists(source.repo) else "does not exist"
+            raise WeightsUnavailable(f"{source.variable}={source.repo}: that directory {problem} (a Hub repo id is "
+                                     "owner/name; a local directory must hold the weight files)")
     offline = hub_unreachable() if any(not os.path.isdir(s.repo) for s in weight_sets) else None
     model, fish = (_local_dir(source, offline) for source in weight_sets)
     return model, fish
@@ -54,6 +59,12 @@ def hub_unreachable(timeout: float = 10.0) -> str | None:
     except httpx.HTTPError as e:
         return f"{constants.ENDPOINT} is unreachable: {e}"
     return None
+
+
+def looks_like_a_path(repo: str) -> bool:
+    """Whether a weights setting names a local directory rather than a Hub repo id (`owner/name`):
+    absolute, relative (`.`), in a home (`~`), or with more than one `/`."""
+    return repo.startswith(("/", ".", "~")) or repo.count("/") > 1 or (os.sep != "/" and os.sep in repo)
 
 
 def _local_dir(source: WeightSource, offline: str | None) -> Path:
@@ -75,6 +86,9 @@ def _local_dir(source: WeightSource, offline: str | None) -> Path:
 def _hub_file(source: WeightSource, name: str, offline: str | None) -> str:
     try:
         return hf_hub_download(source.repo, name, local_files_only=offline is not None)
+    except HFValidationError:
+        raise WeightsUnavailable(f"{source.variable}={source.repo}: neither a local directory nor a Hub repo id "
+                                 "(owner/name)") from None
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, httpx.HTTPError, OSError) as e:
         where = (f"is not in the local Hugging Face cache, and the Hub cannot be used ({offline})" if offline
                  else f"could not be fetched ({_reason(e)})")

@@ -34,6 +34,39 @@ def test_download_names_the_file_a_local_directory_lacks(tiny_fish_dir, tmp_path
         f"error: ECHO_MODEL_REPO={tmp_path / 'empty'}: pytorch_model.safetensors is not in that directory"]
 
 
+@pytest.mark.parametrize("repo, words", [("/mnt/models/echo", "that directory does not exist"),
+                                         ("~/echo-weights", "that directory does not exist"),
+                                         ("not a repo id!", "neither a local directory nor a Hub repo id")])
+def test_download_names_the_setting_of_a_missing_directory_or_an_impossible_repo_id(tiny_fish_dir, tmp_path, repo,
+                                                                                   words):
+    """A mistyped or unmounted path was taken for a Hub id: huggingface_hub's HFValidationError
+    and a traceback, naming neither the setting nor the problem."""
+    done = download(tmp_path, ECHO_MODEL_REPO=repo, ECHO_FISH_REPO=str(tiny_fish_dir), HF_HUB_OFFLINE="1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"ECHO_MODEL_REPO={repo}" in line and words in line
+
+
+@pytest.mark.parametrize("what", ["weights", "fish", "pca", "config"])
+def test_a_truncated_weight_file_or_broken_config_is_named(tiny_echo_dir, tiny_fish_dir, tmp_path, what):
+    """An interrupted copy gave safetensors' 'incomplete metadata' (a malformed config.json:
+    'Expecting value: line 1 column 1') without saying which file."""
+    import shutil
+
+    import inference
+    from checkpoint import CheckpointError
+
+    source = tiny_fish_dir if what == "fish" else tiny_echo_dir
+    broken = shutil.copytree(source, tmp_path / "copy")
+    name = {"pca": "pca_state.safetensors", "config": "config.json"}.get(what, "pytorch_model.safetensors")
+    data = (broken / name).read_bytes()
+    (broken / name).write_bytes(data[:len(data) // 2])
+    load = {"fish": inference.load_fish_ae_from_hf, "pca": inference.load_pca_state_from_hf}.get(
+        what, inference.load_model_from_hf)
+    with pytest.raises(CheckpointError, match=str(broken / name)):
+        load(str(broken), device="cpu")
+
+
 @pytest.mark.parametrize("how", ["offline", "unreachable"])
 def test_download_without_the_hub_fails_at_once_with_one_line(tmp_path, how):
     env = {"HF_HUB_OFFLINE": "1"} if how == "offline" else {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
