@@ -290,7 +290,11 @@ def _routes():
                     responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
-        speech = await open_speech(service, body, streaming=body.stream, client_gone=request.is_disconnected)
+        try:
+            speech = await open_speech(service, body, streaming=body.stream, client_gone=request.is_disconnected)
+        except ClientGone:
+            log.info("client disconnected while its voice was prepared")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         timing = StreamTiming(request.app.state.metrics, request.state.started)
         try:
             await speech.first_audio()  # a failure before any audio is still the response's status

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -45,6 +46,7 @@ from speech_request import SpeechRequest
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
 FIRST_SLICE = 8192  # samples (186 ms): bytes from 16 kHz up at speed 1 (other rates and speeds: the next slice)
 LARGEST_SLICE = 262144  # samples (5.9 s)
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -63,13 +65,18 @@ def request_encoder(request: SpeechRequest, settings: Settings, streaming: bool)
 async def open_speech(service: SpeechService, request: SpeechRequest, streaming: bool,
                       client_gone: Callable[[], Awaitable[bool]] | None = None) -> Speech:
     """The request's speech, generating. Raises RequestError when it is refused (nothing is left
-    open then). `client_gone`, when given, is polled while audio is awaited (`first_audio`, and
-    every block of `pieces(watched=True)`)."""
+    open then). `client_gone`, when given, is polled while its job starts (its voice prepared) and
+    while audio is awaited (`first_audio`, and every block of `pieces(watched=True)`): ClientGone."""
     encoder = request_encoder(request, service.settings, streaming)
+    # watched: a client that leaves while its voice is prepared gives its queue slot back at once
+    start = asyncio.ensure_future(service.start(request.generation_options(), request_id.get()))
     try:
-        started = await service.start(request.generation_options(), request_id.get())
-    except BaseException:  # refused, or the caller was cancelled meanwhile
+        started = await (_watching(start, client_gone) if client_gone is not None else start)
+    except BaseException:  # refused, the client left, or the caller was cancelled meanwhile
         encoder.close()
+        start.cancel()
+        if start.done() and not start.cancelled() and start.exception() is None:
+            start.result().stream.cancel()  # (started just as the client was found gone)
         raise
     return Speech(started, encoder, client_gone)
 
@@ -179,7 +186,7 @@ def slices(block: np.ndarray, first: int = FIRST_SLICE, largest: int = LARGEST_S
         size = min(2 * size, largest)
 
 
-async def _watching(awaitable: Awaitable[np.ndarray], client_gone: Callable[[], Awaitable[bool]]) -> np.ndarray:
+async def _watching(awaitable: Awaitable[T], client_gone: Callable[[], Awaitable[bool]]) -> T:
     """`awaitable`'s result, asking meanwhile whether the client left: ClientGone (and the wait
     cancelled) if it did."""
     task = asyncio.ensure_future(awaitable)

@@ -188,6 +188,8 @@ async def serve(websocket: WebSocket, service: SpeechService, metrics: Metrics) 
         # reader saw the client leave: either way nothing it queued is wanted any more
         await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         reader.cancel()
+        if reader.done() and not writer.done():  # the client left: nothing the writer awaits is wanted (a voice
+            writer.cancel()  # being prepared gives its queue slot back now)
         session.cancel_all()
         session.closing = True
         session.wake.set()

@@ -11,8 +11,9 @@ import av
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 
-from conftest import app_server, requests_to, server_env
+from conftest import app_server, live_server, requests_to, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -346,6 +347,36 @@ def test_client_disconnect_stops_generation_and_server_stays_healthy(app):
     assert "generation cancelled" in app.log()
     assert app.get("/health").json()["status"] == "ok"
     assert speech(app).status_code == 200
+
+
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_a_client_leaving_while_its_voice_is_prepared_gives_its_queue_slot_back_at_once(
+        tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory, transport):
+    """Preparing a new voice takes seconds (here a 60 s inline clip). A client that left meanwhile
+    kept its queue slot until the preparation ended: others got 429 for a request nobody waited for
+    (four such clients filled a server's queue for 16 s)."""
+    from websockets.sync.client import connect
+
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_ACTIVE="1", ECHO_MAX_QUEUE="1")
+    rate = 16000
+    t = np.arange(60 * rate) / rate
+    data = io.BytesIO()
+    sf.write(data, (0.3 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) ** 2).astype(np.float32), rate,
+             format="FLAC")
+    body = {"input": "Hello.", "voice": base64.b64encode(data.getvalue()).decode(), **FAST, "seed": 1}
+    with live_server(tmp_path_factory, f"preparing-{transport}", env) as live:
+        if transport == "http":
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(live.url + "/v1/audio/speech", json=body, timeout=httpx.Timeout(10, read=0.5))
+        else:
+            with connect(live.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws") as ws:
+                ws.send(json.dumps({**body, "segment_id": 1}))
+                time.sleep(0.5)
+        left = time.monotonic()
+        while _metric(live, "echo_queue_length") > 0 and time.monotonic() - left < 3:
+            time.sleep(0.05)
+        assert _metric(live, "echo_queue_length") == 0
+        assert speech(live).status_code == 200  # the one slot is free: not 429
 
 
 def _metric(server, name: str, headers: dict | None = None) -> float:
