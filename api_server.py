@@ -221,18 +221,21 @@ def _routes():
     public = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_api_key)])
 
-    @public.api_route("/", include_in_schema=False, methods=["GET", "HEAD"])
+    @public.get("/", include_in_schema=False)
     def playground() -> FileResponse:
         """The web playground (static files of this repository; the key is entered on the page)."""
         return FileResponse(STATIC / "index.html")
 
-    @public.api_route("/health", methods=["GET", "HEAD"])
+    @public.get("/health")
     def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"status": "ok", "ready": service.ready.is_set(), "auth": bool(service.settings.api_keys)}
 
-    @protected.api_route("/ready", methods=["GET", "HEAD"], responses=_errors(401, 503))
+    @protected.get("/ready", responses=_errors(401, 503))
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
         return {"status": "ready"}
+
+    for path, endpoint, router_ in (("/", playground, public), ("/health", health, public), ("/ready", ready, protected)):
+        router_.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)  # uptime checks' probes
 
     @protected.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}} | _errors(401),
                     response_class=Response)

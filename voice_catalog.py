@@ -57,8 +57,9 @@ class VoiceCatalog:
             if not directory.is_dir():
                 log.warning("voice directory %s (ECHO_VOICE_DIRS) does not exist or is not a directory: it holds no "
                             "voices", directory.resolve())
+        known = self.registry.known()
         for alias in settings.voice_aliases:
-            if not self._speaks(alias):
+            if not self._speaks(alias, known):
                 log.warning("alias %r (ECHO_VOICE_ALIASES) names no voice (%r): it is not listed, and requests for "
                             "it get 400 until that voice exists", alias, self._target(alias))
         self.latents = SpeakerCache(settings.speaker_cache_size)  # speaker latents, by voice version
@@ -73,7 +74,8 @@ class VoiceCatalog:
     def names(self) -> list[str]:
         """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES) whose voice
         exists now."""
-        return sorted(set(self.registry.list()) | {a for a in self.settings.voice_aliases if self._speaks(a)})
+        known = self.registry.known()  # (one listing of the directories, whatever the number of aliases)
+        return sorted(set(self.registry.list()) | {a for a in self.settings.voice_aliases if self._speaks(a, known)})
 
     def _target(self, name: str) -> str:
         """What a name speaks with through the aliases (an alias of an alias too): itself if no alias."""
@@ -83,10 +85,10 @@ class VoiceCatalog:
             name = aliases[name]
         return name
 
-    def _speaks(self, alias: str) -> bool:
-        """Whether an alias leads to a voice a request can use."""
+    def _speaks(self, alias: str, known: set[str]) -> bool:
+        """Whether an alias leads to a voice a request can use (`known`: the registry's names now)."""
         target = self._target(alias)
-        return is_no_voice(target) or (target not in self.settings.voice_aliases and target in self.registry)
+        return is_no_voice(target) or (target not in self.settings.voice_aliases and target in known)
 
     def used(self, voice: str) -> str:
         """The voice a request's `voice` speaks with (what X-Echo-Voice reports): an alias's voice; for

@@ -147,6 +147,9 @@ class VoiceLibrary:
             source = self.registry.resolve(name)
         except ValueError:
             return  # a new name
+        if source.name != name:  # the file name of another voice (carol.flac): not a name to replace by
+            raise RequestError(f"{name!r} is the file name of voice {source.name!r}: choose another name", "name",
+                               status=409)
         if not overwrite:
             raise RequestError(f"a voice named {name!r} exists; send overwrite=true to replace it", "name",
                                status=409)

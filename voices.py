@@ -154,6 +154,11 @@ class VoiceRegistry:
         """Sorted voice ids (for GET /v1/voices)."""
         return sorted(self._scan()[0])
 
+    def known(self) -> set[str]:
+        """Every name `resolve` takes now (ids and file voices' file names), from one listing."""
+        by_id, by_file_name = self._scan()
+        return set(by_id) | set(by_file_name)
+
     def __contains__(self, name: object) -> bool:
         try:
             self.resolve(name)  # type: ignore[arg-type]
@@ -179,9 +184,10 @@ class VoiceRegistry:
                 st = os.stat(path)
             except OSError:
                 raise UnknownVoiceError(name) from None  # removed while we looked
-            # ctime and inode too: a same-length clip copied over with its old mtime kept (cp -p, rsync -a)
+            # ctime and inode too: a same-length clip copied over with its old mtime kept (cp -p, rsync -a).
+            # Not the device number: overlayfs and NFS give a new one at each mount (a restart, another node)
             digest.update(f"\0{path}\0{os.path.realpath(path)}\0{st.st_mtime_ns}\0{st.st_size}\0{st.st_ctime_ns}"
-                          f"\0{st.st_ino}\0{st.st_dev}".encode("utf-8", "surrogateescape"))
+                          f"\0{st.st_ino}".encode("utf-8", "surrogateescape"))
         return VoiceSource(name=entry.name, kind=entry.kind, path=entry.path, files=tuple(files),
                            cache_key=f"voice:{entry.name}:{digest.hexdigest()[:40]}")
 

@@ -454,8 +454,8 @@ class GenerationWorker:
         once closed."""
         self._resume(active, parked)
         while len(active) < self.max_active:
-            if not active:  # about to wait: what finished jobs' steps left behind goes now, not at the next step
-                self.engine.release_idle()
+            if not active and (release := getattr(self.engine, "release_idle", None)):  # about to wait: what
+                release()  # finished jobs' steps left behind goes now (an engine without it keeps nothing)
             try:
                 ticket = self._jobs.get(block=not active, timeout=self._until_stalled(parked))
             except queue.Empty:

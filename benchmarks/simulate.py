@@ -941,9 +941,6 @@ class SimEngine:
         self.steps = SimStaticSteps(sim) if sim.runner in ("static", "pooled") else SimSteps(sim)
         self._audio: dict[int, np.ndarray] = {}
 
-    def release_idle(self) -> None:
-        """As SpeechEngine's: a simulated runner keeps no keys to let go of (costs nothing)."""
-
     def job_steps(self, job: SimJob):
         """Admission (text encoder), then per block its diffusion steps (3 rows while guided), its
         decode, its audio; between blocks the latent prefix of the block before. With

@@ -104,3 +104,19 @@ def test_a_job_cancelled_just_before_it_would_park_is_not_parked():
         assert (active, parked) == ([], [ahead])
     finally:
         worker.close()
+
+
+def test_a_worker_serves_an_engine_that_has_nothing_to_release_when_idle():
+    """The idle worker asks its engine to let go of what finished jobs left (release_idle); an
+    engine without that (a test's or a benchmark's) killed the generation thread, and every later
+    request waited forever."""
+    import threading
+    from types import SimpleNamespace
+
+    worker = wk.GenerationWorker(SimpleNamespace(), max_waiting=1, max_active=1)
+    answer = []
+    caller = threading.Thread(target=lambda: answer.append(worker.call(lambda: 42)), daemon=True)
+    caller.start()
+    caller.join(10)
+    worker.close()
+    assert answer == [42]

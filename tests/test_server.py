@@ -327,6 +327,9 @@ def test_uptime_checks_may_probe_with_head(app):
     for path in ("/health", "/ready", "/"):
         r = app.head(path)
         assert r.status_code == 200 and r.content == b"", path
+    paths = app.get("/openapi.json").json()["paths"]  # HEAD stays out of the schema: no duplicate operation ids
+    ids = [op["operationId"] for methods in paths.values() for op in methods.values()]
+    assert len(ids) == len(set(ids)) and paths["/health"]["get"]["operationId"] == "health_health_get"
 
 
 def test_oversized_base64_voice_is_400(app):

@@ -108,6 +108,15 @@ def test_an_upload_hidden_by_an_operator_voice_of_its_name_is_left_alone(library
         (operator_dir / "hidden.wav").unlink()
 
 
+def test_an_upload_named_like_another_voices_file_name_is_refused(library):
+    """`carol.flac` names voice carol (by its file name): with overwrite, it was stored as a second
+    voice `carol.flac` beside carol."""
+    assert upload(library, "fname", clip()).status_code == 200
+    r = upload(library, "fname.flac", clip(), overwrite="true")
+    assert r.status_code == 409 and "file name of voice 'fname'" in r.json()["error"]["message"]
+    assert "fname.flac" not in [v["id"] for v in library.get("/v1/voices", headers=KEY).json()["data"]]
+
+
 def test_an_upload_may_not_take_the_name_of_an_alias(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
     """An upload named like an alias was stored and listed, and every request for it spoke with the
     alias's voice."""

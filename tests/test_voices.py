@@ -119,6 +119,18 @@ def test_the_voice_list_offers_only_aliases_that_speak_and_aliases_may_chain(voi
     assert len(warned) == 3 and all(name in " ".join(warned) for name in ("'ghost'", "'loop'", "'loop2'"))
 
 
+def test_listing_voices_lists_the_directories_a_fixed_number_of_times_whatever_the_aliases(voice_dir, monkeypatch):
+    """Checking each alias's voice scanned the directories once per alias: with 2,000 voices and
+    OpenAI's 13 names aliased, a voice list took 0.8 s instead of 0.17 s."""
+    aliases = {name: "alice" for name in ("alloy", "ash", "coral", "echo", "nova", "sage", "verse")}
+    voices = catalog(voice_dir, voice_aliases=aliases)
+    scans = []
+    scan = VoiceRegistry._scan
+    monkeypatch.setattr(VoiceRegistry, "_scan", lambda self: (scans.append(1), scan(self))[1])
+    assert set(aliases) <= set(voices.names())
+    assert len(scans) <= 2
+
+
 def test_a_missing_voice_directory_is_named_in_a_warning(voice_dir, caplog):
     """A typo or an unmounted volume in ECHO_VOICE_DIRS gave an empty voice list and no log line."""
     catalog(voice_dir / "typo")
