@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -160,15 +161,23 @@ class SpeechService:
     async def start(self, options: GenerationOptions, request_id: str) -> Started:
         """A request's job, generating: its queue slot is taken first (a full queue is a RequestError
         with status 429, at once), then the job is built off the event loop (its voice may take
-        seconds to prepare) and submitted in that slot, with ECHO_REQUEST_TIMEOUT as its time limit.
+        seconds to prepare) and submitted in that slot; ECHO_REQUEST_TIMEOUT limits both, from the slot taken.
         Raises RequestError (400) for what build_job refuses."""
         try:
             reservation = self.runtime.worker.reserve()
         except QueueFull:
             raise RequestError("too many requests are waiting; retry shortly", status=429) from None
+        limit = self.settings.request_timeout or None  # from the slot taken: the preparation counts too
+        reserved = time.monotonic()
         with reservation:  # given back unless submitted, also when the caller is cancelled meanwhile
-            job = await asyncio.to_thread(self.build_job, options)
-            stream = reservation.submit(job, request_id, self.settings.request_timeout or None)
+            try:
+                async with asyncio.timeout(limit):  # (the preparation's thread runs on: its result is not used)
+                    job = await asyncio.to_thread(self.build_job, options)
+            except TimeoutError:
+                raise RequestError(f"the request was not ready to generate within {limit:g} s: preparing its voice "
+                                   "took longer (ECHO_REQUEST_TIMEOUT)", status=504) from None
+            left = limit - (time.monotonic() - reserved) if limit else None
+            stream = reservation.submit(job, request_id, max(left, 1e-3) if left is not None else None)
             return Started(job, stream, job.voice_name)
 
     def add_voice(self, name: str, data: bytes, consent: str | None, overwrite: bool) -> dict:

@@ -130,6 +130,30 @@ def test_a_browser_on_an_allowed_origin_can_read_every_answer_and_its_headers(ha
 # ---- time limits and cancellation ---------------------------------------------------------------
 
 
+def test_the_time_limit_counts_the_preparation_of_a_new_voice(tiny_echo_dir, tiny_fish_dir, voice_dir):
+    """ECHO_REQUEST_TIMEOUT runs from the queue slot taken, but its clock started only when the job
+    was handed to the generator: a request whose new voice took 10 s to prepare got 200 under a 2 s
+    limit."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    rate = 16000
+    t = np.arange(60 * rate) / rate  # 60 s of a new inline voice: seconds to prepare here
+    clip = io.BytesIO()
+    sf.write(clip, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), rate, format="FLAC")
+    live = AppServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1"))
+    try:
+        body = {"input": "Hi.", "voice": base64.b64encode(clip.getvalue()).decode(), **SMALL}
+        r = live.post("/v1/audio/speech", json=body, timeout=60)
+        assert r.status_code == 504 and "preparing its voice" in r.json()["error"]["message"]
+        assert live.post("/v1/audio/speech", json={**body, "voice": "none"}, timeout=60).status_code == 200
+    finally:
+        live.stop()
+
+
 def test_generation_time_limit(tiny_echo_dir, tiny_fish_dir, voice_dir):
     live = AppServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="2"))
     try:
