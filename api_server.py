@@ -28,7 +28,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -48,7 +47,6 @@ import runtime
 import speech_socket
 import weights
 
-OFF_LOOP_JSON_BYTES = 65536  # a larger JSON body is parsed in a worker thread
 log = logging.getLogger("echo_tts.api")
 STATIC = Path(__file__).resolve().parent / "static"  # the web playground
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by the client)
@@ -218,33 +216,10 @@ def _require_key(service: SpeechService, token: str | None) -> None:
         raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401)
 
 
-class _OffLoopJson(Request):
-    """A request whose large JSON body is parsed in a worker thread: json.loads of a 15 MB body (the
-    default ECHO_MAX_BODY_BYTES allows 16) held the event loop, and every stream, for 0.3 s."""
-
-    async def json(self):
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            self._json = json.loads(body) if len(body) <= OFF_LOOP_JSON_BYTES else await run_in_threadpool(
-                json.loads, body)
-        return self._json
-
-
-class _OffLoopJsonRoute(APIRoute):
-    """Routes whose handlers see _OffLoopJson requests."""
-
-    def get_route_handler(self):
-        handle = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            return await handle(_OffLoopJson(request.scope, request.receive))
-        return route
-
-
 def _routes():
     router = APIRouter()
     public = APIRouter()
-    protected = APIRouter(dependencies=[Depends(check_api_key)], route_class=_OffLoopJsonRoute)
+    protected = APIRouter(dependencies=[Depends(check_api_key)])
 
     @public.get("/", include_in_schema=False)
     def playground() -> FileResponse:

@@ -63,7 +63,6 @@ from text_chunking import prepare_text
 
 log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
-OFF_LOOP_JSON_CHARS = 65536  # a longer message is parsed in a thread (15 MB of JSON held the event loop 0.3 s)
 GOING_AWAY, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = 1001, 1008, 1011, 1013  # close codes
 SHUTTING_DOWN = "server shutting down"  # the close reason on shutdown
 SHUTDOWN = "server_shutdown"  # the `reason` of an `end` cut by the end of the shutdown grace
@@ -237,7 +236,7 @@ async def _read(session: Session) -> None:
                                    code="invalid_message")
             if len(text.encode()) > limit:
                 raise RequestError(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)", status=413)
-            message = _parse(text) if len(text) <= OFF_LOOP_JSON_CHARS else await asyncio.to_thread(_parse, text)
+            message = _parse(text)
         except RequestError as e:
             await session.refuse(None, e)
             continue
@@ -367,10 +366,11 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     if segment.cancelled:  # while it was queued (the shutdown grace ended)
         await session.send(_dropped(segment))
         return
-    # empty once cleaned as HTTP cleans it (BOMs, controls, spaces), off the event loop (a 14M-character input
-    # took 0.2 s); an input that is not a string is refused by the request's validation below
+    # empty once cleaned as HTTP cleans it (BOMs, controls, spaces). Only an input within ECHO_MAX_INPUT_CHARS is
+    # cleaned here, on the event loop: a longer one (14M characters took 0.25 s) or one that is not a string is
+    # refused by the request's validation below, from its length
     text = segment.message.get("input", "")
-    if isinstance(text, str) and not await asyncio.to_thread(prepare_text, text):
+    if isinstance(text, str) and len(text) <= session.service.settings.max_input_chars and not prepare_text(text):
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
     timing = StreamTiming(session.metrics, time.perf_counter())  # from its turn: not the client's own queue

@@ -323,32 +323,6 @@ def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):
     assert app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
-def test_a_large_json_body_is_parsed_off_the_event_loop(app, monkeypatch):
-    """json.loads of a 15 MB body (the default body limit is 16 MB) held the event loop, and so every
-    stream, for 0.3 s. A large body is parsed in a worker thread; small ones stay on the loop."""
-    import threading
-
-    import api_server
-
-    async def loop_thread() -> int:
-        return threading.get_ident()
-
-    loop, parsed_on = app.run(loop_thread), {}
-    loads = json.loads
-
-    def recording(text, *args, **kwargs):
-        parsed_on[len(text)] = threading.get_ident()
-        return loads(text, *args, **kwargs)
-
-    monkeypatch.setattr(api_server.json, "loads", recording)
-    big = json.dumps({"input": "Hello.", "voice": "alice", **FAST, "padding": "x" * 2_000_000}).encode()
-    small = json.dumps({"input": "Hello.", "voice": "alice", **FAST}).encode()
-    for body in (big, small):
-        r = app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}, timeout=60)
-        assert r.status_code == 200
-    assert parsed_on[len(big)] != loop and parsed_on[len(small)] == loop
-
-
 def test_uptime_checks_may_probe_with_head(app):
     for path in ("/health", "/ready", "/"):
         r = app.head(path)
