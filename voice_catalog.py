@@ -168,6 +168,9 @@ class VoiceCatalog:
         return upload.metadata
 
     def delete(self, name: str) -> dict:
+        if name in self.settings.voice_aliases:  # listed as a voice, but the operator's name for one
+            raise RequestError(f"{name!r} is an alias of voice {self._target(name)!r} (ECHO_VOICE_ALIASES): the "
+                               "operator's setting, not deleted here", "voice_id", status=403)
         source = self.library.delete(name)
         self._forget(source.cache_name)
         return {"object": "audio.voice.deleted", "id": source.name, "deleted": True}

@@ -41,7 +41,10 @@ function fill(select, names, chosen) {
 
 async function loadVoices(select) {
   const chosen = select ?? $("voice").value;
-  const response = await fetch("/v1/voices", { headers: headers() });
+  let response;
+  try { response = await fetch("/v1/voices", { headers: headers() }); } catch (error) {
+    say(`Voices: the server cannot be reached (${error.message})`); return;
+  }
   if (!response.ok) { say(`Voices: ${await apiError(response)}`); return; }
   const names = (await response.json()).data.map((v) => v.id);
   const status = $("status").textContent;
@@ -51,14 +54,31 @@ async function loadVoices(select) {
 
 async function loadPresets() {
   const chosen = $("preset").value;
-  const response = await fetch("/v1/audio/presets", { headers: headers() });
-  if (!response.ok) return; // requests then take the server's default blocks and steps
+  const response = await fetch("/v1/audio/presets", { headers: headers() }).catch(() => null);
+  if (!response?.ok) return; // requests then take the server's default blocks and steps
   const body = await response.json();
   presets = body.presets;
   fill($("preset"), Object.keys(presets), chosen in presets ? chosen : body.default);
 }
 
-async function uploadVoice(blob, fileName) {
+// One voice request (upload or delete) at a time: a second click while one runs is ignored, and a
+// failure to reach the server is said where the answer would have been.
+let voiceBusy = false;
+async function voiceRequest(work, failed) {
+  if (voiceBusy) return;
+  voiceBusy = true;
+  for (const id of ["upload", "record", "delete-voice"]) $(id).disabled = true;
+  try { await work(); } catch (error) { $("quality").textContent = `${failed}: ${error.message}`; } finally {
+    voiceBusy = false;
+    for (const id of ["upload", "record", "delete-voice"]) $(id).disabled = false;
+  }
+}
+
+function uploadVoice(blob, fileName) {
+  return voiceRequest(() => upload(blob, fileName), "Upload failed");
+}
+
+async function upload(blob, fileName) {
   const name = $("voice-name").value.trim() || fileName.replace(/\.[^.]*$/, "");
   const form = new FormData();
   form.append("name", name);
@@ -77,7 +97,11 @@ async function uploadVoice(blob, fileName) {
   await loadVoices(voice.id);
 }
 
-async function deleteVoice() {
+function deleteVoice() {
+  return voiceRequest(removeVoice, "Delete failed");
+}
+
+async function removeVoice() {
   const name = $("voice").value;
   if (name === "none") { $("quality").textContent = "Choose the voice to delete above."; return; }
   const response = await fetch(`/v1/audio/voices/${encodeURIComponent(name)}`, { method: "DELETE", headers: headers() });
@@ -98,7 +122,7 @@ async function toggleRecording() {
     $("record").textContent = "Record";
     await uploadVoice(new Blob(chunks, { type: chunks[0]?.type || "audio/webm" }), "recording.webm");
   };
-  recorder.start();
+  recorder.start().catch((error) => say(`The server cannot be reached (${error.message}): reload the page to try again.`));
   $("record").textContent = "Stop recording";
 }
 
@@ -145,6 +169,7 @@ async function generate() {
   let firstAudio = null;
   let playAt = audio.currentTime + 0.05;
   let carry = new Uint8Array(0);
+  let usedSeed = seed;
   const pieces = [];
   try {
     const response = await fetch("/v1/audio/speech", {
@@ -153,6 +178,7 @@ async function generate() {
     });
     if (!response.ok) { say(`Failed: ${await apiError(response)}`); return; }
     const used = response.headers.get("X-Echo-Seed"); // (the one drawn for -1)
+    usedSeed = used;
     state.streaming = true;
     const reader = response.body.getReader();
     for (;;) {
@@ -177,7 +203,14 @@ async function generate() {
         `real-time factor ${(wall / seconds).toFixed(2)}, seed ${used}`);
     addTake(take, { ...body, seed: used, ttfb_ms: Math.round(firstAudio) }); // (the seed as its digits)
   } catch (error) {
-    say(error.name === "AbortError" ? "Stopped." : `Failed: ${error.message}`);
+    if (error.name === "AbortError") say("Stopped.");
+    else if (firstAudio === null) say(`Failed: ${error.message}`);
+    else { // the server cut the stream after audio had begun: what came is kept as a take
+      const take = joined(pieces);
+      say(`Failed after ${(take.length / RATE).toFixed(1)} s of audio: the server ended the stream early (its ` +
+          "log says why, e.g. its time limit, ECHO_REQUEST_TIMEOUT). What came is kept below.");
+      if (take.length) addTake(take, { ...body, seed: usedSeed, ttfb_ms: Math.round(firstAudio), cut: true });
+    }
   } finally {
     state.streaming = false;
     controller = null;
@@ -257,7 +290,8 @@ function addTake(samples, settings) {
   state.takes.push(settings);
   drawWave($("wave"), samples);
   const item = document.createElement("li");
-  const label = `${settings.voice}, seed ${settings.seed}, ${(samples.length / RATE).toFixed(1)} s, ` +
+  const label = `${settings.cut ? "cut short: " : ""}${settings.voice}, seed ${settings.seed}, ` +
+    `${(samples.length / RATE).toFixed(1)} s, ` +
     `steps ${settings.num_steps.join("/")}, guidance ${settings.cfg_scale_text}/${settings.cfg_scale_speaker}`;
   const play = document.createElement("button");
   play.type = "button";
@@ -288,7 +322,7 @@ $("key").value = localStorage.getItem("echo-key") || "";
 $("key").addEventListener("change", () => {
   localStorage.setItem("echo-key", $("key").value.trim());
   loadPresets();
-  loadVoices();
+  loadVoices(); // (each says what fails)
 });
 $("text").addEventListener("input", describeText);
 $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });

@@ -204,7 +204,7 @@ def test_uploading_a_wav_adds_a_voice_with_its_quality_report(page, tmp_path):
     page.click("#upload")
     page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
     assert "6 s, 22050 Hz, 1 channel(s)" in page.text_content("#quality")
-    assert page.eval_on_selector("#voice", "select => select.value") == "carol"
+    page.wait_for_function("document.querySelector('#voice').value === 'carol'")  # (the list reloads after)
     assert page.errors == []
 
 
@@ -222,3 +222,65 @@ def test_stop_ends_the_request_and_its_job(page, site):
         time.sleep(0.05)
     assert _metric(site, "echo_active_streams", AUTH) == 0
     assert httpx.get(site.url + "/health").json()["status"] == "ok"
+
+
+def test_a_second_upload_click_while_one_runs_is_ignored(page, tmp_path):
+    """Two clicks on Upload sent two uploads: the voice was added, and the page said "Upload failed"
+    (the second one's 409)."""
+    t = np.arange(6 * 22050) / 22050
+    path = tmp_path / "erin.wav"
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 160 * t) * np.sin(2 * np.pi * 4 * t) ** 2).astype(np.float32), 22050)
+    uploads = []
+    page.on("request", lambda r: r.url.endswith("/v1/audio/voices") and r.method == "POST" and uploads.append(r))
+    page.set_input_files("#file", str(path))
+    page.fill("#voice-name", "erin")
+    page.evaluate("document.querySelector('#upload').click(); document.querySelector('#upload').click()")
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
+    page.wait_for_function("!document.querySelector('#upload').disabled")  # (once the voice list has reloaded)
+    assert len(uploads) == 1
+    assert page.errors == []
+
+
+def test_a_server_out_of_reach_is_said_where_the_answer_would_be(page, tmp_path):
+    """A failed fetch (the server restarting) left "Uploading…" forever and threw uncaught promise
+    rejections from upload, delete and the voice list."""
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.route("**/v1/**", lambda route: route.abort())
+    path = tmp_path / "gone.wav"
+    sf.write(path, np.zeros(22050, np.float32) + 0.1, 22050)
+    page.set_input_files("#file", str(path))
+    page.click("#upload")
+    page.wait_for_function("document.querySelector('#quality').textContent.startsWith('Upload failed')")
+    page.select_option("#voice", "alice")
+    page.click("#delete-voice")
+    page.wait_for_function("document.querySelector('#quality').textContent.startsWith('Delete failed')")
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('cannot be reached')")
+    assert not page.is_disabled("#upload")
+    assert [e for e in page.errors if not e.startswith("Failed to load resource")] == []
+
+
+@pytest.fixture(scope="module")
+def cutting_site(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
+    """Streams stop after 1 s (ECHO_REQUEST_TIMEOUT): the server cuts them after their first audio."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1")
+    with live_server(tmp_path_factory, "playground-cut", env) as live:
+        yield live
+
+
+def test_a_stream_cut_after_its_first_audio_says_so_and_keeps_what_came(browser, cutting_site):
+    """A cut stream said only "Failed: network error" while seconds of its audio played on, and kept
+    no take."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(cutting_site.url + "/")
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    page.select_option("#preset", "low")
+    page.fill("#steps", "60")  # seconds of work after the first block: past the 1 s limit
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Failed after')", timeout=60000)
+    assert "ECHO_REQUEST_TIMEOUT" in page.text_content("#status")
+    assert page.locator("#takes li").count() == 1 and "cut short" in page.text_content("#takes li")
+    assert not page.is_disabled("#generate") and errors == []
+    page.close()

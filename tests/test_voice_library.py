@@ -117,7 +117,7 @@ def test_an_upload_named_like_another_voices_file_name_is_refused(library):
     assert "fname.flac" not in [v["id"] for v in library.get("/v1/voices", headers=KEY).json()["data"]]
 
 
-def test_an_upload_may_not_take_the_name_of_an_alias(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+def test_an_upload_may_not_take_the_name_of_an_alias_nor_delete_one(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
     """An upload named like an alias was stored and listed, and every request for it spoke with the
     alias's voice."""
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="lib-key",
@@ -126,6 +126,8 @@ def test_an_upload_may_not_take_the_name_of_an_alias(tiny_echo_dir, tiny_fish_di
         r = upload(app, "narrator", clip())
         assert r.status_code == 409 and r.json()["error"]["param"] == "name" and "alias" in r.json()["error"]["message"]
         assert list(tmp_path.iterdir()) == []
+        r = app.delete("/v1/audio/voices/narrator", headers=KEY)  # listed as a voice: said why it stays
+        assert r.status_code == 403 and "alias of voice 'alice'" in r.json()["error"]["message"]
 
 
 def test_quality_warnings_name_what_is_wrong(library):
