@@ -234,8 +234,8 @@ def _routes():
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:
         return {"status": "ready"}
 
-    for path, endpoint, router_ in (("/", playground, public), ("/health", health, public), ("/ready", ready, protected)):
-        router_.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)  # uptime checks' probes
+    for path, endpoint, on in (("/", playground, public), ("/health", health, public), ("/ready", ready, protected)):
+        on.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)  # uptime checks' probes
 
     @protected.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}} | _errors(401),
                     response_class=Response)

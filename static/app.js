@@ -122,7 +122,7 @@ async function toggleRecording() {
     $("record").textContent = "Record";
     await uploadVoice(new Blob(chunks, { type: chunks[0]?.type || "audio/webm" }), "recording.webm");
   };
-  recorder.start().catch((error) => say(`The server cannot be reached (${error.message}): reload the page to try again.`));
+  recorder.start();
   $("record").textContent = "Stop recording";
 }
 
@@ -351,4 +351,4 @@ async function start() {
   if (health.auth && !$("key").value.trim()) { say("This server needs an API key: enter it above."); return; }
   await Promise.all([loadPresets(), loadVoices()]);
 }
-start();
+start().catch((error) => say(`The server cannot be reached (${error.message}): reload the page to try again.`));

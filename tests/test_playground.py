@@ -34,7 +34,8 @@ def browser():
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream"])
+            "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream"])  # (a microphone that beeps)
         yield browser
         browser.close()
 
@@ -222,6 +223,18 @@ def test_stop_ends_the_request_and_its_job(page, site):
         time.sleep(0.05)
     assert _metric(site, "echo_active_streams", AUTH) == 0
     assert httpx.get(site.url + "/health").json()["status"] == "ok"
+
+
+def test_a_recording_from_the_microphone_becomes_a_voice(page):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.fill("#voice-name", "recorded")
+    page.click("#record")
+    page.wait_for_function("document.querySelector('#record').textContent === 'Stop recording'")
+    time.sleep(1.5)
+    page.click("#record")
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
+    page.wait_for_function("document.querySelector('#voice').value === 'recorded'")
+    assert page.text_content("#record") == "Record" and page.errors == []
 
 
 def test_a_second_upload_click_while_one_runs_is_ignored(page, tmp_path):
