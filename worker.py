@@ -799,7 +799,9 @@ def predicted_load(active: list[_Running], now: float, unit_seconds: float, grou
 # what PyTorch raises as a RuntimeError (AcceleratorError among them) when memory runs out outside its caching
 # allocator: cuBLAS, cuDNN, the CUDA runtime (instantiating a graph, loading a kernel), the host
 OUT_OF_MEMORY_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory",
-                          "CUDA_ERROR_OUT_OF_MEMORY", "DefaultCPUAllocator: can't allocate")
+                          "CUDA_ERROR_OUT_OF_MEMORY", "DefaultCPUAllocator: can't allocate",
+                          # a compiled part's kernels (Triton loads them through the driver), and torch's driver calls
+                          "Triton Error [CUDA]: out of memory", "CUDA driver error: out of memory")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

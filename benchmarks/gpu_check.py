@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,8 @@ COMPILED_RATES = [0.5, 1.0, 2.0, 3.0]
 TINY_RATES = [0.5]
 NONSTREAM_TEXT = ("[S1] " + "This benchmark paragraph stands in for about thirty seconds of ordinary speech, "
                   "read at an even pace by one speaker. " * 4).strip()
+SETTLE_S = 10.0  # after a Poisson rate: time for the server to go idle before the next
+STOP_S = 35.0  # a server's stop, streams still in flight (ECHO_SHUTDOWN_GRACE's 30 s, and the cut)
 VOICE_SECONDS = 10.0
 
 
@@ -163,13 +166,14 @@ def run_cuda_tests(weights: Path | None, timeout: float, log: Path, select: str 
 
 def _wait_for_pytest(process: subprocess.Popen, log: Path, timeout: float, grace: float = 20) -> int | None:
     """pytest's exit status; None if it ran past `timeout`. Its process group is ended either way, also
-    when it lingers after printing its final line (seen on a GPU machine: workers kept it alive)."""
+    when it lingers after printing its final line (seen on a GPU machine: workers kept it alive): then
+    after `grace`, but never past `timeout`, which is the caller's budget."""
     deadline, finished = time.monotonic() + timeout, None
     while (code := process.poll()) is None and time.monotonic() < (finished or deadline):
         time.sleep(1)
         if finished is None and re.search(r"^\S.*\b(passed|failed|errors?|skipped)\b.* in [\d.]+s",
                                           log.read_text(errors="replace"), re.M):
-            finished = time.monotonic() + grace
+            finished = min(time.monotonic() + grace, deadline)
     if code is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -247,20 +251,35 @@ def burst_estimate(name: str, tiny: bool) -> float:
 # ---- measuring one server configuration -------------------------------------------------------------
 
 
-async def level(url: str, clients: int, voice: str) -> dict:
-    """`clients` streaming requests at once: TTFB, real-time factor and underrun (playback gap) figures."""
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+async def level(url: str, clients: int, voice: str, transport: httpx.AsyncBaseTransport | None = None) -> dict:
+    """`clients` streaming requests at once: TTFB, real-time factor and underrun (playback gap) figures
+    of the streams that finished; those that failed (a 429 or 503, a stream the server cut) are
+    counted with their reasons. Raises only when none finished."""
+    async with httpx.AsyncClient(base_url=url, timeout=None, transport=transport) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, seed, voice) for seed in range(clients)))
+        outcomes = await asyncio.gather(*(one_stream(client, seed, voice) for seed in range(clients)),
+                                        return_exceptions=True)
         wall = time.perf_counter() - start
+    results = [r for r in outcomes if not isinstance(r, BaseException)]
+    failures = [_failure(r) for r in outcomes if isinstance(r, BaseException)]
+    if not results:
+        raise RuntimeError(f"all {clients} streams failed: {failures[:3]}")
     ttfb = [r.ttfb * 1000 for r in results]
     rtf = [r.wall / r.audio for r in results]
     return {"clients": clients, "ttfb_p50_ms": round(percentile(ttfb, .5), 1), "ttfb_p95_ms": round(percentile(ttfb, .95), 1),
             "rtf_p50": round(statistics.median(rtf), 3), "rtf_max": round(max(rtf), 3),
             "audio_s_per_wall_s": round(sum(r.audio for r in results) / wall, 2),
             "audio_s_per_stream": round(statistics.median(r.audio for r in results), 2),
-            "gaps_per_stream": round(sum(r.gaps for r in results) / clients, 2),
-            "gap_s_per_stream": round(sum(r.gap_seconds for r in results) / clients, 3), "wall_s": round(wall, 2)}
+            "gaps_per_stream": round(sum(r.gaps for r in results) / len(results), 2),
+            "gap_s_per_stream": round(sum(r.gap_seconds for r in results) / len(results), 3), "wall_s": round(wall, 2),
+            "failed": len(failures), "failures": sorted(set(failures))[:5]}
+
+
+def _failure(error: BaseException) -> str:
+    """What a stream that did not finish met, in a few words."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    return f"{type(error).__name__}: {str(error)[:120]}"
 
 
 def arrivals(rate: float, seconds: float, seed: int = 0) -> list[float]:
@@ -297,9 +316,9 @@ async def poisson(url: str, rate: float, seconds: float, drain: float, voice: st
             if e.response.status_code == 429:
                 refused += 1
             else:
-                failed.append(f"HTTP {e.response.status_code}")
-        except httpx.HTTPError as e:
-            failed.append(f"{type(e).__name__}: {e}")
+                failed.append(_failure(e))
+        except httpx.HTTPError as e:  # (a stream the server cut after its first audio, among them)
+            failed.append(_failure(e))
         finally:
             in_flight -= 1
 
@@ -327,7 +346,7 @@ async def poisson(url: str, rate: float, seconds: float, drain: float, voice: st
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await _settle(client, timeout=20)  # the next rate starts on an idle server
+        await _settle(client, timeout=SETTLE_S)  # the next rate starts on an idle server
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
     ttfb = list(first.values())
@@ -449,7 +468,8 @@ def _measure(run: Run, tag: str, url: str, result: dict, levels: list[int], skip
         previous = entry
         if n == 1:
             result["ttfb_p50_ms"], result["ttfb_p95_ms"] = entry["ttfb_p50_ms"], entry["ttfb_p95_ms"]
-        result["realtime_streams"] = max([e["clients"] for e in result["levels"] if e["rtf_max"] < 1], default=0)
+        result["realtime_streams"] = max([e["clients"] for e in result["levels"]
+                                          if e["rtf_max"] < 1 and not e.get("failed")], default=0)
         run.record(f"{tag}: {n} streams", "done", time.monotonic() - t0)
     if run.fits(f"{tag}: non-streaming", 2 * args.repeat * one_stream_s + 2):
         t0 = time.monotonic()
@@ -462,12 +482,13 @@ def _measure(run: Run, tag: str, url: str, result: dict, levels: list[int], skip
     result["peak_gpu_memory_gib"] = _gib(metric(url, "echo_gpu_memory_peak_bytes"))
     result["poisson"] = []
     drain_need = min(args.poisson_drain, max(10.0, 2 * one_stream_s))  # the last arrivals' streams, at least
+    wrap_up = SETTLE_S + STOP_S  # to cut the streams left and settle, and then perhaps the server's stop
     for rate in rates:
-        if not run.fits(f"{tag}: poisson {rate:g}/s", args.poisson_seconds + drain_need + 10, reserve):
+        if not run.fits(f"{tag}: poisson {rate:g}/s", args.poisson_seconds + drain_need + wrap_up, reserve):
             continue
         t0 = time.monotonic()
-        # the streams left after the window get what remains, less ~10 s to cut them and settle
-        drain = min(args.poisson_drain, run.left() - reserve - args.poisson_seconds - 10)
+        # the streams left after the window get what remains, less the wrap-up
+        drain = min(args.poisson_drain, run.left() - reserve - args.poisson_seconds - wrap_up)
         entry = asyncio.run(poisson(url, rate, args.poisson_seconds, drain, voice))
         result["poisson"].append(entry)
         run.record(f"{tag}: poisson {rate:g}/s", "done", time.monotonic() - t0)
@@ -492,6 +513,23 @@ def run_breakdown(name: str, env: dict[str, str], timeout: float, logs: Path) ->
 
 
 # ---- the report ----------------------------------------------------------------------------------------
+
+
+def breakdowns(run: Run, env_of: Callable[[str], dict[str, str]]) -> None:
+    """The first-block breakdown of each --breakdown configuration that fits the budget; not of one
+    whose server did not start (the breakdown would fail the same way, at the cost of its start)."""
+    args = run.args
+    for name in args.breakdown:
+        stage = f"{name}: first-block breakdown"
+        if run.report["configs"].get(name, {}).get("error", "").startswith("start-up failed"):
+            run.record(stage, "skipped", reason=f"{name}'s server did not start (its error is in its table row)")
+            continue
+        if not run.fits(stage, 20 if args.tiny else start_estimate(name, False) + 20):
+            continue
+        t0 = time.monotonic()
+        stages = run_breakdown(name, env_of(name), min(args.config_timeout, run.left()), args.logs)
+        run.report["configs"].setdefault(name, {"env": CONFIGS[name]})["first_block"] = stages
+        run.record(stage, "failed" if "error" in stages else "done", time.monotonic() - t0, stages.get("error"))
 
 
 def best_of(configs: dict[str, dict]) -> dict:
@@ -526,7 +564,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | failed: {c['error'].splitlines()[0][:120]} | | | | | | | |")
             continue
         for entry in c.get("levels", []):
-            lines.append(f"| {name} | {c.get('ready_s', '')} | {entry['clients']} | {entry['ttfb_p50_ms']:.0f} ms | "
+            failed = f" ({entry['failed']} failed: {', '.join(entry['failures'])})" if entry.get("failed") else ""
+            lines.append(f"| {name} | {c.get('ready_s', '')} | {entry['clients']}{failed} | "
+                         f"{entry['ttfb_p50_ms']:.0f} ms | "
                          f"{entry['ttfb_p95_ms']:.0f} ms | {entry['rtf_p50']:.2f} | {entry['rtf_max']:.2f} | "
                          f"{entry['audio_s_per_wall_s']:.1f} | {entry.get('gaps_per_stream', '')} |")
     lines += ["", "| config | 30 s non-streaming, 20 steps | 30 steps | real-time streams | peak GPU memory | "
@@ -725,14 +765,7 @@ def _stages(run: Run, work: Path) -> None:
         reserve = sum(burst_estimate(later, args.tiny) for later in args.configs[i + 1:])
         print(f"config {name}: measuring ({run.left():.0f} s of budget left)", flush=True)
         run_config(run, name, env, levels, above_cap, rates_for(args, name), "bench", reserve)
-    for name in args.breakdown:
-        stage = f"{name}: first-block breakdown"
-        if not run.fits(stage, 20 if args.tiny else start_estimate(name, False) + 20):
-            continue
-        t0 = time.monotonic()
-        stages = run_breakdown(name, config_env(name)[0], min(args.config_timeout, run.left()), args.logs)
-        report["configs"].setdefault(name, {"env": CONFIGS[name]})["first_block"] = stages
-        run.record(stage, "failed" if "error" in stages else "done", time.monotonic() - t0, stages.get("error"))
+    breakdowns(run, lambda name: config_env(name)[0])
     if args.skip_tests:
         run.record("CUDA tests", "skipped", reason="--skip-tests")
     elif run.fits("CUDA tests", 60):

@@ -145,19 +145,20 @@ def scripted_run(tmp_path, monkeypatch, budget: float, rates: str = "1,2") -> tu
 
 
 def test_stages_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_path, monkeypatch):
-    run, clock = scripted_run(tmp_path, monkeypatch, budget=60)
+    run, clock = scripted_run(tmp_path, monkeypatch, budget=95)
     gpu_check.run_config(run, "eager", {}, [1, 2, 4], [], [1.0, 2.0], "bench", reserve=0)
     # start 10 s, warm-up 2, levels 2 + 4 + 8, non-streaming 1: 27 s; a rate needs 10 s + 10 s of drain + 10 s
-    # to settle, and takes 15 here: the first fits (33 s left), the second does not (18 s left)
+    # to settle + 35 s for the server's stop, and takes 15 here: the first fits (68 s left), the second does
+    # not (53 s left)
     stages = [(stage["stage"], stage["status"]) for stage in run.report["stages"]]
     assert stages == [("eager: start", "done"), ("eager: warm-up stream", "done"), ("eager: 1 streams", "done"),
                       ("eager: 2 streams", "done"), ("eager: 4 streams", "done"), ("eager: non-streaming", "done"),
                       ("eager: poisson 1/s", "done"), ("eager: poisson 2/s", "skipped"), ("eager: stop", "done")]
-    assert run.report["stages"][-2]["reason"] == "needs ~30 s; 18 s of --budget 60 s left"
+    assert run.report["stages"][-2]["reason"] == "needs ~65 s; 53 s of --budget 95 s left"
     written = json.loads((tmp_path / "r.json").read_text())
     assert [row["rate"] for row in written["configs"]["eager"]["poisson"]] == [1.0]
     assert written["stages"] == run.report["stages"]
-    assert "eager: poisson 2/s: skipped (needs ~30 s" in (tmp_path / "r.md").read_text()
+    assert "eager: poisson 2/s: skipped (needs ~65 s" in (tmp_path / "r.md").read_text()
 
 
 def test_the_poisson_curve_keeps_time_for_later_configurations_burst_levels(tmp_path, monkeypatch):
@@ -253,3 +254,40 @@ def test_every_locked_package_is_carried_to_the_gpu_machine_or_said_to_be_there_
     assert not carried & there and not carried & not_needed and not there & not_needed
     assert locked - (carried | there | not_needed) == set(), "place these in benchmarks/wheelhouse.sh"
     assert (carried | there | not_needed) - locked == set(), "no longer locked: drop them from the lists"
+
+
+def test_a_burst_level_reports_the_streams_that_failed_and_measures_the_others():
+    """One failed stream (a 503 under load, a stream the server cut) raised out of the whole level,
+    and the configuration's non-streaming and Poisson stages were lost with it."""
+    async def pcm(seed: int):
+        yield b"\0\0" * 441
+        if seed == 2:
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        yield b"\0\0" * 441
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seed = json.loads(request.content)["seed"]
+        if seed == 1:
+            return httpx.Response(503, json={"error": "out of memory"})
+        return httpx.Response(200, headers={"x-audio-sample-rate": "44100"}, content=pcm(seed))
+
+    entry = asyncio.run(gpu_check.level("http://scripted", 4, "none", transport=httpx.MockTransport(handle)))
+    assert entry["clients"] == 4 and entry["failed"] == 2
+    assert entry["failures"] == ["HTTP 503", "RemoteProtocolError: peer closed connection without sending complete "
+                                             "message body"]
+    assert entry["audio_s_per_stream"] == 0.02 and entry["ttfb_p50_ms"] is not None
+    with pytest.raises(RuntimeError, match="all 2 streams failed"):
+        asyncio.run(gpu_check.level("http://scripted", 2, "none", transport=httpx.MockTransport(
+            lambda request: httpx.Response(503, json={}))))
+
+
+def test_no_breakdown_for_a_configuration_whose_server_did_not_start(tmp_path, monkeypatch):
+    """A configuration that failed to start (a first GPU's likely compile failure) had its breakdown
+    run anyway: the same failing start again, up to 150 s of the budget the CUDA tests needed."""
+    run, clock = scripted_run(tmp_path, monkeypatch, budget=1000)
+    run.args.breakdown = ["compile+graphs"]
+    run.report["configs"]["compile+graphs"] = {"error": "start-up failed: warm-up raised"}
+    monkeypatch.setattr(gpu_check, "run_breakdown", lambda *a: pytest.fail("the breakdown ran"))
+    gpu_check.breakdowns(run, lambda name: {})
+    assert run.report["stages"][-1]["stage"] == "compile+graphs: first-block breakdown"
+    assert run.report["stages"][-1]["status"] == "skipped"

@@ -44,6 +44,8 @@ def test_what_counts_as_running_out_of_memory():
             raise RuntimeError("backend='inductor' raised: see above") from e
     except RuntimeError as wrapped:
         assert wk.is_out_of_memory(wrapped)
+    for compiled in ("Triton Error [CUDA]: out of memory", "CUDA driver error: out of memory"):  # compiled parts
+        assert wk.is_out_of_memory(RuntimeError(compiled))
     assert not wk.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not wk.is_out_of_memory(RuntimeError("backend='inductor' raised", ValueError("a shape")))
     assert not wk.is_out_of_memory(ValueError("CUBLAS_STATUS_ALLOC_FAILED"))
