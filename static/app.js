@@ -61,21 +61,24 @@ async function loadPresets() {
   fill($("preset"), Object.keys(presets), chosen in presets ? chosen : body.default);
 }
 
-// One voice request (upload or delete) at a time: a second click while one runs is ignored, and a
-// failure to reach the server is said where the answer would have been.
-let voiceBusy = false;
-async function voiceRequest(work, failed) {
-  if (voiceBusy) return;
-  voiceBusy = true;
-  for (const id of ["upload", "record", "delete-voice"]) $(id).disabled = true;
-  try { await work(); } catch (error) { $("quality").textContent = `${failed}: ${error.message}`; } finally {
-    voiceBusy = false;
-    for (const id of ["upload", "record", "delete-voice"]) $(id).disabled = false;
-  }
+// One voice request (upload or delete) at a time: a second click while one runs is ignored (a
+// finished recording or a dropped file waits for its turn instead), and a failure to reach the
+// server is said where the answer would have been. The buttons say they are busy (aria-disabled)
+// but keep the focus, and Record stays usable while it records.
+let voiceBusy = null; // the voice request running, if any
+async function voiceRequest(work, failed, waits = false) {
+  if (voiceBusy && !waits) return;
+  while (voiceBusy) await voiceBusy;
+  const busy = (on) => { for (const id of ["upload", "delete-voice"]) $(id).setAttribute("aria-disabled", on); };
+  busy(true);
+  voiceBusy = (async () => {
+    try { await work(); } catch (error) { $("quality").textContent = `${failed}: ${error.message}`; }
+  })();
+  try { await voiceBusy; } finally { voiceBusy = null; busy(false); }
 }
 
-function uploadVoice(blob, fileName) {
-  return voiceRequest(() => upload(blob, fileName), "Upload failed");
+function uploadVoice(blob, fileName, waits = false) {
+  return voiceRequest(() => upload(blob, fileName), "Upload failed", waits);
 }
 
 async function upload(blob, fileName) {
@@ -120,7 +123,7 @@ async function toggleRecording() {
     stream.getTracks().forEach((t) => t.stop());
     recorder = null;
     $("record").textContent = "Record";
-    await uploadVoice(new Blob(chunks, { type: chunks[0]?.type || "audio/webm" }), "recording.webm");
+    await uploadVoice(new Blob(chunks, { type: chunks[0]?.type || "audio/webm" }), "recording.webm", true);
   };
   recorder.start();
   $("record").textContent = "Stop recording";
@@ -170,6 +173,7 @@ async function generate() {
   let playAt = audio.currentTime + 0.05;
   let carry = new Uint8Array(0);
   let usedSeed = seed;
+  let complete = false; // the whole body arrived
   const pieces = [];
   try {
     const response = await fetch("/v1/audio/speech", {
@@ -183,7 +187,7 @@ async function generate() {
     const reader = response.body.getReader();
     for (;;) {
       const { done, value } = await reader.read();
-      if (done) break;
+      if (done) { complete = true; break; }
       const bytes = new Uint8Array(carry.length + value.length);
       bytes.set(carry);
       bytes.set(value, carry.length);
@@ -204,7 +208,7 @@ async function generate() {
     addTake(take, { ...body, seed: used, ttfb_ms: Math.round(firstAudio) }); // (the seed as its digits)
   } catch (error) {
     if (error.name === "AbortError") say("Stopped.");
-    else if (firstAudio === null) say(`Failed: ${error.message}`);
+    else if (firstAudio === null || complete) say(`Failed: ${error.message}`);
     else { // the server cut the stream after audio had begun: what came is kept as a take
       const take = joined(pieces);
       say(`Failed after ${(take.length / RATE).toFixed(1)} s of audio: the server ended the stream early (its ` +
@@ -292,7 +296,8 @@ function addTake(samples, settings) {
   const item = document.createElement("li");
   const label = `${settings.cut ? "cut short: " : ""}${settings.voice}, seed ${settings.seed}, ` +
     `${(samples.length / RATE).toFixed(1)} s, ` +
-    `steps ${settings.num_steps.join("/")}, guidance ${settings.cfg_scale_text}/${settings.cfg_scale_speaker}`;
+    `steps ${settings.num_steps?.join("/") ?? "server default"}, ` +
+    `guidance ${settings.cfg_scale_text ?? "default"}/${settings.cfg_scale_speaker ?? "default"}`;
   const play = document.createElement("button");
   play.type = "button";
   play.textContent = "Play";
@@ -342,7 +347,7 @@ drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
   const file = e.dataTransfer.files[0];
-  if (file) uploadVoice(file, file.name);
+  if (file) uploadVoice(file, file.name, true);
 });
 async function start() {
   describeText();

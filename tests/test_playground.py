@@ -237,6 +237,29 @@ def test_a_recording_from_the_microphone_becomes_a_voice(page):
     assert page.text_content("#record") == "Record" and page.errors == []
 
 
+def test_a_voice_request_keeps_the_focus_and_a_recording_ending_meanwhile_waits_its_turn(page, site):
+    """Disabling the focused Delete button dropped the focus to the page's body; a recording that ended
+    while a delete ran was discarded without a word."""
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    release = []
+    page.route("**/v1/audio/voices/*", lambda route: release.append(route))  # the delete waits until released
+    page.fill("#voice-name", "waited")
+    page.click("#record")
+    page.wait_for_function("document.querySelector('#record').textContent === 'Stop recording'")
+    time.sleep(1.0)
+    page.select_option("#voice", "alice")
+    page.focus("#delete-voice")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#delete-voice').getAttribute('aria-disabled') === 'true'")
+    assert page.evaluate("document.activeElement.id") == "delete-voice"
+    page.click("#record")  # Stop recording: still usable; its upload waits for the delete
+    time.sleep(0.5)
+    release[0].fulfill(status=403, json={"error": {"message": "placed by the operator"}})
+    page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
+    page.wait_for_function("document.querySelector('#voice').value === 'waited'")
+    assert [e for e in page.errors if not e.startswith("Failed to load resource")] == []  # (the 403)
+
+
 def test_a_second_upload_click_while_one_runs_is_ignored(page, tmp_path):
     """Two clicks on Upload sent two uploads: the voice was added, and the page said "Upload failed"
     (the second one's 409)."""
@@ -249,8 +272,8 @@ def test_a_second_upload_click_while_one_runs_is_ignored(page, tmp_path):
     page.fill("#voice-name", "erin")
     page.evaluate("document.querySelector('#upload').click(); document.querySelector('#upload').click()")
     page.wait_for_function("document.querySelector('#quality').textContent.includes('added')", timeout=60000)
-    page.wait_for_function("!document.querySelector('#upload').disabled")  # (once the voice list has reloaded)
-    assert len(uploads) == 1
+    page.wait_for_function("document.querySelector('#upload').getAttribute('aria-disabled') === 'false'")
+    assert len(uploads) == 1  # (once the voice list has reloaded)
     assert page.errors == []
 
 
@@ -269,7 +292,7 @@ def test_a_server_out_of_reach_is_said_where_the_answer_would_be(page, tmp_path)
     page.wait_for_function("document.querySelector('#quality').textContent.startsWith('Delete failed')")
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.querySelector('#status').textContent.includes('cannot be reached')")
-    assert not page.is_disabled("#upload")
+    assert page.get_attribute("#upload", "aria-disabled") == "false"
     assert [e for e in page.errors if not e.startswith("Failed to load resource")] == []
 
 

@@ -18,6 +18,8 @@ from conftest import ROOT, AppServer, app_server, server_env
 from test_server import FAST, _metric
 
 pytestmark = pytest.mark.slow
+WARM_ALICE = {"ECHO_WARMUP": "1", "ECHO_WARMUP_VOICE": "alice", "ECHO_PERFORMANCE_PRESET": "low",
+              "ECHO_NUM_STEPS_NONSTREAM": "1"}  # a quick warm-up that leaves alice's latents cached
 LONG = {"block_sizes": [4] + [16] * 38, "num_steps": [1] + [8] * 38, "early_stop_on_zero": False}  # seconds
 
 
@@ -352,8 +354,9 @@ def test_a_segment_refused_before_start_gets_only_its_error(app):
 
 @pytest.fixture(scope="module")
 def timeout_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
-    """Jobs stop after 1 s (ECHO_REQUEST_TIMEOUT): a generation that fails after its segment started."""
-    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1")
+    """Jobs stop after 1 s (ECHO_REQUEST_TIMEOUT): a generation that fails after its segment started.
+    The limit counts preparing a voice: alice is prepared by the warm-up, not by the first test."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_REQUEST_TIMEOUT="1", **WARM_ALICE)
     with app_server(env) as app:
         yield app
 
@@ -516,7 +519,7 @@ class GatedService:
         from types import SimpleNamespace
 
         self.settings = SimpleNamespace(send_timeout=5.0, ws_max_frame_bytes=1024, output_sample_rate=None,
-                                        default_response_format=None)
+                                        default_response_format=None, max_input_chars=4096)
         self.stream, self.ready = stream, asyncio.Event()
 
     async def start(self, options, request_id):
