@@ -648,7 +648,6 @@ class StaticSteps:
     def compiles_after_warm_up(self) -> int:
         return self._compiled.compiles_after_warm_up if self._compiled else 0
 
-
     @property
     def graphs(self) -> int:
         """CUDA graphs captured (one per pass shape warm-up ran)."""

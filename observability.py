@@ -34,6 +34,8 @@ class StreamCut(Exception):
     """A streamed response failed after its status was sent (its failure is logged where it was
     raised). The response ends without its body's normal end, so that clients see it incomplete and
     raise, as they would not for a short file that ends like a whole one."""
+
+
 log = logging.getLogger("echo_tts.requests")
 
 
