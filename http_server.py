@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 import struct
+import uuid
 from collections.abc import Callable
 
 import h11
@@ -31,7 +32,7 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from errors import RequestError
-from observability import error_response, read_timed_out, stream_cut
+from observability import REQUEST_ID_HEADER, error_response, read_timed_out, stream_cut
 from settings import Settings
 
 log = logging.getLogger("echo_tts.http")
@@ -179,8 +180,10 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
         self._answer_and_close(error_response(error, close=True))
 
     def _answer_and_close(self, response: Response) -> None:
-        """Write a whole response before any request was taken, then close the connection."""
-        headers = [*self.server_state.default_headers, *response.raw_headers]
+        """Write a whole response before any request was taken, then close the connection. It has an
+        X-Request-ID of its own, as every response of the app does (no request reached the app)."""
+        headers = [*self.server_state.default_headers, *response.raw_headers,
+                   (REQUEST_ID_HEADER.encode(), uuid.uuid4().hex.encode())]
         try:
             for event in (h11.Response(status_code=response.status_code, headers=headers,
                                        reason=STATUS_PHRASES[response.status_code]),

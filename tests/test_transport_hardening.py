@@ -5,6 +5,7 @@ Live servers (`python api_server.py`) are driven over raw sockets where a well-b
 library would not misbehave the way an attacker does."""
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -128,7 +129,9 @@ def test_a_header_over_the_limit_is_answered_431_in_openais_shape(guarded):
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")  # > 32 KiB
     answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_header_fields_too_large"
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
+    assert re.search(rb"(?im)^x-request-id: [0-9a-f]{32}\r?$", head)  # as every response says (README)
 
 
 # ---- item 7: read timeouts ----------------------------------------------------------------------
@@ -158,6 +161,7 @@ def test_slowloris_connections_are_answered_408_and_closed_after_the_read_timeou
     assert len(closed_at) == len(socks), f"{len(socks) - len(closed_at)} slowloris connections still open"
     assert max(closed_at.values()) < READ_TIMEOUT + 2
     assert all(a.startswith(b"HTTP/1.1 408") for a in answers.values()), answers
+    assert all(re.search(rb"(?im)^x-request-id: [0-9a-f]{32}\r?$", a) for a in answers.values())
     assert json.loads(answers[0].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
     assert read_all(idle, timeout=1) == b""  # closed without an answer, by now
     assert httpx.get(guarded.url + "/health").status_code == 200
