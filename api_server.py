@@ -295,25 +295,22 @@ def _routes():
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         try:
             speech = await open_speech(service, body, streaming=body.stream, client_gone=request.is_disconnected)
-        except ClientGone:
-            log.info("client disconnected while its voice was prepared")
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        timing = StreamTiming(request.app.state.metrics, request.state.started)
-        try:
-            await speech.first_audio()  # a failure before any audio is still the response's status
-            headers = {"X-Audio-Sample-Rate": str(speech.encoder.sample_rate), "X-Echo-Seed": str(speech.seed),
-                       "X-Echo-Voice": _header_safe(speech.voice)}
-            if not body.stream:
-                return await _whole_file(speech, headers, timing)
-            if body.stream_format == "sse":
-                return StreamingResponse(_sse_events(speech, timing), media_type="text/event-stream",
-                                         headers=headers | {"Cache-Control": "no-cache"})
-            return StreamingResponse(_audio_bytes(speech, timing), media_type=speech.encoder.content_type,
-                                     headers=headers)
-        except BaseException as e:  # the speech was not handed to a streaming response: let go of it here
-            speech.close()
-            if not isinstance(e, ClientGone):
+            timing = StreamTiming(request.app.state.metrics, request.state.started)
+            try:
+                await speech.first_audio()  # a failure before any audio is still the response's status
+                headers = {"X-Audio-Sample-Rate": str(speech.encoder.sample_rate), "X-Echo-Seed": str(speech.seed),
+                           "X-Echo-Voice": _header_safe(speech.voice)}
+                if not body.stream:
+                    return await _whole_file(speech, headers, timing)
+                if body.stream_format == "sse":
+                    return StreamingResponse(_sse_events(speech, timing), media_type="text/event-stream",
+                                             headers=headers | {"Cache-Control": "no-cache"})
+                return StreamingResponse(_audio_bytes(speech, timing), media_type=speech.encoder.content_type,
+                                         headers=headers)
+            except BaseException:  # the speech was not handed to a streaming response: let go of it here
+                speech.close()
                 raise
+        except ClientGone:  # while its voice was prepared, or its first audio (or whole file) awaited
             log.info("client disconnected before its audio was ready")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
