@@ -295,7 +295,13 @@ class RayApp:
 
     def warm_up(self) -> None:
         """Every replica has prepared the voice (the first use of a voice encodes it, on the CPU slowly)."""
-        until_both_replicas_answer(lambda: speech(self), tries=40)
+        until_both_replicas_answer(self, lambda: speech(self), within=300)
+
+    def replica_events(self) -> str:
+        """What this instance's Ray controller logged about its replicas and their health checks."""
+        lines = [line for log in self.ray_dir.glob("**/logs/serve/controller_*.log")
+                 for line in log.read_text(errors="replace").splitlines() if re.search(r"replica|health", line, re.I)]
+        return "\n".join(lines[-30:])
 
     def replica_pids(self) -> list[int]:
         return [pid for pid in processes_of(self.ray_dir) if b"ServeReplica:echo-tts" in _cmdline(pid)]
@@ -332,20 +338,25 @@ def ray_app(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def until_both_replicas_answer(request, tries: int = 30) -> list[httpx.Response]:
-    """Every response to `request`, sent in concurrent pairs until both replicas have answered it.
+def until_both_replicas_answer(app: RayApp, request, within: float = 180) -> list[httpx.Response]:
+    """Every response to `request`, sent three at a time until both replicas have answered it.
 
-    In pairs: Ray's router sends a request to the replica with the shorter queue, so the second of
-    a pair goes to the replica the first is not busy on. One at a time, both queues are empty and
-    the choice is the router's alone (under CI's load it kept choosing the same replica for minutes).
+    Concurrently: Ray's router sends a request to the replica with the shorter queue, so while one
+    replica is busy the next request goes to the other. One at a time, both queues are empty and the
+    choice is the router's alone (under CI's load it kept choosing the same replica for minutes). Three
+    at a time, a replica Ray still counts one or two requests on gets the third; three is what one
+    replica holds (MAX_ACTIVE + MAX_QUEUE), so none is refused. Bounded by time, not by tries: a
+    replica Ray replaced (a failed health check) serves again once its models are loaded.
     """
-    responses = []
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for _ in range(0, tries, 2):
-            responses += pool.map(lambda _: request(), range(2))
+    responses, deadline = [], time.monotonic() + within
+    with ThreadPoolExecutor(max_workers=MAX_ACTIVE + MAX_QUEUE) as pool:
+        while time.monotonic() < deadline:
+            responses += pool.map(lambda _: request(), range(MAX_ACTIVE + MAX_QUEUE))
             if len({r.headers["x-echo-replica"] for r in responses}) == 2:
                 return responses
-    raise AssertionError(f"only {responses[0].headers['x-echo-replica']} answered {len(responses)} requests")
+    answered = {r.headers["x-echo-replica"] for r in responses}
+    raise AssertionError(f"only {answered} answered {len(responses)} requests in {within} s; Ray's controller "
+                         f"said:\n{app.replica_events()}")
 
 
 def speech(app, timeout=120, **body) -> httpx.Response:
@@ -424,7 +435,7 @@ def test_the_first_audio_bytes_pass_the_proxy_long_before_the_stream_ends(ray_ap
 
 
 def test_a_seed_gives_the_same_audio_on_every_replica(ray_app):
-    audio = {response.content for response in until_both_replicas_answer(lambda: speech(ray_app, seed=11))}
+    audio = {response.content for response in until_both_replicas_answer(ray_app, lambda: speech(ray_app, seed=11))}
     assert len(audio) == 1 and len(audio.pop()) > 44
 
 
@@ -479,15 +490,16 @@ def test_a_voice_uploaded_through_one_replica_is_spoken_and_deleted_on_every_rep
                        files={"audio_sample": ("carol.wav", clip(), "audio/wav")}, timeout=120)
     assert added.status_code == 200, added.text
     speak = lambda: speech(ray_app, voice="carol")  # noqa: E731
-    assert {response.status_code for response in until_both_replicas_answer(speak)} == {200}
+    assert {response.status_code for response in until_both_replicas_answer(ray_app, speak)} == {200}
     assert httpx.delete(ray_app.url + "/v1/audio/voices/carol", headers=AUTH).status_code == 200
-    assert {response.status_code for response in until_both_replicas_answer(speak)} == {400}
+    assert {response.status_code for response in until_both_replicas_answer(ray_app, speak)} == {400}
 
 
 def test_each_ray_node_exports_every_replicas_metrics(ray_app):
     through_proxy = httpx.get(ray_app.url + "/metrics", headers=AUTH)
     assert "echo_requests_total" in through_proxy.text and "x-echo-replica" in through_proxy.headers
-    replicas = {r.headers["x-echo-replica"].rsplit("#", 1)[1] for r in until_both_replicas_answer(lambda: speech(ray_app))}
+    answers = until_both_replicas_answer(ray_app, lambda: speech(ray_app))
+    replicas = {r.headers["x-echo-replica"].rsplit("#", 1)[1] for r in answers}
     deadline, seen = time.monotonic() + 90, set()
     while time.monotonic() < deadline and seen != replicas:  # mirrored every 5 s, exported by Ray every ~10 s
         text = httpx.get(f"http://127.0.0.1:{ray_app.metrics_port}/metrics").text
