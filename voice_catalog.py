@@ -74,8 +74,8 @@ class VoiceCatalog:
     def names(self) -> list[str]:
         """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES) whose voice
         exists now."""
-        known = self.registry.known()  # (one listing of the directories, whatever the number of aliases)
-        return sorted(set(self.registry.list()) | {a for a in self.settings.voice_aliases if self._speaks(a, known)})
+        ids, known = self.registry.listing()  # (one listing of the directories, whatever the number of aliases)
+        return sorted(set(ids) | {a for a in self.settings.voice_aliases if self._speaks(a, known)})
 
     def _target(self, name: str) -> str:
         """What a name speaks with through the aliases (an alias of an alias too): itself if no alias."""

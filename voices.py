@@ -117,8 +117,8 @@ class VoiceSource:
 class _Entry:
     name: str
     kind: Literal["file", "folder"]
-    path: Path
-    root: Path  # the real path of the voice directory
+    path: str  # (strings: a listing builds thousands of entries, a request resolves one)
+    root: str  # the real path of the voice directory
 
 
 def _is_audio_name(file_name: str) -> bool:
@@ -130,6 +130,18 @@ def _within(real: str, root: str) -> bool:
         return real != root and os.path.commonpath([real, root]) == root
     except ValueError:
         return False
+
+
+def _inside(item: os.DirEntry, real_parent: str, root: str) -> bool:
+    """Whether a listed entry (of the directory whose real path is `real_parent`) has its real path
+    inside `root`. Only a symlink is resolved: a listing has thousands of plain files, and each
+    resolution costs a stat per path component."""
+    try:
+        if item.is_symlink():
+            return _within(os.path.realpath(item.path), root)
+    except OSError:
+        return False
+    return real_parent == root or _within(os.path.join(real_parent, item.name), root)
 
 
 def _valid_name(name: object) -> bool:
@@ -152,12 +164,16 @@ class VoiceRegistry:
 
     def list(self) -> list[str]:
         """Sorted voice ids (for GET /v1/voices)."""
-        return sorted(self._scan()[0])
+        return self.listing()[0]
 
     def known(self) -> set[str]:
         """Every name `resolve` takes now (ids and file voices' file names), from one listing."""
+        return self.listing()[1]
+
+    def listing(self) -> tuple[list[str], set[str]]:
+        """(`list()`, `known()`), from one listing of the directories."""
         by_id, by_file_name = self._scan()
-        return set(by_id) | set(by_file_name)
+        return sorted(by_id), set(by_id) | set(by_file_name)
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -175,7 +191,8 @@ class VoiceRegistry:
         entry = by_id.get(name) or by_file_name.get(name)
         if entry is None:
             raise UnknownVoiceError(name)
-        files = [entry.path] if entry.kind == "file" else self._folder_files(entry.path, entry.root)
+        where = Path(entry.path)
+        files = [where] if entry.kind == "file" else self._folder_files(where, entry.root)
         if not files:
             raise UnknownVoiceError(name)
         digest = hashlib.sha256(entry.kind.encode())
@@ -188,7 +205,7 @@ class VoiceRegistry:
             # Not the device number: overlayfs and NFS give a new one at each mount (a restart, another node)
             digest.update(f"\0{path}\0{os.path.realpath(path)}\0{st.st_mtime_ns}\0{st.st_size}\0{st.st_ctime_ns}"
                           f"\0{st.st_ino}".encode("utf-8", "surrogateescape"))
-        return VoiceSource(name=entry.name, kind=entry.kind, path=entry.path, files=tuple(files),
+        return VoiceSource(name=entry.name, kind=entry.kind, path=where, files=tuple(files),
                            cache_key=f"voice:{entry.name}:{digest.hexdigest()[:40]}")
 
     def load(self, name: str, max_duration: float | None) -> tuple[VoiceSource, Tensor]:
@@ -217,17 +234,17 @@ class VoiceRegistry:
                     is_dir, is_file = item.is_dir(), item.is_file()
                 except OSError:
                     continue
-                if not (is_dir or is_file) or not _within(os.path.realpath(item.path), root):
+                if not (is_dir or is_file) or not _inside(item, root, root):
                     continue
                 if is_file and _is_audio_name(item.name):
-                    files.append(_Entry(os.path.splitext(item.name)[0], "file", Path(item.path), Path(root)))
-                elif is_dir and self.folder_support and self._folder_files(Path(item.path), Path(root)):
-                    folders.append(_Entry(item.name, "folder", Path(item.path), Path(root)))
+                    files.append(_Entry(os.path.splitext(item.name)[0], "file", item.path, root))
+                elif is_dir and self.folder_support and self._folder_files(Path(item.path), root):
+                    folders.append(_Entry(item.name, "folder", item.path, root))
             for entry in folders + files:
                 if not is_no_voice(entry.name):  # `none` is no voice: a file called so is known by its file name
                     by_id.setdefault(entry.name, entry)
                 if entry.kind == "file":
-                    by_file_name.setdefault(entry.path.name, entry)
+                    by_file_name.setdefault(os.path.basename(entry.path), entry)
         return by_id, by_file_name
 
     def _nameable(self, item: os.DirEntry) -> bool:
@@ -243,7 +260,7 @@ class VoiceRegistry:
             return False
 
     @staticmethod
-    def _folder_files(folder: Path, root: Path) -> list[Path]:
+    def _folder_files(folder: Path, root: str) -> list[Path]:
         """A folder voice's audio files (direct children, not hidden, real path inside the voice
         directory), sorted by file name."""
         try:
@@ -251,14 +268,14 @@ class VoiceRegistry:
                 items = sorted(it, key=lambda e: e.name)
         except OSError:
             return []
-        out = []
+        out, real_folder = [], os.path.realpath(folder)
         for item in items:
             try:
                 if not (_is_audio_name(item.name) and item.is_file()):
                     continue
             except OSError:
                 continue
-            if _within(os.path.realpath(item.path), str(root)):
+            if _inside(item, real_folder, root):
                 out.append(Path(item.path))
         return out
 
