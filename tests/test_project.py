@@ -102,6 +102,18 @@ def test_every_variable_the_readme_names_is_read_by_the_server_the_ray_deploymen
     assert len(named) > 40 and named <= read, sorted(named - read)
 
 
+def test_every_metric_the_readme_names_is_one_the_server_exports():
+    """Alerts are written from the README's names: a renamed metric would leave them silent."""
+    source = (ROOT / "observability.py").read_text()
+    exported = {name + suffix for name in re.findall(r'"(echo_[a-z_]+)"', source) for suffix in ("", "_total")}
+    named = set()
+    for name in re.findall(r"`(echo_[a-z_{},]+)`", README):
+        head, _, rest = name.partition("{")
+        choices, _, tail = rest.partition("}")
+        named |= {head + choice + tail for choice in choices.split(",")} if rest else {name}
+    assert len(named) > 15 and named <= exported, sorted(named - exported)
+
+
 def _curl(command: list[str]) -> tuple[str, dict[str, str], str, str | None]:
     """(path, headers, body, output file) of a README curl command."""
     from urllib.parse import urlsplit
