@@ -37,7 +37,10 @@ add `[S1] `, when `normalize=True`), plus the BOS byte, is at most `MAX_TEXT_LEN
 Speaker tags: Echo dialogue marks turns with inline `[S1]`, `[S2]`, ... tags. A chunk that starts
 in the middle of a speaker's turn gets that speaker's tag prefixed (`"[S2] " + body`), so the
 voice stays right and normalisation does not wrongly add `[S1]`. A chunk that starts with a tag
-of its own, or that starts before the first tag of the text, gets no prefix.
+of its own gets no prefix; nor does one that starts before the first tag of the text, unless
+normalisation would leave it with no speaker at all (it starts with `(` or `[`, or holds `S1` or
+`S2`, as in "PS2"): a chunk after the first then gets `[S1]`, the speaker of the text's start, so
+the voice does not change mid-text.
 
 Continuation (`continuation=True`, the engine's `continue` chunk mode): chunk k is generated
 after chunk k-1's audio, prompted with both texts, and the two share one 640-frame (29.7 s)
@@ -84,6 +87,7 @@ __all__ = [
 ]
 
 SPEAKER_TAG_RE = re.compile(r"\[S\d+\]")
+_DEFAULT_TAG = "[S1] "  # what `normalize_text` puts before a text that names no speaker
 
 # Control characters (except whitespace, which is collapsed) and the BOM are removed.
 _REMOVED_CHARS = {
@@ -343,7 +347,11 @@ class _Planner:
         if SPEAKER_TAG_RE.match(body):
             return None
         i = bisect.bisect_left(self.tag_starts, start) - 1
-        return self.tags[i].group() if i >= 0 else None
+        if i >= 0:
+            return self.tags[i].group()
+        if self.normalize and start > 0 and not normalize_text(body).startswith(_DEFAULT_TAG):
+            return _DEFAULT_TAG.strip()  # (the speaker normalisation gives a text that names none)
+        return None
 
     def chunk_text(self, start: int, end: int) -> tuple[str, str, str | None]:
         body = self.text[start:end].strip()

@@ -230,6 +230,23 @@ def test_untagged_text_gets_no_tag_prefix():
         assert normalize_text(c.text).startswith("[S1] ")
 
 
+def test_no_chunk_of_an_untagged_text_loses_its_speaker_tag():
+    """Normalisation adds `[S1]` to a text that starts with no `(` or `[` and holds no `S1`/`S2`:
+    a later chunk holding "PS2", or starting with a parenthesis, was generated with no speaker tag
+    while its neighbours had one."""
+    settings = ChunkSettings(target_seconds=6, min_seconds=4, max_seconds=8, **CHAR_RATE)
+    before = " ".join(sentence(i) for i in range(6))
+    text = f"{before} (He paused for a moment.) Then we played the PS2 all night long. {before}"
+    chunks = plan_chunks(text, settings)
+    assert_valid(text, chunks, settings)
+    assert any(c.body.startswith("(") for c in chunks) and any("PS2" in c.body for c in chunks[1:])
+    assert all(normalize_text(c.text).startswith("[S1] ") for c in chunks)
+    assert not any(c.text.startswith("[S1] [S1]") for c in chunks)
+    assert chunks[0].speaker_tag is None  # the first is the reference's own case: normalisation decides
+    unnormalized = plan_chunks(text, settings, normalize=False)
+    assert all(c.speaker_tag is None for c in unnormalized)  # no normalisation: the text as given
+
+
 def test_short_tail_is_merged_into_the_previous_chunk():
     settings = ChunkSettings(**CHAR_RATE)
     text = " ".join(sentence(i) for i in range(17))  # 14 sentences reach the 30 s target; 3 remain
@@ -341,13 +358,17 @@ def test_property_no_text_lost_and_limits_held(seed):
                 continue
             assert any(a < c.end < b and big for a, b, big in oversized), (c.end, c.text[-40:])
 
-        # a chunk that starts mid-turn carries the active tag
+        # a chunk that starts mid-turn carries the active tag; one before the first tag, the tag
+        # normalisation gives the text's start, where normalisation would give it none
         for c in chunks[1:]:
             tags_before = tc.SPEAKER_TAG_RE.findall(prepared[:c.start])
-            if tags_before and not c.body.startswith("[S"):
+            if c.body.startswith("[S"):
+                assert c.speaker_tag is None
+            elif tags_before:
                 assert c.speaker_tag == tags_before[-1]
             else:
-                assert c.speaker_tag is None
+                assert c.speaker_tag == (None if not normalize or normalize_text(c.body).startswith("[S1] ") else "[S1]")
+            assert tc.SPEAKER_TAG_RE.match(normalize_text(c.text)) or not normalize
 
 
 def test_exclamations_single_become_full_stops_and_runs_one_mark():
