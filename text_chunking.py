@@ -11,8 +11,11 @@ Pipeline (what `split_into_chunks` does):
    normalisation (`inference.normalize_text`) is *not* applied here; it runs later, per chunk,
    in the tokenizer.
 2. The prepared text is cut into *pieces*: sentences (and speaker turns: every `[S<n>]` tag
-   starts a new piece). A sentence is split further only when it alone is over the time maximum
-   or over the byte limit: first at clause boundaries (`, ; :` and their CJK forms, dashes,
+   starts a new piece). A sentence ends at `. ! ? ‽` (and the Devanagari danda, the Arabic
+   question mark, the Urdu full stop) before a space, or at a CJK full stop; not at a title or
+   common abbreviation ("Dr.", "Sen.", "e.g."), an initial, "No." or a month before a number, or a
+   '.' before a lowercase word. A sentence is split further only when it alone is over the time maximum
+   or over the byte limit: first at clause boundaries (`, ; :`, their Arabic and CJK forms, dashes,
    ellipses), then at word boundaries (spaces), and a single giant "word" at character
    boundaries (never inside a speaker tag, and not in front of a combining mark, a variation
    selector or a zero-width joiner, so emoji sequences and accents stay whole where possible).
@@ -95,15 +98,18 @@ _REMOVED_CHARS = {
 }
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
-# A run of Latin sentence punctuation, optional closing quotes/brackets, then a space or the end.
+# A run of sentence punctuation written before a space (Latin's, and the Devanagari danda, the Arabic
+# question mark, the Urdu full stop), optional closing quotes/brackets, then a space or the end.
 # (the look-behind starts a match only at a run's first mark: tried from every mark of a long run, the
 # pattern cost the square of its length, 0.27 s for 4,096 dots, holding the GIL)
-_LATIN_END_RE = re.compile(r"(?<![.!?\u203d])([.!?\u203d]+)([\"'\u201d\u2019\u00bb)\]]*)(?= |$)")
+_LATIN_END_RE = re.compile(r"(?<![.!?\u203d\u0964\u0965\u061f\u06d4])([.!?\u203d\u0964\u0965\u061f\u06d4]+)"
+                           r"([\"'\u201d\u2019\u00bb)\]]*)(?= |$)")
 # CJK full stops need no following space.
 _CJK_END_RE = re.compile(r"[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019\uff09)]*")
-# Clause ends: Latin comma/semicolon/colon before a space, CJK forms anywhere, dashes, ellipses.
+# Clause ends: Latin (and Arabic) comma/semicolon/colon before a space, CJK forms anywhere, dashes,
+# ellipses.
 _CLAUSE_RE = re.compile(
-    r"[,;:](?= )"
+    r"[,;:\u060c\u061b](?= )"
     r"|[\u3001\uff0c\uff1b\uff1a]"
     r"|[\u2014\u2013]+"
     r"|(?<= )-{1,2}(?= )|--"
@@ -112,6 +118,11 @@ _CLAUSE_RE = re.compile(
 _ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "rev", "hon", "st", "etc", "e.g", "i.e", "vs", "approx",
     "dept", "jr", "sr", "u.s", "u.k", "a.m", "p.m", "fig", "mt", "lt", "gen", "col", "sgt",
+    "sen", "rep", "gov", "pres", "capt", "cmdr", "adm", "maj", "supt", "ph.d", "ave", "blvd",
+})
+# Abbreviations only before a number ("No. 5", "Jan. 3"): "Oh no." ends a sentence
+_ABBREVIATIONS_BEFORE_NUMBERS = frozenset({
+    "no", "nos", "vol", "vols", "ch", "pp", "jan", "feb", "aug", "sept", "oct", "nov", "dec",
 })
 _OPENERS = "\"'([\u201c\u2018\u00ab"
 
@@ -332,9 +343,11 @@ class _Planner:
         text = self.text
         word_start = text.rfind(" ", 0, dot) + 1
         word = text[word_start:dot].lstrip(_OPENERS).lower()
+        following = text[end + 1:end + 2]
         if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
             return False
-        following = text[end + 1:end + 2]
+        if word in _ABBREVIATIONS_BEFORE_NUMBERS and following.isdigit():
+            return False
         return not (following and following.islower())
 
     def _inside_tag(self, pos: int) -> bool:
