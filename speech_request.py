@@ -156,7 +156,7 @@ class GenerationOptions(BaseModel):
         if len(self.input) > settings.max_input_chars:
             raise RequestError(f"input is {len(self.input)} characters; the limit is "
                                f"{settings.max_input_chars}", "input")
-        text = prepare_text(self.input)
+        text = prepare_text(self.input, keep_lines=True)  # (line ends are places to cut)
         if settings.normalize_exclamation:
             text = normalize_exclamations(text)
         if not text:
@@ -166,7 +166,7 @@ class GenerationOptions(BaseModel):
             if not fits_in_one_generation(text, normalize=self.normalize):
                 raise RequestError("input is longer than one generation (768 bytes); enable chunking "
                                    "(chunking_enabled=true) or send shorter text", "input")
-            return (text,)
+            return (prepare_text(text),)
         chunks = tuple(split_into_chunks(text, chunking, normalize=self.normalize,
                                          continuation=self.chunk_mode_on(settings) == "continue"))
         if len(chunks) > settings.max_chunks:

@@ -6,7 +6,9 @@ plus one BOS byte), so the server cuts long input into chunks and generates them
 Pipeline (what `split_into_chunks` does):
 
 1. `prepare_text`: lone UTF-16 surrogates become U+FFFD, control characters and byte-order
-   marks are removed, every run of whitespace becomes one space, the ends are stripped.
+   marks are removed, every run of whitespace becomes one space (one newline where it holds a
+   line break: a line's end is a place to cut; chunks' texts have a space there), the ends are
+   stripped.
    Everything else, non-ASCII included, is kept (the model reads UTF-8 bytes). Echo's own
    normalisation (`inference.normalize_text`) is *not* applied here; it runs later, per chunk,
    in the tokenizer.
@@ -16,7 +18,7 @@ Pipeline (what `split_into_chunks` does):
    common abbreviation ("Dr.", "Sen.", "e.g."), an initial, "No." or a month before a number, or a
    '.' before a lowercase word. A sentence is split further only when it alone is over the time maximum
    or over the byte limit: first at clause boundaries (`, ; :`, their Arabic and CJK forms, dashes,
-   ellipses), then at word boundaries (spaces), and a single giant "word" at character
+   ellipses, line ends), then at word boundaries (spaces), and a single giant "word" at character
    boundaries (never inside a speaker tag, and not in front of a combining mark, a variation
    selector or a zero-width joiner, so emoji sequences and accents stay whole where possible).
 3. Pieces are packed greedily, in order, into chunks (the fork's rule): the next piece joins the
@@ -97,22 +99,24 @@ _REMOVED_CHARS = {
     cp: None for cp in [*range(0x00, 0x20), *range(0x7F, 0xA0), 0xFEFF] if not chr(cp).isspace()
 }
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_WHITESPACE_RE = re.compile(r"\s+")  # (the characters str.split() splits at)
+_LINE_BREAK_RE = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # (where str.splitlines() splits)
 
 # A run of sentence punctuation written before a space (Latin's, and the Devanagari danda, the Arabic
 # question mark, the Urdu full stop), optional closing quotes/brackets, then a space or the end.
 # (the look-behind starts a match only at a run's first mark: tried from every mark of a long run, the
 # pattern cost the square of its length, 0.27 s for 4,096 dots, holding the GIL)
 _LATIN_END_RE = re.compile(r"(?<![.!?\u203d\u0964\u0965\u061f\u06d4])([.!?\u203d\u0964\u0965\u061f\u06d4]+)"
-                           r"([\"'\u201d\u2019\u00bb)\]]*)(?= |$)")
+                           r"([\"'\u201d\u2019\u00bb)\]]*)(?=\s|$)")
 # CJK full stops need no following space.
 _CJK_END_RE = re.compile(r"[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019\uff09)]*")
 # Clause ends: Latin (and Arabic) comma/semicolon/colon before a space, CJK forms anywhere, dashes,
 # ellipses.
 _CLAUSE_RE = re.compile(
-    r"[,;:\u060c\u061b](?= )"
+    r"[,;:\u060c\u061b](?=\s)"
     r"|[\u3001\uff0c\uff1b\uff1a]"
     r"|[\u2014\u2013]+"
-    r"|(?<= )-{1,2}(?= )|--"
+    r"|(?<=\s)-{1,2}(?=\s)|--"
     r"|\u2026+"
 )
 _ABBREVIATIONS = frozenset({
@@ -205,13 +209,18 @@ class TextChunk:
     estimated_seconds: float
 
 
-def prepare_text(text: str) -> str:
+def prepare_text(text: str, keep_lines: bool = False) -> str:
     """The cleanup the server applies before chunking: lone surrogates -> U+FFFD, control
     characters and BOMs removed, whitespace runs (any Unicode whitespace, newlines included)
-    collapsed to one space, ends stripped. Non-ASCII text is kept. Idempotent."""
+    collapsed to one space, ends stripped. Non-ASCII text is kept. Idempotent.
+
+    `keep_lines`: a run that holds a line break becomes one newline instead, at the same place (a
+    line of a poem, a list or a song is a place to cut; chunks' texts have spaces there)."""
     text = _SURROGATE_RE.sub("\ufffd", text)
     text = text.translate(_REMOVED_CHARS)
-    return " ".join(text.split())
+    if not keep_lines:
+        return " ".join(text.split())
+    return _WHITESPACE_RE.sub(lambda m: "\n" if _LINE_BREAK_RE.search(m.group()) else " ", text).strip()
 
 
 _EXCLAMATIONS_RE = re.compile(r"!+")
@@ -255,7 +264,7 @@ def plan_chunks(text: str, settings: ChunkSettings | None = None, *, normalize: 
     `prepare_text(text)`. Empty (or whitespace-only) input gives []. `normalize` says whether the
     chunks will be tokenised with `normalize_text` (it only affects the byte accounting).
     `continuation`: chunks small enough that each, with the one before it, fits one generation."""
-    prepared = prepare_text(text)
+    prepared = prepare_text(text, keep_lines=True)
     if not prepared:
         return []
     settings = settings or ChunkSettings()
@@ -309,7 +318,7 @@ class _Planner:
 
     def _canon(self, pos: int) -> int:
         """A cut position with the space before it moved into the following piece."""
-        while pos > 0 and self.text[pos - 1] == " ":
+        while pos > 0 and self.text[pos - 1] in " \n":
             pos -= 1
         return pos
 
@@ -330,7 +339,8 @@ class _Planner:
             levels[_SENTENCE].add(m.start())
         for m in _CLAUSE_RE.finditer(text):
             levels[_CLAUSE].add(m.end())
-        levels[_WORD].update(i for i, ch in enumerate(text) if ch == " ")
+        levels[_CLAUSE].update(i for i, ch in enumerate(text) if ch == "\n")  # a line ends
+        levels[_WORD].update(i for i, ch in enumerate(text) if ch in " \n")
         cuts = {}
         for level, positions in levels.items():
             canon = {self._canon(p) for p in positions}
@@ -341,7 +351,7 @@ class _Planner:
         """Whether a single '.' at `dot` ends a sentence (not an abbreviation or an initial, and
         not followed by a lowercase word)."""
         text = self.text
-        word_start = text.rfind(" ", 0, dot) + 1
+        word_start = max(text.rfind(" ", 0, dot), text.rfind("\n", 0, dot)) + 1
         word = text[word_start:dot].lstrip(_OPENERS).lower()
         following = text[end + 1:end + 2]
         if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
@@ -367,7 +377,7 @@ class _Planner:
         return None
 
     def chunk_text(self, start: int, end: int) -> tuple[str, str, str | None]:
-        body = self.text[start:end].strip()
+        body = self.text[start:end].strip().replace("\n", " ")
         tag = self.carried_tag(start, body)
         return (f"{tag} {body}" if tag else body), body, tag
 
@@ -416,7 +426,7 @@ class _Planner:
         out = []
         pos = start
         while True:
-            first = pos + 2 if self.text[pos] == " " else pos + 1  # shortest part with a character
+            first = pos + 2 if self.text[pos] in " \n" else pos + 1  # shortest part with a character
             if first >= end or self.acceptable(pos, end, self.settings.max_seconds):
                 break
             lo, hi, best = first, end - 1, first

@@ -126,6 +126,14 @@ def test_the_servers_text_limits_name_the_input():
                           chunk_min_seconds=2, chunk_max_seconds=4).to_job(few)
 
 
+def test_a_requests_lines_are_where_its_chunks_end_and_no_chunk_holds_a_line_break():
+    lines = "\n".join(f"Line number {i} of the song goes on and on" for i in range(1, 41))
+    chunks = GenerationOptions(input=lines, voice="none").to_job(SETTINGS).chunks
+    assert len(chunks) > 1 and all(c.endswith("on and on") and "\n" not in c for c in chunks)
+    whole = GenerationOptions(input="Roses are red\r\nviolets are blue", voice="none", chunking_enabled=False)
+    assert whole.to_job(SETTINGS).chunks == ("Roses are red violets are blue",)
+
+
 # ---- a made-up setting, declared once --------------------------------------------------------
 
 

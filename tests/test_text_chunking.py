@@ -135,6 +135,21 @@ def test_titles_and_numbered_references_do_not_end_sentences_and_other_scripts_m
     assert split_into_chunks("كان الجو باردا جدا، لكننا خرجنا.", over_max) == ["كان الجو باردا جدا،", "لكننا خرجنا."]
 
 
+def test_a_text_without_punctuation_is_cut_where_its_lines_end():
+    """Lyrics, lists and poems: line breaks were collapsed before cuts were sought, so a chunk of a
+    song ended inside a line ('...and on Line' | 'number 9 of...'): a restart mid-line."""
+    settings = ChunkSettings(target_seconds=20, min_seconds=10, max_seconds=25, **CHAR_RATE)
+    lines = [f"Line number {i} of the song goes on and on" for i in range(1, 31)]
+    for separator in ("\n", "\r\n", "\n\n", " \u2028 "):
+        text = separator.join(lines)
+        chunks = plan_chunks(text, settings)
+        assert_valid(text, chunks, settings)
+        assert len(chunks) > 3 and all(c.text.endswith("on and on") for c in chunks)
+        assert all("\n" not in c.text and "  " not in c.text for c in chunks)  # spaces, as before
+    assert prepare_text(" a \n\t b  c\r\n", keep_lines=True) == "a\nb c"
+    assert prepare_text(prepare_text("a \n b", keep_lines=True), keep_lines=True) == "a\nb"
+
+
 def test_only_an_oversized_sentence_is_split_and_then_at_clauses():
     settings = ChunkSettings(target_seconds=6, min_seconds=4, max_seconds=8, **CHAR_RATE)
     clauses = [f"clause number {i} goes here" for i in range(12)]  # ~2.6 s each
