@@ -38,7 +38,8 @@ def _preset_name(value: str) -> str:
 class Settings(BaseSettings):
     """All server settings. Field names map to ECHO_<NAME> (PORT has no prefix)."""
 
-    model_config = SettingsConfigDict(env_prefix="ECHO_", case_sensitive=False, extra="ignore")
+    # (no setting means "forever" by inf: an infinite timeout or length overflowed later, in a thread)
+    model_config = SettingsConfigDict(env_prefix="ECHO_", case_sensitive=False, extra="ignore", allow_inf_nan=False)
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "ECHO_PORT"))

@@ -582,7 +582,8 @@ class GenerationWorker:
         behind = [r for r in parked if not r.ticket.is_caught_up()]
         if self.send_timeout is None or not behind:
             return None
-        return max(min(r.idle_since() for r in behind) + self.send_timeout - clock(), 0.0)
+        wait = min(r.idle_since() for r in behind) + self.send_timeout - clock()
+        return min(max(wait, 0.0), threading.TIMEOUT_MAX)  # (a longer timeout overflows the queue's wait)
 
     def _drop_cancelled(self, active: list[_Running], parked: list[_Running]) -> None:
         """Stop jobs whose client left or whose time is up, before their next step, and parked jobs

@@ -142,6 +142,22 @@ def test_a_client_that_takes_nothing_is_dropped_after_the_send_timeout(engine, m
     assert generators[0].gi_frame is None  # its step generator closed: its tensors let go
 
 
+def test_a_send_timeout_longer_than_a_thread_may_wait_parks_and_the_worker_goes_on(engine):
+    """ECHO_SEND_TIMEOUT=1e10 (finite, over threading.TIMEOUT_MAX): the worker's wait for the parked
+    stream's timeout overflowed, and the generation thread died for every later request."""
+    worker = wk.GenerationWorker(engine, max_active=1, max_ahead_samples=BLOCK, send_timeout=1e10)
+
+    async def scenario():
+        stalled = worker.submit(long_job())
+        await anext(stalled)
+        await until(lambda: worker.parked == 1)
+        other = [block async for block in worker.submit(long_job(blocks=2))]
+        stalled.cancel()
+        return sum(block.size for block in other), worker.alive
+
+    assert run(worker, scenario) == (2 * BLOCK, True)
+
+
 def test_time_parked_does_not_count_toward_the_request_deadline(engine):
     worker = wk.GenerationWorker(engine, max_active=1, max_ahead_samples=BLOCK)
 

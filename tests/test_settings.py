@@ -130,7 +130,10 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     ("ECHO_COMPILE", "maybe"), ("PORT", "eighty"), ("ECHO_PORT", "0"), ("ECHO_DEVICE", "gpu"), ("ECHO_DEVICE", "meta"),
     ("ECHO_FISH_DEVICE", "mps"), ("ECHO_MODEL_DTYPE", "float8"), ("ECHO_NUM_STEPS_NONSTREAM", "0"),
     ("ECHO_CHUNK_CHARS_PER_SECOND", "inf"), ("ECHO_CHUNK_CHARS_PER_SECOND", "1e-320"),
-    ("ECHO_CHUNK_WORDS_PER_SECOND", "nan"), ("ECHO_API_KEY", " , "), ("ECHO_SEND_TIMEOUT", "1e-300")])
+    ("ECHO_CHUNK_WORDS_PER_SECOND", "nan"), ("ECHO_API_KEY", " , "), ("ECHO_SEND_TIMEOUT", "1e-300"),
+    # infinite: the generation thread died at the first parked stream; inline voices and uploads got 500;
+    # the models loaded and then failed, naming nothing
+    ("ECHO_SEND_TIMEOUT", "inf"), ("ECHO_MAX_VOICE_SECONDS", "inf"), ("ECHO_MAX_AHEAD_SECONDS", "1e400")])
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
     monkeypatch.delenv("PORT" if name == "ECHO_PORT" else "ECHO_PORT", raising=False)
     monkeypatch.setenv(name, value)
