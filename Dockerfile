@@ -26,9 +26,9 @@ USER echo
 VOLUME ["/data", "/voices"]
 EXPOSE 8000
 # /ready turns 200 once the models are loaded and warmed up (compiling can take minutes); with
-# ECHO_API_KEY set it needs the first key.
+# ECHO_API_KEY set it sends the first key (blank items aside, as the server reads them).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 CMD python -c "import os, sys, urllib.request; \
-key = (os.environ.get('ECHO_API_KEY') or '').split(',')[0].strip(); \
+key = next((k.strip() for k in (os.environ.get('ECHO_API_KEY') or '').split(',') if k.strip()), ''); \
 request = urllib.request.Request('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), \
 headers={'Authorization': 'Bearer ' + key} if key else {}); \
 sys.exit(0 if urllib.request.urlopen(request, timeout=4).status == 200 else 1)"

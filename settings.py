@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     @field_validator("voice_dirs", mode="before")
     @classmethod
     def _split_dirs(cls, value):
-        if isinstance(value, str):
-            return [Path(p) for p in value.split(":") if p]
+        if isinstance(value, str):  # (spaces around an item aside, as in the other lists: "/a: /b")
+            return [Path(p.strip()) for p in value.split(":") if p.strip()]
         return value
 
     @field_validator("voice_aliases", mode="before")
@@ -161,6 +161,9 @@ class Settings(BaseSettings):
         """A set ECHO_API_KEY that names no key (",") must not leave the server open."""
         if value is not None and not [k for k in value.split(",") if k.strip()]:
             raise ValueError("names no key: give one or more keys separated by commas, or leave it unset")
+        if value is not None and not all(" " < ch <= "~" for key in value.split(",") for ch in key.strip()):
+            raise ValueError("keys are printable ASCII without spaces: HTTP clients send the Authorization "
+                             "header's bytes, and a key with other characters would never match")
         return value
 
     @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
@@ -213,8 +216,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _compile_needs_static_shapes(self) -> Settings:
-        if self.compile and self.static_shapes is False:
-            raise ValueError("ECHO_COMPILE needs static shapes: unset ECHO_STATIC_SHAPES or set it to 1")
+        for name, value in (("ECHO_COMPILE", self.compile), ("ECHO_CUDA_GRAPHS", self.cuda_graphs)):
+            if value and self.static_shapes is False:
+                raise ValueError(f"{name} needs static shapes: unset ECHO_STATIC_SHAPES or set it to 1")
         return self
 
     @property

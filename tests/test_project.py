@@ -214,6 +214,41 @@ def test_the_image_health_check_asks_a_route_the_app_has():
     assert path == "/ready" and path in app.openapi()["paths"]
 
 
+@pytest.mark.parametrize("keys", ["k1", ",k1", " k1 ,k2", None])
+def test_the_image_health_check_sends_the_first_key_the_server_accepts(keys):
+    """ECHO_API_KEY=",k1" (a rotation with the old key blank) is the server's key k1; the check sent
+    the blank first item, got 401, and the container was marked unhealthy while it served."""
+    import shlex
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from settings import load_settings
+
+    accepted = load_settings(device="cpu", api_key=keys)
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            self.send_response(200 if self.path == "/ready" and accepted.accepts_key(token) else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    (check,) = _dockerfile()["HEALTHCHECK"]
+    command = shlex.split(check.partition(" CMD ")[2])
+    assert command[:2] == ["python", "-c"]
+    server = HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"PORT": str(server.server_port), **({"ECHO_API_KEY": keys} if keys is not None else {})}
+    try:
+        assert subprocess.run([sys.executable, "-c", command[2]], env=env, timeout=30).returncode == 0
+    finally:
+        server.shutdown()
+
+
 def test_compose_reserves_a_gpu_and_outwaits_the_shutdown_grace():
     import yaml
 

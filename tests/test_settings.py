@@ -133,12 +133,29 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     ("ECHO_CHUNK_WORDS_PER_SECOND", "nan"), ("ECHO_API_KEY", " , "), ("ECHO_SEND_TIMEOUT", "1e-300"),
     # infinite: the generation thread died at the first parked stream; inline voices and uploads got 500;
     # the models loaded and then failed, naming nothing
-    ("ECHO_SEND_TIMEOUT", "inf"), ("ECHO_MAX_VOICE_SECONDS", "inf"), ("ECHO_MAX_AHEAD_SECONDS", "1e400")])
+    ("ECHO_SEND_TIMEOUT", "inf"), ("ECHO_MAX_VOICE_SECONDS", "inf"), ("ECHO_MAX_AHEAD_SECONDS", "1e400"),
+    # a key no client's Authorization header can carry (it matched only in ?api_key=)
+    ("ECHO_API_KEY", "clé"), ("ECHO_API_KEY", "k1,two words")])
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
     monkeypatch.delenv("PORT" if name == "ECHO_PORT" else "ECHO_PORT", raising=False)
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=rf"\s{name}: "):  # that variable, not one whose name ends with it
         load_settings()
+
+
+def test_cuda_graphs_without_static_shapes_stop_start_up_as_compiling_does(monkeypatch):
+    """ECHO_CUDA_GRAPHS=1 ECHO_STATIC_SHAPES=0 served eager exact batching, saying nothing."""
+    monkeypatch.setenv("ECHO_CUDA_GRAPHS", "1")
+    monkeypatch.setenv("ECHO_STATIC_SHAPES", "0")
+    with pytest.raises(ConfigError, match="ECHO_CUDA_GRAPHS needs static shapes"):
+        load_settings()
+
+
+def test_list_items_lose_the_spaces_around_them(monkeypatch):
+    monkeypatch.setenv("ECHO_VOICE_DIRS", "/a: /b :")
+    monkeypatch.setenv("ECHO_API_KEY", " k1 , k2")
+    settings = load_settings()
+    assert settings.voice_dirs == [Path("/a"), Path("/b")] and settings.api_keys == ["k1", "k2"]
 
 
 def test_blank_paths_and_spaced_devices_mean_what_they_say(monkeypatch):
