@@ -62,6 +62,9 @@ class VoiceCatalog:
             if not self._speaks(alias, known):
                 log.warning("alias %r (ECHO_VOICE_ALIASES) names no voice (%r): it is not listed, and requests for "
                             "it get 400 until that voice exists", alias, self._target(alias))
+        if settings.default_voice and not self._speaks(settings.default_voice, known):
+            log.warning("ECHO_DEFAULT_VOICE=%r names no voice: requests for OpenAI's voice names (alloy, ...) get "
+                        "400 until it exists", settings.default_voice)
         self.latents = SpeakerCache(settings.speaker_cache_size)  # speaker latents, by voice version
         self.keys = SpeakerCache(settings.speaker_kv_cache_size)  # speaker keys/values, by voice version
         self._openai_names_logged: set[str] = set()
@@ -116,7 +119,14 @@ class VoiceCatalog:
     def resolve(self, voice: str) -> tuple[str, SpeakerReference | None]:
         """(the voice it speaks with, as `used` names it; its reference), resolved once."""
         used = self.used(voice)
-        return used, self._reference(voice if looks_like_inline_audio(voice) else used)
+        try:
+            return used, self._reference(voice if looks_like_inline_audio(voice) else used)
+        except RequestError as e:
+            default, aliases = self.settings.default_voice, self.settings.voice_aliases
+            if default and voice.lower() in OPENAI_VOICES and used != voice and voice not in aliases:
+                raise RequestError(f"OpenAI's voice {voice!r} speaks with ECHO_DEFAULT_VOICE={default!r} on this "
+                                   f"server, and that voice cannot be used: {e}", "voice") from e
+            raise
 
     def _reference(self, resolved: str) -> SpeakerReference | None:
         try:

@@ -119,6 +119,23 @@ def test_the_voice_list_offers_only_aliases_that_speak_and_aliases_may_chain(voi
     assert len(warned) == 3 and all(name in " ".join(warned) for name in ("'ghost'", "'loop'", "'loop2'"))
 
 
+def test_a_default_voice_that_names_no_voice_is_warned_about_and_named_in_the_error(voice_dir, caplog):
+    """ECHO_DEFAULT_VOICE=bobb (a typo): no word at start-up, then every OpenAI client's 'alloy' got
+    "Unknown voice 'bobb'", which names no setting."""
+    from errors import RequestError
+
+    voices = catalog(voice_dir, default_voice="bobb")
+    assert any("ECHO_DEFAULT_VOICE='bobb' names no voice" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    with pytest.raises(RequestError, match="'alloy' speaks with ECHO_DEFAULT_VOICE='bobb'.*Unknown voice 'bobb'"):
+        voices.resolve("alloy")
+    with pytest.raises(RequestError, match="^Unknown voice 'nobody'"):  # a voice asked for by name: as before
+        voices.resolve("nobody")
+    caplog.clear()
+    catalog(voice_dir, default_voice="alice")
+    assert not [r for r in caplog.records if "ECHO_DEFAULT_VOICE" in r.getMessage()]
+
+
 def test_listing_voices_lists_the_directories_once_whatever_the_aliases(voice_dir, monkeypatch):
     """Checking each alias's voice scanned the directories once per alias: with 2,000 voices and
     OpenAI's 13 names aliased, a voice list took 0.8 s instead of 0.17 s. The ids and the names the
