@@ -29,7 +29,8 @@ EXPOSE 8000
 # ECHO_API_KEY set it sends the first key (blank items aside, as the server reads them).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 CMD python -c "import os, sys, urllib.request; \
 key = next((k.strip() for k in (os.environ.get('ECHO_API_KEY') or '').split(',') if k.strip()), ''); \
-request = urllib.request.Request('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), \
+port = os.environ.get('ECHO_PORT') or os.environ.get('PORT') or '8000'; \
+request = urllib.request.Request('http://127.0.0.1:%s/ready' % port, \
 headers={'Authorization': 'Bearer ' + key} if key else {}); \
 sys.exit(0 if urllib.request.urlopen(request, timeout=4).status == 200 else 1)"
 # SIGTERM: stop accepting, let streams finish for ECHO_SHUTDOWN_GRACE (30 s), exit 0.

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ECHO_", case_sensitive=False, extra="ignore", allow_inf_nan=False)
 
     host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("PORT", "ECHO_PORT"))
+    # ECHO_PORT first: the image sets PORT, and an operator's ECHO_* variable must not be ignored in it
+    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("ECHO_PORT", "PORT"))
 
     model_repo: str = "jordand/echo-tts-base"
     fish_repo: str = "jordand/fish-s1-dac-min"

@@ -151,6 +151,15 @@ def test_cuda_graphs_without_static_shapes_stop_start_up_as_compiling_does(monke
         load_settings()
 
 
+def test_echo_port_wins_over_the_port_a_platform_or_the_image_sets(monkeypatch):
+    """The image sets PORT=8000: an operator's ECHO_PORT=9000 was ignored in every container."""
+    monkeypatch.setenv("PORT", "8000")
+    monkeypatch.setenv("ECHO_PORT", "9000")
+    assert load_settings().port == 9000
+    monkeypatch.delenv("ECHO_PORT")
+    assert load_settings().port == 8000
+
+
 def test_list_items_lose_the_spaces_around_them(monkeypatch):
     monkeypatch.setenv("ECHO_VOICE_DIRS", "/a: /b :")
     monkeypatch.setenv("ECHO_API_KEY", " k1 , k2")
