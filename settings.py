@@ -168,10 +168,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
-                     "cache_dir", "voice_upload_dir", mode="before")
+                     "cache_dir", "voice_upload_dir", "compile", "static_shapes", "cuda_graphs", "voice_uploads",
+                     "public_docs", "output_sample_rate", mode="before")
     @classmethod
     def _blank_is_unset(cls, value, info):
-        """A blank value is the default (for a path, not the working directory: Path('') is '.')."""
+        """A blank value is the default (for a path, not the working directory: Path('') is '.'; for an
+        on/off setting whose default is unset, unset, as compose's `${ECHO_COMPILE:-}` gives it)."""
         return cls.model_fields[info.field_name].default if isinstance(value, str) and not value.strip() else value
 
     @field_validator("adaptive_steps_floor")

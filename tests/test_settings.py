@@ -167,6 +167,17 @@ def test_list_items_lose_the_spaces_around_them(monkeypatch):
     assert settings.voice_dirs == [Path("/a"), Path("/b")] and settings.api_keys == ["k1", "k2"]
 
 
+def test_a_blank_unset_by_default_setting_is_unset(monkeypatch):
+    """compose's `ECHO_COMPILE: ${ECHO_COMPILE:-}` gives a blank value: it stopped start-up ("Input
+    should be a valid boolean") where every other blank setting means its default."""
+    for name in ("ECHO_COMPILE", "ECHO_STATIC_SHAPES", "ECHO_CUDA_GRAPHS", "ECHO_VOICE_UPLOADS", "ECHO_PUBLIC_DOCS",
+                 "ECHO_OUTPUT_SAMPLE_RATE"):
+        monkeypatch.setenv(name, " ")
+    settings = load_settings()
+    assert (settings.compile, settings.static_shapes, settings.cuda_graphs, settings.voice_uploads,
+            settings.public_docs, settings.output_sample_rate) == (None,) * 6
+
+
 def test_blank_paths_and_spaced_devices_mean_what_they_say(monkeypatch):
     for name in ("ECHO_CACHE_DIR", "ECHO_VOICE_UPLOAD_DIR"):
         monkeypatch.setenv(name, " ")
