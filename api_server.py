@@ -228,7 +228,8 @@ def _routes():
 
     @public.get("/health")
     def health(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return {"status": "ok", "ready": service.ready.is_set(), "auth": bool(service.settings.api_keys)}
+        ready = service.unready_reason() is None  # (what /ready answers 200 for)
+        return {"status": "ok", "ready": ready, "auth": bool(service.settings.api_keys)}
 
     @protected.get("/ready", responses=_errors(401, 503))
     def ready(service: Annotated[SpeechService, Depends(ready_service)]) -> dict:

@@ -44,6 +44,17 @@ def decode(data: bytes, fmt: str, rate: int = 44100) -> tuple[int, int, np.ndarr
 # ---- routes ---------------------------------------------------------------------------------------
 
 
+def test_health_says_not_ready_when_ready_would_answer_503(app, monkeypatch):
+    """With the generation thread stopped, /ready answered 503 while /health said ready: true, so a
+    liveness check built on /health never restarted a server that could not speak."""
+    import worker as wk
+
+    monkeypatch.setattr(wk.GenerationWorker, "alive", property(lambda self: False))
+    ready = app.get("/ready")
+    assert ready.status_code == 503 and "generation thread has stopped" in ready.json()["error"]["message"]
+    assert app.get("/health").json() == {"status": "ok", "ready": False, "auth": False}
+
+
 def test_health_ready_and_models(app):
     assert app.get("/health").json() == {"status": "ok", "ready": True, "auth": False}
     assert app.get("/ready").status_code == 200
