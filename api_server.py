@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +64,25 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def _openapi_of_answered_errors(app: FastAPI) -> Callable[[], dict]:
+    """app.openapi without FastAPI's 422 for every route that takes input: a malformed request is
+    answered 400 in OpenAI's shape (on_validation_error), and a client generated from the schema
+    would expect a 422 that never comes."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()  # (cached by FastAPI: trimmed once)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    return openapi
 
 
 def _errors(*statuses: int) -> dict[int, dict]:
@@ -143,6 +162,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.include_router(_routes())
+    app.openapi = _openapi_of_answered_errors(app)
     if not public_docs and settings.api_keys:  # ECHO_PUBLIC_DOCS=0 without a key: no docs at all
         app.include_router(_docs_routes(app))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -334,6 +334,18 @@ def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):
     assert app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
+def test_the_schema_documents_the_400_a_malformed_request_gets_and_no_422(app):
+    """FastAPI documents a 422 for every route that takes input; this server answers 400 in OpenAI's
+    shape, so a client generated from the schema expected a status that never came."""
+    schema = app.get("/openapi.json").json()
+    statuses = {(method, path): set(op["responses"]) for path, ops in schema["paths"].items()
+                for method, op in ops.items()}
+    assert not [key for key, codes in statuses.items() if "422" in codes]
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert "400" in statuses[("post", "/v1/audio/speech")] and "400" in statuses[("post", "/v1/audio/voices")]
+    assert app.post("/v1/audio/speech", json={"voice": "alice"}).status_code == 400  # (what it documents)
+
+
 def test_uptime_checks_may_probe_with_head(app):
     for path in ("/health", "/ready", "/"):
         r = app.head(path)
