@@ -301,9 +301,11 @@ async def _cancel_id(session: Session, segment_id: Any) -> None:
     """Stop the running segment of that id (its end follows its last audio) and drop queued ones."""
     if session.current is not None and session.current.segment_id == segment_id:
         _cancel(session.current)
-    for segment in [q for q in session.queue if q.segment_id == segment_id]:
-        session.queue.remove(segment)
+    dropped = [q for q in session.queue if q.segment_id == segment_id]
+    session.queue[:] = [q for q in session.queue if q.segment_id != segment_id]  # all before the first await:
+    for segment in dropped:  # a send may wait (a slow client), and the writer takes the next one meanwhile
         _cancel(segment)
+    for segment in dropped:
         await session.send(_dropped(segment))
 
 
@@ -316,8 +318,8 @@ def _cancel(segment: Segment, reason: str | None = None) -> None:
 
 def _dropped(segment: Segment) -> dict:
     """The end of a segment cancelled before it started."""
-    return {"type": "end", "segment_id": segment.segment_id, "cancelled": True, "audio_seconds": 0.0,
-            **({"reason": segment.reason} if segment.reason else {})}
+    return {"type": "end", "segment_id": segment.segment_id, "seed": None, "voice": None,  # (chosen at its start)
+            "cancelled": True, "audio_seconds": 0.0, **({"reason": segment.reason} if segment.reason else {})}
 
 
 async def _answer(session: Session) -> None:

@@ -150,6 +150,37 @@ def test_cancel_stops_the_running_segment_and_drops_a_queued_one(app):
     assert after[-1]["type"] == "end" and not after[-1]["cancelled"]
 
 
+def test_a_cancel_drops_every_queued_segment_of_its_id_while_the_client_is_slow_to_read(app, monkeypatch):
+    """A voice agent's reply: one id for each sentence, cancelled by that id on an interruption. The
+    queued ones were dropped one by one with a send between: while that send waited (a paused
+    transport), the writer started the next one, which played whole; then the socket died silently."""
+    import speech_socket
+
+    send = speech_socket.Session.send
+
+    async def slow_dropped_end(self, message):  # a client behind on its audio: the send waits
+        if message.get("type") == "end" and message.get("voice") is None:
+            await asyncio.sleep(0.5)
+        await send(self, message)
+
+    monkeypatch.setattr(speech_socket.Session, "send", slow_dropped_end)
+    with socket(app) as ws:
+        for text in ("First sentence.", "Second one.", "Third one."):
+            ws.send(segment("reply-1", input=text, **LONG))
+        messages(ws, lambda m: isinstance(m, bytes))
+        ws.send(json.dumps({"type": "cancel", "segment_id": "reply-1"}))
+        got = []
+        while len([m for m in got if isinstance(m, dict) and m["type"] == "end"]) < 3:
+            got += messages(ws, ended("reply-1"), timeout=20)
+        ws.send(segment("probe"))
+        probe = messages(ws, ended("probe"), timeout=20)
+    kinds = [m["type"] for m in got if isinstance(m, dict)]
+    assert kinds == ["end", "end", "end"]  # the running one stopped, both queued dropped: none started
+    dropped = [m for m in got if isinstance(m, dict) and m["voice"] is None]
+    assert len(dropped) == 2 and all(m["cancelled"] and m["seed"] is None for m in dropped)
+    assert probe[0]["type"] == "start" and probe[-1]["type"] == "end" and not probe[-1]["cancelled"]
+
+
 def test_a_client_that_disconnects_cancels_what_it_queued(app):
     with socket(app) as ws:  # leaves while the first block (seconds of work) is being generated
         ws.send(segment("slow", voice="none", block_sizes=[640], num_steps=100))
