@@ -591,7 +591,8 @@ def test_a_segment_cancelled_while_its_voice_is_prepared_gets_an_end_and_no_star
 
     stream = ScriptedStream([np.zeros(4096, np.float32)])
     sent = answer(stream, lambda session: speech_socket._cancel_id(session, "s"))
-    assert sent == [{"type": "end", "segment_id": "s", "cancelled": True, "audio_seconds": 0.0}] and stream.cancelled
+    assert sent == [{"type": "end", "segment_id": "s", "seed": None, "voice": None, "cancelled": True,
+                     "audio_seconds": 0.0}] and stream.cancelled
 
 
 def test_a_generation_that_fails_midway_gets_its_error_then_its_end_and_its_frames_stay_whole():
