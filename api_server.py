@@ -31,6 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES
@@ -168,6 +169,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
                        read_timeout=settings.read_timeout)
+    app.add_middleware(KeyBeforeBody, settings=settings)  # outside BodySizeLimit: nothing read without a key
     if settings.cors_origins:  # outside BodySizeLimit: a browser can read its 413 and 408 too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"],
@@ -233,7 +235,27 @@ async def check_docs_key(request: Request, service: Annotated[SpeechService, Dep
 
 def _require_key(service: SpeechService, token: str | None) -> None:
     if not service.settings.accepts_key(token):
-        raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401)
+        raise _missing_key()
+
+
+def _missing_key() -> RequestError:
+    return RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401)
+
+
+class KeyBeforeBody:
+    """With ECHO_API_KEY set, a request that may carry a body (any method but GET, HEAD and OPTIONS)
+    and no valid key is answered 401 before its body is read. The routes' key check runs after
+    FastAPI has read and parsed the body: without a key, anyone could hold 16 MiB of memory per
+    connection, a temporary file of a form's upload, or the event loop parsing a large JSON body."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and self.settings.api_keys
+                and not self.settings.accepts_key(bearer_token(Headers(scope=scope)))):
+            return await error_response(_missing_key(), close=True)(scope, receive, send)  # (its body unread)
+        return await self.app(scope, receive, send)
 
 
 def _routes():

@@ -191,6 +191,23 @@ def test_chunked_bodies_that_never_end_get_408_and_their_memory_is_released(guar
     assert after < 2**25, f"{after / 2**20:.0f} MiB still held after the 408s"
 
 
+@pytest.mark.parametrize("path, content_type", [("/v1/audio/speech", "application/json"),
+                                                 ("/v1/audio/voices", "multipart/form-data; boundary=x")])
+def test_without_a_key_a_body_is_refused_401_before_it_is_read(guarded, path, content_type):
+    """The key was checked after FastAPI had read and parsed the body: without a key, a body that
+    never finished held its connection and 16 MiB of buffer, a form's file part a temporary file,
+    and a large JSON body the event loop while it was parsed."""
+    for key in (b"", b"Authorization: Bearer wrong\r\n"):
+        sock = raw(guarded)
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type.encode()
+                     + b"\r\n" + key + b"Content-Length: 15000000\r\n\r\n" + b"[" * 1000)
+        started = time.monotonic()
+        answer = read_all(sock, timeout=READ_TIMEOUT + 5)
+        assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - started < 1, answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "authentication_error"
+        assert b"www-authenticate: bearer" in answer.lower()
+
+
 def test_a_body_short_of_its_content_length_gets_408(guarded):
     sock = raw(guarded)
     sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -468,8 +485,8 @@ def test_at_the_end_of_the_grace_sockets_get_a_cancelled_end_and_streams_one_log
                     pass
         ends = {m["segment_id"]: m for m in got if isinstance(m, dict) and m["type"] == "end"}
         assert ends["long"]["cancelled"] and ends["long"]["reason"] == "server_shutdown"
-        assert ends["queued"] == {"type": "end", "segment_id": "queued", "cancelled": True, "audio_seconds": 0.0,
-                                  "reason": "server_shutdown"}
+        assert ends["queued"] == {"type": "end", "segment_id": "queued", "seed": None, "voice": None,
+                                  "cancelled": True, "audio_seconds": 0.0, "reason": "server_shutdown"}
         assert (code, reason) == (1001, "server shutting down")
         assert live.process.wait(timeout=60) == 0
         log = live.log()
