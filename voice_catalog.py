@@ -159,9 +159,10 @@ class VoiceCatalog:
         """Check an uploaded voice, encode it with `encode`, then store it with its latents (slow: call
         it off the event loop), so neither a request nor a restart has to encode it. Nothing is stored
         unless all of it is usable. Raises RequestError (with its HTTP status)."""
-        if not self.settings.uploads_enabled:
-            raise RequestError("voice uploads are off on this server: set ECHO_VOICE_UPLOADS=1 (they are on by "
-                               "default when ECHO_API_KEY is set)", status=403)
+        self._require_uploads()
+        if name.lower() in OPENAI_VOICES:  # every OpenAI client's voice would become this upload
+            raise RequestError(f"{name!r} is one of OpenAI's voice names, which speak with ECHO_DEFAULT_VOICE or "
+                               "ECHO_VOICE_ALIASES on this server: choose another name", "name", status=409)
         if name in self.settings.voice_aliases:  # requests for it would speak with the alias's voice
             raise RequestError(f"{name!r} is an alias of voice {self.settings.voice_aliases[name]!r} "
                                "(ECHO_VOICE_ALIASES): choose another name", "name", status=409)
@@ -178,12 +179,18 @@ class VoiceCatalog:
         return upload.metadata
 
     def delete(self, name: str) -> dict:
+        self._require_uploads()  # (an open server without uploads: nobody may remove what was uploaded)
         if name in self.settings.voice_aliases:  # listed as a voice, but the operator's name for one
             raise RequestError(f"{name!r} is an alias of voice {self._target(name)!r} (ECHO_VOICE_ALIASES): the "
                                "operator's setting, not deleted here", "voice_id", status=403)
         source = self.library.delete(name)
         self._forget(source.cache_name)
         return {"object": "audio.voice.deleted", "id": source.name, "deleted": True}
+
+    def _require_uploads(self) -> None:
+        if not self.settings.uploads_enabled:
+            raise RequestError("voice uploads are off on this server: set ECHO_VOICE_UPLOADS=1 (they are on by "
+                               "default when ECHO_API_KEY is set)", status=403)
 
     def _forget(self, cache_name: str) -> None:
         """Drop a voice from every cache (its latents and its speaker keys)."""

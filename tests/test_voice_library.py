@@ -180,6 +180,27 @@ def test_uploads_are_off_on_a_server_without_a_key(app):
     assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
 
 
+def test_with_uploads_off_nobody_deletes_what_was_uploaded(library):
+    """Restarted without a key (uploads off), an open server let anyone delete the stored uploads."""
+    assert upload(library, "kept", clip()).status_code == 200
+    env = {name: value for name, value in library.env.items() if name != "ECHO_API_KEY"}
+    with app_server(env) as open_server:
+        r = open_server.delete("/v1/audio/voices/kept")
+        assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
+        assert open_server.get("/v1/voices/kept").status_code == 200  # still there, still spoken
+    assert library.delete("/v1/audio/voices/kept", headers=KEY).status_code == 200
+
+
+def test_openais_voice_names_are_not_upload_names(library):
+    """An upload named 'alloy' took the name every OpenAI client sends from ECHO_DEFAULT_VOICE: one
+    key holder chose the voice of all of them."""
+    for name in ("alloy", "Nova"):
+        r = upload(library, name, clip())
+        assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+        assert "OpenAI's voice names" in r.json()["error"]["message"]
+    assert not any(p.name.lower().startswith(("alloy.", "nova.")) for p in library.uploads.iterdir())
+
+
 # ---- hostile and unlucky uploads (issue 17, items 1-4) -----------------------------------------------
 
 
