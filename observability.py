@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from urllib.parse import unquote_plus
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -52,13 +53,21 @@ class RequestIdFilter(logging.Filter):
 
 
 # `api_key=<key>` in a URL (how browsers authenticate the WebSocket; uvicorn logs the URL of every
-# request and socket) and `Bearer <key>`, wherever they appear in a message or a traceback
-_SECRET = re.compile(r"(?i)(api[_-]?key(?:=|%3D)|bearer\s+)[^\s&\"',;]+")
+# request and socket), its name percent-encoded too (`api%5Fkey`: Starlette decodes it and takes the
+# key), and `Bearer <key>`, wherever they appear in a message or a traceback. A value runs to the
+# next space, `&` or quote: a key may hold `;` or `,`.
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"]+")
+_PARAMETER = re.compile(r"([\w%.~+-]+)(=|%3D)([^\s&\"]+)", re.IGNORECASE)
+_KEY_NAME = re.compile(r"(?i)api[_-]?key")
 
 
 def redact(text: str) -> str:
     """`text` with the values of API keys replaced by `[redacted]`."""
-    return _SECRET.sub(r"\1[redacted]", text)
+    def value(m: re.Match) -> str:
+        named = _KEY_NAME.search(unquote_plus(m.group(1)))
+        return f"{m.group(1)}{m.group(2)}[redacted]" if named else m.group(0)
+
+    return _PARAMETER.sub(value, _BEARER.sub(r"\1[redacted]", text))
 
 
 class RedactSecrets(logging.Filter):
