@@ -347,7 +347,8 @@ def _routes():
                     return await _whole_file(speech, headers, timing)
                 if body.stream_format == "sse":
                     return StreamingResponse(_sse_events(speech, timing), media_type="text/event-stream",
-                                             headers=headers | {"Cache-Control": "no-cache"})
+                                             headers=headers | {"Cache-Control": "no-cache",
+                                                                "X-Accel-Buffering": "no"})  # (nginx: pass each event)
                 return StreamingResponse(_audio_bytes(speech, timing), media_type=speech.encoder.content_type,
                                          headers=headers)
             except BaseException:  # the speech was not handed to a streaming response: let go of it here

@@ -234,6 +234,13 @@ class SpeechRequest(GenerationOptions):
             return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
         return data
 
+    @model_validator(mode="after")
+    def _sse_streams(self) -> SpeechRequest:
+        if self.stream_format == "sse" and not self.stream:  # (answered raw audio, not one event)
+            raise RequestError("stream_format 'sse' is a stream of events: it cannot be sent with stream=false",
+                               "stream_format")
+        return self
+
     @property
     def voice_name(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice

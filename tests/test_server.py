@@ -171,11 +171,18 @@ def test_sse_events_carry_the_same_audio(app):
     audio = speech(app).content
     r = speech(app, stream_format="sse")
     assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"  # (nginx)
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done"
     deltas = [e for e in events[:-1] if e["type"] == "speech.audio.delta"]
     assert len(deltas) == len(events) - 1
     assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == audio
+
+
+def test_sse_with_stream_false_is_a_400_naming_stream_format(app):
+    """It answered raw audio, no event at all, to a client that would parse events."""
+    r = speech(app, stream_format="sse", stream=False)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_format"
 
 
 def test_sse_is_chosen_by_stream_format_not_accept(app):
