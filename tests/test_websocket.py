@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import ROOT, AppServer, app_server, server_env
+from conftest import ROOT, AppServer, LiveServer, app_server, server_env
 from test_server import FAST, _metric
 
 pytestmark = pytest.mark.slow
@@ -237,6 +237,23 @@ def test_queue_and_message_limits_answer_with_error_messages(strict_app):
     assert errors["queue_full"]["segment_id"] == "four" and "ECHO_WS_MAX_QUEUE" in errors["queue_full"]["message"]
     assert "ECHO_MAX_BODY_BYTES" in errors["request_too_large"]["message"]
     assert later[-1]["type"] == "end"
+
+
+def test_a_message_over_twice_the_body_limit_closes_the_socket_1009_as_the_readme_says(tiny_echo_dir, tiny_fish_dir,
+                                                                                        voice_dir, tmp_path):
+    """Under twice ECHO_MAX_BODY_BYTES a message gets an error message; over it uvicorn does not read it
+    at all (its whole message would be buffered first) and closes the socket."""
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_MAX_BODY_BYTES="4096")
+    server = LiveServer(env, tmp_path / "server.log")
+    try:
+        with socket(server) as ws:
+            ws.send(json.dumps({"input": "x" * 6000, "voice": "none", "segment_id": "big"}))
+            refused = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "error")  # (not parsed: no id)
+            assert refused[-1]["error"]["code"] == "request_too_large"
+            ws.send(json.dumps({"input": "x" * 9000, "voice": "none", "segment_id": "huge"}))
+            assert messages(ws) == [] and ws.close_code == 1009
+    finally:
+        server.stop()
 
 
 def test_segments_queued_on_one_socket_hold_at_most_one_body_of_memory(strict_app):
