@@ -26,7 +26,8 @@ from autoencoder import DAC, StreamingDecoder, StreamState, decode_streams
 from batched_steps import CompiledPart, ExactSteps, StepRunner
 from inference import (AE_DOWNSAMPLE_FACTOR, MAX_SEQUENCE_LENGTH, MAX_TEXT_LENGTH, SAMPLE_RATE, Conditioning,
                        ModelCall, PCAState, SamplerSettings, flattening_frame, get_speaker_latent_and_mask,
-                       get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, resume, run_steps)
+                       get_text_input_ids_and_mask, latents_to_dac, make_generator, no_speaker, normalize_text, resume,
+                       run_steps)
 from inference_blockwise import PrefixCall, blockwise_steps
 from model import EchoDiT, KVCache, LatentPrefix, extend_prefixes, grouped
 from text_chunking import ChunkMode
@@ -344,7 +345,9 @@ class SpeechEngine:
         decoder = self._decoder()
         previous, prefix = None, None  # chunk k-1's text and its latents (frames, 80)
         for index, text in enumerate(job.chunks):
-            prompt = text if previous is None else f"{previous} {text}"
+            # chunk k-1 as it was read alone (its speaker tag, when normalisation gives it one), then chunk k:
+            # a tag chunk k carries made normalisation leave the joined prompt's front untagged
+            prompt = text if previous is None else f"{normalize_text(previous) if job.normalize else previous} {text}"
             shape = job.shape_of_chunk(index).cut_to(MAX_SEQUENCE_LENGTH - (0 if prefix is None else len(prefix)))
             latents = yield from self._continued_chunk(prompt, shape, job, rng, speaker, decoder, prefix, choose,
                                                        more=index < len(job.chunks) - 1)

@@ -44,8 +44,9 @@ in the middle of a speaker's turn gets that speaker's tag prefixed (`"[S2] " + b
 voice stays right and normalisation does not wrongly add `[S1]`. A chunk that starts with a tag
 of its own gets no prefix; nor does one that starts before the first tag of the text, unless
 normalisation would leave it with no speaker at all (it starts with `(` or `[`, or holds `S1` or
-`S2`, as in "PS2"): a chunk after the first then gets `[S1]`, the speaker of the text's start, so
-the voice does not change mid-text.
+`S2`, as in "PS2"): a chunk after the first then gets `[S1]`, the tag normalisation gives an
+untagged text, so the voice does not change mid-text. (In `continue` mode the engine joins the
+previous chunk as it was read alone, its own tag first, before such a chunk.)
 
 Continuation (`continuation=True`, the engine's `continue` chunk mode): chunk k is generated
 after chunk k-1's audio, prompted with both texts, and the two share one 640-frame (29.7 s)

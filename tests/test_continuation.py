@@ -84,6 +84,25 @@ def test_each_chunk_continues_the_previous_chunk_like_the_blockwise_sampler(engi
     assert torch.equal(torch.cat(decoded, dim=-1), inf.latents_to_dac(engine.pca_state, expected))
 
 
+def test_a_continued_prompt_reads_the_previous_chunk_with_its_own_speaker_tag(engine, monkeypatch):
+    """The chunker gives a later chunk that opens with '(' an explicit [S1]; joined after an untagged
+    chunk, that tag made normalisation leave the prompt's front (the previous chunk, whose audio is the
+    prefix) without the [S1] it had when it was generated."""
+    from text_chunking import split_into_chunks
+
+    text = "This is a fairly ordinary sentence that goes on for a while. " * 6 + \
+        "(sighs) And then it went on with another long part of speech. " * 4
+    chunks = split_into_chunks(text, continuation=True)
+    joined = next(i for i, c in enumerate(chunks) if c.startswith("[S1] (") and not chunks[i - 1].startswith("["))
+    prompts = []
+    of = eng.TextCall.of
+    monkeypatch.setattr(eng.TextCall, "of", classmethod(lambda cls, model, text, normalize: (
+        prompts.append(inf.normalize_text(text) if normalize else text), of(model, text, normalize))[1]))
+    run_recording(engine, continued(chunks=chunks[joined - 1:joined + 1]))
+    alone, pair = prompts
+    assert pair == f"{alone} {chunks[joined]}" and alone.startswith("[S1] This is")
+
+
 def test_continued_chunks_are_one_decode_of_the_joined_latents(engine, tiny_fish):
     audio, decoded = run_recording(engine, continued())
     streamed = np.concatenate(audio)
