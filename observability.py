@@ -15,7 +15,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from urllib.parse import unquote_plus
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,21 +52,21 @@ class RequestIdFilter(logging.Filter):
 
 
 # `api_key=<key>` in a URL (how browsers authenticate the WebSocket; uvicorn logs the URL of every
-# request and socket), its name percent-encoded too (`api%5Fkey`: Starlette decodes it and takes the
-# key), and `Bearer <key>`, wherever they appear in a message or a traceback. A value runs to the
-# next space, `&` or quote: a key may hold `;` or `,`.
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"]+")
-_PARAMETER = re.compile(r"([\w%.~+-]+)(=|%3D)([^\s&\"]+)", re.IGNORECASE)
-_KEY_NAME = re.compile(r"(?i)api[_-]?key")
+# request and socket), wherever it stands (inside another parameter's value too: `next=/ws?api_key=`),
+# its name's characters percent-encoded or not (`api%5Fkey`: Starlette decodes it and takes the key),
+# and `Bearer <key>`, in a message or a traceback. A value runs to the next space or `&` (a URL
+# carries `&` and spaces encoded): a key may hold `;`, `,` or quotes.
+def _any_case_or_encoded(word: str) -> str:
+    return "".join(f"(?:{re.escape(ch)}|%{ord(ch.lower()):02x}|%{ord(ch.upper()):02x})" for ch in word)
+
+
+_SECRET = re.compile(rf"(?i)({_any_case_or_encoded('api')}(?:[_-]|%5f|%2d)?{_any_case_or_encoded('key')}(?:=|%3d)"
+                     r"|bearer\s+)[^\s&]+")
 
 
 def redact(text: str) -> str:
     """`text` with the values of API keys replaced by `[redacted]`."""
-    def value(m: re.Match) -> str:
-        named = _KEY_NAME.search(unquote_plus(m.group(1)))
-        return f"{m.group(1)}{m.group(2)}[redacted]" if named else m.group(0)
-
-    return _PARAMETER.sub(value, _BEARER.sub(r"\1[redacted]", text))
+    return _SECRET.sub(r"\1[redacted]", text)
 
 
 class RedactSecrets(logging.Filter):

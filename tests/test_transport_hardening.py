@@ -98,7 +98,11 @@ def test_a_key_is_redacted_whatever_its_characters_and_however_its_name_is_writt
     from observability import redact
 
     for line, secret in (("GET /docs?api%5Fkey=k1;part2 HTTP/1.1", "part2"), ("ws?%61pi-key=k'2&x=1", "k'2"),
-                         ("Authorization: Bearer k3,rest", "rest"), ("url?API_KEY%3Dk4 next", "k4")):
+                         ("Authorization: Bearer k3,rest", "rest"), ("url?API_KEY%3Dk4 next", "k4"),
+                         ("GET /ws?api_key=k5\"rest HTTP/1.1", "rest"), ("%41PI_KEY=k6", "k6"),
+                         # inside another parameter's value, or after a path holding '='
+                         ("url=http://h/ws?api_key=k7", "k7"), ("next=/docs%3Fapi_key%3Dk8", "k8"),
+                         ("GET /x=y?api_key=k9 HTTP/1.1", "k9")):
         assert secret not in redact(line) and "[redacted]" in redact(line), line
     assert redact("x=1&voice=alice") == "x=1&voice=alice"
 
