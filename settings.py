@@ -162,9 +162,17 @@ class Settings(BaseSettings):
         """A set ECHO_API_KEY that names no key (",") must not leave the server open."""
         if value is not None and not [k for k in value.split(",") if k.strip()]:
             raise ValueError("names no key: give one or more keys separated by commas, or leave it unset")
-        if value is not None and not all(" " < ch <= "~" for key in value.split(",") for ch in key.strip()):
-            raise ValueError("keys are printable ASCII without spaces: HTTP clients send the Authorization "
-                             "header's bytes, and a key with other characters would never match")
+        if value is not None and not all(" " <= ch <= "~" for ch in value):
+            raise ValueError("keys are printable ASCII: a header carries bytes, and a key with other characters "
+                             "would match no client's Authorization header")
+        return value
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _blank_port_is_unset(cls, value):
+        """A blank ECHO_PORT (compose's `${ECHO_PORT:-}`) is unset: PORT, then the default."""
+        if isinstance(value, str) and not value.strip():
+            return os.environ.get("PORT", "").strip() or cls.model_fields["port"].default
         return value
 
     @field_validator("warmup_voice", "api_key", "default_voice", "default_response_format", "replica_name",
@@ -315,9 +323,9 @@ def load_settings(**overrides) -> Settings:
 
 
 def _variable(field: str) -> str:
-    """The environment variable of a settings field (PORT wins over ECHO_PORT, as pydantic reads them)."""
+    """The environment variable of a settings field (ECHO_PORT wins over PORT, as pydantic reads them)."""
     if field.lower() in ("port", "echo_port"):
-        return "PORT" if "PORT" in os.environ else "ECHO_PORT"
+        return "ECHO_PORT" if os.environ.get("ECHO_PORT", "").strip() else "PORT"
     return f"ECHO_{field.upper()}"
 
 

@@ -135,7 +135,7 @@ def test_the_fast_path_is_the_default_on_cuda_and_eager_stays_the_default_on_the
     # the models loaded and then failed, naming nothing
     ("ECHO_SEND_TIMEOUT", "inf"), ("ECHO_MAX_VOICE_SECONDS", "inf"), ("ECHO_MAX_AHEAD_SECONDS", "1e400"),
     # a key no client's Authorization header can carry (it matched only in ?api_key=)
-    ("ECHO_API_KEY", "clé"), ("ECHO_API_KEY", "k1,two words")])
+    ("ECHO_API_KEY", "clé"), ("ECHO_API_KEY", "k1,k\u00e92")])
 def test_malformed_values_name_the_variable(monkeypatch, name, value):
     monkeypatch.delenv("PORT" if name == "ECHO_PORT" else "ECHO_PORT", raising=False)
     monkeypatch.setenv(name, value)
@@ -156,8 +156,20 @@ def test_echo_port_wins_over_the_port_a_platform_or_the_image_sets(monkeypatch):
     monkeypatch.setenv("PORT", "8000")
     monkeypatch.setenv("ECHO_PORT", "9000")
     assert load_settings().port == 9000
+    monkeypatch.setenv("ECHO_PORT", " ")  # compose's ${ECHO_PORT:-}: unset, so PORT
+    monkeypatch.setenv("PORT", "9001")
+    assert load_settings().port == 9001
+    monkeypatch.setenv("ECHO_PORT", "0")
+    with pytest.raises(ConfigError, match=r"\sECHO_PORT: "):
+        load_settings()
     monkeypatch.delenv("ECHO_PORT")
+    monkeypatch.setenv("PORT", "8000")
     assert load_settings().port == 8000
+
+
+def test_a_key_may_hold_spaces_as_a_bearer_header_carries_them(monkeypatch):
+    monkeypatch.setenv("ECHO_API_KEY", "team key 1")
+    assert load_settings().accepts_key("team key 1")
 
 
 def test_list_items_lose_the_spaces_around_them(monkeypatch):
