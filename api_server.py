@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.routing import Mount
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audio_encoding import CONTENT_TYPES
@@ -162,11 +163,14 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.include_router(_routes())
+    routers = [_routes()] + ([_docs_routes(app)] if not public_docs and settings.api_keys else [])
+    for router in routers:  # (ECHO_PUBLIC_DOCS=0 without a key: no docs at all)
+        app.include_router(router)
     app.openapi = _openapi_of_answered_errors(app)
-    if not public_docs and settings.api_keys:  # ECHO_PUBLIC_DOCS=0 without a key: no docs at all
-        app.include_router(_docs_routes(app))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # what a response sent before routing is counted under (FastAPI's included routers name no path)
+    endpoints = [route for router in routers for route in router.echo_endpoints]
+    endpoints += [route for route in app.routes if isinstance(route, Mount)]
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
                        read_timeout=settings.read_timeout)
     app.add_middleware(KeyBeforeBody, settings=settings)  # outside BodySizeLimit: nothing read without a key
@@ -176,7 +180,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                            expose_headers=["X-Audio-Sample-Rate", "X-Echo-Seed", "X-Echo-Voice", "X-Request-ID",
                                            "X-Echo-Replica", "X-Echo-Steps"])
     app.add_middleware(RequestContext, metrics=app.state.metrics,  # outermost: every response gets an id
-                       replica=settings.replica_name, id_header=not ray_replica)
+                       replica=settings.replica_name, id_header=not ray_replica, routes=endpoints)
     return app
 
 
@@ -202,6 +206,7 @@ def _docs_routes(app: FastAPI) -> APIRouter:
     def redoc(request: Request) -> Response:
         return get_redoc_html(openapi_url=schema_url(request), title=f"{app.title} - ReDoc")
 
+    docs.echo_endpoints = list(docs.routes)
     return docs
 
 
@@ -362,6 +367,7 @@ def _routes():
     async def speech_stream_socket(websocket: WebSocket) -> None:
         await speech_socket.serve(websocket, websocket.app.state.service, websocket.app.state.metrics)
 
+    router.echo_endpoints = [*router.routes, *public.routes, *protected.routes]  # (before inclusion wraps them)
     router.include_router(public)
     router.include_router(protected)
     return router

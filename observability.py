@@ -14,11 +14,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from errors import RequestError
 
@@ -234,10 +235,14 @@ class RequestContext:
     `id_header=False` leaves the X-Request-ID response header to a proxy that adds its own.
 
     An exception that escapes the app before its response started is logged here, once, with its
-    traceback and request id, and answered as a 500 in OpenAI's shape (counted, with the id)."""
+    traceback and request id, and answered as a 500 in OpenAI's shape (counted, with the id).
 
-    def __init__(self, app, metrics: Metrics, replica: str | None = None, id_header: bool = True):
-        self.app, self.metrics, self.id_header = app, metrics, id_header
+    A response sent before routing (a middleware's 401, 413 or 408; a static file) is counted under
+    the path template of the first of `routes` its path matches, else "unmatched"."""
+
+    def __init__(self, app, metrics: Metrics, replica: str | None = None, id_header: bool = True,
+                 routes: Sequence = ()):
+        self.app, self.metrics, self.id_header, self.routes = app, metrics, id_header, routes
         self.replica = [(REPLICA_HEADER.encode(), replica.encode("latin-1"))] if replica else []
 
     async def __call__(self, scope, receive, send):
@@ -250,6 +255,7 @@ class RequestContext:
         token = request_id.set(rid)
         scope.setdefault("state", {})["started"] = time.perf_counter()
         started = False
+        as_sent = {k: scope.get(k) for k in ("type", "path", "root_path", "method")}  # (routing rewrites it)
 
         async def send_with_id(message):
             nonlocal started
@@ -257,7 +263,7 @@ class RequestContext:
                 started = True
                 id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
                 message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
-                route = scope.get("route")
+                route = scope.get("route") or self._route_of(as_sent)
                 path = getattr(route, "path", None) or "unmatched"
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
@@ -276,6 +282,10 @@ class RequestContext:
             await error_response(error)(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
+
+    def _route_of(self, scope: dict):
+        """The route whose path matches `scope`'s (as the request came, whatever its method), if any."""
+        return next((route for route in self.routes if route.matches(scope)[0] != Match.NONE), None)
 
     def _accept_with_replica(self, send):
         async def send_accept(message):

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 
 import av
@@ -519,6 +520,22 @@ def test_api_key_required_when_configured(keyed_app, headers):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = keyed_app.post("/v1/audio/speech", json={"input": "Hi", "voice": "none"}, headers=headers)
     assert r.status_code == 401
+
+
+def test_responses_sent_before_routing_are_counted_under_their_route(keyed_app):
+    """The 401 answered from a request's headers (before its body is read) and middleware answers
+    came under route="unmatched", mixed with 404 scans and static files."""
+    def count(route: str, status: int) -> float:
+        text = keyed_app.get("/metrics", headers={"Authorization": "Bearer first-key"}).text
+        found = re.search(rf'^echo_requests_total{{route="{re.escape(route)}",status="{status}"}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = [count(*key) for key in (("/v1/audio/speech", 401), ("unmatched", 404), ("/static", 200))]
+    assert keyed_app.post("/v1/audio/speech", json={"input": "Hi", "voice": "none"}).status_code == 401
+    assert keyed_app.get("/no/such/path").status_code == 404
+    assert keyed_app.get("/static/app.js").status_code == 200
+    after = [count(*key) for key in (("/v1/audio/speech", 401), ("unmatched", 404), ("/static", 200))]
+    assert [b - a for a, b in zip(before, after)] == [1, 1, 1]
 
 
 def test_key_and_readiness_checks_never_wait_for_the_thread_pool(keyed_app, monkeypatch):
