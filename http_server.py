@@ -32,13 +32,14 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from errors import RequestError
-from observability import REQUEST_ID_HEADER, error_response, read_timed_out, stream_cut
+from observability import REQUEST_ID_HEADER, error_response, handshake_denied, read_timed_out, stream_cut
 from settings import Settings
 
 log = logging.getLogger("echo_tts.http")
 # after the grace: time for sockets to send their last `end` and close before uvicorn cancels the rest
 CUT_WRAP_UP_S = 3.0
 INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."  # uvicorn's line (h11_impl)
+INCOMPLETE_HANDSHAKE = "ASGI callable returned without completing handshake."  # (its WebSocket protocols)
 
 
 class Drain:
@@ -272,8 +273,11 @@ class Server(uvicorn.Server):
 
 def _not_a_cut_stream(record: logging.LogRecord) -> bool:
     """uvicorn's error for a response the app left incomplete on purpose (observability.StreamCut,
-    whose cause the app logged) is left out; every other line passes."""
-    return not (stream_cut.get() and record.msg == INCOMPLETE_RESPONSE)
+    whose cause the app logged) is left out, and its error for a WebSocket handshake the app refused
+    with an HTTP answer (a 401: uvicorn's sans-io protocol logs every denial response so); every
+    other line passes."""
+    return not ((stream_cut.get() and record.msg == INCOMPLETE_RESPONSE)
+                or (handshake_denied.get() and record.msg == INCOMPLETE_HANDSHAKE))
 
 
 def serve(app, settings: Settings, drain: Drain) -> None:

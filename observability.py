@@ -29,6 +29,9 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # set when RequestContext ended a response as cut (StreamCut): the server's own line about it is expected
 stream_cut: contextvars.ContextVar[bool] = contextvars.ContextVar("stream_cut", default=False)
+# set when a WebSocket handshake was answered with an HTTP response (a 401): uvicorn's line that the app
+# "returned without completing handshake" is then expected, not an error
+handshake_denied: contextvars.ContextVar[bool] = contextvars.ContextVar("handshake_denied", default=False)
 
 
 class StreamCut(Exception):
@@ -246,13 +249,16 @@ class RequestContext:
         self.replica = [(REPLICA_HEADER.encode(), replica.encode("latin-1"))] if replica else []
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "websocket":
-            return await self.app(scope, receive, self._accept_with_replica(send))
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         rid = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
+        if scope["type"] == "websocket":  # (the socket's id: in its log lines, before its segments' ids)
+            try:
+                return await self.app(scope, receive, self._handshake(scope, send, rid))
+            finally:
+                request_id.reset(token)
         scope.setdefault("state", {})["started"] = time.perf_counter()
         started = False
         as_sent = {k: scope.get(k) for k in ("type", "path", "root_path", "method")}  # (routing rewrites it)
@@ -287,12 +293,23 @@ class RequestContext:
         """The route whose path matches `scope`'s (as the request came, whatever its method), if any."""
         return next((route for route in self.routes if route.matches(scope)[0] != Match.NONE), None)
 
-    def _accept_with_replica(self, send):
-        async def send_accept(message):
-            if message["type"] == "websocket.accept" and self.replica:
-                message["headers"] = [*message.get("headers", []), *self.replica]
+    def _handshake(self, scope, send, rid: str):
+        """`send` for a WebSocket: its handshake's answer (the 101, or an HTTP refusal) carries the
+        request id and the replica, and is counted as an HTTP response is."""
+        as_sent = {k: scope.get(k) for k in ("type", "path", "root_path")}
+
+        async def send_handshake(message):
+            status = {"websocket.accept": 101, "websocket.http.response.start": message.get("status")}.get(
+                message["type"])
+            if status is not None:
+                id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
+                message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
+                path = getattr(scope.get("route") or self._route_of(as_sent), "path", None) or "unmatched"
+                self.metrics.requests.labels(path, str(status)).inc()
+                if status != 101:
+                    handshake_denied.set(True)
             await send(message)
-        return send_accept
+        return send_handshake
 
 
 class BodySizeLimit:

@@ -99,7 +99,8 @@ class Session:
     closing: bool = False  # "continue": false was received
     draining: bool = False  # the server shuts down: no new segments, close after the queued ones
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    socket_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # in its log lines, before segment ids
+    # in its log lines, before segment ids: the handshake's X-Request-ID (RequestContext), else a new one
+    socket_id: str = field(default_factory=lambda: request_id.get() if request_id.get() != "-" else uuid.uuid4().hex)
 
     async def send(self, message: dict) -> None:
         """A JSON message, strictly JSON (no NaN or Infinity)."""
@@ -397,9 +398,12 @@ async def _answer_one(session: Session, segment: Segment) -> None:
             failure = e
             timing.failed("websocket", e)
             await session.error(segment.segment_id, e)
-        await session.send(_ended(segment, speech, failure))
+        end = _ended(segment, speech, failure)
+        await session.send(end)
         if failure is None:  # as over HTTP: a failed stream reports no audio seconds
             timing.finished(speech.audio_seconds)
+        log.info("segment ended: %.2f s of audio%s", end["audio_seconds"],  # (its access line, as HTTP's)
+                 f", cancelled ({end.get('reason', 'by the client')})" if end["cancelled"] else "")
     finally:
         speech.close()
 

@@ -107,6 +107,33 @@ def test_a_key_is_redacted_whatever_its_characters_and_however_its_name_is_writt
     assert redact("x=1&voice=alice") == "x=1&voice=alice"
 
 
+def test_a_socket_is_traced_by_its_request_id_and_a_refused_handshake_is_counted_not_an_error(guarded):
+    """The handshake's answer carried no X-Request-ID (the client's was ignored) and no log line named
+    one; a refused handshake (no key) logged an ERROR, 'ASGI callable returned without completing
+    handshake', for every scanner, and no metric counted it."""
+    from websockets.exceptions import InvalidStatus
+
+    ws_url = guarded.url.replace("http://", "ws://") + "/v1/audio/speech/stream/ws"
+    seen = len(guarded.log())
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url, additional_headers={"X-Request-ID": "cli-ws-401"}).close()
+    assert refused.value.response.status_code == 401
+    assert refused.value.response.headers["x-request-id"] == "cli-ws-401"
+    with connect(ws_url, additional_headers={**AUTH, "X-Request-ID": "cli-ws"}) as ws:
+        assert ws.response.headers["x-request-id"] == "cli-ws"
+        ws.send(json.dumps({"input": "Hi there.", "voice": "none", "segment_id": "s1", "block_sizes": [8],
+                            "num_steps": [2]}))
+        while not (isinstance(message := ws.recv(timeout=60), str) and json.loads(message)["type"] == "end"):
+            pass
+    time.sleep(0.3)
+    log = guarded.log()[seen:]
+    assert "without completing handshake" not in log and " ERROR " not in log
+    assert "[cli-ws/s1]" in log  # the segment's lines: the socket's id, then the segment's
+    metrics = httpx.get(guarded.url + "/metrics", headers=AUTH).text
+    for status in ("401", "101"):
+        assert f'echo_requests_total{{route="/v1/audio/speech/stream/ws",status="{status}"}}' in metrics
+
+
 # ---- item 6: bounded headers --------------------------------------------------------------------
 
 
