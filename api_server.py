@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.state.metrics = Metrics(queue_length=lambda: service.observe(lambda r: r.worker.waiting, 0),
                                 active_streams=lambda: service.observe(lambda r: r.worker.active, 0),
                                 parked_streams=lambda: service.observe(lambda r: r.worker.parked, 0),
+                                preparing=lambda: service.observe(lambda r: r.worker.preparing, 0),
                                 gpu=settings.torch_device,
                                 compiles_after_warm_up=lambda: service.observe(lambda r: r.compiles_after_warm_up, 0),
                                 vad_rerolls=lambda: service.observe(lambda r: r.engine.rerolls, 0),

@@ -129,7 +129,8 @@ class Metrics:
                  vad_rerolls: Callable[[], int] = lambda: 0, parked_streams: Callable[[], int] = lambda: 0,
                  adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0),
                  memory_plan: Callable[[], tuple[int, int] | None] = lambda: None,
-                 out_of_memory: Callable[[], tuple[int, int]] = lambda: (0, 0)):
+                 out_of_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
+                 preparing: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -149,6 +150,8 @@ class Metrics:
             registry=self.registry)
         Gauge("echo_queue_length", "Requests waiting for a generation slot",
               registry=self.registry).set_function(queue_length)
+        Gauge("echo_preparing_requests", "Requests holding a queue slot while their voice is prepared (a voice's "
+              "first use encodes it)", registry=self.registry).set_function(preparing)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)
         Gauge("echo_parked_streams", "Requests waiting for their client to take the audio generated ahead of it "
               "(ECHO_MAX_AHEAD_SECONDS), out of the batch", registry=self.registry).set_function(parked_streams)

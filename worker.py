@@ -225,6 +225,7 @@ class Reservation:
             if not self._held:
                 raise RuntimeError("this reservation was already submitted or released")
             self._held = False
+        self._worker._prepared()
         deadline = clock() + timeout if timeout else None
         return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline))
 
@@ -233,6 +234,7 @@ class Reservation:
         with self._lock:
             held, self._held = self._held, False
         if held:
+            self._worker._prepared()
             self._worker._release()
 
     def __enter__(self) -> Reservation:
@@ -327,6 +329,7 @@ class GenerationWorker:
         self._memory_caps: dict = {}  # kind of unit (steps: and frame group) -> [most jobs a part runs, parts since]
         self._jobs: queue.Queue[_Ticket | _ThreadCall | object | None] = queue.Queue()
         self._pending = 0
+        self._preparing = 0  # reservations not submitted yet (their request prepares its voice and text)
         self._active = 0
         self._parked = 0
         self._lock = threading.Lock()
@@ -353,8 +356,13 @@ class GenerationWorker:
 
     @property
     def waiting(self) -> int:
-        """Jobs (and reservations) waiting for a slot."""
-        return max(self._pending - self._active - self._parked, 0)
+        """Jobs submitted and waiting for a slot."""
+        return max(self._pending - self._preparing - self._active - self._parked, 0)
+
+    @property
+    def preparing(self) -> int:
+        """Reservations whose job is not submitted yet: requests preparing their voice (slots held)."""
+        return self._preparing
 
     @property
     def budget(self) -> float:
@@ -391,6 +399,7 @@ class GenerationWorker:
             if self._pending >= self.max_waiting + self.max_active:
                 raise QueueFull()
             self._pending += 1
+            self._preparing += 1
         return Reservation(self)
 
     def _enqueue(self, ticket: _Ticket) -> JobStream:
@@ -761,6 +770,10 @@ class GenerationWorker:
     def _release(self) -> None:
         with self._lock:
             self._pending -= 1
+
+    def _prepared(self) -> None:
+        with self._lock:
+            self._preparing -= 1
 
 
 def next_unit(active: list[_Running], group_of: Callable[[ModelCall], int], first_audio_budget: float) -> list[_Running]:

@@ -336,23 +336,41 @@ def test_an_unexpected_error_in_the_worker_fails_its_jobs_and_the_worker_goes_on
 # ---- slots reserved before the job is built ---------------------------------------------------------
 
 
+def test_a_request_preparing_its_voice_is_not_counted_as_waiting_for_a_slot(engine):
+    """echo_queue_length counted requests encoding a voice's first use while every slot was free: an
+    autoscaler reading it saw saturation."""
+    worker = wk.GenerationWorker(engine, max_waiting=2, max_active=1)
+
+    async def scenario():
+        reservation = worker.reserve()  # the request holds its slot while its voice is prepared
+        during = (worker.preparing, worker.waiting)
+        stream = reservation.submit(long_job(blocks=2))
+        after = worker.preparing
+        blocks = [block async for block in stream]
+        return during, after, len(blocks)
+
+    during, after, blocks = run(worker, scenario)
+    assert (during, after) == ((1, 0), 0) and blocks > 0
+
+
 def test_with_the_queue_full_reserve_refuses_at_once_and_a_released_slot_is_free_again(engine):
     worker = wk.GenerationWorker(engine, max_waiting=1, max_active=1)
     try:
         first, second = worker.reserve(), worker.reserve()
-        assert worker.pending == 2 and worker.waiting == 2 and worker.active == 0
+        # (held while their requests prepare: not waiting for a slot, which echo_queue_length reports)
+        assert worker.pending == 2 and worker.preparing == 2 and worker.waiting == 0 and worker.active == 0
         started = time.monotonic()
         with pytest.raises(wk.QueueFull):
             worker.reserve()
         assert time.monotonic() - started < 0.1
         first.release()
         first.release()  # once is enough
-        assert worker.pending == 1 and worker.waiting == 1
+        assert worker.pending == 1 and worker.preparing == 1
         with worker.reserve():
             assert worker.pending == 2
         assert worker.pending == 1  # released on leaving the block
         second.release()
-        assert worker.pending == 0
+        assert worker.pending == 0 and worker.preparing == 0
     finally:
         worker.close()
 
