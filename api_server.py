@@ -344,7 +344,8 @@ def _routes():
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         try:
             speech = await open_speech(service, body, streaming=body.stream, client_gone=request.is_disconnected)
-            timing = StreamTiming(request.app.state.metrics, request.state.started)
+            transport = "file" if not body.stream else "sse" if body.stream_format == "sse" else "http"
+            timing = StreamTiming(request.app.state.metrics, request.state.started, transport)
             try:
                 await speech.first_audio()  # a failure before any audio is still the response's status
                 headers = {"X-Audio-Sample-Rate": str(speech.encoder.sample_rate), "X-Echo-Seed": str(speech.seed),
@@ -388,7 +389,7 @@ async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[by
         async for data in _streamed(speech, timing):
             yield data
     except RequestError as e:
-        timing.failed("http", e)
+        timing.failed(e)
         log.warning("generation failed while streaming; the response is cut short: %s", e)
         raise StreamCut() from e
 
@@ -401,7 +402,7 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
         yield _sse({"type": "speech.audio.done", "seed": speech.seed, "voice": speech.voice,
                     "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
-        timing.failed("sse", e)
+        timing.failed(e)
         yield _sse({"type": "error", "error": e.detail()})
 
 

@@ -134,10 +134,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
-        self.ttfb = Histogram("echo_time_to_first_byte_seconds", "From request to the first audio byte",
-                              buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30), registry=self.registry)
-        self.rtf = Histogram("echo_real_time_factor", "Request wall time / seconds of audio returned",
-                             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5), registry=self.registry)
+        # by transport: http (a streamed body), sse, websocket (from the segment's turn on its socket), or
+        # file (stream=false: the first byte is sent once the whole file is made)
+        self.ttfb = Histogram("echo_time_to_first_byte_seconds", "From request to the first audio byte, by transport",
+                              ["transport"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30),
+                              registry=self.registry)
+        self.rtf = Histogram("echo_real_time_factor", "Request wall time / seconds of audio returned, by transport",
+                             ["transport"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5),
+                             registry=self.registry)
         self.audio_seconds = Counter("echo_audio_seconds", "Seconds of audio returned (at the requests' speed)",
                                      registry=self.registry)
         self.stream_failures = Counter(
@@ -198,24 +202,25 @@ class Metrics:
 
 
 class StreamTiming:
-    """Time to first byte and real-time factor of one response, reported once to Metrics."""
+    """Time to first byte and real-time factor of one response, reported once to Metrics, under its
+    `transport`: http, sse, websocket or file."""
 
-    def __init__(self, metrics: Metrics, started: float):
-        self.metrics, self.started, self.first_byte = metrics, started, None
+    def __init__(self, metrics: Metrics, started: float, transport: str):
+        self.metrics, self.started, self.transport, self.first_byte = metrics, started, transport, None
 
     def sent(self) -> None:
         if self.first_byte is None:
             self.first_byte = time.perf_counter()
-            self.metrics.ttfb.observe(self.first_byte - self.started)
+            self.metrics.ttfb.labels(self.transport).observe(self.first_byte - self.started)
 
     def finished(self, audio_seconds: float) -> None:
         if audio_seconds > 0:
             self.metrics.audio_seconds.inc(audio_seconds)
-            self.metrics.rtf.observe((time.perf_counter() - self.started) / audio_seconds)
+            self.metrics.rtf.labels(self.transport).observe((time.perf_counter() - self.started) / audio_seconds)
 
-    def failed(self, transport: str, error: RequestError) -> None:
-        """The stream failed after it began (`transport`: http, sse or websocket)."""
-        self.metrics.stream_failures.labels(transport, error.code).inc()
+    def failed(self, error: RequestError) -> None:
+        """The stream failed after it began."""
+        self.metrics.stream_failures.labels(self.transport, error.code).inc()
 
 
 # ---- ASGI middleware ------------------------------------------------------------------------------

@@ -376,7 +376,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
     if isinstance(text, str) and len(text) <= session.service.settings.max_input_chars and not prepare_text(text):
         await session.send({"type": "no_op", "reason": "empty_input", "segment_id": segment.segment_id})
         return
-    timing = StreamTiming(session.metrics, time.perf_counter())  # from its turn: not the client's own queue
+    timing = StreamTiming(session.metrics, time.perf_counter(), "websocket")  # from its turn: not the client's queue
     try:  # everything that may refuse a segment is checked here, before its `start`
         segment.speech = speech = await open_speech(session.service, _speech_request(segment.message), streaming=True)
     except RequestError as e:
@@ -396,7 +396,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
                 timing.sent()
         except RequestError as e:  # the segment fails; the socket stays usable
             failure = e
-            timing.failed("websocket", e)
+            timing.failed(e)
             await session.error(segment.segment_id, e)
         end = _ended(segment, speech, failure)
         await session.send(end)

@@ -60,8 +60,8 @@ def _metrics(server) -> tuple[float, float]:
     """(seconds of audio generated, requests that finished with audio) since the server started."""
     text = httpx.get(server.url + "/metrics").text
     seconds = re.search(r"^echo_audio_seconds_total (\S+)$", text, re.M)
-    finished = re.search(r"^echo_real_time_factor_count (\S+)$", text, re.M)
-    return float(seconds.group(1)) if seconds else 0.0, float(finished.group(1)) if finished else 0.0
+    finished = re.findall(r"^echo_real_time_factor_count\{[^}]*\} (\S+)$", text, re.M)  # (every transport)
+    return float(seconds.group(1)) if seconds else 0.0, sum(map(float, finished))
 
 
 class Served:

@@ -413,14 +413,27 @@ def test_a_client_leaving_while_its_voice_is_prepared_gives_its_queue_slot_back_
         assert speech(live).status_code == 200  # the one slot is free: not 429
 
 
-def _metric(server, name: str, headers: dict | None = None) -> float:
-    return _metric_in(requests_to(server).get("/metrics", headers=headers).text, name)
+def _metric(server, name: str, headers: dict | None = None, absent: float | None = None) -> float:
+    return _metric_in(requests_to(server).get("/metrics", headers=headers).text, name, absent)
 
 
-def _metric_in(text: str, name: str) -> float:
-    import re
+def _metric_in(text: str, name: str, absent: float | None = None) -> float:
+    """A sample's value (`name` with its labels, if any); `absent` when it is not there yet (a labelled
+    series appears at its first observation), else the lookup fails."""
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    if found is None and absent is not None:
+        return absent
+    return float(found.group(1))
 
-    return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
+
+def test_time_to_first_byte_is_told_apart_by_transport(app):
+    """A whole file's first byte comes once the file is made: mixed with streams, it made their
+    percentiles look seconds slow."""
+    series = {t: f'echo_time_to_first_byte_seconds_count{{transport="{t}"}}' for t in ("http", "file", "sse")}
+    before = {t: _metric(app, name, absent=0.0) for t, name in series.items()}
+    assert speech(app).status_code == speech(app, stream=False).status_code == 200
+    assert speech(app, stream_format="sse").status_code == 200
+    assert {t: _metric(app, name) - before[t] for t, name in series.items()} == {"http": 1, "file": 1, "sse": 1}
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "whole-file"])

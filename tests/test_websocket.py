@@ -81,14 +81,15 @@ def test_segments_are_answered_in_order_and_continue_false_closes_after_them(app
 def test_socket_segments_count_in_the_metrics_as_http_responses_do(app):
     """An operator whose voice agents speak over the socket sees their first bytes and audio seconds
     in /metrics: each started segment is one observation; a no_op is none."""
-    seconds, first_bytes = _metric(app, "echo_audio_seconds_total"), _metric(app, "echo_time_to_first_byte_seconds_count")
+    first_bytes_name = 'echo_time_to_first_byte_seconds_count{transport="websocket"}'
+    seconds, first_bytes = _metric(app, "echo_audio_seconds_total"), _metric(app, first_bytes_name, absent=0.0)
     with socket(app) as ws:
         ws.send(segment(1))
         ws.send(segment(2))
         ws.send(json.dumps({"input": "", "continue": False, "segment_id": "final"}))
         got = messages(ws)
     ends = [m for m in got if isinstance(m, dict) and m["type"] == "end"]
-    assert _metric(app, "echo_time_to_first_byte_seconds_count") - first_bytes == 2
+    assert _metric(app, first_bytes_name) - first_bytes == 2
     assert _metric(app, "echo_audio_seconds_total") - seconds == pytest.approx(
         sum(m["audio_seconds"] for m in ends), abs=0.002)
 
