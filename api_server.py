@@ -376,10 +376,15 @@ def _routes():
 
 
 async def _streamed(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
-    """The speech's pieces, each counted as sent; the seconds of audio once it ends."""
-    async for data in speech.pieces():
-        timing.sent()
-        yield data
+    """The speech's pieces, each counted as sent; the seconds of audio once it ends (or the client's
+    departure: the response is closed, or cancelled, before its end)."""
+    try:
+        async for data in speech.pieces():
+            timing.sent()
+            yield data
+    except (GeneratorExit, asyncio.CancelledError):
+        timing.left()
+        raise
     timing.finished(speech.audio_seconds)
 
 

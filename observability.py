@@ -144,6 +144,8 @@ class Metrics:
                              registry=self.registry)
         self.audio_seconds = Counter("echo_audio_seconds", "Seconds of audio returned (at the requests' speed)",
                                      registry=self.registry)
+        self.client_departures = Counter("echo_client_departures", "Streams whose client left after they began and "
+                                         "before their end, by transport", ["transport"], registry=self.registry)
         self.stream_failures = Counter(
             "echo_stream_failures", "Streams that failed after they began (an HTTP stream's status was already "
             "200; a WebSocket segment after its start), by transport and error code", ["transport", "code"],
@@ -221,6 +223,10 @@ class StreamTiming:
     def failed(self, error: RequestError) -> None:
         """The stream failed after it began."""
         self.metrics.stream_failures.labels(self.transport, error.code).inc()
+
+    def left(self) -> None:
+        """The client left before the stream's end (its status said 200: only this tells)."""
+        self.metrics.client_departures.labels(self.transport).inc()
 
 
 # ---- ASGI middleware ------------------------------------------------------------------------------

@@ -394,6 +394,9 @@ async def _answer_one(session: Session, segment: Segment) -> None:
             async for data in speech.pieces():
                 await session.send_audio(data)
                 timing.sent()
+        except (WebSocketDisconnect, SendTimeout, asyncio.CancelledError):  # the client left (or stopped reading)
+            timing.left()
+            raise
         except RequestError as e:  # the segment fails; the socket stays usable
             failure = e
             timing.failed(e)

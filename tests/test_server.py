@@ -383,6 +383,22 @@ def test_client_disconnect_stops_generation_and_server_stays_healthy(app):
     assert speech(app).status_code == 200
 
 
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+def test_a_client_leaving_mid_stream_is_counted_as_a_departure(server, stream_format):
+    """Its status said 200 and nothing else told it from a whole answer: no failure, no audio seconds."""
+    name = f'echo_client_departures_total{{transport="{"http" if stream_format == "audio" else "sse"}"}}'
+    before = _metric(server, name, absent=0.0)
+    body = {"input": "Hello.", "voice": "none", "block_sizes": [4] + [16] * 30, "num_steps": [1] + [4] * 30,
+            "stream_format": stream_format}
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+        next(r.iter_raw())
+    deadline = time.monotonic() + 10
+    while _metric(server, name, absent=0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, name, absent=0.0) - before == 1
+    assert speech(server).status_code == 200 and _metric(server, name) - before == 1  # a whole one is none
+
+
 @pytest.mark.parametrize("transport", ["http", "websocket"])
 def test_a_client_leaving_while_its_voice_is_prepared_gives_its_queue_slot_back_at_once(
         tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory, transport):

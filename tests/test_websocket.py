@@ -194,6 +194,18 @@ def test_a_client_that_disconnects_cancels_what_it_queued(app):
     assert _metric(app, "echo_active_streams") == 0
 
 
+def test_a_client_leaving_mid_segment_is_counted_as_a_departure(app):
+    name = 'echo_client_departures_total{transport="websocket"}'
+    before = _metric(app, name, absent=0.0)
+    with socket(app) as ws:
+        ws.send(segment("long", **LONG))
+        messages(ws, lambda m: isinstance(m, bytes))  # audio flows; then the client leaves
+    deadline = time.monotonic() + 10
+    while _metric(app, name, absent=0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(app, name, absent=0.0) - before == 1
+
+
 @pytest.fixture(scope="module")
 def strict_app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="sock-key", ECHO_WS_MAX_QUEUE="2",
