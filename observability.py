@@ -58,19 +58,20 @@ class RequestIdFilter(logging.Filter):
 # `api_key=<key>` in a URL (how browsers authenticate the WebSocket; uvicorn logs the URL of every
 # request and socket), wherever it stands (inside another parameter's value too: `next=/ws?api_key=`),
 # its name's characters percent-encoded or not (`api%5Fkey`: Starlette decodes it and takes the key),
-# and `Bearer <key>`, in a message or a traceback. A value runs to the next space or `&` (a URL
-# carries `&` and spaces encoded): a key may hold `;`, `,` or quotes.
+# and `Bearer <key>`, in a message or a traceback. In a URL a value runs to the next space, `&` or
+# double quote (a URL carries those encoded: what follows is the log line's own); after `Bearer`, to
+# the end of the line (a key may hold spaces, `&`, `;` or quotes).
 def _any_case_or_encoded(word: str) -> str:
     return "".join(f"(?:{re.escape(ch)}|%{ord(ch.lower()):02x}|%{ord(ch.upper()):02x})" for ch in word)
 
 
-_SECRET = re.compile(rf"(?i)({_any_case_or_encoded('api')}(?:[_-]|%5f|%2d)?{_any_case_or_encoded('key')}(?:=|%3d)"
-                     r"|bearer\s+)[^\s&]+")
+_SECRET = re.compile(rf"(?i)({_any_case_or_encoded('api')}(?:[_-]|%5f|%2d)?{_any_case_or_encoded('key')}(?:=|%3d))"
+                     r"[^\s&\"]+|(bearer\s+)[^\r\n]+")
 
 
 def redact(text: str) -> str:
     """`text` with the values of API keys replaced by `[redacted]`."""
-    return _SECRET.sub(r"\1[redacted]", text)
+    return _SECRET.sub(lambda m: f"{m.group(1) or m.group(2)}[redacted]", text)
 
 
 class RedactSecrets(logging.Filter):

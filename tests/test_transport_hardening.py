@@ -99,12 +99,13 @@ def test_a_key_is_redacted_whatever_its_characters_and_however_its_name_is_writt
 
     for line, secret in (("GET /docs?api%5Fkey=k1;part2 HTTP/1.1", "part2"), ("ws?%61pi-key=k'2&x=1", "k'2"),
                          ("Authorization: Bearer k3,rest", "rest"), ("url?API_KEY%3Dk4 next", "k4"),
-                         ("GET /ws?api_key=k5\"rest HTTP/1.1", "rest"), ("%41PI_KEY=k6", "k6"),
+                         ("Authorization: Bearer team key 5&\"rest", "rest"), ("%41PI_KEY=k6", "k6"),
                          # inside another parameter's value, or after a path holding '='
                          ("url=http://h/ws?api_key=k7", "k7"), ("next=/docs%3Fapi_key%3Dk8", "k8"),
                          ("GET /x=y?api_key=k9 HTTP/1.1", "k9")):
         assert secret not in redact(line) and "[redacted]" in redact(line), line
-    assert redact("x=1&voice=alice") == "x=1&voice=alice"
+    assert redact("x=1&voice=alice") == "x=1&voice=alice" and redact("monkey=1 turnkey=2") == "monkey=1 turnkey=2"
+    assert redact('"WebSocket /ws?api_key=k7" [accepted]') == '"WebSocket /ws?api_key=[redacted]" [accepted]'
 
 
 def test_a_socket_is_traced_by_its_request_id_and_a_refused_handshake_is_counted_not_an_error(guarded):
