@@ -371,7 +371,8 @@ async def _settle(client: httpx.AsyncClient, timeout: float) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             text = (await client.get("/metrics")).text
-            if not (_metric_value(text, "echo_active_streams") or _metric_value(text, "echo_queue_length")):
+            if not any(_metric_value(text, name) for name in ("echo_active_streams", "echo_queue_length",
+                                                             "echo_preparing_requests")):
                 return
         await asyncio.sleep(0.2)
 

@@ -532,7 +532,8 @@ async def server_metrics(url: str) -> dict[str, float] | None:
         return None
     values: dict[str, float] = {}
     for line in response.text.splitlines():
-        match = re.match(r'^(echo_queue_length|echo_active_streams|echo_requests_total)(\{[^}]*\})? (\S+)$', line)
+        match = re.match(r'^(echo_queue_length|echo_preparing_requests|echo_active_streams|echo_requests_total)'
+                         r'(\{[^}]*\})? (\S+)$', line)
         if not match:
             continue
         name, labels, value = match.group(1), match.group(2) or "", float(match.group(3))
@@ -666,7 +667,8 @@ def print_phase(phase: Phase) -> None:
 def gauge_text(gauges: dict[str, float]) -> str:
     counts = ", ".join(f"{k.removeprefix('requests_')} {v:.0f}" for k, v in sorted(gauges.items())
                        if k.startswith("requests_"))
-    return (f"queue {gauges.get('echo_queue_length', 0):.0f}, active {gauges.get('echo_active_streams', 0):.0f}; "
+    return (f"queue {gauges.get('echo_queue_length', 0):.0f}, preparing {gauges.get('echo_preparing_requests', 0):.0f}, "
+            f"active {gauges.get('echo_active_streams', 0):.0f}; "
             f"responses so far by status: {counts or '-'}")
 
 
@@ -759,10 +761,10 @@ async def soak(url: str, pid: int | None, log: Path | None,
     idle_gauges = await server_metrics(url)
     if idle_gauges is not None:
         print(f"\nafter {args.idle:g} s idle: server /metrics {gauge_text(idle_gauges)}")
-        if idle_gauges.get("echo_queue_length", 0) or idle_gauges.get("echo_active_streams", 0):
+        busy = ("echo_queue_length", "echo_preparing_requests", "echo_active_streams")
+        if any(idle_gauges.get(name, 0) for name in busy):
             notes.append(f"after {args.idle:g} s idle /metrics still reports "
-                         f"echo_queue_length {idle_gauges.get('echo_queue_length', 0):.0f} and "
-                         f"echo_active_streams {idle_gauges.get('echo_active_streams', 0):.0f} (expected 0 and 0)")
+                         + ", ".join(f"{name} {idle_gauges.get(name, 0):.0f}" for name in busy) + " (expected 0)")
     if args.capacity:
         ok, text = await capacity_check(url, ctx, args.capacity)
         print(text)

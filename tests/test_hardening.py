@@ -104,6 +104,7 @@ def test_metrics(hardened):
     assert 'echo_requests_total{route="/v1/audio/speech",status="200"}' in text
     assert "echo_time_to_first_byte_seconds_count" in text and "echo_real_time_factor_bucket" in text
     assert "echo_queue_length 0.0" in text and "echo_active_streams 0.0" in text  # idle again
+    assert "echo_preparing_requests 0.0" in text
 
 
 def test_cors_only_for_configured_origins(hardened, app):
