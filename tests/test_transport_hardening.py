@@ -246,9 +246,8 @@ def test_without_a_key_a_body_is_refused_401_before_it_is_read(guarded, path, co
         sock = raw(guarded)
         sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type.encode()
                      + b"\r\n" + key + b"Content-Length: 15000000\r\n\r\n" + b"[" * 1000)
-        started = time.monotonic()
         answer = read_all(sock, timeout=READ_TIMEOUT + 5)
-        assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - started < 1, answer[:200]
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # (read first, it would be a 408)
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "authentication_error"
         assert b"www-authenticate: bearer" in answer.lower()
 

@@ -182,13 +182,13 @@ def test_uploads_are_off_on_a_server_without_a_key(app):
 
 def test_with_uploads_off_nobody_deletes_what_was_uploaded(library):
     """Restarted without a key (uploads off), an open server let anyone delete the stored uploads."""
-    assert upload(library, "kept", clip()).status_code == 200
+    assert upload(library, "stays", clip()).status_code == 200
     env = {name: value for name, value in library.env.items() if name != "ECHO_API_KEY"}
     with app_server(env) as open_server:
-        r = open_server.delete("/v1/audio/voices/kept")
+        r = open_server.delete("/v1/audio/voices/stays")
         assert r.status_code == 403 and "ECHO_VOICE_UPLOADS=1" in r.json()["error"]["message"]
-        assert open_server.get("/v1/voices/kept").status_code == 200  # still there, still spoken
-    assert library.delete("/v1/audio/voices/kept", headers=KEY).status_code == 200
+        assert open_server.get("/v1/voices/stays").status_code == 200  # still there, still spoken
+    assert library.delete("/v1/audio/voices/stays", headers=KEY).status_code == 200
 
 
 def test_openais_voice_names_are_not_upload_names(library):
