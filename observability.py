@@ -269,24 +269,20 @@ class RequestContext:
         given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         rid = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
+        as_sent = {k: scope.get(k) for k in ("type", "path", "root_path", "method")}  # (routing rewrites it)
         if scope["type"] == "websocket":  # (the socket's id: in its log lines, before its segments' ids)
             try:
-                return await self.app(scope, receive, self._handshake(scope, send, rid))
+                return await self.app(scope, receive, self._handshake(scope, as_sent, send, rid))
             finally:
                 request_id.reset(token)
         scope.setdefault("state", {})["started"] = time.perf_counter()
         started = False
-        as_sent = {k: scope.get(k) for k in ("type", "path", "root_path", "method")}  # (routing rewrites it)
 
         async def send_with_id(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
-                message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
-                route = scope.get("route") or self._route_of(as_sent)
-                path = getattr(route, "path", None) or "unmatched"
-                self.metrics.requests.labels(path, str(message["status"])).inc()
+                self._answered(message, message["status"], scope, as_sent, rid)
             await send(message)
 
         try:
@@ -304,23 +300,27 @@ class RequestContext:
         finally:
             request_id.reset(token)
 
+    def _answered(self, message: dict, status: int, scope, as_sent: dict, rid: str) -> None:
+        """A response's start (or a WebSocket handshake's answer): the request id and the replica in
+        its headers, and the response counted under its route and status."""
+        id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
+        message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
+        route = scope.get("route") or self._route_of(as_sent)
+        self.metrics.requests.labels(getattr(route, "path", None) or "unmatched", str(status)).inc()
+
     def _route_of(self, scope: dict):
         """The route whose path matches `scope`'s (as the request came, whatever its method), if any."""
         return next((route for route in self.routes if route.matches(scope)[0] != Match.NONE), None)
 
-    def _handshake(self, scope, send, rid: str):
-        """`send` for a WebSocket: its handshake's answer (the 101, or an HTTP refusal) carries the
-        request id and the replica, and is counted as an HTTP response is."""
-        as_sent = {k: scope.get(k) for k in ("type", "path", "root_path")}
+    def _handshake(self, scope, as_sent: dict, send, rid: str):
+        """`send` for a WebSocket: its handshake's answer (the 101, or an HTTP refusal) is answered as
+        an HTTP response's start is (`_answered`)."""
 
         async def send_handshake(message):
             status = {"websocket.accept": 101, "websocket.http.response.start": message.get("status")}.get(
                 message["type"])
             if status is not None:
-                id_header = [(REQUEST_ID_HEADER.encode(), rid.encode())] if self.id_header else []
-                message["headers"] = [*message.get("headers", []), *id_header, *self.replica]
-                path = getattr(scope.get("route") or self._route_of(as_sent), "path", None) or "unmatched"
-                self.metrics.requests.labels(path, str(status)).inc()
+                self._answered(message, status, scope, as_sent, rid)
                 if status != 101:
                     handshake_denied.set(True)
             await send(message)
