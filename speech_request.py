@@ -166,7 +166,7 @@ class GenerationOptions(BaseModel):
             if not fits_in_one_generation(text, normalize=self.normalize):
                 raise RequestError("input is longer than one generation (768 bytes); enable chunking "
                                    "(chunking_enabled=true) or send shorter text", "input")
-            return (prepare_text(text),)
+            return (text.replace("\n", " "),)  # (as a chunk's text has a space where a line ended)
         chunks = tuple(split_into_chunks(text, chunking, normalize=self.normalize,
                                          continuation=self.chunk_mode_on(settings) == "continue"))
         if len(chunks) > settings.max_chunks:

@@ -340,8 +340,9 @@ class _Planner:
             levels[_SENTENCE].add(m.start())
         for m in _CLAUSE_RE.finditer(text):
             levels[_CLAUSE].add(m.end())
-        levels[_CLAUSE].update(i for i, ch in enumerate(text) if ch == "\n")  # a line ends
-        levels[_WORD].update(i for i, ch in enumerate(text) if ch in " \n")
+        breaks = [i for i, ch in enumerate(text) if ch in " \n"]
+        levels[_WORD].update(breaks)
+        levels[_CLAUSE].update(i for i in breaks if text[i] == "\n")  # a line ends
         cuts = {}
         for level, positions in levels.items():
             canon = {self._canon(p) for p in positions}
