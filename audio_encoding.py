@@ -52,6 +52,10 @@ bytes returned so far, measured after 1.02 s of input):
 * flac: the fLaC/STREAMINFO header (~130 bytes, no PADDING block) on the first call, then
   one frame per 4608 samples (first after block 3); held up to one frame (~100 ms).
 
+A response without any audio (the model's first block was silence) is still a file every player
+opens: 0 samples in pcm, wav and flac, one codec frame of silence in mp3, aac and opus (a decoder
+may add its priming: at most 0.1 s).
+
 Bigger blocks simply move these thresholds: with blocks >= 8192 samples every format returns
 audio from the first call. The time stretcher adds at most ~1024 input samples of lag
 (atempo returns a frame's output only when the next frame arrives, so blocks are pushed into
@@ -130,6 +134,7 @@ _LEGAL_RATES: Mapping[str, tuple[int, ...]] = MappingProxyType(
 _ATEMPO_MIN = 0.5
 _ATEMPO_FRAME = 1024  # samples per frame pushed into atempo (bounds its output lag)
 _STRETCH_TAIL_S = 0.2  # silence pushed through atempo at the end, so that it releases all of the audio
+_ATEMPO_FIRST_FRAME = 16  # atempo above 2x fails (ENOMEM) when its first frame is one sample
 _RESAMPLE_QUALITY = "HQ"  # lower delay than VHQ, far below 16-bit noise
 _STREAM_OGG_PAGE_US = 20_000
 
@@ -353,6 +358,7 @@ class _TimeStretch:
         self._time_base = Fraction(1, rate)
         self._pts = 0
         self._taken = self._given = 0  # samples in, samples out
+        self._held = _EMPTY  # the first few samples, until there are _ATEMPO_FIRST_FRAME
         graph = av.filter.Graph()
         nodes = [
             graph.add_abuffer(
@@ -380,6 +386,11 @@ class _TimeStretch:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         self._taken += x.size
+        if self._pts == 0 and self._held.size + x.size < _ATEMPO_FIRST_FRAME:
+            self._held = np.concatenate([self._held, x])
+            return _EMPTY
+        if self._held.size:
+            x, self._held = np.concatenate([self._held, x]), _EMPTY
         y = self._stretch(x)
         self._given += y.size
         return y
@@ -406,7 +417,8 @@ class _TimeStretch:
     def flush(self) -> np.ndarray:
         # silence past the last window of every atempo stage (each window is tens of ms)
         padding = np.zeros(round(_STRETCH_TAIL_S * self._rate * max(1.0, self._speed)), np.float32)
-        tail = self._stretch(padding)
+        tail = self._stretch(np.concatenate([self._held, padding]))
+        self._held = _EMPTY
         self._graph.push(None)
         tail = np.concatenate([tail, self._drain()])
         want = max(0, round(self._taken / self._speed) - self._given)
@@ -559,10 +571,17 @@ class _ContainerWriter:
         return self._pending()
 
     def finish(self) -> bytes:
+        head = b""
+        if self._pts == 0 and self._spec.codec != "flac":
+            # An mp3/aac/Ogg stream with no frame in it is one no player or decoder accepts (an
+            # empty mp3 body, Ogg headers without an end page): a response that produced no
+            # speech carries one codec frame of silence instead (FLAC, like WAV, holds 0 samples).
+            frame = self._stream.codec_context.frame_size or self._rate // 50
+            head = self.write(np.zeros(frame, np.float32))
         self._container.mux(self._stream.encode(None))
         self._container.close()  # writes the trailer / last Ogg page: read the sink after it
         if self._streaming:
-            return self._sink.take()
+            return head + self._sink.take()
         return self._sink.getvalue()
 
     def close(self) -> None:

@@ -464,12 +464,33 @@ def test_empty_wav_is_valid():
     assert len(data) == 44 and struct.unpack_from("<I", data, 40)[0] == 0xFFFFFFFF
 
 
+@pytest.mark.parametrize("rate", [IN_RATE, 24000])
 @pytest.mark.parametrize("fmt", AUDIO_FORMATS)
-def test_finish_without_audio_does_not_fail(fmt):
+def test_a_response_without_audio_is_still_a_playable_file(fmt, rate):
+    """A job whose first block is silence yields no audio. mp3 and aac answered an empty body, and
+    opus Ogg header pages without an end page: no decoder opened them. Now every format decodes,
+    to nothing (pcm, wav, flac) or one codec frame of silence (with mp3 priming, at most 0.1 s)."""
     for streaming in (True, False):
-        enc = open_encoder(fmt, streaming=streaming)
-        enc.encode(np.zeros(0, np.float32))
-        enc.finish()
+        enc = open_encoder(fmt, output_rate=rate, streaming=streaming)
+        data = enc.encode(np.zeros(0, np.float32)) + enc.finish()
+        coded, _, samples = decode(data, fmt)
+        seconds = samples.size / (coded if coded > 0 else rate)
+        if fmt in ("pcm", "wav", "flac"):
+            assert samples.size == 0, (fmt, streaming)
+        else:
+            assert 0 < seconds <= 0.1 and not np.any(samples), (fmt, streaming, seconds)
+
+
+@pytest.mark.parametrize("speed", [2.01, 4.0])
+def test_speed_above_two_takes_a_one_sample_first_block(speed):
+    """FFmpeg's atempo failed with ENOMEM (a 500 mid-response) when its first frame was a single
+    sample and the tempo was above 2; the first few samples now wait for the next block."""
+    enc = open_encoder("pcm", speed=speed)
+    x = sine(seconds=0.5)
+    out = enc.encode(x[:1]) + enc.encode(x[1:]) + enc.finish()
+    assert len(out) // 2 == round(x.size / speed)
+    enc = open_encoder("pcm", speed=speed)
+    assert len(enc.encode(x[:1]) + enc.finish()) // 2 == round(1 / speed)
 
 
 @pytest.mark.parametrize("rate", [44100, 24000])
