@@ -32,6 +32,35 @@ def test_locks_pin_every_requirement_but_torch():
         assert "torch" not in pins and not any(name.startswith("nvidia-") for name in pins), lock
 
 
+def _third_party_imports(path) -> set[str]:
+    import ast
+    import sys
+
+    local = {p.stem for p in ROOT.glob("*.py")} | {"deploy", "tests", "benchmarks"}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name not in local}
+
+
+def test_every_package_the_server_imports_is_in_the_lock_its_image_installs():
+    """weights.py imported httpx, which only requirements-dev pulled in: the quick start, the image and
+    the Ray image failed at import on a new machine while CI (the dev lock) passed."""
+    import importlib.metadata
+
+    distributions = importlib.metadata.packages_distributions()
+    for files, lock in ((ROOT.glob("*.py"), "requirements.lock"), ((ROOT / "deploy").glob("*.py"),
+                                                                      "requirements-ray.lock")):
+        pins = set(_pins(ROOT / lock)) | {"torch"}
+        for path in files:
+            for module in _third_party_imports(path):
+                names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+                assert names & pins, f"{path.name} imports {module}, which {lock} does not install"
+
+
 def test_ci_runs_the_readme_test_command_in_a_brand_new_venv():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in README.splitlines() if line.startswith("pip install torch==") and "pytest" in line)

@@ -78,6 +78,35 @@ def test_download_without_the_hub_fails_at_once_with_one_line(tmp_path, how):
     assert ("HF_HUB_OFFLINE is set" if how == "offline" else "unreachable") in line
 
 
+def test_a_hub_that_answers_with_an_error_is_reachable_and_its_answer_is_the_one_line(tmp_path):
+    """The reachability check used httpx, which only the test requirements installed: the server, the
+    image and `download` failed at import on a new machine. A Hub that answers, whatever the status,
+    is reachable; the file it refuses is named with its reason."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        done = download(tmp_path, ECHO_MODEL_REPO=HUB_REPO, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}")
+    finally:
+        hub.shutdown()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "could not be fetched" in line and HUB_REPO in line and "unreachable" not in line
+
+
 def test_a_cached_hub_repo_is_used_as_it_is_when_the_hub_is_unreachable(tiny_echo_dir, tiny_fish_dir, tmp_path):
     import shutil
 
