@@ -12,6 +12,10 @@ ENV PYTHONUNBUFFERED=1 \
     ECHO_VOICE_DIRS=/voices \
     PORT=8000
 
+# torch.compile (the default on CUDA) builds with a C compiler: triton its launcher, inductor its
+# wrappers. The slim image has none, and without one the fast path falls back to eager.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY requirements.txt requirements.lock ./
 RUN pip install "torch==${TORCH_VERSION}" -r requirements.txt -c requirements.lock

@@ -241,7 +241,9 @@ def _fast_path_or_eager(settings: Settings) -> Settings:
 
 
 def _eager(settings: Settings) -> Settings:
-    return settings.model_copy(update={"compile": False, "cuda_graphs": False})
+    """Nothing compiled: the voice encoder (ECHO_COMPILE_AE) fails as the rest does when inductor
+    cannot build (no C compiler, a broken triton), so it is not compiled either."""
+    return settings.model_copy(update={"compile": False, "cuda_graphs": False, "compile_ae": False})
 
 
 def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str) -> Settings:
@@ -252,6 +254,7 @@ def _give_way_to_eager(settings: Settings, engine: SpeechEngine | None, why: str
     if engine is not None:
         engine.steps, engine.text_encoder, engine.stream_decoder, engine.prefix_encoder = \
             ExactSteps(engine.model), None, None, None
+        vars(engine.fish_ae).pop("encode_zq", None)  # (ECHO_COMPILE_AE's wrapper: the module's own method again)
         gc.collect()  # (an exception's traceback may hold them in a cycle)
         if engine.model.device.type == "cuda":
             torch.cuda.empty_cache()  # the static runner's pool and graphs

@@ -231,6 +231,8 @@ def test_the_image_installs_from_the_lock_and_runs_the_server_as_a_user():
     for variable, value in (("HF_HOME", "/data/huggingface"), ("ECHO_CACHE_DIR", "/data/compile-cache"),
                             ("ECHO_VOICE_DIRS", "/voices")):
         assert f"{variable}={value}" in env and f'"/{value.split("/")[1]}"' in volumes
+    # torch.compile, the default on CUDA, needs a C compiler (triton, inductor); python:*-slim has none
+    assert any("apt-get install" in run and " gcc " in f"{run} " and "libc6-dev" in run for run in docker["RUN"])
 
 
 def test_the_image_health_check_asks_a_route_the_app_has():
