@@ -2,7 +2,7 @@
 
 On a CUDA machine (full-size synthetic weights, bf16, the default streaming preset):
 
-    timeout 560 python3 benchmarks/gpu_check.py --wheels .whl --json r.json --out r.md --logs logs
+    timeout 560 python3 benchmarks/gpu_check.py --wheels .whl --json r.json --out r.md --logs-tar logs.tar.gz
 
 `--budget` (default 540 s, counted from the start: wheels and weights included) bounds the whole run.
 Stages run most important first; one that would not fit in what is left is skipped and recorded as
@@ -55,6 +55,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -669,6 +670,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="JSON results")
     parser.add_argument("--merge", action="store_true", help="keep the configurations already in --json")
     parser.add_argument("--logs", type=Path, help="keep server and test logs here")
+    parser.add_argument("--logs-tar", type=Path, help="and write them all to this .tar.gz at the end (a device "
+                                                      "call brings back at most 8 files)")
     parser.add_argument("--breakdown", help="comma-separated configs whose first block is also timed stage by stage, "
                                             "in process (ttfb_breakdown.py), after every configuration's server "
                                             "stage (default: the configs run, on CUDA; none with --tiny)")
@@ -720,13 +723,30 @@ def main(argv: list[str] | None = None) -> dict:
     except Interrupted as e:
         report["interrupted"] = f"signal {e.code - 128} after {run.clock() - run.started:.0f} s"
         raise
+    except BaseException as e:  # (set-up: the wheels, no CUDA, the weights) the reports say why, not only stderr
+        why = e.code if isinstance(e, SystemExit) and isinstance(e.code, str) else f"{type(e).__name__}: {e}"
+        run.record("run", "failed", reason=str(why)[-2000:])
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         run.save()
+        if args.logs_tar:
+            archive_logs(args.logs, args.logs_tar)
         if args.logs == work:
             shutil.rmtree(work, ignore_errors=True)
     print(markdown(report), flush=True)
     return report
+
+
+def archive_logs(logs: Path, archive: Path) -> None:
+    """Every log as one .tar.gz: a device call brings back at most 8 files, and the logs alone may be
+    12 (a server per configuration, two per breakdown, the tests)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(p for p in logs.rglob("*") if p.is_file()):
+            tar.add(path, arcname=str(path.relative_to(logs)))
+    partial.replace(archive)
 
 
 def _stages(run: Run, work: Path) -> None:

@@ -53,18 +53,23 @@ class LiveServer:
         self.log_path = log_path
         full_env = {**os.environ, "ECHO_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
         self._log = open(log_path, "wb")
+        self._scanned = 0  # bytes of the log _load_failure_line has read
         self.started = time.monotonic()
         self.process = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         self.wait(ready_timeout, "ready" if wait_ready else "up")
 
     def wait(self, timeout: float, until: str = "ready") -> None:
-        """Poll /health until the process answers ("up") or reports ready ("ready")."""
+        """Poll /health until the process answers ("up") or reports ready ("ready"). A server whose
+        models failed to load idles with /ready at 503: waiting for "ready" ends when its log says so."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._log.close()
                 raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log()}")
+            if until == "ready" and (failure := self._load_failure_line()):
+                self.stop()
+                raise ServerFailed(f"{failure}\n{self.log()}")
             try:  # a proxy (Ray Serve's) may answer before the app is there: only the app's 200 is "up"
                 response = httpx.get(self.url + "/health", timeout=2, trust_env=False)
                 health = response.json() if response.status_code == 200 else None
@@ -75,6 +80,19 @@ class LiveServer:
             time.sleep(0.2)
         self.stop()
         raise ServerFailed(f"server not {until} after {timeout} s:\n{self.log()}")
+
+    def _load_failure_line(self) -> str | None:
+        """The server log's "loading the models failed" line, once there is one (each poll reads on
+        from the last whole line it read)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._scanned)
+            for line in log:
+                if not line.endswith(b"\n"):
+                    break  # (being written: read again at the next poll)
+                self._scanned += len(line)
+                if b"loading the models failed" in line:
+                    return line.decode(errors="replace").strip()
+        return None
 
     def load_failure(self, timeout: float = 10) -> httpx.Response:
         """/ready's answer once it says that loading the models failed (the last answer after `timeout`)."""

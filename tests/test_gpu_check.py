@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import httpx
@@ -21,7 +22,8 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
     out, results = tmp_path / "report.md", tmp_path / "results.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--levels", "1,2",
                     "--repeat", "1", "--out", str(out), "--json", str(results), "--logs", str(tmp_path / "logs"),
-                    "--breakdown", "eager", "--rates", "0.5", "--poisson-seconds", "3"],
+                    "--logs-tar", str(tmp_path / "logs.tar.gz"), "--breakdown", "eager", "--rates", "0.5",
+                    "--poisson-seconds", "3"],
                    check=True, timeout=900, capture_output=True)
     report = json.loads(results.read_text())
     assert report["tiny"] is True and report["device"] == "cpu"
@@ -52,6 +54,8 @@ def test_gpu_kit_runs_its_whole_flow_on_the_tiny_models(tmp_path):
     assert order.index("eager: 2 streams") < order.index("eager: poisson 0.5/s") < order.index("static: start")
     assert order.index("static: stop") < order.index("eager: first-block breakdown")
     assert all(stage["status"] == "done" for stage in report["stages"]), report["stages"]
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:  # (a device call brings back 8 files: the logs in one)
+        assert {"server-eager.log", "server-static.log", "cuda-tests.log"} <= set(tar.getnames())
 
 
 def test_a_spent_budget_skips_every_stage_and_says_why(tmp_path):
@@ -67,6 +71,33 @@ def test_a_spent_budget_skips_every_stage_and_says_why(tmp_path):
         assert stages[name]["status"] == "skipped" and "of --budget 0 s left" in stages[name]["reason"], name
     assert report["configs"]["eager"]["skipped"] == stages["eager: start"]["reason"]
     assert "Stages not done" in (tmp_path / "report.md").read_text()
+
+
+def test_a_failure_before_any_configuration_is_a_failed_stage_in_both_reports(tmp_path):
+    """No CUDA device (or wheels that do not install, or weights that cannot be written) ended the run
+    with both reports empty: the reason went only to stderr."""
+    results, out = tmp_path / "results.json", tmp_path / "report.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--json", str(results),
+                           "--out", str(out), "--logs-tar", str(tmp_path / "logs.tar.gz")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    [stage] = json.loads(results.read_text())["stages"]
+    assert stage["stage"] == "run" and stage["status"] == "failed" and "no CUDA device" in stage["reason"]
+    assert "no CUDA device" in out.read_text() and tarfile.is_tarfile(tmp_path / "logs.tar.gz")
+
+
+def test_a_server_whose_models_fail_to_load_ends_the_wait_at_once_with_the_reason(tmp_path, tiny_fish_dir,
+                                                                                   voice_dir):
+    """It idles with /ready at 503, so the kit waited out its whole budget (and lost the other
+    configurations) to record a blank reason."""
+    from conftest import server_env
+    from live_server import LiveServer, ServerFailed
+
+    env = server_env(tmp_path / "no-such-model", tiny_fish_dir, voice_dir)
+    with pytest.raises(ServerFailed) as failed:
+        LiveServer(env, tmp_path / "server.log", ready_timeout=120)
+    first = str(failed.value).splitlines()[0]
+    assert "loading the models failed" in first and "ECHO_MODEL_REPO" in first
 
 
 @pytest.mark.slow
