@@ -177,7 +177,8 @@ class SpeechService:
                 raise RequestError(f"the request was not ready to generate within {limit:g} s: preparing its voice "
                                    "took longer (ECHO_REQUEST_TIMEOUT)", status=504) from None
             left = limit - (time.monotonic() - reserved) if limit else None
-            stream = reservation.submit(job, request_id, max(left, 1e-3) if left is not None else None)
+            stream = reservation.submit(job, request_id, max(left, 1e-3) if left is not None else None,
+                                        speed=options.playback_speed)
             return Started(job, stream, job.voice_name)
 
     def add_voice(self, name: str, data: bytes, consent: str | None, overwrite: bool) -> dict:

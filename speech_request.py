@@ -110,6 +110,11 @@ class GenerationOptions(BaseModel):
             raise ValueError(f"block sizes sum to {sum(value)} frames; at most {MAX_SEQUENCE_LENGTH} per chunk")
         return value
 
+    @property
+    def playback_speed(self) -> float:
+        """How fast the listener plays the audio (a response's `speed`: SpeechRequest); 1 here."""
+        return 1.0
+
     @model_validator(mode="after")
     def _consistent(self) -> GenerationOptions:
         if self.cfg_min_t > self.cfg_max_t:
@@ -244,6 +249,11 @@ class SpeechRequest(GenerationOptions):
     @property
     def voice_name(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
+
+    @property
+    def playback_speed(self) -> float:
+        """How fast the listener plays the audio: its `speed` (the scheduler's deadlines come that much sooner)."""
+        return self.speed
 
     @property
     def from_openai_client(self) -> bool:

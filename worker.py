@@ -102,12 +102,17 @@ class _Ticket:
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
     caught_up: tuple[int, float] | None = None  # (resume_at, clock()) when `taken` reached that resume_at
     arrived: float = field(default_factory=lambda: clock())  # when it was submitted
+    speed: float = 1.0  # how fast its listener plays the audio (the response's `speed`): deadlines come that much sooner
     steps_used: list[int] | None = None  # with adaptive steps: the diffusion steps of each block started, in order
     _claim: threading.Lock = field(default_factory=threading.Lock)
 
     def claim(self) -> bool:
         """True for the first caller only (any thread)."""
         return self._claim.acquire(blocking=False)
+
+    def taken_in(self) -> bool:
+        """Whether it was claimed: taken in by the worker (or ended by its stream)."""
+        return self._claim.locked()
 
     def took(self, samples: int) -> None:
         """The client took a block (event loop): wake the worker if that lets its parked job go on."""
@@ -126,6 +131,10 @@ class _Ticket:
         """While parked: when its client caught up with this parking's `resume_at` (None: not yet seen)."""
         caught_up, at = self.caught_up, self.resume_at
         return caught_up[1] if caught_up is not None and caught_up[0] == at else None
+
+
+def _closed() -> None:
+    raise RuntimeError("the generation worker is closed")
 
 
 class _ThreadCall:
@@ -177,7 +186,7 @@ class JobStream:
     async def __anext__(self) -> np.ndarray:
         if self._finished:
             raise StopAsyncIteration
-        item = await self._ticket.output.get()
+        item = await self._next()
         if item is _DONE or isinstance(item, BaseException):
             self._finished = True
             if isinstance(item, BaseException):
@@ -185,6 +194,23 @@ class JobStream:
             raise StopAsyncIteration
         self._ticket.took(item.size)
         return item
+
+    async def _next(self):
+        """The next item of its queue. While the job waits for a slot, its time limit runs here: the
+        worker sees a waiting job only when a slot frees, which may be long after the limit."""
+        ticket = self._ticket
+        while ticket.deadline is not None and not ticket.taken_in():
+            try:
+                return await asyncio.wait_for(ticket.output.get(), max(ticket.deadline - clock(), 0.0))
+            except TimeoutError:
+                if ticket.claim():  # (else the worker took it in meanwhile: its own time check ends it)
+                    ticket.cancelled.set()
+                    ticket.release()
+                    log.warning("generation stopped: over its time limit while waiting for a slot",
+                                extra={"request_id": ticket.request_id})
+                    return GenerationTimeout("generation took longer than the server's time limit "
+                                             "(it waited for a slot)")
+        return await ticket.output.get()
 
     @property
     def steps_used(self) -> list[int] | None:
@@ -217,9 +243,11 @@ class Reservation:
         self._lock = threading.RLock()  # reentrant: a Reservation's finaliser may run inside reserve()
         self._held = True  # until submitted or released
 
-    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None) -> JobStream:
+    def submit(self, job: SpeechJob, request_id: str = "-", timeout: float | None = None,
+               speed: float = 1.0) -> JobStream:
         """Queue the job in this slot (call from the event loop). A job still running `timeout`
-        seconds after submission (time parked not counted) is stopped (GenerationTimeout)."""
+        seconds after submission (time parked not counted; waiting for a slot counted) is stopped
+        (GenerationTimeout). `speed`: how fast its listener plays the audio (its deadlines)."""
         loop = asyncio.get_running_loop()  # before the slot is given up: off a loop, nothing changes
         with self._lock:
             if not self._held:
@@ -227,7 +255,7 @@ class Reservation:
             self._held = False
         self._worker._prepared()
         deadline = clock() + timeout if timeout else None
-        return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline))
+        return self._worker._enqueue(_Ticket(job, loop, asyncio.Queue(), request_id, deadline, speed=speed))
 
     def release(self) -> None:
         """Give the slot back unless a job took it (any thread; again: nothing)."""
@@ -335,6 +363,7 @@ class GenerationWorker:
         self._lock = threading.Lock()
         self._debug_sink = debug_sink
         self._checks: ThreadPoolExecutor | None = None  # silence checks (VAD reroll), off this thread
+        self._closing = False  # close() was called
         self._thread = threading.Thread(target=self._run, name="echo-generation", daemon=True)
         if thread:  # False: no generation thread; the caller runs `_admit` and `iterate` (benchmarks/simulate.py)
             self._thread.start()
@@ -424,6 +453,9 @@ class GenerationWorker:
         return done.result
 
     def close(self) -> None:
+        """Stop: after the unit in progress, every job ends (its client gets the end of its stream),
+        running, parked or waiting for a slot, and none is taken in any more."""
+        self._closing = True  # (the None below waits behind the queued jobs, read only when a slot is free)
         self._jobs.put(None)
         self._thread.join(timeout=30)
         if self._checks is not None:
@@ -461,6 +493,9 @@ class GenerationWorker:
         """Resume parked jobs whose client caught up, then take waiting jobs into free slots. While
         nothing runs it blocks: until a job, a wake-up or the next parked job's send timeout. False
         once closed."""
+        if self._closing:
+            self._shut(active, parked)
+            return False
         self._resume(active, parked)
         while len(active) < self.max_active:
             if not active and (release := getattr(self.engine, "release_idle", None)):  # about to wait: what
@@ -479,9 +514,7 @@ class GenerationWorker:
                 ticket = None  # (its result or error belongs to the caller now)
                 continue
             if ticket is None:
-                for running in active + parked:
-                    running.ticket.cancelled.set()
-                self._drop_cancelled(active, parked)
+                self._shut(active, parked)
                 return False
             if not ticket.claim():  # its stream was cancelled while it waited: it ended then
                 continue
@@ -495,6 +528,24 @@ class GenerationWorker:
             else:
                 self._release()
         return True
+
+    def _shut(self, active: list[_Running], parked: list[_Running]) -> None:
+        """close(): end every job, running, parked or still queued (each queued job's slot given back,
+        a queued call told the worker is closed)."""
+        for running in active + parked:
+            running.ticket.cancelled.set()
+        self._drop_cancelled(active, parked)
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Ticket) and item.claim():
+                _notify(item, _DONE)
+                self._release()
+            elif isinstance(item, _ThreadCall):
+                item.fn = _closed
+                item.run()
 
     def _running(self, ticket: _Ticket) -> _Running:
         """A job taken into the batch; with adaptive steps, each of its blocks asks the budget for its
@@ -543,6 +594,7 @@ class GenerationWorker:
         if ticket.taken >= resume_at and ticket.caught_up_at() is None:
             ticket.caught_up = (resume_at, now)
         running.parked_at = now
+        running.taken_when_parked = ticket.taken
         active.remove(running)
         parked.append(running)
 
@@ -564,21 +616,25 @@ class GenerationWorker:
             self._resume_one(running, active, parked, now)
 
     def _resumed(self, running: _Running, now: float) -> float:
-        """The deadline a parked job would have if it resumed now: the time its client was behind
-        moves it on (its listener paused), not the time it then waited for a slot (the listener
-        waits for us: it keeps its place)."""
+        """The deadline a parked job would have if it resumed now: it moves on by the time its client
+        was behind beyond what playing the audio it had to take would have taken (a listener who
+        paused), not by that playing time (a listener playing on in real time catches up in exactly
+        that time, and its audio runs out when it always would), nor by the time it then waited for a
+        slot (the listener waits for us: it keeps its place)."""
         ticket = running.ticket
         caught_up_at = min(at if (at := ticket.caught_up_at()) is not None else now, now)
         if running.first_audio_at is None:
             return running.deadline(self.first_audio_budget)
-        return running.first_audio_at + max(caught_up_at - running.parked_at, 0.0) + running.samples / SAMPLE_RATE
+        playing = running.played(max((ticket.resume_at or 0) - running.taken_when_parked, 0))
+        paused = max(caught_up_at - running.parked_at - playing, 0.0)
+        return running.first_audio_at + paused + running.played(running.samples)
 
     def _resume_one(self, running: _Running, active: list[_Running], parked: list[_Running], now: float) -> None:
         """Back into the batch; the time it was parked moves its time limit on (a slow listener is no
         slow generation)."""
         ticket = running.ticket
         if running.first_audio_at is not None:
-            running.first_audio_at = self._resumed(running, now) - running.samples / SAMPLE_RATE
+            running.first_audio_at = self._resumed(running, now) - running.played(running.samples)
         ticket.resume_at = None
         if ticket.deadline is not None:
             ticket.deadline += now - running.parked_at
@@ -758,7 +814,10 @@ class GenerationWorker:
 
     def _stop(self, jobs: list[_Running], running: _Running, last: Exception | object) -> None:
         """End a job before its next step: its step generator closed (its tensors freed), `last`
-        (an error or _DONE) to its client, its slot free."""
+        (an error or _DONE) to its client, its slot free; a silence check not started yet is dropped
+        (the one thread of checks serves the jobs that go on)."""
+        if running.check is not None:
+            running.check.cancel()
         try:
             running.steps.close()
         except Exception:  # noqa: BLE001 - (a generator that fails to close is ended all the same)
@@ -880,6 +939,7 @@ class _Running:
         self.samples = 0  # delivered to the client
         self.started_at = time.perf_counter()
         self.parked_at = 0.0  # clock() when it last left the batch for its client
+        self.taken_when_parked = 0  # what its client had taken then
         self.arrived = ticket.arrived  # clock() of its submission
         self.first_audio_at: float | None = None  # clock() of its first audio
         self.kept: list[np.ndarray] | None = [] if keep_audio else None
@@ -889,7 +949,11 @@ class _Running:
         arrival plus the budget; after, the moment the audio it delivered runs out."""
         if self.first_audio_at is None:
             return self.arrived + first_audio_budget
-        return self.first_audio_at + self.samples / SAMPLE_RATE
+        return self.first_audio_at + self.played(self.samples)
+
+    def played(self, samples: int) -> float:
+        """Seconds its listener takes to play `samples` of its audio (at the response's speed)."""
+        return samples / SAMPLE_RATE / self.ticket.speed
 
     def idle_since(self) -> float:
         """Since when a parked job's client has taken nothing (clock())."""

@@ -268,7 +268,101 @@ def test_a_late_catch_up_time_from_an_earlier_parking_is_ignored(engine, monkeyp
     ticket.caught_up = (1000, 101.0)  # the late write, for the parking before
     assert ticket.caught_up_at() is None
     worker._resume(active := [], [running])
-    assert active == [running] and running.first_audio_at == 100.0  # behind 120 -> 130: moved on 10 s
+    # behind 120 -> 130: moved on 10 s, less the 45 ms a listener takes to play the 2000 samples it had to take
+    assert active == [running] and running.first_audio_at == pytest.approx(100.0 - 2000 / inf.SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("speed", [1.0, 2.0])
+def test_a_listener_playing_on_in_real_time_keeps_its_deadline_through_every_parking(engine, monkeypatch, speed):
+    """A player never pauses, yet it needs the time its audio plays to take what it must before its job
+    goes on: each parking moved the deadline on by that whole time, about a block per cycle, until the
+    scheduler believed minutes of audio were buffered where there were seconds and served it last."""
+    now = [95.0]
+    worker, ticket, running = parked_job(engine, monkeypatch, now, parked_at=95.0)
+    ticket.speed = speed
+    ahead = 4 * inf.SAMPLE_RATE  # (what the job runs ahead of its client before it parks)
+    for cycle in range(10):
+        parked, active = [running], []
+        ticket.resume_at = running.samples - ahead
+        running.taken_when_parked = ticket.taken
+        running.parked_at = now[0]
+        needed = ticket.resume_at - ticket.taken
+        now[0] += needed / inf.SAMPLE_RATE / speed  # (it plays what it must take, in real time at its speed)
+        ticket.took(needed)
+        worker._resume(active, parked)
+        assert active == [running] and running.first_audio_at == pytest.approx(90.0), cycle
+        running.samples += 2 * inf.SAMPLE_RATE  # (the next block, then it parks again)
+    assert running.deadline(wk.FIRST_AUDIO_BUDGET) == pytest.approx(90.0 + running.samples / inf.SAMPLE_RATE / speed)
+
+
+def test_a_request_waiting_for_a_slot_ends_at_its_time_limit_not_when_a_slot_frees(engine):
+    """ECHO_REQUEST_TIMEOUT counts the wait for a slot, but the worker sees a waiting job only when a
+    slot frees: a 0.5 s limit ended after the 5 s the slot stayed busy."""
+    go = __import__("threading").Event()
+    steps = engine.steps
+    engine.steps = lambda calls: (go.wait(30), steps(calls))[1]  # the running job holds the only slot
+    worker = wk.GenerationWorker(engine, max_waiting=2, max_active=1)
+
+    async def scenario():
+        running = worker.submit(long_job(seed=1, blocks=2), "running")
+        await until(lambda: worker.active == 1)
+        queued = worker.submit(long_job(seed=2, blocks=2), "queued", timeout=0.2)
+        with pytest.raises(wk.GenerationTimeout, match="waited for a slot"):
+            await asyncio.wait_for(anext(queued), 20)  # (before the fix: until `go`, then a timeout)
+        state = (worker.pending, worker.waiting)
+        go.set()
+        return state, sum(b.size for b in [b async for b in running])
+
+    (pending, waiting), samples = run(worker, scenario)
+    assert (pending, waiting) == (1, 0) and samples == 2 * BLOCK and worker.pending == 0
+
+
+def test_close_ends_running_and_queued_jobs_when_every_slot_is_busy(engine):
+    """close() put its stop signal behind the queued jobs, read only when a slot frees: the running job
+    went on to its end and the queued one was then generated in full."""
+    steps = engine.steps
+    engine.steps = lambda calls: (time.sleep(0.05), steps(calls))[1]
+    worker = wk.GenerationWorker(engine, max_waiting=2, max_active=1)
+
+    async def scenario():
+        running = worker.submit(long_job(seed=1, blocks=40), "running")
+        await until(lambda: worker.active == 1)
+        queued = worker.submit(long_job(seed=2, blocks=40), "queued")
+        await asyncio.to_thread(worker.close)
+        return [sum(b.size for b in [b async for b in stream]) for stream in (running, queued)]
+
+    running, queued = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert running < 40 * BLOCK and queued == 0 and not worker.alive and worker.pending == 0
+
+
+def test_a_cancelled_jobs_silence_check_not_started_yet_is_dropped(tiny_model, tiny_fish, tiny_pca):
+    """Silence checks run one at a time on their own thread; those of jobs that had ended still ran,
+    one after the other, before a live stream's check (and so its next block)."""
+    import threading
+
+    checked, release = [], threading.Event()
+
+    def detector(audio):
+        checked.append(audio.size)
+        release.wait(30)
+        return 0.0
+
+    engine = eng.SpeechEngine(tiny_model, tiny_fish, tiny_pca, SpeakerCache(4),
+                              reroll=eng.VadReroll(detector, 1.0, 2))
+    worker = wk.GenerationWorker(engine, max_active=4)
+
+    async def scenario():
+        gone = [worker.submit(long_job(seed=s, blocks=2), f"gone {s}") for s in range(3)]
+        await until(lambda: len(checked) == 1 and worker.active == 3)  # one check runs, two wait their turn
+        await asyncio.sleep(0.2)
+        for stream in gone:
+            stream.cancel()
+        await until(lambda: worker.pending == 0)
+        release.set()
+        await asyncio.sleep(0.3)
+        return len(checked)
+
+    assert run(worker, scenario) == 1
 
 
 def test_a_job_cancelled_while_it_waits_for_a_slot_ends_and_frees_the_slot_at_once(engine):

@@ -11,10 +11,11 @@ BUDGET = 0.5  # s: a new stream's first-audio budget
 
 
 def job(frames: int | None = None, arrived: float = 0.0, playing_since: float | None = None,
-        seconds: float = 0.0) -> wk._Running:
+        seconds: float = 0.0, speed: float = 1.0) -> wk._Running:
     """A job on the worker thread waiting on a `frames`-frame diffusion step (None: on a decode),
-    which arrived at `arrived` and, once playing, has delivered `seconds` of audio."""
-    running = wk._Running(wk._Ticket(job=None, loop=None, output=None, arrived=arrived), steps=None, keep_audio=False)
+    which arrived at `arrived` and, once playing (at `speed`), has delivered `seconds` of audio."""
+    ticket = wk._Ticket(job=None, loop=None, output=None, arrived=arrived, speed=speed)
+    running = wk._Running(ticket, steps=None, keep_audio=False)
     running.first_audio_at, running.samples = playing_since, int(seconds * SAMPLE_RATE)
     running.pending = (DecodeCall(None, torch.zeros(1)) if frames is None else
                        ModelCall(torch.zeros(2, frames, 80), torch.ones(2), 0, None, None, None, None))
@@ -45,6 +46,26 @@ def test_steps_of_one_block_size_run_together_and_other_sizes_apart():
     assert unit(a, b, c) == [a, b]
     assert unit(c, b) == [c]  # c runs dry at t=2, before b's first audio is due (5.5)
     assert unit(job(480, playing_since=0.0, seconds=9.0), b) == [b]
+
+
+def test_a_listener_at_a_higher_speed_runs_dry_sooner_and_goes_first():
+    """`speed` only reached the encoder: at speed 4 the listener runs out four times sooner than the
+    scheduler assumed, so under load that stream underran first."""
+    normal = job(128, playing_since=0.0, seconds=4.0)  # audio until t=4
+    fast = job(128 * 2, playing_since=0.0, seconds=8.0, speed=4.0)  # 8 s of audio played in 2 s
+    assert fast.deadline(BUDGET) == 2.0 and unit(normal, fast) == [fast]
+
+
+def test_a_request_gives_the_worker_its_speed(app, monkeypatch):
+    from speech_request import GenerationOptions
+
+    assert GenerationOptions(input="Hi.", voice="v").playback_speed == 1.0
+    speeds, submit = [], wk.Reservation.submit
+    monkeypatch.setattr(wk.Reservation, "submit",
+                        lambda self, *a, speed=1.0, **k: (speeds.append(speed), submit(self, *a, speed=speed, **k))[1])
+    payload = {"input": "Hi.", "voice": "alice", "speed": 2.5, "response_format": "pcm", "block_sizes": [8],
+               "num_steps": 1}
+    assert app.post("/v1/audio/speech", json=payload, timeout=60).status_code == 200 and speeds == [2.5]
 
 
 def test_equal_deadlines_prefer_the_larger_unit():
