@@ -3,6 +3,7 @@
 
 const RATE = 44100; // the PCM the playground asks for: 16-bit little-endian mono at 44.1 kHz
 let presets = {}; // the server's streaming presets (GET /v1/audio/presets): name -> block_sizes, num_steps
+let defaultPreset = null; // the one the server uses when a request names none
 const $ = (id) => document.getElementById(id);
 // State the browser tests read: samples handed to the audio graph, whether a request streams, the
 // sounds scheduled and not ended, the settings of each take.
@@ -58,6 +59,7 @@ async function loadPresets() {
   if (!response?.ok) return; // requests then take the server's default blocks and steps
   const body = await response.json();
   presets = body.presets;
+  defaultPreset = body.default;
   fill($("preset"), Object.keys(presets), chosen in presets ? chosen : body.default);
 }
 
@@ -81,8 +83,17 @@ function uploadVoice(blob, fileName, waits = false) {
   return voiceRequest(() => upload(blob, fileName), "Upload failed", waits);
 }
 
+// A name from a file's name, as the server takes names: A-Z a-z 0-9 space _ . - (others become _),
+// not starting with "." or a space, at most 64 characters ("My Voice (2).wav" -> "My Voice _2_").
+function nameOf(fileName) {
+  const name = fileName.replace(/\.[^.]*$/, "").replace(/[^A-Za-z0-9 _.-]/g, "_").replace(/^[. ]+/, "").slice(0, 64).trimEnd();
+  return name || "voice";
+}
+
+let pending = null; // the clip to upload: the last one chosen, dropped or recorded, kept until it is added
 async function upload(blob, fileName) {
-  const name = $("voice-name").value.trim() || fileName.replace(/\.[^.]*$/, "");
+  pending = { blob, fileName };
+  const name = $("voice-name").value.trim() || nameOf(fileName);
   const form = new FormData();
   form.append("name", name);
   form.append("audio_sample", blob, fileName);
@@ -90,7 +101,15 @@ async function upload(blob, fileName) {
   if ($("overwrite").checked) form.append("overwrite", "true");
   $("quality").textContent = "Uploading…";
   const response = await fetch("/v1/audio/voices", { method: "POST", headers: headers(), body: form });
-  if (!response.ok) { $("quality").textContent = `Upload failed: ${await apiError(response)}`; return; }
+  if (!response.ok) {
+    const hint = response.status === 409 ? ` (tick "Replace a voice of that name", or enter another name, and press Upload)`
+      : " (the clip is kept: press Upload to send it again)";
+    $("quality").textContent = `Upload failed: ${await apiError(response)}${hint}`;
+    return;
+  }
+  pending = null; // added: the next clip is a new voice, under its own name, unless asked otherwise
+  $("voice-name").value = "";
+  $("overwrite").checked = false;
   const voice = await response.json();
   const q = voice.quality;
   $("quality").textContent = `Voice "${voice.id}" added: ${q.duration_seconds} s, ${q.sample_rate} Hz, ` +
@@ -107,15 +126,23 @@ function deleteVoice() {
 async function removeVoice() {
   const name = $("voice").value;
   if (name === "none") { $("quality").textContent = "Choose the voice to delete above."; return; }
+  if (!confirm(`Delete the voice "${name}"? This cannot be undone.`)) return;
   const response = await fetch(`/v1/audio/voices/${encodeURIComponent(name)}`, { method: "DELETE", headers: headers() });
   $("quality").textContent = response.ok ? `Voice "${name}" deleted.` : `Delete failed: ${await apiError(response)}`;
   if (response.ok) await loadVoices("none");
 }
 
-let recorder = null;
+let recorder = null; // the MediaRecorder, or "starting" while the browser asks for the microphone
 async function toggleRecording() {
+  if (recorder === "starting") return; // (a second click while the permission prompt shows)
   if (recorder) { recorder.stop(); return; }
-  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  if (!navigator.mediaDevices?.getUserMedia) {
+    throw new Error("the browser lends the microphone only to https:// pages and http://localhost; " +
+      "open the playground there, or upload a recording as a file");
+  }
+  recorder = "starting";
+  let stream;
+  try { stream = await navigator.mediaDevices.getUserMedia({ audio: true }); } finally { recorder = null; }
   const chunks = [];
   recorder = new MediaRecorder(stream);
   recorder.ondataavailable = (e) => chunks.push(e.data);
@@ -139,7 +166,8 @@ function requestBody() {
   if ($("cfg-text").value) body.cfg_scale_text = Number($("cfg-text").value);
   if ($("cfg-speaker").value) body.cfg_scale_speaker = Number($("cfg-speaker").value);
   const preset = presets[$("preset").value];
-  if (preset) {
+  const serverDefault = $("preset").value === defaultPreset && !$("steps").value;
+  if (preset && !serverDefault) { // (the default is left to the server: later text chunks then take its long blocks)
     body.block_sizes = preset.block_sizes;
     body.num_steps = $("steps").value ? preset.block_sizes.map(() => Number($("steps").value)) : preset.num_steps;
   }
@@ -259,7 +287,7 @@ function joined(pieces) {
 
 function setBusy(busy) {
   $("generate").disabled = busy;
-  for (const play of document.querySelectorAll("#takes button")) play.disabled = busy; // one take heard at a time
+  for (const play of document.querySelectorAll("#takes button.play")) play.disabled = busy; // one take heard at a time
   showPlaying();
 }
 
@@ -300,6 +328,7 @@ function addTake(samples, settings) {
     `guidance ${settings.cfg_scale_text ?? "default"}/${settings.cfg_scale_speaker ?? "default"}`;
   const play = document.createElement("button");
   play.type = "button";
+  play.className = "play";
   play.textContent = "Play";
   play.setAttribute("aria-label", `Play take: ${label}`);
   play.onclick = async () => {
@@ -309,15 +338,25 @@ function addTake(samples, settings) {
     schedule(samples, audio.currentTime);
   };
   const download = document.createElement("a");
-  download.href = URL.createObjectURL(wavBlob(samples));
+  download.href = "#"; // the WAV is made when asked for, and let go after: a take holds only its samples
   download.download = `echo-take-${state.takes.length}-seed-${settings.seed}.wav`;
   download.textContent = "Download WAV";
+  download.addEventListener("click", () => {
+    const url = URL.createObjectURL(wavBlob(samples));
+    download.href = url; // (read by the click's default action, after this listener)
+    setTimeout(() => { URL.revokeObjectURL(url); download.href = "#"; }, 10000);
+  });
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.textContent = "Remove";
+  remove.setAttribute("aria-label", `Remove take: ${label}`);
+  remove.onclick = () => item.remove(); // (a sound of it already scheduled plays to its end)
   const wave = document.createElement("canvas");
   wave.width = 600; wave.height = 40;
   wave.setAttribute("role", "img");
   wave.setAttribute("aria-label", "waveform of this take");
   drawWave(wave, samples);
-  item.append(`${label} `, play, " ", download, wave);
+  item.append(`${label} `, play, " ", download, " ", remove, wave);
   $("takes").prepend(item);
 }
 
@@ -336,11 +375,20 @@ $("stop").addEventListener("click", () => { if (controller) controller.abort(); 
 $("delete-voice").addEventListener("click", deleteVoice);
 $("upload").addEventListener("click", () => {
   const file = $("file").files[0];
-  if (file) uploadVoice(file, file.name); else $("quality").textContent = "Choose or drop a file first.";
+  if (pending) uploadVoice(pending.blob, pending.fileName);
+  else if (file) uploadVoice(file, file.name);
+  else $("quality").textContent = "Choose, drop or record a clip first.";
 });
+$("file").addEventListener("change", () => { pending = null; }); // (a file chosen now is the one to upload)
 $("record").addEventListener("click", () => toggleRecording().catch((e) => { $("quality").textContent = `Recording: ${e.message}`; }));
 const drop = $("drop");
-drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+drop.addEventListener("keydown", (e) => {
+  if (e.target !== drop || (e.key !== "Enter" && e.key !== " ")) return; // (the file input handles its own keys)
+  e.preventDefault(); // (Space would also scroll the page)
+  $("file").click();
+});
+// A file dropped beside the zone would make the browser open it, leaving the page and its takes.
+for (const type of ["dragover", "drop"]) document.addEventListener(type, (e) => e.preventDefault());
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {

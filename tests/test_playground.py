@@ -1,5 +1,8 @@
 """The web playground in a real browser: Debian's Chromium driven by Playwright, against the real server."""
 
+import base64
+import io
+import re
 import shutil
 import time
 
@@ -44,7 +47,8 @@ def browser():
 def page(browser, site):
     """The playground with the API key entered; console errors and foreign requests are collected."""
     page = browser.new_page()
-    page.errors, page.foreign = [], []
+    page.errors, page.foreign, page.dialogs, page.confirms = [], [], [], True
+    page.on("dialog", lambda d: (page.dialogs.append(d.message), d.accept() if page.confirms else d.dismiss()))
     page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("request", lambda r: r.url.startswith(site.url) or r.url.startswith("blob:") or page.foreign.append(r.url))
@@ -83,7 +87,13 @@ def test_generate_plays_the_audio_while_it_arrives(page):
     assert page.locator("#takes li").count() == 1 and page.locator("#takes a[download]").count() == 1
     take = page.evaluate("window.echoPlayground.takes[0]")  # what was asked for is what was chosen
     assert (take["voice"], take["block_sizes"], take["seed"]) == ("alice", PERFORMANCE_PRESETS["low"][0], "7")
-    assert page.errors == []
+    seconds = float(re.search(r", ([\d.]+) s,", page.text_content("#takes li")).group(1))
+    with page.expect_download() as download:  # (its WAV is made on the click, no longer for every take)
+        page.click("#takes a[download]")
+    audio, rate = sf.read(download.value.path())
+    assert rate == 44100 and round(len(audio) / rate, 1) == seconds and audio.any()
+    page.click("#takes li button:has-text('Remove')")
+    assert page.locator("#takes li").count() == 0 and page.errors == []
 
 
 def speech_requests(page) -> list:
@@ -319,4 +329,137 @@ def test_a_stream_cut_after_its_first_audio_says_so_and_keeps_what_came(browser,
     assert "ECHO_REQUEST_TIMEOUT" in page.text_content("#status")
     assert page.locator("#takes li").count() == 1 and "cut short" in page.text_content("#takes li")
     assert not page.is_disabled("#generate") and errors == []
+    page.close()
+
+
+def _wav_base64(seconds: float, name_rate: int = 16000) -> str:
+    t = np.arange(int(seconds * name_rate)) / name_rate
+    buffer = io.BytesIO()
+    sf.write(buffer, 0.3 * np.sin(2 * np.pi * 170 * t) * np.sin(2 * np.pi * 4 * t) ** 2, name_rate, format="WAV",
+             subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _drop(page, file_name: str, data: str, target: str = "#drop") -> None:
+    """A file dropped on `target` (a drag and drop the browser delivers)."""
+    page.evaluate("""([name, data, target]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
+        document.querySelector(target).dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true,
+                                                                             cancelable: true }));
+    }""", [file_name, data, target])
+
+
+def _quality_after(page, text: str) -> str:
+    page.wait_for_function(f"document.querySelector('#quality').textContent.includes({text!r})", timeout=60000)
+    return page.text_content("#quality")
+
+
+def test_a_refused_upload_keeps_the_clip_and_a_later_drop_is_a_voice_of_its_own(page, tmp_path):
+    """A refused recording was lost (Upload then said "Choose or drop a file first"); the name and
+    Replace stayed set after an upload, so a file dropped later silently replaced that voice; a name
+    taken from a file name such as "Grace (2).wav" was refused with an error about characters."""
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    path = tmp_path / "frank.wav"
+    path.write_bytes(base64.b64decode(_wav_base64(6)))
+    page.set_input_files("#file", str(path))
+    page.fill("#voice-name", "frank")
+    page.click("#upload")
+    assert 'Voice "frank" added: 6' in _quality_after(page, "added")
+    assert page.input_value("#voice-name") == "" and not page.is_checked("#overwrite")
+    page.fill("#voice-name", "frank")
+    page.click("#record")
+    page.wait_for_function("document.querySelector('#record').textContent === 'Stop recording'")
+    time.sleep(1.2)
+    page.click("#record")
+    assert "Replace a voice of that name" in _quality_after(page, "failed")
+    page.check("#overwrite")
+    page.click("#upload")  # the recording, kept: not the file chosen before it
+    seconds = float(re.search(r'Voice "frank" added: ([\d.]+) s', _quality_after(page, "added")).group(1))
+    assert seconds < 4
+    _drop(page, "Grace (2).wav", _wav_base64(3))
+    assert 'Voice "Grace _2_" added: 3' in _quality_after(page, "Grace")
+    voices = page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert {"frank", "Grace _2_"} <= set(voices)
+    assert [e for e in page.errors if not e.startswith("Failed to load resource")] == []  # (the 409)
+
+
+def test_deleting_a_voice_asks_first_and_no_keeps_it(page):
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    deletes = []
+    page.on("request", lambda r: r.method == "DELETE" and deletes.append(r.url))
+    page.select_option("#voice", "alice")
+    page.confirms = False
+    page.click("#delete-voice")
+    page.wait_for_function("document.querySelector('#delete-voice').getAttribute('aria-disabled') === 'false'")
+    assert page.dialogs == ['Delete the voice "alice"? This cannot be undone.'] and deletes == []
+
+
+def test_record_opens_the_microphone_once_and_says_why_it_cannot_over_plain_http(page):
+    """A second click while the microphone was being opened started a second recorder, never stopped:
+    the microphone stayed on. Over plain http from another machine the page said "Cannot read
+    properties of undefined"."""
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.evaluate("""() => {
+        window.streams = [];
+        const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+        navigator.mediaDevices.getUserMedia = async (c) => { const s = await open(c); window.streams.push(s); return s; };
+    }""")
+    page.fill("#voice-name", "twice")
+    page.evaluate("() => { const r = document.querySelector('#record'); r.click(); r.click(); }")
+    page.wait_for_function("document.querySelector('#record').textContent === 'Stop recording'")
+    time.sleep(1.0)
+    page.click("#record")
+    _quality_after(page, "added")
+    assert page.evaluate("window.streams.length") == 1
+    assert page.evaluate("window.streams.every(s => s.getTracks().every(t => t.readyState === 'ended'))")
+    page.evaluate("Object.defineProperty(navigator, 'mediaDevices', { value: undefined, configurable: true })")
+    page.click("#record")
+    assert "https://" in _quality_after(page, "Recording:") and page.text_content("#record") == "Record"
+
+
+def test_the_drop_zone_takes_keys_once_and_a_drop_beside_it_does_not_leave_the_page(page):
+    page.set_viewport_size({"width": 800, "height": 300})  # (a page that scrolls)
+    choosers = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
+    page.focus("#drop")
+    page.keyboard.press("Space")
+    page.wait_for_timeout(300)
+    scrolled = page.evaluate("window.scrollY")
+    page.focus("#file")
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(300)
+    assert len(choosers) == 2 and scrolled == page.evaluate("window.scrollY")  # one each, Space scrolled nothing
+    assert page.evaluate("""() => {
+        const e = new DragEvent("dragover", { bubbles: true, cancelable: true });
+        document.body.dispatchEvent(e);
+        return e.defaultPrevented;
+    }""")
+
+
+def test_the_default_preset_leaves_the_blocks_to_the_server_as_an_api_client_does(page):
+    """The page sent the default preset's streaming blocks, which the server then used for every text
+    chunk: a take tuned in the playground differed from what an API client gets for long text."""
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    sent = speech_requests(page)
+    page.click("#generate")
+    page.wait_for_function("window.echoPlayground.streaming || window.echoPlayground.takes.length", timeout=60000)
+    page.click("#stop")
+    body = sent[0].post_data_json
+    assert "block_sizes" not in body and "num_steps" not in body and body["voice"]
+    page.select_option("#preset", "low")
+    page.click("#generate")
+    page.wait_for_function("window.echoPlayground.streaming || window.echoPlayground.takes.length", timeout=60000)
+    page.click("#stop")
+    assert sent[1].post_data_json["block_sizes"] == PERFORMANCE_PRESETS["low"][0]
+
+
+def test_a_server_without_keys_shows_no_key_field(browser, cutting_site, site):
+    page = browser.new_page()
+    page.goto(cutting_site.url + "/")
+    page.wait_for_function("document.querySelectorAll('#preset option').length > 1")
+    assert page.is_hidden("#key-field")
+    page.goto(site.url + "/")  # (a server with a key: the field is there)
+    page.wait_for_selector("#key-field", state="visible")
     page.close()
