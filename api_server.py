@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import signal
 import sys
 from collections import deque
@@ -482,6 +483,17 @@ def warm_up() -> int:
         service.close()
 
 
+def _exit(service: SpeechService) -> None:
+    """Exit 0 after the server's shutdown. A SIGTERM while the models still load or compile (docker
+    stop during a start of minutes) leaves the loader thread in torch's C++ code, and the interpreter's
+    exit under it aborted the process (status 134); nothing it loads is kept, so the process ends now."""
+    if service.loading:
+        log.info("stopped while the models were loading")
+        logging.shutdown()
+        os._exit(0)
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["download"]:
@@ -492,10 +504,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python api_server.py [download | warm-up]   (settings come from ECHO_* variables; see README)")
     settings = load_settings()
     configure_logging(settings.debug_logs, settings.log_json)
+    app = create_app(settings)
     # the server handles SIGTERM (stop accepting, let streams and sockets in flight finish, run the
     # lifespan's shutdown) and then raises the signal again; answer that with a clean exit, status 0.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    app = create_app(settings)
+    signal.signal(signal.SIGTERM, lambda *_: _exit(app.state.service))
     http_server.serve(app, settings, app.state.drain)
 
 

@@ -63,6 +63,7 @@ class SpeechService:
         self.progress = LoadProgress(history=read_load_times(load_times_path(settings)))  # (for /ready)
         self._runtime: Runtime | None = None
         self._closed = False  # close() came: a load that ends later lets go of what it loaded
+        self._loader: threading.Thread | None = None
 
     # ---- start-up and readiness ---------------------------------------------------------------
 
@@ -71,7 +72,13 @@ class SpeechService:
         self.progress = LoadProgress(history=self.progress.history)
         thread = threading.Thread(target=self._load, name="echo-loader", daemon=True)
         thread.start()
+        self._loader = thread
         return thread
+
+    @property
+    def loading(self) -> bool:
+        """Whether the models are still being loaded or warmed up (the loader thread runs)."""
+        return self._loader is not None and self._loader.is_alive()
 
     def _load(self) -> None:
         try:

@@ -284,3 +284,19 @@ def test_sigterm_mid_stream_finishes_the_stream_and_exits_zero(tiny_echo_dir, ti
     finally:
         if live.process.poll() is None:
             live.stop()
+
+
+def test_sigterm_while_the_models_load_exits_zero_at_once(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+    """`docker stop` during a start (compiling can take minutes): the interpreter's exit under the loader
+    thread, still in torch's code, aborted the process (status 134, "terminate called without an active
+    exception")."""
+    live = LiveServer(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_WARMUP="1"), tmp_path / "server.log",
+                      wait_ready=False)
+    try:
+        assert httpx.get(live.url + "/health", timeout=5).json()["ready"] is False  # (still loading)
+        live.process.send_signal(signal.SIGTERM)
+        assert live.process.wait(timeout=60) == 0, live.log()[-2000:]
+        assert "stopped while the models were loading" in live.log()
+    finally:
+        if live.process.poll() is None:
+            live.stop()
