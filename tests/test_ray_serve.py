@@ -152,6 +152,11 @@ def test_the_kuberay_workers_have_a_gpu_the_model_cache_and_probes():
     assert env["HF_HOME"].startswith("/data/") and "/data" in mounts
     assert worker["readinessProbe"] and worker["livenessProbe"]
     assert cluster["rayVersion"] == ray_serve.ray.__version__
+    # Serve asks for up to ECHO_RAY_MAX_REPLICAS replicas of one GPU each: the autoscaler must be on to add
+    # the pods, and the group must be allowed as many
+    kuberay = yaml.safe_load((ROOT / "deploy" / "kuberay.yaml").read_text())["spec"]["serveConfigV2"]
+    replicas = int(yaml.safe_load(kuberay)["applications"][0]["runtime_env"]["env_vars"]["ECHO_RAY_MAX_REPLICAS"])
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["workerGroupSpecs"][0]["maxReplicas"] >= replicas
 
 
 def test_the_ray_image_installs_from_its_lock_and_gives_every_proxy_the_error_shape():
