@@ -54,7 +54,7 @@ bytes returned so far, measured after 1.02 s of input):
 
 A response without any audio (the model's first block was silence) is still a file every player
 opens: 0 samples in pcm, wav and flac, one codec frame of silence in mp3, aac and opus (a decoder
-may add its priming: at most 0.1 s).
+may add its priming: at most 0.1 s from 24 kHz up, 0.26 s at 8 kHz).
 
 Bigger blocks simply move these thresholds: with blocks >= 8192 samples every format returns
 audio from the first call. The time stretcher adds at most ~1024 input samples of lag

@@ -286,8 +286,7 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
     if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    compile_ae = s.compile_ae and s.fish_device_name.startswith("cuda")
-    if s.compile_ae and not compile_ae:
+    if s.compile_ae and not s.fish_device_name.startswith("cuda"):
         log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
     if uses_compile(s):
         progress.enter("loading saved torch.compile artifacts")
@@ -297,8 +296,6 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
     progress.enter("loading the models")
     model = inf.load_model_from_hf(str(model_dir), device=s.device, dtype=s.torch_model_dtype)
     fish = inf.load_fish_ae_from_hf(str(fish_dir), device=s.fish_device_name, dtype=s.torch_fish_dtype)
-    if compile_ae:  # what the server runs of the autoencoder: voices go through encode_zq; audio comes
-        fish.encode_zq = torch.compile(fish.encode_zq)  # from the streaming decoder, which stays eager
     pca = inf.load_pca_state_from_hf(str(model_dir), device=s.fish_device_name)
     log.info("models loaded in %.1f s (model %s on %s, fish %s on %s)", time.perf_counter() - started,
              s.model_dtype, s.device, s.fish_dtype, s.fish_device_name)
@@ -313,6 +310,9 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
                 raise
             s, plan = _give_way_to_eager(s, None, f"does not fit: {e}"), None
             steps = _step_runner(s, model)
+    if s.compile_ae and s.fish_device_name.startswith("cuda"):  # (after the fit: the eager path compiles nothing)
+        fish.encode_zq = torch.compile(fish.encode_zq)  # voices go through encode_zq; audio comes from the
+        # streaming decoder, compiled with ECHO_COMPILE
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,
                         speaker_on_device=s.cache_speaker_on_gpu, speaker_kv_cache=voices.keys,
                         steps=steps, reroll=_vad_reroll(s), step_floor=_step_floor(s),

@@ -29,7 +29,7 @@ from settings import Settings
 from errors import RequestError
 from speech_request import GenerationOptions
 from voice_catalog import VoiceCatalog
-from worker import ClientStalled, GenerationTimeout, JobStream, QueueFull, is_out_of_memory
+from worker import ClientStalled, GenerationTimeout, JobStream, QueueFull, WorkerClosed, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class SpeechService:
 def generation_failure(error: Exception, logged: bool = False) -> RequestError:
     """What a failed generation (or the encoding of its audio) tells the client, over HTTP or a
     WebSocket: an unusable voice is the request's fault (400), a client that stopped taking audio 408,
-    a timeout 504, a device out of memory 503 (a busy server: try again), anything else 500, its
+    a timeout 504, a device out of memory or a server shutting down 503 (try again), anything else 500, its
     traceback logged here unless it was already (`logged`: the worker logs what fails on its thread)."""
     if is_out_of_memory(error):  # (the worker logged it)
         return RequestError("the server ran out of memory for this request: try again later", status=503,
@@ -205,6 +205,8 @@ def generation_failure(error: Exception, logged: bool = False) -> RequestError:
         return RequestError(str(error), "voice")
     if isinstance(error, GenerationTimeout):
         return RequestError(f"{error} (ECHO_REQUEST_TIMEOUT)", status=504)
+    if isinstance(error, WorkerClosed):
+        return RequestError(f"{error}: try again", status=503)
     if isinstance(error, ClientStalled):  # nobody is listening: a line in the log, no traceback
         log.info("generation stopped: %s", error)
         return RequestError(str(error), status=408)

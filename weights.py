@@ -9,13 +9,12 @@ cache are used as they are, without the client's retries (five per file, tens of
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import get_session
 
 MODEL_FILES = ("pytorch_model.safetensors", "pca_state.safetensors")
 FISH_FILES = ("pytorch_model.safetensors",)
@@ -55,14 +54,12 @@ def hub_unreachable(timeout: float = 10.0) -> str | None:
     """Why the Hub cannot be reached (one quick request, no retries), or None when it can."""
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    # (the standard library's client, as the Hub client's own HTTP library changes between its versions:
-    # requests, httpx, httpx2; it honours the same *_PROXY variables)
+    # (through the Hub client's own session, so its proxies are these: its HTTP library changes between
+    # its versions, requests, httpx, httpx2, and so do their errors)
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass  # it answered: reachable, whatever the status
-    except (OSError, ValueError) as e:
-        return f"{constants.ENDPOINT} is unreachable: {getattr(e, 'reason', e)}"
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any status: it answered
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, the Hub did not answer
+        return f"{constants.ENDPOINT} is unreachable: {_reason(e)}"
     return None
 
 

@@ -159,6 +159,10 @@ class GenerationTimeout(Exception):
     """The job ran past its deadline and was stopped."""
 
 
+class WorkerClosed(Exception):
+    """The worker was closed (the server shuts down) before the job ended: its audio is incomplete."""
+
+
 class ClientStalled(Exception):
     """The job's client took no audio for the send timeout while the job waited for it: the job was
     stopped and the audio queued for the client dropped."""
@@ -453,8 +457,8 @@ class GenerationWorker:
         return done.result
 
     def close(self) -> None:
-        """Stop: after the unit in progress, every job ends (its client gets the end of its stream),
-        running, parked or waiting for a slot, and none is taken in any more."""
+        """Stop: after the unit in progress, every job ends, running, parked or waiting for a slot (its
+        client gets WorkerClosed: its audio is incomplete), and none is taken in any more."""
         self._closing = True  # (the None below waits behind the queued jobs, read only when a slot is free)
         self._jobs.put(None)
         self._thread.join(timeout=30)
@@ -532,16 +536,16 @@ class GenerationWorker:
     def _shut(self, active: list[_Running], parked: list[_Running]) -> None:
         """close(): end every job, running, parked or still queued (each queued job's slot given back,
         a queued call told the worker is closed)."""
-        for running in active + parked:
-            running.ticket.cancelled.set()
-        self._drop_cancelled(active, parked)
+        for jobs in (active, parked):
+            for running in list(jobs):
+                self._stop(jobs, running, WorkerClosed("the server is shutting down"))
         while True:
             try:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if isinstance(item, _Ticket) and item.claim():
-                _notify(item, _DONE)
+                _notify(item, WorkerClosed("the server is shutting down"))
                 self._release()
             elif isinstance(item, _ThreadCall):
                 item.fn = _closed

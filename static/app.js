@@ -87,7 +87,7 @@ function uploadVoice(blob, fileName, waits = false) {
 // not starting with "." or a space, at most 64 characters ("My Voice (2).wav" -> "My Voice _2_").
 function nameOf(fileName) {
   const name = fileName.replace(/\.[^.]*$/, "").replace(/[^A-Za-z0-9 _.-]/g, "_").replace(/^[. ]+/, "").slice(0, 64).trimEnd();
-  return name || "voice";
+  return name && name.toLowerCase() !== "none" ? name : "voice"; // ("none" means no voice)
 }
 
 let pending = null; // the clip to upload: the last one chosen, dropped or recorded, kept until it is added
@@ -387,8 +387,11 @@ drop.addEventListener("keydown", (e) => {
   e.preventDefault(); // (Space would also scroll the page)
   $("file").click();
 });
-// A file dropped beside the zone would make the browser open it, leaving the page and its takes.
-for (const type of ["dragover", "drop"]) document.addEventListener(type, (e) => e.preventDefault());
+// A file dropped beside the zone would make the browser open it, leaving the page and its takes (text
+// dropped into a field still lands there).
+for (const type of ["dragover", "drop"]) {
+  document.addEventListener(type, (e) => { if (e.dataTransfer?.types.includes("Files")) e.preventDefault(); });
+}
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {

@@ -319,7 +319,8 @@ def test_a_request_waiting_for_a_slot_ends_at_its_time_limit_not_when_a_slot_fre
 
 def test_close_ends_running_and_queued_jobs_when_every_slot_is_busy(engine):
     """close() put its stop signal behind the queued jobs, read only when a slot frees: the running job
-    went on to its end and the queued one was then generated in full."""
+    went on to its end and the queued one was then generated in full. Both now end with WorkerClosed
+    (a 503), not as if their audio were complete."""
     steps = engine.steps
     engine.steps = lambda calls: (time.sleep(0.05), steps(calls))[1]
     worker = wk.GenerationWorker(engine, max_waiting=2, max_active=1)
@@ -329,7 +330,13 @@ def test_close_ends_running_and_queued_jobs_when_every_slot_is_busy(engine):
         await until(lambda: worker.active == 1)
         queued = worker.submit(long_job(seed=2, blocks=40), "queued")
         await asyncio.to_thread(worker.close)
-        return [sum(b.size for b in [b async for b in stream]) for stream in (running, queued)]
+        samples = []
+        for stream in (running, queued):
+            samples.append(0)
+            with pytest.raises(wk.WorkerClosed):
+                async for block in stream:
+                    samples[-1] += block.size
+        return samples
 
     running, queued = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert running < 40 * BLOCK and queued == 0 and not worker.alive and worker.pending == 0

@@ -534,11 +534,13 @@ def test_a_default_fast_path_that_fails_to_warm_up_gives_way_to_eager_and_later_
     assert tried == [1, 1, 1]  # (each setup keeps its own record)
 
 
+@pytest.mark.parametrize("fits", [True, False])
 def test_without_a_c_compiler_the_default_start_serves_eager_voice_encoder_included(
-        emulated_cuda, monkeypatch, tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path):
+        emulated_cuda, monkeypatch, tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path, fits):
     """An image without a C compiler: every torch.compile'd function fails when first called. The
     fallback kept the compiled voice encoder (ECHO_COMPILE_AE, on by default), so the eager warm-up
-    failed again and the server never became ready, at this start and every later one."""
+    failed again and the server never became ready, at this start and every later one; the same when
+    the fast path gave way because its memory plan did not fit."""
     settings = load_settings(model_repo=str(tiny_echo_dir), fish_repo=str(tiny_fish_dir), device="cuda",
                              model_dtype="float32", voice_dirs=[voice_dir], warmup=True, max_active=3,
                              cache_dir=tmp_path)
@@ -552,12 +554,17 @@ def test_without_a_c_compiler_the_default_start_serves_eager_voice_encoder_inclu
         return compiled
 
     monkeypatch.setattr(torch, "compile", no_compiler)
+    if not fits:
+        emulated_cuda.free_memory = 1 << 30  # 1 GiB: not even the planned workspace
     for start in ("first", "remembered"):
         service, engine, audio = _start(settings, emulated_cuda, serve=True)
         assert service.load_error is None, (start, service.unready_reason())
         assert isinstance(engine.steps, ExactSteps) and "encode_zq" not in vars(engine.fish_ae)
         assert len(audio) == 1 and audio[0].size > 0
-    assert runtime.fast_path_failure_path(settings).exists() and calls[0] == "encode_zq"
+    if fits:  # (it failed warming up, the voice encoder first: remembered)
+        assert runtime.fast_path_failure_path(settings).exists() and calls[0] == "encode_zq"
+    else:  # (checked at every start: nothing compiled, nothing remembered)
+        assert not runtime.fast_path_failure_path(settings).exists() and calls == []
 
 
 def test_a_fast_path_out_of_memory_while_warming_up_serves_eager_and_is_tried_again_at_the_next_start(

@@ -79,7 +79,8 @@ def test_a_failure_before_any_configuration_is_a_failed_stage_in_both_reports(tm
     results, out = tmp_path / "results.json", tmp_path / "report.md"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--json", str(results),
                            "--out", str(out), "--logs-tar", str(tmp_path / "logs.tar.gz")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})  # (no CUDA, also on a GPU)
     assert done.returncode != 0
     [stage] = json.loads(results.read_text())["stages"]
     assert stage["stage"] == "run" and stage["status"] == "failed" and "no CUDA device" in stage["reason"]

@@ -432,10 +432,24 @@ def test_the_drop_zone_takes_keys_once_and_a_drop_beside_it_does_not_leave_the_p
     page.wait_for_timeout(300)
     assert len(choosers) == 2 and scrolled == page.evaluate("window.scrollY")  # one each, Space scrolled nothing
     assert page.evaluate("""() => {
-        const e = new DragEvent("dragover", { bubbles: true, cancelable: true });
+        const files = new DataTransfer();
+        files.items.add(new File(["x"], "x.wav"));
+        const e = new DragEvent("dragover", { dataTransfer: files, bubbles: true, cancelable: true });
         document.body.dispatchEvent(e);
         return e.defaultPrevented;
     }""")
+    page.evaluate("""() => {  // text dragged into a field still lands there
+        const source = Object.assign(document.createElement("div"), { id: "words", draggable: true,
+                                                                     textContent: "drag me" });
+        source.style = "position: fixed; top: 0; left: 0; z-index: 9";
+        source.addEventListener("dragstart", (e) => e.dataTransfer.setData("text/plain", "dropped words"));
+        document.body.append(source);
+        document.querySelector("#voice-name").value = "";
+    }""")
+    page.drag_and_drop("#words", "#voice-name")
+    assert page.input_value("#voice-name") == "dropped words"
+    assert page.evaluate("['none.wav', 'NONE.mp3', 'My Voice (2).wav', '.hidden.wav'].map(nameOf)") == [
+        "voice", "voice", "My Voice _2_", "hidden"]
 
 
 def test_the_default_preset_leaves_the_blocks_to_the_server_as_an_api_client_does(page):

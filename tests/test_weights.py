@@ -78,11 +78,15 @@ def test_download_without_the_hub_fails_at_once_with_one_line(tmp_path, how):
     assert ("HF_HUB_OFFLINE is set" if how == "offline" else "unreachable") in line
 
 
-def test_a_hub_that_answers_with_an_error_is_reachable_and_its_answer_is_the_one_line(tmp_path):
+@pytest.mark.parametrize("hub", ["answers 404", "through ALL_PROXY", "not HTTP"])
+def test_what_the_hub_answers_is_the_one_line(tmp_path, hub):
     """The reachability check used httpx, which only the test requirements installed: the server, the
-    image and `download` failed at import on a new machine. A Hub that answers, whatever the status,
-    is reachable; the file it refuses is named with its reason."""
+    image and `download` failed at import on a new machine. It goes through the Hub client's own
+    session: a Hub that answers, whatever the status, is reachable (the file it refuses is named with
+    its reason), also through the proxies the Hub client takes (ALL_PROXY); an answer that is not HTTP
+    is an unreachable Hub, not a traceback."""
     import http.server
+    import socketserver
     import threading
 
     class NotFound(http.server.BaseHTTPRequestHandler):
@@ -96,15 +100,25 @@ def test_a_hub_that_answers_with_an_error_is_reachable_and_its_answer_is_the_one
         def log_message(self, *args):
             pass
 
-    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    class Garbage(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    server = (socketserver.ThreadingTCPServer(("127.0.0.1", 0), Garbage) if hub == "not HTTP"
+              else http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_address[1]}"
+    env = ({"HF_ENDPOINT": "http://hub.invalid", "ALL_PROXY": local, "NO_PROXY": ""} if hub == "through ALL_PROXY"
+           else {"HF_ENDPOINT": local})
     try:
-        done = download(tmp_path, ECHO_MODEL_REPO=HUB_REPO, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}")
+        done = download(tmp_path, ECHO_MODEL_REPO=HUB_REPO, **env)
     finally:
-        hub.shutdown()
+        server.shutdown()
+        server.server_close()
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert "could not be fetched" in line and HUB_REPO in line and "unreachable" not in line
+    assert HUB_REPO in line and ("unreachable" in line) == (hub == "not HTTP"), line
+    assert hub == "not HTTP" or "could not be fetched" in line
 
 
 def test_a_cached_hub_repo_is_used_as_it_is_when_the_hub_is_unreachable(tiny_echo_dir, tiny_fish_dir, tmp_path):
