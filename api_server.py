@@ -401,7 +401,9 @@ async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[by
 
 
 async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
-    """stream_format=sse: a `speech.audio.delta` per piece, then `speech.audio.done` (or `error`)."""
+    """stream_format=sse: a `speech.audio.delta` per piece, then `speech.audio.done`; or, failing, an
+    `error` event and a cut body (StreamCut), as the audio stream is cut: a client that ignores event
+    types it does not know (LiveKit's) raises, instead of taking part of the speech for all of it."""
     try:
         async for data in _streamed(speech, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
@@ -409,7 +411,9 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
                     "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
         timing.failed(e)
+        log.warning("generation failed while streaming; the response is cut short after an error event: %s", e)
         yield _sse({"type": "error", "error": e.detail()})
+        raise StreamCut() from e
 
 
 def _usage(speech: Speech) -> dict:

@@ -624,10 +624,6 @@ class AudioEncoder:
         self.speed: float = validate_speed(speed)
         self.streaming: bool = bool(streaming)
         self.content_type: str = CONTENT_TYPES[self.format]
-        # a block's first bytes wait for the encoding of all of it: worth feeding a streaming encoder
-        # slices (pipeline.slices) only where that takes long (the lossy codecs, ~10-25 ms for a 1.5 s
-        # block on 2 cores; pcm, wav and flac < 2 ms, see "Cost" above)
-        self.slices_pay: bool = self.streaming and self.format in ("mp3", "opus", "aac")
 
         self._resampler = (
             _Resampler(in_rate, self.sample_rate) if in_rate != self.sample_rate else None

@@ -80,16 +80,22 @@ class Config(uvicorn.Config):
 
 
 class _SendTimeout:
-    """Aborts a connection whose transport stayed paused for writing (its buffer full: the client
-    takes nothing) for `send_timeout` seconds: a reset, so that neither the process nor the kernel
-    keeps its buffer; the app sees a disconnect and its stream is cancelled."""
+    """Aborts a connection whose transport stayed paused for writing (its buffer full) while the client
+    took nothing for `send_timeout` seconds: a reset, so that neither the process nor the kernel
+    keeps its buffer; the app sees a disconnect and its stream is cancelled. A client that takes some
+    (the buffer shrank) starts the clock again."""
 
     _send_timer: asyncio.TimerHandle | None = None
+    _send_buffered = 0  # bytes waiting in the transport when the timer was (re)armed
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.config.send_timeout, self._send_timed_out)
+            self._arm_send_timer()
+
+    def _arm_send_timer(self) -> None:
+        self._send_buffered = self.transport.get_write_buffer_size()
+        self._send_timer = self.loop.call_later(self.config.send_timeout, self._send_timed_out)
 
     def resume_writing(self) -> None:
         self._stop_send_timer()
@@ -106,6 +112,9 @@ class _SendTimeout:
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
+        if self.transport.get_write_buffer_size() < self._send_buffered:  # it took some: a listener playing a
+            self._arm_send_timer()  # large piece as it comes keeps the writes paused, and is no stalled client
+            return
         log.info("a client took no data for %g s (ECHO_SEND_TIMEOUT): connection dropped", self.config.send_timeout)
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # reset the connection: the kernel drops its send buffer too

@@ -125,10 +125,14 @@ class Speech:
             await self.first_audio()
             block, self._first = self._first, None
             while block is not None and not self._stopped:
-                for part in slices(block) if self.encoder.slices_pay else (block,):
+                # streamed in slices: a lossy codec's first bytes wait for one slice, not the block; and
+                # a listener who plays as it comes takes a 30 s block in 30 s: each slice it takes
+                # tells the worker it is there (its parked job's stall clock, JobStream.touch)
+                for part in slices(block) if self.encoder.streaming else (block,):
                     self.samples += part.size
                     if data := await self._encode(self.encoder.encode, part):
                         yield data
+                        self.started.stream.touch()
                     if self._stopped:
                         break
                 block = None if self._stopped else await self._next(watched)

@@ -216,6 +216,12 @@ class JobStream:
                                              "(it waited for a slot)")
         return await ticket.output.get()
 
+    def touch(self) -> None:
+        """The transport sent a piece of the audio taken from here (event loop): its client is taking
+        it, so a parked job's stall clock starts again (a listener playing a 30 s block as it comes
+        takes the next block only 30 s later)."""
+        self._ticket.taken_at = clock()
+
     @property
     def steps_used(self) -> list[int] | None:
         """With adaptive steps, the diffusion steps each block of the job took, in order (complete once

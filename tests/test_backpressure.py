@@ -295,6 +295,20 @@ def test_a_listener_playing_on_in_real_time_keeps_its_deadline_through_every_par
     assert running.deadline(wk.FIRST_AUDIO_BUDGET) == pytest.approx(90.0 + running.samples / inf.SAMPLE_RATE / speed)
 
 
+def test_a_parked_job_whose_client_is_sent_pieces_is_not_stalled(engine, monkeypatch):
+    """The worker heard from a client only when it took a block: one playing a 30 s block as it comes was
+    stopped as stalled. Each piece the transport sends now starts the stall clock again."""
+    now = [100.0]
+    worker, ticket, running = parked_job(engine, monkeypatch, now, parked_at=100.0)
+    worker.send_timeout, ticket.resume_at = 30.0, running.samples  # (behind: it waits for its client)
+    now[0] = 125.0
+    wk.JobStream(ticket).touch()  # a piece of its block sent at 125 s
+    now[0] = 140.0
+    assert worker._ending(running, now[0], parked=True) is None
+    now[0] = 156.0  # 31 s after the last piece
+    assert isinstance(worker._ending(running, now[0], parked=True)[2], wk.ClientStalled)
+
+
 def test_a_request_waiting_for_a_slot_ends_at_its_time_limit_not_when_a_slot_frees(engine):
     """ECHO_REQUEST_TIMEOUT counts the wait for a slot, but the worker sees a waiting job only when a
     slot frees: a 0.5 s limit ended after the 5 s the slot stayed busy."""

@@ -162,8 +162,8 @@ def test_pcm_pieces_decode_to_the_blocks_the_worker_made(tiny_service):
 def test_a_streamed_blocks_first_bytes_wait_for_one_small_slice_and_the_bytes_are_the_whole_encodings(tiny_service):
     """mp3, OpenAI's default: the encoder gets each block in growing slices, so the first bytes leave
     once 8192 samples are encoded, not a whole block; the stream is byte for byte the encoding of the
-    same audio in one call, and plays as long as the audio made. A whole file is encoded block by block,
-    and so is a stream in pcm (cheap to encode: slices would only cost thread hops)."""
+    same audio in one call, and plays as long as the audio made. A whole file is encoded block by block;
+    a stream in pcm is sliced as mp3 is (a listener playing it as it comes takes it slice by slice)."""
     async def encoded(streaming: bool, fmt: str = "mp3") -> tuple:
         speech = await open_speech(tiny_service, request(response_format=fmt, block_sizes=[24], num_steps=[2],
                                                          stream=streaming), streaming=streaming)
@@ -190,9 +190,10 @@ def test_a_streamed_blocks_first_bytes_wait_for_one_small_slice_and_the_bytes_ar
     with av.open(io.BytesIO(b"".join(pieces))) as container:
         heard = sum(frame.samples for frame in container.decode(audio=0)) / speech.encoder.sample_rate
     assert heard == pytest.approx(audio.size / 44100, abs=0.06)  # (+ the mp3 priming and padding)
-    for streaming, fmt in ((False, "mp3"), (True, "pcm")):
-        _, whole_sizes, _, _, whole_audio = asyncio.run(encoded(streaming, fmt))
-        assert whole_sizes[0] > 8192 and len(whole_sizes) < len(sizes) and np.array_equal(whole_audio, audio)
+    _, whole_sizes, _, _, whole_audio = asyncio.run(encoded(False, "mp3"))
+    assert whole_sizes[0] > 8192 and len(whole_sizes) < len(sizes) and np.array_equal(whole_audio, audio)
+    _, pcm_sizes, _, _, pcm_audio = asyncio.run(encoded(True, "pcm"))
+    assert pcm_sizes == sizes and np.array_equal(pcm_audio, audio)
     assert idle(tiny_service)
 
 
@@ -259,3 +260,22 @@ def test_a_cancelled_consumer_frees_the_codec_only_after_its_running_encode_retu
 
     asyncio.run(scenario())
     assert events[:3] == ["encode started", "encode returned", "closed"]
+
+
+def test_each_piece_sent_tells_the_worker_its_client_is_there(tiny_service):
+    """A listener who plays pcm as it comes takes a 30 s block in 30 s: the whole block was one piece,
+    and the worker, which heard from the client only when it took the next block, stopped the parked job
+    as stalled (ECHO_SEND_TIMEOUT) while the client read steadily."""
+    async def scenario():
+        speech = await open_speech(tiny_service, request(response_format="pcm", block_sizes=[24], num_steps=[2]),
+                                   streaming=True)
+        touched, touch = [], speech.started.stream.touch
+        speech.started.stream.touch = lambda: (touched.append(speech.samples), touch())
+        sent = []
+        async for data in speech.pieces():
+            sent.append(speech.samples)
+        return sent, touched
+
+    sent, touched = asyncio.run(scenario())
+    assert len(sent) > 2 and touched == sent[:len(touched)] and len(touched) >= len(sent) - 1
+    assert idle(tiny_service)

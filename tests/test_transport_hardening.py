@@ -351,6 +351,9 @@ class _Transport:
     def is_closing(self):
         return self.closed
 
+    def get_write_buffer_size(self):
+        return len(self.out)
+
     def get_extra_info(self, name, default=None):
         return default
 
@@ -545,3 +548,44 @@ def until_first_audio(ws):
     while isinstance(message := ws.recv(timeout=60), str):
         pass
     return message
+
+
+def test_a_client_that_takes_some_of_a_full_buffer_is_not_dropped_as_stalled():
+    """A listener playing a large piece as it comes keeps the transport's writes paused for as long as the
+    piece plays: the send timeout dropped it after ECHO_SEND_TIMEOUT although it read all along."""
+    from http_server import _SendTimeout
+
+    class Base:
+        def pause_writing(self):
+            pass
+
+    class Protocol(_SendTimeout, Base):
+        pass
+
+    class Transport:
+        buffered, aborted = 1_000_000, False
+
+        def get_write_buffer_size(self):
+            return self.buffered
+
+        def get_extra_info(self, name):
+            return None
+
+        def abort(self):
+            self.aborted = True
+
+    class Loop:
+        def call_later(self, delay, callback):
+            self.fire = callback
+            return __import__("types").SimpleNamespace(cancel=lambda: None)
+
+    protocol = Protocol()
+    protocol.transport, protocol.loop = Transport(), Loop()
+    protocol.config = __import__("types").SimpleNamespace(send_timeout=30)
+    protocol.pause_writing()
+    for left in (800_000, 300_000, 100):  # it takes some every 30 s: the clock starts again
+        protocol.transport.buffered = left
+        protocol.loop.fire()
+        assert not protocol.transport.aborted
+    protocol.loop.fire()  # 30 s with nothing taken: dropped
+    assert protocol.transport.aborted

@@ -572,6 +572,9 @@ class ScriptedStream:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def touch(self) -> None:
+        pass
+
 
 class GatedService:
     """A SpeechService whose `start` waits for `ready` (as preparing a new voice takes seconds)."""
