@@ -38,7 +38,7 @@ from starlette.routing import Mount
 
 from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR
-from observability import (BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming, bearer_token,
+from observability import (BODILESS, BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming, bearer_token,
                            configure_logging, error_response)
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
@@ -213,6 +213,8 @@ def _docs_routes(app: FastAPI) -> APIRouter:
 
 
 def _body_too_large(limit: int) -> JSONResponse:
+    if limit == 0:  # (observability.BODILESS)
+        return error_response(RequestError("a GET, HEAD or OPTIONS request carries no body here", status=413))
     return error_response(RequestError(f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
                                        status=413))
 
@@ -259,7 +261,7 @@ class KeyBeforeBody:
         self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS") and self.settings.api_keys
+        if (scope["type"] == "http" and scope["method"] not in BODILESS and self.settings.api_keys
                 and not self.settings.accepts_key(bearer_token(Headers(scope=scope)))):
             return await error_response(_missing_key(), close=True)(scope, receive, send)  # (its body unread)
         return await self.app(scope, receive, send)

@@ -327,8 +327,12 @@ class RequestContext:
         return send_handshake
 
 
+BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose requests carry no body here (nor need a key to be read)
+
+
 class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413: at once when Content-Length says so, else
+    """Refuses request bodies over `max_bytes` with 413, and any body of a GET, HEAD or OPTIONS
+    request: at once when Content-Length or Transfer-Encoding says so, else
     (a chunked upload) after reading at most `max_bytes` + one piece, which are then replayed to the
     app. A body that pauses for more than `read_timeout` seconds between pieces gets 408 and its
     connection closes: a stalled upload would otherwise hold its buffer and its task forever."""
@@ -339,8 +343,12 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if scope["method"] in BODILESS and (b"transfer-encoding" in headers or declared not in (None, b"0")):
+            # no route reads one, and these need no key: a body would be buffered for nobody
+            return await self.too_large(0)(scope, receive, send)
         body = _TimedBody(scope, receive, send, self.read_timeout)
-        declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 return await self.too_large(self.max_bytes)(scope, receive, send)

@@ -252,6 +252,20 @@ def test_without_a_key_a_body_is_refused_401_before_it_is_read(guarded, path, co
         assert b"www-authenticate: bearer" in answer.lower()
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+@pytest.mark.parametrize("framing", [b"Transfer-Encoding: chunked\r\n\r\n4000\r\n", b"Content-Length: 15000000\r\n\r\n"])
+def test_a_body_on_a_request_that_needs_no_key_is_refused_before_it_is_read(guarded, method, framing):
+    """GET /health needs no key, and its body was read into memory all the same (up to 16 MiB a
+    connection, held while it trickled in): 32 such requests without a key held 509 MB."""
+    sock = raw(guarded)
+    sock.sendall(method.encode() + b" /health HTTP/1.1\r\nHost: x\r\n" + framing + b"[" * 1000)
+    answer = read_all(sock, timeout=READ_TIMEOUT + 5)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]  # (read first, it would be a 408)
+    if method != "HEAD":
+        assert "carries no body" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert httpx.get(guarded.url + "/health").status_code == 200  # (and one without a body is answered)
+
+
 def test_a_body_short_of_its_content_length_gets_408(guarded):
     sock = raw(guarded)
     sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
