@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    routers = [_routes()] + ([_docs_routes(app)] if not public_docs and settings.api_keys else [])
+    routers = [_routes(settings.public_voice_list)] + ([_docs_routes(app)] if not public_docs and settings.api_keys else [])
     for router in routers:  # (ECHO_PUBLIC_DOCS=0 without a key: no docs at all)
         app.include_router(router)
     app.openapi = _openapi_of_answered_errors(app)
@@ -267,10 +267,13 @@ class KeyBeforeBody:
         return await self.app(scope, receive, send)
 
 
-def _routes():
+def _routes(public_lists: bool = False):
+    """The routes; with `public_lists` (ECHO_PUBLIC_VOICE_LIST) the model and voice lists need no key:
+    Open WebUI asks for them without one."""
     router = APIRouter()
     public = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_api_key)])
+    lists = public if public_lists else protected
 
     @public.get("/", include_in_schema=False)
     def playground() -> FileResponse:
@@ -294,13 +297,13 @@ def _routes():
     def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @protected.get("/v1/models", responses=_errors(401))
+    @lists.get("/v1/models", responses=_errors(401))
     def models() -> dict:
         """Echo-TTS under its own name (the fork's defaults) and under OpenAI's (OpenAI's defaults)."""
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "echo-tts"}
                                            for name in (MODEL_ID, *OPENAI_SPEECH_MODELS)]}
 
-    @protected.get("/v1/audio/models", responses=_errors(401))
+    @lists.get("/v1/audio/models", responses=_errors(401))
     def audio_models() -> dict:
         """Open WebUI's model suggestions. It never sends `response_format` and saves the body as .mp3,
         so only OpenAI's names, which default to mp3, are offered: `echo-tts` would stream pcm."""
@@ -314,12 +317,12 @@ def _routes():
                 "presets": {name: {"block_sizes": blocks, "num_steps": steps}
                             for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}}
 
-    @protected.get("/v1/voices", responses=_errors(401))
+    @lists.get("/v1/voices", responses=_errors(401))
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         names = service.voices.names()
         return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
 
-    @protected.get("/v1/audio/voices", responses=_errors(401))
+    @lists.get("/v1/audio/voices", responses=_errors(401))
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voices.names()]}
 

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     send_timeout: float = Field(30.0, ge=0.1)
     max_ahead_seconds: float = Field(8.0, gt=0)
     public_docs: bool | None = None  # /docs and /openapi.json without a key; unset: only when no ECHO_API_KEY
+    public_voice_list: bool = False  # the model and voice lists without a key (Open WebUI asks for them without)
     api_key: str | None = None
     # sent as X-Echo-Replica on every response (Ray Serve sets it per replica): printable ASCII
     replica_name: str | None = Field(None, pattern=r"^[!-~]([ -~]{0,198}[!-~])?$")

@@ -178,6 +178,27 @@ def test_a_stream_that_fails_after_its_first_audio_is_an_error_to_the_client_not
 
 # ---- request shapes of clients that cannot run here ---------------------------------------------
 
+
+@pytest.mark.parametrize("public", ["0", "1"])
+def test_open_webui_lists_the_voices_of_a_keyed_server_given_the_setting(tiny_echo_dir, tiny_fish_dir, voice_dir,
+                                                                          tmp_path_factory, public):
+    """Open WebUI (get_available_voices, get_available_models) GETs {base}/audio/voices and
+    {base}/audio/models without the key: on a server with ECHO_API_KEY both were 401, and its voice
+    picker fell back to OpenAI's six names. With ECHO_PUBLIC_VOICE_LIST=1 the lists are public."""
+    import requests
+
+    env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="sekret", ECHO_PUBLIC_VOICE_LIST=public)
+    with live_server(tmp_path_factory, f"lists-{public}", env) as live:
+        voices = requests.get(live.url + "/v1/audio/voices", timeout=30)  # as Open WebUI asks: no key
+        models = requests.get(live.url + "/v1/audio/models", timeout=30)
+        speech = requests.post(live.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "alice"}, timeout=30)
+    assert speech.status_code == 401  # (the rest still needs the key)
+    if public == "0":
+        assert voices.status_code == models.status_code == 401
+    else:
+        assert {voice["id"]: voice["name"] for voice in voices.json()["voices"]}["alice"] == "alice"
+        assert "tts-1" in [model["id"] for model in models.json()["models"]]
+
 def test_open_webui_request_gives_a_playable_mp3(server, tmp_path):
     """Open WebUI (backend/open_webui/routers/audio.py): aiohttp POSTs the browser's {input, voice}
     with `model` set to TTS_MODEL (tts-1), no response_format, and saves the body as <sha256>.mp3,
