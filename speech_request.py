@@ -78,7 +78,8 @@ class GenerationOptions(BaseModel):
     cfg_min_t: Annotated[float, SAMPLER] = Field(0.5, ge=0, le=1)
     cfg_max_t: Annotated[float, SAMPLER] = Field(1.0, ge=0, le=1)
     truncation_factor: Annotated[  # one for every block, or one per block of the first chunk (later take the last)
-        Annotated[float, Field(gt=0, le=2)] | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)]
+        Annotated[float, Field(gt=0, le=2)]
+        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1, max_length=MAX_BLOCKS)]
         | None, SAMPLER] = None
     rescale_k: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
     rescale_sigma: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
@@ -114,6 +115,16 @@ class GenerationOptions(BaseModel):
     def playback_speed(self) -> float:
         """How fast the listener plays the audio (a response's `speed`: SpeechRequest); 1 here."""
         return 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """`null` for a setting with a default is that default: serializers (Jackson, System.Text.Json,
+        an SDK given `speed=None`) write unset fields as null."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationOptions:

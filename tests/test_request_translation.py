@@ -184,3 +184,25 @@ def test_the_readme_documents_every_request_field():
     fields = set(SpeechRequest.model_fields) - {"extra_body"}
     assert fields - documented == set(), "request fields missing from the README's table"
     assert documented - fields == set(), "README rows naming no request field"
+
+
+def test_null_for_a_setting_with_a_default_is_that_default(app):
+    """Serializers that write unset fields as null (Jackson, System.Text.Json, `speed=None` through an
+    SDK) got 400s such as "speed: Input should be a valid number"."""
+    nulls = {"speed": None, "stream": None, "stream_format": None, "model": None, "cfg_scale_text": None,
+             "extra_body": {"cfg_scale_speaker": None}}
+    request = SpeechRequest.model_validate({"input": "Hi.", "voice": "alice", **nulls})
+    assert (request.speed, request.stream, request.stream_format, request.model) == (1.0, True, "audio", "echo-tts")
+    assert (request.cfg_scale_text, request.cfg_scale_speaker) == (3.0, 8.0)
+    r = app.post("/v1/audio/speech", timeout=60, json={"input": "Hi.", "voice": "alice", "response_format": "wav",
+                                                       "block_sizes": [8], "num_steps": 1, **nulls})
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    r = app.post("/v1/audio/speech", json={"input": None, "voice": "alice"})  # (a required field is still required)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_a_truncation_factor_list_is_as_long_as_the_blocks_may_be():
+    """Any length was parsed and validated (8M entries: 0.5 GB and the event loop for a second) before
+    the check against the block count refused it."""
+    with pytest.raises(ValidationError, match="at most 64"):
+        SpeechRequest.model_validate({"input": "Hi.", "voice": "a", "truncation_factor": [1.0] * 65})
