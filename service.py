@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEBUG_WAV = Path("api_generation.wav")
 T = TypeVar("T")
+UPLOADS_AT_ONCE = 2  # voice uploads processed at once (decoded, checked, encoded); more are refused 429
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SpeechService:
         self._runtime: Runtime | None = None
         self._closed = False  # close() came: a load that ends later lets go of what it loaded
         self._loader: threading.Thread | None = None
+        self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
 
     # ---- start-up and readiness ---------------------------------------------------------------
 
@@ -189,8 +191,16 @@ class SpeechService:
             return Started(job, stream, job.voice_name)
 
     def add_voice(self, name: str, data: bytes, consent: str | None, overwrite: bool) -> dict:
-        """Store an uploaded voice with its latents (slow: call it off the event loop)."""
-        return self.voices.add(name, data, consent, overwrite, encode=self.engine.speaker_latents)
+        """Store an uploaded voice with its latents (slow: call it off the event loop). At most
+        UPLOADS_AT_ONCE at a time, the others refused at once (429): an upload takes no queue slot, and
+        each holds a thread of the pool the routes and the streams' encoding share for seconds (a 5
+        minute clip: ~20 s and 0.5 GB), so 40 at once held every stream's first audio back 5 s."""
+        if not self._uploads.acquire(blocking=False):
+            raise RequestError(f"{UPLOADS_AT_ONCE} voice uploads are being processed; retry shortly", status=429)
+        try:
+            return self.voices.add(name, data, consent, overwrite, encode=self.engine.speaker_latents)
+        finally:
+            self._uploads.release()
 
 
 def generation_failure(error: Exception, logged: bool = False) -> RequestError:

@@ -379,3 +379,35 @@ def test_a_full_disk_is_507_leaves_no_trace_and_recovers(tiny_echo_dir, tiny_fis
         assert stored_files(tiny_disk) >= {"big.flac", "big.voice.json"}
     finally:
         live.stop()
+
+
+def test_uploads_beyond_two_at_once_are_refused_429_at_once(library):
+    """An upload takes no queue slot: 40 at once each held a thread of the pool the routes and every
+    stream's encoding share, for seconds, and held the streams' first audio back by 5 s."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import service as svc
+
+    voices, entered, release = library.app.state.service.voices, [], threading.Event()
+    add = voices.add
+
+    def slow_add(*args, **kwargs):
+        entered.append(1)
+        release.wait(30)
+        return add(*args, **kwargs)
+
+    voices.add = slow_add
+    try:
+        with ThreadPoolExecutor(svc.UPLOADS_AT_ONCE) as pool:
+            running = [pool.submit(upload, library, f"busy-{i}", clip()) for i in range(svc.UPLOADS_AT_ONCE)]
+            while len(entered) < svc.UPLOADS_AT_ONCE:
+                release.wait(0.01)
+            refused = upload(library, "one-too-many", clip())
+            release.set()
+            assert [f.result().status_code for f in running] == [200] * svc.UPLOADS_AT_ONCE
+    finally:
+        voices.add = add
+    assert refused.status_code == 429 and refused.headers["retry-after"]
+    assert "voice uploads are being processed" in refused.json()["error"]["message"]
+    assert upload(library, "one-too-many", clip()).status_code == 200  # (once they are done)
