@@ -208,6 +208,15 @@ def stored_files(directory):
     return {p.name for p in directory.iterdir()}
 
 
+@pytest.fixture()
+def many_uploads_at_once(library, monkeypatch):
+    """The store's own races, with more uploads at once than the server processes (UPLOADS_AT_ONCE)."""
+    import threading
+
+    monkeypatch.setattr(library.app.state.service, "_uploads", threading.BoundedSemaphore(12))
+
+
+@pytest.mark.usefixtures("many_uploads_at_once")
 def test_concurrent_uploads_of_one_name_have_exactly_one_winner(library):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -216,6 +225,7 @@ def test_concurrent_uploads_of_one_name_have_exactly_one_winner(library):
     assert sorted(statuses) == [200] + [409] * 11, statuses
 
 
+@pytest.mark.usefixtures("many_uploads_at_once")
 def test_concurrent_overwrites_leave_a_voice_whose_files_belong_together(library):
     from concurrent.futures import ThreadPoolExecutor
 
