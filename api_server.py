@@ -213,8 +213,9 @@ def _docs_routes(app: FastAPI) -> APIRouter:
 
 
 def _body_too_large(limit: int) -> JSONResponse:
-    if limit == 0:  # (observability.BODILESS)
-        return error_response(RequestError("a GET, HEAD or OPTIONS request carries no body here", status=413))
+    if limit == 0:  # (observability.BODILESS: the rest of its body is never read)
+        return error_response(RequestError("a GET, HEAD or OPTIONS request carries no body here", status=413),
+                              close=True)
     return error_response(RequestError(f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
                                        status=413))
 
@@ -273,7 +274,7 @@ def _routes(public_lists: bool = False):
     router = APIRouter()
     public = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_api_key)])
-    lists = public if public_lists else protected
+    lists, list_errors = (public, _errors()) if public_lists else (protected, _errors(401))
 
     @public.get("/", include_in_schema=False)
     def playground() -> FileResponse:
@@ -297,13 +298,13 @@ def _routes(public_lists: bool = False):
     def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @lists.get("/v1/models", responses=_errors(401))
+    @lists.get("/v1/models", responses=list_errors)
     def models() -> dict:
         """Echo-TTS under its own name (the fork's defaults) and under OpenAI's (OpenAI's defaults)."""
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "echo-tts"}
                                            for name in (MODEL_ID, *OPENAI_SPEECH_MODELS)]}
 
-    @lists.get("/v1/audio/models", responses=_errors(401))
+    @lists.get("/v1/audio/models", responses=list_errors)
     def audio_models() -> dict:
         """Open WebUI's model suggestions. It never sends `response_format` and saves the body as .mp3,
         so only OpenAI's names, which default to mp3, are offered: `echo-tts` would stream pcm."""
@@ -317,12 +318,12 @@ def _routes(public_lists: bool = False):
                 "presets": {name: {"block_sizes": blocks, "num_steps": steps}
                             for name, (blocks, steps) in PERFORMANCE_PRESETS.items()}}
 
-    @lists.get("/v1/voices", responses=_errors(401))
+    @lists.get("/v1/voices", responses=list_errors)
     def voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         names = service.voices.names()
         return {"object": "list", "data": [{"object": "voice", "id": n, "name": n} for n in names]}
 
-    @lists.get("/v1/audio/voices", responses=_errors(401))
+    @lists.get("/v1/audio/voices", responses=list_errors)
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voices.names()]}
 
@@ -406,9 +407,9 @@ async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[by
 
 
 async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
-    """stream_format=sse: a `speech.audio.delta` per piece, then `speech.audio.done`; or, failing, an
-    `error` event and a cut body (StreamCut), as the audio stream is cut: a client that ignores event
-    types it does not know (LiveKit's) raises, instead of taking part of the speech for all of it."""
+    """stream_format=sse: a `speech.audio.delta` per piece, then `speech.audio.done` (or `error`: the
+    in-band signal, and the body ends normally, as a client that reads every event expects; cutting it
+    made the OpenAI SDK, which reads an SSE body whole, generate the failed request twice more)."""
     try:
         async for data in _streamed(speech, timing):
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
@@ -416,9 +417,8 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
                     "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
         timing.failed(e)
-        log.warning("generation failed while streaming; the response is cut short after an error event: %s", e)
+        log.warning("generation failed while streaming; the response ends with an error event: %s", e)
         yield _sse({"type": "error", "error": e.detail()})
-        raise StreamCut() from e
 
 
 def _usage(speech: Speech) -> dict:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
 import uuid
 from collections.abc import Callable
 
@@ -79,6 +80,20 @@ class Config(uvicorn.Config):
         self.read_timeout, self.send_timeout = read_timeout, send_timeout
 
 
+if sys.platform == "linux":  # the bytes a socket's kernel send queue holds (SIOCOUTQ is TIOCOUTQ there)
+    import fcntl
+    import termios
+
+    def _kernel_unsent(sock) -> int:
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return 0
+else:
+    def _kernel_unsent(sock) -> int:
+        return 0  # (elsewhere only the transport's own buffer tells progress)
+
+
 class _SendTimeout:
     """Aborts a connection whose transport stayed paused for writing (its buffer full) while the client
     took nothing for `send_timeout` seconds: a reset, so that neither the process nor the kernel
@@ -94,8 +109,15 @@ class _SendTimeout:
             self._arm_send_timer()
 
     def _arm_send_timer(self) -> None:
-        self._send_buffered = self.transport.get_write_buffer_size()
+        self._send_buffered = self._unsent()
         self._send_timer = self.loop.call_later(self.config.send_timeout, self._send_timed_out)
+
+    def _unsent(self) -> int:
+        """Bytes written and not yet taken by the client: the transport's buffer and the kernel's send
+        queue. The kernel wakes the transport only once a third of a send buffer of up to 4 MiB is
+        free, so a client may take megabytes while the transport's buffer does not move."""
+        sock = self.transport.get_extra_info("socket")
+        return self.transport.get_write_buffer_size() + (_kernel_unsent(sock) if sock is not None else 0)
 
     def resume_writing(self) -> None:
         self._stop_send_timer()
@@ -112,7 +134,7 @@ class _SendTimeout:
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
-        if self.transport.get_write_buffer_size() < self._send_buffered:  # it took some: a listener playing a
+        if self._unsent() < self._send_buffered:  # it took some: a listener playing a
             self._arm_send_timer()  # large piece as it comes keeps the writes paused, and is no stalled client
             return
         log.info("a client took no data for %g s (ECHO_SEND_TIMEOUT): connection dropped", self.config.send_timeout)

@@ -343,15 +343,13 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if scope["method"] in BODILESS and (b"transfer-encoding" in headers or declared not in (None, b"0")):
-            # no route reads one, and these need no key: a body would be buffered for nobody
-            return await self.too_large(0)(scope, receive, send)
+        # no route reads the body of these, and they need no key: one would be buffered for nobody
+        limit = 0 if scope["method"] in BODILESS else self.max_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
         body = _TimedBody(scope, receive, send, self.read_timeout)
         if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                return await self.too_large(self.max_bytes)(scope, receive, send)
+            if declared.isdigit() and int(declared) > limit:
+                return await self.too_large(limit)(scope, receive, send)
             return await self.app(scope, body.receive, body.send)  # the server enforces the declared length
         pieces, size, more = [], 0, True
         while more:
@@ -361,8 +359,8 @@ class BodySizeLimit:
             pieces.append(message.get("body", b""))
             size += len(pieces[-1])
             more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await self.too_large(self.max_bytes)(scope, receive, send)
+            if size > limit:
+                return await self.too_large(limit)(scope, receive, send)
         whole, replayed = b"".join(pieces), False
 
         async def replay():

@@ -79,7 +79,7 @@ class GenerationOptions(BaseModel):
     cfg_max_t: Annotated[float, SAMPLER] = Field(1.0, ge=0, le=1)
     truncation_factor: Annotated[  # one for every block, or one per block of the first chunk (later take the last)
         Annotated[float, Field(gt=0, le=2)]
-        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1, max_length=MAX_BLOCKS)]
+        | Annotated[list[Annotated[float, Field(gt=0, le=2)]], Field(min_length=1)]
         | None, SAMPLER] = None
     rescale_k: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
     rescale_sigma: Annotated[float | None, SAMPLER] = Field(None, gt=0, le=100)
@@ -103,6 +103,14 @@ class GenerationOptions(BaseModel):
     chunk_words_per_second: Annotated[float | None, Into("chunking", "words_per_second")] = Field(
         None, ge=WORDS_PER_SECOND_RANGE[0], le=WORDS_PER_SECOND_RANGE[1])
     normalize: bool = True
+
+    @field_validator("truncation_factor", mode="before")
+    @classmethod
+    def _one_factor_per_block_at_most(cls, value: Any) -> Any:
+        """Counted before its entries are parsed: a list of millions was parsed and checked first."""
+        if isinstance(value, list) and len(value) > MAX_BLOCKS:
+            raise ValueError(f"has {len(value)} entries; at most {MAX_BLOCKS}, one per block")
+        return value
 
     @field_validator("block_sizes")
     @classmethod
@@ -246,8 +254,8 @@ class SpeechRequest(GenerationOptions):
     @classmethod
     def _merge_extra_body(cls, data: Any) -> Any:
         """curl users of the fork nest settings under extra_body; top-level values win."""
-        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
-            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body"}}
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):  # (a top-level null is unset)
+            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body" and v is not None}}
         return data
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ headers, read and send timeouts, unhandled errors, protected docs, and the WebSo
 Live servers (`python api_server.py`) are driven over raw sockets where a well-behaved client
 library would not misbehave the way an attacker does."""
 
+import asyncio
 import json
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from websockets.sync.client import connect
 
-from conftest import LiveServer, live_server, server_env
+from conftest import LiveServer, free_port, live_server, server_env
 from test_websocket import messages
 
 pytestmark = pytest.mark.slow
@@ -264,6 +265,9 @@ def test_a_body_on_a_request_that_needs_no_key_is_refused_before_it_is_read(guar
     if method != "HEAD":
         assert "carries no body" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
     assert httpx.get(guarded.url + "/health").status_code == 200  # (and one without a body is answered)
+    sock = raw(guarded)  # an empty chunked body, as requests sends for data=BytesIO(b"")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n")
+    assert read_all(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_a_body_short_of_its_content_length_gets_408(guarded):
@@ -603,3 +607,54 @@ def test_a_client_that_takes_some_of_a_full_buffer_is_not_dropped_as_stalled():
         assert not protocol.transport.aborted
     protocol.loop.fire()  # 30 s with nothing taken: dropped
     assert protocol.transport.aborted
+
+
+def test_a_steady_slow_reader_keeps_its_stream_and_one_that_reads_nothing_is_dropped():
+    """Through a real socket: the kernel wakes the transport only once a third of a send buffer of up
+    to 4 MiB is free, so a client reading 320 KB/s took megabytes while the transport's own buffer did
+    not move, and was dropped after ECHO_SEND_TIMEOUT. The kernel's send queue counts as progress now;
+    a client that reads nothing is still dropped."""
+    import threading
+
+    import uvicorn
+
+    import http_server
+
+    done = threading.Event()
+
+    async def endless(scope, receive, send):  # 512 KiB pieces, as a stream's slices are, until the client goes
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        gone = asyncio.ensure_future(receive())  # (the request has no body: the next message is its disconnect)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
+        while not gone.done() and not done.is_set():
+            await send({"type": "http.response.body", "body": b"\0" * 524288, "more_body": True})
+        gone.cancel()
+
+    timeout, socks = 2.0, []
+    config = http_server.Config(endless, read_timeout=10, send_timeout=timeout, host="127.0.0.1", port=free_port(),
+                                http=http_server.BoundedH11Protocol, h11_max_incomplete_event_size=16384,
+                                log_level="warning")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        steady, idle = socks = [socket.create_connection(("127.0.0.1", config.port)) for _ in range(2)]
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got, started, idle_dropped = 0, time.monotonic(), None
+        while time.monotonic() - started < 4 * timeout:
+            time.sleep(0.1)
+            got += len(steady.recv(32768))  # 320 KB/s
+            if idle_dropped is None and idle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                idle_dropped = time.monotonic() - started
+        assert steady.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and got > 2_000_000
+        assert idle_dropped is not None and idle_dropped < 3 * timeout
+    finally:
+        done.set()
+        for sock in socks:
+            sock.close()
+        server.should_exit = True
