@@ -165,7 +165,8 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    routers = [_routes(settings.public_voice_list)] + ([_docs_routes(app)] if not public_docs and settings.api_keys else [])
+    routers = [_routes(settings.public_voice_list)]
+    routers += [_docs_routes(app)] if not public_docs and settings.api_keys else []
     for router in routers:  # (ECHO_PUBLIC_DOCS=0 without a key: no docs at all)
         app.include_router(router)
     app.openapi = _openapi_of_answered_errors(app)

@@ -332,8 +332,8 @@ BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose requests carry no body he
 
 class BodySizeLimit:
     """Refuses request bodies over `max_bytes` with 413, and any body of a GET, HEAD or OPTIONS
-    request: at once when Content-Length or Transfer-Encoding says so, else
-    (a chunked upload) after reading at most `max_bytes` + one piece, which are then replayed to the
+    request (a limit of 0 bytes): at once when Content-Length says so, else
+    (a chunked upload) after reading at most the limit + one piece, which are then replayed to the
     app. A body that pauses for more than `read_timeout` seconds between pieces gets 408 and its
     connection closes: a stalled upload would otherwise hold its buffer and its task forever."""
 

@@ -18,7 +18,9 @@ prefixes line up: those that started together). Units are taken earliest deadlin
 first. A job's deadline is when its listener would notice it is late:
 - before its first audio: its arrival plus `first_audio_budget` seconds;
 - once playing: the moment the audio it has delivered runs out, i.e. its first audio's time plus
-  the seconds delivered (playback is assumed to start with the first audio and run in real time).
+  the seconds delivered, at the response's speed (playback is assumed to start with the first audio
+  and run in real time; a parking moves it on only by the time its client was behind beyond the
+  time playing what it had to take: a listener who paused).
 A unit's deadline is its most urgent member's. So a new stream's first block runs as soon as its
 deadline is the nearest (within one unit of its arrival when the others have audio buffered), and
 a stream with seconds buffered yields to one about to run dry. Starvation-free: a job's deadline
@@ -102,7 +104,7 @@ class _Ticket:
     resume_at: int | None = None  # while parked: the job resumes once `taken` reaches this
     caught_up: tuple[int, float] | None = None  # (resume_at, clock()) when `taken` reached that resume_at
     arrived: float = field(default_factory=lambda: clock())  # when it was submitted
-    speed: float = 1.0  # how fast its listener plays the audio (the response's `speed`): deadlines come that much sooner
+    speed: float = 1.0  # how fast its listener plays the audio (the response's `speed`): deadlines that much sooner
     steps_used: list[int] | None = None  # with adaptive steps: the diffusion steps of each block started, in order
     _claim: threading.Lock = field(default_factory=threading.Lock)
 

@@ -404,7 +404,11 @@ def test_record_opens_the_microphone_once_and_says_why_it_cannot_over_plain_http
     page.evaluate("""() => {
         window.streams = [];
         const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-        navigator.mediaDevices.getUserMedia = async (c) => { const s = await open(c); window.streams.push(s); return s; };
+        navigator.mediaDevices.getUserMedia = async (c) => {
+            const s = await open(c);
+            window.streams.push(s);
+            return s;
+        };
     }""")
     page.fill("#voice-name", "twice")
     page.evaluate("() => { const r = document.querySelector('#record'); r.click(); r.click(); }")

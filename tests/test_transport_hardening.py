@@ -254,7 +254,8 @@ def test_without_a_key_a_body_is_refused_401_before_it_is_read(guarded, path, co
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
-@pytest.mark.parametrize("framing", [b"Transfer-Encoding: chunked\r\n\r\n4000\r\n", b"Content-Length: 15000000\r\n\r\n"])
+@pytest.mark.parametrize("framing", [b"Transfer-Encoding: chunked\r\n\r\n4000\r\n",
+                                     b"Content-Length: 15000000\r\n\r\n"])
 def test_a_body_on_a_request_that_needs_no_key_is_refused_before_it_is_read(guarded, method, framing):
     """GET /health needs no key, and its body was read into memory all the same (up to 16 MiB a
     connection, held while it trickled in): 32 such requests without a key held 509 MB."""
