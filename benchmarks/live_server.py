@@ -19,6 +19,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
+LOAD_FAILURE_GRACE = 15.0  # seconds a server whose models failed to load has to exit on its own
 
 
 def free_port() -> int:
@@ -68,8 +69,13 @@ class LiveServer:
                 self._log.close()
                 raise ServerFailed(f"server exited with {self.process.returncode}:\n{self.log()}")
             if until == "ready" and (failure := self._load_failure_line()):
-                self.stop()
-                raise ServerFailed(f"{failure}\n{self.log()}")
+                try:  # (an entry point that exits on it, as deploy/ray_serve.py does, says so with its status)
+                    code = self.process.wait(timeout=LOAD_FAILURE_GRACE)
+                except subprocess.TimeoutExpired:
+                    self.stop()
+                    raise ServerFailed(f"{failure}\n{self.log()}") from None
+                self._log.close()
+                raise ServerFailed(f"server exited with {code}:\n{self.log()}")
             try:  # a proxy (Ray Serve's) may answer before the app is there: only the app's 200 is "up"
                 response = httpx.get(self.url + "/health", timeout=2, trust_env=False)
                 health = response.json() if response.status_code == 200 else None
