@@ -197,7 +197,7 @@ def load_runtime(settings: Settings, voices: VoiceCatalog, debug_sink: Callable[
 
 def uses_compile(settings: Settings) -> bool:
     """torch.compile is used: the decoder with ECHO_COMPILE, the autoencoder with ECHO_COMPILE_AE on CUDA."""
-    return settings.compiles or (settings.compile_ae and settings.fish_device_name.startswith("cuda"))
+    return settings.compiles or settings.compiles_ae
 
 
 def fast_path_failure_path(settings: Settings) -> Path:
@@ -286,7 +286,7 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
     if s.torch_device.type == "cuda" or torch.device(s.fish_device_name).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (the Fish decoder) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    if s.compile_ae and not s.fish_device_name.startswith("cuda"):
+    if s.compile_ae and not s.compiles_ae:
         log.info("ECHO_COMPILE_AE ignored on %s", s.fish_device_name)
     if uses_compile(s):
         progress.enter("loading saved torch.compile artifacts")
@@ -310,7 +310,7 @@ def _load_engine(s: Settings, voices: VoiceCatalog,
                 raise
             s, plan = _give_way_to_eager(s, None, f"does not fit: {e}"), None
             steps = _step_runner(s, model)
-    if s.compile_ae and s.fish_device_name.startswith("cuda"):  # (after the fit: the eager path compiles nothing)
+    if s.compiles_ae:  # (after the fit: the eager path compiles nothing)
         fish.encode_zq = torch.compile(fish.encode_zq)  # voices go through encode_zq; audio comes from the
         # streaming decoder, compiled with ECHO_COMPILE
     return SpeechEngine(model, fish, pca, voices.latents, s.max_speaker_latent_length,

@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         return self.compile
 
     @property
+    def compiles_ae(self) -> bool:
+        """Whether the autoencoder's voice encoder is compiled: ECHO_COMPILE_AE, on CUDA only."""
+        return self.compile_ae and self.fish_device_name.startswith("cuda")
+
+    @property
     def fast_path_by_default(self) -> bool:
         """Compiling with none of ECHO_COMPILE, ECHO_CUDA_GRAPHS and ECHO_STATIC_SHAPES set: a fast
         path that fails to start gives way to the eager one (runtime.load_runtime) instead of
