@@ -54,7 +54,7 @@ class LiveServer:
         self.log_path = log_path
         full_env = {**os.environ, "ECHO_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
         self._log = open(log_path, "wb")
-        self._scanned = 0  # bytes of the log _load_failure_line has read
+        self._scanned = 0  # bytes of the log _load_failure_line has read past
         self.started = time.monotonic()
         self.process = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=full_env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
@@ -88,26 +88,26 @@ class LiveServer:
         raise ServerFailed(f"server not {until} after {timeout} s:\n{self.log()}")
 
     def _load_failure_line(self) -> str | None:
-        """The server log's "loading the models failed" line, once there is one (each poll reads on
-        from the last whole line it read)."""
+        """The server log's "loading the models failed" line, once there is one: how a load failure is
+        recognised (/ready would need the key on a keyed server). Each call reads on from the last whole
+        line before it, so once found the line is found again."""
         with open(self.log_path, "rb") as log:
             log.seek(self._scanned)
             for line in log:
                 if not line.endswith(b"\n"):
                     break  # (being written: read again at the next poll)
-                self._scanned += len(line)
                 if b"loading the models failed" in line:
                     return line.decode(errors="replace").strip()
+                self._scanned += len(line)
         return None
 
     def load_failure(self, timeout: float = 10) -> httpx.Response:
-        """/ready's answer once it says that loading the models failed (the last answer after `timeout`)."""
+        """/ready's answer once the log says that loading the models failed (or the process exited, or
+        `timeout` passed)."""
         deadline = time.monotonic() + timeout
-        while True:
-            response = httpx.get(self.url + "/ready", trust_env=False)
-            if "failed" in response.text or time.monotonic() > deadline:
-                return response
+        while self.process.poll() is None and not self._load_failure_line() and time.monotonic() < deadline:
             time.sleep(0.1)
+        return httpx.get(self.url + "/ready", trust_env=False)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
