@@ -126,13 +126,18 @@ class GenerationOptions(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_the_default(cls, data: Any) -> Any:
-        """`null` for a setting with a default is that default: serializers (Jackson, System.Text.Json,
-        an SDK given `speed=None`) write unset fields as null."""
-        if isinstance(data, dict):
-            fields = cls.model_fields
-            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
-        return data
+    def _merge_settings(cls, data: Any) -> Any:
+        """The settings under a SpeechRequest's `extra_body` (curl users of the fork nest them there) with
+        the top level's over them, nulls left out: a null on top hides nothing, and a null for a setting
+        with a default is that default (serializers such as Jackson, System.Text.Json and an SDK given
+        `speed=None` write unset fields as null). Other nulls stay, to be refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        nested = data.get("extra_body") if "extra_body" in fields else None
+        under, top = (nested, data) if isinstance(nested, dict) else (data, {})  # (not an object: refused as such)
+        return {**{k: v for k, v in under.items() if v is not None or k not in fields or fields[k].is_required()},
+                **{k: v for k, v in top.items() if v is not None and k != "extra_body"}}
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationOptions:
@@ -249,14 +254,6 @@ class SpeechRequest(GenerationOptions):
     speed: float = Field(1.0, ge=MIN_SPEED, le=MAX_SPEED)
     instructions: str | None = None  # accepted and ignored: Echo takes no style prompt
     extra_body: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _merge_extra_body(cls, data: Any) -> Any:
-        """curl users of the fork nest settings under extra_body; top-level values win."""
-        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):  # (a top-level null is unset)
-            return {**data["extra_body"], **{k: v for k, v in data.items() if k != "extra_body" and v is not None}}
-        return data
 
     @model_validator(mode="after")
     def _sse_streams(self) -> SpeechRequest:

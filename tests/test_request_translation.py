@@ -203,6 +203,16 @@ def test_null_for_a_setting_with_a_default_is_that_default(app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
 
 
+def test_nulls_and_extra_body_for_the_voice_object_and_the_options_alone():
+    """A voice object under extra_body shows through a top-level null; the options alone take a null as
+    the default too, and have no extra_body (a request's: ignored there)."""
+    request = SpeechRequest.model_validate({"input": "Hi.", "voice": None, "extra_body": {"voice": {"id": "b"}}})
+    assert request.voice_name == "b" and request.extra_body is None
+    chosen = GenerationOptions.model_validate({"input": "Hi.", "voice": "a", "cfg_scale_text": None, "seed": None,
+                                               "extra_body": {"cfg_scale_text": 1.5, "seed": 3}})
+    assert (chosen.cfg_scale_text, chosen.seed) == (3.0, None)
+
+
 def test_a_truncation_factor_list_is_as_long_as_the_blocks_may_be():
     """Any length was parsed and validated (8M entries: 0.5 GB and the event loop for a second) before
     the check against the block count refused it."""
