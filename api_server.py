@@ -38,8 +38,8 @@ from starlette.routing import Mount
 
 from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR
-from observability import (BODILESS, BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming, bearer_token,
-                           configure_logging, error_response)
+from observability import (BODILESS, BodyLimit, BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming,
+                           bearer_token, configure_logging, error_response)
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
 from errors import RequestError
@@ -174,8 +174,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     # what a response sent before routing is counted under (FastAPI's included routers name no path)
     endpoints = [route for router in routers for route in router.echo_endpoints]
     endpoints += [route for route in app.routes if isinstance(route, Mount)]
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, too_large=_body_too_large,
-                       read_timeout=settings.read_timeout)
+    app.add_middleware(BodySizeLimit, limit_of=_body_limits(settings), read_timeout=settings.read_timeout)
     app.add_middleware(KeyBeforeBody, settings=settings)  # outside BodySizeLimit: nothing read without a key
     if settings.cors_origins:  # outside BodySizeLimit: a browser can read its 413 and 408 too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
@@ -213,12 +212,13 @@ def _docs_routes(app: FastAPI) -> APIRouter:
     return docs
 
 
-def _body_too_large(limit: int) -> JSONResponse:
-    if limit == 0:  # (observability.BODILESS: the rest of its body is never read)
-        return error_response(RequestError("a GET, HEAD or OPTIONS request carries no body here", status=413),
-                              close=True)
-    return error_response(RequestError(f"the request body is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)",
-                                       status=413))
+def _body_limits(settings: Settings) -> Callable[[dict], BodyLimit]:
+    """What a request's body may hold: ECHO_MAX_BODY_BYTES; nothing on GET, HEAD and OPTIONS (no route
+    reads one, and they need no key: it would be buffered for nobody, so it is refused at its first byte)."""
+    bodiless = BodyLimit(0, "a GET, HEAD or OPTIONS request carries no body here", close=True)
+    body = BodyLimit(settings.max_body_bytes, f"the request body is larger than {settings.max_body_bytes} bytes "
+                     "(ECHO_MAX_BODY_BYTES)")
+    return lambda scope: bodiless if scope["method"] in BODILESS else body
 
 
 # The dependencies are coroutines: they do no I/O, and FastAPI runs a plain function in the thread

@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -330,26 +331,38 @@ class RequestContext:
 BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose requests carry no body here (nor need a key to be read)
 
 
-class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413, and any body of a GET, HEAD or OPTIONS
-    request (a limit of 0 bytes): at once when Content-Length says so, else
-    (a chunked upload) after reading at most the limit + one piece, which are then replayed to the
-    app. A body that pauses for more than `read_timeout` seconds between pieces gets 408 and its
-    connection closes: a stalled upload would otherwise hold its buffer and its task forever."""
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes a request's body may hold, and what the 413 refusing more says (`close`: with
+    Connection: close, the rest of the body is never read)."""
 
-    def __init__(self, app, max_bytes: int, too_large: Callable[[int], object], read_timeout: float | None = None):
-        self.app, self.max_bytes, self.too_large, self.read_timeout = app, max_bytes, too_large, read_timeout
+    max_bytes: int
+    refusal: str
+    close: bool = False
+
+    def response(self) -> JSONResponse:
+        return error_response(RequestError(self.refusal, status=413), close=self.close)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over their limit (`limit_of(scope)`) with 413: at once when
+    Content-Length says so, else (a chunked upload) after reading at most the limit + one piece, which
+    are then replayed to the app. A body that pauses for more than `read_timeout` seconds between
+    pieces gets 408 and its connection closes: a stalled upload would otherwise hold its buffer and
+    its task forever."""
+
+    def __init__(self, app, limit_of: Callable[[dict], BodyLimit], read_timeout: float | None = None):
+        self.app, self.limit_of, self.read_timeout = app, limit_of, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        # no route reads the body of these, and they need no key: one would be buffered for nobody
-        limit = 0 if scope["method"] in BODILESS else self.max_bytes
+        limit = self.limit_of(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         body = _TimedBody(scope, receive, send, self.read_timeout)
         if declared is not None:
-            if declared.isdigit() and int(declared) > limit:
-                return await self.too_large(limit)(scope, receive, send)
+            if declared.isdigit() and int(declared) > limit.max_bytes:
+                return await limit.response()(scope, receive, send)
             return await self.app(scope, body.receive, body.send)  # the server enforces the declared length
         pieces, size, more = [], 0, True
         while more:
@@ -359,8 +372,8 @@ class BodySizeLimit:
             pieces.append(message.get("body", b""))
             size += len(pieces[-1])
             more = message.get("more_body", False)
-            if size > limit:
-                return await self.too_large(limit)(scope, receive, send)
+            if size > limit.max_bytes:
+                return await limit.response()(scope, receive, send)
         whole, replayed = b"".join(pieces), False
 
         async def replay():
