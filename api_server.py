@@ -16,9 +16,8 @@ import logging
 import os
 import signal
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
@@ -444,17 +443,22 @@ def _sse(event: dict) -> bytes:
 
 async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTiming) -> Response:
     """stream=false: the complete file with Content-Length, every block awaited watching the client.
-    The pieces are sent as they are, each let go once sent: never joined into a second copy."""
-    pieces = deque([data async for data in speech.pieces(watched=True)])
+    The encoder writes the file into the speech's spool (pipeline.FILE_IN_MEMORY), whose pieces come
+    once it is complete; each is let go once sent."""
+    pieces = speech.pieces(watched=True)
+    first = await anext(pieces, b"")  # (the whole file made: its size is known)
     timing.sent()
     timing.finished(speech.audio_seconds)
-    headers = headers | {"Content-Length": str(sum(map(len, pieces)))}
+    headers = headers | {"Content-Length": str(speech.file_bytes)}
     if (steps := speech.started.stream.steps_used) is not None:  # ECHO_ADAPTIVE_STEPS: the steps each block took
         headers = headers | {"X-Echo-Steps": ",".join(map(str, steps))}
 
     async def body() -> AsyncIterator[bytes]:
-        while pieces:
-            yield pieces.popleft()
+        async with aclosing(pieces):
+            if first:
+                yield first
+            async for data in pieces:
+                yield data
 
     return StreamingResponse(body(), media_type=speech.encoder.content_type, headers=headers)
 

@@ -31,10 +31,10 @@ Streaming (``streaming=True``) versus whole-file (``streaming=False``):
   tag, just MPEG frames; FLAC's STREAMINFO has "unknown" (0) total samples and MD5; Ogg pages
   are closed every 20 ms of audio so packets do not wait in the muxer.
 * whole-file mode returns ``b""`` from every :meth:`~AudioEncoder.encode` and the complete file
-  from :meth:`~AudioEncoder.finish`, with every size field exact: WAV sizes, FLAC total samples
-  and MD5, and for MP3 a correct Xing "Info" frame (frame count, LAME encoder delay/padding, so
-  decoders trim priming and report the exact duration). Use it when the HTTP layer needs a
-  Content-Length anyway.
+  from :meth:`~AudioEncoder.finish` (or writes it into the seekable ``file`` it is given, held
+  nowhere else), with every size field exact: WAV sizes, FLAC total samples and MD5, and for MP3
+  a correct Xing "Info" frame (frame count, LAME encoder delay/padding, so decoders trim priming
+  and report the exact duration). Use it when the HTTP layer needs a Content-Length anyway.
 
 Latency, measured with this module (PyAV 18.1 / libavformat 62, 44.1 kHz input fed in
 2048-sample = 46 ms blocks, streaming mode; "held" = audio fed but not yet decodable from the
@@ -76,7 +76,7 @@ import threading
 from collections.abc import Mapping
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
 import av
 import numpy as np
@@ -293,6 +293,9 @@ def _as_mono_float32(block: Any) -> np.ndarray:
     return arr
 
 
+WAV_HEADER_BYTES = 44
+
+
 def wav_header(sample_rate: int, data_bytes: int | None) -> bytes:
     """44-byte RIFF/WAVE header for mono s16le. ``data_bytes=None`` -> 0xFFFFFFFF sizes."""
     if data_bytes is None:
@@ -455,9 +458,10 @@ class _ChunkSink:
 
 
 class _PcmWriter:
-    def __init__(self, rate: int, streaming: bool):
-        self._streaming = streaming
-        self._held: list[bytes] = []
+    """Streaming: each block's samples as they come. Whole-file: into `file`."""
+
+    def __init__(self, rate: int, streaming: bool, file: BinaryIO | None = None):
+        self._streaming, self._file = streaming, file
 
     def write(self, x: np.ndarray) -> bytes:
         if not x.size:
@@ -465,23 +469,27 @@ class _PcmWriter:
         data = float_to_int16(x).tobytes()
         if self._streaming:
             return data
-        self._held.append(data)
+        self._file.write(data)
         return b""
 
     def finish(self) -> bytes:
-        data = b"".join(self._held)
-        self._held.clear()
-        return data
+        return b""
 
     def close(self) -> None:
-        self._held.clear()
+        pass
 
 
 class _WavWriter(_PcmWriter):
-    def __init__(self, rate: int, streaming: bool):
-        super().__init__(rate, streaming)
+    """A header with unknown sizes, then the samples (streaming); or the header written first and
+    its sizes set at the end (whole-file)."""
+
+    def __init__(self, rate: int, streaming: bool, file: BinaryIO | None = None):
+        super().__init__(rate, streaming, file)
         self._rate = rate
         self._header_pending = streaming
+        if not streaming:
+            self._start = file.tell()
+            file.write(wav_header(rate, 0))
 
     def _header(self) -> bytes:
         if not self._header_pending:
@@ -494,23 +502,26 @@ class _WavWriter(_PcmWriter):
         return self._header() + data if self._streaming else b""
 
     def finish(self) -> bytes:
-        data = super().finish()
         if self._streaming:
-            return self._header() + data
-        return wav_header(self._rate, len(data)) + data
+            return self._header()
+        end = self._file.tell()
+        self._file.seek(self._start)
+        self._file.write(wav_header(self._rate, end - self._start - WAV_HEADER_BYTES))
+        self._file.seek(end)
+        return b""
 
 
 class _ContainerWriter:
     """One PyAV encoder + muxer for the whole response."""
 
-    def __init__(self, fmt: str, rate: int, streaming: bool):
+    def __init__(self, fmt: str, rate: int, streaming: bool, file: BinaryIO | None = None):
         spec = _CODEC_SPECS[fmt]
         self._spec = spec
         self._rate = rate
         self._time_base = Fraction(1, rate)
         self._pts = 0
         self._streaming = streaming
-        self._sink: _ChunkSink | io.BytesIO = _ChunkSink() if streaming else io.BytesIO()
+        self._sink: _ChunkSink | BinaryIO = _ChunkSink() if streaming else file  # (whole-file: seekable)
 
         container_options = {"flush_packets": "1"}
         if fmt == "mp3":
@@ -580,9 +591,7 @@ class _ContainerWriter:
             head = self.write(np.zeros(frame, np.float32))
         self._container.mux(self._stream.encode(None))
         self._container.close()  # writes the trailer / last Ogg page: read the sink after it
-        if self._streaming:
-            return head + self._sink.take()
-        return self._sink.getvalue()
+        return head + self._sink.take() if self._streaming else b""
 
     def close(self) -> None:
         try:
@@ -611,6 +620,7 @@ class AudioEncoder:
         output_rate: int | None = None,
         speed: float = 1.0,
         streaming: bool = True,
+        file: BinaryIO | None = None,
     ):
         self.format: str = normalize_format(fmt)
         in_rate = _as_int(input_rate, "input_rate")
@@ -629,12 +639,16 @@ class AudioEncoder:
             _Resampler(in_rate, self.sample_rate) if in_rate != self.sample_rate else None
         )
         self._stretch = _TimeStretch(self.sample_rate, self.speed) if self.speed != 1.0 else None
+        # whole-file: written into `file` (the caller's, seekable: a large one may be spooled to
+        # disk), else into memory, which finish() returns
+        self._memory = io.BytesIO() if not self.streaming and file is None else None
+        file = None if self.streaming else file or self._memory
         if self.format == "pcm":
-            self._writer = _PcmWriter(self.sample_rate, self.streaming)
+            self._writer = _PcmWriter(self.sample_rate, self.streaming, file)
         elif self.format == "wav":
-            self._writer = _WavWriter(self.sample_rate, self.streaming)
+            self._writer = _WavWriter(self.sample_rate, self.streaming, file)
         else:
-            self._writer = _ContainerWriter(self.format, self.sample_rate, self.streaming)
+            self._writer = _ContainerWriter(self.format, self.sample_rate, self.streaming, file)
         self._state = "open"  # -> "finished" | "closed"
         self._busy = threading.Lock()  # held by each step: close() waits for the one running
 
@@ -682,7 +696,7 @@ class AudioEncoder:
         except BaseException:
             self._writer.close()
             raise
-        return b"".join(out)
+        return self._memory.getvalue() if self._memory is not None else b"".join(out)
 
     def close(self) -> None:
         """Abandon the response (client gone, generation failed): free the codec. Idempotent.
@@ -708,14 +722,17 @@ def open_encoder(
     output_rate: int | None = None,
     speed: float = 1.0,
     streaming: bool = True,
+    file: BinaryIO | None = None,
 ) -> AudioEncoder:
     """Create the single encoder of one response.
 
     ``fmt``: one of ``AUDIO_FORMATS`` (case-insensitive). ``output_rate``: requested rate in
     [8000, 48000] (None = ``input_rate``); see :func:`coded_sample_rate` for mp3/aac/opus.
     ``speed``: 0.25..4.0, pitch-preserving; 1.0 is a bit-exact bypass. ``streaming``: see the
-    module docstring. Raises ValueError for an invalid format, rate or speed.
+    module docstring. ``file``: whole-file mode writes the file into it (seekable, the caller's,
+    never closed here) instead of returning it from :meth:`~AudioEncoder.finish`. Raises ValueError
+    for an invalid format, rate or speed.
     """
     return AudioEncoder(
-        fmt, input_rate=input_rate, output_rate=output_rate, speed=speed, streaming=streaming
+        fmt, input_rate=input_rate, output_rate=output_rate, speed=speed, streaming=streaming, file=file
     )

@@ -2,8 +2,9 @@
 
 `open_speech` opens the request's encoder (its format and rate: SpeechRequest.output decides, from
 the request, the operator's defaults and the model it names), then starts its job (a queue slot,
-its voice resolved and prepared, service.start). The `Speech` it returns owns both, and `close()`
-is the one place they are let go of: the job stops within a diffusion step, the codec is freed. It
+its voice resolved and prepared, service.start). The `Speech` it returns owns both (and a whole
+file's spool), and `close()` is the one place they are let go of: the job stops within a diffusion
+step, the codec and the spool are freed. It
 closes itself when its pieces run out or fail, and is idempotent, so a transport closes it once
 more wherever it stops early.
 
@@ -14,23 +15,30 @@ wait for one small slice's encoding, not the whole block's (mp3, OpenAI's defaul
 against ~23 ms for the first 32-frame block on 2 CPU cores), each slice's encoding takes less time
 than the audio sent before it plays, and a block costs a few thread hops (8 for 480 frames). The
 bytes are the same however a block is sliced (audio_encoding keeps codec state across calls).
-Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks.
+Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks. A whole file
+(`streaming=False`, whose sizes are exact) is written by its encoder into a spool, in memory up to
+FILE_IN_MEMORY bytes and in a temporary file past that, and its pieces are read from there once
+it is complete: a 4 KB request can ask for minutes of 48 kHz audio, hundreds of megabytes.
 
 The transports only frame the pieces: HTTP streams them as the body, SSE wraps each in an event, a
-whole-file response joins them, the WebSocket cuts them into frames. A new transport
+whole-file response sends them after their total size, the WebSocket cuts them into frames. A new transport
 (a realtime protocol, say) is framing only.
 
 Every failure below the transports is a RequestError: refused before anything started (settings,
 output rate and speed, a full queue, the voice), or failed while generating or encoding
-(service.generation_failure: 400, 408, 500 or 504). A client that leaves while its audio is awaited
-with a `client_gone` watch is ClientGone.
+(service.generation_failure: 400, 408, 500 or 504; a whole file the disk has no room for: 507). A
+client that leaves while its audio is awaited with a `client_gone` watch is ClientGone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
+import logging
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +54,10 @@ from speech_request import SpeechRequest
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
 FIRST_SLICE = 8192  # samples (186 ms): bytes from 16 kHz up at speed 1 (other rates and speeds: the next slice)
 LARGEST_SLICE = 262144  # samples (5.9 s)
+# a whole file (stream=false) is written into a spool: in memory up to FILE_IN_MEMORY bytes (a 30 s mp3 is
+# ~0.5 MB, 4 minutes of 44.1 kHz wav ~21 MB), in a temporary file past that; read back FILE_PIECE at a time
+FILE_IN_MEMORY, FILE_PIECE = 8 << 20, 1 << 16
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -53,11 +65,14 @@ class ClientGone(Exception):
     """The client closed the connection while its audio was awaited."""
 
 
-def request_encoder(request: SpeechRequest, settings: Settings, streaming: bool) -> AudioEncoder:
-    """The request's encoder at its format and rate; a bad rate or speed is a RequestError naming it."""
+def request_encoder(request: SpeechRequest, settings: Settings, streaming: bool,
+                    file: BinaryIO | None = None) -> AudioEncoder:
+    """The request's encoder at its format and rate (whole-file: writing into `file`); a bad rate or
+    speed is a RequestError naming it."""
     fmt, rate = request.output(settings.default_response_format, settings.output_sample_rate)
     try:
-        return open_encoder(fmt, input_rate=SAMPLE_RATE, output_rate=rate, speed=request.speed, streaming=streaming)
+        return open_encoder(fmt, input_rate=SAMPLE_RATE, output_rate=rate, speed=request.speed, streaming=streaming,
+                            file=file)
     except InvalidAudioParameter as e:
         raise RequestError(str(e), e.param) from None
 
@@ -67,27 +82,37 @@ async def open_speech(service: SpeechService, request: SpeechRequest, streaming:
     """The request's speech, generating. Raises RequestError when it is refused (nothing is left
     open then). `client_gone`, when given, is polled while its job starts (its voice prepared) and
     while audio is awaited (`first_audio`, and every block of `pieces(watched=True)`): ClientGone."""
-    encoder = request_encoder(request, service.settings, streaming)
+    file = None if streaming else tempfile.SpooledTemporaryFile(max_size=FILE_IN_MEMORY)
+    try:
+        encoder = request_encoder(request, service.settings, streaming, file)
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise
     # watched: a client that leaves while its voice is prepared gives its queue slot back at once
     start = asyncio.ensure_future(service.start(request.generation_options(), request_id.get()))
     try:
         started = await (_watching(start, client_gone) if client_gone is not None else start)
     except BaseException:  # refused, the client left, or the caller was cancelled meanwhile
         encoder.close()
+        if file is not None:
+            file.close()
         start.cancel()
         if start.done() and not start.cancelled() and start.exception() is None:
             start.result().stream.cancel()  # (started just as the client was found gone)
         raise
-    return Speech(started, encoder, client_gone)
+    return Speech(started, encoder, client_gone, file)
 
 
 class Speech:
-    """One request's generation and its encoder, owned together (see the module's docstring)."""
+    """One request's generation and its encoder (and a whole file's `file`), owned together (see the
+    module's docstring)."""
 
     def __init__(self, started: Started, encoder: AudioEncoder,
-                 client_gone: Callable[[], Awaitable[bool]] | None = None):
-        self.started, self.encoder = started, encoder
+                 client_gone: Callable[[], Awaitable[bool]] | None = None, file: BinaryIO | None = None):
+        self.started, self.encoder, self._file = started, encoder, file
         self.samples = 0  # generated (44.1 kHz) and handed to the encoder so far
+        self.file_bytes: int | None = None  # a whole file's size, once it is complete
         self._client_gone = client_gone
         self._first: np.ndarray | None = None  # awaited by first_audio, not yet encoded
         self._awaited = self._ended = self._stopped = self._closed = False
@@ -138,6 +163,11 @@ class Speech:
                 block = None if self._stopped else await self._next(watched)
             if data := await self._encode(self.encoder.finish):
                 yield data
+            if self._file is not None:  # the whole file, complete: read back in pieces
+                self.file_bytes = self._file.seek(0, io.SEEK_END)  # (a muxer may have gone back to a header)
+                self._file.seek(0)
+                while data := await self._encode(self._file.read, FILE_PIECE):
+                    yield data
         finally:
             self.close()
 
@@ -153,6 +183,8 @@ class Speech:
             self._closed = True
             self.started.stream.cancel()
             self.encoder.close()
+            if self._file is not None:
+                self._file.close()
 
     async def _next(self, watched: bool) -> np.ndarray | None:
         """The next block (None at the end); a generation failure as its RequestError."""
@@ -172,11 +204,18 @@ class Speech:
             raise generation_failure(e, logged=True) from None
 
     @staticmethod
-    async def _encode(step: Callable[..., bytes], *block: np.ndarray) -> bytes:
-        """One encoder step off the event loop; a failure is the request's (500). (Cancelled meanwhile,
-        `close()` may follow at once: the encoder waits for its running step before it frees the codec.)"""
+    async def _encode(step: Callable[..., bytes], *args) -> bytes:
+        """One encoder step (or a read of the whole file) off the event loop; a failure is the
+        request's (500; a full disk 507). (Cancelled meanwhile, `close()` may follow at once: the
+        encoder waits for its running step before it frees the codec.)"""
         try:
-            return await run_in_threadpool(step, *block)
+            return await run_in_threadpool(step, *args)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise generation_failure(e) from None
+            log.error("no room for a whole file (stream=false): %s", e)
+            raise RequestError("the server has no room for the whole file now: ask for it streamed (stream=true)",
+                               status=507) from None
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
 

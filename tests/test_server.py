@@ -120,8 +120,8 @@ def test_every_format_decodes_with_the_right_rate_and_length(app, fmt, stream):
 
 
 def test_a_whole_file_is_sent_as_its_pieces_without_a_joined_copy():
-    """stream=false holds the whole file for its Content-Length, once: the encoder's pieces are sent
-    as they are (a 4 KB request can ask for minutes of 48 kHz audio)."""
+    """stream=false sends the whole file's pieces (pipeline.Speech reads them from its spool once the
+    file is complete) as they are, with the file's size as Content-Length."""
     import asyncio
     from types import SimpleNamespace
 
@@ -133,7 +133,8 @@ def test_a_whole_file_is_sent_as_its_pieces_without_a_joined_copy():
         for piece in pieces:
             yield piece
 
-    speech = SimpleNamespace(pieces=produce, audio_seconds=1.0, encoder=SimpleNamespace(content_type="audio/wav"),
+    speech = SimpleNamespace(pieces=produce, audio_seconds=1.0, file_bytes=4_000_000,
+                             encoder=SimpleNamespace(content_type="audio/wav"),
                              started=SimpleNamespace(stream=SimpleNamespace(steps_used=None)))
     timing = SimpleNamespace(sent=lambda: None, finished=lambda seconds: None)
 
@@ -144,6 +145,30 @@ def test_a_whole_file_is_sent_as_its_pieces_without_a_joined_copy():
     response, sent = asyncio.run(send())
     assert response.headers["content-length"] == str(4_000_000)
     assert len(sent) == 4 and all(a is b for a, b in zip(sent, pieces))  # the same objects: nothing copied
+
+
+def test_a_whole_file_the_disk_has_no_room_for_is_507_and_its_job_ends(app, monkeypatch):
+    import errno
+    import tempfile
+
+    import pipeline
+
+    class FullDisk(tempfile.SpooledTemporaryFile):
+        def rollover(self):  # (the file goes to disk, which is full)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", FullDisk)
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    r = speech(app, stream=False)
+    assert r.status_code == 507, r.text
+    assert r.json()["error"]["code"] == "insufficient_storage" and "stream=true" in r.json()["error"]["message"]
+    worker = app.app.state.service.runtime.worker
+    deadline = time.monotonic() + 10
+    while worker.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.pending == 0
+    monkeypatch.undo()
+    assert speech(app, stream=False).status_code == 200
 
 
 def test_non_streaming_default_is_mp3(app):

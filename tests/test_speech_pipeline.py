@@ -4,7 +4,10 @@ whatever way a consumer stops, nothing is left running or holding a slot."""
 
 import asyncio
 import io
+import os
+import tempfile
 import time
+import tracemalloc
 
 import av
 import numpy as np
@@ -58,6 +61,85 @@ def test_the_whole_file_of_the_pipeline_is_a_playable_file_of_the_audio(tiny_ser
     data, seconds = asyncio.run(whole())
     audio, rate = sf.read(io.BytesIO(data))
     assert rate == 44100 and len(audio) == 16 * 2048 and seconds == pytest.approx(len(audio) / rate)
+
+
+def temporary_files() -> set[str]:
+    """The temporary files this process holds open (deleted from their directory as they are made)."""
+    links = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # (closed meanwhile: the listing's own)
+    return {link for link in links if link.startswith(tempfile.gettempdir())}
+
+
+LONG_FILE = {"input": "Hello there. This is a test.", "block_sizes": [25] * 8, "num_steps": [1] * 8,
+             "early_stop_on_zero": False, "sample_rate": 48000, "speed": 0.25}  # a 3.6 MB wav
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "aac", "pcm"])
+def test_a_whole_file_past_its_memory_waits_on_disk_and_comes_back_the_same_file(tiny_service, monkeypatch, fmt):
+    """stream=false: the encoder writes the file into a spool (a 4 KB request can ask for minutes of 48
+    kHz audio: 337 MiB were held in memory, up to three times over), on disk past FILE_IN_MEMORY,
+    read back once complete; the temporary file goes with the speech."""
+    async def whole(**fields) -> tuple[bytes, int, bool]:
+        speech = await open_speech(tiny_service, request(response_format=fmt, stream=False, **fields),
+                                   streaming=False)
+        before, pieces, on_disk = temporary_files(), [], False
+        async for data in speech.pieces():
+            on_disk = on_disk or len(temporary_files()) > len(before)
+            pieces.append(data)
+        return b"".join(pieces), speech.file_bytes, on_disk
+
+    in_memory, size, on_disk = asyncio.run(whole())
+    assert size == len(in_memory) > 1000 and not on_disk
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    before = temporary_files()
+    spooled, size, on_disk = asyncio.run(whole())
+    assert on_disk and size == len(spooled)
+    if fmt == "opus":  # (each Ogg stream has a random serial number: the same audio, decoded)
+        spooled, in_memory = decoded(spooled), decoded(in_memory)
+    assert spooled == in_memory
+    assert temporary_files() == before and idle(tiny_service)
+
+
+def decoded(data: bytes) -> bytes:
+    with av.open(io.BytesIO(data)) as container:
+        return b"".join(frame.to_ndarray().tobytes() for frame in container.decode(audio=0))
+
+
+def test_a_whole_file_is_held_once_and_on_disk_past_its_memory(tiny_service, monkeypatch):
+    """Traced memory while a 3.6 MB wav is made: the PCM writer held every block, then joined them and
+    put the header before them (three copies at the end)."""
+    async def size_and_peak() -> tuple[int, int]:
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=False, **LONG_FILE),
+                                   streaming=False)
+        size = sum([len(data) async for data in speech.pieces()])
+        return size, tracemalloc.get_traced_memory()[1]
+
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 64 * 1024)
+    asyncio.run(size_and_peak())  # (what is made once: resamplers, filter graphs)
+    tracemalloc.start()
+    try:
+        size, peak = asyncio.run(size_and_peak())
+    finally:
+        tracemalloc.stop()
+    assert size > 3_000_000 and peak < size, (size, peak)
+
+
+def test_a_whole_file_whose_consumer_leaves_takes_its_temporary_file_along(tiny_service, monkeypatch):
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    before = temporary_files()
+
+    async def first_piece_only() -> None:
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=False), streaming=False)
+        pieces = speech.pieces()
+        assert await anext(pieces) and len(temporary_files()) > len(before)
+        await pieces.aclose()
+
+    asyncio.run(first_piece_only())
+    assert temporary_files() == before and idle(tiny_service)
 
 
 def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):
