@@ -16,14 +16,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile, WebSocket
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -33,6 +34,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Mount
 
 from audio_encoding import CONTENT_TYPES
@@ -42,7 +44,7 @@ from observability import (BODILESS, BodyLimit, BodySizeLimit, Metrics, RequestC
 from pipeline import ClientGone, Speech, open_speech
 from service import SpeechService
 from errors import RequestError
-from speech_request import MODEL_ID, OPENAI_SPEECH_MODELS, SpeechRequest, request_error
+from speech_request import MODEL_ID, OPENAI_SPEECH_MODELS, SpeechRequest, check_json_values, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import http_server
 import runtime
@@ -220,6 +222,32 @@ def _body_limits(settings: Settings) -> Callable[[dict], BodyLimit]:
     return lambda scope: bodiless if scope["method"] in BODILESS else body
 
 
+class _CountedJsonRoute(APIRoute):
+    """FastAPI's route, except that the values of a JSON body are counted before FastAPI parses it
+    (speech_request.check_json_values: parsed, a body of countless tiny values held the event loop
+    for seconds). A client that leaves while its body is read gets nothing (499), as FastAPI's own
+    read would answer it (no error logged)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handle = super().get_route_handler()
+
+        async def counted(request: Request) -> Response:
+            if _is_json(request.headers.get("content-type", "")):  # (as FastAPI tells a body it parses)
+                try:
+                    body = await request.body()  # (kept by the request for FastAPI's own read)
+                except ClientDisconnect:  # (or stalled: answered 408 already, observability._TimedBody)
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
+                check_json_values(body, request.app.state.service.settings.max_input_chars, "the request body")
+            return await handle(request)
+
+        return counted
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
 # The dependencies are coroutines: they do no I/O, and FastAPI runs a plain function in the thread
 # pool, where under load a request's key check would queue behind other responses' audio encoding.
 async def get_service(request: Request) -> SpeechService:
@@ -273,7 +301,7 @@ def _routes(public_lists: bool = False):
     Open WebUI asks for them without one."""
     router = APIRouter()
     public = APIRouter()
-    protected = APIRouter(dependencies=[Depends(check_api_key)])
+    protected = APIRouter(dependencies=[Depends(check_api_key)], route_class=_CountedJsonRoute)
     lists, list_errors = (public, _errors()) if public_lists else (protected, _errors(401))
 
     @public.get("/", include_in_schema=False)
@@ -360,11 +388,11 @@ def _routes(public_lists: bool = False):
                 if not body.stream:
                     return await _whole_file(speech, headers, timing)
                 if body.stream_format == "sse":
-                    return StreamingResponse(_sse_events(speech, timing), media_type="text/event-stream",
-                                             headers=headers | {"Cache-Control": "no-cache",
-                                                                "X-Accel-Buffering": "no"})  # (nginx: pass each event)
-                return StreamingResponse(_audio_bytes(speech, timing), media_type=speech.encoder.content_type,
-                                         headers=headers)
+                    return SpeechResponse(speech, _sse_events(speech, timing), media_type="text/event-stream",
+                                          headers=headers | {"Cache-Control": "no-cache",
+                                                             "X-Accel-Buffering": "no"})  # (nginx: pass each event)
+                return SpeechResponse(speech, _audio_bytes(speech, timing), media_type=speech.encoder.content_type,
+                                      headers=headers)
             except BaseException:  # the speech was not handed to a streaming response: let go of it here
                 speech.close()
                 raise
@@ -444,7 +472,7 @@ def _sse(event: dict) -> bytes:
 async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTiming) -> Response:
     """stream=false: the complete file with Content-Length, every block awaited watching the client.
     The encoder writes the file into the speech's spool (pipeline.FILE_IN_MEMORY), whose pieces come
-    once it is complete; each is let go once sent."""
+    once it is complete; each is let go once sent. A failure to read it back cuts the response."""
     pieces = speech.pieces(watched=True)
     first = await anext(pieces, b"")  # (the whole file made: its size is known)
     timing.sent()
@@ -454,13 +482,32 @@ async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTim
         headers = headers | {"X-Echo-Steps": ",".join(map(str, steps))}
 
     async def body() -> AsyncIterator[bytes]:
-        async with aclosing(pieces):
+        try:
             if first:
                 yield first
             async for data in pieces:
                 yield data
+        except RequestError as e:
+            log.warning("a whole file could not be read back; the response is cut short: %s", e)
+            raise StreamCut() from e
 
-    return StreamingResponse(body(), media_type=speech.encoder.content_type, headers=headers)
+    return SpeechResponse(speech, body(), media_type=speech.encoder.content_type, headers=headers)
+
+
+class SpeechResponse(StreamingResponse):
+    """A streamed response that lets go of its speech however it ends: sent, cut, or its client gone
+    before or while it was sent (Starlette leaves an unfinished body to the garbage collector, and
+    a whole file's spool on disk with it)."""
+
+    def __init__(self, speech: Speech, content: AsyncIterator[bytes], **kwargs):
+        super().__init__(content, **kwargs)
+        self.speech = speech
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.speech.close()
 
 
 def download() -> int:

@@ -642,7 +642,7 @@ class AudioEncoder:
         # whole-file: written into `file` (the caller's, seekable: a large one may be spooled to
         # disk), else into memory, which finish() returns
         self._memory = io.BytesIO() if not self.streaming and file is None else None
-        file = None if self.streaming else file or self._memory
+        file = None if self.streaming else file if file is not None else self._memory
         if self.format == "pcm":
             self._writer = _PcmWriter(self.sample_rate, self.streaming, file)
         elif self.format == "wav":

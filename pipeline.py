@@ -164,8 +164,7 @@ class Speech:
             if data := await self._encode(self.encoder.finish):
                 yield data
             if self._file is not None:  # the whole file, complete: read back in pieces
-                self.file_bytes = self._file.seek(0, io.SEEK_END)  # (a muxer may have gone back to a header)
-                self._file.seek(0)
+                self.file_bytes = await self._encode(self._rewind)
                 while data := await self._encode(self._file.read, FILE_PIECE):
                     yield data
         finally:
@@ -184,7 +183,16 @@ class Speech:
             self.started.stream.cancel()
             self.encoder.close()
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError:  # (a full disk: its last bytes cannot be flushed, and the request was told)
+                    pass
+
+    def _rewind(self) -> int:
+        """The whole file's last buffered bytes written out, and the file rewound: its size."""
+        size = self._file.seek(0, io.SEEK_END)  # (a muxer may have gone back to a header)
+        self._file.seek(0)
+        return size
 
     async def _next(self, watched: bool) -> np.ndarray | None:
         """The next block (None at the end); a generation failure as its RequestError."""
@@ -205,9 +213,9 @@ class Speech:
 
     @staticmethod
     async def _encode(step: Callable[..., bytes], *args) -> bytes:
-        """One encoder step (or a read of the whole file) off the event loop; a failure is the
-        request's (500; a full disk 507). (Cancelled meanwhile, `close()` may follow at once: the
-        encoder waits for its running step before it frees the codec.)"""
+        """One encoder step (or a step of reading back the whole file) off the event loop; a failure is
+        the request's (500; a full disk 507). (Cancelled meanwhile, `close()` may follow at once: the
+        encoder waits for its running step before it frees the codec, the file for its running read.)"""
         try:
             return await run_in_threadpool(step, *args)
         except OSError as e:

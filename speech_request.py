@@ -307,3 +307,21 @@ def request_error(errors: list[dict]) -> RequestError:
     param = parts[0] if parts else None
     message = first.get("msg", "invalid request")
     return RequestError(f"{param}: {message}" if param else message, param)
+
+
+# What a speech request's JSON may hold besides its input's characters (the fields, the block lists,
+# what other clients add): values, counted before parsing by their commas and opening brackets (every
+# value but the first follows one). Parsed, a 16 MiB body of `[[],[],...]` held the event loop for
+# seconds and took 360 MiB; a request needs a few hundred values and its input's characters. (Counting
+# 16 MiB takes ~25 ms, about what parsing a 16 MiB string does: bounded, on the loop.)
+JSON_VALUES_BESIDES_INPUT = 65_536
+
+
+def check_json_values(document: str | bytes, max_input_chars: int, what: str) -> None:
+    """Refuse (413) a JSON document that holds more values than a speech request can need, before it
+    is parsed. `what` names it in the message ("the request body", "the message")."""
+    marks = (",", "[", "{") if isinstance(document, str) else (b",", b"[", b"{")
+    limit = JSON_VALUES_BESIDES_INPUT + max_input_chars
+    if (values := sum(map(document.count, marks))) > limit:
+        raise RequestError(f"{what} holds {values} JSON values (counted by commas and brackets); a speech request "
+                           f"needs at most {limit} (ECHO_MAX_INPUT_CHARS and {JSON_VALUES_BESIDES_INPUT})", status=413)

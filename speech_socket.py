@@ -58,7 +58,7 @@ from pipeline import Speech, open_speech
 from service import SpeechService
 from settings import Settings
 from errors import RequestError
-from speech_request import SpeechRequest, request_error
+from speech_request import SpeechRequest, check_json_values, request_error
 from text_chunking import prepare_text
 
 log = logging.getLogger("echo_tts.socket")
@@ -237,7 +237,7 @@ async def _read(session: Session) -> None:
                                    code="invalid_message")
             if len(text.encode()) > limit:
                 raise RequestError(f"the message is larger than {limit} bytes (ECHO_MAX_BODY_BYTES)", status=413)
-            message = _parse(text)
+            message = _parse(text, session.service.settings.max_input_chars)
         except RequestError as e:
             await session.refuse(None, e)
             continue
@@ -280,9 +280,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _parse(text: str) -> dict:
+def _parse(text: str, max_input_chars: int) -> dict:
     """A message as a JSON object; anything else (invalid, NaN or Infinity, numbers out of range,
-    deep nesting) is a RequestError for an error message."""
+    deep nesting, more values than a request needs) is a RequestError for an error message."""
+    check_json_values(text, max_input_chars, "the message")
     try:
         message = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:

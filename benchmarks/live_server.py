@@ -102,8 +102,8 @@ class LiveServer:
         return None
 
     def load_failure(self, timeout: float = 10) -> httpx.Response:
-        """/ready's answer once the log says that loading the models failed (or the process exited, or
-        `timeout` passed)."""
+        """/ready's answer once the log says that loading the models failed, or `timeout` passed
+        (a process that exited meanwhile has no answer: httpx's ConnectError)."""
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and not self._load_failure_line() and time.monotonic() < deadline:
             time.sleep(0.1)

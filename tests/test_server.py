@@ -3,6 +3,7 @@ point, the real server process (uvicorn on a loopback port, httpx) where a clien
 
 import asyncio
 import base64
+import errno
 import io
 import json
 import re
@@ -147,28 +148,64 @@ def test_a_whole_file_is_sent_as_its_pieces_without_a_joined_copy():
     assert len(sent) == 4 and all(a is b for a, b in zip(sent, pieces))  # the same objects: nothing copied
 
 
-def test_a_whole_file_the_disk_has_no_room_for_is_507_and_its_job_ends(app, monkeypatch):
-    import errno
+class FullDisk(io.RawIOBase):
+    """A temporary file on a disk with room for `room` bytes: writing past them fails as a full disk does."""
+
+    def __init__(self, room: int):
+        self.data, self.position, self.room = bytearray(), 0, room
+
+    def readable(self) -> bool:
+        return True
+
+    writable = seekable = readable
+
+    def write(self, data) -> int:
+        end = self.position + len(data)
+        if end > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.data[self.position:end] = data
+        self.position = end
+        return len(data)
+
+    def readinto(self, buffer) -> int:
+        data = self.data[self.position:self.position + len(buffer)]
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.data)}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+@pytest.mark.parametrize("fmt", ["aac", "wav"])
+@pytest.mark.parametrize("short_by", [8000, 1])  # the disk fills while the file is encoded; at its last bytes
+def test_a_whole_file_the_disk_has_no_room_for_is_507_and_its_job_ends(app, monkeypatch, caplog, fmt, short_by):
+    """stream=false writes the file past pipeline.FILE_IN_MEMORY to disk: a full disk is the server's
+    507, however far the file got (aac leaves 3 KB in the file's buffer until it is read back), not a
+    500 with a traceback."""
     import tempfile
 
     import pipeline
 
-    class FullDisk(tempfile.SpooledTemporaryFile):
-        def rollover(self):  # (the file goes to disk, which is full)
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", FullDisk)
+    size = len(speech(app, stream=False, response_format=fmt).content)
     monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
-    r = speech(app, stream=False)
+    monkeypatch.setattr(tempfile, "TemporaryFile",
+                        lambda *args, **kwargs: io.BufferedRandom(FullDisk(size - short_by)))
+    r = speech(app, stream=False, response_format=fmt)
     assert r.status_code == 507, r.text
     assert r.json()["error"]["code"] == "insufficient_storage" and "stream=true" in r.json()["error"]["message"]
+    assert "unhandled error" not in caplog.text
     worker = app.app.state.service.runtime.worker
     deadline = time.monotonic() + 10
     while worker.pending and time.monotonic() < deadline:
         time.sleep(0.02)
     assert worker.pending == 0
     monkeypatch.undo()
-    assert speech(app, stream=False).status_code == 200
+    assert speech(app, stream=False, response_format=fmt).status_code == 200
 
 
 def test_non_streaming_default_is_mp3(app):
@@ -352,6 +389,47 @@ def test_missing_fields_and_malformed_json_are_400(app):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = app.post("/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_a_body_of_countless_json_values_is_413_before_it_is_parsed(app):
+    """A 16 MiB body of `[[],[],...]` took 4 s of the event loop (every stream waited) and 360 MiB
+    parsed; a speech request needs a few hundred values besides its input's characters."""
+    hostile = b'{"input": "Hi.", "voice": "alice", "junk": [' + b"[]," * 100_000 + b"[]]}"
+    r = app.post("/v1/audio/speech", content=hostile, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert "JSON values" in r.json()["error"]["message"]
+    r = speech(app, instructions="x" * 1_100_000, stream=False)  # (over JSON_IN_A_THREAD: parsed in a thread)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg", r.text
+
+
+def test_a_client_that_leaves_while_its_json_body_comes_in_is_no_server_error(app, caplog):
+    """Counting a body's JSON values reads it before FastAPI does: a client gone meanwhile was an
+    unhandled ClientDisconnect, a 500 with a traceback."""
+    arrivals = iter([{"type": "http.request", "body": b'{"input": ', "more_body": True}])
+    sent = []
+
+    async def receive():
+        return next(arrivals, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app.app(scope, receive, send))
+    assert sent[0]["status"] == 499 and "unhandled error" not in caplog.text
+
+
+def test_json_values_are_counted_against_the_input_and_what_a_request_needs():
+    from speech_request import JSON_VALUES_BESIDES_INPUT, RequestError, check_json_values
+
+    limit = JSON_VALUES_BESIDES_INPUT + 100  # with ECHO_MAX_INPUT_CHARS=100
+    check_json_values("[" + "1," * (limit - 1) + "1]", 100, "the body")  # `limit` values: accepted
+    with pytest.raises(RequestError) as refused:
+        check_json_values(b"[" + b"1," * limit + b"1]", 100, "the body")
+    assert refused.value.status == 413 and str(refused.value).startswith("the body holds")
 
 
 def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):

@@ -142,6 +142,38 @@ def test_a_whole_file_whose_consumer_leaves_takes_its_temporary_file_along(tiny_
     assert temporary_files() == before and idle(tiny_service)
 
 
+def test_a_whole_file_response_whose_client_left_before_its_body_lets_go_of_its_file_at_once(tiny_service,
+                                                                                               monkeypatch):
+    """Starlette leaves a body it never iterated to the garbage collector: the speech, and a whole
+    file's spool on disk (hundreds of MB), stayed until it ran."""
+    from types import SimpleNamespace
+
+    from starlette.requests import ClientDisconnect
+
+    import api_server
+
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    before = temporary_files()
+    timing = SimpleNamespace(sent=lambda: None, finished=lambda seconds: None)
+
+    async def gone(message):
+        raise OSError("connection reset by peer")
+
+    async def disconnected():
+        return {"type": "http.disconnect"}
+
+    async def respond_to_a_gone_client() -> tuple[bool, set[str]]:
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=False), streaming=False)
+        response = await api_server._whole_file(speech, {}, timing)
+        on_disk = len(temporary_files()) > len(before)
+        with pytest.raises(ClientDisconnect):
+            await response({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}}, disconnected, gone)
+        return on_disk, temporary_files()  # (while the response, and its body, are still here)
+
+    on_disk, after = asyncio.run(respond_to_a_gone_client())
+    assert on_disk and after == before and idle(tiny_service)
+
+
 def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):
     async def first_piece_only() -> None:
         speech = await open_speech(tiny_service, request(input="Hello there. " * 20, **{"chunking_enabled": True}),
