@@ -16,8 +16,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
@@ -225,8 +225,8 @@ def _body_limits(settings: Settings) -> Callable[[dict], BodyLimit]:
 class _CountedJsonRoute(APIRoute):
     """FastAPI's route, except that the values of a JSON body are counted before FastAPI parses it
     (speech_request.check_json_values: parsed, a body of countless tiny values held the event loop
-    for seconds). A client that leaves while its body is read gets nothing (499), as FastAPI's own
-    read would answer it (no error logged)."""
+    for seconds). A client that leaves while its body is read is answered 499, which it never sees
+    (FastAPI's own read would answer 400), with no error logged."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handle = super().get_route_handler()
@@ -244,8 +244,10 @@ class _CountedJsonRoute(APIRoute):
 
 
 def _is_json(content_type: str) -> bool:
+    """Whether FastAPI may parse a body of this type as JSON (before 0.132 it parsed one with none)."""
     media_type = content_type.partition(";")[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+    return media_type in ("", "application/json") or (media_type.startswith("application/")
+                                                       and media_type.endswith("+json"))
 
 
 # The dependencies are coroutines: they do no I/O, and FastAPI runs a plain function in the thread
@@ -374,7 +376,7 @@ def _routes(public_lists: bool = False):
         return service.voices.delete(voice_id)
 
     @protected.post("/v1/audio/speech", response_class=Response,
-                    responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504))
+                    responses=AUDIO_RESPONSE | _errors(400, 401, 408, 413, 429, 500, 503, 504, 507))
     async def speech(body: SpeechRequest, request: Request,
                      service: Annotated[SpeechService, Depends(ready_service)]) -> Response:
         try:
@@ -426,8 +428,9 @@ async def _streamed(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes
 async def _audio_bytes(speech: Speech, timing: StreamTiming) -> AsyncIterator[bytes]:
     """The HTTP body of a streamed response: a failure after the first byte cuts it (StreamCut)."""
     try:
-        async for data in _streamed(speech, timing):
-            yield data
+        async with aclosing(_streamed(speech, timing)) as pieces:  # (closed with this body: its departure counted)
+            async for data in pieces:
+                yield data
     except RequestError as e:
         timing.failed(e)
         log.warning("generation failed while streaming; the response is cut short: %s", e)
@@ -439,8 +442,9 @@ async def _sse_events(speech: Speech, timing: StreamTiming) -> AsyncIterator[byt
     in-band signal, and the body ends normally, as a client that reads every event expects; cutting it
     made the OpenAI SDK, which reads an SSE body whole, generate the failed request twice more)."""
     try:
-        async for data in _streamed(speech, timing):
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        async with aclosing(_streamed(speech, timing)) as pieces:
+            async for data in pieces:
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         yield _sse({"type": "speech.audio.done", "seed": speech.seed, "voice": speech.voice,
                     "usage": _usage(speech), **speech.steps_report()})
     except RequestError as e:
@@ -483,11 +487,16 @@ async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTim
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            if first:
-                yield first
-            async for data in pieces:
-                yield data
+            async with aclosing(pieces):
+                if first:
+                    yield first
+                async for data in pieces:
+                    yield data
+        except (GeneratorExit, asyncio.CancelledError):
+            timing.left()
+            raise
         except RequestError as e:
+            timing.failed(e)
             log.warning("a whole file could not be read back; the response is cut short: %s", e)
             raise StreamCut() from e
 
@@ -495,11 +504,12 @@ async def _whole_file(speech: Speech, headers: dict[str, str], timing: StreamTim
 
 
 class SpeechResponse(StreamingResponse):
-    """A streamed response that lets go of its speech however it ends: sent, cut, or its client gone
-    before or while it was sent (Starlette leaves an unfinished body to the garbage collector, and
-    a whole file's spool on disk with it)."""
+    """A streamed response that closes its body and lets go of its speech however it ends: sent, cut,
+    or its client gone before or while it was sent. (Starlette leaves an unfinished body to the
+    garbage collector: the speech, a whole file's spool on disk, and the count of the client's
+    departure waited for it.)"""
 
-    def __init__(self, speech: Speech, content: AsyncIterator[bytes], **kwargs):
+    def __init__(self, speech: Speech, content: AsyncGenerator[bytes, None], **kwargs):
         super().__init__(content, **kwargs)
         self.speech = speech
 
@@ -507,7 +517,10 @@ class SpeechResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.speech.close()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.speech.close()
 
 
 def download() -> int:

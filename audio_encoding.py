@@ -729,9 +729,9 @@ def open_encoder(
     ``fmt``: one of ``AUDIO_FORMATS`` (case-insensitive). ``output_rate``: requested rate in
     [8000, 48000] (None = ``input_rate``); see :func:`coded_sample_rate` for mp3/aac/opus.
     ``speed``: 0.25..4.0, pitch-preserving; 1.0 is a bit-exact bypass. ``streaming``: see the
-    module docstring. ``file``: whole-file mode writes the file into it (seekable, the caller's,
-    never closed here) instead of returning it from :meth:`~AudioEncoder.finish`. Raises ValueError
-    for an invalid format, rate or speed.
+    module docstring. ``file``: whole-file mode writes the file into it (seekable, at position
+    0, the caller's, never closed here) instead of returning it from :meth:`~AudioEncoder.finish`.
+    Raises ValueError for an invalid format, rate or speed.
     """
     return AudioEncoder(
         fmt, input_rate=input_rate, output_rate=output_rate, speed=speed, streaming=streaming, file=file

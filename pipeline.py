@@ -143,9 +143,9 @@ class Speech:
 
     async def pieces(self, watched: bool = False) -> AsyncIterator[bytes]:
         """Encoded bytes of every block, slice by slice, as soon as they exist, then the encoder's
-        tail (empty pieces skipped). After `stop()` no further slice is encoded; the tail still is
-        (whole samples). Raises RequestError when the generation or the encoding fails; closes at
-        the end."""
+        tail (empty pieces skipped); for a whole file, its pieces read back once it is complete.
+        After `stop()` no further slice is encoded; the tail still is (whole samples). Raises
+        RequestError when the generation or the encoding fails; closes at the end."""
         try:
             await self.first_audio()
             block, self._first = self._first, None

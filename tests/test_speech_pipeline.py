@@ -174,6 +174,45 @@ def test_a_whole_file_response_whose_client_left_before_its_body_lets_go_of_its_
     assert on_disk and after == before and idle(tiny_service)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_response_whose_client_left_mid_body_counts_the_departure_and_lets_go_at_once(tiny_service, monkeypatch,
+                                                                                          stream):
+    """The departure (echo_client_departures_total) was counted when the garbage collector ran the
+    body's ending, and a whole file's was never counted."""
+    from types import SimpleNamespace
+
+    from starlette.requests import ClientDisconnect
+
+    import api_server
+
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    before, events = temporary_files(), []
+    timing = SimpleNamespace(sent=lambda: None, finished=lambda seconds: None, left=lambda: events.append("left"),
+                             failed=lambda error: events.append("failed"))
+
+    async def gone_after_the_headers(message):
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset by peer")
+
+    async def disconnected():
+        return {"type": "http.disconnect"}
+
+    async def respond() -> tuple[list[str], set[str], bool]:
+        fields = {"input": "Hello there. " * 20, "chunking_enabled": True} if stream else {}
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=stream, **fields),
+                                   streaming=stream)
+        await speech.first_audio()
+        response = (api_server.SpeechResponse(speech, api_server._audio_bytes(speech, timing)) if stream
+                    else await api_server._whole_file(speech, {}, timing))
+        with pytest.raises(ClientDisconnect):
+            await response({"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}}, disconnected,
+                           gone_after_the_headers)
+        return list(events), temporary_files(), speech._closed  # (while the response and its body are still here)
+
+    counted, files, closed = asyncio.run(respond())
+    assert counted == ["left"] and files == before and closed and idle(tiny_service)
+
+
 def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):
     async def first_piece_only() -> None:
         speech = await open_speech(tiny_service, request(input="Hello there. " * 20, **{"chunking_enabled": True}),
