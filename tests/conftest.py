@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -381,6 +382,16 @@ class LiveRequests(_ByPath):
         import httpx
 
         return httpx.stream(method, self.url + path, **kwargs)
+
+
+def idle(service, timeout: float = 10.0) -> bool:
+    """Whether the worker lets go of every job (active, parked and waiting) within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.runtime.worker.pending == 0:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def requests_to(server: "AppServer | LiveServer") -> "AppServer | LiveRequests":

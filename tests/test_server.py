@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import app_server, live_server, requests_to, server_env
+from conftest import app_server, idle, live_server, requests_to, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -199,11 +199,7 @@ def test_a_whole_file_the_disk_has_no_room_for_is_507_and_its_job_ends(app, monk
     assert r.status_code == 507, r.text
     assert r.json()["error"]["code"] == "insufficient_storage" and "stream=true" in r.json()["error"]["message"]
     assert "unhandled error" not in caplog.text
-    worker = app.app.state.service.runtime.worker
-    deadline = time.monotonic() + 10
-    while worker.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert worker.pending == 0
+    assert idle(app.app.state.service)
     monkeypatch.undo()
     assert speech(app, stream=False, response_format=fmt).status_code == 200
 

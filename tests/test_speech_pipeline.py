@@ -17,6 +17,7 @@ import soundfile as sf
 import pipeline
 from pipeline import open_speech
 from speech_request import RequestError, SpeechRequest
+from conftest import idle
 from test_server import FAST
 
 HELLO = {"input": "Hello there. This is a test.", "voice": "none", "seed": 3, **FAST}
@@ -24,16 +25,6 @@ HELLO = {"input": "Hello there. This is a test.", "voice": "none", "seed": 3, **
 
 def request(**fields) -> SpeechRequest:
     return SpeechRequest.model_validate({**HELLO, **fields})
-
-
-def idle(service, timeout: float = 10.0) -> bool:
-    """Whether the worker lets go of every job (active, parked and waiting) within `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if service.runtime.worker.pending == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_a_new_transport_is_framing_only_and_gets_the_audio_http_gets(tiny_service, app):
