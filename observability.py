@@ -241,10 +241,13 @@ def error_response(error: RequestError, close: bool = False) -> JSONResponse:
     return JSONResponse({"error": error.detail()}, status_code=error.status, headers=headers or None)
 
 
-def read_timed_out(timeout: float) -> JSONResponse:
-    """408 for a request that stopped arriving; the connection closes after it."""
-    return error_response(RequestError(f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)",
-                                       status=408), close=True)
+def read_timed_out(timeout: float, too_slow: bool = False) -> JSONResponse:
+    """408 for a request that stopped arriving (`too_slow`: whose body kept arriving, but slower than
+    BODY_MIN_RATE); the connection closes after it."""
+    message = (f"the request body arrived slower than {BODY_MIN_RATE} bytes/s after a grace of {timeout:g} s "
+               "(ECHO_READ_TIMEOUT)" if too_slow else
+               f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)")
+    return error_response(RequestError(message, status=408), close=True)
 
 
 class RequestContext:
@@ -328,6 +331,9 @@ class RequestContext:
         return send_handshake
 
 
+# a body must arrive at least this fast on average, after a grace of ECHO_READ_TIMEOUT: one that trickles in a
+# byte per read timeout would hold its connection, task and buffer for days (a 16 MiB body needs at most 68 min)
+BODY_MIN_RATE = 4096  # bytes/s (32 kbit/s)
 BODILESS = ("GET", "HEAD", "OPTIONS")  # methods whose requests carry no body here (nor need a key to be read)
 
 
@@ -348,8 +354,9 @@ class BodySizeLimit:
     """Refuses request bodies over their limit (`limit_of(scope)`) with 413: at once when
     Content-Length says so, else (a chunked upload) after reading at most the limit + one piece, which
     are then replayed to the app. A body that pauses for more than `read_timeout` seconds between
-    pieces gets 408 and its connection closes: a stalled upload would otherwise hold its buffer and
-    its task forever."""
+    pieces, or arrives slower than BODY_MIN_RATE on average after a grace of `read_timeout`, gets 408
+    and its connection closes: a stalled or trickling upload would otherwise hold its buffer and its
+    task forever."""
 
     def __init__(self, app, limit_of: Callable[[dict], BodyLimit], read_timeout: float | None = None):
         self.app, self.limit_of, self.read_timeout = app, limit_of, read_timeout
@@ -388,28 +395,34 @@ class BodySizeLimit:
 
 class _TimedBody:
     """One request's `receive` and `send` with a read timeout: while the body is incomplete, a
-    receive that waits longer than `timeout` answers 408 (unless a response has started), tells
-    the app that the client is gone, and drops whatever the app sends after that."""
+    receive that waits longer than `timeout`, or past the body's deadline (`timeout` after the
+    headers, plus a second for every BODY_MIN_RATE bytes received), answers 408 (unless a response
+    has started), tells the app that the client is gone, and drops whatever the app sends after that."""
 
     def __init__(self, scope, receive, send, timeout: float | None):
         self.scope, self._receive, self._send, self.timeout = scope, receive, send, timeout
         self.complete = timeout is None
         self.timed_out = self.responding = False
+        self.received, self.started = 0, asyncio.get_running_loop().time()
 
     async def receive(self):
         if self.timed_out:
             return {"type": "http.disconnect"}
         if self.complete:
             return await self._receive()
+        deadline = self.started + self.timeout + self.received / BODY_MIN_RATE
+        wait = min(self.timeout, deadline - asyncio.get_running_loop().time())
         try:
-            async with asyncio.timeout(self.timeout):  # (not wait_for: on Python 3.11 it can swallow a cancellation)
+            async with asyncio.timeout(max(wait, 0)):  # (not wait_for: on Python 3.11 it can swallow a cancellation)
                 message = await self._receive()
         except TimeoutError:
-            self.timed_out = True
-            log.info("request body stalled for %g s (ECHO_READ_TIMEOUT): answered 408", self.timeout)
+            self.timed_out, too_slow = True, wait < self.timeout
+            log.info("request body %s: answered 408", f"arrived slower than {BODY_MIN_RATE} bytes/s" if too_slow
+                     else f"stalled for {self.timeout:g} s (ECHO_READ_TIMEOUT)")
             if not self.responding:
-                await read_timed_out(self.timeout)(self.scope, self._receive, self._send)
+                await read_timed_out(self.timeout, too_slow)(self.scope, self._receive, self._send)
             return {"type": "http.disconnect"}
+        self.received += len(message.get("body", b""))
         self.complete = message["type"] != "http.request" or not message.get("more_body", False)
         return message
 

@@ -281,6 +281,57 @@ def test_a_body_short_of_its_content_length_gets_408(guarded):
     assert b"x-request-id" in answer.lower()
 
 
+def trickle(sock: socket.socket, head: bytes, body: bytes, piece: int, every: float) -> threading.Thread:
+    """Sends `head`, then `body` `piece` bytes at a time, one piece every `every` seconds, in a thread
+    that stops when the server closes the connection."""
+    def send():
+        sock.sendall(head)
+        for at in range(0, len(body), piece):
+            time.sleep(every)
+            try:
+                sock.sendall(body[at:at + piece])
+            except OSError:
+                return
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def speech_head(length: int) -> bytes:
+    """A POST /v1/audio/speech with a key, whose connection closes after its answer."""
+    return (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % length)
+
+
+def test_a_body_that_trickles_in_gets_408_after_the_grace(guarded):
+    """A body that never paused as long as the read timeout but came a byte at a time held its
+    connection, its task and its buffer as long as the client liked (a 16 MiB body for 8 years)."""
+    body = b'{"input": "Hello there."' + b" " * 100 + b"}"
+    sock = raw(guarded)
+    started = time.monotonic()
+    trickle(sock, speech_head(len(body)), body, piece=1, every=READ_TIMEOUT / 3)  # all of it: 42 s
+    answer = read_all(sock, timeout=READ_TIMEOUT + 5)
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert "slower than 4096 bytes/s" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert took < READ_TIMEOUT + 1.5
+
+
+def test_a_slow_body_that_keeps_a_modest_pace_is_served(guarded):
+    """The rate floor is low (4096 bytes/s on average after the read timeout's grace): a body taking
+    several read timeouts to arrive at 32 KiB/s is answered as usual."""
+    body = json.dumps({"input": "Hi.", "voice": "alice", "response_format": "wav", "stream": False}).encode()
+    body = body[:-1] + b" " * 96_000 + b"}"
+    sock = raw(guarded)
+    started = time.monotonic()
+    trickle(sock, speech_head(len(body)), body, piece=8192, every=0.25)  # 3 s: two read timeouts
+    answer = read_all(sock, timeout=30)
+    assert time.monotonic() - started > 2 * READ_TIMEOUT
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    head, audio = answer.split(b"\r\n\r\n", 1)
+    assert audio[:4] == b"RIFF" and len(audio) == int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+
+
 # ---- item 8 (transport): clients that stop reading ----------------------------------------------
 
 
