@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -41,9 +42,9 @@ from audio_encoding import CONTENT_TYPES
 from inference import AE_DOWNSAMPLE_FACTOR
 from observability import (BODILESS, BodyLimit, BodySizeLimit, Metrics, RequestContext, StreamCut, StreamTiming,
                            bearer_token, configure_logging, error_response)
-from pipeline import ClientGone, Speech, open_speech
+from pipeline import FILE_IN_MEMORY, ClientGone, Speech, open_speech
 from service import SpeechService
-from errors import RequestError
+from errors import STORAGE_ERRNOS, RequestError, storage_failure
 from speech_request import MODEL_ID, OPENAI_SPEECH_MODELS, SpeechRequest, check_json_values, request_error
 from settings import PERFORMANCE_PRESETS, Settings, load_settings
 import http_server
@@ -119,7 +120,12 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own errors (no such route, method not allowed) in OpenAI's shape."""
+    """Starlette's own errors (no such route, method not allowed) in OpenAI's shape. A form whose file
+    part could not be spooled to disk (FastAPI's 400 "error parsing the body") is the server's fault:
+    507 or 500, as errors.storage_failure says."""
+    if isinstance(cause := exc.__cause__, OSError) and cause.errno in STORAGE_ERRNOS:
+        log.error("an upload could not be written to the temporary directory: %s", cause)
+        return error_response(storage_failure(cause, "the upload", "nothing was stored"))
     response = error_response(RequestError(str(exc.detail), status=exc.status_code))
     response.headers.update(getattr(exc, "headers", None) or {})  # (405's Allow)
     return response
@@ -127,6 +133,18 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
 
 # ---------------------------------------------------------------------------------------------
 # App
+
+
+def _warn_without_temporary_directory() -> None:
+    """A warning at start when no temporary file can be made (a read-only file system, say): whole files
+    over pipeline.FILE_IN_MEMORY and uploads over 1 MiB (Starlette's form spool) need one."""
+    try:
+        with tempfile.TemporaryFile():
+            pass
+    except OSError as e:
+        log.warning("no temporary file can be written (%s): whole files over %d MiB (stream=false) and voice "
+                    "uploads over 1 MiB will fail with 500; set TMPDIR to a writable directory (a tmpfs, say)",
+                    e, FILE_IN_MEMORY >> 20)
 
 
 def create_app(settings: Settings | None = None, ray_replica: bool = False) -> FastAPI:
@@ -139,6 +157,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        _warn_without_temporary_directory()
         loader = service.start_loading()
         if ray_replica:
             await asyncio.to_thread(loader.join)
@@ -357,7 +376,7 @@ def _routes(public_lists: bool = False):
     def audio_voices(service: Annotated[SpeechService, Depends(get_service)]) -> dict:
         return {"voices": [{"id": n, "name": n} for n in service.voices.names()]}
 
-    @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 408, 409, 413, 503, 507))
+    @protected.post("/v1/audio/voices", responses=_errors(400, 401, 403, 408, 409, 413, 500, 503, 507))
     async def upload_voice(service: Annotated[SpeechService, Depends(ready_service)],
                            name: Annotated[str, Form()], audio_sample: Annotated[UploadFile, File()],
                            consent: Annotated[str | None, Form()] = None,

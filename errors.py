@@ -6,6 +6,8 @@ WebSocket's refused handshake and the answers written below the app (408, 431, 5
 
 from __future__ import annotations
 
+import errno
+
 ERROR_KINDS = {400: ("invalid_value", "invalid_request_error"), 401: ("invalid_api_key", "authentication_error"),
                403: ("forbidden", "permission_error"),
                408: ("request_timeout", "invalid_request_error"),
@@ -47,3 +49,17 @@ class RequestError(ValueError):
     def detail(self) -> dict:
         """OpenAI's error object: the `error` of a response body, an SSE event or a socket message."""
         return {"message": str(self), "type": self.error_type, "param": self.param, "code": self.code}
+
+
+# how writing a temporary file fails: a full disk or quota, and no writable (or no) temporary directory
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT})
+
+
+def storage_failure(e: OSError, what: str, remedy: str) -> RequestError:
+    """`what` (a whole file, an upload) could not be written to the server's temporary directory:
+    507 when its disk is full or over quota, else (none writable: a read-only file system, say) a
+    500 naming TMPDIR. `remedy` ends the message: what the client can do meanwhile."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RequestError(f"the server has no room for {what} now; {remedy}", status=507)
+    return RequestError(f"this server cannot write {what} to a temporary directory (TMPDIR); {remedy}", status=500,
+                        code="temporary_storage_not_writable")

@@ -26,14 +26,14 @@ whole-file response sends them after their total size, the WebSocket cuts them i
 
 Every failure below the transports is a RequestError: refused before anything started (settings,
 output rate and speed, a full queue, the voice), or failed while generating or encoding
-(service.generation_failure: 400, 408, 500 or 504; a whole file the disk has no room for: 507). A
-client that leaves while its audio is awaited with a `client_gone` watch is ClientGone.
+(service.generation_failure: 400, 408, 500 or 504; a whole file the disk has no room for: 507, or
+no temporary directory can hold: 500). A client that leaves while its audio is awaited with a
+`client_gone` watch is ClientGone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import io
 import logging
 import tempfile
@@ -48,7 +48,7 @@ from inference import SAMPLE_RATE
 from observability import request_id
 from service import SpeechService, Started, generation_failure
 from settings import Settings
-from errors import RequestError
+from errors import STORAGE_ERRNOS, RequestError, storage_failure
 from speech_request import SpeechRequest
 
 DISCONNECT_POLL_SECONDS = 0.05  # how often a watched wait for audio asks whether the client is still there
@@ -211,19 +211,18 @@ class Speech:
         except Exception as e:  # noqa: BLE001 - what the client is told (the worker logged it)
             raise generation_failure(e, logged=True) from None
 
-    @staticmethod
-    async def _encode(step: Callable[..., bytes], *args) -> bytes:
+    async def _encode(self, step: Callable[..., bytes], *args) -> bytes:
         """One encoder step (or a step of reading back the whole file) off the event loop; a failure is
-        the request's (500; a full disk 507). (Cancelled meanwhile, `close()` may follow at once: the
-        encoder waits for its running step before it frees the codec, the file for its running read.)"""
+        the request's (500; a whole file the disk has no room for 507, one no temporary directory can
+        hold a 500 that says so). (Cancelled meanwhile, `close()` may follow at once: the encoder waits
+        for its running step before it frees the codec, the file for its running read.)"""
         try:
             return await run_in_threadpool(step, *args)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if self._file is None or e.errno not in STORAGE_ERRNOS:
                 raise generation_failure(e) from None
-            log.error("no room for a whole file (stream=false): %s", e)
-            raise RequestError("the server has no room for the whole file now: ask for it streamed (stream=true)",
-                               status=507) from None
+            log.error("a whole file (stream=false) could not be written to the temporary directory: %s", e)
+            raise storage_failure(e, "the whole file", "ask for it streamed (stream=true)") from None
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
 

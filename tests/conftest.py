@@ -409,6 +409,33 @@ def app_server(env: dict[str, str], **kwargs) -> Iterator[AppServer]:
         app.stop()
 
 
+def tmpfs(directory: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on `directory` (made here) with mount `options`, unmounted after; skips the test
+    where mounting needs a root this process is not."""
+    import subprocess
+
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 400 KiB tmpfs: room for a small voice or two, not for more."""
+    yield from tmpfs(tmp_path / "disk", "size=400k")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only file system (as a container's with readOnlyRootFilesystem): even root cannot write it."""
+    yield from tmpfs(tmp_path / "read-only", "ro,size=64k")
+
+
 @pytest.fixture(scope="session")
 def app(tiny_echo_dir, tiny_fish_dir, voice_dir):
     """The `server` fixture's configuration, in process."""

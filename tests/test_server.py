@@ -204,6 +204,29 @@ def test_a_whole_file_the_disk_has_no_room_for_is_507_and_its_job_ends(app, monk
     assert speech(app, stream=False, response_format=fmt).status_code == 200
 
 
+def test_a_whole_file_no_temporary_directory_can_hold_is_a_500_that_says_so(app, monkeypatch, read_only_disk,
+                                                                           tiny_echo_dir, tiny_fish_dir, voice_dir):
+    """A read-only file system (a container's, say) has no temporary directory: a whole file past
+    pipeline.FILE_IN_MEMORY was a 500 "generation failed: [Errno 30] Read-only file system: ...", as
+    if the model had failed, and nothing at start said so."""
+    import tempfile
+
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)
+    monkeypatch.setattr(tempfile, "tempdir", str(read_only_disk))
+    r = speech(app, stream=False, response_format="wav")
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["code"] == "temporary_storage_not_writable"
+    assert "TMPDIR" in error["message"] and "stream=true" in error["message"]
+    assert idle(app.app.state.service)
+    assert speech(app, response_format="wav").status_code == 200  # streamed: nothing written to disk
+    with app_server(server_env(tiny_echo_dir, tiny_fish_dir, voice_dir), wait_ready=False) as other:
+        assert "no temporary file can be written" in other.log() and "set TMPDIR" in other.log()
+    monkeypatch.undo()
+    assert speech(app, stream=False, response_format="wav").status_code == 200
+
+
 def test_non_streaming_default_is_mp3(app):
     r = speech(app, stream=False)
     assert r.headers["content-type"] == "audio/mpeg"

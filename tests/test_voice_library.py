@@ -358,20 +358,6 @@ def test_a_concat_script_as_a_voice_reads_no_server_file(library):
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice" and "README" not in r.text
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 400 KiB tmpfs: room for a small voice or two, not for more."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_is_507_leaves_no_trace_and_recovers(tiny_echo_dir, tiny_fish_dir, voice_dir, tiny_disk,
                                                          tmp_path):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY="lib-key",
@@ -389,6 +375,30 @@ def test_a_full_disk_is_507_leaves_no_trace_and_recovers(tiny_echo_dir, tiny_fis
         assert stored_files(tiny_disk) >= {"big.flac", "big.voice.json"}
     finally:
         live.stop()
+
+
+def test_an_upload_no_temporary_directory_can_hold_is_the_servers_507_or_500(library, tiny_disk, read_only_disk,
+                                                                            monkeypatch):
+    """A form's file part over 1 MiB is spooled to a temporary file (Starlette). When the temporary
+    directory was full or read-only, FastAPI answered 400 "There was an error parsing the body": the
+    client was told its upload was malformed."""
+    import tempfile
+
+    spooled = clip(seconds=15.0, rate=44100)  # 1.3 MB
+    (tiny_disk / "filler").write_bytes(b"\0" * 300 * 1024)
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(tiny_disk))
+        r = upload(library, "spooled", spooled)
+        assert r.status_code == 507, r.text
+        assert r.json()["error"]["code"] == "insufficient_storage" and "nothing was stored" in r.text
+        patch.setattr(tempfile, "tempdir", str(read_only_disk))
+        r = upload(library, "spooled", spooled)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "temporary_storage_not_writable" and "TMPDIR" in r.text
+    assert library.get("/v1/voices/spooled", headers=KEY).status_code == 404
+    assert "an upload could not be written to the temporary directory" in library.log()
+    assert upload(library, "spooled", spooled).status_code == 200
+    assert library.delete("/v1/audio/voices/spooled", headers=KEY).status_code == 200
 
 
 def test_uploads_beyond_two_at_once_are_refused_429_at_once(library):
