@@ -18,7 +18,9 @@ bytes are the same however a block is sliced (audio_encoding keeps codec state a
 Formats that encode in a few milliseconds (pcm, wav, flac) get whole blocks. A whole file
 (`streaming=False`, whose sizes are exact) is written by its encoder into a spool, in memory up to
 FILE_IN_MEMORY bytes and in a temporary file past that, and its pieces are read from there once
-it is complete: a 4 KB request can ask for minutes of 48 kHz audio, hundreds of megabytes.
+it is complete: a 4 KB request can ask for minutes of 48 kHz audio, hundreds of megabytes. All whole
+files together, written or waiting for their clients, hold at most ECHO_MAX_WHOLE_FILES_BYTES; one
+that would pass it is refused as a full disk is (507).
 
 The transports only frame the pieces: HTTP streams them as the body, SSE wraps each in an event, a
 whole-file response sends them after their total size, the WebSocket cuts them into frames. A new transport
@@ -46,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from audio_encoding import AudioEncoder, InvalidAudioParameter, open_encoder
 from inference import SAMPLE_RATE
 from observability import request_id
-from service import SpeechService, Started, generation_failure
+from service import ByteBudget, SpeechService, Started, generation_failure
 from settings import Settings
 from errors import STORAGE_ERRNOS, RequestError, storage_failure
 from speech_request import SpeechRequest
@@ -82,7 +84,7 @@ async def open_speech(service: SpeechService, request: SpeechRequest, streaming:
     """The request's speech, generating. Raises RequestError when it is refused (nothing is left
     open then). `client_gone`, when given, is polled while its job starts (its voice prepared) and
     while audio is awaited (`first_audio`, and every block of `pieces(watched=True)`): ClientGone."""
-    file = None if streaming else tempfile.SpooledTemporaryFile(max_size=FILE_IN_MEMORY)
+    file = None if streaming else _Spool(service.whole_files)
     try:
         encoder = request_encoder(request, service.settings, streaming, file)
     except BaseException:
@@ -102,6 +104,33 @@ async def open_speech(service: SpeechService, request: SpeechRequest, streaming:
             start.result().stream.cancel()  # (started just as the client was found gone)
         raise
     return Speech(started, encoder, client_gone, file)
+
+
+class _Spool(tempfile.SpooledTemporaryFile):
+    """A whole file as it is written: in memory up to FILE_IN_MEMORY bytes, in a temporary file past
+    that; its size is charged to `budget` (the server's ECHO_MAX_WHOLE_FILES_BYTES) as it grows and
+    given back when it is closed. Growing past the budget fails as a full disk does (507)."""
+
+    def __init__(self, budget: ByteBudget):
+        super().__init__(max_size=FILE_IN_MEMORY)
+        self._budget, self._charged = budget, 0
+
+    def write(self, data) -> int:
+        if (end := self.tell() + memoryview(data).nbytes) > self._charged:
+            self._budget.take(end - self._charged)
+            self._charged = end
+        return super().write(data)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._budget.give(self._charged)
+            self._charged = 0
 
 
 class Speech:
@@ -221,7 +250,7 @@ class Speech:
         except OSError as e:
             if self._file is None or e.errno not in STORAGE_ERRNOS:
                 raise generation_failure(e) from None
-            log.error("a whole file (stream=false) could not be written to the temporary directory: %s", e)
+            log.error("a whole file (stream=false) could not be held: %s", e)
             raise storage_failure(e, "the whole file", "ask for it streamed (stream=true)") from None
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None

@@ -9,6 +9,7 @@ load is reported by /ready). What a request means for the engine is the request 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -36,6 +37,26 @@ log = logging.getLogger(__name__)
 DEBUG_WAV = Path("api_generation.wav")
 T = TypeVar("T")
 UPLOADS_AT_ONCE = 2  # voice uploads processed at once (decoded, checked, encoded); more are refused 429
+
+
+class ByteBudget:
+    """Bytes that one kind of resource may hold at once, in all (any thread): `take` what grows, `give`
+    it back when let go of."""
+
+    def __init__(self, limit: int, setting: str):
+        self.limit, self.setting, self.held = limit, setting, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        """Hold `size` bytes more; past the limit, a full disk's OSError (ENOSPC) naming the setting."""
+        with self._lock:
+            if self.held + size > self.limit:
+                raise OSError(errno.ENOSPC, f"{self.setting} ({self.limit} bytes) are held already")
+            self.held += size
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,8 @@ class SpeechService:
         self._closed = False  # close() came: a load that ends later lets go of what it loaded
         self._loader: threading.Thread | None = None
         self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
+        # a 4 KB request can ask for a 283 MiB file, held until a client reading a byte now and then takes it
+        self.whole_files = ByteBudget(settings.max_whole_files_bytes, "ECHO_MAX_WHOLE_FILES_BYTES")
 
     # ---- start-up and readiness ---------------------------------------------------------------
 

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)  # request line + headers; larger: 431
     send_timeout: float = Field(30.0, ge=0.1)
     max_ahead_seconds: float = Field(8.0, gt=0)
+    # whole files (stream=false) held at once, in all: being written or waiting for their clients (memory, then TMPDIR)
+    max_whole_files_bytes: int = Field(4 << 30, ge=1 << 20)
     public_docs: bool | None = None  # /docs and /openapi.json without a key; unset: only when no ECHO_API_KEY
     public_voice_list: bool = False  # the model and voice lists without a key (Open WebUI asks for them without)
     api_key: str | None = None

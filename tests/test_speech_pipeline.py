@@ -204,6 +204,41 @@ def test_a_response_whose_client_left_mid_body_counts_the_departure_and_lets_go_
     assert counted == ["left"] and files == before and closed and idle(tiny_service)
 
 
+def test_a_whole_file_holds_its_size_of_the_budget_until_it_ends_however_it_ends(tiny_service, monkeypatch):
+    """ECHO_MAX_WHOLE_FILES_BYTES: a file is charged what it grows to (a wav header rewritten at the
+    end is not charged twice) and gives it back when it completes, when its consumer leaves, when it
+    is refused and when it would pass the budget (507)."""
+    budget = tiny_service.whole_files
+    monkeypatch.setattr(pipeline, "FILE_IN_MEMORY", 1000)  # (the budget counts memory and disk alike)
+
+    async def held_while_sent(read_all: bool) -> tuple[int, int | None]:
+        speech = await open_speech(tiny_service, request(response_format="wav", stream=False), streaming=False)
+        pieces = speech.pieces()
+        await anext(pieces)
+        held = budget.held
+        if read_all:
+            [_ async for _ in pieces]
+        await pieces.aclose()
+        return held, speech.file_bytes
+
+    held, size = asyncio.run(held_while_sent(read_all=True))
+    assert held == size > 0 and budget.held == 0
+    assert asyncio.run(held_while_sent(read_all=False))[0] == size and budget.held == 0
+
+    async def refused(**fields) -> RequestError:
+        with pytest.raises(RequestError) as refusal:
+            speech = await open_speech(tiny_service, request(response_format="wav", stream=False, **fields),
+                                       streaming=False)
+            [_ async for _ in speech.pieces()]
+        return refusal.value
+
+    assert asyncio.run(refused(voice="nobody")).status == 400 and budget.held == 0
+    monkeypatch.setattr(budget, "limit", size - 1)
+    error = asyncio.run(refused())
+    assert error.status == 507 and "stream=true" in str(error) and budget.held == 0
+    assert idle(tiny_service)
+
+
 def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):
     async def first_piece_only() -> None:
         speech = await open_speech(tiny_service, request(input="Hello there. " * 20, **{"chunking_enabled": True}),

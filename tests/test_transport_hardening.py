@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 KEY = "sekrit-key-4242"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 READ_TIMEOUT, SEND_TIMEOUT = 1.5, 2.0
+WHOLE_FILES_BYTES = 12 << 20
 LONG = {"block_sizes": [4] + [20] * 30, "num_steps": [1] + [13] * 30}  # 28 s of audio, seconds of work here
 # 112 s of 48 kHz audio: 10 MB, more than the kernel buffers (4 MB at most) hold for a client that reads nothing
 UNREAD = {**LONG, "speed": 0.25, "sample_rate": 48000}
@@ -32,7 +33,7 @@ UNREAD = {**LONG, "speed": 0.25, "sample_rate": 48000}
 @pytest.fixture(scope="module")
 def guarded(tiny_echo_dir, tiny_fish_dir, voice_dir, tmp_path_factory):
     env = server_env(tiny_echo_dir, tiny_fish_dir, voice_dir, ECHO_API_KEY=KEY, ECHO_READ_TIMEOUT=str(READ_TIMEOUT),
-                     ECHO_SEND_TIMEOUT=str(SEND_TIMEOUT))
+                     ECHO_SEND_TIMEOUT=str(SEND_TIMEOUT), ECHO_MAX_WHOLE_FILES_BYTES=str(WHOLE_FILES_BYTES))
     with live_server(tmp_path_factory, "guarded", env) as live:
         yield live
 
@@ -330,6 +331,41 @@ def test_a_slow_body_that_keeps_a_modest_pace_is_served(guarded):
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     head, audio = answer.split(b"\r\n\r\n", 1)
     assert audio[:4] == b"RIFF" and len(audio) == int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+
+
+def test_whole_files_waiting_for_slow_readers_share_one_budget(guarded):
+    """A whole file waits, on disk past 8 MiB, until its client has taken all of it: clients reading
+    a few bytes now and then could each hold one (a 4 KB request at speed 0.25 in 48 kHz wav asks for
+    283 MiB) until TMPDIR was full, and uploads failed with it. Whole files hold at most
+    ECHO_MAX_WHOLE_FILES_BYTES together; a file that would pass it is 507, and a file is let go of
+    when its client leaves."""
+    request = {"input": "Hello there.", "voice": "alice", "response_format": "wav", "stream": False, "speed": 0.25,
+               "sample_rate": 48000, "block_sizes": [4] + [64] * 6, "num_steps": [1] * 7}  # 7.5 MB
+    body = json.dumps(request).encode()
+    holder, reading = raw(guarded, rcvbuf=4096), threading.Event()
+    holder.sendall(speech_head(len(body)) + body)
+    head = holder.recv(4096)
+    size = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+    assert head.startswith(b"HTTP/1.1 200") and WHOLE_FILES_BYTES / 2 < size < WHOLE_FILES_BYTES
+
+    def read_slowly():  # a few KB a second: never long enough without reading for ECHO_SEND_TIMEOUT
+        while not reading.wait(0.5):
+            holder.recv(4096)
+    slow = threading.Thread(target=read_slowly, daemon=True)
+    slow.start()
+    try:
+        r = httpx.post(f"{guarded.url}/v1/audio/speech", json=request, headers=AUTH, timeout=60)
+        assert r.status_code == 507, r.text[:300]
+        assert "stream=true" in r.json()["error"]["message"]
+        assert "ECHO_MAX_WHOLE_FILES_BYTES" in guarded.log()
+    finally:
+        reading.set()
+        slow.join()
+        holder.close()  # its file is let go of: the next one fits
+    deadline = time.monotonic() + 10
+    while (r := httpx.post(f"{guarded.url}/v1/audio/speech", json=request, headers=AUTH, timeout=60)).status_code == 507:
+        assert time.monotonic() < deadline, "the departed client's file still counts"
+    assert r.status_code == 200 and len(r.content) == size
 
 
 # ---- item 8 (transport): clients that stop reading ----------------------------------------------
