@@ -181,7 +181,8 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
                                 adaptive_steps=service.adaptive_steps,
                                 memory_plan=lambda: service.observe(lambda r: r.plan and (r.plan.need, r.plan.worst),
                                                                     None),
-                                out_of_memory=service.out_of_memory)
+                                out_of_memory=service.out_of_memory,
+                                whole_file_bytes=lambda: service.whole_files.held)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(RequestError, on_request_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -132,7 +132,7 @@ class Metrics:
                  adaptive_steps: Callable[[], tuple[float, int, int]] = lambda: (1.0, 0, 0),
                  memory_plan: Callable[[], tuple[int, int] | None] = lambda: None,
                  out_of_memory: Callable[[], tuple[int, int]] = lambda: (0, 0),
-                 preparing: Callable[[], int] = lambda: 0):
+                 preparing: Callable[[], int] = lambda: 0, whole_file_bytes: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("echo_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -161,6 +161,8 @@ class Metrics:
         Gauge("echo_preparing_requests", "Requests holding a queue slot while their voice is prepared (a voice's "
               "first use encodes it)", registry=self.registry).set_function(preparing)
         Gauge("echo_active_streams", "Requests being generated", registry=self.registry).set_function(active_streams)
+        Gauge("echo_whole_file_bytes", "Bytes whole files (stream=false) hold, being written or waiting for their "
+              "clients; ECHO_MAX_WHOLE_FILES_BYTES at most", registry=self.registry).set_function(whole_file_bytes)
         Gauge("echo_parked_streams", "Requests waiting for their client to take the audio generated ahead of it "
               "(ECHO_MAX_AHEAD_SECONDS), out of the batch", registry=self.registry).set_function(parked_streams)
         Gauge("echo_compiles_after_warm_up", "torch.compile graphs built after warm-up (each one froze every "

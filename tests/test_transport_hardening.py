@@ -358,6 +358,7 @@ def test_whole_files_waiting_for_slow_readers_share_one_budget(guarded):
         assert r.status_code == 507, r.text[:300]
         assert "stream=true" in r.json()["error"]["message"]
         assert "ECHO_MAX_WHOLE_FILES_BYTES" in guarded.log()
+        assert whole_file_bytes(guarded) == size
     finally:
         reading.set()
         slow.join()
@@ -366,6 +367,12 @@ def test_whole_files_waiting_for_slow_readers_share_one_budget(guarded):
     while (r := httpx.post(f"{guarded.url}/v1/audio/speech", json=request, headers=AUTH, timeout=60)).status_code == 507:
         assert time.monotonic() < deadline, "the departed client's file still counts"
     assert r.status_code == 200 and len(r.content) == size
+    assert whole_file_bytes(guarded) == 0
+
+
+def whole_file_bytes(server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    return float(re.search(r"^echo_whole_file_bytes (\S+)$", metrics, re.M)[1])
 
 
 # ---- item 8 (transport): clients that stop reading ----------------------------------------------
