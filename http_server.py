@@ -5,7 +5,9 @@ Each piece answers an attack or a failure seen against the plain `uvicorn.run` (
   by h11 with a limit (ECHO_MAX_HEADER_BYTES; larger is 431);
 - a client that connects and never completes its request line and headers (slowloris) is answered
   408 and closed ECHO_READ_TIMEOUT after it connected or began the request (bodies are timed where
-  the app reads them, in observability.BodySizeLimit);
+  the app reads them, in observability.BodySizeLimit); a request answered before its body was read
+  (a 404, a 405, a 413 by Content-Length) has ECHO_READ_TIMEOUT after its answer to send the rest,
+  or is closed: uvicorn's keep-alive timer stops at any byte, so a byte now and then held it forever;
 - a client that stops reading holds its connection and its stream forever: a connection whose send
   buffer stays full for ECHO_SEND_TIMEOUT is aborted, which the app sees as a disconnect; a
   WebSocket answers only its latest ping meanwhile, once the client reads (pongs would pile up in
@@ -148,7 +150,8 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
     """uvicorn's h11 protocol (headers bounded by `h11_max_incomplete_event_size`, answered 431 when
     larger) with a read timeout: a connection must deliver a request line and headers within
     `read_timeout` of connecting or of the first byte of its next request; else it gets 408 (or,
-    when it sent nothing, no answer) and is closed."""
+    when it sent nothing, no answer) and is closed. A body the app answered without reading must be
+    complete within `read_timeout` of the answer, or the connection is closed."""
 
     _read_timer: asyncio.TimerHandle | None = None
 
@@ -159,6 +162,19 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_read_timer()
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():  # answered, body unread
+            self.loop.call_later(self.config.read_timeout, self._unread_body_timed_out, self.cycle)
+
+    def _unread_body_timed_out(self, cycle) -> None:
+        """The rest of a body the app answered without reading did not come in time: close. (Its
+        request, `cycle`, is still the connection's: a body sent in full would have let the next begin.)"""
+        if self.cycle is cycle and self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            log.info("the rest of an answered request's body did not come within %g s (ECHO_READ_TIMEOUT): "
+                     "connection closed", self.config.read_timeout)
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:  # a request's line and headers are coming in
