@@ -135,16 +135,16 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
 # App
 
 
-def _warn_without_temporary_directory() -> None:
+def _warn_without_temporary_directory(settings: Settings) -> None:
     """A warning at start when no temporary file can be made (a read-only file system, say): whole files
     over pipeline.FILE_IN_MEMORY and uploads over 1 MiB (Starlette's form spool) need one."""
     try:
         with tempfile.TemporaryFile():
             pass
     except OSError as e:
-        log.warning("no temporary file can be written (%s): whole files over %d MiB (stream=false) and voice "
-                    "uploads over 1 MiB will fail with 500; set TMPDIR to a writable directory (a tmpfs, say)",
-                    e, FILE_IN_MEMORY >> 20)
+        uploads = " and voice uploads over 1 MiB" if settings.uploads_enabled else ""
+        log.warning("no temporary file can be written (%s): whole files over %d MiB (stream=false)%s will fail "
+                    "with 500; set TMPDIR to a writable directory (a tmpfs, say)", e, FILE_IN_MEMORY >> 20, uploads)
 
 
 def create_app(settings: Settings | None = None, ray_replica: bool = False) -> FastAPI:
@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _warn_without_temporary_directory()
+        _warn_without_temporary_directory(settings)
         loader = service.start_loading()
         if ray_replica:
             await asyncio.to_thread(loader.join)

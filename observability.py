@@ -243,11 +243,11 @@ def error_response(error: RequestError, close: bool = False) -> JSONResponse:
     return JSONResponse({"error": error.detail()}, status_code=error.status, headers=headers or None)
 
 
-def read_timed_out(timeout: float, too_slow: bool = False) -> JSONResponse:
-    """408 for a request that stopped arriving (`too_slow`: whose body kept arriving, but slower than
-    BODY_MIN_RATE); the connection closes after it."""
-    message = (f"the request body arrived slower than {BODY_MIN_RATE} bytes/s after a grace of {timeout:g} s "
-               "(ECHO_READ_TIMEOUT)" if too_slow else
+def read_timed_out(timeout: float, body: bool = False) -> JSONResponse:
+    """408 for a request whose head (or `body`: see BodySizeLimit) stopped arriving; the connection
+    closes after it."""
+    message = (f"the request body stalled for {timeout:g} s, or arrived slower than {BODY_MIN_RATE} bytes/s after "
+               f"a grace of {timeout:g} s (ECHO_READ_TIMEOUT)" if body else
                f"the request did not arrive within {timeout:g} s (ECHO_READ_TIMEOUT)")
     return error_response(RequestError(message, status=408), close=True)
 
@@ -406,25 +406,25 @@ class _TimedBody:
         self.complete = timeout is None
         self.timed_out = self.responding = False
         self.received, self.started = 0, asyncio.get_running_loop().time()
+        self.last = self.started  # when the headers or the latest piece came
 
     async def receive(self):
         if self.timed_out:
             return {"type": "http.disconnect"}
         if self.complete:
             return await self._receive()
-        deadline = self.started + self.timeout + self.received / BODY_MIN_RATE
-        wait = min(self.timeout, deadline - asyncio.get_running_loop().time())
-        try:
-            async with asyncio.timeout(max(wait, 0)):  # (not wait_for: on Python 3.11 it can swallow a cancellation)
+        deadline = min(self.last + self.timeout, self.started + self.timeout + self.received / BODY_MIN_RATE)
+        try:  # (not wait_for: on Python 3.11 it can swallow a cancellation)
+            async with asyncio.timeout_at(deadline):
                 message = await self._receive()
         except TimeoutError:
-            self.timed_out, too_slow = True, wait < self.timeout
-            log.info("request body %s: answered 408", f"arrived slower than {BODY_MIN_RATE} bytes/s" if too_slow
-                     else f"stalled for {self.timeout:g} s (ECHO_READ_TIMEOUT)")
+            self.timed_out = True
+            log.info("request body stalled or too slow (ECHO_READ_TIMEOUT, %d bytes/s): answered 408", BODY_MIN_RATE)
             if not self.responding:
-                await read_timed_out(self.timeout, too_slow)(self.scope, self._receive, self._send)
+                await read_timed_out(self.timeout, body=True)(self.scope, self._receive, self._send)
             return {"type": "http.disconnect"}
         self.received += len(message.get("body", b""))
+        self.last = asyncio.get_running_loop().time()
         self.complete = message["type"] != "http.request" or not message.get("more_body", False)
         return message
 

@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import BinaryIO, TypeVar
 
+import av
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
@@ -77,6 +78,10 @@ def request_encoder(request: SpeechRequest, settings: Settings, streaming: bool,
                             file=file)
     except InvalidAudioParameter as e:
         raise RequestError(str(e), e.param) from None
+    except OSError as e:  # (a whole file's header, written at once, finds the budget or the disk full)
+        if file is None or not _is_storage_failure(e):
+            raise
+        raise _whole_file_failure(e) from None
 
 
 async def open_speech(service: SpeechService, request: SpeechRequest, streaming: bool,
@@ -248,12 +253,22 @@ class Speech:
         try:
             return await run_in_threadpool(step, *args)
         except OSError as e:
-            if self._file is None or e.errno not in STORAGE_ERRNOS:
+            if self._file is None or not _is_storage_failure(e):
                 raise generation_failure(e) from None
-            log.error("a whole file (stream=false) could not be held: %s", e)
-            raise storage_failure(e, "the whole file", "ask for it streamed (stream=true)") from None
+            raise _whole_file_failure(e) from None
         except Exception as e:  # noqa: BLE001
             raise generation_failure(e) from None
+
+
+def _is_storage_failure(e: OSError) -> bool:
+    """Whether writing (or reading back) a whole file's spool failed: a full disk or budget, no writable
+    temporary directory. (PyAV's own errors are OSErrors with errnos too: a codec's -1 is EPERM.)"""
+    return e.errno in STORAGE_ERRNOS and not isinstance(e, av.error.FFmpegError)
+
+
+def _whole_file_failure(e: OSError) -> RequestError:
+    log.error("a whole file (stream=false) could not be held: %s", e)
+    return storage_failure(e, "the whole file", "ask for it streamed (stream=true)")
 
 
 def slices(block: np.ndarray, first: int = FIRST_SLICE, largest: int = LARGEST_SLICE) -> Iterator[np.ndarray]:

@@ -236,7 +236,31 @@ def test_a_whole_file_holds_its_size_of_the_budget_until_it_ends_however_it_ends
     monkeypatch.setattr(budget, "limit", size - 1)
     error = asyncio.run(refused())
     assert error.status == 507 and "stream=true" in str(error) and budget.held == 0
+    monkeypatch.setattr(budget, "limit", 10)  # not even room for the header, written as the encoder opens
+    error = asyncio.run(refused())
+    assert error.status == 507 and "stream=true" in str(error) and budget.held == 0
     assert idle(tiny_service)
+
+
+def test_a_codec_failure_in_a_whole_file_is_a_generation_failure_not_the_disks(tiny_service, monkeypatch):
+    """PyAV's errors are OSErrors with errnos (a codec's bare -1 is EPERM): a whole file's codec
+    failure was told as "cannot write the whole file to a temporary directory (TMPDIR)"."""
+    import av
+
+    def failing(self, samples):
+        av.error.err_check(-1)
+
+    monkeypatch.setattr(pipeline.AudioEncoder, "encode", failing)
+
+    async def whole_file() -> RequestError:
+        with pytest.raises(RequestError) as failure:
+            speech = await open_speech(tiny_service, request(response_format="mp3", stream=False), streaming=False)
+            [_ async for _ in speech.pieces()]
+        return failure.value
+
+    error = asyncio.run(whole_file())
+    assert error.status == 500 and error.code == "generation_failed", error.detail()
+    assert idle(tiny_service) and tiny_service.whole_files.held == 0
 
 
 def test_a_consumer_that_stops_early_leaves_nothing_running(tiny_service):

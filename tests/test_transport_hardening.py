@@ -280,6 +280,7 @@ def test_a_body_short_of_its_content_length_gets_408(guarded):
     answer = read_all(sock, timeout=READ_TIMEOUT + 5)
     assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < READ_TIMEOUT + 2
     assert b"x-request-id" in answer.lower()
+    assert b"request body stalled for 1.5 s" in answer
 
 
 def trickle(sock: socket.socket, head: bytes, body: bytes, piece: int, every: float) -> threading.Thread:
