@@ -63,6 +63,7 @@ from text_chunking import prepare_text
 
 log = logging.getLogger("echo_tts.socket")
 PROTOCOL_KEYS = ("segment_id", "continue", "type")  # message keys that are not speech settings
+MAX_SEGMENT_ID = 256  # characters of a string segment_id
 GOING_AWAY, POLICY_VIOLATION, INTERNAL_ERROR, TRY_AGAIN_LATER = 1001, 1008, 1011, 1013  # close codes
 SHUTTING_DOWN = "server shutting down"  # the close reason on shutdown
 SHUTDOWN = "server_shutdown"  # the `reason` of an `end` cut by the end of the shutdown grace
@@ -296,6 +297,11 @@ def _parse(text: str, max_input_chars: int) -> dict:
         raise RequestError("the message is not valid JSON: a number has too many digits", code="invalid_json") from None
     if not isinstance(message, dict):
         raise RequestError("a message must be a JSON object", code="invalid_json")
+    segment_id = message.get("segment_id")  # echoed in every answer, and named in the log
+    if not (segment_id is None or isinstance(segment_id, (int, float))
+            or isinstance(segment_id, str) and len(segment_id) <= MAX_SEGMENT_ID):
+        raise RequestError(f"segment_id must be a string of at most {MAX_SEGMENT_ID} characters, a number or null",
+                           "segment_id")
     return message
 
 
@@ -415,7 +421,7 @@ async def _answer_one(session: Session, segment: Segment) -> None:
 def _loggable(segment_id: Any) -> str:
     """A client's segment id as a log line may hold it: printable, at most 64 characters."""
     text = segment_id if isinstance(segment_id, str) else json.dumps(segment_id)
-    text = "".join(c if c.isprintable() and c != " " else "_" for c in text)
+    text = "".join(c if c.isprintable() and c != " " else "_" for c in text[:65])  # (what is cut is not looked at)
     return text if len(text) <= 64 else text[:63] + "…"
 
 
