@@ -321,6 +321,7 @@ def is_no_voice(value: object) -> bool:
 
 
 _DATA_URL_RE = re.compile(r"data:([^,]*),", re.IGNORECASE)
+DATA_URL_MAX_META = 256  # characters between "data:" and "," (`audio/wav;codecs=1;base64` and the like)
 _ALLOWED_MEDIA_PREFIXES = ("audio/", "video/")
 _ALLOWED_MEDIA_TYPES = {"", "application/octet-stream", "application/ogg"}
 _BASE64_RE = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
@@ -361,6 +362,9 @@ def decode_inline_voice(value: str, max_bytes: int | None) -> bytes:
         m = _DATA_URL_RE.match(s)
         if m is None:
             raise InvalidVoiceError("voice data: URL has no ',' before its data")
+        if len(m.group(1)) > DATA_URL_MAX_META:  # (split, a 15 MB one took 700 MB)
+            raise InvalidVoiceError(f"voice data: URL's media type and parameters are over {DATA_URL_MAX_META} "
+                                    "characters")
         meta = [p.strip().lower() for p in m.group(1).split(";")]
         if "base64" not in meta[1:]:
             raise InvalidVoiceError("voice data: URL must be base64-encoded (data:audio/...;base64,...)")

@@ -367,6 +367,23 @@ def test_oversize_inline_voice_is_refused_before_decoding(monkeypatch):
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_data_url_with_endless_parameters_is_refused_before_they_are_split():
+    """`data:ab;ab;...;ab,`: its 5 million parameters were split and lower-cased before any limit,
+    700 MB for a 15 MB voice."""
+    import tracemalloc
+
+    value = "data:" + "ab;" * 5_000_000 + ","
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidVoiceError, match="media type and parameters are over 256 characters"):
+            decode_inline_voice(value, 10**7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(value), peak
+    assert decode_inline_voice("data:audio/wav;" + "x=y;" * 50 + "base64,QUJD", 10**6) == b"ABC"
+
+
 def test_garbage_inline_voices_are_invalid():
     for value in ("!" * 300, "A" * 257, "QUJD" * 70 + "=A", "data:audio/wav;base64,", "data:audio/wav,RIFF",
                   "data:text/plain;base64,QUJD", "data:audio/wav;base64", "é" * 300, "QUJD=QUJD" * 40):
