@@ -109,10 +109,10 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
         return error_response(RequestError("the request body is not valid JSON", code="invalid_json"))
     if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: none, or not JSON
         content_type = request.headers.get("content-type", "")
-        if content_type and "json" not in content_type.lower():  # e.g. `curl -d` without -H
+        if first.get("type") != "missing" and "json" not in content_type.lower():  # e.g. `curl -d` without -H
+            came = f"this one is {content_type[:80]!r}" if content_type else "it came without one"
             return error_response(RequestError(f"the request body must be JSON, sent with 'Content-Type: "
-                                               f"application/json' (this one is {content_type[:80]!r})",
-                                               code="invalid_json"))
+                                               f"application/json' ({came})", code="invalid_json"))
         if first.get("type") == "missing":
             return error_response(RequestError("the request has no body: send a JSON object (with `input` and "
                                                "`voice` for speech)", code="invalid_json"))

@@ -461,6 +461,10 @@ def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):
     r = app.post("/v1/audio/speech", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert "Content-Type: application/json" in r.json()["error"]["message"]
+    r = app.post("/v1/audio/speech", content=body)  # no Content-Type at all (`requests.post(data=text)`)
+    if r.status_code != 200:  # (FastAPI before 0.132 parsed such a body as JSON)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        assert "Content-Type: application/json' (it came without one)" in r.json()["error"]["message"]
     r = app.post("/v1/audio/speech", content=b"", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "no body" in r.json()["error"]["message"]
     assert app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}).status_code == 200
