@@ -178,7 +178,10 @@ class VoiceLibrary:
         """An uploaded voice's stored metadata, or what is known of an operator's voice; 404 if unknown."""
         source = self._source(name)
         if self._is_upload(source):
-            return json.loads(self._path(source.name, METADATA_SUFFIX).read_text())
+            try:
+                return json.loads(self._path(source.name, METADATA_SUFFIX).read_text())
+            except FileNotFoundError:  # deleted since it was found (reads take no lock)
+                raise RequestError(f"no voice named {name!r}", "voice_id", status=404) from None
         return {"object": "audio.voice", "id": source.name, "name": source.name, "uploaded": False,
                 "kind": source.kind}
 

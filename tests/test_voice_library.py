@@ -303,6 +303,24 @@ def test_an_upload_directory_the_server_cannot_write_is_a_clear_error_and_a_warn
     assert "voice uploads are on but this process cannot write to" in caplog.text
 
 
+def test_a_voice_deleted_while_its_metadata_is_looked_up_is_404(library, monkeypatch):
+    """GET /v1/voices/{name} reads the metadata without the directory's lock: a delete landing between
+    finding the voice and reading its file was an unhandled FileNotFoundError, a 500."""
+    assert upload(library, "fleeting", clip()).status_code == 200
+    voices = library.app.state.service.voices.library
+    found = type(voices)._is_upload
+
+    def found_then_deleted(self, source):
+        answer = found(self, source)
+        monkeypatch.setattr(type(voices), "_is_upload", found)
+        library.delete("/v1/audio/voices/fleeting", headers=KEY)  # (another client, at that moment)
+        return answer
+
+    monkeypatch.setattr(type(voices), "_is_upload", found_then_deleted)
+    r = library.get("/v1/voices/fleeting", headers=KEY)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "voice_id", r.text
+
+
 def test_a_delete_cut_short_leaves_the_voice_deletable(library, monkeypatch):
     import pathlib
 
