@@ -207,6 +207,11 @@ def create_app(settings: Settings | None = None, ray_replica: bool = False) -> F
     return app
 
 
+def _model(name: str) -> dict:
+    """A model as OpenAI's model object describes one."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "echo-tts"}
+
+
 def _docs_routes(app: FastAPI) -> APIRouter:
     """/openapi.json, /docs and /redoc behind the API key (ECHO_PUBLIC_DOCS off). A browser cannot
     send a header when it opens a page, so these also take `?api_key=` (as the WebSocket does; the
@@ -351,8 +356,14 @@ def _routes(public_lists: bool = False):
     @lists.get("/v1/models", responses=list_errors)
     def models() -> dict:
         """Echo-TTS under its own name (the fork's defaults) and under OpenAI's (OpenAI's defaults)."""
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "echo-tts"}
-                                           for name in (MODEL_ID, *OPENAI_SPEECH_MODELS)]}
+        return {"object": "list", "data": [_model(name) for name in (MODEL_ID, *OPENAI_SPEECH_MODELS)]}
+
+    @lists.get("/v1/models/{model}", responses=list_errors | _errors(404))
+    def model(model: str) -> dict:
+        """One of the listed models (the OpenAI SDKs' `models.retrieve`)."""
+        if model not in (MODEL_ID, *OPENAI_SPEECH_MODELS):
+            raise RequestError(f"no model named {model!r}: GET /v1/models lists them", "model", status=404)
+        return _model(model)
 
     @lists.get("/v1/audio/models", responses=list_errors)
     def audio_models() -> dict:
@@ -389,7 +400,7 @@ def _routes(public_lists: bool = False):
 
     @protected.get("/v1/voices/{voice_id}", responses=_errors(401, 404))
     def voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:
-        return service.voices.library.metadata(voice_id)
+        return service.voices.metadata(voice_id)
 
     @protected.delete("/v1/audio/voices/{voice_id}", responses=_errors(401, 403, 404))
     def delete_voice(voice_id: str, service: Annotated[SpeechService, Depends(get_service)]) -> dict:

@@ -80,6 +80,14 @@ class VoiceCatalog:
         ids, known = self.registry.listing()  # (one listing of the directories, whatever the number of aliases)
         return sorted(set(ids) | {a for a in self.settings.voice_aliases if self._speaks(a, known)})
 
+    def metadata(self, name: str) -> dict:
+        """What GET /v1/voices/{name} answers for any listed voice: an alias (ECHO_VOICE_ALIASES) as the
+        voice it speaks with; else the library's (an upload's stored metadata, an operator's voice); 404."""
+        if name in self.settings.voice_aliases and self._speaks(name, self.registry.listing()[1]):
+            return {"object": "audio.voice", "id": name, "name": name, "uploaded": False, "kind": "alias",
+                    "voice": self._target(name)}
+        return self.library.metadata(name)
+
     def _target(self, name: str) -> str:
         """What a name speaks with through the aliases (an alias of an alias too): itself if no alias."""
         aliases, seen = self.settings.voice_aliases, set()

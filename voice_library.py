@@ -99,6 +99,8 @@ class VoiceLibrary:
         """Check a name and a clip (a conflict first, before any decoding); nothing is written.
         Raises RequestError (with its HTTP status)."""
         name = check_name(name)
+        if consent is not None and not _is_text(consent):  # (a form field in a charset that makes surrogates)
+            raise RequestError("consent is not valid text: send it as UTF-8", "consent")
         self._check_replaceable(name, overwrite)
         audio, rate, channels = self._decode(data)
         audio = np.clip(audio, -1.0, 1.0)  # what the 24-bit FLAC keeps: the report describes the stored clip
@@ -175,25 +177,30 @@ class VoiceLibrary:
         return audio, decoded.source_rate, decoded.source_channels
 
     def metadata(self, name: str) -> dict:
-        """An uploaded voice's stored metadata, or what is known of an operator's voice; 404 if unknown."""
+        """An uploaded voice's stored metadata, or what is known of an operator's voice; 404 if unknown.
+        (Reads take no lock: a delete may take the audio, then the metadata, at any moment.)"""
         source = self._source(name)
         if self._is_upload(source):
             try:
                 return json.loads(self._path(source.name, METADATA_SUFFIX).read_text())
-            except FileNotFoundError:  # deleted since it was found (reads take no lock)
+            except FileNotFoundError:  # deleted since it was found
                 raise RequestError(f"no voice named {name!r}", "voice_id", status=404) from None
+        self._source(name)  # (again: an upload whose audio a delete took since is no voice now, not an operator's)
         return {"object": "audio.voice", "id": source.name, "name": source.name, "uploaded": False,
                 "kind": source.kind}
 
     def delete(self, name: str) -> VoiceSource:
-        """Remove an uploaded voice's files; returns what it was (for the caller's caches)."""
-        source = self._source(name)
-        if not self._is_upload(source):
-            raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
-                               "voice_id", status=403)
-        with self._locked(), _no_space("deleted"):  # the audio first: cut short, what is left is no voice
-            for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):  # (or still an upload)
-                self._path(source.name, suffix).unlink(missing_ok=True)
+        """Remove an uploaded voice's files; returns what it was (for the caller's caches). Settled under
+        the directory's lock: of concurrent deletes one finds the voice, the others find none (404)."""
+        self._source(name)  # (an unknown name is 404 before the directory, which may not exist, is locked)
+        with self._locked():
+            source = self._source(name)
+            if not self._is_upload(source):
+                raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
+                                   "voice_id", status=403)
+            with _no_space("deleted"):  # the audio first: cut short, what is left is no voice
+                for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):  # (or still an upload)
+                    self._path(source.name, suffix).unlink(missing_ok=True)
         return source
 
     def is_uploaded(self, name: str) -> bool:
@@ -305,6 +312,16 @@ class StorageNotWritable(RequestError):
     def __init__(self, what: str = "stored"):
         super().__init__(f"this server cannot write to its voice directory (ECHO_VOICE_UPLOAD_DIR); nothing was "
                          f"{what}", status=500, code="voice_storage_not_writable")
+
+
+def _is_text(value: str) -> bool:
+    """Whether a string is Unicode text that UTF-8 can carry (no lone surrogates, which a form field
+    decoded as UTF-7 can hold: stored, every answer naming it would fail)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def writable(directory: Path) -> bool:

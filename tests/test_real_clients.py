@@ -117,6 +117,19 @@ def pcm_seconds(server) -> float:
     return len(pcm) / 2 / OPENAI_RATE
 
 
+def test_openai_sdk_retrieves_each_listed_model_and_a_clear_404_for_others(server):
+    """`models.retrieve`, which clients use to check a model before speaking, was a bare 404: only the
+    list existed."""
+    import openai
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    listed = [model.id for model in client.models.list()]
+    assert [client.models.retrieve(name).id for name in listed] == listed and "tts-1" in listed
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["param"] == "model" and "GET /v1/models" in missing.value.body["message"]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_openai_sdk_streams_every_format_at_the_right_length(server, pcm_seconds, fmt):
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -321,6 +321,58 @@ def test_a_voice_deleted_while_its_metadata_is_looked_up_is_404(library, monkeyp
     assert r.status_code == 404 and r.json()["error"]["param"] == "voice_id", r.text
 
 
+def test_a_voice_halfway_deleted_is_404_not_an_operators_voice(library, monkeypatch):
+    """A delete takes the audio first: a lookup between the name's resolution and that check answered
+    `uploaded: false, kind: file`, an operator's voice that was never there."""
+    assert upload(library, "halfway", clip()).status_code == 200
+    voices = type(library.app.state.service.voices.library)
+    check = voices._is_upload
+
+    def audio_taken_meanwhile(self, source):
+        monkeypatch.setattr(voices, "_is_upload", check)
+        (library.uploads / "halfway.flac").unlink()
+        return check(self, source)
+
+    monkeypatch.setattr(voices, "_is_upload", audio_taken_meanwhile)
+    r = library.get("/v1/voices/halfway", headers=KEY)
+    assert r.status_code == 404, r.text
+    assert library.delete("/v1/audio/voices/halfway", headers=KEY).status_code == 404  # (what is left is no voice)
+    for left in library.uploads.glob("halfway.*"):  # (the rest of that delete)
+        left.unlink()
+
+
+def test_of_two_deletes_of_a_voice_one_deletes_it_and_the_other_finds_none(library, monkeypatch):
+    """Deletes checked the voice before taking the directory's lock: of two at once both answered
+    200, or the second, finding the audio gone and the metadata not yet, 403 "placed by the operator"."""
+    assert upload(library, "deleted-twice", clip()).status_code == 200
+    voices = type(library.app.state.service.voices.library)
+    locked, first = voices._locked, []
+
+    def another_delete_first(self):  # the other delete takes the lock between this one's look and its lock
+        monkeypatch.setattr(voices, "_locked", locked)
+        first.append(library.delete("/v1/audio/voices/deleted-twice", headers=KEY))
+        return locked(self)
+
+    monkeypatch.setattr(voices, "_locked", another_delete_first)
+    r = library.delete("/v1/audio/voices/deleted-twice", headers=KEY)
+    assert first[0].status_code == 200 and first[0].json()["deleted"] is True
+    assert r.status_code == 404 and r.json()["error"]["param"] == "voice_id", r.text
+
+
+def test_consent_that_is_not_text_is_refused_and_nothing_is_stored(library):
+    """A form may name its charset: UTF-7's `+2AA-` decodes to a lone surrogate. Stored, the upload
+    answered 500 (its metadata cannot be sent as JSON), and so did every later GET of the voice."""
+    body = (b'--BOUND\r\nContent-Disposition: form-data; name="name"\r\n\r\nsurrogate\r\n'
+            b'--BOUND\r\nContent-Disposition: form-data; name="consent"\r\n\r\n+2AA-\r\n'
+            b'--BOUND\r\nContent-Disposition: form-data; name="audio_sample"; filename="a.wav"\r\n'
+            b'Content-Type: audio/wav\r\n\r\n' + clip() + b'\r\n--BOUND--\r\n')
+    r = library.post("/v1/audio/voices", content=body,
+                     headers={**KEY, "Content-Type": "multipart/form-data; boundary=BOUND; charset=utf-7"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "consent", r.text
+    assert library.get("/v1/voices/surrogate", headers=KEY).status_code == 404
+    assert not any(p.startswith("surrogate.") for p in stored_files(library.uploads))
+
+
 def test_a_delete_cut_short_leaves_the_voice_deletable(library, monkeypatch):
     import pathlib
 

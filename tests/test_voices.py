@@ -119,6 +119,21 @@ def test_the_voice_list_offers_only_aliases_that_speak_and_aliases_may_chain(voi
     assert len(warned) == 3 and all(name in " ".join(warned) for name in ("'ghost'", "'loop'", "'loop2'"))
 
 
+def test_every_listed_voice_has_its_metadata_and_an_alias_says_what_it_speaks_with(voice_dir):
+    """GET /v1/voices listed the aliases, and GET /v1/voices/{id} answered 404 for them."""
+    from errors import RequestError
+
+    voices = catalog(voice_dir, voice_aliases={"host": "narrator", "narrator": "alice", "ghost": "nobody",
+                                               "silent": "none"})
+    listed = {name: voices.metadata(name) for name in voices.names()}
+    assert listed["host"] == {"object": "audio.voice", "id": "host", "name": "host", "uploaded": False,
+                              "kind": "alias", "voice": "alice"}
+    assert listed["silent"]["voice"] == "none" and listed["alice"]["kind"] == "file"
+    with pytest.raises(RequestError) as unknown:  # an alias that speaks with nothing is neither listed nor found
+        voices.metadata("ghost")
+    assert unknown.value.status == 404
+
+
 def test_a_default_voice_that_names_no_voice_is_warned_about_and_named_in_the_error(voice_dir, caplog):
     """ECHO_DEFAULT_VOICE=bobb (a typo): no word at start-up, then every OpenAI client's 'alloy' got
     "Unknown voice 'bobb'", which names no setting."""
