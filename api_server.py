@@ -109,7 +109,8 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
         return error_response(RequestError("the request body is not valid JSON", code="invalid_json"))
     if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: none, or not JSON
         content_type = request.headers.get("content-type", "")
-        if first.get("type") != "missing" and "json" not in content_type.lower():  # e.g. `curl -d` without -H
+        unparsed = isinstance(first.get("input"), (bytes, bytearray))  # (not sent as JSON; a parsed body is not)
+        if unparsed and "json" not in content_type.lower():  # e.g. `curl -d` without -H
             came = f"this one is {content_type[:80]!r}" if content_type else "it came without one"
             return error_response(RequestError(f"the request body must be JSON, sent with 'Content-Type: "
                                                f"application/json' ({came})", code="invalid_json"))

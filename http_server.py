@@ -154,6 +154,8 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
     complete within `read_timeout` of the answer, or the connection is closed."""
 
     _read_timer: asyncio.TimerHandle | None = None
+    _unread_timer: asyncio.TimerHandle | None = None  # while the rest of an answered request's body may come
+    _unread_cycle = None  # that request's
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -161,20 +163,31 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_read_timer()
+        self._stop_unread_timer()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():  # answered, body unread
-            self.loop.call_later(self.config.read_timeout, self._unread_body_timed_out, self.cycle)
+            self._unread_timer = self.loop.call_later(self.config.read_timeout, self._unread_body_timed_out)
+            self._unread_cycle = self.cycle
 
-    def _unread_body_timed_out(self, cycle) -> None:
-        """The rest of a body the app answered without reading did not come in time: close. (Its
-        request, `cycle`, is still the connection's: a body sent in full would have let the next begin.)"""
-        if self.cycle is cycle and self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._stop_unread_timer()  # (the transport is the socket's now)
+        super().handle_websocket_upgrade(event)
+
+    def _unread_body_timed_out(self) -> None:
+        """The rest of a body the app answered without reading did not come in time: close."""
+        self._unread_timer = self._unread_cycle = None
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             log.info("the rest of an answered request's body did not come within %g s (ECHO_READ_TIMEOUT): "
                      "connection closed", self.config.read_timeout)
             self.transport.close()
+
+    def _stop_unread_timer(self) -> None:
+        if self._unread_timer is not None:
+            self._unread_timer.cancel()
+            self._unread_timer = self._unread_cycle = None
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:  # a request's line and headers are coming in
@@ -185,6 +198,8 @@ class BoundedH11Protocol(_SendTimeout, H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # its headers are in (or it failed, or it upgraded)
             self._stop_read_timer()
+        if self.conn.their_state is not h11.SEND_BODY or self.cycle is not self._unread_cycle:  # the rest came
+            self._stop_unread_timer()
 
     def _stop_read_timer(self) -> None:
         if self._read_timer is not None:

@@ -298,7 +298,7 @@ def _parse(text: str, max_input_chars: int) -> dict:
     if not isinstance(message, dict):
         raise RequestError("a message must be a JSON object", code="invalid_json")
     segment_id = message.get("segment_id")  # echoed in every answer, and named in the log
-    if not (segment_id is None or isinstance(segment_id, (int, float))
+    if not (segment_id is None or isinstance(segment_id, (int, float)) and not isinstance(segment_id, bool)
             or isinstance(segment_id, str) and len(segment_id) <= MAX_SEGMENT_ID):
         raise RequestError(f"segment_id must be a string of at most {MAX_SEGMENT_ID} characters, a number or null",
                            "segment_id")

@@ -78,15 +78,19 @@ class VoiceCatalog:
         """Every voice a request may name: the registry's and the aliases (ECHO_VOICE_ALIASES) whose voice
         exists now."""
         ids, known = self.registry.listing()  # (one listing of the directories, whatever the number of aliases)
-        return sorted(set(ids) | {a for a in self.settings.voice_aliases if self._speaks(a, known)})
+        aliases = self.settings.voice_aliases  # (an alias hides a voice of its name, even one it cannot speak with)
+        return sorted({i for i in ids if i not in aliases} | {a for a in aliases if self._speaks(a, known)})
 
     def metadata(self, name: str) -> dict:
         """What GET /v1/voices/{name} answers for any listed voice: an alias (ECHO_VOICE_ALIASES) as the
         voice it speaks with; else the library's (an upload's stored metadata, an operator's voice); 404."""
-        if name in self.settings.voice_aliases and self._speaks(name, self.registry.listing()[1]):
-            return {"object": "audio.voice", "id": name, "name": name, "uploaded": False, "kind": "alias",
-                    "voice": self._target(name)}
-        return self.library.metadata(name)
+        if name not in self.settings.voice_aliases:
+            return self.library.metadata(name)
+        if not self._speaks(name, self.registry.listing()[1]):
+            raise RequestError(f"no voice named {name!r}: it is an alias (ECHO_VOICE_ALIASES) of no voice",
+                               "voice_id", status=404)
+        return {"object": "audio.voice", "id": name, "name": name, "uploaded": False, "kind": "alias",
+                "voice": self._target(name)}
 
     def _target(self, name: str) -> str:
         """What a name speaks with through the aliases (an alias of an alias too): itself if no alias."""

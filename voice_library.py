@@ -192,15 +192,20 @@ class VoiceLibrary:
     def delete(self, name: str) -> VoiceSource:
         """Remove an uploaded voice's files; returns what it was (for the caller's caches). Settled under
         the directory's lock: of concurrent deletes one finds the voice, the others find none (404)."""
-        self._source(name)  # (an unknown name is 404 before the directory, which may not exist, is locked)
+        self._deletable(name)  # (before the directory, which may not exist yet, is locked)
         with self._locked():
-            source = self._source(name)
-            if not self._is_upload(source):
-                raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
-                                   "voice_id", status=403)
+            source = self._deletable(name)  # (again: another delete may have come first)
             with _no_space("deleted"):  # the audio first: cut short, what is left is no voice
                 for suffix in (AUDIO_SUFFIX, METADATA_SUFFIX, LATENTS_SUFFIX):  # (or still an upload)
                     self._path(source.name, suffix).unlink(missing_ok=True)
+        return source
+
+    def _deletable(self, name: str) -> VoiceSource:
+        """The upload called `name`: 404 if no voice is, 403 if an operator's voice is."""
+        source = self._source(name)
+        if not self._is_upload(source):
+            raise RequestError(f"voice {source.name!r} was placed by the operator and cannot be deleted here",
+                               "voice_id", status=403)
         return source
 
     def is_uploaded(self, name: str) -> bool:

@@ -362,7 +362,7 @@ def decode_inline_voice(value: str, max_bytes: int | None) -> bytes:
         m = _DATA_URL_RE.match(s)
         if m is None:
             raise InvalidVoiceError("voice data: URL has no ',' before its data")
-        if len(m.group(1)) > DATA_URL_MAX_META:  # (split, a 15 MB one took 700 MB)
+        if m.end(1) - m.start(1) > DATA_URL_MAX_META:  # (split, a 15 MB one took 700 MB)
             raise InvalidVoiceError(f"voice data: URL's media type and parameters are over {DATA_URL_MAX_META} "
                                     "characters")
         meta = [p.strip().lower() for p in m.group(1).split(";")]

@@ -26,6 +26,8 @@ def test_aliases_are_listed_and_speak_with_their_voice(openai_app):
     listed = [v["id"] for v in openai_app.get("/v1/voices").json()["data"]]
     assert {"alloy", "narrator", "alice", "duo"} <= set(listed)
     assert "alloy" in [v["id"] for v in openai_app.get("/v1/audio/voices").json()["voices"]]
+    narrator = openai_app.get("/v1/voices/narrator").json()  # each listed voice can be looked up
+    assert (narrator["kind"], narrator["voice"]) == ("alias", "duo")
     assert speech(openai_app, voice="alloy").content == speech(openai_app, voice="alice").content
     assert speech(openai_app, voice="narrator").content == speech(openai_app, voice="duo").content
 

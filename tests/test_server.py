@@ -470,6 +470,21 @@ def test_a_body_that_is_missing_or_not_sent_as_json_is_a_400_that_says_so(app):
     assert app.post("/v1/audio/speech", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
+def test_a_parsed_body_that_fails_as_a_whole_gets_its_own_message_not_the_json_hint():
+    """FastAPI before 0.132 parses a body without a Content-Type as JSON: a request refused as a whole
+    (here, `stream_format: sse` with `stream: false`) got "the request body must be JSON"."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.requests import Request
+
+    import api_server
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/audio/speech", "headers": []})
+    error = {"type": "value_error", "loc": ("body",), "msg": "Value error, stream_format sse needs stream",
+             "input": {"input": "x", "voice": "a", "stream_format": "sse", "stream": False}, "ctx": {"error": "x"}}
+    answer = asyncio.run(api_server.on_validation_error(request, RequestValidationError([error])))
+    assert b"must be JSON" not in answer.body and b"stream_format sse needs stream" in answer.body, answer.body
+
+
 def test_the_schema_documents_the_400_a_malformed_request_gets_and_no_422(app):
     """FastAPI documents a 422 for every route that takes input; this server answers 400 in OpenAI's
     shape, so a client generated from the schema expected a status that never came."""

@@ -337,6 +337,30 @@ def test_a_body_answered_unread_must_come_within_the_read_timeout(guarded, reque
     assert time.monotonic() - answered < READ_TIMEOUT + 1.5
 
 
+def test_a_connection_whose_answered_body_came_in_full_serves_on_even_as_a_websocket(guarded):
+    """The rest of the body came in time: the connection is the client's again, here for a WebSocket
+    that must outlive the read timeout of the request before it."""
+    sock = raw(guarded)
+    sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Length: 5\r\n\r\n")
+    sock.settimeout(5)
+    answer = b""
+    while b'"code":"not_found"' not in answer:
+        answer += sock.recv(65536)
+    sock.sendall(b"xxxxx" + b"GET /v1/audio/speech/stream/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    handshake = b""
+    while b"\r\n\r\n" not in handshake:
+        handshake += sock.recv(1)
+    assert handshake.startswith(b"HTTP/1.1 101"), handshake
+    time.sleep(READ_TIMEOUT + 1)
+    sock.sendall(ws_frame("[]"))  # not an object: an error message back, on a socket still open
+    reply = sock.recv(65536)
+    assert reply[:1] == b"\x81" and b"must be a JSON object" in reply, reply
+    sock.close()
+
+
 def test_a_slow_body_that_keeps_a_modest_pace_is_served(guarded):
     """The rate floor is low (4096 bytes/s on average after the read timeout's grace): a body taking
     several read timeouts to arrive at 32 KiB/s is answered as usual."""

@@ -132,6 +132,25 @@ def test_every_listed_voice_has_its_metadata_and_an_alias_says_what_it_speaks_wi
     with pytest.raises(RequestError) as unknown:  # an alias that speaks with nothing is neither listed nor found
         voices.metadata("ghost")
     assert unknown.value.status == 404
+    hidden = catalog(voice_dir, voice_aliases={"alice": "ghost"})  # an alias over a voice's name hides it
+    assert "alice" not in hidden.names()
+    with pytest.raises(RequestError) as unknown:
+        hidden.metadata("alice")
+    assert unknown.value.status == 404
+    with pytest.raises(RequestError, match="Unknown voice 'ghost'"):  # (as a request finds it)
+        hidden.resolve("alice")
+
+
+def test_deleting_an_operators_voice_is_403_before_any_upload_made_the_directory(voice_dir):
+    """The directory's lock was taken before the voice was checked: with no upload yet, the upload
+    directory does not exist, and deleting an operator's voice was a FileNotFoundError (500)."""
+    from errors import RequestError
+
+    voices = catalog(voice_dir, voice_uploads=True, voice_upload_dir=voice_dir / "no-upload-yet")
+    assert not (voice_dir / "no-upload-yet").exists()
+    with pytest.raises(RequestError) as refused:
+        voices.delete("alice")
+    assert refused.value.status == 403 and "placed by the operator" in str(refused.value)
 
 
 def test_a_default_voice_that_names_no_voice_is_warned_about_and_named_in_the_error(voice_dir, caplog):

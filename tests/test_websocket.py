@@ -322,7 +322,7 @@ def test_a_segment_id_that_cannot_be_echoed_safely_is_refused_and_the_socket_sta
     """The id is echoed in every answer and named in the log: a 15 MB one held the event loop 0.7 s a
     message while it was made loggable, and one nested just under the parser's limit parsed, then
     failed to be echoed (RecursionError: the socket closed 1011 with a traceback in the log)."""
-    ids = [json.dumps(i) for i in ([[]], {"a": 1}, "x" * 257, "x" * 1_000_000)]
+    ids = [json.dumps(i) for i in ([[]], {"a": 1}, True, "x" * 257, "x" * 1_000_000)]
     ids += ["[" * depth + "]" * depth for depth in range(960, 1000, 3)]  # (where parsing ends depends on the stack)
     with socket(app) as ws:
         for segment_id in ids:
