@@ -51,15 +51,16 @@ class RequestError(ValueError):
         return {"message": str(self), "type": self.error_type, "param": self.param, "code": self.code}
 
 
-# how writing a temporary file fails: a full disk or quota, and no writable (or no) temporary directory
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT})
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk, or a full quota: 507
+# how writing a temporary file fails: no room, or no writable (or no) temporary directory
+STORAGE_ERRNOS = NO_SPACE_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT}
 
 
 def storage_failure(e: OSError, what: str, remedy: str) -> RequestError:
     """`what` (a whole file, an upload) could not be written to the server's temporary directory:
     507 when its disk is full or over quota, else (none writable: a read-only file system, say) a
     500 naming TMPDIR. `remedy` ends the message: what the client can do meanwhile."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in NO_SPACE_ERRNOS:
         return RequestError(f"the server has no room for {what} now; {remedy}", status=507)
     return RequestError(f"this server cannot write {what} to a temporary directory (TMPDIR); {remedy}", status=500,
                         code="temporary_storage_not_writable")

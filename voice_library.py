@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from inference import SAMPLE_RATE, AudioDecodeError, AudioTooLong, decode_audio
-from errors import RequestError
+from errors import NO_SPACE_ERRNOS, RequestError
 from voices import VoiceRegistry, VoiceSource, is_no_voice
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class VoiceLibrary:
             try:
                 return json.loads(self._path(source.name, METADATA_SUFFIX).read_text())
             except FileNotFoundError:  # deleted since it was found
-                raise RequestError(f"no voice named {name!r}", "voice_id", status=404) from None
+                raise _no_voice(name) from None
         self._source(name)  # (again: an upload whose audio a delete took since is no voice now, not an operator's)
         return {"object": "audio.voice", "id": source.name, "name": source.name, "uploaded": False,
                 "kind": source.kind}
@@ -261,7 +261,7 @@ class VoiceLibrary:
         try:
             return self.registry.resolve(name)
         except ValueError:
-            raise RequestError(f"no voice named {name!r}", "voice_id", status=404) from None
+            raise _no_voice(name) from None
 
     def _path(self, name: str, suffix: str) -> Path:
         return self.directory / f"{name}{suffix}"
@@ -319,6 +319,10 @@ class StorageNotWritable(RequestError):
                          f"{what}", status=500, code="voice_storage_not_writable")
 
 
+def _no_voice(name: str) -> RequestError:
+    return RequestError(f"no voice named {name!r}", "voice_id", status=404)
+
+
 def _is_text(value: str) -> bool:
     """Whether a string is Unicode text that UTF-8 can carry (no lone surrogates, which a form field
     decoded as UTF-7 can hold: stored, every answer naming it would fail)."""
@@ -343,7 +347,7 @@ def _no_space(what: str = "stored") -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in NO_SPACE_ERRNOS:
             raise InsufficientStorage() from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise StorageNotWritable(what) from None
